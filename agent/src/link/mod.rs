@@ -1,0 +1,114 @@
+//! The agent's end of the device link: one long-lived gRPC stream to fleetlet-hub over mutual TLS.
+//!
+//! The link never owns device state. It asks the rest of the agent through [`DeviceState`]:
+//! snapshots are persisted by `apply_snapshot` *before* the hub gets an `Ack`, and statuses are
+//! read from watch channels, so a reconnect simply resends the current level (full resync)
+//! instead of replaying edges that might have been lost.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fleetlet_proto::v1;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Current status of every pod the device knows, keyed by pod UID.
+pub type PodStatusMap = Arc<BTreeMap<String, v1::PodStatusEntry>>;
+
+/// A container log as a stream of chunks; an `Err` ends the stream with that message.
+pub type LogStream = BoxStream<'static, Result<bytes::Bytes, String>>;
+
+/// What the link needs from the rest of the agent. Implemented by the agent's device state and
+/// handed to [`run_link`].
+#[tonic::async_trait]
+pub trait DeviceState: Send + Sync + 'static {
+    /// The device name; must equal the name in the client certificate.
+    fn device_name(&self) -> String;
+    /// Generation of the desired snapshot held on disk (0 when none).
+    fn held_generation(&self) -> u64;
+    /// Persist the snapshot atomically, THEN return. `Ok(false)` when it is not newer than the
+    /// held one (ignored, still acknowledged). `Err` is reported to the hub as `Ack.error`.
+    async fn apply_snapshot(&self, snapshot: v1::DesiredSnapshot) -> Result<bool, String>;
+    /// Static facts about the device for `Hello`.
+    fn hello_info(&self) -> v1::NodeInfo;
+    /// Capacity; `borrow()` is the current value, changes notify.
+    fn capacity(&self) -> watch::Receiver<v1::Capacity>;
+    /// Current status of every pod the device knows (uid → entry); changes notify.
+    fn pod_statuses(&self) -> watch::Receiver<PodStatusMap>;
+    /// Stream a container's log for `kubectl logs`.
+    async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String>;
+}
+
+/// The `[hub]` table of the agent's configuration: where the hub is and the device's TLS material.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// The hub's link endpoint, `https://host:port`.
+    pub endpoint: String,
+    /// PEM bundle of the CA(s) that sign the hub's serving certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate of this device (chain allowed).
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file`.
+    pub key_file: PathBuf,
+    /// Upper bound of the reconnect backoff, in seconds.
+    #[serde(default = "default_max_backoff_secs")]
+    pub reconnect_max_backoff_secs: u64,
+    /// TLS server name to verify the hub's certificate against; defaults to the endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// HTTP/2 keepalive ping interval, in seconds (interval + timeout bound half-open detection).
+    #[serde(default = "default_keepalive_interval_secs")]
+    pub keepalive_interval_secs: u64,
+    /// How long to wait for a keepalive ping's answer before the link counts as dead, in seconds.
+    #[serde(default = "default_keepalive_timeout_secs")]
+    pub keepalive_timeout_secs: u64,
+}
+
+fn default_max_backoff_secs() -> u64 {
+    60
+}
+
+fn default_keepalive_interval_secs() -> u64 {
+    20
+}
+
+fn default_keepalive_timeout_secs() -> u64 {
+    10
+}
+
+impl LinkConfig {
+    /// A configuration with the defaults for everything but the endpoint and the TLS files.
+    pub fn new(
+        endpoint: impl Into<String>,
+        ca_file: impl Into<PathBuf>,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            ca_file: ca_file.into(),
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+            reconnect_max_backoff_secs: default_max_backoff_secs(),
+            server_name: None,
+            keepalive_interval_secs: default_keepalive_interval_secs(),
+            keepalive_timeout_secs: default_keepalive_timeout_secs(),
+        }
+    }
+}
+
+/// Keep the link to the hub up until `shutdown` fires: connect, hello, apply snapshots, report
+/// status; reconnect with exponential backoff and full jitter after every failure.
+pub async fn run_link(
+    cfg: LinkConfig,
+    state: Arc<dyn DeviceState>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    // Filled in by the client implementation (next commit); until then the link waits for
+    // shutdown so an agent wired against this signature still starts and stops cleanly.
+    let _ = (cfg, state);
+    shutdown.cancelled().await;
+}

@@ -1,0 +1,602 @@
+//! Per-device link state shared by the gRPC server and the rest of the hub.
+//!
+//! Desired state is level-triggered: each device has one slot holding its newest snapshot in a
+//! watch channel. A connected session sends whatever is newest when the device can take it, so a
+//! slow device never makes snapshots pile up: older ones are superseded, never queued.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetlet_proto::v1;
+use futures::stream::BoxStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::LinkError;
+
+/// Something that happened on a device's link, for the node and pod managers.
+#[derive(Debug, Clone)]
+pub enum SessionEvent {
+    /// A device completed its hello; it is connected until `Disconnected`.
+    Connected {
+        /// Device name (from its certificate).
+        device: String,
+        /// What the device said in its hello.
+        hello: v1::Hello,
+    },
+    /// The device's current session ended (a replacing session does not produce this).
+    Disconnected {
+        /// Device name.
+        device: String,
+    },
+    /// The device reported its capacity.
+    Capacity {
+        /// Device name.
+        device: String,
+        /// The report.
+        capacity: v1::Capacity,
+    },
+    /// The device reported pod statuses (`report.full` after every reconnect).
+    PodStatus {
+        /// Device name.
+        device: String,
+        /// The report.
+        report: v1::PodStatusReport,
+    },
+    /// The device persisted (or rejected) a snapshot.
+    Acked {
+        /// Device name.
+        device: String,
+        /// The acknowledged generation.
+        generation: u64,
+        /// Why the device rejected the snapshot as a whole; `None` when accepted.
+        error: Option<String>,
+    },
+}
+
+/// Limits that keep one device from costing the hub unbounded memory.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Hub→device control messages (log requests/cancels) queued per session.
+    pub control_queue: usize,
+    /// Log chunks buffered per open log stream.
+    pub log_chunk_queue: usize,
+    /// How long a log consumer may stall before its stream is cancelled.
+    pub log_consumer_timeout: Duration,
+    /// Events buffered per subscriber before devices' inbound streams wait.
+    pub event_queue: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            control_queue: 32,
+            log_chunk_queue: 64,
+            log_consumer_timeout: Duration::from_secs(10),
+            event_queue: 4096,
+        }
+    }
+}
+
+/// Counters about the link, for metrics and for tests that check bounds instead of timing.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Snapshots replaced by a newer one before the device took them.
+    pub snapshots_superseded: AtomicU64,
+    /// Snapshots handed to a device's stream.
+    pub snapshots_sent: AtomicU64,
+    /// Sessions cut because the device did not take a snapshot within the stall timeout.
+    pub sessions_cut_stalled: AtomicU64,
+    /// Sessions replaced by a newer connection of the same device.
+    pub sessions_replaced: AtomicU64,
+    /// Streams refused (identity, inventory, hello, bad message).
+    pub streams_rejected: AtomicU64,
+    /// TLS handshakes that failed (unknown CA, expired certificate, ...).
+    pub handshakes_failed: AtomicU64,
+    /// Log requests refused because the session's control queue was full.
+    pub log_requests_rejected: AtomicU64,
+    /// Currently open sessions.
+    pub sessions_open: AtomicU64,
+}
+
+impl LinkStats {
+    /// Read one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// The hub's sessions with devices: desired state per device, who is connected, log relays.
+#[derive(Clone)]
+pub struct DeviceSessions {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    devices: RwLock<HashMap<String, Arc<DeviceSlot>>>,
+    subscribers: RwLock<Vec<mpsc::Sender<SessionEvent>>>,
+    next_session: AtomicU64,
+    next_log_request: AtomicU64,
+    limits: SessionLimits,
+    stats: Arc<LinkStats>,
+}
+
+/// Everything the hub keeps about one device, connected or not.
+pub(crate) struct DeviceSlot {
+    /// The newest desired snapshot; `None` until the hub has decided what the device should run
+    /// (so a freshly started hub never pushes an empty set over a device's pods).
+    desired: watch::Sender<Option<Arc<v1::DesiredSnapshot>>>,
+    /// The generation the device last said it holds (hello or ack).
+    held: AtomicU64,
+    /// The newest generation handed to the device's stream.
+    sent: AtomicU64,
+    /// Serializes Connected/Disconnected so a replaced session's end never follows its
+    /// successor's start.
+    order: tokio::sync::Mutex<()>,
+    session: RwLock<Option<SessionHandle>>,
+}
+
+/// The live session of a device.
+#[derive(Clone)]
+pub(crate) struct SessionHandle {
+    pub(crate) id: u64,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) control: mpsc::Sender<v1::HubMessage>,
+    pub(crate) logs: Arc<RwLock<HashMap<u64, LogSender>>>,
+}
+
+/// Where a device's chunks for one log request go.
+pub(crate) type LogSender = mpsc::Sender<Result<Bytes, LinkError>>;
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The next generation: strictly above everything this hub issued and the device holds, and at
+/// least the wall clock in microseconds so a restarted hub (or another replica) continues above
+/// what an earlier one issued.
+fn next_generation(previous: u64, held: u64) -> u64 {
+    previous
+        .saturating_add(1)
+        .max(held.saturating_add(1))
+        .max(now_micros())
+}
+
+impl Default for DeviceSessions {
+    fn default() -> Self {
+        Self::new(SessionLimits::default())
+    }
+}
+
+impl DeviceSessions {
+    /// No devices, no sessions.
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                devices: RwLock::new(HashMap::new()),
+                subscribers: RwLock::new(Vec::new()),
+                next_session: AtomicU64::new(1),
+                next_log_request: AtomicU64::new(1),
+                limits,
+                stats: Arc::new(LinkStats::default()),
+            }),
+        }
+    }
+
+    /// Counters about the link.
+    pub fn stats(&self) -> Arc<LinkStats> {
+        Arc::clone(&self.inner.stats)
+    }
+
+    pub(crate) fn slot(&self, device: &str) -> Arc<DeviceSlot> {
+        if let Some(slot) = read(&self.inner.devices).get(device) {
+            return Arc::clone(slot);
+        }
+        let mut devices = write(&self.inner.devices);
+        Arc::clone(devices.entry(device.to_owned()).or_insert_with(|| {
+            Arc::new(DeviceSlot {
+                desired: watch::Sender::new(None),
+                held: AtomicU64::new(0),
+                sent: AtomicU64::new(0),
+                order: tokio::sync::Mutex::new(()),
+                session: RwLock::new(None),
+            })
+        }))
+    }
+
+    /// Replace the whole desired pod set of a device and return its new generation. Pushed to the
+    /// device if it is connected, else on its next hello (only when the device's copy is stale).
+    pub fn set_desired(&self, device: &str, pods: Vec<v1::PodBundle>) -> u64 {
+        let slot = self.slot(device);
+        let held = slot.held.load(Ordering::Acquire);
+        let sent = slot.sent.load(Ordering::Acquire);
+        let mut generation = 0;
+        slot.desired.send_modify(|desired| {
+            let previous = desired.as_ref().map_or(0, |s| s.generation);
+            if previous > sent && read(&slot.session).is_some() {
+                // The device has not taken the previous snapshot yet; it never will now.
+                self.inner
+                    .stats
+                    .snapshots_superseded
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            generation = next_generation(previous, held);
+            *desired = Some(Arc::new(v1::DesiredSnapshot { generation, pods }));
+        });
+        tracing::debug!(device, generation, "desired snapshot updated");
+        generation
+    }
+
+    /// The generation of the device's current desired snapshot, if the hub has set one.
+    pub fn desired_generation(&self, device: &str) -> Option<u64> {
+        read(&self.inner.devices)
+            .get(device)
+            .and_then(|slot| slot.desired.borrow().as_ref().map(|s| s.generation))
+    }
+
+    /// Forget a device that left the inventory: its desired state and any live session.
+    pub fn remove_device(&self, device: &str) {
+        if let Some(slot) = write(&self.inner.devices).remove(device)
+            && let Some(session) = read(&slot.session).as_ref()
+        {
+            session.cancel.cancel();
+        }
+    }
+
+    /// A new bounded stream of session events. Every subscriber gets every event; a subscriber
+    /// that stops reading makes devices' inbound streams wait (backpressure), never grow memory.
+    pub fn subscribe(&self) -> mpsc::Receiver<SessionEvent> {
+        let (tx, rx) = mpsc::channel(self.inner.limits.event_queue);
+        write(&self.inner.subscribers).push(tx);
+        rx
+    }
+
+    pub(crate) async fn emit(&self, event: SessionEvent) {
+        let subscribers = read(&self.inner.subscribers).clone();
+        let mut closed = false;
+        for tx in &subscribers {
+            if tx.send(event.clone()).await.is_err() {
+                closed = true;
+            }
+        }
+        if closed {
+            write(&self.inner.subscribers).retain(|tx| !tx.is_closed());
+        }
+    }
+
+    /// Whether the device has a live session.
+    pub fn is_connected(&self, device: &str) -> bool {
+        read(&self.inner.devices)
+            .get(device)
+            .is_some_and(|slot| read(&slot.session).is_some())
+    }
+
+    /// Names of all devices with a live session.
+    pub fn connected_devices(&self) -> Vec<String> {
+        read(&self.inner.devices)
+            .iter()
+            .filter(|(_, slot)| read(&slot.session).is_some())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Ask the device to stream a container log. Fails at once when the device is offline or its
+    /// link is congested; the stream ends with an error if the session drops. Dropping the
+    /// stream cancels the request on the device.
+    pub async fn open_logs(
+        &self,
+        device: &str,
+        mut req: v1::LogRequest,
+    ) -> Result<BoxStream<'static, Result<Bytes, LinkError>>, LinkError> {
+        let session = read(&self.inner.devices)
+            .get(device)
+            .and_then(|slot| read(&slot.session).clone())
+            .ok_or_else(|| LinkError::NotConnected {
+                device: device.to_owned(),
+            })?;
+        let request_id = self.inner.next_log_request.fetch_add(1, Ordering::Relaxed);
+        req.request_id = request_id;
+        let (tx, rx) = mpsc::channel(self.inner.limits.log_chunk_queue);
+        write(&session.logs).insert(request_id, tx);
+        let message = v1::HubMessage {
+            kind: Some(v1::hub_message::Kind::LogRequest(req)),
+        };
+        if session.control.try_send(message).is_err() {
+            write(&session.logs).remove(&request_id);
+            self.inner
+                .stats
+                .log_requests_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(LinkError::Congested {
+                device: device.to_owned(),
+            });
+        }
+        let guard = LogGuard {
+            request_id,
+            session,
+        };
+        let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+            let item = rx.recv().await?;
+            Some((item, (rx, guard)))
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// Make `hello`'s session the device's current one (cutting any previous session) and decide
+    /// whether the device's snapshot is stale. Returns the handle pieces the server needs.
+    pub(crate) async fn register(&self, device: &str, hello: &v1::Hello) -> Registered {
+        let slot = self.slot(device);
+        let _order = slot.order.lock().await;
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let (control_tx, control_rx) = mpsc::channel(self.inner.limits.control_queue);
+        let handle = SessionHandle {
+            id,
+            cancel: CancellationToken::new(),
+            control: control_tx,
+            logs: Arc::new(RwLock::new(HashMap::new())),
+        };
+        let previous = write(&slot.session).replace(handle.clone());
+        if let Some(previous) = previous {
+            self.inner
+                .stats
+                .sessions_replaced
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                device,
+                session = previous.id,
+                "session replaced by a new connection"
+            );
+            previous.cancel.cancel();
+        } else {
+            self.inner
+                .stats
+                .sessions_open
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let held = hello.held_generation;
+        slot.held.store(held, Ordering::Release);
+        slot.sent.store(held, Ordering::Release);
+        // Decide staleness under the watch's lock so a concurrent set_desired cannot slip between
+        // the comparison and the re-stamp.
+        let mut desired_rx = slot.desired.subscribe();
+        slot.desired.send_if_modified(|desired| match desired {
+            Some(snapshot) if snapshot.generation < held => {
+                // The device holds a generation this hub never issued (another replica, a clock
+                // step): re-issue the current set above it so the device takes it.
+                let generation = next_generation(snapshot.generation, held);
+                *snapshot = Arc::new(v1::DesiredSnapshot {
+                    generation,
+                    pods: snapshot.pods.clone(),
+                });
+                true
+            }
+            _ => false,
+        });
+        let stale = desired_rx
+            .borrow_and_update()
+            .as_ref()
+            .is_some_and(|s| s.generation != held);
+        if stale {
+            desired_rx.mark_changed();
+        }
+        self.emit(SessionEvent::Connected {
+            device: device.to_owned(),
+            hello: hello.clone(),
+        })
+        .await;
+        Registered {
+            handle,
+            control_rx,
+            desired_rx,
+            slot: Arc::clone(&slot),
+        }
+    }
+
+    /// End session `id` of `device`; emits `Disconnected` only if it was still the current one.
+    pub(crate) async fn unregister(&self, device: &str, handle: &SessionHandle) {
+        let slot = self.slot(device);
+        let _order = slot.order.lock().await;
+        let current = {
+            let mut session = write(&slot.session);
+            if session.as_ref().is_some_and(|s| s.id == handle.id) {
+                session.take();
+                true
+            } else {
+                false
+            }
+        };
+        // Open log streams end with an error instead of hanging.
+        let logs = std::mem::take(&mut *write(&handle.logs));
+        for (_, tx) in logs {
+            let _ = tx.try_send(Err(LinkError::NotConnected {
+                device: device.to_owned(),
+            }));
+        }
+        if current {
+            self.inner
+                .stats
+                .sessions_open
+                .fetch_sub(1, Ordering::Relaxed);
+            self.emit(SessionEvent::Disconnected {
+                device: device.to_owned(),
+            })
+            .await;
+        }
+    }
+
+    pub(crate) fn record_sent(&self, slot: &DeviceSlot, generation: u64) {
+        slot.sent.fetch_max(generation, Ordering::AcqRel);
+        self.inner
+            .stats
+            .snapshots_sent
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_ack(&self, slot: &DeviceSlot, generation: u64) {
+        slot.held.fetch_max(generation, Ordering::AcqRel);
+    }
+
+    pub(crate) fn limits(&self) -> &SessionLimits {
+        &self.inner.limits
+    }
+}
+
+/// What `register` hands the server for one session.
+pub(crate) struct Registered {
+    pub(crate) handle: SessionHandle,
+    pub(crate) control_rx: mpsc::Receiver<v1::HubMessage>,
+    pub(crate) desired_rx: watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>,
+    pub(crate) slot: Arc<DeviceSlot>,
+}
+
+impl DeviceSlot {
+    /// The newest generation handed to the device's stream.
+    pub(crate) fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+}
+
+/// Cancels a log request on the device when its consumer drops the stream.
+struct LogGuard {
+    request_id: u64,
+    session: SessionHandle,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if write(&self.session.logs).remove(&self.request_id).is_some() {
+            let cancel = v1::HubMessage {
+                kind: Some(v1::hub_message::Kind::LogCancel(v1::LogCancel {
+                    request_id: self.request_id,
+                })),
+            };
+            // Best effort: if the queue is full the device finishes the request on its own
+            // (its chunks then find no consumer and are dropped).
+            let _ = self.session.control.try_send(cancel);
+        }
+    }
+}
+
+/// Locks are only held for map lookups, never across an await, so a poisoned lock can only come
+/// from a panic in such a lookup; the data is still consistent, so keep going.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_strictly_increase_and_exceed_held() {
+        let sessions = DeviceSessions::default();
+        let g1 = sessions.set_desired("d", vec![]);
+        let g2 = sessions.set_desired("d", vec![]);
+        assert!(g2 > g1);
+        assert!(
+            g1 >= now_micros() - 60_000_000,
+            "derived from the wall clock"
+        );
+        let slot = sessions.slot("d");
+        slot.held.store(u64::MAX / 2, Ordering::Release);
+        let g3 = sessions.set_desired("d", vec![]);
+        assert_eq!(g3, u64::MAX / 2 + 1);
+        assert_eq!(sessions.desired_generation("d"), Some(g3));
+        assert_eq!(sessions.desired_generation("other"), None);
+    }
+
+    #[tokio::test]
+    async fn hello_with_current_generation_sends_nothing_stale_sends() {
+        let sessions = DeviceSessions::default();
+        let mut events = sessions.subscribe();
+        let generation = sessions.set_desired("d", vec![]);
+        let hello = v1::Hello {
+            device_name: "d".into(),
+            held_generation: generation,
+            ..Default::default()
+        };
+        let mut reg = sessions.register("d", &hello).await;
+        assert!(!reg.desired_rx.has_changed().unwrap());
+        assert!(
+            matches!(events.recv().await, Some(SessionEvent::Connected { device, .. }) if device == "d")
+        );
+        assert!(sessions.is_connected("d"));
+
+        // A second connection replaces the first; only the second's end says Disconnected.
+        let stale = v1::Hello {
+            held_generation: generation - 1,
+            ..hello.clone()
+        };
+        let mut reg2 = sessions.register("d", &stale).await;
+        assert!(reg.handle.cancel.is_cancelled());
+        assert!(reg2.desired_rx.has_changed().unwrap());
+        assert!(matches!(
+            events.recv().await,
+            Some(SessionEvent::Connected { .. })
+        ));
+        sessions.unregister("d", &reg.handle).await;
+        assert!(sessions.is_connected("d"));
+        sessions.unregister("d", &reg2.handle).await;
+        assert!(!sessions.is_connected("d"));
+        assert!(
+            matches!(events.recv().await, Some(SessionEvent::Disconnected { device }) if device == "d")
+        );
+        let _ = (&mut reg.desired_rx, &mut reg2.desired_rx);
+    }
+
+    #[tokio::test]
+    async fn device_ahead_of_hub_gets_a_restamped_snapshot() {
+        let sessions = DeviceSessions::default();
+        let generation = sessions.set_desired("d", vec![]);
+        let hello = v1::Hello {
+            device_name: "d".into(),
+            held_generation: generation + 1000,
+            ..Default::default()
+        };
+        let mut reg = sessions.register("d", &hello).await;
+        assert!(reg.desired_rx.has_changed().unwrap());
+        let now = reg
+            .desired_rx
+            .borrow_and_update()
+            .as_ref()
+            .unwrap()
+            .generation;
+        assert!(now > generation + 1000);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_pushed_before_the_hub_decides() {
+        let sessions = DeviceSessions::default();
+        let hello = v1::Hello {
+            device_name: "d".into(),
+            held_generation: 42,
+            ..Default::default()
+        };
+        let reg = sessions.register("d", &hello).await;
+        assert!(!reg.desired_rx.has_changed().unwrap());
+        assert!(reg.desired_rx.borrow().is_none());
+    }
+
+    #[tokio::test]
+    async fn open_logs_fails_when_offline() {
+        let sessions = DeviceSessions::default();
+        let err = sessions
+            .open_logs("nope", v1::LogRequest::default())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, LinkError::NotConnected { ref device } if device == "nope"));
+    }
+}
