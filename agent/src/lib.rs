@@ -2,4 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod fsutil;
 pub mod link;
+pub mod podman;
+pub mod store;

@@ -1,0 +1,354 @@
+//! The container runtime boundary: the `ContainerRuntime` trait and its Podman implementation.
+
+mod client;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+pub use client::PodmanClient;
+pub use types::{ContainerInspect, ContainerSummary, Event, ImageInspect};
+
+/// Label keys on every Podman object the agent creates.
+pub mod labels {
+    /// Device (agent) name that owns the object.
+    pub const DEVICE: &str = "io.fleetlet.device";
+    /// Kubernetes pod UID.
+    pub const POD_UID: &str = "io.fleetlet.pod-uid";
+    /// Pod namespace (for humans and logs).
+    pub const POD_NAMESPACE: &str = "io.fleetlet.pod-namespace";
+    /// Pod name (for humans and logs).
+    pub const POD_NAME: &str = "io.fleetlet.pod-name";
+    /// Container name within the pod.
+    pub const CONTAINER: &str = "io.fleetlet.container";
+    /// Hash of the container's desired configuration; a change means "recreate".
+    pub const SPEC_HASH: &str = "io.fleetlet.spec-hash";
+    /// "init" or "app".
+    pub const KIND: &str = "io.fleetlet.kind";
+}
+
+/// Errors talking to Podman.
+#[derive(Debug, thiserror::Error)]
+pub enum PodmanError {
+    /// The API socket could not be reached (Podman down?). Retryable.
+    #[error("cannot connect to podman at {socket}: {source}")]
+    Connect {
+        /// Socket path.
+        socket: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// HTTP-level failure. Retryable.
+    #[error("podman {endpoint}: {message}")]
+    Http {
+        /// Method and path.
+        endpoint: String,
+        /// Cause.
+        message: String,
+    },
+    /// Podman answered with an error status. Retryable unless the message says otherwise.
+    #[error("podman {endpoint} returned {status}: {message}")]
+    Api {
+        /// Method and path.
+        endpoint: String,
+        /// HTTP status.
+        status: u16,
+        /// Podman's message.
+        message: String,
+    },
+    /// The response did not parse. Not retryable without a fix.
+    #[error("podman {endpoint}: unexpected response: {message}")]
+    Parse {
+        /// Method and path.
+        endpoint: String,
+        /// Parser message.
+        message: String,
+    },
+    /// No answer in time. Retryable.
+    #[error("podman {endpoint}: timed out")]
+    Timeout {
+        /// Method and path.
+        endpoint: String,
+    },
+    /// An image pull failed (registry unreachable, image unknown). Retried with backoff.
+    #[error("pulling {image}: {message}")]
+    Pull {
+        /// Image reference.
+        image: String,
+        /// What the registry/Podman said.
+        message: String,
+    },
+}
+
+impl PodmanError {
+    /// True when Podman said the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, PodmanError::Api { status: 404, .. })
+    }
+}
+
+/// What `POST /libpod/pods/create` takes (a subset of Podman's PodSpecGenerator).
+#[derive(Debug, Clone, Serialize)]
+pub struct PodCreate {
+    /// Unique pod name.
+    pub name: String,
+    /// Labels (see [`labels`]).
+    pub labels: BTreeMap<String, String>,
+    /// Hostname inside the pod (not with host network).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Network namespace mode.
+    pub netns: Namespace,
+    /// Published ports (bridge network only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub portmappings: Vec<PortMapping>,
+}
+
+/// A Podman namespace choice, e.g. `{"nsmode": "host"}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Namespace {
+    /// "host", "bridge", "private", ...
+    pub nsmode: String,
+}
+
+/// One published port.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortMapping {
+    /// Port inside the pod.
+    pub container_port: u16,
+    /// Port on the host.
+    pub host_port: u16,
+    /// "tcp" or "udp".
+    pub protocol: String,
+    /// Host address to bind.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub host_ip: String,
+}
+
+/// A pod from `GET /libpod/pods/json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PodSummary {
+    /// Pod id.
+    pub id: String,
+    /// Pod name.
+    pub name: String,
+    /// Pod labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// What `POST /libpod/containers/create` takes (a subset of Podman's SpecGenerator).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ContainerCreate {
+    /// Unique container name.
+    pub name: String,
+    /// Pod to join.
+    pub pod: String,
+    /// Image reference.
+    pub image: String,
+    /// Entrypoint override (Kubernetes `command`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Command override (Kubernetes `args`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Bind mounts.
+    pub mounts: Vec<Mount>,
+    /// cgroup limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_limits: Option<ResourceLimits>,
+    /// Signal for stop (15 = SIGTERM).
+    pub stop_signal: u32,
+    /// Seconds between the stop signal and SIGKILL.
+    pub stop_timeout: u64,
+    /// Podman's own restart policy; always "no": the agent restarts containers itself.
+    pub restart_policy: String,
+}
+
+/// A bind mount.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mount {
+    /// Path in the container.
+    pub destination: String,
+    /// Path on the host.
+    pub source: String,
+    /// Always "bind".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Mount options, e.g. "rbind", "ro".
+    pub options: Vec<String>,
+}
+
+/// cgroup limits (OCI LinuxResources subset).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ResourceLimits {
+    /// Memory limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryLimit>,
+    /// CPU quota.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuLimit>,
+}
+
+/// Memory limit in bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryLimit {
+    /// Bytes.
+    pub limit: i64,
+}
+
+/// CPU quota per period (microseconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuLimit {
+    /// Quota per period.
+    pub quota: i64,
+    /// Period.
+    pub period: u64,
+}
+
+/// Options of a log read.
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    /// Keep streaming.
+    pub follow: bool,
+    /// Last N lines only.
+    pub tail: Option<i64>,
+    /// Lines at or after this Unix time.
+    pub since_unix: Option<i64>,
+    /// Prefix timestamps.
+    pub timestamps: bool,
+}
+
+/// Result type of runtime calls.
+pub type RtResult<T> = Result<T, PodmanError>;
+
+/// Everything the reconciler needs from a container runtime. `PodmanClient` is the real one.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Runtime version string.
+    fn version(&self) -> impl Future<Output = RtResult<String>> + Send;
+    /// Containers carrying all `labels` ("k=v").
+    fn list_containers(
+        &self,
+        labels: &[String],
+    ) -> impl Future<Output = RtResult<Vec<ContainerSummary>>> + Send;
+    /// Inspect; `None` when missing.
+    fn inspect_container(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = RtResult<Option<ContainerInspect>>> + Send;
+    /// Inspect an image; `None` when not present locally.
+    fn inspect_image(
+        &self,
+        reference: &str,
+    ) -> impl Future<Output = RtResult<Option<ImageInspect>>> + Send;
+    /// Pull an image.
+    fn pull_image(&self, reference: &str) -> impl Future<Output = RtResult<()>> + Send;
+    /// Create a pod; returns its id.
+    fn create_pod(&self, spec: &PodCreate) -> impl Future<Output = RtResult<String>> + Send;
+    /// Pods carrying all `labels`.
+    fn list_pods(
+        &self,
+        labels: &[String],
+    ) -> impl Future<Output = RtResult<Vec<PodSummary>>> + Send;
+    /// Remove a pod and its containers; missing is fine.
+    fn remove_pod(&self, name: &str) -> impl Future<Output = RtResult<()>> + Send;
+    /// Create a container; returns its id.
+    fn create_container(
+        &self,
+        spec: &ContainerCreate,
+    ) -> impl Future<Output = RtResult<String>> + Send;
+    /// Start a container.
+    fn start_container(&self, id: &str) -> impl Future<Output = RtResult<()>> + Send;
+    /// Stop with the stop signal, SIGKILL after `grace_secs`.
+    fn stop_container(
+        &self,
+        id: &str,
+        grace_secs: u64,
+    ) -> impl Future<Output = RtResult<()>> + Send;
+    /// Remove a container; missing is fine.
+    fn remove_container(&self, id: &str) -> impl Future<Output = RtResult<()>> + Send;
+    /// Run a command in a container; its exit code.
+    fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = RtResult<i32>> + Send;
+    /// Container events filtered by labels.
+    fn events(
+        &self,
+        labels: &[String],
+    ) -> impl Future<Output = RtResult<BoxStream<'static, RtResult<Event>>>> + Send;
+    /// A container's log.
+    fn logs(
+        &self,
+        id: &str,
+        opts: &LogOptions,
+    ) -> impl Future<Output = RtResult<BoxStream<'static, RtResult<Bytes>>>> + Send;
+}
+
+impl ContainerRuntime for PodmanClient {
+    async fn version(&self) -> RtResult<String> {
+        PodmanClient::version(self).await
+    }
+    async fn list_containers(&self, labels: &[String]) -> RtResult<Vec<ContainerSummary>> {
+        PodmanClient::list_containers(self, labels).await
+    }
+    async fn inspect_container(&self, id: &str) -> RtResult<Option<ContainerInspect>> {
+        PodmanClient::inspect_container(self, id).await
+    }
+    async fn inspect_image(&self, reference: &str) -> RtResult<Option<ImageInspect>> {
+        PodmanClient::inspect_image(self, reference).await
+    }
+    async fn pull_image(&self, reference: &str) -> RtResult<()> {
+        PodmanClient::pull_image(self, reference).await
+    }
+    async fn create_pod(&self, spec: &PodCreate) -> RtResult<String> {
+        PodmanClient::create_pod(self, spec).await
+    }
+    async fn list_pods(&self, labels: &[String]) -> RtResult<Vec<PodSummary>> {
+        PodmanClient::list_pods(self, labels).await
+    }
+    async fn remove_pod(&self, name: &str) -> RtResult<()> {
+        PodmanClient::remove_pod(self, name).await
+    }
+    async fn create_container(&self, spec: &ContainerCreate) -> RtResult<String> {
+        PodmanClient::create_container(self, spec).await
+    }
+    async fn start_container(&self, id: &str) -> RtResult<()> {
+        PodmanClient::start_container(self, id).await
+    }
+    async fn stop_container(&self, id: &str, grace_secs: u64) -> RtResult<()> {
+        PodmanClient::stop_container(self, id, grace_secs).await
+    }
+    async fn remove_container(&self, id: &str) -> RtResult<()> {
+        PodmanClient::remove_container(self, id).await
+    }
+    async fn exec(&self, id: &str, cmd: &[String], timeout: Duration) -> RtResult<i32> {
+        PodmanClient::exec(self, id, cmd, timeout).await
+    }
+    async fn events(&self, labels: &[String]) -> RtResult<BoxStream<'static, RtResult<Event>>> {
+        PodmanClient::events(self, labels).await
+    }
+    async fn logs(
+        &self,
+        id: &str,
+        opts: &LogOptions,
+    ) -> RtResult<BoxStream<'static, RtResult<Bytes>>> {
+        PodmanClient::logs(self, id, opts).await
+    }
+}

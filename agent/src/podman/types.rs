@@ -1,0 +1,306 @@
+//! Podman libpod API response types, tolerant of the differences between Podman 4.3, 4.9 and 5.x.
+//!
+//! Only the fields the agent reads are declared; everything else is ignored, so new fields in a
+//! later Podman never break parsing. Where a field changed its JSON type between releases (for
+//! example `Config.StopSignal`: a number in 4.x, a string such as `"SIGTERM"` in 5.x; and
+//! `Config.Entrypoint`: a string in 4.x, an array in 5.x) a small custom deserializer accepts both.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+
+/// One entry of `GET /libpod/containers/json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerSummary {
+    /// Container id.
+    pub id: String,
+    /// Container names (Podman gives one).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub names: Vec<String>,
+    /// Labels set at creation.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    /// "running", "exited", "created", ...
+    #[serde(default)]
+    pub state: String,
+    /// Whether this is a pod's infra container.
+    #[serde(default)]
+    pub is_infra: bool,
+}
+
+/// `GET /libpod/containers/{id}/json`, the parts the agent uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerInspect {
+    /// Container id.
+    pub id: String,
+    /// Container name.
+    #[serde(default)]
+    pub name: String,
+    /// Image id the container was created from.
+    #[serde(default)]
+    pub image: String,
+    /// Image reference as given at creation.
+    #[serde(default)]
+    pub image_name: String,
+    /// Runtime state.
+    pub state: ContainerState,
+    /// Container configuration.
+    pub config: ContainerConfig,
+    /// Restarts done by Podman's own restart policy (the agent does not use one).
+    #[serde(default)]
+    pub restart_count: u64,
+}
+
+/// `State` of a container inspect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerState {
+    /// "created", "running", "exited", "stopped", "paused", ...
+    #[serde(default)]
+    pub status: String,
+    /// True while the main process runs.
+    #[serde(default)]
+    pub running: bool,
+    /// Exit code of the last run.
+    #[serde(default)]
+    pub exit_code: i32,
+    /// Killed by the kernel's OOM killer.
+    #[serde(default, rename = "OOMKilled")]
+    pub oom_killed: bool,
+    /// Error Podman recorded when starting failed.
+    #[serde(default)]
+    pub error: String,
+    /// RFC 3339; "0001-01-01T00:00:00Z" when never started.
+    #[serde(default)]
+    pub started_at: String,
+    /// RFC 3339; "0001-01-01T00:00:00Z" when never finished.
+    #[serde(default)]
+    pub finished_at: String,
+}
+
+/// `Config` of a container inspect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerConfig {
+    /// Labels set at creation.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    /// Signal sent on stop, normalised to its number (15 for SIGTERM).
+    #[serde(default, deserialize_with = "stop_signal")]
+    pub stop_signal: Option<u32>,
+    /// Entrypoint, normalised to a list (4.x gives a string, 5.x an array).
+    #[serde(default, deserialize_with = "string_or_list")]
+    pub entrypoint: Vec<String>,
+    /// Command.
+    #[serde(default, deserialize_with = "string_or_list")]
+    pub cmd: Vec<String>,
+}
+
+/// `GET /libpod/images/{name}/json`, the parts the agent uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageInspect {
+    /// Image id.
+    pub id: String,
+    /// Manifest digest, "sha256:...".
+    #[serde(default)]
+    pub digest: String,
+}
+
+/// `GET /libpod/containers/{id}/exec` inspect (`/exec/{id}/json`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExecInspect {
+    /// Still running.
+    #[serde(default)]
+    pub running: bool,
+    /// Exit code once finished.
+    #[serde(default)]
+    pub exit_code: i32,
+}
+
+/// One line of the `GET /libpod/events` stream.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Event {
+    /// "container", "pod", "image", ...
+    #[serde(rename = "Type", default)]
+    pub kind: String,
+    /// "start", "died", "remove", ...
+    #[serde(rename = "Action", default)]
+    pub action: String,
+    /// The object the event is about.
+    #[serde(rename = "Actor", default)]
+    pub actor: EventActor,
+}
+
+/// `Actor` of an event.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EventActor {
+    /// Object id.
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    /// Attributes; for containers, includes their labels.
+    #[serde(rename = "Attributes", default, deserialize_with = "null_as_default")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// One line of the image pull stream.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PullReport {
+    /// Set when the pull failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Image id once pulled.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Error body of a failed libpod call.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ErrorBody {
+    /// Message, e.g. "no such container".
+    #[serde(default, alias = "cause")]
+    pub message: String,
+}
+
+/// `{"Id": ...}` returned by create calls.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdResponse {
+    /// Created object id.
+    #[serde(rename = "Id", alias = "id")]
+    pub id: String,
+}
+
+/// `GET /libpod/version`, the parts the agent uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VersionResponse {
+    /// Podman version, e.g. "4.3.1" (top-level `Version` in 4.x and 5.x).
+    #[serde(rename = "Version", default)]
+    pub version: String,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrString {
+    Num(u32),
+    Str(String),
+}
+
+fn stop_signal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    Ok(match Option::<NumOrString>::deserialize(d)? {
+        None => None,
+        Some(NumOrString::Num(0)) => None,
+        Some(NumOrString::Num(n)) => Some(n),
+        Some(NumOrString::Str(s)) => signal_number(&s),
+    })
+}
+
+/// Number of a signal given as "SIGTERM", "TERM" or "15".
+pub fn signal_number(name: &str) -> Option<u32> {
+    let n = name.trim();
+    if let Ok(v) = n.parse::<u32>() {
+        return Some(v);
+    }
+    let n = n.strip_prefix("SIG").unwrap_or(n);
+    Some(match n {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "STOP" => 19,
+        "WINCH" => 28,
+        _ => return None,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StrOrList {
+    Str(String),
+    List(Vec<String>),
+}
+
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match Option::<StrOrList>::deserialize(d)? {
+        None => Vec::new(),
+        Some(StrOrList::Str(s)) if s.is_empty() => Vec::new(),
+        // Podman 4.x joins the entrypoint with spaces; splitting back is the best it allows.
+        Some(StrOrList::Str(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(StrOrList::List(v)) => v,
+    })
+}
+
+/// True for Podman's "never happened" timestamp.
+pub fn is_zero_time(t: &str) -> bool {
+    t.is_empty() || t.starts_with("0001-01-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> ContainerInspect {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    #[test]
+    fn podman_4_3_inspect_recorded_here_parses() {
+        let c = fixture("podman-4.3.1-container-inspect.json");
+        assert_eq!(c.config.stop_signal, Some(15));
+        assert!(c.config.entrypoint.is_empty());
+        assert_eq!(c.config.cmd, vec!["sh", "-c", "sleep 1000"]);
+        assert!(c.state.running);
+        assert_eq!(c.image_name, "localhost/fleetlet-test/busybox:1");
+        assert!(is_zero_time(&c.state.finished_at));
+    }
+
+    #[test]
+    fn podman_4_9_string_entrypoint_parses() {
+        let c = fixture("podman-4.9-container-inspect.json");
+        assert_eq!(c.config.stop_signal, Some(15));
+        assert_eq!(c.config.entrypoint, vec!["/bin/sh", "-c"]);
+    }
+
+    #[test]
+    fn podman_5_signal_name_and_entrypoint_array_parse() {
+        let c = fixture("podman-5.x-container-inspect.json");
+        assert_eq!(c.config.stop_signal, Some(15));
+        assert_eq!(c.config.entrypoint, vec!["/bin/sh", "-c"]);
+        assert!(c.config.labels.is_empty(), "null labels become empty");
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(signal_number("SIGKILL"), Some(9));
+        assert_eq!(signal_number("TERM"), Some(15));
+        assert_eq!(signal_number("2"), Some(2));
+        assert_eq!(signal_number("SIGNOPE"), None);
+    }
+
+    #[test]
+    fn events_and_pull_reports_parse() {
+        let e: Event = serde_json::from_str(
+            r#"{"ID":"abc","Status":"died","Type":"container","Action":"died","Actor":{"ID":"abc","Attributes":{"io.fleetlet.pod-uid":"u1","containerExitCode":"1"}},"time":1,"timeNano":1}"#,
+        )
+        .unwrap();
+        assert_eq!(e.action, "died");
+        assert_eq!(e.actor.attributes["io.fleetlet.pod-uid"], "u1");
+        let p: PullReport = serde_json::from_str(r#"{"error":"connection refused"}"#).unwrap();
+        assert_eq!(p.error.as_deref(), Some("connection refused"));
+    }
+}
