@@ -15,7 +15,7 @@ release:
 	$(CARGO) build --workspace --release
 
 ## test: unit and integration tests (integration tests run against the local stack)
-test: build
+test: build env-up
 	$(CARGO) test --workspace --no-fail-fast
 
 ## lint: formatting and clippy, warnings are errors
@@ -26,6 +26,14 @@ lint:
 ## fmt: format the code
 fmt:
 	$(CARGO) fmt --all
+
+## env-up: start (or reuse) the local stack; writes target/dev/env and target/dev/kubeconfig
+env-up:
+	tests/env/up.sh --out $(CURDIR)/target/dev
+
+## env-down: stop every process of the local stack
+env-down:
+	tests/env/down.sh
 
 clean:
 	$(CARGO) clean
