@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test unit-test lint fmt env-up env-down clean
+.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean
 
 all: build
 
@@ -34,6 +34,10 @@ env-up:
 ## env-down: stop every process of the local stack
 env-down:
 	tests/env/down.sh
+
+## env-reset: stop the local stack and delete its state (PKI, etcd data, logs)
+env-reset:
+	tests/env/reset.sh
 
 clean:
 	$(CARGO) clean

@@ -7,10 +7,12 @@ source "$(dirname "$0")/lib.sh"
 source "$ENV_SRC_DIR/daemons.sh"
 source "$ENV_SRC_DIR/journald.sh"
 source "$ENV_SRC_DIR/podman.sh"
+source "$ENV_SRC_DIR/k8s.sh"
 
 [ -d "$FLEETLET_DEV_DIR" ] || exit 0
 exec 8>"$FLEETLET_DEV_DIR/up.lock"
 flock 8
+down_k8s
 down_podman
 down_journald
 left=$(CONTAINERS_CONF=$PODMAN_CONF podman ps -q 2>/dev/null | wc -l || true)

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Brings up the local stack (or reuses the running one) and writes OUT_DIR/env and
 # OUT_DIR/kubeconfig for a checkout.
-#   usage: tests/env/up.sh [--out DIR] [COMPONENT...]   components: journald podman (default all)
+#   usage: tests/env/up.sh [--out DIR] [COMPONENT...]   components: journald podman k8s (default all)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$ENV_SRC_DIR/daemons.sh"
 source "$ENV_SRC_DIR/journald.sh"
 source "$ENV_SRC_DIR/podman.sh"
+source "$ENV_SRC_DIR/k8s.sh"
 
 out=""
 components=()
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=$2; shift 2 ;;
-    journald | podman) components+=("$1"); shift ;;
-    *) die "unknown argument $1 (usage: up.sh [--out DIR] [journald|podman]...)" ;;
+    journald | podman | k8s) components+=("$1"); shift ;;
+    *) die "unknown argument $1 (usage: up.sh [--out DIR] [journald|podman|k8s]...)" ;;
   esac
 done
-[ ${#components[@]} -gt 0 ] || components=(journald podman)
+[ ${#components[@]} -gt 0 ] || components=(journald podman k8s)
 
 mkdir -p "$FLEETLET_DEV_DIR"
 chmod 0755 "$FLEETLET_DEV_DIR"
@@ -39,9 +40,16 @@ write_env() {
     echo "export FLEETLET_PODMAN_SOCKET=$PODMAN_SOCKET"
     echo "export CONTAINERS_CONF=$PODMAN_CONF"
     echo "export FLEETLET_TEST_IMAGE=$TEST_IMAGE"
+    if [ -n "${K8S_BIN:-}" ]; then
+      echo "export KUBECONFIG=$dir/kubeconfig"
+      k8s_env_lines
+    fi
   } > "$f"
   chmod 0644 "$f"
   mv -f "$f" "$dir/env"
+  if [ -n "${K8S_BIN:-}" ]; then
+    install -m 0600 "$K8S_DIR/kubeconfig" "$dir/kubeconfig"
+  fi
 }
 
 # The machine-wide copy, then the checkout's.
