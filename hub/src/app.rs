@@ -1,0 +1,186 @@
+//! Wiring of the hub's Kubernetes side: the watches, the pod relay, the status writer, the node
+//! manager and the session-event dispatcher, all under one shutdown token.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HubConfig;
+use crate::devices::LiveRegistry;
+use crate::metrics::Metrics;
+use crate::nodes::NodeManager;
+use crate::pods::kube_api::KubePodApi;
+use crate::pods::status::StatusWriter;
+use crate::pods::{BOUND_PODS_SELECTOR, Input, PodRelay, RelayConfig};
+use crate::sessions::{DeviceSet, SessionEvent, Sessions};
+
+/// Name under which the hub reports events.
+pub const CONTROLLER_NAME: &str = "fleetlet-hub";
+
+/// Starts every Kubernetes-facing task of the hub on `tasks`; they stop on `shutdown`.
+#[allow(clippy::too_many_arguments)]
+pub fn start_controllers(
+    tasks: &mut JoinSet<()>,
+    client: kube::Client,
+    cfg: &HubConfig,
+    identity: &str,
+    sessions: Arc<dyn Sessions>,
+    events: mpsc::Receiver<SessionEvent>,
+    inventory: watch::Receiver<DeviceSet>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: CONTROLLER_NAME.into(),
+            instance: Some(identity.to_string()),
+        },
+    );
+    let live = LiveRegistry::new();
+    let node_manager = NodeManager::new(
+        client.clone(),
+        cfg.nodes.clone(),
+        cfg.kubelet.advertise_address,
+        cfg.kubelet.port(),
+        metrics.clone(),
+        recorder.clone(),
+    );
+    let known_nodes = node_manager.known_nodes();
+    let (writer, status_tx) = StatusWriter::new(
+        client.clone(),
+        cfg.pods.status_qps,
+        cfg.pods.status_burst,
+        metrics.clone(),
+    );
+    let (relay, handles) = PodRelay::new(
+        sessions,
+        Arc::new(KubePodApi::new(client.clone(), recorder, metrics.clone())),
+        status_tx,
+        metrics.clone(),
+        RelayConfig {
+            debounce: cfg.debounce(),
+            default_allocatable: cfg.nodes.default_capacity.clone(),
+        },
+        inventory.clone(),
+        live.subscribe(),
+        known_nodes,
+    );
+    tasks.spawn(writer.run(shutdown.clone()));
+    tasks.spawn(relay.run(shutdown.clone()));
+    tasks.spawn(node_manager.run(
+        inventory,
+        live.subscribe(),
+        handles.counts.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(dispatch(
+        events,
+        live,
+        handles.inputs.clone(),
+        metrics,
+        shutdown.clone(),
+    ));
+
+    let pods: Api<Pod> = Api::all(client.clone());
+    let pod_cfg = watcher::Config::default().fields(BOUND_PODS_SELECTOR);
+    tasks.spawn(forward(
+        watcher(pods, pod_cfg),
+        handles.inputs.clone(),
+        Input::Pod,
+        "pods",
+        shutdown.clone(),
+    ));
+    let cms: Api<ConfigMap> = Api::all(client.clone());
+    tasks.spawn(forward(
+        watcher(cms, watcher::Config::default()),
+        handles.inputs.clone(),
+        Input::ConfigMap,
+        "configmaps",
+        shutdown.clone(),
+    ));
+    let secrets: Api<Secret> = Api::all(client);
+    tasks.spawn(forward(
+        watcher(secrets, watcher::Config::default()),
+        handles.inputs,
+        Input::Secret,
+        "secrets",
+        shutdown,
+    ));
+}
+
+/// Feeds one watch into the relay, with kube-runtime's backoff on errors.
+async fn forward<K, S>(
+    stream: S,
+    tx: mpsc::Sender<Input>,
+    wrap: fn(watcher::Event<K>) -> Input,
+    what: &'static str,
+    shutdown: CancellationToken,
+) where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
+{
+    let mut stream = std::pin::pin!(stream.default_backoff());
+    loop {
+        let item = tokio::select! {
+            () = shutdown.cancelled() => return,
+            i = stream.next() => i,
+        };
+        match item {
+            Some(Ok(ev)) => {
+                if tx.send(wrap(ev)).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(watch = what, %error, "watch failed; retrying with backoff")
+            }
+            None => return,
+        }
+    }
+}
+
+/// Folds session events into the live device registry and hands them to the relay.
+async fn dispatch(
+    mut events: mpsc::Receiver<SessionEvent>,
+    live: LiveRegistry,
+    relay: mpsc::Sender<Input>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            () = shutdown.cancelled() => return,
+            e = events.recv() => match e { Some(e) => e, None => return },
+        };
+        match &ev {
+            SessionEvent::Connected { device, .. } => tracing::info!(%device, "device connected"),
+            SessionEvent::Disconnected { device } => tracing::info!(%device, "device disconnected"),
+            _ => {}
+        }
+        live.apply(&ev);
+        metrics
+            .connected_devices
+            .set(i64::try_from(live.connected_count()).unwrap_or(i64::MAX));
+        if matches!(
+            ev,
+            SessionEvent::PodStatus { .. } | SessionEvent::Acked { .. }
+        ) && relay.send(Input::Session(ev)).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Node names of an inventory, for tests and diagnostics.
+pub fn device_names(set: &DeviceSet) -> BTreeSet<String> {
+    set.keys().cloned().collect()
+}

@@ -1,0 +1,458 @@
+//! The hub's configuration: a TOML file, with a few values overridable by flags. Parsed once,
+//! at the edge, into typed values; every error names the file and field.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::labels::is_valid_node_name;
+use crate::quantity;
+
+/// A configuration that cannot be used. Never retryable: the operator must fix it (exit 64).
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown/mistyped fields.
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Where and what.
+        source: Box<toml::de::Error>,
+    },
+    /// A field has a value outside what the hub can work with.
+    #[error("invalid config: {field}: {reason}")]
+    Invalid {
+        /// Dotted field path.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The whole hub configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Path of a kubeconfig; absent means in-cluster or `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub ops: OpsConfig,
+    /// Where the device list comes from.
+    pub inventory: InventoryConfig,
+    /// Node keeping.
+    pub nodes: NodesConfig,
+    /// Pod relay.
+    pub pods: PodsConfig,
+    /// The kubelet API endpoint for `kubectl logs`.
+    pub kubelet: KubeletConfig,
+    /// Leader election among hub replicas.
+    pub leader_election: LeaderElectionConfig,
+    /// The device link server (owned by the link module); passed through untouched.
+    pub link: Option<toml::Table>,
+}
+
+/// Operations endpoint settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Listen address; loopback by default.
+    pub listen: SocketAddr,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090),
+        }
+    }
+}
+
+/// Inventory source settings.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct InventoryConfig {
+    /// Static inventory file (`[[device]] name=.. fleet=.. labels={..}`).
+    pub static_file: Option<PathBuf>,
+}
+
+/// Node keeping settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// How long a device may be disconnected before its Node turns Ready=Unknown.
+    pub disconnect_grace_secs: u64,
+    /// Node lease duration (kubelet: 40 s).
+    pub lease_duration_secs: u32,
+    /// Lease renew interval (kubelet: 10 s).
+    pub lease_renew_secs: u64,
+    /// Node status is re-applied at least this often even when unchanged (kubelet: 5 min).
+    pub status_refresh_secs: u64,
+    /// Capacity assumed before a device's first report.
+    pub default_capacity: BTreeMap<String, String>,
+    /// kubeletVersion shown for fleetlet nodes.
+    pub kubelet_version: String,
+    /// Parallel API requests while reconciling nodes.
+    pub concurrency: usize,
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        Self {
+            disconnect_grace_secs: 20,
+            lease_duration_secs: 40,
+            lease_renew_secs: 10,
+            status_refresh_secs: 300,
+            default_capacity: [
+                ("cpu", "1"),
+                ("memory", "1Gi"),
+                ("pods", "110"),
+                ("ephemeral-storage", "10Gi"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            kubelet_version: "v1.36.0-fleetlet".to_string(),
+            concurrency: 16,
+        }
+    }
+}
+
+/// Pod relay settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodsConfig {
+    /// Changes to a device's pods within this window go out as one snapshot.
+    pub debounce_ms: u64,
+    /// Sustained pod status writes per second.
+    pub status_qps: f64,
+    /// Status writes allowed in a burst.
+    pub status_burst: u32,
+}
+
+impl Default for PodsConfig {
+    fn default() -> Self {
+        Self {
+            debounce_ms: 20,
+            status_qps: 50.0,
+            status_burst: 100,
+        }
+    }
+}
+
+/// kubelet API endpoint settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeletConfig {
+    /// Listen address of the HTTPS endpoint; none disables it.
+    pub listen: Option<SocketAddr>,
+    /// Address written into every Node's InternalIP (how the API server reaches the hub).
+    pub advertise_address: IpAddr,
+    /// Port written into every Node's daemonEndpoints; defaults to the listen port.
+    pub advertise_port: Option<u16>,
+    /// Serving certificate (PEM).
+    pub cert_file: Option<PathBuf>,
+    /// Serving key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA that signs client certificates (the cluster CA, which signs the API server's
+    /// kubelet client certificate).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl Default for KubeletConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            advertise_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_port: None,
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+        }
+    }
+}
+
+impl KubeletConfig {
+    /// The port Nodes advertise.
+    pub fn port(&self) -> u16 {
+        self.advertise_port
+            .or(self.listen.map(|l| l.port()))
+            .unwrap_or(10250)
+    }
+}
+
+/// Leader election settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderElectionConfig {
+    /// Off for a single replica.
+    pub enabled: bool,
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Name of the Lease.
+    pub name: String,
+    /// This replica's identity; defaults to hostname + pid.
+    pub identity: Option<String>,
+    /// How long a leader's claim lasts without renewal.
+    pub lease_duration_secs: u32,
+    /// How often the leader renews and a standby retries.
+    pub retry_secs: u64,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            namespace: "kube-system".to_string(),
+            name: "fleetlet-hub".to_string(),
+            identity: None,
+            lease_duration_secs: 15,
+            retry_secs: 2,
+        }
+    }
+}
+
+/// Flag overrides applied on top of the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--kubeconfig`.
+    pub kubeconfig: Option<PathBuf>,
+    /// `--ops-listen`.
+    pub ops_listen: Option<SocketAddr>,
+    /// `--inventory-file`.
+    pub inventory_file: Option<PathBuf>,
+    /// `--kubelet-listen`.
+    pub kubelet_listen: Option<SocketAddr>,
+    /// `--leader-elect`.
+    pub leader_elect: Option<bool>,
+    /// `--identity`.
+    pub identity: Option<String>,
+}
+
+impl HubConfig {
+    /// Reads the file (if any), applies flag overrides and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    source: Box::new(source),
+                })?
+            }
+            None => Self::default(),
+        };
+        cfg.apply(overrides);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no validation).
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.kubeconfig {
+            self.kubeconfig = Some(v.clone());
+        }
+        if let Some(v) = o.ops_listen {
+            self.ops.listen = v;
+        }
+        if let Some(v) = &o.inventory_file {
+            self.inventory.static_file = Some(v.clone());
+        }
+        if let Some(v) = o.kubelet_listen {
+            self.kubelet.listen = Some(v);
+        }
+        if let Some(v) = o.leader_elect {
+            self.leader_election.enabled = v;
+        }
+        if let Some(v) = &o.identity {
+            self.leader_election.identity = Some(v.clone());
+        }
+    }
+
+    /// Checks every value the hub relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            field: field.to_string(),
+            reason,
+        };
+        let n = &self.nodes;
+        if n.lease_duration_secs == 0 || n.lease_renew_secs == 0 {
+            return Err(invalid(
+                "nodes.lease_*",
+                "lease duration and renew interval must be positive".into(),
+            ));
+        }
+        if n.lease_renew_secs >= u64::from(n.lease_duration_secs) {
+            return Err(invalid(
+                "nodes.lease_renew_secs",
+                format!(
+                    "{} must be shorter than lease_duration_secs {}",
+                    n.lease_renew_secs, n.lease_duration_secs
+                ),
+            ));
+        }
+        if n.status_refresh_secs == 0 {
+            return Err(invalid(
+                "nodes.status_refresh_secs",
+                "must be positive".into(),
+            ));
+        }
+        if n.concurrency == 0 {
+            return Err(invalid("nodes.concurrency", "must be positive".into()));
+        }
+        for (k, v) in &n.default_capacity {
+            quantity::parse_milli(v)
+                .map_err(|e| invalid(&format!("nodes.default_capacity.{k}"), e.to_string()))?;
+        }
+        let p = &self.pods;
+        if !(p.status_qps.is_finite() && p.status_qps > 0.0) {
+            return Err(invalid(
+                "pods.status_qps",
+                format!("{} is not a positive rate", p.status_qps),
+            ));
+        }
+        if p.status_burst == 0 {
+            return Err(invalid("pods.status_burst", "must be positive".into()));
+        }
+        let k = &self.kubelet;
+        if k.listen.is_some() && (k.cert_file.is_none() || k.key_file.is_none()) {
+            return Err(invalid(
+                "kubelet",
+                "listen requires cert_file and key_file".into(),
+            ));
+        }
+        let l = &self.leader_election;
+        if l.enabled {
+            if l.lease_duration_secs == 0
+                || l.retry_secs == 0
+                || l.retry_secs >= u64::from(l.lease_duration_secs)
+            {
+                return Err(invalid(
+                    "leader_election",
+                    "retry_secs must be positive and shorter than lease_duration_secs".into(),
+                ));
+            }
+            if l.namespace.is_empty() || !is_valid_node_name(&l.name) {
+                return Err(invalid(
+                    "leader_election.name",
+                    format!("{:?} is not a valid Lease name", l.name),
+                ));
+            }
+        }
+        if self.inventory.static_file.is_none() {
+            return Err(invalid(
+                "inventory.static_file",
+                "an inventory source is required".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Debounce window as a duration.
+    pub fn debounce(&self) -> Duration {
+        Duration::from_millis(self.pods.debounce_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses_and_validates() {
+        let cfg = HubConfig::parse(
+            r#"
+            kubeconfig = "/etc/kube/config"
+            [ops]
+            listen = "127.0.0.1:9100"
+            [inventory]
+            static_file = "/etc/fleetlet/devices.toml"
+            [nodes]
+            disconnect_grace_secs = 5
+            default_capacity = { cpu = "2", memory = "2Gi", pods = "20" }
+            [pods]
+            status_qps = 20.0
+            [kubelet]
+            listen = "127.0.0.1:10250"
+            advertise_address = "127.0.0.1"
+            cert_file = "/pki/kubelet.crt"
+            key_file = "/pki/kubelet.key"
+            client_ca_file = "/pki/ca.crt"
+            [leader_election]
+            enabled = true
+            namespace = "fleetlet"
+            [link]
+            listen = "0.0.0.0:7443"
+            "#,
+        )
+        .expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.nodes.disconnect_grace_secs, 5);
+        assert_eq!(cfg.nodes.lease_duration_secs, 40);
+        assert_eq!(cfg.kubelet.port(), 10250);
+        assert!(cfg.link.is_some());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = HubConfig::parse("[nodes]\ndisconect_grace_secs = 5\n").expect_err("typo");
+        assert!(err.to_string().contains("disconect_grace_secs"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let mut cfg = HubConfig::default();
+        cfg.inventory.static_file = Some("/x".into());
+        cfg.validate().expect("defaults are valid");
+        cfg.nodes.lease_renew_secs = 40;
+        let err = cfg.validate().expect_err("renew >= duration").to_string();
+        assert!(err.contains("nodes.lease_renew_secs"), "{err}");
+        let mut cfg2 = HubConfig::default();
+        cfg2.inventory.static_file = Some("/x".into());
+        cfg2.nodes
+            .default_capacity
+            .insert("cpu".into(), "lots".into());
+        let err = cfg2.validate().expect_err("bad quantity").to_string();
+        assert!(err.contains("nodes.default_capacity.cpu"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.toml");
+        std::fs::write(
+            &path,
+            "[inventory]\nstatic_file = \"/a\"\n[ops]\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("write");
+        let o = Overrides {
+            ops_listen: Some("127.0.0.1:2".parse().expect("addr")),
+            inventory_file: Some("/b".into()),
+            ..Overrides::default()
+        };
+        let cfg = HubConfig::load(Some(&path), &o).expect("loads");
+        assert_eq!(cfg.ops.listen.port(), 2);
+        assert_eq!(cfg.inventory.static_file.as_deref(), Some(Path::new("/b")));
+        let missing =
+            HubConfig::load(Some(&dir.path().join("nope.toml")), &o).expect_err("missing");
+        assert!(matches!(missing, ConfigError::Read { .. }));
+    }
+}

@@ -1,0 +1,632 @@
+//! The hub's kubelet API: an HTTPS endpoint the API server calls for `kubectl logs` on fleetlet
+//! nodes. Callers are authenticated like a kubelet does it — a client certificate signed by the
+//! cluster CA, or a bearer token checked with a TokenReview — and authorized with a
+//! SubjectAccessReview on `nodes/proxy` of the pod's node. The log itself comes from the device
+//! over its stream.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fleetlet_proto::v1::LogRequest;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::PostParams;
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::CertificateDer;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KubeletConfig;
+use crate::metrics::Metrics;
+use crate::sessions::{DeviceSet, Sessions};
+
+/// Errors setting up the kubelet endpoint (configuration; not retryable).
+#[derive(Debug, Error)]
+pub enum KubeletApiError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("reading {what} from {path}: {reason}")]
+    Pem {
+        /// certificate, key or CA bundle.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the material.
+    #[error("building the kubelet endpoint's TLS configuration: {0}")]
+    Tls(String),
+    /// The listen address could not be bound.
+    #[error("binding the kubelet endpoint {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+fn read_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, KubeletApiError> {
+    let pem = |reason: String| KubeletApiError::Pem {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| pem(e.to_string()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem("no PEM certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// The TLS configuration: serving certificate, and client certificates from the cluster CA
+/// accepted but not required (bearer tokens are the other way in).
+pub fn tls_config(cfg: &KubeletConfig) -> Result<Arc<rustls::ServerConfig>, KubeletApiError> {
+    let (Some(cert_file), Some(key_file)) = (&cfg.cert_file, &cfg.key_file) else {
+        return Err(KubeletApiError::Tls(
+            "cert_file and key_file are required".into(),
+        ));
+    };
+    let certs = read_certs(cert_file, "certificate")?;
+    let key_data = std::fs::read(key_file).map_err(|e| KubeletApiError::Pem {
+        what: "private key",
+        path: key_file.clone(),
+        reason: e.to_string(),
+    })?;
+    let key = rustls_pemfile::private_key(&mut key_data.as_slice())
+        .map_err(|e| e.to_string())
+        .and_then(|k| k.ok_or_else(|| "no PEM private key in the file".to_string()))
+        .map_err(|reason| KubeletApiError::Pem {
+            what: "private key",
+            path: key_file.clone(),
+            reason,
+        })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| KubeletApiError::Tls(e.to_string()))?;
+    let builder = match &cfg.client_ca_file {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in read_certs(ca, "client CA bundle")? {
+                roots
+                    .add(c)
+                    .map_err(|e| KubeletApiError::Tls(e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| KubeletApiError::Tls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| KubeletApiError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A caller as authentication established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// User name.
+    pub user: String,
+    /// User uid (tokens only).
+    pub uid: Option<String>,
+    /// Groups.
+    pub groups: Vec<String>,
+    /// Extra attributes (tokens only).
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+/// User and groups from a verified client certificate: CN and O, as Kubernetes maps them.
+pub fn caller_from_cert(der: &[u8]) -> Option<Caller> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(str::to_string))
+        .collect();
+    Some(Caller {
+        user,
+        uid: None,
+        groups,
+        extra: BTreeMap::new(),
+    })
+}
+
+/// A `/containerLogs` request, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogsPath {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Container name.
+    pub container: String,
+}
+
+/// Parses `/containerLogs/{ns}/{pod}/{container}`.
+pub fn parse_logs_path(path: &str) -> Option<LogsPath> {
+    let rest = path.strip_prefix("/containerLogs/")?;
+    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    match parts.as_slice() {
+        [ns, pod, container] if !ns.is_empty() && !pod.is_empty() && !container.is_empty() => {
+            Some(LogsPath {
+                namespace: percent_decode(ns),
+                pod: percent_decode(pod),
+                container: percent_decode(container),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let escaped = (b == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b, escaped) {
+            (_, Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A query that cannot be served.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("invalid query parameter {name}={value:?}")]
+pub struct QueryError {
+    /// Parameter.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+/// Parses the kubelet's log query parameters into a [`LogRequest`] (without pod and container).
+pub fn parse_log_query(query: Option<&str>) -> Result<LogRequest, QueryError> {
+    let mut req = LogRequest::default();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        let bad = || QueryError {
+            name: k.to_string(),
+            value: v.clone(),
+        };
+        let boolean = |v: &str| match v {
+            "" | "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(bad()),
+        };
+        let number = |v: &str| v.parse::<i64>().map_err(|_| bad());
+        match k {
+            "follow" => req.follow = boolean(&v)?,
+            "timestamps" => req.timestamps = boolean(&v)?,
+            "previous" => req.previous = boolean(&v)?,
+            "tailLines" => req.tail_lines = Some(number(&v)?).filter(|n| *n >= 0),
+            "sinceSeconds" => req.since_seconds = Some(number(&v)?).filter(|n| *n > 0),
+            "limitBytes" => req.limit_bytes = Some(number(&v)?).filter(|n| *n > 0),
+            "sinceTime" => {
+                let t: k8s_openapi::jiff::Timestamp = v.parse().map_err(|_| bad())?;
+                req.since_unix = Some(t.as_second());
+            }
+            _ => {}
+        }
+    }
+    Ok(req)
+}
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(msg.into()))
+            .map_err(|e: Infallible| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Serves the kubelet API.
+pub struct KubeletApi {
+    client: kube::Client,
+    sessions: Arc<dyn Sessions>,
+    inventory: watch::Receiver<DeviceSet>,
+    metrics: Arc<Metrics>,
+}
+
+impl KubeletApi {
+    /// An endpoint resolving pods through `client` and logs through `sessions`.
+    pub fn new(
+        client: kube::Client,
+        sessions: Arc<dyn Sessions>,
+        inventory: watch::Receiver<DeviceSet>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            sessions,
+            inventory,
+            metrics,
+        }
+    }
+
+    /// Binds the listen address.
+    pub async fn bind(addr: SocketAddr) -> Result<TcpListener, KubeletApiError> {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| KubeletApiError::Bind { addr, source })
+    }
+
+    /// Accepts connections until `shutdown`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) {
+        let acceptor = TlsAcceptor::from(tls);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting on the kubelet endpoint");
+                        continue;
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "kubelet endpoint TLS handshake failed");
+                        return;
+                    }
+                };
+                let cert_caller = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| caller_from_cert(c.as_ref()));
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let this = this.clone();
+                    let cert_caller = cert_caller.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req, cert_caller).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::select! {
+                    r = conn => if let Err(error) = r {
+                        tracing::debug!(%peer, %error, "kubelet endpoint connection ended");
+                    },
+                    () = shutdown.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, cert_caller: Option<Caller>) -> Response<Body> {
+        if req.uri().path() == "/healthz" {
+            return text(StatusCode::OK, "ok");
+        }
+        let Some(path) = parse_logs_path(req.uri().path()) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("{} is not served by fleetlet-hub", req.uri().path()),
+            );
+        };
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+        }
+        let caller = match cert_caller {
+            Some(c) => c,
+            None => match bearer(&req) {
+                Some(token) => match self.token_review(token).await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
+                    Err(error) => {
+                        tracing::warn!(%error, "TokenReview failed");
+                        return text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "authentication unavailable",
+                        );
+                    }
+                },
+                None => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
+            },
+        };
+        let mut log_req = match parse_log_query(req.uri().query()) {
+            Ok(r) => r,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &path.namespace);
+        let pod = pods.get_opt(&path.pod).await;
+        self.metrics.api("get_pod", &pod);
+        let pod = match pod {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("pod {}/{} not found", path.namespace, path.pod),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading pod for logs");
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the pod");
+            }
+        };
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        match self.authorize(&caller, &node).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Forbidden (user={}, verb=get, resource=nodes, subresource=proxy)",
+                        caller.user
+                    ),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "SubjectAccessReview failed");
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "authorization unavailable",
+                );
+            }
+        }
+        if !self
+            .inventory
+            .borrow()
+            .get(&node)
+            .is_some_and(|d| d.enabled)
+        {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "pod {}/{} is not on a fleetlet device",
+                    path.namespace, path.pod
+                ),
+            );
+        }
+        let spec = pod.spec.as_ref();
+        let known = spec.is_some_and(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .any(|c| c.name == path.container)
+                || s.ephemeral_containers
+                    .iter()
+                    .flatten()
+                    .any(|c| c.name == path.container)
+        });
+        if !known {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "container {} is not valid for pod {}",
+                    path.container, path.pod
+                ),
+            );
+        }
+        log_req.pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+        log_req.container = path.container.clone();
+        tracing::debug!(pod = %path.pod, namespace = %path.namespace, container = %path.container, device = %node, user = %caller.user, follow = log_req.follow, "log request");
+        match self.sessions.open_logs(&node, log_req).await {
+            Ok(stream) => {
+                let body = StreamBody::new(
+                    stream.map(|chunk| chunk.map(Frame::data).map_err(std::io::Error::other)),
+                );
+                let mut r = Response::new(BodyExt::boxed_unsync(body));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                r
+            }
+            Err(e) if !self.sessions.is_connected(&node) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "device {node} is offline (not connected to fleetlet-hub); logs are unavailable until it reconnects: {e}"
+                ),
+            ),
+            Err(e) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("device {node} could not stream the log: {e}"),
+            ),
+        }
+    }
+
+    async fn token_review(&self, token: String) -> Result<Option<Caller>, kube::Error> {
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token,
+                audiences: None,
+            },
+            ..Default::default()
+        };
+        let r = api.create(&PostParams::default(), &review).await;
+        self.metrics.api("create_tokenreview", &r);
+        let status = r?.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Ok(None);
+        }
+        let user = status.user.unwrap_or_default();
+        Ok(Some(Caller {
+            user: user.username.unwrap_or_default(),
+            uid: user.uid,
+            groups: user.groups.unwrap_or_default(),
+            extra: user.extra.unwrap_or_default().into_iter().collect(),
+        }))
+    }
+
+    async fn authorize(&self, caller: &Caller, node: &str) -> Result<bool, kube::Error> {
+        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(caller.user.clone()),
+                uid: caller.uid.clone(),
+                groups: Some(caller.groups.clone()),
+                extra: (!caller.extra.is_empty())
+                    .then(|| caller.extra.clone().into_iter().collect()),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some("get".into()),
+                    resource: Some("nodes".into()),
+                    subresource: Some("proxy".into()),
+                    name: Some(node.to_string()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = api.create(&PostParams::default(), &review).await;
+        self.metrics.api("create_subjectaccessreview", &r);
+        Ok(r?.status.is_some_and(|s| s.allowed))
+    }
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<String> {
+    let v = req
+        .headers()
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let token = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))?
+        .trim();
+    (!token.is_empty()).then(|| token.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_paths_parse() {
+        assert_eq!(
+            parse_logs_path("/containerLogs/ns/web-1/app"),
+            Some(LogsPath {
+                namespace: "ns".into(),
+                pod: "web-1".into(),
+                container: "app".into()
+            })
+        );
+        assert_eq!(parse_logs_path("/containerLogs/ns/web-1"), None);
+        assert_eq!(parse_logs_path("/containerLogs/ns//app"), None);
+        assert_eq!(parse_logs_path("/exec/ns/p/c"), None);
+    }
+
+    #[test]
+    fn log_queries_parse_like_the_kubelet() {
+        let r = parse_log_query(Some(
+            "follow=true&tailLines=10&sinceSeconds=60&timestamps=true&previous=false&limitBytes=500",
+        ))
+        .expect("valid");
+        assert!(r.follow && r.timestamps && !r.previous);
+        assert_eq!(
+            (r.tail_lines, r.since_seconds, r.limit_bytes),
+            (Some(10), Some(60), Some(500))
+        );
+        let r = parse_log_query(Some("sinceTime=2026-01-02T03%3A04%3A05Z")).expect("valid");
+        assert_eq!(r.since_unix, Some(1_767_323_045));
+        assert_eq!(parse_log_query(None).expect("empty"), LogRequest::default());
+        let e = parse_log_query(Some("tailLines=ten")).expect_err("not a number");
+        assert_eq!(e.name, "tailLines");
+        assert!(parse_log_query(Some("follow=maybe")).is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%3Ab%2f"), "a:b/");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn client_certificates_map_to_user_and_groups() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kube-apiserver-kubelet-client");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:masters");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let caller = caller_from_cert(cert.der()).expect("caller");
+        assert_eq!(caller.user, "kube-apiserver-kubelet-client");
+        assert_eq!(caller.groups, ["system:masters"]);
+    }
+}

@@ -1,0 +1,678 @@
+//! NodeManager: one Node per enabled inventoried device, kept by server-side apply, with its
+//! lease, readiness from the device's stream, and removal once a departed device's pods are gone.
+
+pub mod lease;
+pub mod object;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodesConfig;
+use crate::devices::LiveSet;
+use crate::kubeutil::{is_not_found, time_string};
+use crate::labels::is_valid_node_name;
+use crate::metrics::Metrics;
+use crate::sessions::DeviceSet;
+use lease::LeaseKeeper;
+use object::{ConditionView, FIELD_MANAGER, MANAGED_LABEL, MANAGED_VALUE, StatusInput};
+
+/// Pods per node name, published by the pod relay once its cache is synced.
+pub type PodCounts = Option<Arc<BTreeMap<String, usize>>>;
+
+/// The readiness the hub reports for a node, and whether a disconnect was announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// "True" or "Unknown".
+    pub status: String,
+    /// Reason of the Ready condition.
+    pub reason: String,
+    /// Message of the Ready condition.
+    pub message: String,
+    /// RFC 3339 time of the last change.
+    pub since: String,
+    /// A DeviceDisconnected event went out and no DeviceReconnected yet.
+    pub announced_disconnect: bool,
+}
+
+/// A node event to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The device has been away longer than the grace.
+    Disconnected,
+    /// The device is back after a disconnect was announced.
+    Reconnected,
+}
+
+impl Readiness {
+    /// Readiness of a node the hub has not seen connected.
+    pub fn not_connected(now: &str) -> Self {
+        Self {
+            status: "Unknown".into(),
+            reason: "DeviceNotConnected".into(),
+            message: "the device has not connected to the hub yet".into(),
+            since: now.into(),
+            announced_disconnect: false,
+        }
+    }
+
+    /// Advances readiness: connected → True; away at least `grace` → Unknown/DeviceDisconnected.
+    /// Returns the event to publish, if any.
+    pub fn step(
+        &mut self,
+        connected: bool,
+        away_for: Duration,
+        grace: Duration,
+        now: &str,
+    ) -> Option<NodeEvent> {
+        if connected {
+            let event = self.announced_disconnect.then_some(NodeEvent::Reconnected);
+            if self.status != "True" {
+                *self = Self {
+                    status: "True".into(),
+                    reason: "DeviceConnected".into(),
+                    message: "the device's fleetlet agent is connected".into(),
+                    since: now.into(),
+                    announced_disconnect: false,
+                };
+            }
+            self.announced_disconnect = false;
+            return event;
+        }
+        if away_for < grace || self.reason == "DeviceDisconnected" {
+            return None;
+        }
+        let was_ready = self.status == "True";
+        if was_ready || self.reason != "DeviceNotConnected" {
+            *self = Self {
+                status: "Unknown".into(),
+                reason: "DeviceDisconnected".into(),
+                message: format!(
+                    "the device has been disconnected for more than {}s",
+                    grace.as_secs()
+                ),
+                since: now.into(),
+                announced_disconnect: was_ready || self.announced_disconnect,
+            };
+            return was_ready.then_some(NodeEvent::Disconnected);
+        }
+        None
+    }
+}
+
+/// Errors of the node manager (all retried on the next pass).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Listing the hub's Nodes failed.
+    #[error("listing fleetlet nodes: {0}")]
+    List(#[source] kube::Error),
+}
+
+/// Per-node memory of what was applied.
+struct NodeState {
+    uid: Option<String>,
+    applied_labels: Option<BTreeMap<String, String>>,
+    applied_status: Option<Value>,
+    status_applied_at: Option<Instant>,
+    ready: Readiness,
+    next_lease: Instant,
+    last_capacity: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
+    last_info: Option<fleetlet_proto::v1::NodeInfo>,
+    deleted: bool,
+}
+
+/// Keeps the Nodes of all devices.
+pub struct NodeManager {
+    nodes: Api<Node>,
+    leases: LeaseKeeper,
+    recorder: Recorder,
+    cfg: NodesConfig,
+    address: IpAddr,
+    port: u16,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    state: HashMap<String, NodeState>,
+    known: watch::Sender<Arc<BTreeSet<String>>>,
+}
+
+/// What one pass decided to do for one node.
+struct Plan {
+    name: String,
+    labels: Option<BTreeMap<String, String>>,
+    status: Option<Value>,
+    lease: bool,
+    event: Option<NodeEvent>,
+    delete: bool,
+    uid: Option<String>,
+}
+
+/// What came of a plan.
+struct Outcome {
+    name: String,
+    uid: Option<String>,
+    labels_applied: Option<BTreeMap<String, String>>,
+    status_applied: Option<Value>,
+    lease_renewed: bool,
+    deleted: bool,
+}
+
+impl NodeManager {
+    /// A manager writing through `client`.
+    pub fn new(
+        client: kube::Client,
+        cfg: NodesConfig,
+        address: IpAddr,
+        port: u16,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            nodes: Api::all(client.clone()),
+            leases: LeaseKeeper::new(client, cfg.lease_duration_secs),
+            recorder,
+            cfg,
+            address,
+            port,
+            metrics,
+            started: Instant::now(),
+            state: HashMap::new(),
+            known: watch::channel(Arc::new(BTreeSet::new())).0,
+        }
+    }
+
+    /// Names of every Node the manager keeps (including departed devices' nodes not yet
+    /// deleted), so the pod relay knows which nodes are fleetlet's.
+    pub fn known_nodes(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
+        self.known.subscribe()
+    }
+
+    fn publish_known(&self) {
+        let names: BTreeSet<String> = self.state.keys().cloned().collect();
+        self.known.send_if_modified(|cur| {
+            if **cur == names {
+                false
+            } else {
+                *cur = Arc::new(names);
+                true
+            }
+        });
+    }
+
+    /// Runs until `shutdown`: a pass on every change of inventory, live devices or pod counts,
+    /// and at least every second (grace timers, lease renewals).
+    pub async fn run(
+        mut self,
+        mut inventory: watch::Receiver<DeviceSet>,
+        mut live: watch::Receiver<LiveSet>,
+        mut pods: watch::Receiver<PodCounts>,
+        shutdown: CancellationToken,
+    ) {
+        let mut seeded = false;
+        let mut resync = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            if !seeded {
+                match self.seed().await {
+                    Ok(()) => seeded = true,
+                    Err(error) => tracing::warn!(%error, "seeding node state; retrying"),
+                }
+            }
+            if seeded {
+                let inv = inventory.borrow_and_update().clone();
+                let lv = live.borrow_and_update().clone();
+                let pc = pods.borrow_and_update().clone();
+                self.pass(&inv, &lv, pc.as_deref()).await;
+                self.publish_known();
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = inventory.changed() => {}
+                _ = live.changed() => {}
+                _ = pods.changed() => {}
+                _ = resync.tick() => { seeded = false; }
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Learns the Nodes this hub owns (after a restart: their readiness, capacity and uid).
+    async fn seed(&mut self) -> Result<(), NodeError> {
+        let lp = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGED_VALUE}"));
+        let listed = self.nodes.list(&lp).await;
+        self.metrics.api("list_nodes", &listed);
+        let listed = listed.map_err(NodeError::List)?;
+        let now = time_string(Timestamp::now());
+        for node in listed.items {
+            let Some(name) = node.metadata.name.clone() else {
+                continue;
+            };
+            let entry = self.state.entry(name.clone()).or_insert_with(|| NodeState {
+                uid: None,
+                applied_labels: None,
+                applied_status: None,
+                status_applied_at: None,
+                ready: Readiness::not_connected(&now),
+                next_lease: Instant::now(),
+                last_capacity: None,
+                last_info: None,
+                deleted: false,
+            });
+            entry.uid.clone_from(&node.metadata.uid);
+            entry.deleted = false;
+            let status = node.status.unwrap_or_default();
+            if entry.last_capacity.is_none()
+                && let (Some(c), Some(a)) = (&status.capacity, &status.allocatable)
+            {
+                let c = c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+                let a = a.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+                entry.last_capacity = Some((c, a));
+            }
+            if entry.last_info.is_none()
+                && let Some(i) = &status.node_info
+            {
+                entry.last_info = Some(fleetlet_proto::v1::NodeInfo {
+                    operating_system: i.operating_system.clone(),
+                    architecture: i.architecture.clone(),
+                    kernel_version: i.kernel_version.clone(),
+                    os_image: i.os_image.clone(),
+                    machine_id: i.machine_id.clone(),
+                    boot_id: i.boot_id.clone(),
+                    container_runtime_version: i.container_runtime_version.clone(),
+                    agent_version: String::new(),
+                });
+            }
+            if entry.applied_status.is_none()
+                && let Some(ready) = status
+                    .conditions
+                    .as_ref()
+                    .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            {
+                entry.ready = Readiness {
+                    status: ready.status.clone(),
+                    reason: ready.reason.clone().unwrap_or_default(),
+                    message: ready.message.clone().unwrap_or_default(),
+                    since: ready
+                        .last_transition_time
+                        .as_ref()
+                        .map(|t| time_string(t.0))
+                        .unwrap_or(now.clone()),
+                    announced_disconnect: ready.reason.as_deref() == Some("DeviceDisconnected"),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// One level-triggered pass over every device and every owned node.
+    async fn pass(
+        &mut self,
+        inventory: &DeviceSet,
+        live: &LiveSet,
+        pod_counts: Option<&BTreeMap<String, usize>>,
+    ) {
+        let now = Instant::now();
+        let wall = time_string(Timestamp::now());
+        let grace = Duration::from_secs(self.cfg.disconnect_grace_secs);
+        let refresh = Duration::from_secs(self.cfg.status_refresh_secs);
+        let mut plans = Vec::new();
+        let mut wanted = BTreeSet::new();
+        for dev in inventory.values().filter(|d| d.enabled) {
+            if !is_valid_node_name(&dev.name) {
+                tracing::warn!(device = %dev.name, "device name is not a valid Node name; no Node for it");
+                continue;
+            }
+            wanted.insert(dev.name.clone());
+            let ld = live.get(&dev.name);
+            let st = self
+                .state
+                .entry(dev.name.clone())
+                .or_insert_with(|| NodeState {
+                    uid: None,
+                    applied_labels: None,
+                    applied_status: None,
+                    status_applied_at: None,
+                    ready: Readiness::not_connected(&wall),
+                    next_lease: now,
+                    last_capacity: None,
+                    last_info: None,
+                    deleted: false,
+                });
+            st.deleted = false;
+            if let Some(info) = ld.and_then(|l| l.info.clone()) {
+                st.last_info = Some(info);
+            }
+            let connected = ld.is_some_and(|l| l.connected);
+            let away_for =
+                now.duration_since(ld.map_or(self.started, |l| l.since.max(self.started)));
+            let event = st.ready.step(connected, away_for, grace, &wall);
+
+            let labels = object::node_labels(dev, st.last_info.as_ref());
+            let labels_plan = (st.applied_labels.as_ref() != Some(&labels)).then_some(labels);
+
+            let (capacity, allocatable) = match ld.and_then(|l| l.capacity.as_ref()) {
+                Some(report) => object::resources(Some(report), &self.cfg.default_capacity),
+                None => st
+                    .last_capacity
+                    .clone()
+                    .unwrap_or_else(|| object::resources(None, &self.cfg.default_capacity)),
+            };
+            st.last_capacity = Some((capacity.clone(), allocatable.clone()));
+            let mut conditions = vec![ConditionView {
+                type_: "Ready".into(),
+                status: st.ready.status.clone(),
+                reason: st.ready.reason.clone(),
+                message: st.ready.message.clone(),
+                last_transition: st.ready.since.clone(),
+            }];
+            conditions.extend(object::pressure_conditions(
+                ld.and_then(|l| l.capacity.as_ref()),
+                &st.ready.since,
+            ));
+            // Compare without the heartbeat: only a change or the refresh interval writes.
+            let cmp = object::status_body(&StatusInput {
+                name: &dev.name,
+                capacity: &capacity,
+                allocatable: &allocatable,
+                info: st.last_info.as_ref(),
+                kubelet_version: &self.cfg.kubelet_version,
+                conditions: &conditions,
+                address: self.address,
+                port: self.port,
+                heartbeat: "",
+            });
+            let stale = st
+                .status_applied_at
+                .is_none_or(|t| now.duration_since(t) >= refresh);
+            let status_plan = (st.applied_status.as_ref() != Some(&cmp) || stale).then_some(cmp);
+            let lease = connected && now >= st.next_lease;
+            if labels_plan.is_some() || status_plan.is_some() || lease || event.is_some() {
+                plans.push(Plan {
+                    name: dev.name.clone(),
+                    labels: labels_plan,
+                    status: status_plan,
+                    lease,
+                    event,
+                    delete: false,
+                    uid: st.uid.clone(),
+                });
+            }
+        }
+        // Nodes of devices that left the inventory (or were disabled): delete once no pod is
+        // bound to them any more. Pods are only known once the relay has synced.
+        for (name, st) in &self.state {
+            if wanted.contains(name) || st.deleted {
+                continue;
+            }
+            let pods_left = pod_counts.map(|c| c.get(name).copied().unwrap_or(0));
+            if pods_left == Some(0) {
+                plans.push(Plan {
+                    name: name.clone(),
+                    labels: None,
+                    status: None,
+                    lease: false,
+                    event: None,
+                    delete: true,
+                    uid: st.uid.clone(),
+                });
+            }
+        }
+        if plans.is_empty() {
+            return;
+        }
+        let outcomes: Vec<Outcome> =
+            futures::stream::iter(plans.into_iter().map(|p| self.execute(p, &wall)))
+                .buffer_unordered(self.cfg.concurrency)
+                .collect()
+                .await;
+        let renew = Duration::from_secs(self.cfg.lease_renew_secs);
+        for o in outcomes {
+            let Some(st) = self.state.get_mut(&o.name) else {
+                continue;
+            };
+            if o.uid.is_some() {
+                st.uid = o.uid;
+            }
+            if let Some(l) = o.labels_applied {
+                st.applied_labels = Some(l);
+            }
+            if let Some(s) = o.status_applied {
+                st.applied_status = Some(s);
+                st.status_applied_at = Some(now);
+            }
+            if o.lease_renewed {
+                st.next_lease = now + renew;
+            }
+            if o.deleted {
+                st.deleted = true;
+            }
+        }
+        self.state.retain(|_, s| !s.deleted);
+        let count = self.state.len();
+        self.metrics
+            .nodes
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    async fn execute(&self, plan: Plan, heartbeat: &str) -> Outcome {
+        let mut out = Outcome {
+            name: plan.name.clone(),
+            uid: None,
+            labels_applied: None,
+            status_applied: None,
+            lease_renewed: false,
+            deleted: false,
+        };
+        let name = plan.name.as_str();
+        if plan.delete {
+            let r = self.nodes.delete(name, &DeleteParams::default()).await;
+            self.metrics.api("delete_node", &r);
+            match r {
+                Ok(_) => out.deleted = true,
+                Err(e) if is_not_found(&e) => out.deleted = true,
+                Err(error) => {
+                    tracing::warn!(node = name, %error, "deleting the node of a departed device")
+                }
+            }
+            if out.deleted {
+                tracing::info!(
+                    node = name,
+                    "device left the inventory and has no pods; node deleted"
+                );
+                let r = self.leases.remove(name).await;
+                self.metrics.api("delete_lease", &r);
+                if let Err(error) = r {
+                    tracing::warn!(node = name, %error, "deleting node lease");
+                }
+            }
+            return out;
+        }
+        let mut uid = plan.uid.clone();
+        if let Some(labels) = plan.labels {
+            match self.apply_node(name, &labels).await {
+                Ok(applied_uid) => {
+                    if uid.is_none() {
+                        tracing::info!(node = name, "node applied");
+                    }
+                    uid = applied_uid;
+                    out.uid.clone_from(&uid);
+                    out.labels_applied = Some(labels);
+                }
+                Err(error) => {
+                    tracing::warn!(node = name, %error, "applying node");
+                    return out;
+                }
+            }
+        }
+        if let Some(cmp) = plan.status {
+            let mut body = cmp.clone();
+            if let Some(conds) = body["status"]["conditions"].as_array_mut() {
+                for c in conds {
+                    c["lastHeartbeatTime"] = Value::String(heartbeat.to_string());
+                }
+            }
+            let r = self
+                .nodes
+                .patch_status(
+                    name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await;
+            self.metrics.api("apply_node_status", &r);
+            match r {
+                Ok(_) => out.status_applied = Some(cmp),
+                Err(error) => tracing::warn!(node = name, %error, "applying node status"),
+            }
+        }
+        if plan.lease {
+            let r = self.leases.renew(name, uid.as_deref()).await;
+            self.metrics.api("renew_lease", &r);
+            match r {
+                Ok(()) => out.lease_renewed = true,
+                Err(error) => tracing::warn!(node = name, %error, "renewing node lease"),
+            }
+        }
+        if let Some(ev) = plan.event {
+            let (reason, type_, note) = match ev {
+                NodeEvent::Disconnected => (
+                    "DeviceDisconnected",
+                    EventType::Warning,
+                    format!("device {name} disconnected from the hub longer than the grace period"),
+                ),
+                NodeEvent::Reconnected => (
+                    "DeviceReconnected",
+                    EventType::Normal,
+                    format!("device {name} reconnected to the hub"),
+                ),
+            };
+            tracing::info!(node = name, reason, "node event");
+            let reference = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(name.to_string()),
+                uid: uid.clone(),
+                ..Default::default()
+            };
+            let r = self
+                .recorder
+                .publish(
+                    &Event {
+                        type_,
+                        reason: reason.into(),
+                        note: Some(note),
+                        action: "NodeReadiness".into(),
+                        secondary: None,
+                    },
+                    &reference,
+                )
+                .await;
+            self.metrics.api("create_event", &r);
+            if let Err(error) = r {
+                tracing::warn!(node = name, %error, "publishing node event");
+            }
+        }
+        out
+    }
+
+    /// Applies labels and taints, keeping taints others set (the list is atomic). Returns the uid.
+    async fn apply_node(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<String>, kube::Error> {
+        let current = self.nodes.get_opt(name).await;
+        self.metrics.api("get_node", &current);
+        let others: Vec<Value> = current?
+            .and_then(|n| n.spec.and_then(|s| s.taints))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| serde_json::to_value(t).ok())
+            .collect();
+        let body = object::node_body(name, labels, &others);
+        let r = self
+            .nodes
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await;
+        self.metrics.api("apply_node", &r);
+        Ok(r?.metadata.uid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(20);
+
+    #[test]
+    fn a_new_device_turns_ready_on_connect_without_events() {
+        let mut r = Readiness::not_connected("t0");
+        assert_eq!(
+            r.step(false, Duration::from_secs(100), GRACE, "t1"),
+            None,
+            "never connected: quiet"
+        );
+        assert_eq!(r.status, "Unknown");
+        assert_eq!(r.step(true, Duration::ZERO, GRACE, "t2"), None);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str(), r.since.as_str()),
+            ("True", "DeviceConnected", "t2")
+        );
+    }
+
+    #[test]
+    fn disconnect_after_grace_then_reconnect_emit_events_once() {
+        let mut r = Readiness::not_connected("t0");
+        r.step(true, Duration::ZERO, GRACE, "t1");
+        assert_eq!(
+            r.step(false, Duration::from_secs(5), GRACE, "t2"),
+            None,
+            "within grace"
+        );
+        assert_eq!(r.status, "True");
+        assert_eq!(
+            r.step(false, GRACE, GRACE, "t3"),
+            Some(NodeEvent::Disconnected)
+        );
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str(), r.since.as_str()),
+            ("Unknown", "DeviceDisconnected", "t3")
+        );
+        assert_eq!(
+            r.step(false, GRACE * 2, GRACE, "t4"),
+            None,
+            "announced once"
+        );
+        assert_eq!(
+            r.step(true, Duration::ZERO, GRACE, "t5"),
+            Some(NodeEvent::Reconnected)
+        );
+        assert_eq!((r.status.as_str(), r.since.as_str()), ("True", "t5"));
+        assert_eq!(r.step(true, Duration::ZERO, GRACE, "t6"), None);
+        assert_eq!(r.since, "t5", "transition time stays while status stays");
+    }
+
+    #[test]
+    fn a_short_blip_changes_nothing() {
+        let mut r = Readiness::not_connected("t0");
+        r.step(true, Duration::ZERO, GRACE, "t1");
+        assert_eq!(r.step(false, Duration::from_secs(3), GRACE, "t2"), None);
+        assert_eq!(r.step(true, Duration::ZERO, GRACE, "t3"), None);
+        assert_eq!(r.since, "t1");
+    }
+}

@@ -1,0 +1,242 @@
+//! PodBundles: what a device gets for one pod — the Pod JSON without server bookkeeping, plus the
+//! data of every ConfigMap and Secret the pod references, so the device never asks the API.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fleetlet_proto::v1::{ConfigMapData, PodBundle, SecretData};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+use serde_json::Value;
+
+/// Names of the ConfigMaps and Secrets a pod references (in its own namespace).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct References {
+    /// ConfigMap names.
+    pub config_maps: BTreeSet<String>,
+    /// Secret names.
+    pub secrets: BTreeSet<String>,
+}
+
+/// Every ConfigMap and Secret referenced by volumes (including projected ones), env and envFrom
+/// of all containers, init containers and ephemeral containers.
+pub fn references(pod: &Pod) -> References {
+    let mut r = References::default();
+    let Some(spec) = &pod.spec else { return r };
+    for v in spec.volumes.iter().flatten() {
+        if let Some(name) = v.config_map.as_ref().map(|c| c.name.clone()) {
+            r.config_maps.insert(name);
+        }
+        if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) {
+            r.secrets.insert(name);
+        }
+        for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &src.config_map {
+                r.config_maps.insert(c.name.clone());
+            }
+            if let Some(s) = &src.secret {
+                r.secrets.insert(s.name.clone());
+            }
+        }
+    }
+    let mut add_container = |c: &Container| {
+        for e in c.env.iter().flatten() {
+            if let Some(from) = &e.value_from {
+                if let Some(k) = &from.config_map_key_ref {
+                    r.config_maps.insert(k.name.clone());
+                }
+                if let Some(k) = &from.secret_key_ref {
+                    r.secrets.insert(k.name.clone());
+                }
+            }
+        }
+        for f in c.env_from.iter().flatten() {
+            if let Some(c) = &f.config_map_ref {
+                r.config_maps.insert(c.name.clone());
+            }
+            if let Some(s) = &f.secret_ref {
+                r.secrets.insert(s.name.clone());
+            }
+        }
+    };
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        add_container(c);
+    }
+    r.config_maps.retain(|n| !n.is_empty());
+    r.secrets.retain(|n| !n.is_empty());
+    r
+}
+
+/// The pod as the device gets it: no managedFields, resourceVersion or status, so that the
+/// hub's own status writes do not produce a new snapshot.
+pub fn pod_json(pod: &Pod) -> Vec<u8> {
+    let mut v = match serde_json::to_value(pod) {
+        Ok(v) => v,
+        Err(_) => return Vec::new(),
+    };
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("status");
+        obj.insert("apiVersion".into(), Value::String("v1".into()));
+        obj.insert("kind".into(), Value::String("Pod".into()));
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("managedFields");
+            meta.remove("resourceVersion");
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// Builds a pod's bundle from the cached ConfigMaps and Secrets of its namespace. A referenced
+/// object that does not exist is left out; the device reports the pod as the kubelet would
+/// (CreateContainerConfigError) unless the reference is optional.
+pub fn build(
+    pod: &Pod,
+    config_maps: &BTreeMap<(String, String), ConfigMap>,
+    secrets: &BTreeMap<(String, String), Secret>,
+) -> PodBundle {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let refs = references(pod);
+    let config_maps = refs
+        .config_maps
+        .iter()
+        .filter_map(|name| config_maps.get(&(ns.clone(), name.clone())))
+        .map(|cm| ConfigMapData {
+            name: cm.metadata.name.clone().unwrap_or_default(),
+            data: cm.data.clone().unwrap_or_default().into_iter().collect(),
+            binary_data: cm
+                .binary_data
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, bytes::Bytes::from(v.0)))
+                .collect(),
+        })
+        .collect();
+    let secrets = refs
+        .secrets
+        .iter()
+        .filter_map(|name| secrets.get(&(ns.clone(), name.clone())))
+        .map(|s| {
+            let mut data: std::collections::HashMap<String, bytes::Bytes> = s
+                .data
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, bytes::Bytes::from(v.0)))
+                .collect();
+            // stringData is write-only in the API, but a cached object may still carry it.
+            for (k, v) in s.string_data.clone().unwrap_or_default() {
+                data.entry(k)
+                    .or_insert_with(|| bytes::Bytes::from(v.into_bytes()));
+            }
+            SecretData {
+                name: s.metadata.name.clone().unwrap_or_default(),
+                data,
+            }
+        })
+        .collect();
+    PodBundle {
+        pod_json: pod_json(pod).into(),
+        config_maps,
+        secrets,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn pod() -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "p", "namespace": "ns", "uid": "u1", "resourceVersion": "42",
+                "managedFields": [{"manager": "kubectl"}]
+            },
+            "spec": {
+                "nodeName": "dev-1",
+                "volumes": [
+                    {"name": "a", "configMap": {"name": "cm-vol"}},
+                    {"name": "b", "secret": {"secretName": "sec-vol"}},
+                    {"name": "c", "projected": {"sources": [{"configMap": {"name": "cm-proj"}}, {"secret": {"name": "sec-proj"}}]}},
+                    {"name": "d", "emptyDir": {}}
+                ],
+                "initContainers": [{"name": "i", "image": "x", "envFrom": [{"secretRef": {"name": "sec-init"}}]}],
+                "containers": [{
+                    "name": "c", "image": "x",
+                    "env": [
+                        {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cm-env", "key": "k"}}},
+                        {"name": "B", "valueFrom": {"secretKeyRef": {"name": "sec-env", "key": "k"}}},
+                        {"name": "C", "value": "plain"}
+                    ],
+                    "envFrom": [{"configMapRef": {"name": "cm-from"}}]
+                }]
+            },
+            "status": {"phase": "Running"}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn references_cover_volumes_env_and_env_from() {
+        let r = references(&pod());
+        let cms: Vec<_> = r.config_maps.iter().map(String::as_str).collect();
+        let secs: Vec<_> = r.secrets.iter().map(String::as_str).collect();
+        assert_eq!(cms, ["cm-env", "cm-from", "cm-proj", "cm-vol"]);
+        assert_eq!(secs, ["sec-env", "sec-init", "sec-proj", "sec-vol"]);
+    }
+
+    #[test]
+    fn pod_json_drops_server_bookkeeping() {
+        let v: Value = serde_json::from_slice(&pod_json(&pod())).expect("json");
+        assert!(v.get("status").is_none());
+        assert!(v["metadata"].get("managedFields").is_none());
+        assert!(v["metadata"].get("resourceVersion").is_none());
+        assert_eq!(v["metadata"]["uid"], "u1");
+        assert_eq!(v["kind"], "Pod");
+        assert_eq!(v["spec"]["nodeName"], "dev-1");
+    }
+
+    #[test]
+    fn bundle_carries_data_of_existing_references_in_the_pods_namespace() {
+        let mut cms = BTreeMap::new();
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cm-vol", "namespace": "ns"}, "data": {"k": "v"}
+        }))
+        .expect("cm");
+        cms.insert(("ns".to_string(), "cm-vol".to_string()), cm.clone());
+        let mut other = cm;
+        other.metadata.namespace = Some("other".into());
+        other.metadata.name = Some("cm-env".into());
+        cms.insert(("other".to_string(), "cm-env".to_string()), other);
+        let mut secs = BTreeMap::new();
+        secs.insert(
+            ("ns".to_string(), "sec-env".to_string()),
+            Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("sec-env".into()),
+                    ..Default::default()
+                },
+                data: Some(
+                    [("k".to_string(), ByteString(b"s3cr3t".to_vec()))]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+        );
+        let b = build(&pod(), &cms, &secs);
+        assert_eq!(b.config_maps.len(), 1, "cm-env lives in another namespace");
+        assert_eq!(
+            b.config_maps[0].data.get("k").map(String::as_str),
+            Some("v")
+        );
+        assert_eq!(b.secrets.len(), 1);
+        assert_eq!(
+            b.secrets[0].data.get("k").map(|b| b.as_ref()),
+            Some(&b"s3cr3t"[..])
+        );
+    }
+}

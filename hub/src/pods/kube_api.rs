@@ -1,0 +1,87 @@
+//! The relay's [`PodApi`] against the real API server.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource};
+
+use super::PodApi;
+use crate::kubeutil::is_not_found;
+use crate::metrics::Metrics;
+
+/// Deletes pods and publishes pod events through a kube client.
+pub struct KubePodApi {
+    client: kube::Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+}
+
+impl KubePodApi {
+    /// A pod API writing through `client`.
+    pub fn new(client: kube::Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            recorder,
+            metrics,
+        }
+    }
+}
+
+impl PodApi for KubePodApi {
+    fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let name = name.to_string();
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let r = api.delete(&name, &dp).await;
+            metrics.api("delete_pod", &r);
+            match r {
+                Ok(_) => Ok(()),
+                // Gone already, or replaced by a pod with another uid (409): nothing to finish.
+                Err(e) if is_not_found(&e) || crate::kubeutil::status_code(&e) == Some(409) => {
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn pod_event(
+        &self,
+        pod: &Pod,
+        reason: &str,
+        message: &str,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let recorder = self.recorder.clone();
+        let reference = pod.object_ref(&());
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_string(),
+            note: Some(message.to_string()),
+            action: "Admit".into(),
+            secondary: None,
+        };
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let r = recorder.publish(&event, &reference).await;
+            metrics.api("create_event", &r);
+            r.map_err(|e| e.to_string())
+        })
+    }
+}

@@ -1,0 +1,870 @@
+//! PodRelay: the one cluster-wide watch of bound pods (plus the ConfigMaps and Secrets they
+//! reference) turned into per-device desired snapshots; pod status from devices back into the
+//! API; admission and kubelet-style deletion.
+//!
+//! The relay is a single task owning all of its state (no locks): watch events, session events,
+//! inventory changes and timers arrive on channels and are folded in one at a time. Snapshots
+//! are computed level-triggered per dirty device after a short debounce and only handed to the
+//! link when their content changed.
+
+pub mod admission;
+pub mod bundle;
+pub mod kube_api;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::runtime::watcher;
+use prost::Message;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::devices::LiveSet;
+use crate::metrics::{Metrics, PhaseLabels};
+use crate::nodes::PodCounts;
+use crate::sessions::{DeviceSet, SessionEvent, Sessions};
+use admission::Requests;
+use status::StatusUpdate;
+
+/// Field selector of the one pod watch: every pod bound to some node. Field selectors cannot
+/// say "one of these nodes", and fleetlet nodes carry no label a pod could be selected by, so
+/// the relay filters by node membership itself.
+pub const BOUND_PODS_SELECTOR: &str = "spec.nodeName!=";
+
+/// Side effects of the relay on the API beyond status writes; behind a trait for unit tests.
+pub trait PodApi: Send + Sync + 'static {
+    /// Deletes the pod with grace 0 and a UID precondition.
+    fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> BoxFuture<'static, Result<(), String>>;
+    /// Publishes a Warning event about the pod.
+    fn pod_event(
+        &self,
+        pod: &Pod,
+        reason: &str,
+        message: &str,
+    ) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// Everything that flows into the relay. Pod events are large, but each is moved once from the
+/// watch to the relay; boxing would only add an allocation per event.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Input {
+    /// A pod watch event.
+    Pod(watcher::Event<Pod>),
+    /// A ConfigMap watch event.
+    ConfigMap(watcher::Event<ConfigMap>),
+    /// A Secret watch event.
+    Secret(watcher::Event<Secret>),
+    /// Something from a device stream.
+    Session(SessionEvent),
+    /// A deletion started by the relay finished.
+    DeleteDone {
+        /// Pod UID.
+        uid: String,
+        /// Whether the pod is gone.
+        ok: bool,
+    },
+}
+
+/// A cache fed by a watcher, rebuilt atomically on every re-list.
+struct Cache<K> {
+    items: BTreeMap<(String, String), K>,
+    relist: Option<BTreeMap<(String, String), K>>,
+    synced: bool,
+}
+
+impl<K: kube::Resource> Cache<K> {
+    fn new() -> Self {
+        Self {
+            items: BTreeMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+    fn key(o: &K) -> (String, String) {
+        (
+            o.meta().namespace.clone().unwrap_or_default(),
+            o.meta().name.clone().unwrap_or_default(),
+        )
+    }
+    /// Folds an event; returns the keys whose object changed (all keys on a re-list).
+    fn apply(&mut self, ev: watcher::Event<K>) -> Vec<(String, String)> {
+        match ev {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(o) => {
+                if let Some(r) = self.relist.as_mut() {
+                    r.insert(Self::key(&o), o);
+                }
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                if let Some(r) = self.relist.take() {
+                    let mut changed: BTreeSet<_> = self.items.keys().cloned().collect();
+                    changed.extend(r.keys().cloned());
+                    self.items = r;
+                    self.synced = true;
+                    changed.into_iter().collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            watcher::Event::Apply(o) => {
+                let k = Self::key(&o);
+                self.items.insert(k.clone(), o);
+                vec![k]
+            }
+            watcher::Event::Delete(o) => {
+                let k = Self::key(&o);
+                self.items.remove(&k);
+                vec![k]
+            }
+        }
+    }
+}
+
+/// Tunables of the relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Changes within this window go out as one snapshot.
+    pub debounce: Duration,
+    /// Allocatable assumed before a device reports one.
+    pub default_allocatable: BTreeMap<String, String>,
+}
+
+/// The relay task.
+pub struct PodRelay {
+    sessions: Arc<dyn Sessions>,
+    api: Arc<dyn PodApi>,
+    status_tx: mpsc::Sender<StatusUpdate>,
+    metrics: Arc<Metrics>,
+    cfg: RelayConfig,
+    inputs: mpsc::Receiver<Input>,
+    inventory: watch::Receiver<DeviceSet>,
+    live: watch::Receiver<LiveSet>,
+    known_nodes: watch::Receiver<Arc<BTreeSet<String>>>,
+    counts: watch::Sender<PodCounts>,
+    pods: Cache<Pod>,
+    config_maps: Cache<ConfigMap>,
+    secrets: Cache<Secret>,
+    admitted: HashMap<String, Requests>,
+    rejected: HashSet<String>,
+    /// Latest known device-side state per device: uid → removed.
+    reported: HashMap<String, HashMap<String, bool>>,
+    /// Generation a device held when its latest full report arrived.
+    full_report_gen: HashMap<String, u64>,
+    acked: HashMap<String, u64>,
+    confirmed_removed: HashSet<String>,
+    /// Generation of the first snapshot that left a terminating pod out.
+    excluded_in: HashMap<String, u64>,
+    started_observed: HashSet<String>,
+    last_sent: HashMap<String, u64>,
+    sent_at: HashMap<String, Vec<(u64, Instant)>>,
+    pending_admission: BTreeSet<String>,
+    dirty: BTreeSet<String>,
+    all_dirty: bool,
+    flush_at: Option<Instant>,
+    deleting: HashSet<String>,
+    done_tx: mpsc::Sender<Input>,
+    counts_stale: bool,
+}
+
+/// The handles `run` wires: where watch and session events go.
+pub struct RelayHandles {
+    /// Send watch and session events here.
+    pub inputs: mpsc::Sender<Input>,
+    /// Pods per fleetlet node, for the node manager.
+    pub counts: watch::Receiver<PodCounts>,
+}
+
+impl PodRelay {
+    /// Builds the relay.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        sessions: Arc<dyn Sessions>,
+        api: Arc<dyn PodApi>,
+        status_tx: mpsc::Sender<StatusUpdate>,
+        metrics: Arc<Metrics>,
+        cfg: RelayConfig,
+        inventory: watch::Receiver<DeviceSet>,
+        live: watch::Receiver<LiveSet>,
+        known_nodes: watch::Receiver<Arc<BTreeSet<String>>>,
+    ) -> (Self, RelayHandles) {
+        let (tx, rx) = mpsc::channel(4096);
+        let (counts_tx, counts_rx) = watch::channel(None);
+        (
+            Self {
+                sessions,
+                api,
+                status_tx,
+                metrics,
+                cfg,
+                inputs: rx,
+                inventory,
+                live,
+                known_nodes,
+                counts: counts_tx,
+                pods: Cache::new(),
+                config_maps: Cache::new(),
+                secrets: Cache::new(),
+                admitted: HashMap::new(),
+                rejected: HashSet::new(),
+                reported: HashMap::new(),
+                full_report_gen: HashMap::new(),
+                acked: HashMap::new(),
+                confirmed_removed: HashSet::new(),
+                excluded_in: HashMap::new(),
+                started_observed: HashSet::new(),
+                last_sent: HashMap::new(),
+                sent_at: HashMap::new(),
+                pending_admission: BTreeSet::new(),
+                dirty: BTreeSet::new(),
+                all_dirty: true,
+                flush_at: None,
+                deleting: HashSet::new(),
+                done_tx: tx.clone(),
+                counts_stale: true,
+            },
+            RelayHandles {
+                inputs: tx,
+                counts: counts_rx,
+            },
+        )
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let flush_at = self.flush_at;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                input = self.inputs.recv() => match input {
+                    Some(i) => self.handle(i),
+                    None => return,
+                },
+                r = self.inventory.changed() => {
+                    if r.is_err() { return; }
+                    self.all_dirty = true;
+                    self.counts_stale = true;
+                    self.schedule();
+                }
+                r = self.live.changed() => {
+                    if r.is_err() { return; }
+                    // Allocatable may have grown: retry pods waiting for admission.
+                    let pending: Vec<String> = self.pending_admission.iter().cloned().collect();
+                    for d in pending { self.mark(&d); }
+                }
+                r = self.known_nodes.changed() => {
+                    if r.is_err() { return; }
+                    self.counts_stale = true;
+                }
+                () = sleep_until_opt(flush_at) => self.flush(),
+                _ = tick.tick() => self.periodic(),
+            }
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.pods.synced && self.config_maps.synced && self.secrets.synced
+    }
+
+    /// True when `node` is a fleetlet node (in the inventory or still kept by the node manager).
+    fn is_ours(&self, node: &str) -> bool {
+        self.inventory.borrow().contains_key(node) || self.known_nodes.borrow().contains(node)
+    }
+
+    fn device_enabled(&self, node: &str) -> bool {
+        self.inventory.borrow().get(node).is_some_and(|d| d.enabled)
+    }
+
+    fn mark(&mut self, device: &str) {
+        self.dirty.insert(device.to_string());
+        self.schedule();
+    }
+
+    fn schedule(&mut self) {
+        if self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + self.cfg.debounce);
+        }
+    }
+
+    /// Folds one input into the state.
+    pub fn handle(&mut self, input: Input) {
+        match input {
+            Input::Pod(ev) => {
+                let relisted = matches!(ev, watcher::Event::InitDone);
+                let (uid, deleted, old_node) = match &ev {
+                    watcher::Event::Apply(p) | watcher::Event::Delete(p) => (
+                        p.metadata.uid.clone(),
+                        matches!(ev, watcher::Event::Delete(_)),
+                        self.pods.items.get(&Cache::<Pod>::key(p)).and_then(node_of),
+                    ),
+                    _ => (None, false, None),
+                };
+                let changed = self.pods.apply(ev);
+                if changed.is_empty() {
+                    return;
+                }
+                self.counts_stale = true;
+                if relisted {
+                    // The cache was replaced: drop memory of pods that are gone, recompute all.
+                    let live: HashSet<String> = self
+                        .pods
+                        .items
+                        .values()
+                        .filter_map(|p| p.metadata.uid.clone())
+                        .collect();
+                    self.admitted.retain(|u, _| live.contains(u));
+                    self.rejected.retain(|u| live.contains(u));
+                    self.confirmed_removed.retain(|u| live.contains(u));
+                    self.excluded_in.retain(|u, _| live.contains(u));
+                    self.started_observed.retain(|u| live.contains(u));
+                    self.all_dirty = true;
+                    self.schedule();
+                    self.check_all_deletions();
+                    return;
+                }
+                if let Some(n) = old_node {
+                    self.mark(&n);
+                }
+                for k in &changed {
+                    if let Some(n) = self.pods.items.get(k).and_then(node_of) {
+                        self.mark(&n);
+                    }
+                }
+                if let Some(uid) = uid {
+                    if deleted {
+                        self.forget(&uid);
+                    } else {
+                        self.check_deletion(&uid);
+                    }
+                }
+            }
+            Input::ConfigMap(ev) => {
+                let changed = self.config_maps.apply(ev);
+                self.mark_referencing(&changed, true);
+            }
+            Input::Secret(ev) => {
+                let changed = self.secrets.apply(ev);
+                self.mark_referencing(&changed, false);
+            }
+            Input::Session(ev) => self.session(ev),
+            Input::DeleteDone { uid, ok } => {
+                self.deleting.remove(&uid);
+                if !ok {
+                    tracing::debug!(uid, "pod deletion failed; retried on the next pass");
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, uid: &str) {
+        self.admitted.remove(uid);
+        self.rejected.remove(uid);
+        self.confirmed_removed.remove(uid);
+        self.excluded_in.remove(uid);
+        self.started_observed.remove(uid);
+    }
+
+    fn mark_referencing(&mut self, changed: &[(String, String)], config_map: bool) {
+        if changed.is_empty() || !self.synced() {
+            if !changed.is_empty() {
+                self.all_dirty = true;
+            }
+            return;
+        }
+        let changed: HashSet<&(String, String)> = changed.iter().collect();
+        let mut devices = BTreeSet::new();
+        for pod in self.pods.items.values() {
+            let Some(node) = node_of(pod) else { continue };
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let refs = bundle::references(pod);
+            let names = if config_map {
+                &refs.config_maps
+            } else {
+                &refs.secrets
+            };
+            if names
+                .iter()
+                .any(|n| changed.contains(&(ns.clone(), n.clone())))
+            {
+                devices.insert(node);
+            }
+        }
+        for d in devices {
+            self.mark(&d);
+        }
+    }
+
+    fn pod_by_uid(&self, uid: &str) -> Option<&Pod> {
+        self.pods
+            .items
+            .values()
+            .find(|p| p.metadata.uid.as_deref() == Some(uid))
+    }
+
+    fn session(&mut self, ev: SessionEvent) {
+        match ev {
+            SessionEvent::PodStatus { device, report } => {
+                if report.full {
+                    let held = self.acked.get(&device).copied().unwrap_or(0);
+                    self.full_report_gen.insert(device.clone(), held);
+                    self.reported.insert(device.clone(), HashMap::new());
+                }
+                // One pass over the cache to find the pods of this report by uid.
+                let uids: HashSet<&str> = report.pods.iter().map(|e| e.uid.as_str()).collect();
+                let by_uid: HashMap<String, (String, String, Option<String>, Option<String>)> =
+                    self.pods
+                        .items
+                        .values()
+                        .filter_map(|p| {
+                            let uid = p.metadata.uid.as_deref()?;
+                            uids.contains(uid).then(|| {
+                                (
+                                    uid.to_string(),
+                                    (
+                                        p.metadata.namespace.clone().unwrap_or_default(),
+                                        p.metadata.name.clone().unwrap_or_default(),
+                                        node_of(p),
+                                        scheduled_at(p),
+                                    ),
+                                )
+                            })
+                        })
+                        .collect();
+                let reported = self.reported.entry(device.clone()).or_default();
+                let mut check = Vec::new();
+                for entry in report.pods {
+                    reported.insert(entry.uid.clone(), entry.removed);
+                    if entry.removed {
+                        self.confirmed_removed.insert(entry.uid.clone());
+                        check.push(entry.uid);
+                        continue;
+                    }
+                    let Some((namespace, name, node, scheduled)) = by_uid.get(&entry.uid) else {
+                        continue;
+                    };
+                    if node.as_deref() != Some(device.as_str())
+                        || self.rejected.contains(&entry.uid)
+                    {
+                        tracing::warn!(%device, uid = %entry.uid, "status for a pod not bound to this device; ignored");
+                        continue;
+                    }
+                    let status: Value = match serde_json::from_slice(&entry.status_json) {
+                        Ok(v @ Value::Object(_)) => v,
+                        _ => {
+                            tracing::warn!(%device, pod = %name, %namespace, "device sent a pod status that is not a JSON object; ignored");
+                            continue;
+                        }
+                    };
+                    if status.get("phase").and_then(Value::as_str) == Some("Running")
+                        && self.started_observed.insert(entry.uid.clone())
+                        && let Some(t) = scheduled
+                            .as_deref()
+                            .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                    {
+                        let secs = k8s_openapi::jiff::Timestamp::now()
+                            .duration_since(t)
+                            .as_secs_f64();
+                        self.metrics.pod_start_seconds.observe(secs.max(0.0));
+                    }
+                    let update = StatusUpdate {
+                        uid: entry.uid.clone(),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        status,
+                    };
+                    if let Err(e) = self.status_tx.try_send(update) {
+                        tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; status dropped until the next report");
+                    }
+                }
+                for uid in check {
+                    self.check_deletion(&uid);
+                }
+                if report.full {
+                    // Pods the device no longer lists may now be done.
+                    self.check_all_deletions();
+                }
+            }
+            SessionEvent::Acked {
+                device,
+                generation,
+                error,
+            } => {
+                if let Some(e) = error {
+                    tracing::warn!(%device, generation, error = %e, "device refused snapshot");
+                    return;
+                }
+                self.acked.insert(device.clone(), generation);
+                if let Some(list) = self.sent_at.get_mut(&device) {
+                    if let Some((_, at)) = list.iter().find(|(g, _)| *g == generation) {
+                        self.metrics
+                            .relay_seconds
+                            .observe(at.elapsed().as_secs_f64());
+                    }
+                    list.retain(|(g, _)| *g > generation);
+                }
+            }
+            SessionEvent::Connected { .. }
+            | SessionEvent::Disconnected { .. }
+            | SessionEvent::Capacity { .. } => {}
+        }
+    }
+
+    fn check_all_deletions(&mut self) {
+        let uids: Vec<String> = self
+            .pods
+            .items
+            .values()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        for uid in uids {
+            self.check_deletion(&uid);
+        }
+    }
+
+    /// Finishes the deletion of a terminating pod once its device confirms it is gone (or
+    /// never had it, or is no longer a device of this hub): grace 0 with a UID precondition.
+    fn check_deletion(&mut self, uid: &str) {
+        if !self.pods.synced || self.deleting.contains(uid) {
+            return;
+        }
+        let Some(pod) = self.pod_by_uid(uid) else {
+            return;
+        };
+        if pod.metadata.deletion_timestamp.is_none() {
+            return;
+        }
+        let Some(node) = node_of(pod) else { return };
+        if !self.is_ours(&node) {
+            return;
+        }
+        let reported = self.reported.get(&node).and_then(|m| m.get(uid)).copied();
+        let full_gen = self.full_report_gen.get(&node).copied();
+        let excluded = self.excluded_in.get(uid).copied();
+        let ran = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| !c.is_empty());
+        let reason = if !self.device_enabled(&node) {
+            Some("device no longer in the inventory")
+        } else if self.confirmed_removed.contains(uid) {
+            Some("device confirmed removal")
+        } else if reported.is_none() && matches!((full_gen, excluded), (Some(f), Some(e)) if f >= e)
+        {
+            Some("device holds a snapshot without the pod and does not list it")
+        } else if reported.is_none() && !ran {
+            Some("device never reported the pod")
+        } else {
+            None
+        };
+        let Some(reason) = reason else { return };
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        tracing::info!(pod = %name, namespace = %ns, device = %node, reason, "finishing pod deletion");
+        self.deleting.insert(uid.to_string());
+        let fut = self.api.delete_pod(&ns, &name, uid);
+        let done = self.done_tx.clone();
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            let ok = match fut.await {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(pod = %name, namespace = %ns, %error, "deleting pod");
+                    false
+                }
+            };
+            let _ = done.send(Input::DeleteDone { uid, ok }).await;
+        });
+    }
+
+    fn periodic(&mut self) {
+        self.check_all_deletions();
+        if self.counts_stale && self.pods.synced {
+            self.counts_stale = false;
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            let mut phases: BTreeMap<&'static str, i64> =
+                ["Pending", "Running", "Succeeded", "Failed", "Unknown"]
+                    .into_iter()
+                    .map(|p| (p, 0))
+                    .collect();
+            for pod in self.pods.items.values() {
+                let Some(node) = node_of(pod) else { continue };
+                if !self.is_ours(&node) {
+                    continue;
+                }
+                let phase = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .unwrap_or("Pending");
+                let key = match phase {
+                    "Running" => "Running",
+                    "Succeeded" => "Succeeded",
+                    "Failed" => "Failed",
+                    "Unknown" => "Unknown",
+                    _ => "Pending",
+                };
+                *phases.entry(key).or_default() += 1;
+                if !matches!(key, "Succeeded" | "Failed") {
+                    *counts.entry(node).or_default() += 1;
+                }
+            }
+            for (phase, n) in phases {
+                self.metrics
+                    .pods
+                    .get_or_create(&PhaseLabels {
+                        phase: phase.to_string(),
+                    })
+                    .set(n);
+            }
+            self.counts.send_replace(Some(Arc::new(counts)));
+        }
+    }
+
+    /// Computes and hands out the snapshots of every dirty device.
+    fn flush(&mut self) {
+        self.flush_at = None;
+        if !self.synced() {
+            return;
+        }
+        let inventory = self.inventory.borrow().clone();
+        let devices: BTreeSet<String> = if self.all_dirty {
+            inventory
+                .values()
+                .filter(|d| d.enabled)
+                .map(|d| d.name.clone())
+                .collect()
+        } else {
+            self.dirty
+                .iter()
+                .filter(|d| inventory.get(*d).is_some_and(|x| x.enabled))
+                .cloned()
+                .collect()
+        };
+        self.all_dirty = false;
+        self.dirty.clear();
+        let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
+        for pod in self.pods.items.values() {
+            if let Some(n) = node_of(pod)
+                && devices.contains(&n)
+            {
+                by_node.entry(n).or_default().push(pod.clone());
+            }
+        }
+        for device in devices {
+            let mut pods = by_node.remove(&device).unwrap_or_default();
+            pods.sort_by(|a, b| {
+                let ka = (
+                    a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    a.metadata.name.clone(),
+                );
+                let kb = (
+                    b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    b.metadata.name.clone(),
+                );
+                ka.cmp(&kb)
+            });
+            self.flush_device(&device, &pods);
+        }
+    }
+
+    fn allocatable(&self, device: &str) -> BTreeMap<String, String> {
+        let mut alloc = self.cfg.default_allocatable.clone();
+        if let Some(cap) = self
+            .live
+            .borrow()
+            .get(device)
+            .and_then(|l| l.capacity.clone())
+        {
+            alloc.extend(cap.capacity);
+            alloc.extend(cap.allocatable);
+        }
+        alloc
+    }
+
+    fn flush_device(&mut self, device: &str, pods: &[Pod]) {
+        let allocatable = self.allocatable(device);
+        let mut bundles = Vec::new();
+        let mut terminating = Vec::new();
+        let mut admitted_here: Vec<Requests> = pods
+            .iter()
+            .filter(|p| !is_terminal(p))
+            .filter_map(|p| {
+                p.metadata
+                    .uid
+                    .as_ref()
+                    .and_then(|u| self.admitted.get(u))
+                    .copied()
+            })
+            .collect();
+        self.pending_admission.remove(device);
+        for pod in pods {
+            let Some(uid) = pod.metadata.uid.clone() else {
+                continue;
+            };
+            if self.rejected.contains(&uid) || is_admission_failure(pod) {
+                continue;
+            }
+            if pod.metadata.deletion_timestamp.is_some() {
+                terminating.push(uid);
+                continue;
+            }
+            if !self.admitted.contains_key(&uid) {
+                let req = admission::pod_requests(pod);
+                if has_run(pod) {
+                    self.admitted.insert(uid.clone(), req);
+                } else {
+                    match admission::admit(&allocatable, &admitted_here, req) {
+                        Ok(()) => {
+                            self.admitted.insert(uid.clone(), req);
+                            admitted_here.push(req);
+                        }
+                        Err(rejection) => {
+                            self.reject(pod, &uid, &rejection);
+                            self.pending_admission.insert(device.to_string());
+                            continue;
+                        }
+                    }
+                }
+            }
+            bundles.push(bundle::build(
+                pod,
+                &self.config_maps.items,
+                &self.secrets.items,
+            ));
+        }
+        let hash = snapshot_hash(&bundles);
+        if self.last_sent.get(device) == Some(&hash) {
+            return;
+        }
+        let count = bundles.len();
+        let generation = self.sessions.set_desired(device, bundles);
+        tracing::debug!(%device, generation, pods = count, "snapshot handed to the link");
+        self.last_sent.insert(device.to_string(), hash);
+        let list = self.sent_at.entry(device.to_string()).or_default();
+        list.push((generation, Instant::now()));
+        if list.len() > 64 {
+            list.remove(0);
+        }
+        for uid in terminating {
+            self.excluded_in.entry(uid).or_insert(generation);
+        }
+    }
+
+    fn reject(&mut self, pod: &Pod, uid: &str, rejection: &admission::Rejection) {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        tracing::info!(pod = %name, namespace = %ns, reason = %rejection.reason, "pod rejected at admission");
+        self.rejected.insert(uid.to_string());
+        let update = StatusUpdate {
+            uid: uid.to_string(),
+            namespace: ns.clone(),
+            name: name.clone(),
+            status: json!({ "phase": "Failed", "reason": rejection.reason, "message": rejection.message }),
+        };
+        if let Err(e) = self.status_tx.try_send(update) {
+            tracing::warn!(pod = %name, namespace = %ns, error = %e, "status queue full; rejection not written");
+        }
+        let ev = self
+            .api
+            .pod_event(pod, &rejection.reason, &rejection.message);
+        tokio::spawn(async move {
+            if let Err(error) = ev.await {
+                tracing::warn!(pod = %name, namespace = %ns, %error, "publishing admission event");
+            }
+        });
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn node_of(p: &Pod) -> Option<String> {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .filter(|n| !n.is_empty())
+}
+
+fn scheduled_at(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "True")
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0.to_string())
+}
+
+fn is_terminal(p: &Pod) -> bool {
+    matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// A pod this hub (or a previous replica) failed at admission.
+fn is_admission_failure(p: &Pod) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Failed")
+            && s.reason.as_deref().is_some_and(|r| r.starts_with("OutOf"))
+    })
+}
+
+/// A pod the device already started (admitted before, e.g. by a previous hub process).
+fn has_run(p: &Pod) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        matches!(s.phase.as_deref(), Some("Running" | "Succeeded" | "Failed"))
+            || s.container_statuses.as_ref().is_some_and(|c| !c.is_empty())
+    })
+}
+
+fn snapshot_hash(bundles: &[fleetlet_proto::v1::PodBundle]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for b in bundles {
+        b.pod_json.hash(&mut h);
+        // Maps inside messages encode in arbitrary order; hash sorted views instead.
+        for cm in &b.config_maps {
+            cm.name.hash(&mut h);
+            let data: BTreeMap<_, _> = cm.data.iter().collect();
+            data.hash(&mut h);
+            let bin: BTreeMap<_, _> = cm.binary_data.iter().collect();
+            bin.hash(&mut h);
+        }
+        for s in &b.secrets {
+            s.name.hash(&mut h);
+            let data: BTreeMap<_, _> = s.data.iter().collect();
+            data.hash(&mut h);
+        }
+        b.encoded_len().hash(&mut h);
+    }
+    bundles.len().hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+//! StatusWriter: writes pod statuses to `pods/status`, coalesced per pod (only the newest status
+//! of a pod waits in the queue) and paced by a token bucket so a reconnect storm of thousands of
+//! devices cannot flood the API server.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::kubeutil::status_code;
+use crate::metrics::Metrics;
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// Takes a token now, or says how long until one is there.
+    pub fn try_take(&mut self) -> Result<(), Duration> {
+        self.refill();
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+/// One status to write.
+#[derive(Debug, Clone)]
+pub struct StatusUpdate {
+    /// Pod UID (also the precondition of the write).
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The `status` object to merge.
+    pub status: Value,
+}
+
+/// The one status write in flight: the update, its attempt count, and the outcome.
+type InFlight = BoxFuture<'static, (StatusUpdate, u32, Result<(), kube::Error>)>;
+
+/// Writes statuses handed to it through [`StatusWriter::sender`].
+pub struct StatusWriter {
+    rx: mpsc::Receiver<StatusUpdate>,
+    client: kube::Client,
+    bucket: TokenBucket,
+    metrics: Arc<Metrics>,
+    queue: VecDeque<String>,
+    pending: HashMap<String, (StatusUpdate, u32)>,
+}
+
+/// How often a failing write is tried before it is dropped (a newer status replaces it anyway).
+const MAX_ATTEMPTS: u32 = 5;
+
+impl StatusWriter {
+    /// A writer and the sender to feed it.
+    pub fn new(
+        client: kube::Client,
+        qps: f64,
+        burst: u32,
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::Sender<StatusUpdate>) {
+        let (tx, rx) = mpsc::channel(4096);
+        (
+            Self {
+                rx,
+                client,
+                bucket: TokenBucket::new(qps, burst),
+                metrics,
+                queue: VecDeque::new(),
+                pending: HashMap::new(),
+            },
+            tx,
+        )
+    }
+
+    fn enqueue(&mut self, u: StatusUpdate, attempts: u32) {
+        match self.pending.get_mut(&u.uid) {
+            Some(slot) => *slot = (u, attempts.min(slot.1)),
+            None => {
+                self.queue.push_back(u.uid.clone());
+                self.pending.insert(u.uid.clone(), (u, attempts));
+            }
+        }
+    }
+
+    /// Runs until `shutdown` or until every sender is gone and the queue is empty. One write is
+    /// in flight at a time; meanwhile the channel keeps draining into the coalescing queue.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut closed = false;
+        let mut inflight: Option<InFlight> = None;
+        loop {
+            if closed && self.queue.is_empty() && inflight.is_none() {
+                return;
+            }
+            let mut wait = None;
+            if inflight.is_none() && !self.queue.is_empty() {
+                match self.bucket.try_take() {
+                    Ok(()) => {
+                        if let Some(uid) = self.queue.pop_front()
+                            && let Some((u, attempts)) = self.pending.remove(&uid)
+                        {
+                            inflight = Some(Box::pin(write(self.client.clone(), u, attempts)));
+                        }
+                        continue;
+                    }
+                    Err(d) => wait = Some(d),
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                msg = self.rx.recv(), if !closed => match msg {
+                    Some(u) => self.enqueue(u, 0),
+                    None => closed = true,
+                },
+                (u, attempts, r) = async { match inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if inflight.is_some() => {
+                    inflight = None;
+                    self.finish(u, attempts, r);
+                }
+                () = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {}
+            }
+        }
+    }
+
+    fn finish(&mut self, u: StatusUpdate, attempts: u32, r: Result<(), kube::Error>) {
+        self.metrics.api("patch_pod_status", &r);
+        match r {
+            Ok(()) => {
+                tracing::debug!(pod = %u.name, namespace = %u.namespace, "pod status written")
+            }
+            Err(e) if matches!(status_code(&e), Some(404 | 409 | 422)) => {
+                tracing::debug!(pod = %u.name, namespace = %u.namespace, error = %e, "pod status not written; pod gone or replaced");
+            }
+            Err(error) if attempts + 1 < MAX_ATTEMPTS => {
+                tracing::warn!(pod = %u.name, namespace = %u.namespace, %error, "writing pod status; will retry");
+                // A newer status that arrived meanwhile wins; enqueue keeps it.
+                if !self.pending.contains_key(&u.uid) {
+                    self.enqueue(u, attempts + 1);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(pod = %u.name, namespace = %u.namespace, %error, "writing pod status; giving up on this one");
+            }
+        }
+    }
+}
+
+/// Merges `u.status` into the pod's status. The uid in the patch is a precondition: a pod
+/// re-created under the same name has another uid and the API server refuses to change it.
+async fn write(
+    client: kube::Client,
+    u: StatusUpdate,
+    attempts: u32,
+) -> (StatusUpdate, u32, Result<(), kube::Error>) {
+    let api: Api<Pod> = Api::namespaced(client, &u.namespace);
+    let patch = json!({ "metadata": { "uid": u.uid }, "status": u.status });
+    let r = api
+        .patch_status(&u.name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .map(|_| ());
+    (u, attempts, r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_allows_a_burst_then_paces() {
+        let mut b = TokenBucket::new(10.0, 3);
+        for _ in 0..3 {
+            assert!(b.try_take().is_ok());
+        }
+        let wait = b.try_take().expect_err("empty");
+        assert!(
+            wait <= Duration::from_millis(100) && wait > Duration::from_millis(90),
+            "{wait:?}"
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(b.try_take().is_ok());
+        assert!(b.try_take().is_err());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            assert!(b.try_take().is_ok(), "refills up to the burst");
+        }
+        assert!(b.try_take().is_err(), "never more than the burst");
+    }
+}

@@ -1,0 +1,371 @@
+//! Unit tests of the relay's logic with an in-memory link and API; the real API server is
+//! exercised by the integration tests in `hub/tests/`.
+
+use tokio::sync::Mutex;
+
+use fleetlet_proto::v1::{Capacity, LogRequest, PodBundle, PodStatusEntry, PodStatusReport};
+
+use super::*;
+use crate::devices::LiveRegistry;
+use crate::sessions::{DeviceRecord, LogStream};
+
+#[derive(Default)]
+struct FakeSessions {
+    sent: Mutex<Vec<(String, u64, Vec<PodBundle>)>>,
+}
+
+impl Sessions for FakeSessions {
+    fn set_desired(&self, device: &str, pods: Vec<PodBundle>) -> u64 {
+        let mut sent = self.sent.try_lock().expect("lock");
+        let generation = sent.len() as u64 + 1;
+        sent.push((device.to_string(), generation, pods));
+        generation
+    }
+    fn is_connected(&self, _device: &str) -> bool {
+        true
+    }
+    fn open_logs(
+        &self,
+        _device: &str,
+        _req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, String>> {
+        Box::pin(async { Err("no logs in this fake".to_string()) })
+    }
+}
+
+#[derive(Default)]
+struct FakeApi {
+    deleted: Mutex<Vec<(String, String, String)>>,
+    events: Mutex<Vec<(String, String)>>,
+}
+
+impl PodApi for FakeApi {
+    fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        self.deleted
+            .try_lock()
+            .expect("lock")
+            .push((namespace.into(), name.into(), uid.into()));
+        Box::pin(async { Ok(()) })
+    }
+    fn pod_event(
+        &self,
+        pod: &Pod,
+        reason: &str,
+        _message: &str,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        self.events.try_lock().expect("lock").push((
+            pod.metadata.name.clone().unwrap_or_default(),
+            reason.to_string(),
+        ));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+struct Harness {
+    relay: PodRelay,
+    sessions: Arc<FakeSessions>,
+    api: Arc<FakeApi>,
+    status_rx: mpsc::Receiver<StatusUpdate>,
+    live: LiveRegistry,
+    _inv_tx: watch::Sender<DeviceSet>,
+    _known_tx: watch::Sender<Arc<BTreeSet<String>>>,
+}
+
+fn harness() -> Harness {
+    let inv: BTreeMap<String, DeviceRecord> = ["dev-a", "dev-b"]
+        .into_iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                DeviceRecord {
+                    name: n.into(),
+                    enabled: true,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let (inv_tx, inv_rx) = watch::channel(Arc::new(inv));
+    let (known_tx, known_rx) = watch::channel(Arc::new(BTreeSet::new()));
+    let live = LiveRegistry::new();
+    let sessions = Arc::new(FakeSessions::default());
+    let api = Arc::new(FakeApi::default());
+    let (status_tx, status_rx) = mpsc::channel(64);
+    let (relay, _handles) = PodRelay::new(
+        sessions.clone(),
+        api.clone(),
+        status_tx,
+        Arc::new(Metrics::new()),
+        RelayConfig {
+            debounce: Duration::from_millis(10),
+            default_allocatable: [("cpu", "2"), ("memory", "1Gi"), ("pods", "10")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        },
+        inv_rx,
+        live.subscribe(),
+        known_rx,
+    );
+    Harness {
+        relay,
+        sessions,
+        api,
+        status_rx,
+        live,
+        _inv_tx: inv_tx,
+        _known_tx: known_tx,
+    }
+}
+
+fn pod(name: &str, node: &str, cpu: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {
+            "nodeName": node,
+            "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}],
+            "containers": [{"name": "c", "image": "busybox", "resources": {"requests": {"cpu": cpu}}}]
+        }
+    }))
+    .expect("pod")
+}
+
+fn config_map(value: &str) -> ConfigMap {
+    serde_json::from_value(
+        json!({"metadata": {"name": "cfg", "namespace": "ns"}, "data": {"k": value}}),
+    )
+    .expect("cm")
+}
+
+/// Feeds initial lists for all three watches.
+fn sync(h: &mut Harness, pods: Vec<Pod>, cms: Vec<ConfigMap>) {
+    h.relay.handle(Input::Pod(watcher::Event::Init));
+    for p in pods {
+        h.relay.handle(Input::Pod(watcher::Event::InitApply(p)));
+    }
+    h.relay.handle(Input::Pod(watcher::Event::InitDone));
+    h.relay.handle(Input::ConfigMap(watcher::Event::Init));
+    for c in cms {
+        h.relay
+            .handle(Input::ConfigMap(watcher::Event::InitApply(c)));
+    }
+    h.relay.handle(Input::ConfigMap(watcher::Event::InitDone));
+    h.relay.handle(Input::Secret(watcher::Event::Init));
+    h.relay.handle(Input::Secret(watcher::Event::InitDone));
+}
+
+fn sent_to(h: &Harness, device: &str) -> Vec<Vec<PodBundle>> {
+    h.sessions
+        .sent
+        .try_lock()
+        .expect("lock")
+        .iter()
+        .filter(|(d, _, _)| d == device)
+        .map(|(_, _, b)| b.clone())
+        .collect()
+}
+
+fn uids(bundles: &[PodBundle]) -> Vec<String> {
+    bundles
+        .iter()
+        .map(|b| {
+            let v: Value = serde_json::from_slice(&b.pod_json).expect("json");
+            v["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn nothing_is_sent_before_every_cache_is_synced_then_each_device_gets_its_pods() {
+    let mut h = harness();
+    h.relay.handle(Input::Pod(watcher::Event::Init));
+    h.relay.handle(Input::Pod(watcher::Event::InitApply(pod(
+        "p1", "dev-a", "100m",
+    ))));
+    h.relay.handle(Input::Pod(watcher::Event::InitDone));
+    h.relay.flush();
+    assert!(
+        h.sessions.sent.try_lock().expect("lock").is_empty(),
+        "an unsynced hub must not send empty sets"
+    );
+    sync(
+        &mut h,
+        vec![
+            pod("p1", "dev-a", "100m"),
+            pod("p2", "dev-b", "100m"),
+            pod("other", "real-node", "100m"),
+        ],
+        vec![config_map("v1")],
+    );
+    h.relay.flush();
+    let a = sent_to(&h, "dev-a");
+    assert_eq!(a.len(), 1);
+    assert_eq!(uids(&a[0]), ["uid-p1"]);
+    assert_eq!(
+        a[0][0].config_maps[0].data.get("k").map(String::as_str),
+        Some("v1")
+    );
+    assert_eq!(uids(&sent_to(&h, "dev-b")[0]), ["uid-p2"]);
+    assert!(sent_to(&h, "real-node").is_empty());
+}
+
+#[tokio::test]
+async fn a_referenced_config_map_change_is_resent_and_unrelated_changes_are_not() {
+    let mut h = harness();
+    sync(
+        &mut h,
+        vec![pod("p1", "dev-a", "100m")],
+        vec![config_map("v1")],
+    );
+    h.relay.flush();
+    // A status-only change of the pod (new resourceVersion, status) produces no new snapshot.
+    let mut p = pod("p1", "dev-a", "100m");
+    p.metadata.resource_version = Some("99".into());
+    p.status = Some(serde_json::from_value(json!({"phase": "Running"})).expect("status"));
+    h.relay.handle(Input::Pod(watcher::Event::Apply(p)));
+    h.relay.flush();
+    assert_eq!(sent_to(&h, "dev-a").len(), 1);
+    h.relay
+        .handle(Input::ConfigMap(watcher::Event::Apply(config_map("v2"))));
+    h.relay.flush();
+    let a = sent_to(&h, "dev-a");
+    assert_eq!(a.len(), 2);
+    assert_eq!(
+        a[1][0].config_maps[0].data.get("k").map(String::as_str),
+        Some("v2")
+    );
+}
+
+#[tokio::test]
+async fn a_pod_exceeding_allocatable_fails_with_out_of_cpu_and_is_not_relayed() {
+    let mut h = harness();
+    h.live.apply(&SessionEvent::Capacity {
+        device: "dev-a".into(),
+        capacity: Capacity {
+            allocatable: [("cpu".to_string(), "1".to_string())].into_iter().collect(),
+            ..Default::default()
+        },
+    });
+    sync(&mut h, vec![pod("small", "dev-a", "600m")], vec![]);
+    h.relay.flush();
+    let mut big = pod("big", "dev-a", "600m");
+    big.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-01-01T00:00:01Z".parse().expect("ts"),
+    ));
+    h.relay.handle(Input::Pod(watcher::Event::Apply(big)));
+    h.relay.flush();
+    let a = sent_to(&h, "dev-a");
+    assert_eq!(uids(a.last().expect("sent")), ["uid-small"]);
+    let st = h.status_rx.try_recv().expect("rejection status");
+    assert_eq!(st.name, "big");
+    assert_eq!(st.status["phase"], "Failed");
+    assert_eq!(st.status["reason"], "OutOfcpu");
+    tokio::task::yield_now().await;
+    assert_eq!(
+        h.api.events.try_lock().expect("lock").as_slice(),
+        [("big".to_string(), "OutOfcpu".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn device_status_goes_to_the_status_writer_only_for_its_own_pods() {
+    let mut h = harness();
+    sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
+    let entry = |uid: &str| PodStatusEntry {
+        uid: uid.into(),
+        namespace: "ns".into(),
+        name: "p1".into(),
+        status_json: bytes::Bytes::from_static(br#"{"phase":"Running"}"#),
+        removed: false,
+    };
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        device: "dev-b".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![entry("uid-p1")],
+        },
+    }));
+    assert!(
+        h.status_rx.try_recv().is_err(),
+        "dev-b may not report dev-a's pod"
+    );
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: true,
+            pods: vec![entry("uid-p1")],
+        },
+    }));
+    let st = h.status_rx.try_recv().expect("status");
+    assert_eq!(
+        (st.uid.as_str(), st.status["phase"].as_str()),
+        ("uid-p1", Some("Running"))
+    );
+}
+
+#[tokio::test]
+async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
+    let mut h = harness();
+    let mut running = pod("p1", "dev-a", "100m");
+    running.status = Some(
+        serde_json::from_value(json!({"phase": "Running", "containerStatuses": [{"name": "c", "image": "busybox", "imageID": "", "ready": true, "restartCount": 0}]}))
+            .expect("status"),
+    );
+    sync(&mut h, vec![running.clone()], vec![]);
+    h.relay.flush();
+    let mut terminating = running;
+    terminating.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-01-01T00:01:00Z".parse().expect("ts"),
+        ));
+    terminating.metadata.deletion_grace_period_seconds = Some(30);
+    h.relay
+        .handle(Input::Pod(watcher::Event::Apply(terminating)));
+    h.relay.flush();
+    assert!(
+        uids(sent_to(&h, "dev-a").last().expect("sent")).is_empty(),
+        "terminating pod leaves the set"
+    );
+    tokio::task::yield_now().await;
+    assert!(
+        h.api.deleted.try_lock().expect("lock").is_empty(),
+        "the pod ran; wait for the device"
+    );
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![PodStatusEntry {
+                uid: "uid-p1".into(),
+                removed: true,
+                ..Default::default()
+            }],
+        },
+    }));
+    tokio::task::yield_now().await;
+    assert_eq!(
+        h.api.deleted.try_lock().expect("lock").as_slice(),
+        [("ns".to_string(), "p1".to_string(), "uid-p1".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_pod_the_device_never_ran_is_deleted_at_once() {
+    let mut h = harness();
+    let mut p = pod("p1", "dev-a", "100m");
+    p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-01-01T00:01:00Z".parse().expect("ts"),
+    ));
+    sync(&mut h, vec![p], vec![]);
+    tokio::task::yield_now().await;
+    assert_eq!(h.api.deleted.try_lock().expect("lock").len(), 1);
+}
