@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HubConfig;
 use crate::devices::LiveRegistry;
 use crate::metrics::Metrics;
-use crate::nodes::NodeManager;
+use crate::nodes::{NodeManager, PodCounts};
 use crate::pods::kube_api::KubePodApi;
 use crate::pods::status::StatusWriter;
 use crate::pods::{BOUND_PODS_SELECTOR, Input, PodRelay, RelayConfig};
@@ -26,6 +26,7 @@ use crate::sessions::{DeviceSet, SessionEvent, Sessions};
 pub const CONTROLLER_NAME: &str = "fleetlet-hub";
 
 /// Starts every Kubernetes-facing task of the hub on `tasks`; they stop on `shutdown`.
+/// The returned receiver turns `Some` once the pod cache is synced (readiness).
 #[allow(clippy::too_many_arguments)]
 pub fn start_controllers(
     tasks: &mut JoinSet<()>,
@@ -37,7 +38,7 @@ pub fn start_controllers(
     inventory: watch::Receiver<DeviceSet>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) {
+) -> watch::Receiver<PodCounts> {
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -115,6 +116,7 @@ pub fn start_controllers(
         "secrets",
         shutdown,
     ));
+    handles.counts
 }
 
 /// Feeds one watch into the relay, with kube-runtime's backoff on errors.

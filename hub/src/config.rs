@@ -59,8 +59,8 @@ pub struct HubConfig {
     pub kubelet: KubeletConfig,
     /// Leader election among hub replicas.
     pub leader_election: LeaderElectionConfig,
-    /// The device link server (owned by the link module); passed through untouched.
-    pub link: Option<toml::Table>,
+    /// The device link server (see the link module); absent runs without one (tests).
+    pub link: Option<crate::link::LinkServerConfig>,
 }
 
 /// Operations endpoint settings.
@@ -401,6 +401,9 @@ mod tests {
             namespace = "fleetlet"
             [link]
             listen = "0.0.0.0:7443"
+            client_ca_file = "/pki/devices-ca.crt"
+            cert_file = "/pki/hub.crt"
+            key_file = "/pki/hub.key"
             "#,
         )
         .expect("parses");

@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod nodes;
 pub mod pods;
 pub mod quantity;
+pub mod run;
 pub mod sessions;

@@ -1,13 +1,88 @@
-//! Thin binary: parse the command line and hand over to the library.
+//! Thin binary: parse the command line, set up logging, load the configuration and hand over
+//! to the library; SIGTERM/SIGINT drain the hub.
 #![forbid(unsafe_code)]
+
+use std::process::ExitCode;
 
 use clap::Parser;
 use fleetlet_hub::cli::{Cli, Command};
+use fleetlet_hub::config::HubConfig;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
-fn main() -> std::process::ExitCode {
+/// sysexits EX_CONFIG.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run => eprintln!("fleetlet-hub run: not implemented yet"),
+        Command::Run(args) => {
+            init_tracing(&args.log_format);
+            let cfg = match HubConfig::load(args.config.as_deref(), &args.overrides()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("fleetlet-hub: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let code = e
+                        .downcast_ref::<fleetlet_hub::run::RunError>()
+                        .filter(|r| r.is_config())
+                        .map_or(1, |_| EXIT_CONFIG);
+                    tracing::error!(error = %format!("{e:#}"), "fleetlet-hub stopped");
+                    ExitCode::from(code)
+                }
+            }
+        }
     }
-    std::process::ExitCode::from(70)
+}
+
+fn init_tracing(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cfg: HubConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            signals.cancel();
+        });
+        fleetlet_hub::run::run(cfg, shutdown).await?;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -2,11 +2,9 @@
 //! from the inventory, as small seams so the controllers can be unit-tested with in-memory fakes
 //! while `run` wires the real link server.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use bytes::Bytes;
-use fleetlet_proto::v1::{Capacity, Hello, LogRequest, PodBundle, PodStatusReport};
+use fleetlet_proto::v1::{LogRequest, PodBundle};
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
@@ -27,58 +25,34 @@ pub trait Sessions: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<LogStream, String>>;
 }
 
-/// Something that happened on a device's stream.
-#[derive(Debug, Clone)]
-pub enum SessionEvent {
-    /// The device opened a stream and said hello.
-    Connected {
-        /// Device name (from its certificate).
-        device: String,
-        /// Its hello.
-        hello: Hello,
-    },
-    /// The device's stream ended.
-    Disconnected {
-        /// Device name.
-        device: String,
-    },
-    /// The device reported capacity.
-    Capacity {
-        /// Device name.
-        device: String,
-        /// What it offers.
-        capacity: Capacity,
-    },
-    /// The device reported pod statuses.
-    PodStatus {
-        /// Device name.
-        device: String,
-        /// The statuses.
-        report: PodStatusReport,
-    },
-    /// The device persisted (or refused) a snapshot.
-    Acked {
-        /// Device name.
-        device: String,
-        /// Generation it now holds.
-        generation: u64,
-        /// Why it refused the snapshot, if it did.
-        error: Option<String>,
-    },
-}
-
-/// One device of the inventory, as the controllers need it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DeviceRecord {
-    /// Device name; also the Node name.
-    pub name: String,
-    /// The device's own labels (unsanitized).
-    pub labels: BTreeMap<String, String>,
-    /// The fleet the device belongs to.
-    pub fleet: Option<String>,
-    /// Disabled devices get no Node.
-    pub enabled: bool,
-}
+pub use crate::inventory::InventoryDevice as DeviceRecord;
+pub use crate::link::SessionEvent;
 
 /// The inventory: current device set, changes notify.
-pub type DeviceSet = Arc<BTreeMap<String, DeviceRecord>>;
+pub type DeviceSet = crate::inventory::DeviceMap;
+
+/// The real link.
+impl Sessions for crate::link::DeviceSessions {
+    fn set_desired(&self, device: &str, pods: Vec<PodBundle>) -> u64 {
+        crate::link::DeviceSessions::set_desired(self, device, pods)
+    }
+
+    fn is_connected(&self, device: &str) -> bool {
+        crate::link::DeviceSessions::is_connected(self, device)
+    }
+
+    fn open_logs(
+        &self,
+        device: &str,
+        req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, String>> {
+        let this = self.clone();
+        let device = device.to_string();
+        Box::pin(async move {
+            let stream = crate::link::DeviceSessions::open_logs(&this, &device, req)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(stream.map(|chunk| chunk.map_err(|e| e.to_string())).boxed())
+        })
+    }
+}

@@ -85,7 +85,8 @@ fn harness() -> Harness {
                 DeviceRecord {
                     name: n.into(),
                     enabled: true,
-                    ..Default::default()
+                    labels: BTreeMap::new(),
+                    fleet: None,
                 },
             )
         })
