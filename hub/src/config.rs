@@ -105,6 +105,9 @@ pub struct NodesConfig {
     pub kubelet_version: String,
     /// Parallel API requests while reconciling nodes.
     pub concurrency: usize,
+    /// Value of the `fleetlet.io/managed-by` label on this hub's Nodes: a hub only ever deletes
+    /// Nodes carrying its own value, so separate hub deployments can share a cluster.
+    pub instance: String,
 }
 
 impl Default for NodesConfig {
@@ -125,6 +128,7 @@ impl Default for NodesConfig {
             .collect(),
             kubelet_version: "v1.36.0-fleetlet".to_string(),
             concurrency: 16,
+            instance: "fleetlet-hub".to_string(),
         }
     }
 }
@@ -313,6 +317,12 @@ impl HubConfig {
             return Err(invalid(
                 "nodes.status_refresh_secs",
                 "must be positive".into(),
+            ));
+        }
+        if n.instance.is_empty() || !crate::labels::is_valid_value(&n.instance) {
+            return Err(invalid(
+                "nodes.instance",
+                format!("{:?} is not a valid label value", n.instance),
             ));
         }
         if n.concurrency == 0 {

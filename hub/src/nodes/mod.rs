@@ -27,7 +27,7 @@ use crate::labels::is_valid_node_name;
 use crate::metrics::Metrics;
 use crate::sessions::DeviceSet;
 use lease::LeaseKeeper;
-use object::{ConditionView, FIELD_MANAGER, MANAGED_LABEL, MANAGED_VALUE, StatusInput};
+use object::{ConditionView, FIELD_MANAGER, MANAGED_LABEL, StatusInput};
 
 /// Pods per node name, published by the pod relay once its cache is synced.
 pub type PodCounts = Option<Arc<BTreeMap<String, usize>>>;
@@ -248,7 +248,7 @@ impl NodeManager {
 
     /// Learns the Nodes this hub owns (after a restart: their readiness, capacity and uid).
     async fn seed(&mut self) -> Result<(), NodeError> {
-        let lp = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGED_VALUE}"));
+        let lp = ListParams::default().labels(&format!("{MANAGED_LABEL}={}", self.cfg.instance));
         let listed = self.nodes.list(&lp).await;
         self.metrics.api("list_nodes", &listed);
         let listed = listed.map_err(NodeError::List)?;
@@ -357,7 +357,7 @@ impl NodeManager {
                 now.duration_since(ld.map_or(self.started, |l| l.since.max(self.started)));
             let event = st.ready.step(connected, away_for, grace, &wall);
 
-            let labels = object::node_labels(dev, st.last_info.as_ref());
+            let labels = object::node_labels(dev, st.last_info.as_ref(), &self.cfg.instance);
             let labels_plan = (st.applied_labels.as_ref() != Some(&labels)).then_some(labels);
 
             let (capacity, allocatable) = match ld.and_then(|l| l.capacity.as_ref()) {

@@ -14,8 +14,6 @@ use crate::sessions::DeviceRecord;
 pub const FLEET_LABEL: &str = "flightctl.io/fleet";
 /// Label marking Nodes this hub owns, so it finds them again after a restart.
 pub const MANAGED_LABEL: &str = "fleetlet.io/managed-by";
-/// Value of [`MANAGED_LABEL`].
-pub const MANAGED_VALUE: &str = "fleetlet-hub";
 /// The taint keeping ordinary pods off fleetlet nodes.
 pub const PROVIDER_TAINT_KEY: &str = "virtual-kubelet.io/provider";
 /// Value of the provider taint.
@@ -24,7 +22,11 @@ pub const PROVIDER_TAINT_VALUE: &str = "fleetlet";
 pub const FIELD_MANAGER: &str = "fleetlet";
 
 /// The node labels for a device: its sanitized labels, then the labels the hub owns (which win).
-pub fn node_labels(device: &DeviceRecord, info: Option<&NodeInfo>) -> BTreeMap<String, String> {
+pub fn node_labels(
+    device: &DeviceRecord,
+    info: Option<&NodeInfo>,
+    instance: &str,
+) -> BTreeMap<String, String> {
     let mut labels = sanitize_labels(&device.labels);
     if let Some(fleet) = &device.fleet {
         labels.insert(
@@ -56,7 +58,7 @@ pub fn node_labels(device: &DeviceRecord, info: Option<&NodeInfo>) -> BTreeMap<S
     labels.insert("kubernetes.io/hostname".into(), device.name.clone());
     labels.insert("kubernetes.io/role".into(), "agent".into());
     labels.insert("type".into(), "virtual-kubelet".into());
-    labels.insert(MANAGED_LABEL.into(), MANAGED_VALUE.into());
+    labels.insert(MANAGED_LABEL.into(), instance.into());
     labels
 }
 
@@ -251,7 +253,8 @@ mod tests {
             architecture: "arm64".into(),
             ..Default::default()
         };
-        let l = node_labels(&device(), Some(&info));
+        let l = node_labels(&device(), Some(&info), "hub-1");
+        assert_eq!(l.get(MANAGED_LABEL).map(String::as_str), Some("hub-1"));
         assert_eq!(l.get(FLEET_LABEL).map(String::as_str), Some("fleet-a"));
         assert_eq!(
             l.get("kubernetes.io/arch").map(String::as_str),

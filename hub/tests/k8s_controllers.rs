@@ -1,0 +1,668 @@
+//! The hub's controllers against the real local kube-apiserver, controller-manager and
+//! scheduler (`make env-up`). The device side is an in-memory link that records the snapshots
+//! the hub hands out and lets the test play the device's session events; the real agent over
+//! the real link is covered by the end-to-end test.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetlet_hub::app::start_controllers;
+use fleetlet_hub::config::HubConfig;
+use fleetlet_hub::inventory::InventoryDevice;
+use fleetlet_hub::metrics::Metrics;
+use fleetlet_hub::sessions::{DeviceSet, LogStream, SessionEvent, Sessions};
+use fleetlet_proto::v1::{
+    Capacity, Hello, LogRequest, NodeInfo, PodBundle, PodStatusEntry, PodStatusReport,
+};
+use futures::future::BoxFuture;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// What the hub handed to each device: generation and bundles of the latest snapshot.
+type Desired = BTreeMap<String, (u64, Vec<PodBundle>)>;
+
+/// An in-memory device link.
+struct FakeLink {
+    desired: watch::Sender<Desired>,
+}
+
+impl Sessions for FakeLink {
+    fn set_desired(&self, device: &str, pods: Vec<PodBundle>) -> u64 {
+        let mut generation = 0;
+        self.desired.send_modify(|d| {
+            generation = d.get(device).map_or(1, |(g, _)| g + 1);
+            d.insert(device.to_string(), (generation, pods));
+        });
+        generation
+    }
+    fn is_connected(&self, _device: &str) -> bool {
+        true
+    }
+    fn open_logs(
+        &self,
+        _device: &str,
+        _req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, String>> {
+        Box::pin(async { Err("the in-memory link streams no logs".to_string()) })
+    }
+}
+
+fn kube_config_path() -> std::path::PathBuf {
+    let dir = std::env::var("FLEETLET_DEV_DIR").unwrap_or_else(|_| "/var/tmp/fleetlet-dev".into());
+    std::path::Path::new(&dir).join("kubeconfig")
+}
+
+async fn client() -> kube::Client {
+    let path = kube_config_path();
+    let kc = kube::config::Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} — run `make env-up` first", path.display()));
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+/// Polls `f` every 200 ms until it yields `Some`, at most `secs` seconds.
+async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Hub {
+    client: kube::Client,
+    events: mpsc::Sender<SessionEvent>,
+    desired: watch::Receiver<Desired>,
+    inventory: watch::Sender<DeviceSet>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+fn device(name: &str, fleet: &str) -> InventoryDevice {
+    InventoryDevice {
+        name: name.into(),
+        labels: [("site name".to_string(), "Lab #7".to_string())]
+            .into_iter()
+            .collect(),
+        fleet: Some(fleet.into()),
+        enabled: true,
+    }
+}
+
+async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
+    let client = client().await;
+    let mut cfg = HubConfig::default();
+    cfg.nodes.instance = instance.into();
+    cfg.nodes.disconnect_grace_secs = 2;
+    cfg.nodes.lease_renew_secs = 2;
+    let (inv_tx, inv_rx) = watch::channel(Arc::new(
+        devices.into_iter().map(|d| (d.name.clone(), d)).collect(),
+    ));
+    let (desired_tx, desired_rx) = watch::channel(Desired::new());
+    let (ev_tx, ev_rx) = mpsc::channel(64);
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    start_controllers(
+        &mut tasks,
+        client.clone(),
+        &cfg,
+        instance,
+        Arc::new(FakeLink {
+            desired: desired_tx,
+        }),
+        ev_rx,
+        inv_rx,
+        Arc::new(Metrics::new()),
+        shutdown.clone(),
+    );
+    Hub {
+        client,
+        events: ev_tx,
+        desired: desired_rx,
+        inventory: inv_tx,
+        shutdown,
+        tasks,
+    }
+}
+
+impl Hub {
+    async fn connect(&self, dev: &str, cpu: &str) {
+        let info = NodeInfo {
+            operating_system: "linux".into(),
+            architecture: "arm64".into(),
+            kernel_version: "6.1.0-test".into(),
+            os_image: "Test OS 1".into(),
+            machine_id: format!("machine-{dev}"),
+            boot_id: "boot-1".into(),
+            container_runtime_version: "podman://4.3.1".into(),
+            agent_version: "0.1.0".into(),
+        };
+        self.events
+            .send(SessionEvent::Connected {
+                device: dev.into(),
+                hello: Hello {
+                    device_name: dev.into(),
+                    node_info: Some(info.clone()),
+                    ..Default::default()
+                },
+            })
+            .await
+            .expect("send");
+        let res = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        self.events
+            .send(SessionEvent::Capacity {
+                device: dev.into(),
+                capacity: Capacity {
+                    capacity: res(&[
+                        ("cpu", cpu),
+                        ("memory", "2Gi"),
+                        ("pods", "10"),
+                        ("ephemeral-storage", "20Gi"),
+                    ]),
+                    allocatable: res(&[("cpu", cpu), ("memory", "1536Mi"), ("pods", "10")]),
+                    node_info: Some(info),
+                    conditions: Vec::new(),
+                },
+            })
+            .await
+            .expect("send");
+    }
+
+    async fn report(&self, dev: &str, full: bool, pods: Vec<PodStatusEntry>) {
+        self.events
+            .send(SessionEvent::PodStatus {
+                device: dev.into(),
+                report: PodStatusReport { full, pods },
+            })
+            .await
+            .expect("send");
+    }
+
+    /// Waits until the device's latest snapshot satisfies `f`; returns it.
+    async fn snapshot_where(
+        &self,
+        dev: &str,
+        what: &str,
+        f: impl Fn(&[PodBundle]) -> bool,
+    ) -> Vec<PodBundle> {
+        let mut rx = self.desired.clone();
+        let dev = dev.to_string();
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|d| d.get(&dev).is_some_and(|(_, b)| f(b))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for a snapshot of {dev}: {what}"))
+        .expect("link alive");
+        r.get(&dev).map(|(_, b)| b.clone()).unwrap_or_default()
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn uids(bundles: &[PodBundle]) -> Vec<String> {
+    bundles
+        .iter()
+        .filter_map(|b| serde_json::from_slice::<Value>(&b.pod_json).ok())
+        .filter_map(|v| v["metadata"]["uid"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{:x}", std::process::id(), nanos % 0xfffff)
+}
+
+async fn create_namespace(client: &kube::Client, ns: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let body: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+    api.create(&PostParams::default(), &body)
+        .await
+        .expect("create namespace");
+}
+
+async fn cleanup(client: &kube::Client, ns: &str, nodes: &[&str]) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let _ = pods
+        .delete_collection(
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+            &ListParams::default(),
+        )
+        .await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(ns, &DeleteParams::default())
+        .await;
+    for n in nodes {
+        let _ = Api::<Node>::all(client.clone())
+            .delete(n, &DeleteParams::default())
+            .await;
+    }
+}
+
+fn bound_pod(name: &str, node: &str, cpu: &str, config_map: Option<&str>) -> Pod {
+    let mut spec = json!({
+        "nodeName": node,
+        "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"}],
+        "containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1", "command": ["sleep", "3600"],
+                        "resources": {"requests": {"cpu": cpu, "memory": "16Mi"}}}]
+    });
+    if let Some(cm) = config_map {
+        spec["volumes"] = json!([{"name": "cfg", "configMap": {"name": cm}}]);
+        spec["containers"][0]["volumeMounts"] = json!([{"name": "cfg", "mountPath": "/cfg"}]);
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("pod")
+}
+
+fn ready_condition(node: &Node) -> Option<(String, String)> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone().unwrap_or_default()))
+}
+
+async fn node_event(client: &kube::Client, node: &str, reason: &str) -> Option<Event> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let list = events.list(&ListParams::default()).await.ok()?;
+    list.items.into_iter().find(|e| {
+        e.reason.as_deref() == Some(reason)
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node)
+    })
+}
+
+#[tokio::test]
+async fn nodes_are_applied_with_labels_taint_capacity_and_a_renewed_lease() {
+    let instance = unique("it-nodes");
+    let dev = format!("{instance}-d1");
+    let hub = start_hub(&instance, vec![device(&dev, "fleet-a")]).await;
+    let nodes: Api<Node> = Api::all(hub.client.clone());
+
+    // Before the device connects: Node exists, not ready, default capacity.
+    let node = wait_for("node created", 30, || async {
+        nodes.get_opt(&dev).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(
+        ready_condition(&node).map(|c| c.0).as_deref(),
+        Some("Unknown")
+    );
+
+    hub.connect(&dev, "2").await;
+    let node = wait_for("node ready with reported capacity", 30, || async {
+        let n = nodes.get_opt(&dev).await.ok().flatten()?;
+        let cpu = n.status.as_ref()?.capacity.as_ref()?.get("cpu")?.0.clone();
+        (ready_condition(&n)?.0 == "True" && cpu == "2").then_some(n)
+    })
+    .await;
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    for (k, v) in [
+        ("flightctl.io/fleet", "fleet-a"),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/arch", "arm64"),
+        ("type", "virtual-kubelet"),
+        ("kubernetes.io/hostname", dev.as_str()),
+        ("site-name", "Lab--7"),
+    ] {
+        assert_eq!(labels.get(k).map(String::as_str), Some(v), "label {k}");
+    }
+    let spec = node.spec.clone().unwrap_or_default();
+    assert!(
+        spec.taints
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.key == "virtual-kubelet.io/provider"
+                && t.value.as_deref() == Some("fleetlet")
+                && t.effect == "NoSchedule"),
+        "provider taint"
+    );
+    let status = node.status.clone().unwrap_or_default();
+    let info = status.node_info.clone().unwrap_or_default();
+    assert_eq!(info.kernel_version, "6.1.0-test");
+    assert_eq!(info.container_runtime_version, "podman://4.3.1");
+    assert_eq!(
+        status
+            .allocatable
+            .unwrap_or_default()
+            .get("memory")
+            .map(|q| q.0.as_str()),
+        Some("1536Mi")
+    );
+    assert_eq!(
+        status
+            .daemon_endpoints
+            .and_then(|d| d.kubelet_endpoint)
+            .map(|e| e.port),
+        Some(10250)
+    );
+    let conditions: Vec<(String, String)> = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| (c.type_, c.status))
+        .collect();
+    for t in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
+        assert!(
+            conditions.contains(&(t.to_string(), "False".to_string())),
+            "{t} False in {conditions:?}"
+        );
+    }
+    // Fields are owned by the fleetlet field manager through server-side apply.
+    let managers: Vec<(String, String)> = node
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            (
+                m.manager.unwrap_or_default(),
+                m.operation.unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        managers.contains(&("fleetlet".into(), "Apply".into())),
+        "{managers:?}"
+    );
+
+    // The lease: holder is the node, 40 s, renewed.
+    let leases: Api<Lease> = Api::namespaced(hub.client.clone(), "kube-node-lease");
+    let first = wait_for("node lease", 30, || async {
+        let l = leases.get_opt(&dev).await.ok().flatten()?;
+        l.spec.clone()?.renew_time
+    })
+    .await;
+    let lease = leases.get(&dev).await.expect("lease");
+    let spec = lease.spec.clone().unwrap_or_default();
+    assert_eq!(spec.holder_identity.as_deref(), Some(dev.as_str()));
+    assert_eq!(spec.lease_duration_seconds, Some(40));
+    assert_eq!(
+        lease
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .first()
+            .map(|o| o.kind.as_str()),
+        Some("Node")
+    );
+    wait_for("lease renewal", 30, || async {
+        let t = leases.get(&dev).await.ok()?.spec?.renew_time?;
+        (t.0 > first.0).then_some(())
+    })
+    .await;
+
+    // Disconnect: after the 2 s grace Ready=Unknown/DeviceDisconnected with an Event; reconnect
+    // turns it back with DeviceReconnected.
+    hub.events
+        .send(SessionEvent::Disconnected {
+            device: dev.clone(),
+        })
+        .await
+        .expect("send");
+    wait_for("Ready=Unknown DeviceDisconnected", 30, || async {
+        let n = nodes.get(&dev).await.ok()?;
+        (ready_condition(&n)? == ("Unknown".into(), "DeviceDisconnected".into())).then_some(())
+    })
+    .await;
+    wait_for("DeviceDisconnected event", 30, || {
+        node_event(&hub.client, &dev, "DeviceDisconnected")
+    })
+    .await;
+    hub.connect(&dev, "2").await;
+    wait_for("Ready=True again", 30, || async {
+        let n = nodes.get(&dev).await.ok()?;
+        (ready_condition(&n)?.0 == "True").then_some(())
+    })
+    .await;
+    wait_for("DeviceReconnected event", 30, || {
+        node_event(&hub.client, &dev, "DeviceReconnected")
+    })
+    .await;
+
+    // Leaving the inventory: no pods, so the Node and its lease go.
+    hub.inventory.send_replace(Arc::new(BTreeMap::new()));
+    wait_for("node deleted", 30, || async {
+        matches!(nodes.get_opt(&dev).await, Ok(None)).then_some(())
+    })
+    .await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn pods_are_relayed_admitted_status_written_and_deleted_like_a_kubelet() {
+    let instance = unique("it-pods");
+    let dev = format!("{instance}-d1");
+    let ns = instance.clone();
+    let hub = start_hub(&instance, vec![device(&dev, "fleet-a")]).await;
+    create_namespace(&hub.client, &ns).await;
+    hub.connect(&dev, "1").await;
+    let pods: Api<Pod> = Api::namespaced(hub.client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(hub.client.clone(), &ns);
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"greeting": "hello"}}))
+            .expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create cm");
+
+    // A pod bound to the device goes out in a snapshot with its ConfigMap's data, without
+    // managedFields and status.
+    let web = pods
+        .create(
+            &PostParams::default(),
+            &bound_pod("web", &dev, "500m", Some("cfg")),
+        )
+        .await
+        .expect("pod");
+    let web_uid = web.metadata.uid.clone().expect("uid");
+    let snap = hub
+        .snapshot_where(&dev, "web with cfg", |b| {
+            uids(b).contains(&web_uid) && !b[0].config_maps.is_empty()
+        })
+        .await;
+    let pod_json: Value = serde_json::from_slice(&snap[0].pod_json).expect("json");
+    assert!(pod_json["metadata"].get("managedFields").is_none());
+    assert!(pod_json.get("status").is_none());
+    assert_eq!(
+        snap[0].config_maps[0]
+            .data
+            .get("greeting")
+            .map(String::as_str),
+        Some("hello")
+    );
+
+    // Status from the device lands in the API.
+    let running = json!({
+        "phase": "Running",
+        "hostIP": "127.0.0.1",
+        "podIP": "127.0.0.1",
+        "startTime": "2026-01-01T00:00:00Z",
+        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "Initialized", "status": "True"}],
+        "containerStatuses": [{"name": "app", "ready": true, "started": true, "restartCount": 0,
+            "image": "localhost/fleetlet-test/busybox:1", "imageID": "sha256:abc",
+            "state": {"running": {"startedAt": "2026-01-01T00:00:01Z"}}}]
+    });
+    hub.report(
+        &dev,
+        true,
+        vec![PodStatusEntry {
+            uid: web_uid.clone(),
+            namespace: ns.clone(),
+            name: "web".into(),
+            status_json: Bytes::from(serde_json::to_vec(&running).expect("json")),
+            removed: false,
+        }],
+    )
+    .await;
+    wait_for("web Running in the API", 30, || async {
+        let p = pods.get("web").await.ok()?;
+        let st = p.status?;
+        (st.phase.as_deref() == Some("Running")
+            && st.container_statuses.is_some_and(|c| c[0].ready))
+        .then_some(())
+    })
+    .await;
+    // PodScheduled, set at binding, survives the device's status (strategic merge by type).
+    let p = pods.get("web").await.expect("web");
+    let types: Vec<String> = p
+        .status
+        .unwrap_or_default()
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.type_)
+        .collect();
+    assert!(types.contains(&"Ready".to_string()), "{types:?}");
+
+    // Changing the referenced ConfigMap re-sends the bundle.
+    cms.patch(
+        "cfg",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"greeting": "bonjour"}})),
+    )
+    .await
+    .expect("patch cm");
+    hub.snapshot_where(&dev, "new cfg data", |b| {
+        b.first()
+            .and_then(|x| x.config_maps.first())
+            .and_then(|c| c.data.get("greeting"))
+            .map(String::as_str)
+            == Some("bonjour")
+    })
+    .await;
+
+    // Admission: 500m + 600m > 1 cpu → OutOfcpu, Failed, an Event, never relayed.
+    let big = pods
+        .create(
+            &PostParams::default(),
+            &bound_pod("big", &dev, "600m", None),
+        )
+        .await
+        .expect("pod");
+    let big_uid = big.metadata.uid.clone().expect("uid");
+    wait_for("big Failed OutOfcpu", 30, || async {
+        let st = pods.get("big").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Failed") && st.reason.as_deref() == Some("OutOfcpu"))
+            .then_some(())
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(hub.client.clone(), &ns);
+    wait_for("OutOfcpu event", 30, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("OutOfcpu")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("big")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !uids(
+            &hub.desired
+                .borrow()
+                .get(&dev)
+                .map(|x| x.1.clone())
+                .unwrap_or_default()
+        )
+        .contains(&big_uid)
+    );
+
+    // Deletion: the pod leaves the snapshot but stays (terminating) until the device confirms.
+    pods.delete(
+        "web",
+        &DeleteParams {
+            grace_period_seconds: Some(30),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("delete");
+    hub.snapshot_where(&dev, "web removed", |b| !uids(b).contains(&web_uid))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p = pods
+        .get("web")
+        .await
+        .expect("web still there while the device stops it");
+    assert!(p.metadata.deletion_timestamp.is_some());
+    hub.report(
+        &dev,
+        false,
+        vec![PodStatusEntry {
+            uid: web_uid.clone(),
+            namespace: ns.clone(),
+            name: "web".into(),
+            removed: true,
+            ..Default::default()
+        }],
+    )
+    .await;
+    wait_for("web deleted", 30, || async {
+        matches!(pods.get_opt("web").await, Ok(None)).then_some(())
+    })
+    .await;
+
+    // A force-deleted pod disappears from the next snapshot.
+    let quick = pods
+        .create(
+            &PostParams::default(),
+            &bound_pod("quick", &dev, "100m", None),
+        )
+        .await
+        .expect("pod");
+    let quick_uid = quick.metadata.uid.clone().expect("uid");
+    hub.snapshot_where(&dev, "quick relayed", |b| uids(b).contains(&quick_uid))
+        .await;
+    pods.delete(
+        "quick",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("force");
+    hub.snapshot_where(&dev, "quick gone", |b| !uids(b).contains(&quick_uid))
+        .await;
+
+    cleanup(&hub.client, &ns, &[&dev]).await;
+    hub.stop().await;
+}
