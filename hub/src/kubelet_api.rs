@@ -493,8 +493,10 @@ impl KubeletApi {
                 );
                 r
             }
+            // 400 like the kubelet's "container is waiting to start": the API server passes a
+            // 400's text to kubectl verbatim, while a 503 becomes a generic message.
             Err(e) if !self.sessions.is_connected(&node) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::BAD_REQUEST,
                 format!(
                     "device {node} is offline (not connected to fleetlet-hub); logs are unavailable until it reconnects: {e}"
                 ),

@@ -27,6 +27,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{client, create_namespace, unique, wait_for};
+
 /// What the hub handed to each device: generation and bundles of the latest snapshot.
 type Desired = BTreeMap<String, (u64, Vec<PodBundle>)>;
 
@@ -53,40 +56,6 @@ impl Sessions for FakeLink {
         _req: LogRequest,
     ) -> BoxFuture<'static, Result<LogStream, String>> {
         Box::pin(async { Err("the in-memory link streams no logs".to_string()) })
-    }
-}
-
-fn kube_config_path() -> std::path::PathBuf {
-    let dir = std::env::var("FLEETLET_DEV_DIR").unwrap_or_else(|_| "/var/tmp/fleetlet-dev".into());
-    std::path::Path::new(&dir).join("kubeconfig")
-}
-
-async fn client() -> kube::Client {
-    let path = kube_config_path();
-    let kc = kube::config::Kubeconfig::read_from(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} — run `make env-up` first", path.display()));
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig");
-    kube::Client::try_from(cfg).expect("client")
-}
-
-/// Polls `f` every 200 ms until it yields `Some`, at most `secs` seconds.
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -235,22 +204,6 @@ fn uids(bundles: &[PodBundle]) -> Vec<String> {
         .filter_map(|b| serde_json::from_slice::<Value>(&b.pod_json).ok())
         .filter_map(|v| v["metadata"]["uid"].as_str().map(str::to_string))
         .collect()
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}-{}-{:x}", std::process::id(), nanos % 0xfffff)
-}
-
-async fn create_namespace(client: &kube::Client, ns: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let body: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
-    api.create(&PostParams::default(), &body)
-        .await
-        .expect("create namespace");
 }
 
 async fn cleanup(client: &kube::Client, ns: &str, nodes: &[&str]) {

@@ -1,0 +1,371 @@
+//! `kubectl logs` through the real kube-apiserver to the hub's kubelet endpoint: TLS with a
+//! serving certificate from the cluster CA, the API server's kubelet client certificate, and
+//! TokenReview + SubjectAccessReview for bearer tokens. The device end is an in-memory link
+//! that answers log requests and can go offline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use fleetlet_hub::app::start_controllers;
+use fleetlet_hub::config::HubConfig;
+use fleetlet_hub::inventory::InventoryDevice;
+use fleetlet_hub::kubelet_api::{KubeletApi, tls_config};
+use fleetlet_hub::metrics::Metrics;
+use fleetlet_hub::sessions::{DeviceSet, LogStream, SessionEvent, Sessions};
+use fleetlet_proto::v1::{LogRequest, PodBundle};
+use futures::future::BoxFuture;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::Api;
+use kube::api::{DeleteParams, LogParams, PostParams};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{client, create_namespace, unique, wait_for};
+
+/// Answers log requests with a line describing the request, then two log lines.
+struct LogLink {
+    online: AtomicBool,
+}
+
+impl Sessions for LogLink {
+    fn set_desired(&self, _device: &str, _pods: Vec<PodBundle>) -> u64 {
+        1
+    }
+    fn is_connected(&self, _device: &str) -> bool {
+        self.online.load(Ordering::SeqCst)
+    }
+    fn open_logs(
+        &self,
+        device: &str,
+        req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, String>> {
+        let online = self.online.load(Ordering::SeqCst);
+        let device = device.to_string();
+        Box::pin(async move {
+            if !online {
+                return Err(format!("device {device} is not connected"));
+            }
+            let head = format!(
+                "request container={} follow={} tail={:?} since={:?} timestamps={} previous={} limit={:?}\n",
+                req.container,
+                req.follow,
+                req.tail_lines,
+                req.since_seconds,
+                req.timestamps,
+                req.previous,
+                req.limit_bytes
+            );
+            let chunks: Vec<Result<Bytes, String>> = vec![
+                Ok(Bytes::from(head)),
+                Ok(Bytes::from_static(b"line one\n")),
+                Ok(Bytes::from_static(b"line two\n")),
+            ];
+            Ok(Box::pin(futures::stream::iter(chunks)) as LogStream)
+        })
+    }
+}
+
+fn dev_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var("FLEETLET_DEV_DIR").unwrap_or_else(|_| "/var/tmp/fleetlet-dev".into()),
+    )
+}
+
+/// A serving certificate for 127.0.0.1 signed by the stack's cluster CA (the API server checks
+/// kubelet serving certificates against it: --kubelet-certificate-authority).
+fn issue_serving_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pki = dev_dir().join("pki");
+    let ca_pem = std::fs::read_to_string(pki.join("ca.crt")).expect("cluster CA");
+    // The stack's CA key is SEC1 (openssl ecparam); rcgen reads PKCS#8, which `openssl pkey` writes.
+    let out = std::process::Command::new("openssl")
+        .arg("pkey")
+        .arg("-in")
+        .arg(pki.join("ca.key"))
+        .output()
+        .expect("openssl pkey");
+    assert!(
+        out.status.success(),
+        "openssl pkey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca_key = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("CA key");
+    // The issuer is described by the CA's subject; the signature is made with its key.
+    let ca_der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+        .next()
+        .expect("CA pem")
+        .expect("CA pem");
+    let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).expect("CA cert");
+    let ca_cn = ca_x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .expect("CA CN")
+        .to_string();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_cn);
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fleetlet-hub-kubelet");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let (c, k) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
+    std::fs::write(&c, cert.pem()).expect("write cert");
+    std::fs::write(&k, key.serialize_pem()).expect("write key");
+    (c, k)
+}
+
+struct Setup {
+    client: kube::Client,
+    link: Arc<LogLink>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    _events: mpsc::Sender<SessionEvent>,
+    _inventory: watch::Sender<DeviceSet>,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(instance: &str, dev: &str) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = issue_serving_cert(dir.path());
+    let client = client().await;
+    let listener = KubeletApi::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut cfg = HubConfig::default();
+    cfg.nodes.instance = instance.into();
+    cfg.kubelet.listen = Some(addr);
+    cfg.kubelet.advertise_port = Some(addr.port());
+    cfg.kubelet.cert_file = Some(cert);
+    cfg.kubelet.key_file = Some(key);
+    cfg.kubelet.client_ca_file = Some(dev_dir().join("pki").join("ca.crt"));
+    let device = InventoryDevice {
+        name: dev.into(),
+        labels: BTreeMap::new(),
+        fleet: Some("a".into()),
+        enabled: true,
+    };
+    let (inv_tx, inv_rx) =
+        watch::channel(Arc::new([(dev.to_string(), device)].into_iter().collect()));
+    let (ev_tx, ev_rx) = mpsc::channel(16);
+    let link = Arc::new(LogLink {
+        online: AtomicBool::new(true),
+    });
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let metrics = Arc::new(Metrics::new());
+    start_controllers(
+        &mut tasks,
+        client.clone(),
+        &cfg,
+        instance,
+        link.clone(),
+        ev_rx,
+        inv_rx.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let api = Arc::new(KubeletApi::new(
+        client.clone(),
+        link.clone(),
+        inv_rx,
+        metrics,
+    ));
+    tasks.spawn(api.serve(
+        listener,
+        tls_config(&cfg.kubelet).expect("tls"),
+        shutdown.clone(),
+    ));
+    Setup {
+        client,
+        link,
+        addr,
+        shutdown,
+        tasks,
+        _events: ev_tx,
+        _inventory: inv_tx,
+        _dir: dir,
+    }
+}
+
+/// GET over TLS straight to the hub's kubelet endpoint, trusting the cluster CA.
+async fn direct_get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(dev_dir().join("pki").join("ca.crt")).expect("ca");
+    for c in rustls_pemfile::certs(&mut ca.as_slice()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::get(path).header("host", addr.to_string());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = sender
+        .send_request(req.body(Empty::<Bytes>::new()).expect("req"))
+        .await
+        .expect("send");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn kubectl_logs_reach_the_device_through_the_api_server_and_tokens_are_checked() {
+    let instance = unique("it-logs");
+    let dev = format!("{instance}-d1");
+    let ns = instance.clone();
+    let mut s = setup(&instance, &dev).await;
+    create_namespace(&s.client, &ns).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"nodeName": dev, "containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1"}]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    // The Node (with our address and port) must exist before the API server can proxy.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(s.client.clone());
+    wait_for("node", 30, || async {
+        nodes.get_opt(&dev).await.ok().flatten()
+    })
+    .await;
+
+    // Through the API server, which authenticates to us with its kubelet client certificate.
+    let lp = LogParams {
+        container: Some("app".into()),
+        tail_lines: Some(2),
+        since_seconds: Some(60),
+        timestamps: true,
+        ..Default::default()
+    };
+    let logs = wait_for("logs via the API server", 30, || async {
+        pods.logs("web", &lp).await.ok()
+    })
+    .await;
+    assert!(
+        logs.starts_with("request container=app follow=false tail=Some(2) since=Some(60) timestamps=true previous=false"),
+        "{logs}"
+    );
+    assert!(logs.ends_with("line one\nline two\n"), "{logs}");
+
+    // An unknown container is refused.
+    let bad = pods
+        .logs(
+            "web",
+            &LogParams {
+                container: Some("nope".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(bad.is_err(), "unknown container must fail");
+
+    // Offline device: a clear error.
+    s.link.online.store(false, Ordering::SeqCst);
+    let err = pods
+        .logs(
+            "web",
+            &LogParams {
+                container: Some("app".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("offline");
+    assert!(err.to_string().contains("offline"), "{err}");
+    s.link.online.store(true, Ordering::SeqCst);
+
+    // Directly, with bearer tokens: none → 401; a ServiceAccount without nodes/proxy → 403;
+    // after binding it to system:kubelet-api-admin → 200.
+    let path = format!("/containerLogs/{ns}/web/app?tailLines=1");
+    assert_eq!(direct_get(s.addr, &path, None).await.0, 401);
+    let sas: Api<ServiceAccount> = Api::namespaced(s.client.clone(), &ns);
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "reader"}})).expect("sa");
+    sas.create(&PostParams::default(), &sa)
+        .await
+        .expect("create sa");
+    let tr = sas
+        .create_token_request("reader", &PostParams::default(), &TokenRequest::default())
+        .await
+        .expect("token");
+    let token = tr.status.and_then(|st| st.token).expect("token");
+    let (code, body) = direct_get(s.addr, &path, Some(&token)).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("nodes") && body.contains("proxy"), "{body}");
+    assert_eq!(direct_get(s.addr, &path, Some("not-a-token")).await.0, 401);
+    let crbs: Api<ClusterRoleBinding> = Api::all(s.client.clone());
+    let crb_name = format!("{instance}-reader");
+    let crb: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": crb_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:kubelet-api-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}]
+    }))
+    .expect("crb");
+    crbs.create(&PostParams::default(), &crb)
+        .await
+        .expect("create crb");
+    let body = wait_for("authorized direct logs", 30, || async {
+        let (code, body) = direct_get(s.addr, &path, Some(&token)).await;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert!(
+        body.contains("tail=Some(1)") && body.contains("line two"),
+        "{body}"
+    );
+
+    let _ = crbs.delete(&crb_name, &DeleteParams::default()).await;
+    let _ = pods
+        .delete(
+            "web",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(s.client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
+    let _ = nodes.delete(&dev, &DeleteParams::default()).await;
+    s.shutdown.cancel();
+    while s.tasks.join_next().await.is_some() {}
+}
