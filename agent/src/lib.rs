@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod fsutil;
 pub mod link;
+pub mod pod;
 pub mod podman;
 pub mod store;

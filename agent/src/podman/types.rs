@@ -96,6 +96,9 @@ pub struct ContainerConfig {
     /// Command.
     #[serde(default, deserialize_with = "string_or_list")]
     pub cmd: Vec<String>,
+    /// Seconds between the stop signal and SIGKILL (the pod's grace period).
+    #[serde(default)]
+    pub stop_timeout: Option<u64>,
 }
 
 /// `GET /libpod/images/{name}/json`, the parts the agent uses.

@@ -1,0 +1,9 @@
+//! A Kubernetes pod on the device: its parsed spec, container lifecycles, volumes, probes,
+//! status, and the per-pod worker that reconciles it.
+
+pub mod lifecycle;
+pub mod probe;
+pub mod spec;
+pub mod status;
+pub mod volumes;
+pub mod worker;

@@ -1,0 +1,199 @@
+//! Running probes (exec, httpGet, tcpSocket) and tracking their thresholds.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::spec::{ProbeAction, ProbePlan};
+use crate::podman::ContainerRuntime;
+
+/// Run one probe attempt; true on success. Never panics; any failure is `false`.
+pub async fn run_probe<R: ContainerRuntime>(
+    rt: &R,
+    container_id: &str,
+    default_host: &str,
+    probe: &ProbePlan,
+) -> bool {
+    match &probe.action {
+        ProbeAction::Exec(cmd) => matches!(rt.exec(container_id, cmd, probe.timeout).await, Ok(0)),
+        ProbeAction::TcpSocket { host, port } => {
+            let host = host.as_deref().unwrap_or(default_host);
+            matches!(
+                tokio::time::timeout(probe.timeout, TcpStream::connect((host, *port))).await,
+                Ok(Ok(_))
+            )
+        }
+        ProbeAction::HttpGet {
+            host,
+            port,
+            path,
+            headers,
+        } => {
+            let host = host.as_deref().unwrap_or(default_host);
+            tokio::time::timeout(probe.timeout, http_get(host, *port, path, headers))
+                .await
+                .unwrap_or(false)
+        }
+    }
+}
+
+async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> bool {
+    let Ok(stream) = TcpStream::connect((host, port)).await else {
+        return false;
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        return false;
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::get(path)
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::USER_AGENT, "fleetlet-probe/1");
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let Ok(req) = req.body(Empty::<Bytes>::new()) else {
+        return false;
+    };
+    match sender.send_request(req).await {
+        Ok(resp) => (200..400).contains(&resp.status().as_u16()),
+        Err(_) => false,
+    }
+}
+
+/// Threshold bookkeeping of one probe of one container run.
+#[derive(Debug, Clone)]
+pub struct ProbeTracker {
+    /// When the next attempt is due.
+    pub next_due: Instant,
+    successes: u32,
+    failures: u32,
+    /// Current verdict (after thresholds).
+    pub passing: bool,
+}
+
+/// What a probe result changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Crossed successThreshold.
+    Passed,
+    /// Crossed failureThreshold.
+    Failed,
+    /// No change.
+    Unchanged,
+}
+
+impl ProbeTracker {
+    /// A tracker for a run that started at `started`.
+    pub fn new(plan: &ProbePlan, started: Instant) -> Self {
+        Self {
+            next_due: started + plan.initial_delay,
+            successes: 0,
+            failures: 0,
+            passing: false,
+        }
+    }
+
+    /// Record an attempt made at `now`.
+    pub fn record(&mut self, plan: &ProbePlan, ok: bool, now: Instant) -> Verdict {
+        self.next_due = now + plan.period;
+        if ok {
+            self.failures = 0;
+            self.successes += 1;
+            if !self.passing && self.successes >= plan.success_threshold {
+                self.passing = true;
+                return Verdict::Passed;
+            }
+        } else {
+            self.successes = 0;
+            self.failures += 1;
+            if self.failures >= plan.failure_threshold {
+                self.failures = 0;
+                let was = self.passing;
+                self.passing = false;
+                // Liveness acts on every crossing, even when it never passed.
+                let _ = was;
+                return Verdict::Failed;
+            }
+        }
+        Verdict::Unchanged
+    }
+
+    /// Time until due (zero when overdue).
+    pub fn due_in(&self, now: Instant) -> Duration {
+        self.next_due.saturating_duration_since(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(success: u32, failure: u32) -> ProbePlan {
+        ProbePlan {
+            action: ProbeAction::TcpSocket {
+                host: None,
+                port: 1,
+            },
+            initial_delay: Duration::from_secs(5),
+            period: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            success_threshold: success,
+            failure_threshold: failure,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thresholds() {
+        let p = plan(2, 3);
+        let now = Instant::now();
+        let mut t = ProbeTracker::new(&p, now);
+        assert_eq!(t.due_in(now), Duration::from_secs(5));
+        assert_eq!(t.record(&p, true, now), Verdict::Unchanged);
+        assert_eq!(t.record(&p, true, now), Verdict::Passed);
+        assert!(t.passing);
+        assert_eq!(t.record(&p, false, now), Verdict::Unchanged);
+        assert_eq!(t.record(&p, false, now), Verdict::Unchanged);
+        assert_eq!(t.record(&p, false, now), Verdict::Failed);
+        assert!(!t.passing);
+        assert_eq!(t.due_in(now), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_probes_against_a_loopback_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let code = if req.starts_with("GET /ok") { "200 OK" } else { "500 Oops" };
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {code}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let rt = crate::podman::PodmanClient::new("/nonexistent.sock");
+        let mut p = plan(1, 1);
+        p.action = ProbeAction::TcpSocket { host: None, port };
+        assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
+        p.action = ProbeAction::HttpGet { host: None, port, path: "/ok".into(), headers: vec![] };
+        assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
+        p.action = ProbeAction::HttpGet { host: None, port, path: "/bad".into(), headers: vec![] };
+        assert!(!run_probe(&rt, "", "127.0.0.1", &p).await);
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        p.action = ProbeAction::TcpSocket { host: None, port: closed_port };
+        assert!(!run_probe(&rt, "", "127.0.0.1", &p).await);
+    }
+}

@@ -1,0 +1,882 @@
+//! Parse a Pod (Kubernetes JSON) once into a typed `PodPlan`; errors name the offending field.
+//!
+//! Everything the agent cannot honour is rejected here, before anything is created, so a pod
+//! is either run as specified or failed with a clear reason — never half-started.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// A pod the agent cannot run as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// JSON path of the field, e.g. `spec.volumes[0].persistentVolumeClaim`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// restartPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Always restart.
+    Always,
+    /// Restart on non-zero exit.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// imagePullPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull on every container creation.
+    Always,
+    /// Pull only when missing.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+/// The pod's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    /// metadata.uid.
+    pub uid: String,
+    /// metadata.namespace.
+    pub namespace: String,
+    /// metadata.name.
+    pub name: String,
+}
+
+/// A pod as the agent runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodPlan {
+    /// Identity.
+    pub meta: PodMeta,
+    /// spec.nodeName (may be empty when run from a local file).
+    pub node_name: String,
+    /// spec.hostNetwork.
+    pub host_network: bool,
+    /// spec.restartPolicy.
+    pub restart_policy: RestartPolicy,
+    /// spec.terminationGracePeriodSeconds (default 30).
+    pub grace_secs: u64,
+    /// spec.initContainers, in order.
+    pub init_containers: Vec<ContainerPlan>,
+    /// spec.containers.
+    pub containers: Vec<ContainerPlan>,
+    /// spec.volumes.
+    pub volumes: Vec<VolumePlan>,
+    /// Effective requests for admission (max of init, sum of app containers).
+    pub requests: Resources,
+}
+
+/// CPU in millicores and memory in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Millicores.
+    pub cpu_millis: u64,
+    /// Bytes.
+    pub memory_bytes: u64,
+}
+
+/// A container as the agent runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerPlan {
+    /// Container name.
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Pull policy.
+    pub pull_policy: PullPolicy,
+    /// `command` (overrides the image entrypoint).
+    pub command: Option<Vec<String>>,
+    /// `args` (overrides the image cmd).
+    pub args: Option<Vec<String>>,
+    /// `workingDir`.
+    pub working_dir: Option<String>,
+    /// `env`, in order.
+    pub env: Vec<EnvVar>,
+    /// `envFrom`, in order.
+    pub env_from: Vec<EnvFrom>,
+    /// `volumeMounts`.
+    pub mounts: Vec<MountPlan>,
+    /// Limits: CPU millicores and memory bytes.
+    pub limits: Option<Resources>,
+    /// Requests.
+    pub requests: Resources,
+    /// `ports`.
+    pub ports: Vec<PortPlan>,
+    /// livenessProbe.
+    pub liveness: Option<ProbePlan>,
+    /// readinessProbe.
+    pub readiness: Option<ProbePlan>,
+    /// startupProbe.
+    pub startup: Option<ProbePlan>,
+}
+
+/// One environment variable source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvVar {
+    /// Literal value.
+    Value(String, String),
+    /// Key of a ConfigMap.
+    ConfigMapKey {
+        /// Variable name.
+        name: String,
+        /// ConfigMap.
+        map: String,
+        /// Key.
+        key: String,
+        /// optional: true.
+        optional: bool,
+    },
+    /// Key of a Secret.
+    SecretKey {
+        /// Variable name.
+        name: String,
+        /// Secret.
+        secret: String,
+        /// Key.
+        key: String,
+        /// optional: true.
+        optional: bool,
+    },
+    /// Downward API field.
+    Field(String, FieldRef),
+}
+
+/// Supported `fieldRef.fieldPath`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldRef {
+    /// metadata.name
+    PodName,
+    /// metadata.namespace
+    Namespace,
+    /// metadata.uid
+    Uid,
+    /// spec.nodeName
+    NodeName,
+    /// status.podIP
+    PodIp,
+    /// status.hostIP
+    HostIp,
+}
+
+/// One `envFrom` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvFrom {
+    /// Prefix for every key.
+    pub prefix: String,
+    /// ConfigMap (true) or Secret (false).
+    pub config_map: bool,
+    /// Object name.
+    pub name: String,
+    /// optional: true.
+    pub optional: bool,
+}
+
+/// A volume mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountPlan {
+    /// Volume name (validated to exist).
+    pub volume: String,
+    /// Path in the container.
+    pub path: String,
+    /// Read only.
+    pub read_only: bool,
+    /// subPath inside the volume.
+    pub sub_path: Option<String>,
+}
+
+/// A container port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPlan {
+    /// containerPort.
+    pub container_port: u16,
+    /// hostPort (0 = none).
+    pub host_port: u16,
+    /// "tcp" / "udp".
+    pub protocol: String,
+}
+
+/// A volume.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VolumePlan {
+    /// emptyDir.
+    EmptyDir {
+        /// Volume name.
+        name: String,
+        /// medium: Memory.
+        memory: bool,
+    },
+    /// hostPath.
+    HostPath {
+        /// Volume name.
+        name: String,
+        /// Host path.
+        path: String,
+        /// Create the directory when missing (DirectoryOrCreate).
+        create_dir: bool,
+    },
+    /// configMap or secret projected into files.
+    Files {
+        /// Volume name.
+        name: String,
+        /// Secret (true) or ConfigMap (false).
+        secret: bool,
+        /// Object name.
+        source: String,
+        /// items (empty = all keys).
+        items: Vec<KeyToPath>,
+        /// defaultMode.
+        default_mode: u32,
+        /// optional: true.
+        optional: bool,
+    },
+}
+
+impl VolumePlan {
+    /// The volume name.
+    pub fn name(&self) -> &str {
+        match self {
+            VolumePlan::EmptyDir { name, .. }
+            | VolumePlan::HostPath { name, .. }
+            | VolumePlan::Files { name, .. } => name,
+        }
+    }
+}
+
+/// One `items` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyToPath {
+    /// Key in the object.
+    pub key: String,
+    /// Relative file path.
+    pub path: String,
+    /// File mode (overrides defaultMode).
+    pub mode: Option<u32>,
+}
+
+/// A probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbePlan {
+    /// What to check.
+    pub action: ProbeAction,
+    /// initialDelaySeconds.
+    pub initial_delay: Duration,
+    /// periodSeconds (default 10).
+    pub period: Duration,
+    /// timeoutSeconds (default 1).
+    pub timeout: Duration,
+    /// successThreshold (default 1).
+    pub success_threshold: u32,
+    /// failureThreshold (default 3).
+    pub failure_threshold: u32,
+}
+
+/// A probe's check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAction {
+    /// Run a command in the container; exit 0 = success.
+    Exec(Vec<String>),
+    /// HTTP GET; 200-399 = success.
+    HttpGet {
+        /// Host (default: pod IP).
+        host: Option<String>,
+        /// Port.
+        port: u16,
+        /// Path.
+        path: String,
+        /// "HTTP" or "HTTPS" (HTTPS is rejected at parse time).
+        headers: Vec<(String, String)>,
+    },
+    /// TCP connect.
+    TcpSocket {
+        /// Host (default: pod IP).
+        host: Option<String>,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// Parse a Pod JSON into a plan.
+pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
+    let pod: k8s::Pod =
+        serde_json::from_slice(pod_json).map_err(|e| err("pod", format!("invalid Pod JSON: {e}")))?;
+    let meta = PodMeta {
+        uid: pod
+            .metadata
+            .uid
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| err("metadata.uid", "required"))?,
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: pod
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| err("metadata.name", "required"))?,
+    };
+    let spec = pod.spec.ok_or_else(|| err("spec", "required"))?;
+    let restart_policy = match spec.restart_policy.as_deref() {
+        None | Some("Always") => RestartPolicy::Always,
+        Some("OnFailure") => RestartPolicy::OnFailure,
+        Some("Never") => RestartPolicy::Never,
+        Some(other) => return Err(err("spec.restartPolicy", format!("unknown value {other:?}"))),
+    };
+    let mut volumes = Vec::new();
+    for (i, v) in spec.volumes.unwrap_or_default().iter().enumerate() {
+        volumes.push(parse_volume(&format!("spec.volumes[{i}]"), v)?);
+    }
+    let volume_names: Vec<&str> = volumes.iter().map(VolumePlan::name).collect();
+    let mut init_containers = Vec::new();
+    for (i, c) in spec.init_containers.unwrap_or_default().iter().enumerate() {
+        let field = format!("spec.initContainers[{i}]");
+        if c.restart_policy.is_some() {
+            return Err(err(
+                format!("{field}.restartPolicy"),
+                "sidecar init containers are not supported",
+            ));
+        }
+        init_containers.push(parse_container(&field, c, &volume_names, true)?);
+    }
+    let mut containers = Vec::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        containers.push(parse_container(
+            &format!("spec.containers[{i}]"),
+            c,
+            &volume_names,
+            false,
+        )?);
+    }
+    if containers.is_empty() {
+        return Err(err("spec.containers", "at least one container is required"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for c in init_containers.iter().chain(&containers) {
+        if !seen.insert(c.name.clone()) {
+            return Err(err("spec.containers", format!("duplicate container name {:?}", c.name)));
+        }
+    }
+    if spec.ephemeral_containers.is_some_and(|e| !e.is_empty()) {
+        return Err(err("spec.ephemeralContainers", "not supported"));
+    }
+    if spec.host_pid == Some(true) {
+        return Err(err("spec.hostPID", "not supported"));
+    }
+    if spec.host_ipc == Some(true) {
+        return Err(err("spec.hostIPC", "not supported"));
+    }
+    // Kubelet admission: the effective request is the larger of the biggest init container and
+    // the sum of the app containers.
+    let app = containers.iter().fold(Resources::default(), |a, c| Resources {
+        cpu_millis: a.cpu_millis + c.requests.cpu_millis,
+        memory_bytes: a.memory_bytes + c.requests.memory_bytes,
+    });
+    let requests = init_containers.iter().fold(app, |a, c| Resources {
+        cpu_millis: a.cpu_millis.max(c.requests.cpu_millis),
+        memory_bytes: a.memory_bytes.max(c.requests.memory_bytes),
+    });
+    Ok(PodPlan {
+        meta,
+        node_name: spec.node_name.unwrap_or_default(),
+        host_network: spec.host_network.unwrap_or(false),
+        restart_policy,
+        grace_secs: spec
+            .termination_grace_period_seconds
+            .map(|g| g.max(0) as u64)
+            .unwrap_or(30),
+        init_containers,
+        containers,
+        volumes,
+        requests,
+    })
+}
+
+fn parse_volume(field: &str, v: &k8s::Volume) -> Result<VolumePlan, SpecError> {
+    let name = v.name.clone();
+    if let Some(e) = &v.empty_dir {
+        return Ok(VolumePlan::EmptyDir {
+            name,
+            memory: e.medium.as_deref() == Some("Memory"),
+        });
+    }
+    if let Some(h) = &v.host_path {
+        let create_dir = match h.type_.as_deref() {
+            None | Some("") | Some("Directory") | Some("File") | Some("Socket") => false,
+            Some("DirectoryOrCreate") => true,
+            Some(other) => {
+                return Err(err(
+                    format!("{field}.hostPath.type"),
+                    format!("{other:?} is not supported"),
+                ));
+            }
+        };
+        return Ok(VolumePlan::HostPath {
+            name,
+            path: h.path.clone(),
+            create_dir,
+        });
+    }
+    if let Some(c) = &v.config_map {
+        return Ok(VolumePlan::Files {
+            name,
+            secret: false,
+            source: c.name.clone(),
+            items: parse_items(&format!("{field}.configMap.items"), c.items.as_deref())?,
+            default_mode: mode(&format!("{field}.configMap.defaultMode"), c.default_mode)?
+                .unwrap_or(0o644),
+            optional: c.optional.unwrap_or(false),
+        });
+    }
+    if let Some(s) = &v.secret {
+        let source = s
+            .secret_name
+            .clone()
+            .ok_or_else(|| err(format!("{field}.secret.secretName"), "required"))?;
+        return Ok(VolumePlan::Files {
+            name,
+            secret: true,
+            source,
+            items: parse_items(&format!("{field}.secret.items"), s.items.as_deref())?,
+            default_mode: mode(&format!("{field}.secret.defaultMode"), s.default_mode)?
+                .unwrap_or(0o644),
+            optional: s.optional.unwrap_or(false),
+        });
+    }
+    let kind = serde_json::to_value(v)
+        .ok()
+        .and_then(|j| {
+            j.as_object()
+                .and_then(|o| o.keys().find(|k| k.as_str() != "name").cloned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Err(err(
+        format!("{field}.{kind}"),
+        format!("volume {:?}: {kind} volumes are not supported on fleetlet devices", v.name),
+    ))
+}
+
+fn mode(field: &str, m: Option<i32>) -> Result<Option<u32>, SpecError> {
+    match m {
+        None => Ok(None),
+        Some(m) if (0..=0o777).contains(&m) => Ok(Some(m as u32)),
+        Some(m) => Err(err(field, format!("{m} is not a file mode (0-0777)"))),
+    }
+}
+
+fn parse_items(field: &str, items: Option<&[k8s::KeyToPath]>) -> Result<Vec<KeyToPath>, SpecError> {
+    let mut out = Vec::new();
+    for (i, it) in items.unwrap_or_default().iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        if it.path.starts_with('/') || it.path.split('/').any(|p| p == "..") {
+            return Err(err(format!("{f}.path"), "must be relative and must not contain '..'"));
+        }
+        out.push(KeyToPath {
+            key: it.key.clone(),
+            path: it.path.clone(),
+            mode: mode(&format!("{f}.mode"), it.mode)?,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_container(
+    field: &str,
+    c: &k8s::Container,
+    volumes: &[&str],
+    init: bool,
+) -> Result<ContainerPlan, SpecError> {
+    let image = c
+        .image
+        .clone()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| err(format!("{field}.image"), "required"))?;
+    let pull_policy = match c.image_pull_policy.as_deref() {
+        Some("Always") => PullPolicy::Always,
+        Some("IfNotPresent") => PullPolicy::IfNotPresent,
+        Some("Never") => PullPolicy::Never,
+        None => {
+            // Kubernetes' default: Always for `:latest` or untagged images, else IfNotPresent.
+            let last = image.rsplit('/').next().unwrap_or(&image);
+            if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
+                PullPolicy::IfNotPresent
+            } else {
+                PullPolicy::Always
+            }
+        }
+        Some(other) => {
+            return Err(err(
+                format!("{field}.imagePullPolicy"),
+                format!("unknown value {other:?}"),
+            ));
+        }
+    };
+    let mut env = Vec::new();
+    for (i, e) in c.env.as_deref().unwrap_or_default().iter().enumerate() {
+        env.push(parse_env(&format!("{field}.env[{i}]"), e)?);
+    }
+    let mut env_from = Vec::new();
+    for (i, e) in c.env_from.as_deref().unwrap_or_default().iter().enumerate() {
+        let f = format!("{field}.envFrom[{i}]");
+        let prefix = e.prefix.clone().unwrap_or_default();
+        if let Some(cm) = &e.config_map_ref {
+            env_from.push(EnvFrom {
+                prefix,
+                config_map: true,
+                name: cm.name.clone(),
+                optional: cm.optional.unwrap_or(false),
+            });
+        } else if let Some(s) = &e.secret_ref {
+            env_from.push(EnvFrom {
+                prefix,
+                config_map: false,
+                name: s.name.clone(),
+                optional: s.optional.unwrap_or(false),
+            });
+        } else {
+            return Err(err(f, "needs configMapRef or secretRef"));
+        }
+    }
+    let mut mounts = Vec::new();
+    for (i, m) in c.volume_mounts.as_deref().unwrap_or_default().iter().enumerate() {
+        let f = format!("{field}.volumeMounts[{i}]");
+        if !volumes.contains(&m.name.as_str()) {
+            return Err(err(format!("{f}.name"), format!("no volume named {:?}", m.name)));
+        }
+        if !m.mount_path.starts_with('/') {
+            return Err(err(format!("{f}.mountPath"), "must be absolute"));
+        }
+        let sub_path = m.sub_path.clone().filter(|s| !s.is_empty());
+        if let Some(s) = &sub_path
+            && (s.starts_with('/') || s.split('/').any(|p| p == ".."))
+        {
+            return Err(err(format!("{f}.subPath"), "must be relative without '..'"));
+        }
+        mounts.push(MountPlan {
+            volume: m.name.clone(),
+            path: m.mount_path.clone(),
+            read_only: m.read_only.unwrap_or(false),
+            sub_path,
+        });
+    }
+    let (requests, limits) = match &c.resources {
+        Some(r) => {
+            let get = |map: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+                       what: &str|
+             -> Result<Option<Resources>, SpecError> {
+                let Some(map) = map else { return Ok(None) };
+                let cpu = map
+                    .get("cpu")
+                    .map(|q| parse_cpu(&q.0).ok_or_else(|| err(format!("{field}.resources.{what}.cpu"), format!("invalid quantity {:?}", q.0))))
+                    .transpose()?;
+                let mem = map
+                    .get("memory")
+                    .map(|q| parse_bytes(&q.0).ok_or_else(|| err(format!("{field}.resources.{what}.memory"), format!("invalid quantity {:?}", q.0))))
+                    .transpose()?;
+                Ok(Some(Resources {
+                    cpu_millis: cpu.unwrap_or(0),
+                    memory_bytes: mem.unwrap_or(0),
+                }))
+            };
+            let limits = get(&r.limits, "limits")?;
+            // As in Kubernetes, a limit without a request makes the request equal to the limit.
+            let requests = get(&r.requests, "requests")?.unwrap_or_default();
+            let requests = Resources {
+                cpu_millis: if requests.cpu_millis == 0 { limits.map(|l| l.cpu_millis).unwrap_or(0) } else { requests.cpu_millis },
+                memory_bytes: if requests.memory_bytes == 0 { limits.map(|l| l.memory_bytes).unwrap_or(0) } else { requests.memory_bytes },
+            };
+            (requests, limits)
+        }
+        None => (Resources::default(), None),
+    };
+    let mut ports = Vec::new();
+    for (i, p) in c.ports.as_deref().unwrap_or_default().iter().enumerate() {
+        let f = format!("{field}.ports[{i}]");
+        let port = |v: i32, what: &str| {
+            u16::try_from(v).map_err(|_| err(format!("{f}.{what}"), format!("{v} is not a port")))
+        };
+        let protocol = match p.protocol.as_deref() {
+            None | Some("TCP") => "tcp",
+            Some("UDP") => "udp",
+            Some(other) => return Err(err(format!("{f}.protocol"), format!("{other} is not supported"))),
+        };
+        ports.push(PortPlan {
+            container_port: port(p.container_port, "containerPort")?,
+            host_port: port(p.host_port.unwrap_or(0), "hostPort")?,
+            protocol: protocol.into(),
+        });
+    }
+    let probe = |p: &Option<k8s::Probe>, what: &str| -> Result<Option<ProbePlan>, SpecError> {
+        let Some(p) = p else { return Ok(None) };
+        if init {
+            return Err(err(format!("{field}.{what}"), "init containers cannot have probes"));
+        }
+        parse_probe(&format!("{field}.{what}"), p, c).map(Some)
+    };
+    if c.lifecycle.is_some() {
+        return Err(err(format!("{field}.lifecycle"), "lifecycle hooks are not supported"));
+    }
+    if c.stdin == Some(true) || c.tty == Some(true) {
+        return Err(err(format!("{field}.stdin"), "interactive containers are not supported"));
+    }
+    Ok(ContainerPlan {
+        name: c.name.clone(),
+        image,
+        pull_policy,
+        command: c.command.clone(),
+        args: c.args.clone(),
+        working_dir: c.working_dir.clone().filter(|w| !w.is_empty()),
+        env,
+        env_from,
+        mounts,
+        limits,
+        requests,
+        ports,
+        liveness: probe(&c.liveness_probe, "livenessProbe")?,
+        readiness: probe(&c.readiness_probe, "readinessProbe")?,
+        startup: probe(&c.startup_probe, "startupProbe")?,
+    })
+}
+
+fn parse_env(field: &str, e: &k8s::EnvVar) -> Result<EnvVar, SpecError> {
+    let Some(from) = &e.value_from else {
+        return Ok(EnvVar::Value(e.name.clone(), e.value.clone().unwrap_or_default()));
+    };
+    if let Some(k) = &from.config_map_key_ref {
+        return Ok(EnvVar::ConfigMapKey {
+            name: e.name.clone(),
+            map: k.name.clone(),
+            key: k.key.clone(),
+            optional: k.optional.unwrap_or(false),
+        });
+    }
+    if let Some(k) = &from.secret_key_ref {
+        return Ok(EnvVar::SecretKey {
+            name: e.name.clone(),
+            secret: k.name.clone(),
+            key: k.key.clone(),
+            optional: k.optional.unwrap_or(false),
+        });
+    }
+    if let Some(f) = &from.field_ref {
+        let r = match f.field_path.as_str() {
+            "metadata.name" => FieldRef::PodName,
+            "metadata.namespace" => FieldRef::Namespace,
+            "metadata.uid" => FieldRef::Uid,
+            "spec.nodeName" => FieldRef::NodeName,
+            "status.podIP" => FieldRef::PodIp,
+            "status.hostIP" => FieldRef::HostIp,
+            other => {
+                return Err(err(
+                    format!("{field}.valueFrom.fieldRef.fieldPath"),
+                    format!("{other:?} is not supported"),
+                ));
+            }
+        };
+        return Ok(EnvVar::Field(e.name.clone(), r));
+    }
+    Err(err(format!("{field}.valueFrom"), "only configMapKeyRef, secretKeyRef and fieldRef are supported"))
+}
+
+fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbePlan, SpecError> {
+    let secs = |v: Option<i32>, default: u64| Duration::from_secs(v.map(|v| v.max(0) as u64).unwrap_or(default));
+    let resolve_port = |f: &str, port: &IntOrString| -> Result<u16, SpecError> {
+        match port {
+            IntOrString::Int(n) => u16::try_from(*n).map_err(|_| err(f, format!("{n} is not a port"))),
+            IntOrString::String(name) => c
+                .ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+                .ok_or_else(|| err(f, format!("no container port named {name:?}"))),
+        }
+    };
+    let action = if let Some(e) = &p.exec {
+        let cmd = e.command.clone().unwrap_or_default();
+        if cmd.is_empty() {
+            return Err(err(format!("{field}.exec.command"), "required"));
+        }
+        ProbeAction::Exec(cmd)
+    } else if let Some(h) = &p.http_get {
+        if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+            return Err(err(format!("{field}.httpGet.scheme"), "only HTTP is supported"));
+        }
+        ProbeAction::HttpGet {
+            host: h.host.clone().filter(|h| !h.is_empty()),
+            port: resolve_port(&format!("{field}.httpGet.port"), &h.port)?,
+            path: h.path.clone().unwrap_or_else(|| "/".into()),
+            headers: h
+                .http_headers
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
+        }
+    } else if let Some(t) = &p.tcp_socket {
+        ProbeAction::TcpSocket {
+            host: t.host.clone().filter(|h| !h.is_empty()),
+            port: resolve_port(&format!("{field}.tcpSocket.port"), &t.port)?,
+        }
+    } else {
+        return Err(err(field, "needs exec, httpGet or tcpSocket (grpc is not supported)"));
+    };
+    Ok(ProbePlan {
+        action,
+        initial_delay: secs(p.initial_delay_seconds, 0),
+        period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+        timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
+        success_threshold: p.success_threshold.unwrap_or(1).max(1) as u32,
+        failure_threshold: p.failure_threshold.unwrap_or(3).max(1) as u32,
+    })
+}
+
+/// Parse a CPU quantity ("500m", "1", "0.25") into millicores.
+pub fn parse_cpu(q: &str) -> Option<u64> {
+    let q = q.trim();
+    if let Some(m) = q.strip_suffix('m') {
+        return m.parse::<u64>().ok();
+    }
+    let v: f64 = q.parse().ok()?;
+    (v >= 0.0 && v.is_finite()).then(|| (v * 1000.0).ceil() as u64)
+}
+
+/// Parse a memory quantity ("64Mi", "1G", "128974848", "129e6") into bytes.
+pub fn parse_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    const SUFFIXES: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("Ei", 1152921504606846976.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+        ("m", 1e-3),
+    ];
+    for (s, mult) in SUFFIXES {
+        if let Some(n) = q.strip_suffix(s) {
+            let v: f64 = n.parse().ok()?;
+            return (v >= 0.0 && v.is_finite()).then(|| (v * mult).ceil() as u64);
+        }
+    }
+    let v: f64 = q.parse().ok()?;
+    (v >= 0.0 && v.is_finite()).then(|| v.ceil() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(spec: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u-1"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_common_fields() {
+        let plan = parse_pod(&pod(serde_json::json!({
+            "restartPolicy": "OnFailure",
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 3,
+            "initContainers": [{"name": "init", "image": "img:1", "resources": {"requests": {"cpu": "2"}}}],
+            "containers": [{
+                "name": "app", "image": "img:1", "command": ["sh"], "args": ["-c", "true"],
+                "workingDir": "/tmp",
+                "env": [{"name": "A", "value": "1"},
+                        {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}],
+                "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}},
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"port": "http", "path": "/ok"}, "periodSeconds": 2}
+            }]
+        })))
+        .unwrap();
+        assert_eq!(plan.restart_policy, RestartPolicy::OnFailure);
+        assert_eq!(plan.grace_secs, 3);
+        assert!(plan.host_network);
+        let app = &plan.containers[0];
+        assert_eq!(app.pull_policy, PullPolicy::IfNotPresent);
+        assert_eq!(app.limits, Some(Resources { cpu_millis: 500, memory_bytes: 64 << 20 }));
+        assert_eq!(app.requests.cpu_millis, 500, "request defaults to limit");
+        assert_eq!(plan.requests.cpu_millis, 2000, "largest init request wins");
+        assert_eq!(app.env[1], EnvVar::Field("B".into(), FieldRef::Uid));
+        match &app.readiness.as_ref().unwrap().action {
+            ProbeAction::HttpGet { port, path, .. } => assert_eq!((*port, path.as_str()), (8080, "/ok")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unsupported_volume_names_the_field() {
+        let e = parse_pod(&pod(serde_json::json!({
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "c"}}],
+            "containers": [{"name": "app", "image": "img:1"}]
+        })))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.volumes[0].persistentVolumeClaim");
+        assert!(e.message.contains("not supported"), "{e}");
+    }
+
+    #[test]
+    fn bad_quantity_and_unknown_mount_are_rejected() {
+        let e = parse_pod(&pod(serde_json::json!({
+            "containers": [{"name": "app", "image": "img:1", "resources": {"limits": {"memory": "lots"}}}]
+        })))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.containers[0].resources.limits.memory");
+        let e = parse_pod(&pod(serde_json::json!({
+            "containers": [{"name": "app", "image": "img:1", "volumeMounts": [{"name": "x", "mountPath": "/x"}]}]
+        })))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.containers[0].volumeMounts[0].name");
+    }
+
+    #[test]
+    fn latest_defaults_to_always_pull() {
+        let plan = parse_pod(&pod(serde_json::json!({
+            "containers": [{"name": "a", "image": "localhost:5000/img"}, {"name": "b", "image": "img:latest"}]
+        })))
+        .unwrap();
+        assert_eq!(plan.containers[0].pull_policy, PullPolicy::Always);
+        assert_eq!(plan.containers[1].pull_policy, PullPolicy::Always);
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_cpu("250m"), Some(250));
+        assert_eq!(parse_cpu("1.5"), Some(1500));
+        assert_eq!(parse_bytes("1Gi"), Some(1 << 30));
+        assert_eq!(parse_bytes("129e6"), Some(129_000_000));
+        assert_eq!(parse_bytes("1k"), Some(1000));
+        assert_eq!(parse_bytes("x"), None);
+    }
+}

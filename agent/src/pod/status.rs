@@ -1,0 +1,197 @@
+//! The Kubernetes `PodStatus` of a pod, built from its container lifecycles.
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::lifecycle::{ContainerLifecycle, State, Termination};
+use super::spec::{PodPlan, RestartPolicy};
+
+/// One container as the status needs it.
+#[derive(Debug, Clone)]
+pub struct ContainerView<'a> {
+    /// Container name.
+    pub name: &'a str,
+    /// Image as specified.
+    pub image: &'a str,
+    /// Image id ("sha256:...") once known.
+    pub image_id: &'a str,
+    /// Current Podman container id.
+    pub container_id: &'a str,
+    /// Its lifecycle.
+    pub lifecycle: &'a ContainerLifecycle,
+}
+
+/// Everything a pod status is built from.
+#[derive(Debug, Clone)]
+pub struct PodView<'a> {
+    /// The pod.
+    pub plan: &'a PodPlan,
+    /// Init containers in order.
+    pub init: Vec<ContainerView<'a>>,
+    /// App containers.
+    pub app: Vec<ContainerView<'a>>,
+    /// Node address.
+    pub host_ip: &'a str,
+    /// Pod address.
+    pub pod_ip: &'a str,
+    /// When the agent accepted the pod.
+    pub start_time: Timestamp,
+}
+
+/// Pod phase.
+pub fn phase(v: &PodView<'_>) -> &'static str {
+    let init_failed = v.init.iter().any(|c| {
+        c.lifecycle.finished() && !c.lifecycle.succeeded()
+    });
+    if init_failed && v.plan.restart_policy == RestartPolicy::Never {
+        return "Failed";
+    }
+    if !v.init.iter().all(|c| c.lifecycle.succeeded()) {
+        return "Pending";
+    }
+    let all_finished = v.app.iter().all(|c| c.lifecycle.finished());
+    if all_finished {
+        return if v.app.iter().all(|c| c.lifecycle.succeeded()) {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+    }
+    let any_up = v.app.iter().any(|c| {
+        matches!(c.lifecycle.state, State::Running { .. })
+            || c.lifecycle.restart_count > 0
+            || c.lifecycle.finished()
+    });
+    if any_up { "Running" } else { "Pending" }
+}
+
+fn time(t: Option<Timestamp>) -> Option<Time> {
+    t.map(Time)
+}
+
+fn terminated(t: &Termination) -> k8s::ContainerStateTerminated {
+    k8s::ContainerStateTerminated {
+        exit_code: t.exit_code,
+        reason: Some(t.reason.clone()),
+        started_at: time(t.started_at),
+        finished_at: time(t.finished_at),
+        container_id: (!t.container_id.is_empty()).then(|| format!("podman://{}", t.container_id)),
+        ..Default::default()
+    }
+}
+
+fn container_status(c: &ContainerView<'_>) -> k8s::ContainerStatus {
+    let l = c.lifecycle;
+    let state = match &l.state {
+        State::Waiting { reason, message } => k8s::ContainerState {
+            waiting: Some(k8s::ContainerStateWaiting {
+                reason: Some(reason.as_str().into()),
+                message: message.clone(),
+            }),
+            ..Default::default()
+        },
+        State::Running { started_at } => k8s::ContainerState {
+            running: Some(k8s::ContainerStateRunning {
+                started_at: time(*started_at),
+            }),
+            ..Default::default()
+        },
+        State::Terminated(t) => k8s::ContainerState {
+            terminated: Some(terminated(t)),
+            ..Default::default()
+        },
+    };
+    k8s::ContainerStatus {
+        name: c.name.to_owned(),
+        image: c.image.to_owned(),
+        image_id: c.image_id.to_owned(),
+        container_id: (!c.container_id.is_empty()).then(|| format!("podman://{}", c.container_id)),
+        ready: l.ready,
+        started: Some(matches!(l.state, State::Running { .. }) && l.started),
+        restart_count: l.restart_count as i32,
+        state: Some(state),
+        last_state: l.last_termination.as_ref().map(|t| k8s::ContainerState {
+            terminated: Some(terminated(t)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn condition(kind: &str, ok: bool, reason: Option<&str>, since: Timestamp) -> k8s::PodCondition {
+    k8s::PodCondition {
+        type_: kind.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: (!ok).then(|| reason.unwrap_or_default().to_owned()).filter(|r| !r.is_empty()),
+        last_transition_time: Some(Time(since)),
+        ..Default::default()
+    }
+}
+
+/// The Kubernetes PodStatus.
+pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
+    let phase = phase(v);
+    let initialized = v.init.iter().all(|c| c.lifecycle.succeeded());
+    let containers_ready = v.app.iter().all(|c| c.lifecycle.ready);
+    let since = v.start_time;
+    let not_ready_reason = if phase == "Succeeded" || phase == "Failed" {
+        "PodCompleted"
+    } else {
+        "ContainersNotReady"
+    };
+    k8s::PodStatus {
+        phase: Some(phase.into()),
+        conditions: Some(vec![
+            condition("PodScheduled", true, None, since),
+            condition("Initialized", initialized, Some("ContainersNotInitialized"), since),
+            condition("ContainersReady", containers_ready, Some(not_ready_reason), since),
+            condition("Ready", containers_ready, Some(not_ready_reason), since),
+        ]),
+        host_ip: Some(v.host_ip.to_owned()).filter(|s| !s.is_empty()),
+        host_ips: Some(vec![k8s::HostIP { ip: v.host_ip.to_owned() }]).filter(|_| !v.host_ip.is_empty()),
+        pod_ip: Some(v.pod_ip.to_owned()).filter(|s| !s.is_empty()),
+        pod_ips: Some(vec![k8s::PodIP { ip: v.pod_ip.to_owned() }]).filter(|_| !v.pod_ip.is_empty()),
+        start_time: Some(Time(v.start_time)),
+        init_container_statuses: Some(v.init.iter().map(container_status).collect())
+            .filter(|s: &Vec<_>| !s.is_empty()),
+        container_statuses: Some(v.app.iter().map(container_status).collect()),
+        qos_class: Some(qos(v.plan).into()),
+        ..Default::default()
+    }
+}
+
+/// A pod that is not run at all: failed with `reason` and `message`.
+pub fn failed_status(reason: &str, message: &str, host_ip: &str, now: Timestamp) -> k8s::PodStatus {
+    k8s::PodStatus {
+        phase: Some("Failed".into()),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        host_ip: Some(host_ip.to_owned()).filter(|s| !s.is_empty()),
+        start_time: Some(Time(now)),
+        conditions: Some(vec![condition("PodScheduled", true, None, now)]),
+        ..Default::default()
+    }
+}
+
+fn qos(plan: &PodPlan) -> &'static str {
+    let all = plan.init_containers.iter().chain(&plan.containers);
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in all {
+        if c.requests.cpu_millis > 0 || c.requests.memory_bytes > 0 || c.limits.is_some() {
+            any = true;
+        }
+        match c.limits {
+            Some(l) if l.cpu_millis > 0 && l.memory_bytes > 0 && l.cpu_millis == c.requests.cpu_millis && l.memory_bytes == c.requests.memory_bytes => {}
+            _ => guaranteed = false,
+        }
+    }
+    if !any {
+        "BestEffort"
+    } else if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}

@@ -1,0 +1,754 @@
+//! One task per pod: the only place that acts on that pod, so two reconciles of one pod never
+//! overlap. It is level-triggered: every pass compares the desired pod with what Podman shows,
+//! acts, publishes the status and says when to look again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetlet_proto::v1::{PodBundle, PodStatusEntry};
+use jiff::Timestamp;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Termination};
+use super::probe::{ProbeTracker, Verdict, run_probe};
+use super::spec::{ContainerPlan, EnvVar, FieldRef, PodPlan, PullPolicy, SpecError};
+use super::status::{ContainerView, PodView, failed_status, pod_status};
+use super::volumes::{self, Prepared};
+use crate::podman::types::is_zero_time;
+use crate::podman::{
+    ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, MemoryLimit, Mount, Namespace,
+    PodCreate, PortMapping, ResourceLimits, labels,
+};
+
+/// Status of every pod, keyed by UID (shared with the link and the status file).
+pub type StatusMap = Arc<BTreeMap<String, PodStatusEntry>>;
+
+/// What the worker should make true.
+#[derive(Debug, Clone)]
+pub enum Desire {
+    /// Run this pod. `admission` is `Err((reason, message))` when it was rejected.
+    Run {
+        /// The bundle.
+        bundle: Arc<PodBundle>,
+        /// Admission verdict.
+        admission: Result<(), (String, String)>,
+    },
+    /// Stop and remove the pod.
+    Remove,
+}
+
+/// What every worker shares.
+pub struct PodContext<R> {
+    /// Container runtime.
+    pub rt: Arc<R>,
+    /// Device name (label value).
+    pub device: String,
+    /// State directory (volumes live below it).
+    pub state_dir: PathBuf,
+    /// Node IP for hostIP / hostNetwork podIP.
+    pub host_ip: String,
+    /// Published statuses.
+    pub statuses: watch::Sender<StatusMap>,
+    /// Restart counts restored from the status file (uid → container → count).
+    pub restored_restarts: BTreeMap<String, BTreeMap<String, u32>>,
+}
+
+struct Slot {
+    lc: ContainerLifecycle,
+    container_id: String,
+    image_id: String,
+    run_started: Option<Timestamp>,
+    startup: Option<ProbeTracker>,
+    readiness: Option<ProbeTracker>,
+    liveness: Option<ProbeTracker>,
+}
+
+/// Runs one pod until it is removed or the agent shuts down.
+pub struct PodWorker<R> {
+    ctx: Arc<PodContext<R>>,
+    uid: String,
+    pod_name: String,
+    slots: BTreeMap<String, Slot>,
+    start_time: Timestamp,
+}
+
+/// Podman pod name for a pod UID on a device.
+pub fn podman_pod_name(device: &str, uid: &str) -> String {
+    format!("fleetlet-{device}-{uid}")
+}
+
+impl<R: ContainerRuntime> PodWorker<R> {
+    /// A worker for pod `uid`.
+    pub fn new(ctx: Arc<PodContext<R>>, uid: String) -> Self {
+        Self {
+            pod_name: podman_pod_name(&ctx.device, &uid),
+            ctx,
+            uid,
+            slots: BTreeMap::new(),
+            start_time: Timestamp::now(),
+        }
+    }
+
+    /// The worker loop: reconcile whenever the desire changes, Podman reports an event for this
+    /// pod (`wake`), or the requeue time passes.
+    pub async fn run(
+        mut self,
+        mut desire: watch::Receiver<Desire>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let current = desire.borrow_and_update().clone();
+            let requeue = match current {
+                Desire::Remove => {
+                    match self.remove().await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            warn!(pod_uid = %self.uid, error = %e, "removing pod failed; retrying");
+                            Duration::from_secs(5)
+                        }
+                    }
+                }
+                Desire::Run { bundle, admission } => self.reconcile(&bundle, admission).await,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = desire.changed() => if r.is_err() { return },
+                _ = wake.notified() => {},
+                _ = tokio::time::sleep(requeue) => {},
+            }
+        }
+    }
+
+    fn publish(&self, namespace: &str, name: &str, status: &k8s_openapi::api::core::v1::PodStatus, removed: bool) {
+        let status_json = serde_json::to_vec(status).unwrap_or_default();
+        let entry = PodStatusEntry {
+            uid: self.uid.clone(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            status_json: status_json.into(),
+            removed,
+        };
+        self.ctx.statuses.send_if_modified(|map| {
+            if map.get(&self.uid) == Some(&entry) {
+                return false;
+            }
+            Arc::make_mut(map).insert(self.uid.clone(), entry);
+            true
+        });
+    }
+
+    async fn reconcile(
+        &mut self,
+        bundle: &PodBundle,
+        admission: Result<(), (String, String)>,
+    ) -> Duration {
+        let plan = match super::spec::parse_pod(&bundle.pod_json) {
+            Ok(p) => p,
+            Err(SpecError { field, message }) => {
+                let (ns, name) = pod_names(&bundle.pod_json);
+                let msg = format!("{field}: {message}");
+                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %msg, "pod rejected");
+                let st = failed_status("UnsupportedPodSpec", &msg, &self.ctx.host_ip, self.start_time);
+                self.publish(&ns, &name, &st, false);
+                return Duration::from_secs(3600);
+            }
+        };
+        let (ns, name) = (plan.meta.namespace.clone(), plan.meta.name.clone());
+        if let Err((reason, message)) = admission {
+            let st = failed_status(&reason, &message, &self.ctx.host_ip, self.start_time);
+            self.publish(&ns, &name, &st, false);
+            return Duration::from_secs(3600);
+        }
+        let requeue = match self.drive(&plan, bundle).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(pod = %name, namespace = %ns, error = %e, "reconcile failed; retrying");
+                Duration::from_secs(2)
+            }
+        };
+        let status = self.status(&plan);
+        self.publish(&ns, &name, &status, false);
+        requeue
+    }
+
+    fn status(&self, plan: &PodPlan) -> k8s_openapi::api::core::v1::PodStatus {
+        let empty = ContainerLifecycle::new();
+        let view = |c: &'_ ContainerPlan| -> (String, String, String, ContainerLifecycle) {
+            match self.slots.get(&c.name) {
+                Some(s) => (c.name.clone(), s.image_id.clone(), s.container_id.clone(), s.lc.clone()),
+                None => (c.name.clone(), String::new(), String::new(), empty.clone()),
+            }
+        };
+        let init: Vec<_> = plan.init_containers.iter().map(|c| (c, view(c))).collect();
+        let app: Vec<_> = plan.containers.iter().map(|c| (c, view(c))).collect();
+        let pod_ip = if plan.host_network { self.ctx.host_ip.as_str() } else { "" };
+        let v = PodView {
+            plan,
+            init: init
+                .iter()
+                .map(|(c, (n, iid, cid, lc))| ContainerView {
+                    name: n,
+                    image: &c.image,
+                    image_id: iid,
+                    container_id: cid,
+                    lifecycle: lc,
+                })
+                .collect(),
+            app: app
+                .iter()
+                .map(|(c, (n, iid, cid, lc))| ContainerView {
+                    name: n,
+                    image: &c.image,
+                    image_id: iid,
+                    container_id: cid,
+                    lifecycle: lc,
+                })
+                .collect(),
+            host_ip: &self.ctx.host_ip,
+            pod_ip,
+            start_time: self.start_time,
+        };
+        pod_status(&v)
+    }
+
+    fn pod_labels(&self, plan: &PodPlan) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::DEVICE.to_owned(), self.ctx.device.clone()),
+            (labels::POD_UID.to_owned(), self.uid.clone()),
+            (labels::POD_NAMESPACE.to_owned(), plan.meta.namespace.clone()),
+            (labels::POD_NAME.to_owned(), plan.meta.name.clone()),
+        ])
+    }
+
+    fn filter(&self) -> Vec<String> {
+        vec![
+            format!("{}={}", labels::DEVICE, self.ctx.device),
+            format!("{}={}", labels::POD_UID, self.uid),
+        ]
+    }
+
+    /// One level-triggered pass over the pod's containers.
+    async fn drive(&mut self, plan: &PodPlan, bundle: &PodBundle) -> Result<Duration, crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        let now = Instant::now();
+        // Volumes first: a missing ConfigMap/Secret keeps every container waiting, nothing runs.
+        let vols = volumes::prepare(&self.ctx.state_dir, plan, bundle);
+        // The Podman pod (infra container holds the shared namespaces).
+        if rt.list_pods(&self.filter()).await?.is_empty() {
+            let mut portmappings = Vec::new();
+            if !plan.host_network {
+                for p in plan.containers.iter().flat_map(|c| &c.ports) {
+                    if p.host_port != 0 {
+                        portmappings.push(PortMapping {
+                            container_port: p.container_port,
+                            host_port: p.host_port,
+                            protocol: p.protocol.clone(),
+                            host_ip: String::new(),
+                        });
+                    }
+                }
+            }
+            rt.create_pod(&PodCreate {
+                name: self.pod_name.clone(),
+                labels: self.pod_labels(plan),
+                hostname: (!plan.host_network).then(|| plan.meta.name.clone()),
+                netns: Namespace {
+                    nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
+                },
+                portmappings,
+            })
+            .await?;
+            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
+        }
+        let existing: BTreeMap<String, String> = rt
+            .list_containers(&self.filter())
+            .await?
+            .into_iter()
+            .filter_map(|c| c.labels.get(labels::CONTAINER).cloned().map(|n| (n, c.id)))
+            .collect();
+        let restored = self.ctx.restored_restarts.get(&self.uid).cloned().unwrap_or_default();
+        let mut requeue = Duration::from_secs(30);
+        let mut inits_done = true;
+        let all: Vec<(bool, &ContainerPlan)> = plan
+            .init_containers
+            .iter()
+            .map(|c| (true, c))
+            .chain(plan.containers.iter().map(|c| (false, c)))
+            .collect();
+        for (is_init, c) in all {
+            if !is_init && !inits_done {
+                let slot = self.slot(&c.name, &restored);
+                if !matches!(slot.lc.state, State::Running { .. } | State::Terminated(_)) {
+                    slot.lc.state = State::Waiting {
+                        reason: super::lifecycle::WaitReason::PodInitializing,
+                        message: None,
+                    };
+                }
+                continue;
+            }
+            let hash = spec_hash(c);
+            // Observe.
+            let mut container_id = existing.get(&c.name).cloned();
+            let mut inspect = None;
+            if let Some(id) = &container_id {
+                inspect = rt.inspect_container(id).await?;
+                if let Some(i) = &inspect
+                    && i.config.labels.get(labels::SPEC_HASH) != Some(&hash)
+                {
+                    // The desired container changed (e.g. a new image): replace it.
+                    info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
+                    rt.stop_container(id, plan.grace_secs).await?;
+                    rt.remove_container(id).await?;
+                    inspect = None;
+                    container_id = None;
+                }
+            }
+            let obs = match &inspect {
+                None => Observation::Absent,
+                Some(i) => observe(i),
+            };
+            let slot = self.slot(&c.name, &restored);
+            if let Some(i) = &inspect {
+                slot.container_id = i.id.clone();
+                if slot.image_id.is_empty() {
+                    slot.image_id = i.image.clone();
+                }
+            }
+            let was_running = matches!(slot.lc.state, State::Running { .. });
+            let policy = plan.restart_policy;
+            if let Observation::Exited(t) = &obs
+                && was_running
+            {
+                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = t.exit_code, "container exited");
+            }
+            let new_run = match &obs {
+                Observation::Running { started_at } => slot.run_started != *started_at || !was_running,
+                _ => false,
+            };
+            if let Observation::Running { started_at } = &obs {
+                slot.run_started = *started_at;
+            }
+            slot.lc.observe(obs, policy, is_init, now);
+            if new_run {
+                slot.startup = c.startup.as_ref().map(|p| ProbeTracker::new(p, now));
+                slot.readiness = c.readiness.as_ref().map(|p| ProbeTracker::new(p, now));
+                slot.liveness = c.liveness.as_ref().map(|p| ProbeTracker::new(p, now));
+                slot.lc.started = c.startup.is_none();
+                slot.lc.ready = c.startup.is_none() && c.readiness.is_none();
+            }
+            // Act.
+            let action = slot.lc.next_action(container_id.is_some(), now);
+            match action {
+                Action::WaitUntil(t) => {
+                    slot.lc.mark_pull_backoff();
+                    requeue = requeue.min(t.saturating_duration_since(now) + Duration::from_millis(50));
+                }
+                Action::Done => {}
+                Action::Start | Action::Create => {
+                    let restarting = matches!(slot.lc.state, State::Waiting { reason: super::lifecycle::WaitReason::CrashLoopBackOff, .. });
+                    let id = match container_id {
+                        Some(id) => Some(id),
+                        None => {
+                            let vols = match &vols {
+                                Ok(v) => v,
+                                Err(e) => {
+                                    slot.lc.observe(Observation::ConfigError(e.to_string()), policy, is_init, now);
+                                    requeue = requeue.min(Duration::from_secs(10));
+                                    if is_init { inits_done = false; }
+                                    continue;
+                                }
+                            };
+                            match self.create(plan, c, &hash, vols, bundle).await {
+                                Ok(id) => Some(id),
+                                Err(obs) => {
+                                    let slot = self.slot(&c.name, &restored);
+                                    slot.lc.observe(obs, policy, is_init, now);
+                                    requeue = requeue.min(Duration::from_secs(10));
+                                    None
+                                }
+                            }
+                        }
+                    };
+                    let slot = self.slot(&c.name, &restored);
+                    if let Some(id) = id {
+                        slot.container_id = id.clone();
+                        if restarting {
+                            slot.lc.restarting();
+                        }
+                        match rt.start_container(&id).await {
+                            Ok(()) => {
+                                debug!(pod = %plan.meta.name, container = %c.name, "container started");
+                                requeue = requeue.min(Duration::from_millis(200));
+                            }
+                            Err(e) => {
+                                slot.lc.observe(Observation::RuntimeError(e.to_string()), policy, is_init, now);
+                                requeue = requeue.min(Duration::from_secs(10));
+                            }
+                        }
+                    }
+                }
+                Action::Probe => {
+                    let next = self.probe(plan, c).await;
+                    requeue = requeue.min(next);
+                }
+            }
+            if is_init && !self.slot(&c.name, &restored).lc.succeeded() {
+                inits_done = false;
+            }
+        }
+        Ok(requeue)
+    }
+
+    fn slot(&mut self, name: &str, restored: &BTreeMap<String, u32>) -> &mut Slot {
+        self.slots.entry(name.to_owned()).or_insert_with(|| Slot {
+            lc: ContainerLifecycle::new().with_restart_count(restored.get(name).copied().unwrap_or(0)),
+            container_id: String::new(),
+            image_id: String::new(),
+            run_started: None,
+            startup: None,
+            readiness: None,
+            liveness: None,
+        })
+    }
+
+    /// Run due probes of a running container; returns when the next one is due.
+    async fn probe(&mut self, plan: &PodPlan, c: &ContainerPlan) -> Duration {
+        let rt = self.ctx.rt.clone();
+        let host = if plan.host_network { "127.0.0.1" } else { self.ctx.host_ip.as_str() }.to_owned();
+        let now = Instant::now();
+        let Some(slot) = self.slots.get_mut(&c.name) else {
+            return Duration::from_secs(30);
+        };
+        let id = slot.container_id.clone();
+        let mut next = Duration::from_secs(30);
+        let mut kill = None;
+        if let (Some(p), Some(t)) = (&c.startup, &mut slot.startup)
+            && !slot.lc.started
+        {
+            if t.due_in(now).is_zero() {
+                let ok = run_probe(&*rt, &id, &host, p).await;
+                match t.record(p, ok, Instant::now()) {
+                    Verdict::Passed => slot.lc.started = true,
+                    Verdict::Failed => kill = Some("startup probe failed"),
+                    Verdict::Unchanged => {}
+                }
+            }
+            next = next.min(t.due_in(Instant::now()));
+        }
+        if slot.lc.started && kill.is_none() {
+            if let (Some(p), Some(t)) = (&c.readiness, &mut slot.readiness) {
+                if t.due_in(now).is_zero() {
+                    let ok = run_probe(&*rt, &id, &host, p).await;
+                    t.record(p, ok, Instant::now());
+                    slot.lc.ready = t.passing;
+                }
+                next = next.min(t.due_in(Instant::now()));
+            } else {
+                slot.lc.ready = true;
+            }
+            if let (Some(p), Some(t)) = (&c.liveness, &mut slot.liveness) {
+                if t.due_in(now).is_zero() {
+                    let ok = run_probe(&*rt, &id, &host, p).await;
+                    if t.record(p, ok, Instant::now()) == Verdict::Failed {
+                        kill = Some("liveness probe failed");
+                    }
+                }
+                next = next.min(t.due_in(Instant::now()));
+            }
+        }
+        if let Some(why) = kill {
+            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = why, "restarting container");
+            slot.lc.ready = false;
+            if let Err(e) = rt.stop_container(&id, plan.grace_secs).await {
+                warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping container failed");
+            }
+            return Duration::from_millis(100);
+        }
+        next + Duration::from_millis(10)
+    }
+
+    /// Pull per policy, resolve configuration and create the container. Errors are the
+    /// observation to record.
+    async fn create(
+        &mut self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        hash: &str,
+        vols: &BTreeMap<String, Prepared>,
+        bundle: &PodBundle,
+    ) -> Result<String, Observation> {
+        let rt = self.ctx.rt.clone();
+        let present = rt
+            .inspect_image(&c.image)
+            .await
+            .map_err(|e| Observation::RuntimeError(e.to_string()))?;
+        let image = match (c.pull_policy, present) {
+            (PullPolicy::Never, None) => {
+                return Err(Observation::NeverPull(format!(
+                    "image {:?} is not present and imagePullPolicy is Never",
+                    c.image
+                )));
+            }
+            (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) => i,
+            (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, None) => {
+                info!(pod = %plan.meta.name, container = %c.name, image = %c.image, "pulling image");
+                rt.pull_image(&c.image)
+                    .await
+                    .map_err(|e| Observation::PullFailed(e.to_string()))?;
+                rt.inspect_image(&c.image)
+                    .await
+                    .map_err(|e| Observation::RuntimeError(e.to_string()))?
+                    .ok_or_else(|| Observation::PullFailed(format!("image {:?} missing after pull", c.image)))?
+            }
+        };
+        let env = resolve_env(plan, c, bundle, &self.ctx.host_ip).map_err(Observation::ConfigError)?;
+        let mut mounts = Vec::new();
+        for m in &c.mounts {
+            let mut options = vec!["rbind".to_owned()];
+            if m.read_only {
+                options.push("ro".into());
+            }
+            let (kind, source) = match vols.get(&m.volume) {
+                Some(Prepared::Bind(p)) => {
+                    let p = match &m.sub_path {
+                        Some(s) => {
+                            let p = p.join(s);
+                            if let Err(e) = std::fs::create_dir_all(&p) {
+                                return Err(Observation::ConfigError(format!("subPath {s}: {e}")));
+                            }
+                            p
+                        }
+                        None => p.clone(),
+                    };
+                    ("bind", p.to_string_lossy().into_owned())
+                }
+                Some(Prepared::Tmpfs) => {
+                    options = vec!["rw".into()];
+                    ("tmpfs", "tmpfs".to_owned())
+                }
+                None => return Err(Observation::ConfigError(format!("volume {} not prepared", m.volume))),
+            };
+            mounts.push(Mount {
+                destination: m.path.clone(),
+                source,
+                kind: kind.into(),
+                options,
+            });
+        }
+        let mut lbls = self.pod_labels(plan);
+        lbls.insert(labels::CONTAINER.into(), c.name.clone());
+        lbls.insert(labels::SPEC_HASH.into(), hash.to_owned());
+        let resource_limits = c.limits.map(|l| ResourceLimits {
+            memory: (l.memory_bytes > 0).then(|| MemoryLimit { limit: l.memory_bytes as i64 }),
+            cpu: (l.cpu_millis > 0).then(|| CpuLimit {
+                quota: (l.cpu_millis * 100) as i64,
+                period: 100_000,
+            }),
+        });
+        let spec = ContainerCreate {
+            name: format!("{}-{}", self.pod_name, c.name),
+            pod: self.pod_name.clone(),
+            image: image.id.clone(),
+            entrypoint: c.command.clone(),
+            // With a `command` but no `args`, the image's CMD must not be appended (Kubernetes).
+            command: c.args.clone().or_else(|| c.command.as_ref().map(|_| Vec::new())),
+            env,
+            work_dir: c.working_dir.clone(),
+            labels: lbls,
+            mounts,
+            resource_limits,
+            stop_signal: 15,
+            stop_timeout: plan.grace_secs,
+            restart_policy: "no".into(),
+        };
+        let id = rt
+            .create_container(&spec)
+            .await
+            .map_err(|e| Observation::RuntimeError(e.to_string()))?;
+        if let Some(slot) = self.slots.get_mut(&c.name) {
+            slot.image_id = if image.digest.is_empty() { image.id } else { format!("{}@{}", c.image, image.digest) };
+        }
+        Ok(id)
+    }
+
+    /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
+    /// the pod and its volumes.
+    async fn remove(&mut self) -> Result<(), crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        let containers = rt.list_containers(&self.filter()).await?;
+        // Each container carries the pod's grace period as its stop timeout (also after an agent
+        // restart, when the pod spec may be gone). Stop them all at once so the pod's grace is
+        // not multiplied by its container count.
+        let stops = containers.iter().filter(|c| c.state == "running").map(|c| {
+            let rt = rt.clone();
+            let id = c.id.clone();
+            async move {
+                let grace = match rt.inspect_container(&id).await? {
+                    Some(i) => i.config.stop_timeout.unwrap_or(30),
+                    None => return Ok(()),
+                };
+                rt.stop_container(&id, grace).await
+            }
+        });
+        for r in futures::future::join_all(stops).await {
+            r?;
+        }
+        for c in &containers {
+            rt.remove_container(&c.id).await?;
+        }
+        rt.remove_pod(&self.pod_name).await?;
+        volumes::remove(&self.ctx.state_dir, &self.uid).map_err(|e| crate::podman::PodmanError::Http {
+            endpoint: format!("remove volumes of pod {}", self.uid),
+            message: e.to_string(),
+        })?;
+        let (ns, name) = self
+            .ctx
+            .statuses
+            .borrow()
+            .get(&self.uid)
+            .map(|e| (e.namespace.clone(), e.name.clone()))
+            .unwrap_or_default();
+        info!(pod = %name, namespace = %ns, pod_uid = %self.uid, "pod removed");
+        let status = k8s_openapi::api::core::v1::PodStatus {
+            phase: Some("Succeeded".into()),
+            reason: Some("Removed".into()),
+            ..Default::default()
+        };
+        self.publish(&ns, &name, &status, true);
+        Ok(())
+    }
+}
+
+/// Map an inspect to what the lifecycle understands.
+fn observe(i: &ContainerInspect) -> Observation {
+    let ts = |s: &str| {
+        if is_zero_time(s) {
+            None
+        } else {
+            s.parse::<Timestamp>().ok()
+        }
+    };
+    match i.state.status.as_str() {
+        "running" | "paused" | "stopping" => Observation::Running {
+            started_at: ts(&i.state.started_at),
+        },
+        "exited" | "stopped" if !is_zero_time(&i.state.started_at) => {
+            let reason = if i.state.oom_killed {
+                "OOMKilled"
+            } else if i.state.exit_code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            };
+            Observation::Exited(Termination {
+                exit_code: i.state.exit_code,
+                reason: reason.into(),
+                started_at: ts(&i.state.started_at),
+                finished_at: ts(&i.state.finished_at),
+                container_id: i.id.clone(),
+            })
+        }
+        "exited" | "stopped" if !i.state.error.is_empty() => {
+            Observation::RuntimeError(i.state.error.clone())
+        }
+        _ => Observation::Created,
+    }
+}
+
+/// A stable hash of the container's desired configuration (FNV-1a over its debug form).
+fn spec_hash(c: &ContainerPlan) -> String {
+    let text = format!("{c:?}");
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The container's environment: envFrom first, then env (later entries win), as Kubernetes does.
+fn resolve_env(
+    plan: &PodPlan,
+    c: &ContainerPlan,
+    bundle: &PodBundle,
+    host_ip: &str,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut env = BTreeMap::new();
+    for from in &c.env_from {
+        let kind = if from.config_map { "configmap" } else { "secret" };
+        match volumes::lookup(bundle, !from.config_map, &from.name) {
+            Some(data) => {
+                for (k, v) in data {
+                    env.insert(format!("{}{k}", from.prefix), String::from_utf8_lossy(&v).into_owned());
+                }
+            }
+            None if from.optional => {}
+            None => return Err(format!("{kind} \"{}\" not found", from.name)),
+        }
+    }
+    for e in &c.env {
+        match e {
+            EnvVar::Value(k, v) => {
+                env.insert(k.clone(), expand(v, &env));
+            }
+            EnvVar::ConfigMapKey { name, map, key, optional } | EnvVar::SecretKey { name, secret: map, key, optional } => {
+                let secret = matches!(e, EnvVar::SecretKey { .. });
+                let kind = if secret { "secret" } else { "configmap" };
+                match volumes::lookup(bundle, secret, map).and_then(|d| d.get(key).cloned()) {
+                    Some(v) => {
+                        env.insert(name.clone(), String::from_utf8_lossy(&v).into_owned());
+                    }
+                    None if *optional => {}
+                    None => return Err(format!("couldn't find key {key} in {kind} {}/{map}", plan.meta.namespace)),
+                }
+            }
+            EnvVar::Field(k, f) => {
+                let v = match f {
+                    FieldRef::PodName => plan.meta.name.clone(),
+                    FieldRef::Namespace => plan.meta.namespace.clone(),
+                    FieldRef::Uid => plan.meta.uid.clone(),
+                    FieldRef::NodeName => plan.node_name.clone(),
+                    FieldRef::HostIp => host_ip.to_owned(),
+                    FieldRef::PodIp => if plan.host_network { host_ip.to_owned() } else { String::new() },
+                };
+                env.insert(k.clone(), v);
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// Kubernetes' `$(VAR)` expansion of env values against earlier variables.
+fn expand(v: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut rest = v;
+    while let Some(i) = rest.find("$(") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        match after.find(')') {
+            Some(j) if env.contains_key(&after[..j]) => {
+                out.push_str(&env[&after[..j]]);
+                rest = &after[j + 1..];
+            }
+            _ => {
+                out.push_str("$(");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Namespace and name of a pod JSON that did not parse as a plan (best effort, for status).
+fn pod_names(pod_json: &[u8]) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_slice(pod_json).unwrap_or_default();
+    let get = |k: &str| v["metadata"][k].as_str().unwrap_or_default().to_owned();
+    (get("namespace"), get("name"))
+}
