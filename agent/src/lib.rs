@@ -1,9 +1,18 @@
 //! fleetlet-agent: keeps a device's desired pods on local disk and reconciles them against Podman.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod cli;
+pub mod config;
+pub mod desired_file;
+pub mod device_state;
 pub mod fsutil;
 pub mod link;
+pub mod logging;
+pub mod node;
+pub mod notify;
 pub mod pod;
 pub mod podman;
+pub mod reconciler;
+pub mod statusfile;
 pub mod store;

@@ -184,7 +184,13 @@ impl ContainerLifecycle {
 
     /// The transition function. `policy` decides whether an exited container is restarted;
     /// `is_init` makes `Always` behave like `OnFailure`, as the kubelet does for init containers.
-    pub fn observe(&mut self, obs: Observation, policy: RestartPolicy, is_init: bool, now: Instant) {
+    pub fn observe(
+        &mut self,
+        obs: Observation,
+        policy: RestartPolicy,
+        is_init: bool,
+        now: Instant,
+    ) {
         match obs {
             Observation::Absent | Observation::Created => {
                 // Keep a backoff/terminated state: those decide whether to create again.
@@ -345,26 +351,58 @@ mod tests {
     async fn crash_loop_backoff_doubles_to_cap_and_counts_once() {
         let mut l = ContainerLifecycle::new();
         let now = Instant::now();
-        l.observe(Observation::Running { started_at: None }, RestartPolicy::Always, false, now);
+        l.observe(
+            Observation::Running { started_at: None },
+            RestartPolicy::Always,
+            false,
+            now,
+        );
         let mut delays = Vec::new();
         for i in 0..7 {
-            l.observe(exit(1, 100 + i * 2, 101 + i * 2), RestartPolicy::Always, false, now);
+            l.observe(
+                exit(1, 100 + i * 2, 101 + i * 2),
+                RestartPolicy::Always,
+                false,
+                now,
+            );
             // Observing the same exit again changes nothing.
-            l.observe(exit(1, 100 + i * 2, 101 + i * 2), RestartPolicy::Always, false, now);
+            l.observe(
+                exit(1, 100 + i * 2, 101 + i * 2),
+                RestartPolicy::Always,
+                false,
+                now,
+            );
             match l.next_action(true, now) {
                 Action::WaitUntil(t) => delays.push((t - now).as_secs()),
                 other => panic!("{other:?}"),
             }
-            assert!(matches!(l.state, State::Waiting { reason: WaitReason::CrashLoopBackOff, .. }));
-            assert_eq!(l.next_action(true, now + Duration::from_secs(301)), Action::Start);
+            assert!(matches!(
+                l.state,
+                State::Waiting {
+                    reason: WaitReason::CrashLoopBackOff,
+                    ..
+                }
+            ));
+            assert_eq!(
+                l.next_action(true, now + Duration::from_secs(301)),
+                Action::Start
+            );
             l.restarting();
-            l.observe(Observation::Running { started_at: None }, RestartPolicy::Always, false, now);
+            l.observe(
+                Observation::Running { started_at: None },
+                RestartPolicy::Always,
+                false,
+                now,
+            );
         }
         assert_eq!(delays, vec![10, 20, 40, 80, 160, 300, 300]);
         assert_eq!(l.restart_count, 7);
         // Ten minutes of running resets the backoff.
         l.observe(exit(1, 1000, 1700), RestartPolicy::Always, false, now);
-        assert_eq!(l.next_action(true, now), Action::WaitUntil(now + BACKOFF_INITIAL));
+        assert_eq!(
+            l.next_action(true, now),
+            Action::WaitUntil(now + BACKOFF_INITIAL)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -378,19 +416,50 @@ mod tests {
         assert!(on_failure.succeeded());
         let mut init = ContainerLifecycle::new();
         init.observe(exit(0, 1, 2), RestartPolicy::Always, true, now);
-        assert!(init.succeeded(), "init containers that succeed are done even with Always");
+        assert!(
+            init.succeeded(),
+            "init containers that succeed are done even with Always"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn pull_failures_go_err_then_backoff() {
         let now = Instant::now();
         let mut l = ContainerLifecycle::new();
-        l.observe(Observation::PullFailed("no".into()), RestartPolicy::Always, false, now);
-        assert!(matches!(l.state, State::Waiting { reason: WaitReason::ErrImagePull, .. }));
-        assert_eq!(l.next_action(false, now), Action::WaitUntil(now + Duration::from_secs(10)));
+        l.observe(
+            Observation::PullFailed("no".into()),
+            RestartPolicy::Always,
+            false,
+            now,
+        );
+        assert!(matches!(
+            l.state,
+            State::Waiting {
+                reason: WaitReason::ErrImagePull,
+                ..
+            }
+        ));
+        assert_eq!(
+            l.next_action(false, now),
+            Action::WaitUntil(now + Duration::from_secs(10))
+        );
         l.mark_pull_backoff();
-        assert!(matches!(l.state, State::Waiting { reason: WaitReason::ImagePullBackOff, .. }));
-        l.observe(Observation::PullFailed("no".into()), RestartPolicy::Always, false, now);
-        assert_eq!(l.next_action(false, now), Action::WaitUntil(now + Duration::from_secs(20)));
+        assert!(matches!(
+            l.state,
+            State::Waiting {
+                reason: WaitReason::ImagePullBackOff,
+                ..
+            }
+        ));
+        l.observe(
+            Observation::PullFailed("no".into()),
+            RestartPolicy::Always,
+            false,
+            now,
+        );
+        assert_eq!(
+            l.next_action(false, now),
+            Action::WaitUntil(now + Duration::from_secs(20))
+        );
     }
 }

@@ -114,11 +114,9 @@ impl ProbeTracker {
             self.successes = 0;
             self.failures += 1;
             if self.failures >= plan.failure_threshold {
+                // Start counting afresh: liveness acts on every crossing of the threshold.
                 self.failures = 0;
-                let was = self.passing;
                 self.passing = false;
-                // Liveness acts on every crossing, even when it never passed.
-                let _ = was;
                 return Verdict::Failed;
             }
         }
@@ -171,12 +169,18 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
             for _ in 0..4 {
-                let Ok((mut s, _)) = listener.accept().await else { return };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = [0u8; 1024];
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let code = if req.starts_with("GET /ok") { "200 OK" } else { "500 Oops" };
+                let code = if req.starts_with("GET /ok") {
+                    "200 OK"
+                } else {
+                    "500 Oops"
+                };
                 let _ = s
                     .write_all(format!("HTTP/1.1 {code}\r\ncontent-length: 0\r\n\r\n").as_bytes())
                     .await;
@@ -186,14 +190,27 @@ mod tests {
         let mut p = plan(1, 1);
         p.action = ProbeAction::TcpSocket { host: None, port };
         assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
-        p.action = ProbeAction::HttpGet { host: None, port, path: "/ok".into(), headers: vec![] };
+        p.action = ProbeAction::HttpGet {
+            host: None,
+            port,
+            path: "/ok".into(),
+            headers: vec![],
+        };
         assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
-        p.action = ProbeAction::HttpGet { host: None, port, path: "/bad".into(), headers: vec![] };
+        p.action = ProbeAction::HttpGet {
+            host: None,
+            port,
+            path: "/bad".into(),
+            headers: vec![],
+        };
         assert!(!run_probe(&rt, "", "127.0.0.1", &p).await);
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let closed_port = closed.local_addr().unwrap().port();
         drop(closed);
-        p.action = ProbeAction::TcpSocket { host: None, port: closed_port };
+        p.action = ProbeAction::TcpSocket {
+            host: None,
+            port: closed_port,
+        };
         assert!(!run_probe(&rt, "", "127.0.0.1", &p).await);
     }
 }

@@ -313,8 +313,8 @@ pub enum ProbeAction {
 
 /// Parse a Pod JSON into a plan.
 pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
-    let pod: k8s::Pod =
-        serde_json::from_slice(pod_json).map_err(|e| err("pod", format!("invalid Pod JSON: {e}")))?;
+    let pod: k8s::Pod = serde_json::from_slice(pod_json)
+        .map_err(|e| err("pod", format!("invalid Pod JSON: {e}")))?;
     let meta = PodMeta {
         uid: pod
             .metadata
@@ -339,7 +339,12 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
         None | Some("Always") => RestartPolicy::Always,
         Some("OnFailure") => RestartPolicy::OnFailure,
         Some("Never") => RestartPolicy::Never,
-        Some(other) => return Err(err("spec.restartPolicy", format!("unknown value {other:?}"))),
+        Some(other) => {
+            return Err(err(
+                "spec.restartPolicy",
+                format!("unknown value {other:?}"),
+            ));
+        }
     };
     let mut volumes = Vec::new();
     for (i, v) in spec.volumes.unwrap_or_default().iter().enumerate() {
@@ -372,7 +377,10 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
     let mut seen = std::collections::BTreeSet::new();
     for c in init_containers.iter().chain(&containers) {
         if !seen.insert(c.name.clone()) {
-            return Err(err("spec.containers", format!("duplicate container name {:?}", c.name)));
+            return Err(err(
+                "spec.containers",
+                format!("duplicate container name {:?}", c.name),
+            ));
         }
     }
     if spec.ephemeral_containers.is_some_and(|e| !e.is_empty()) {
@@ -386,10 +394,12 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
     }
     // Kubelet admission: the effective request is the larger of the biggest init container and
     // the sum of the app containers.
-    let app = containers.iter().fold(Resources::default(), |a, c| Resources {
-        cpu_millis: a.cpu_millis + c.requests.cpu_millis,
-        memory_bytes: a.memory_bytes + c.requests.memory_bytes,
-    });
+    let app = containers
+        .iter()
+        .fold(Resources::default(), |a, c| Resources {
+            cpu_millis: a.cpu_millis + c.requests.cpu_millis,
+            memory_bytes: a.memory_bytes + c.requests.memory_bytes,
+        });
     let requests = init_containers.iter().fold(app, |a, c| Resources {
         cpu_millis: a.cpu_millis.max(c.requests.cpu_millis),
         memory_bytes: a.memory_bytes.max(c.requests.memory_bytes),
@@ -470,7 +480,10 @@ fn parse_volume(field: &str, v: &k8s::Volume) -> Result<VolumePlan, SpecError> {
         .unwrap_or_else(|| "unknown".into());
     Err(err(
         format!("{field}.{kind}"),
-        format!("volume {:?}: {kind} volumes are not supported on fleetlet devices", v.name),
+        format!(
+            "volume {:?}: {kind} volumes are not supported on fleetlet devices",
+            v.name
+        ),
     ))
 }
 
@@ -487,7 +500,10 @@ fn parse_items(field: &str, items: Option<&[k8s::KeyToPath]>) -> Result<Vec<KeyT
     for (i, it) in items.unwrap_or_default().iter().enumerate() {
         let f = format!("{field}[{i}]");
         if it.path.starts_with('/') || it.path.split('/').any(|p| p == "..") {
-            return Err(err(format!("{f}.path"), "must be relative and must not contain '..'"));
+            return Err(err(
+                format!("{f}.path"),
+                "must be relative and must not contain '..'",
+            ));
         }
         out.push(KeyToPath {
             key: it.key.clone(),
@@ -556,10 +572,19 @@ fn parse_container(
         }
     }
     let mut mounts = Vec::new();
-    for (i, m) in c.volume_mounts.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, m) in c
+        .volume_mounts
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let f = format!("{field}.volumeMounts[{i}]");
         if !volumes.contains(&m.name.as_str()) {
-            return Err(err(format!("{f}.name"), format!("no volume named {:?}", m.name)));
+            return Err(err(
+                format!("{f}.name"),
+                format!("no volume named {:?}", m.name),
+            ));
         }
         if !m.mount_path.starts_with('/') {
             return Err(err(format!("{f}.mountPath"), "must be absolute"));
@@ -579,17 +604,33 @@ fn parse_container(
     }
     let (requests, limits) = match &c.resources {
         Some(r) => {
-            let get = |map: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+            let get = |map: &Option<
+                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >,
                        what: &str|
              -> Result<Option<Resources>, SpecError> {
                 let Some(map) = map else { return Ok(None) };
                 let cpu = map
                     .get("cpu")
-                    .map(|q| parse_cpu(&q.0).ok_or_else(|| err(format!("{field}.resources.{what}.cpu"), format!("invalid quantity {:?}", q.0))))
+                    .map(|q| {
+                        parse_cpu(&q.0).ok_or_else(|| {
+                            err(
+                                format!("{field}.resources.{what}.cpu"),
+                                format!("invalid quantity {:?}", q.0),
+                            )
+                        })
+                    })
                     .transpose()?;
                 let mem = map
                     .get("memory")
-                    .map(|q| parse_bytes(&q.0).ok_or_else(|| err(format!("{field}.resources.{what}.memory"), format!("invalid quantity {:?}", q.0))))
+                    .map(|q| {
+                        parse_bytes(&q.0).ok_or_else(|| {
+                            err(
+                                format!("{field}.resources.{what}.memory"),
+                                format!("invalid quantity {:?}", q.0),
+                            )
+                        })
+                    })
                     .transpose()?;
                 Ok(Some(Resources {
                     cpu_millis: cpu.unwrap_or(0),
@@ -600,8 +641,16 @@ fn parse_container(
             // As in Kubernetes, a limit without a request makes the request equal to the limit.
             let requests = get(&r.requests, "requests")?.unwrap_or_default();
             let requests = Resources {
-                cpu_millis: if requests.cpu_millis == 0 { limits.map(|l| l.cpu_millis).unwrap_or(0) } else { requests.cpu_millis },
-                memory_bytes: if requests.memory_bytes == 0 { limits.map(|l| l.memory_bytes).unwrap_or(0) } else { requests.memory_bytes },
+                cpu_millis: if requests.cpu_millis == 0 {
+                    limits.map(|l| l.cpu_millis).unwrap_or(0)
+                } else {
+                    requests.cpu_millis
+                },
+                memory_bytes: if requests.memory_bytes == 0 {
+                    limits.map(|l| l.memory_bytes).unwrap_or(0)
+                } else {
+                    requests.memory_bytes
+                },
             };
             (requests, limits)
         }
@@ -616,7 +665,12 @@ fn parse_container(
         let protocol = match p.protocol.as_deref() {
             None | Some("TCP") => "tcp",
             Some("UDP") => "udp",
-            Some(other) => return Err(err(format!("{f}.protocol"), format!("{other} is not supported"))),
+            Some(other) => {
+                return Err(err(
+                    format!("{f}.protocol"),
+                    format!("{other} is not supported"),
+                ));
+            }
         };
         ports.push(PortPlan {
             container_port: port(p.container_port, "containerPort")?,
@@ -627,15 +681,24 @@ fn parse_container(
     let probe = |p: &Option<k8s::Probe>, what: &str| -> Result<Option<ProbePlan>, SpecError> {
         let Some(p) = p else { return Ok(None) };
         if init {
-            return Err(err(format!("{field}.{what}"), "init containers cannot have probes"));
+            return Err(err(
+                format!("{field}.{what}"),
+                "init containers cannot have probes",
+            ));
         }
         parse_probe(&format!("{field}.{what}"), p, c).map(Some)
     };
     if c.lifecycle.is_some() {
-        return Err(err(format!("{field}.lifecycle"), "lifecycle hooks are not supported"));
+        return Err(err(
+            format!("{field}.lifecycle"),
+            "lifecycle hooks are not supported",
+        ));
     }
     if c.stdin == Some(true) || c.tty == Some(true) {
-        return Err(err(format!("{field}.stdin"), "interactive containers are not supported"));
+        return Err(err(
+            format!("{field}.stdin"),
+            "interactive containers are not supported",
+        ));
     }
     Ok(ContainerPlan {
         name: c.name.clone(),
@@ -658,7 +721,10 @@ fn parse_container(
 
 fn parse_env(field: &str, e: &k8s::EnvVar) -> Result<EnvVar, SpecError> {
     let Some(from) = &e.value_from else {
-        return Ok(EnvVar::Value(e.name.clone(), e.value.clone().unwrap_or_default()));
+        return Ok(EnvVar::Value(
+            e.name.clone(),
+            e.value.clone().unwrap_or_default(),
+        ));
     };
     if let Some(k) = &from.config_map_key_ref {
         return Ok(EnvVar::ConfigMapKey {
@@ -693,14 +759,21 @@ fn parse_env(field: &str, e: &k8s::EnvVar) -> Result<EnvVar, SpecError> {
         };
         return Ok(EnvVar::Field(e.name.clone(), r));
     }
-    Err(err(format!("{field}.valueFrom"), "only configMapKeyRef, secretKeyRef and fieldRef are supported"))
+    Err(err(
+        format!("{field}.valueFrom"),
+        "only configMapKeyRef, secretKeyRef and fieldRef are supported",
+    ))
 }
 
 fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbePlan, SpecError> {
-    let secs = |v: Option<i32>, default: u64| Duration::from_secs(v.map(|v| v.max(0) as u64).unwrap_or(default));
+    let secs = |v: Option<i32>, default: u64| {
+        Duration::from_secs(v.map(|v| v.max(0) as u64).unwrap_or(default))
+    };
     let resolve_port = |f: &str, port: &IntOrString| -> Result<u16, SpecError> {
         match port {
-            IntOrString::Int(n) => u16::try_from(*n).map_err(|_| err(f, format!("{n} is not a port"))),
+            IntOrString::Int(n) => {
+                u16::try_from(*n).map_err(|_| err(f, format!("{n} is not a port")))
+            }
             IntOrString::String(name) => c
                 .ports
                 .as_deref()
@@ -719,7 +792,10 @@ fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbeP
         ProbeAction::Exec(cmd)
     } else if let Some(h) = &p.http_get {
         if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-            return Err(err(format!("{field}.httpGet.scheme"), "only HTTP is supported"));
+            return Err(err(
+                format!("{field}.httpGet.scheme"),
+                "only HTTP is supported",
+            ));
         }
         ProbeAction::HttpGet {
             host: h.host.clone().filter(|h| !h.is_empty()),
@@ -739,7 +815,10 @@ fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbeP
             port: resolve_port(&format!("{field}.tcpSocket.port"), &t.port)?,
         }
     } else {
-        return Err(err(field, "needs exec, httpGet or tcpSocket (grpc is not supported)"));
+        return Err(err(
+            field,
+            "needs exec, httpGet or tcpSocket (grpc is not supported)",
+        ));
     };
     Ok(ProbePlan {
         action,
@@ -825,12 +904,20 @@ mod tests {
         assert!(plan.host_network);
         let app = &plan.containers[0];
         assert_eq!(app.pull_policy, PullPolicy::IfNotPresent);
-        assert_eq!(app.limits, Some(Resources { cpu_millis: 500, memory_bytes: 64 << 20 }));
+        assert_eq!(
+            app.limits,
+            Some(Resources {
+                cpu_millis: 500,
+                memory_bytes: 64 << 20
+            })
+        );
         assert_eq!(app.requests.cpu_millis, 500, "request defaults to limit");
         assert_eq!(plan.requests.cpu_millis, 2000, "largest init request wins");
         assert_eq!(app.env[1], EnvVar::Field("B".into(), FieldRef::Uid));
         match &app.readiness.as_ref().unwrap().action {
-            ProbeAction::HttpGet { port, path, .. } => assert_eq!((*port, path.as_str()), (8080, "/ok")),
+            ProbeAction::HttpGet { port, path, .. } => {
+                assert_eq!((*port, path.as_str()), (8080, "/ok"))
+            }
             other => panic!("{other:?}"),
         }
     }

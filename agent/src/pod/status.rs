@@ -41,9 +41,10 @@ pub struct PodView<'a> {
 
 /// Pod phase.
 pub fn phase(v: &PodView<'_>) -> &'static str {
-    let init_failed = v.init.iter().any(|c| {
-        c.lifecycle.finished() && !c.lifecycle.succeeded()
-    });
+    let init_failed = v
+        .init
+        .iter()
+        .any(|c| c.lifecycle.finished() && !c.lifecycle.succeeded());
     if init_failed && v.plan.restart_policy == RestartPolicy::Never {
         return "Failed";
     }
@@ -123,7 +124,9 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, since: Timestamp) -> k8
     k8s::PodCondition {
         type_: kind.into(),
         status: if ok { "True" } else { "False" }.into(),
-        reason: (!ok).then(|| reason.unwrap_or_default().to_owned()).filter(|r| !r.is_empty()),
+        reason: (!ok)
+            .then(|| reason.unwrap_or_default().to_owned())
+            .filter(|r| !r.is_empty()),
         last_transition_time: Some(Time(since)),
         ..Default::default()
     }
@@ -144,14 +147,30 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
         phase: Some(phase.into()),
         conditions: Some(vec![
             condition("PodScheduled", true, None, since),
-            condition("Initialized", initialized, Some("ContainersNotInitialized"), since),
-            condition("ContainersReady", containers_ready, Some(not_ready_reason), since),
+            condition(
+                "Initialized",
+                initialized,
+                Some("ContainersNotInitialized"),
+                since,
+            ),
+            condition(
+                "ContainersReady",
+                containers_ready,
+                Some(not_ready_reason),
+                since,
+            ),
             condition("Ready", containers_ready, Some(not_ready_reason), since),
         ]),
         host_ip: Some(v.host_ip.to_owned()).filter(|s| !s.is_empty()),
-        host_ips: Some(vec![k8s::HostIP { ip: v.host_ip.to_owned() }]).filter(|_| !v.host_ip.is_empty()),
+        host_ips: Some(vec![k8s::HostIP {
+            ip: v.host_ip.to_owned(),
+        }])
+        .filter(|_| !v.host_ip.is_empty()),
         pod_ip: Some(v.pod_ip.to_owned()).filter(|s| !s.is_empty()),
-        pod_ips: Some(vec![k8s::PodIP { ip: v.pod_ip.to_owned() }]).filter(|_| !v.pod_ip.is_empty()),
+        pod_ips: Some(vec![k8s::PodIP {
+            ip: v.pod_ip.to_owned(),
+        }])
+        .filter(|_| !v.pod_ip.is_empty()),
         start_time: Some(Time(v.start_time)),
         init_container_statuses: Some(v.init.iter().map(container_status).collect())
             .filter(|s: &Vec<_>| !s.is_empty()),
@@ -183,7 +202,11 @@ fn qos(plan: &PodPlan) -> &'static str {
             any = true;
         }
         match c.limits {
-            Some(l) if l.cpu_millis > 0 && l.memory_bytes > 0 && l.cpu_millis == c.requests.cpu_millis && l.memory_bytes == c.requests.memory_bytes => {}
+            Some(l)
+                if l.cpu_millis > 0
+                    && l.memory_bytes > 0
+                    && l.cpu_millis == c.requests.cpu_millis
+                    && l.memory_bytes == c.requests.memory_bytes => {}
             _ => guaranteed = false,
         }
     }

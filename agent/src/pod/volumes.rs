@@ -190,7 +190,10 @@ pub fn remove(state_dir: &Path, uid: &str) -> std::io::Result<()> {
 }
 
 fn mkdir(p: &Path, mode: u32) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(mode).create(p)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(p)
 }
 
 #[cfg(test)]
@@ -231,7 +234,11 @@ mod tests {
         };
         let v = prepare(d.path(), &plan, &bundle).unwrap();
         let Prepared::Bind(s) = &v["s"] else { panic!() };
-        let mode = std::fs::metadata(s.join("token")).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(s.join("token"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o640);
         let Prepared::Bind(c) = &v["c"] else { panic!() };
         assert_eq!(std::fs::read_to_string(c.join("sub/x")).unwrap(), "A");

@@ -105,15 +105,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
         loop {
             let current = desire.borrow_and_update().clone();
             let requeue = match current {
-                Desire::Remove => {
-                    match self.remove().await {
-                        Ok(()) => return,
-                        Err(e) => {
-                            warn!(pod_uid = %self.uid, error = %e, "removing pod failed; retrying");
-                            Duration::from_secs(5)
-                        }
+                Desire::Remove => match self.remove().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        warn!(pod_uid = %self.uid, error = %e, "removing pod failed; retrying");
+                        Duration::from_secs(5)
                     }
-                }
+                },
                 Desire::Run { bundle, admission } => self.reconcile(&bundle, admission).await,
             };
             tokio::select! {
@@ -125,7 +123,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
         }
     }
 
-    fn publish(&self, namespace: &str, name: &str, status: &k8s_openapi::api::core::v1::PodStatus, removed: bool) {
+    fn publish(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &k8s_openapi::api::core::v1::PodStatus,
+        removed: bool,
+    ) {
         let status_json = serde_json::to_vec(status).unwrap_or_default();
         let entry = PodStatusEntry {
             uid: self.uid.clone(),
@@ -154,7 +158,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 let (ns, name) = pod_names(&bundle.pod_json);
                 let msg = format!("{field}: {message}");
                 warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %msg, "pod rejected");
-                let st = failed_status("UnsupportedPodSpec", &msg, &self.ctx.host_ip, self.start_time);
+                let st = failed_status(
+                    "UnsupportedPodSpec",
+                    &msg,
+                    &self.ctx.host_ip,
+                    self.start_time,
+                );
                 self.publish(&ns, &name, &st, false);
                 return Duration::from_secs(3600);
             }
@@ -181,13 +190,22 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let empty = ContainerLifecycle::new();
         let view = |c: &'_ ContainerPlan| -> (String, String, String, ContainerLifecycle) {
             match self.slots.get(&c.name) {
-                Some(s) => (c.name.clone(), s.image_id.clone(), s.container_id.clone(), s.lc.clone()),
+                Some(s) => (
+                    c.name.clone(),
+                    s.image_id.clone(),
+                    s.container_id.clone(),
+                    s.lc.clone(),
+                ),
                 None => (c.name.clone(), String::new(), String::new(), empty.clone()),
             }
         };
         let init: Vec<_> = plan.init_containers.iter().map(|c| (c, view(c))).collect();
         let app: Vec<_> = plan.containers.iter().map(|c| (c, view(c))).collect();
-        let pod_ip = if plan.host_network { self.ctx.host_ip.as_str() } else { "" };
+        let pod_ip = if plan.host_network {
+            self.ctx.host_ip.as_str()
+        } else {
+            ""
+        };
         let v = PodView {
             plan,
             init: init
@@ -221,7 +239,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
         BTreeMap::from([
             (labels::DEVICE.to_owned(), self.ctx.device.clone()),
             (labels::POD_UID.to_owned(), self.uid.clone()),
-            (labels::POD_NAMESPACE.to_owned(), plan.meta.namespace.clone()),
+            (
+                labels::POD_NAMESPACE.to_owned(),
+                plan.meta.namespace.clone(),
+            ),
             (labels::POD_NAME.to_owned(), plan.meta.name.clone()),
         ])
     }
@@ -234,7 +255,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
     }
 
     /// One level-triggered pass over the pod's containers.
-    async fn drive(&mut self, plan: &PodPlan, bundle: &PodBundle) -> Result<Duration, crate::podman::PodmanError> {
+    async fn drive(
+        &mut self,
+        plan: &PodPlan,
+        bundle: &PodBundle,
+    ) -> Result<Duration, crate::podman::PodmanError> {
         let rt = self.ctx.rt.clone();
         let now = Instant::now();
         // Volumes first: a missing ConfigMap/Secret keeps every container waiting, nothing runs.
@@ -272,7 +297,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .into_iter()
             .filter_map(|c| c.labels.get(labels::CONTAINER).cloned().map(|n| (n, c.id)))
             .collect();
-        let restored = self.ctx.restored_restarts.get(&self.uid).cloned().unwrap_or_default();
+        let restored = self
+            .ctx
+            .restored_restarts
+            .get(&self.uid)
+            .cloned()
+            .unwrap_or_default();
         let mut requeue = Duration::from_secs(30);
         let mut inits_done = true;
         let all: Vec<(bool, &ContainerPlan)> = plan
@@ -328,7 +358,9 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = t.exit_code, "container exited");
             }
             let new_run = match &obs {
-                Observation::Running { started_at } => slot.run_started != *started_at || !was_running,
+                Observation::Running { started_at } => {
+                    slot.run_started != *started_at || !was_running
+                }
                 _ => false,
             };
             if let Observation::Running { started_at } = &obs {
@@ -347,20 +379,34 @@ impl<R: ContainerRuntime> PodWorker<R> {
             match action {
                 Action::WaitUntil(t) => {
                     slot.lc.mark_pull_backoff();
-                    requeue = requeue.min(t.saturating_duration_since(now) + Duration::from_millis(50));
+                    requeue =
+                        requeue.min(t.saturating_duration_since(now) + Duration::from_millis(50));
                 }
                 Action::Done => {}
                 Action::Start | Action::Create => {
-                    let restarting = matches!(slot.lc.state, State::Waiting { reason: super::lifecycle::WaitReason::CrashLoopBackOff, .. });
+                    let restarting = matches!(
+                        slot.lc.state,
+                        State::Waiting {
+                            reason: super::lifecycle::WaitReason::CrashLoopBackOff,
+                            ..
+                        }
+                    );
                     let id = match container_id {
                         Some(id) => Some(id),
                         None => {
                             let vols = match &vols {
                                 Ok(v) => v,
                                 Err(e) => {
-                                    slot.lc.observe(Observation::ConfigError(e.to_string()), policy, is_init, now);
+                                    slot.lc.observe(
+                                        Observation::ConfigError(e.to_string()),
+                                        policy,
+                                        is_init,
+                                        now,
+                                    );
                                     requeue = requeue.min(Duration::from_secs(10));
-                                    if is_init { inits_done = false; }
+                                    if is_init {
+                                        inits_done = false;
+                                    }
                                     continue;
                                 }
                             };
@@ -387,7 +433,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                                 requeue = requeue.min(Duration::from_millis(200));
                             }
                             Err(e) => {
-                                slot.lc.observe(Observation::RuntimeError(e.to_string()), policy, is_init, now);
+                                slot.lc.observe(
+                                    Observation::RuntimeError(e.to_string()),
+                                    policy,
+                                    is_init,
+                                    now,
+                                );
                                 requeue = requeue.min(Duration::from_secs(10));
                             }
                         }
@@ -407,7 +458,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
 
     fn slot(&mut self, name: &str, restored: &BTreeMap<String, u32>) -> &mut Slot {
         self.slots.entry(name.to_owned()).or_insert_with(|| Slot {
-            lc: ContainerLifecycle::new().with_restart_count(restored.get(name).copied().unwrap_or(0)),
+            lc: ContainerLifecycle::new()
+                .with_restart_count(restored.get(name).copied().unwrap_or(0)),
             container_id: String::new(),
             image_id: String::new(),
             run_started: None,
@@ -420,7 +472,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
     /// Run due probes of a running container; returns when the next one is due.
     async fn probe(&mut self, plan: &PodPlan, c: &ContainerPlan) -> Duration {
         let rt = self.ctx.rt.clone();
-        let host = if plan.host_network { "127.0.0.1" } else { self.ctx.host_ip.as_str() }.to_owned();
+        let host = if plan.host_network {
+            "127.0.0.1"
+        } else {
+            self.ctx.host_ip.as_str()
+        }
+        .to_owned();
         let now = Instant::now();
         let Some(slot) = self.slots.get_mut(&c.name) else {
             return Duration::from_secs(30);
@@ -504,10 +561,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 rt.inspect_image(&c.image)
                     .await
                     .map_err(|e| Observation::RuntimeError(e.to_string()))?
-                    .ok_or_else(|| Observation::PullFailed(format!("image {:?} missing after pull", c.image)))?
+                    .ok_or_else(|| {
+                        Observation::PullFailed(format!("image {:?} missing after pull", c.image))
+                    })?
             }
         };
-        let env = resolve_env(plan, c, bundle, &self.ctx.host_ip).map_err(Observation::ConfigError)?;
+        let env =
+            resolve_env(plan, c, bundle, &self.ctx.host_ip).map_err(Observation::ConfigError)?;
         let mut mounts = Vec::new();
         for m in &c.mounts {
             let mut options = vec!["rbind".to_owned()];
@@ -532,7 +592,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     options = vec!["rw".into()];
                     ("tmpfs", "tmpfs".to_owned())
                 }
-                None => return Err(Observation::ConfigError(format!("volume {} not prepared", m.volume))),
+                None => {
+                    return Err(Observation::ConfigError(format!(
+                        "volume {} not prepared",
+                        m.volume
+                    )));
+                }
             };
             mounts.push(Mount {
                 destination: m.path.clone(),
@@ -545,7 +610,9 @@ impl<R: ContainerRuntime> PodWorker<R> {
         lbls.insert(labels::CONTAINER.into(), c.name.clone());
         lbls.insert(labels::SPEC_HASH.into(), hash.to_owned());
         let resource_limits = c.limits.map(|l| ResourceLimits {
-            memory: (l.memory_bytes > 0).then(|| MemoryLimit { limit: l.memory_bytes as i64 }),
+            memory: (l.memory_bytes > 0).then_some(MemoryLimit {
+                limit: l.memory_bytes as i64,
+            }),
             cpu: (l.cpu_millis > 0).then(|| CpuLimit {
                 quota: (l.cpu_millis * 100) as i64,
                 period: 100_000,
@@ -557,7 +624,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
             image: image.id.clone(),
             entrypoint: c.command.clone(),
             // With a `command` but no `args`, the image's CMD must not be appended (Kubernetes).
-            command: c.args.clone().or_else(|| c.command.as_ref().map(|_| Vec::new())),
+            command: c
+                .args
+                .clone()
+                .or_else(|| c.command.as_ref().map(|_| Vec::new())),
             env,
             work_dir: c.working_dir.clone(),
             labels: lbls,
@@ -572,7 +642,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .await
             .map_err(|e| Observation::RuntimeError(e.to_string()))?;
         if let Some(slot) = self.slots.get_mut(&c.name) {
-            slot.image_id = if image.digest.is_empty() { image.id } else { format!("{}@{}", c.image, image.digest) };
+            slot.image_id = if image.digest.is_empty() {
+                image.id
+            } else {
+                format!("{}@{}", c.image, image.digest)
+            };
         }
         Ok(id)
     }
@@ -603,9 +677,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
             rt.remove_container(&c.id).await?;
         }
         rt.remove_pod(&self.pod_name).await?;
-        volumes::remove(&self.ctx.state_dir, &self.uid).map_err(|e| crate::podman::PodmanError::Http {
-            endpoint: format!("remove volumes of pod {}", self.uid),
-            message: e.to_string(),
+        volumes::remove(&self.ctx.state_dir, &self.uid).map_err(|e| {
+            crate::podman::PodmanError::Http {
+                endpoint: format!("remove volumes of pod {}", self.uid),
+                message: e.to_string(),
+            }
         })?;
         let (ns, name) = self
             .ctx
@@ -681,11 +757,18 @@ fn resolve_env(
 ) -> Result<BTreeMap<String, String>, String> {
     let mut env = BTreeMap::new();
     for from in &c.env_from {
-        let kind = if from.config_map { "configmap" } else { "secret" };
+        let kind = if from.config_map {
+            "configmap"
+        } else {
+            "secret"
+        };
         match volumes::lookup(bundle, !from.config_map, &from.name) {
             Some(data) => {
                 for (k, v) in data {
-                    env.insert(format!("{}{k}", from.prefix), String::from_utf8_lossy(&v).into_owned());
+                    env.insert(
+                        format!("{}{k}", from.prefix),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    );
                 }
             }
             None if from.optional => {}
@@ -697,7 +780,18 @@ fn resolve_env(
             EnvVar::Value(k, v) => {
                 env.insert(k.clone(), expand(v, &env));
             }
-            EnvVar::ConfigMapKey { name, map, key, optional } | EnvVar::SecretKey { name, secret: map, key, optional } => {
+            EnvVar::ConfigMapKey {
+                name,
+                map,
+                key,
+                optional,
+            }
+            | EnvVar::SecretKey {
+                name,
+                secret: map,
+                key,
+                optional,
+            } => {
                 let secret = matches!(e, EnvVar::SecretKey { .. });
                 let kind = if secret { "secret" } else { "configmap" };
                 match volumes::lookup(bundle, secret, map).and_then(|d| d.get(key).cloned()) {
@@ -705,7 +799,12 @@ fn resolve_env(
                         env.insert(name.clone(), String::from_utf8_lossy(&v).into_owned());
                     }
                     None if *optional => {}
-                    None => return Err(format!("couldn't find key {key} in {kind} {}/{map}", plan.meta.namespace)),
+                    None => {
+                        return Err(format!(
+                            "couldn't find key {key} in {kind} {}/{map}",
+                            plan.meta.namespace
+                        ));
+                    }
                 }
             }
             EnvVar::Field(k, f) => {
@@ -715,7 +814,13 @@ fn resolve_env(
                     FieldRef::Uid => plan.meta.uid.clone(),
                     FieldRef::NodeName => plan.node_name.clone(),
                     FieldRef::HostIp => host_ip.to_owned(),
-                    FieldRef::PodIp => if plan.host_network { host_ip.to_owned() } else { String::new() },
+                    FieldRef::PodIp => {
+                        if plan.host_network {
+                            host_ip.to_owned()
+                        } else {
+                            String::new()
+                        }
+                    }
                 };
                 env.insert(k.clone(), v);
             }

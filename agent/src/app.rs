@@ -1,0 +1,132 @@
+//! `fleetlet-agent run`: wires the store, reconciler, status file, link and systemd
+//! notifications together and runs until shutdown. Shutdown never stops the pods.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::AgentConfig;
+use crate::device_state::AgentDeviceState;
+use crate::pod::worker::{PodContext, StatusMap};
+use crate::podman::PodmanClient;
+use crate::reconciler::Reconciler;
+use crate::store::{DesiredStore, StoreError};
+use crate::{desired_file, link, node, notify, statusfile};
+
+/// Errors that stop `run` before it starts.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The state directory cannot be used.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The desired file is invalid.
+    #[error(transparent)]
+    DesiredFile(#[from] desired_file::DesiredFileError),
+}
+
+/// Options of `run` besides the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Feed the store from this file.
+    pub desired_file: Option<PathBuf>,
+}
+
+/// Run the agent until `shutdown` is cancelled.
+pub async fn run(
+    cfg: AgentConfig,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let (store, report) = DesiredStore::open(&cfg.state_dir)?;
+    for p in &report.problems {
+        error!(error = %p, "desired state problem");
+    }
+    let store = Arc::new(store);
+    if let Some(path) = &opts.desired_file {
+        let snap = desired_file::load(path)?;
+        let generation = snap.generation;
+        match store.apply(snap).await? {
+            true => info!(generation, file = %path.display(), "desired state loaded from file"),
+            false => info!(
+                generation,
+                held = store.held_generation(),
+                "desired file is not newer than the held state"
+            ),
+        }
+    }
+    info!(device = %cfg.device_name, generation = store.held_generation(), "fleetlet-agent starting");
+
+    let rt = Arc::new(PodmanClient::new(&cfg.podman_socket));
+    let runtime_version = match rt.version().await {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(error = %e, "podman not reachable yet; will keep trying");
+            "unknown".into()
+        }
+    };
+    let info = node::node_info(&runtime_version);
+    let resources = node::resources(&cfg, info.clone());
+    let (_capacity_tx, capacity_rx) = watch::channel(resources.capacity.clone());
+    let (status_tx, status_rx) = watch::channel::<StatusMap>(Arc::new(BTreeMap::new()));
+
+    let ctx = Arc::new(PodContext {
+        rt: rt.clone(),
+        device: cfg.device_name.clone(),
+        state_dir: cfg.state_dir.clone(),
+        host_ip: node::node_ip(&cfg),
+        statuses: status_tx,
+        restored_restarts: statusfile::restored_restarts(&cfg.state_dir),
+    });
+    let reconciler = Reconciler::new(
+        ctx,
+        resources.allocatable,
+        cfg.max_pods as usize,
+        Duration::from_secs(cfg.resync_secs),
+    );
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(
+        reconciler.run(store.subscribe(), shutdown.clone()),
+    ));
+    tasks.push(tokio::spawn(statusfile::keep_written(
+        cfg.state_dir.clone(),
+        cfg.device_name.clone(),
+        store.subscribe(),
+        status_rx.clone(),
+        shutdown.clone(),
+    )));
+    if let Some(hub) = cfg.hub.clone() {
+        let state: Arc<dyn link::DeviceState> = Arc::new(AgentDeviceState {
+            device: cfg.device_name.clone(),
+            store: store.clone(),
+            node_info: info,
+            capacity: capacity_rx,
+            statuses: status_rx,
+            rt: rt.clone(),
+        });
+        info!(endpoint = %hub.endpoint, "starting link to hub");
+        tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));
+    }
+    if let Some(n) = notify::Notifier::from_env() {
+        if let Err(e) = n.send("READY=1").await {
+            warn!(error = %e, "sd_notify READY failed");
+        }
+        tasks.push(tokio::spawn(n.keep_alive(shutdown.clone())));
+    }
+    info!(device = %cfg.device_name, "fleetlet-agent ready");
+    shutdown.cancelled().await;
+    info!("shutting down; pods keep running");
+    // Draining has a deadline: a stuck Podman call must not keep the agent from exiting.
+    let drain = futures::future::join_all(tasks);
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        warn!("shutdown deadline passed; exiting anyway");
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! `run --desired-file PATH`: a desired pod set from a local JSON file, for running without a hub.
+//!
+//! Format (see docs/agent.md and examples/desired.json):
+//! ```json
+//! { "generation": 1,
+//!   "pods": [ { "pod": { "apiVersion": "v1", "kind": "Pod", "metadata": {...}, "spec": {...} },
+//!               "configMaps": [ { "name": "cm", "data": { "k": "v" } } ],
+//!               "secrets": [ { "name": "s", "stringData": { "k": "v" }, "data": { "k2": "base64" } } ] } ] }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use fleetlet_proto::v1::{ConfigMapData, DesiredSnapshot, PodBundle, SecretData};
+use serde::Deserialize;
+
+/// Errors reading a desired file.
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredFileError {
+    /// Unreadable.
+    #[error("desired file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not in the documented format.
+    #[error("desired file {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong (names the field).
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    generation: u64,
+    #[serde(default)]
+    pods: Vec<Bundle>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Bundle {
+    pod: serde_json::Value,
+    #[serde(default)]
+    config_maps: Vec<ConfigMap>,
+    #[serde(default)]
+    secrets: Vec<Secret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConfigMap {
+    name: String,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    binary_data: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Secret {
+    name: String,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    string_data: BTreeMap<String, String>,
+}
+
+/// Read and convert a desired file.
+pub fn load(path: &Path) -> Result<DesiredSnapshot, DesiredFileError> {
+    let text = std::fs::read(path).map_err(|source| DesiredFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |message: String| DesiredFileError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let file: File = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+    if file.generation == 0 {
+        return Err(invalid("generation: must be at least 1".into()));
+    }
+    let mut pods = Vec::new();
+    for (i, b) in file.pods.into_iter().enumerate() {
+        let mut config_maps = Vec::new();
+        for (j, c) in b.config_maps.into_iter().enumerate() {
+            let mut binary_data = std::collections::HashMap::new();
+            for (k, v) in c.binary_data {
+                let bytes = base64_decode(&v).ok_or_else(|| {
+                    invalid(format!(
+                        "pods[{i}].configMaps[{j}].binaryData.{k}: not base64"
+                    ))
+                })?;
+                binary_data.insert(k, bytes.into());
+            }
+            config_maps.push(ConfigMapData {
+                name: c.name,
+                data: c.data.into_iter().collect(),
+                binary_data,
+            });
+        }
+        let mut secrets = Vec::new();
+        for (j, s) in b.secrets.into_iter().enumerate() {
+            let mut data = std::collections::HashMap::new();
+            for (k, v) in s.data {
+                let bytes = base64_decode(&v).ok_or_else(|| {
+                    invalid(format!("pods[{i}].secrets[{j}].data.{k}: not base64"))
+                })?;
+                data.insert(k, bytes.into());
+            }
+            for (k, v) in s.string_data {
+                data.insert(k, v.into_bytes().into());
+            }
+            secrets.push(SecretData { name: s.name, data });
+        }
+        let pod_json = serde_json::to_vec(&b.pod).map_err(|e| invalid(e.to_string()))?;
+        pods.push(PodBundle {
+            pod_json: pod_json.into(),
+            config_maps,
+            secrets,
+        });
+    }
+    Ok(DesiredSnapshot {
+        generation: file.generation,
+        pods,
+    })
+}
+
+/// Standard base64 (with or without padding).
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            _ => return None,
+        } as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aHVudGVyMg==").unwrap(), b"hunter2");
+        assert_eq!(base64_decode("YWI").unwrap(), b"ab");
+        assert!(base64_decode("a*b").is_none());
+    }
+
+    #[test]
+    fn example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/desired.json");
+        let snap = load(&path).unwrap();
+        assert!(snap.generation >= 1);
+        assert!(!snap.pods.is_empty());
+        for p in &snap.pods {
+            crate::pod::spec::parse_pod(&p.pod_json).unwrap();
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_a_clear_message() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("d.json");
+        std::fs::write(
+            &p,
+            r#"{"generation": 1, "pods": [{"pod": {}, "configmaps": []}]}"#,
+        )
+        .unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("configmaps"), "{e}");
+    }
+}

@@ -1,0 +1,344 @@
+//! The `Reconciler`: turns the held desired snapshot into one worker task per pod, removes pods
+//! that are no longer desired (also ones left over from before an agent restart, found by their
+//! labels), admits pods against allocatable, and wakes workers on Podman events.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetlet_proto::v1::PodBundle;
+use futures::StreamExt;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::pod::spec::{Resources, parse_pod};
+use crate::pod::worker::{Desire, PodContext, PodWorker};
+use crate::podman::{ContainerRuntime, labels};
+use crate::store::Held;
+
+struct WorkerHandle {
+    desire: watch::Sender<Desire>,
+    wake: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+/// Shared map of pod UID → wake-up handle, for the event watcher.
+type WakeMap = Arc<tokio::sync::Mutex<HashMap<String, Arc<Notify>>>>;
+
+/// Reconciles the device's pods against the runtime.
+pub struct Reconciler<R> {
+    ctx: Arc<PodContext<R>>,
+    allocatable: Resources,
+    max_pods: usize,
+    resync: Duration,
+    workers: HashMap<String, WorkerHandle>,
+    wakes: WakeMap,
+    admitted: BTreeSet<String>,
+    last_generation: u64,
+}
+
+impl<R: ContainerRuntime> Reconciler<R> {
+    /// A reconciler for the pods of `ctx.device`.
+    pub fn new(
+        ctx: Arc<PodContext<R>>,
+        allocatable: Resources,
+        max_pods: usize,
+        resync: Duration,
+    ) -> Self {
+        Self {
+            ctx,
+            allocatable,
+            max_pods,
+            resync,
+            workers: HashMap::new(),
+            wakes: Arc::default(),
+            admitted: BTreeSet::new(),
+            last_generation: 0,
+        }
+    }
+
+    /// Run until `shutdown`. Leaves every pod running when it returns.
+    pub async fn run(mut self, mut held: watch::Receiver<Held>, shutdown: CancellationToken) {
+        let events = tokio::spawn(watch_events(
+            self.ctx.rt.clone(),
+            self.ctx.device.clone(),
+            self.wakes.clone(),
+            shutdown.clone(),
+        ));
+        let mut tick = tokio::time::interval(self.resync);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let current = held.borrow_and_update().clone();
+            self.sync(&current, &shutdown).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = held.changed() => if r.is_err() { break },
+                _ = tick.tick() => {},
+            }
+        }
+        // Workers watch the same token and return without touching their pods.
+        for (_, w) in self.workers.drain() {
+            let _ = w.task.await;
+        }
+        let _ = events.await;
+    }
+
+    /// One level-triggered pass: desired pods get a worker, others are removed.
+    async fn sync(&mut self, held: &Held, shutdown: &CancellationToken) {
+        self.workers.retain(|_, w| !w.task.is_finished());
+        {
+            let mut wakes = self.wakes.lock().await;
+            wakes.retain(|uid, _| self.workers.contains_key(uid));
+        }
+        let snapshot = match held {
+            Held::Known(s) => s.clone(),
+            Held::Unknown { reason } => {
+                // Never treat unreadable state as "no pods": keep everything as it is.
+                warn!(reason = %reason, "desired state unknown; leaving pods untouched");
+                return;
+            }
+        };
+        let generation = snapshot.generation;
+        let mut desired: BTreeMap<String, Arc<PodBundle>> = BTreeMap::new();
+        let mut order = Vec::new();
+        for bundle in &snapshot.pods {
+            let uid = match pod_uid(&bundle.pod_json) {
+                Some(uid) => uid,
+                None => {
+                    warn!(generation, "desired pod without metadata.uid ignored");
+                    continue;
+                }
+            };
+            order.push(uid.clone());
+            desired.insert(uid, Arc::new(bundle.clone()));
+        }
+        // Admission, in snapshot order; pods admitted before stay admitted.
+        self.admitted.retain(|u| desired.contains_key(u));
+        let mut used = Resources::default();
+        let mut count = 0usize;
+        let mut verdicts = BTreeMap::new();
+        let requests = |b: &PodBundle| {
+            parse_pod(&b.pod_json)
+                .map(|p| p.requests)
+                .unwrap_or_default()
+        };
+        for uid in order.iter().filter(|u| self.admitted.contains(*u)) {
+            let r = requests(&desired[uid]);
+            used.cpu_millis += r.cpu_millis;
+            used.memory_bytes += r.memory_bytes;
+            count += 1;
+            verdicts.insert(uid.clone(), Ok(()));
+        }
+        let newcomers: Vec<String> = order
+            .iter()
+            .filter(|u| !self.admitted.contains(*u))
+            .cloned()
+            .collect();
+        for uid in &newcomers {
+            let r = requests(&desired[uid.as_str()]);
+            let verdict = if count >= self.max_pods {
+                Err((
+                    "OutOfpods".to_owned(),
+                    format!(
+                        "Node didn't have enough resource: pods, capacity: {}",
+                        self.max_pods
+                    ),
+                ))
+            } else if used.cpu_millis + r.cpu_millis > self.allocatable.cpu_millis {
+                Err((
+                    "OutOfcpu".to_owned(),
+                    format!(
+                        "Node didn't have enough resource: cpu, requested: {}m, used: {}m, capacity: {}m",
+                        r.cpu_millis, used.cpu_millis, self.allocatable.cpu_millis
+                    ),
+                ))
+            } else if used.memory_bytes + r.memory_bytes > self.allocatable.memory_bytes {
+                Err((
+                    "OutOfmemory".to_owned(),
+                    format!(
+                        "Node didn't have enough resource: memory, requested: {}, used: {}, capacity: {}",
+                        r.memory_bytes, used.memory_bytes, self.allocatable.memory_bytes
+                    ),
+                ))
+            } else {
+                used.cpu_millis += r.cpu_millis;
+                used.memory_bytes += r.memory_bytes;
+                count += 1;
+                self.admitted.insert(uid.clone());
+                Ok(())
+            };
+            if let Err((reason, _)) = &verdict {
+                info!(pod_uid = %uid, reason = %reason, generation, "pod not admitted");
+            }
+            verdicts.insert(uid.clone(), verdict);
+        }
+        for (uid, bundle) in &desired {
+            let desire = Desire::Run {
+                bundle: bundle.clone(),
+                admission: verdicts.remove(uid).unwrap_or(Ok(())),
+            };
+            self.set_desire(uid, desire, shutdown).await;
+        }
+        // Workers of pods no longer desired remove them.
+        let gone: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|u| !desired.contains_key(*u))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.set_desire(&uid, Desire::Remove, shutdown).await;
+        }
+        // Pods in Podman that carry this device's label but have no worker: left from before a
+        // restart and no longer desired. Containers of other devices or without labels are never
+        // listed here, so they are never touched.
+        let filter = [format!("{}={}", labels::DEVICE, self.ctx.device)];
+        let mut found: BTreeSet<String> = BTreeSet::new();
+        match self.ctx.rt.list_pods(&filter).await {
+            Ok(pods) => found.extend(
+                pods.into_iter()
+                    .filter_map(|p| p.labels.and_then(|l| l.get(labels::POD_UID).cloned())),
+            ),
+            Err(e) => warn!(error = %e, "listing pods failed"),
+        }
+        match self.ctx.rt.list_containers(&filter).await {
+            Ok(cs) => found.extend(
+                cs.into_iter()
+                    .filter_map(|c| c.labels.get(labels::POD_UID).cloned()),
+            ),
+            Err(e) => warn!(error = %e, "listing containers failed"),
+        }
+        for uid in found {
+            if !desired.contains_key(&uid) && !self.workers.contains_key(&uid) {
+                info!(pod_uid = %uid, generation, "removing pod that is no longer desired");
+                self.set_desire(&uid, Desire::Remove, shutdown).await;
+            }
+        }
+        // A removed pod's status (removed=true) stays published until the next generation, so
+        // the hub sees it even if the link was down at the time; then it is dropped.
+        if generation != self.last_generation {
+            self.last_generation = generation;
+            let workers = &self.workers;
+            self.ctx.statuses.send_if_modified(|map| {
+                let before = map.len();
+                Arc::make_mut(map).retain(|uid, e| {
+                    !e.removed || desired.contains_key(uid) || workers.contains_key(uid)
+                });
+                map.len() != before
+            });
+        }
+        debug!(
+            generation,
+            pods = desired.len(),
+            workers = self.workers.len(),
+            "synced"
+        );
+    }
+
+    async fn set_desire(&mut self, uid: &str, desire: Desire, shutdown: &CancellationToken) {
+        if let Some(w) = self.workers.get(uid) {
+            let changed = !same_desire(&w.desire.borrow(), &desire);
+            if changed {
+                w.desire.send_replace(desire);
+            } else {
+                // Level-triggered resync: let the worker look again.
+                w.wake.notify_one();
+            }
+            return;
+        }
+        let (tx, rx) = watch::channel(desire);
+        let wake = Arc::new(Notify::new());
+        self.wakes.lock().await.insert(uid.to_owned(), wake.clone());
+        let worker = PodWorker::new(self.ctx.clone(), uid.to_owned());
+        let task = tokio::spawn(worker.run(rx, wake.clone(), shutdown.child_token()));
+        self.workers.insert(
+            uid.to_owned(),
+            WorkerHandle {
+                desire: tx,
+                wake,
+                task,
+            },
+        );
+    }
+}
+
+fn same_desire(a: &Desire, b: &Desire) -> bool {
+    match (a, b) {
+        (Desire::Remove, Desire::Remove) => true,
+        (
+            Desire::Run {
+                bundle: b1,
+                admission: a1,
+            },
+            Desire::Run {
+                bundle: b2,
+                admission: a2,
+            },
+        ) => b1 == b2 && a1 == a2,
+        _ => false,
+    }
+}
+
+/// The `metadata.uid` of a pod JSON.
+pub fn pod_uid(pod_json: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        uid: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Pod {
+        metadata: Meta,
+    }
+    serde_json::from_slice::<Pod>(pod_json)
+        .ok()?
+        .metadata
+        .uid
+        .filter(|u| !u.is_empty())
+}
+
+/// Follow Podman's container events for this device and wake the pod's worker. Reconnects
+/// with a short pause when the stream ends; the periodic resync covers anything missed.
+async fn watch_events<R: ContainerRuntime>(
+    rt: Arc<R>,
+    device: String,
+    wakes: WakeMap,
+    shutdown: CancellationToken,
+) {
+    let filter = [format!("{}={}", labels::DEVICE, device)];
+    while !shutdown.is_cancelled() {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = rt.events(&filter) => s,
+        };
+        match stream {
+            Ok(mut events) => loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = events.next() => n,
+                };
+                match next {
+                    Some(Ok(ev)) => {
+                        if let Some(uid) = ev.actor.attributes.get(labels::POD_UID) {
+                            debug!(pod_uid = %uid, action = %ev.action, "podman event");
+                            if let Some(w) = wakes.lock().await.get(uid) {
+                                w.notify_one();
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "podman event stream error");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(e) => warn!(error = %e, "cannot follow podman events"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {},
+        }
+    }
+}
