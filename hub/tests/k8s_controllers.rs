@@ -619,3 +619,294 @@ async fn pods_are_relayed_admitted_status_written_and_deleted_like_a_kubelet() {
     cleanup(&hub.client, &ns, &[&dev]).await;
     hub.stop().await;
 }
+
+/// Plays the device side for the fleet test: while a device is "connected", every pod in its
+/// snapshot is reported Running and Ready, and pods it ran that left the snapshot are reported
+/// removed. Disconnected devices do nothing (and keep "running" what they had).
+async fn simulate_devices(
+    mut desired: watch::Receiver<Desired>,
+    connected: watch::Receiver<BTreeMap<String, bool>>,
+    events: mpsc::Sender<SessionEvent>,
+    stop: CancellationToken,
+) {
+    let mut running: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
+    let mut connected_rx = connected;
+    loop {
+        let snapshot = desired.borrow_and_update().clone();
+        let online = connected_rx.borrow_and_update().clone();
+        for (dev, (_, bundles)) in &snapshot {
+            if !online.get(dev).copied().unwrap_or(false) {
+                continue;
+            }
+            let mine = running.entry(dev.clone()).or_default();
+            let mut entries = Vec::new();
+            let mut wanted = BTreeMap::new();
+            for b in bundles {
+                let Ok(v) = serde_json::from_slice::<Value>(&b.pod_json) else {
+                    continue;
+                };
+                let uid = v["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let ns = v["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let name = v["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let status = json!({
+                    "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
+                    "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "Initialized", "status": "True"}],
+                    "containerStatuses": [{"name": "app", "ready": true, "started": true, "restartCount": 0,
+                        "image": "localhost/fleetlet-test/busybox:1", "imageID": "sha256:sim",
+                        "state": {"running": {"startedAt": "2026-01-01T00:00:01Z"}}}]
+                });
+                entries.push(PodStatusEntry {
+                    uid: uid.clone(),
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    status_json: Bytes::from(serde_json::to_vec(&status).unwrap_or_default()),
+                    removed: false,
+                });
+                wanted.insert(uid, (ns, name));
+            }
+            for (uid, (ns, name)) in mine.iter() {
+                if !wanted.contains_key(uid) {
+                    entries.push(PodStatusEntry {
+                        uid: uid.clone(),
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        removed: true,
+                        ..Default::default()
+                    });
+                }
+            }
+            *mine = wanted;
+            let _ = events
+                .send(SessionEvent::PodStatus {
+                    device: dev.clone(),
+                    report: PodStatusReport {
+                        full: true,
+                        pods: entries,
+                    },
+                })
+                .await;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = desired.changed() => if r.is_err() { return },
+            r = connected_rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_disconnected_device() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let instance = unique("it-fleet");
+    let ns = instance.clone();
+    let (a1, a2, b1) = (
+        format!("{instance}-a1"),
+        format!("{instance}-a2"),
+        format!("{instance}-b1"),
+    );
+    let hub = start_hub(
+        &instance,
+        vec![
+            device(&a1, "fleet-a"),
+            device(&a2, "fleet-a"),
+            device(&b1, "fleet-b"),
+        ],
+    )
+    .await;
+    create_namespace(&hub.client, &ns).await;
+    for d in [&a1, &a2, &b1] {
+        hub.connect(d, "4").await;
+    }
+    let (online_tx, online_rx) = watch::channel(
+        [&a1, &a2, &b1]
+            .iter()
+            .map(|d| (d.to_string(), true))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    let sim_stop = CancellationToken::new();
+    let sim = tokio::spawn(simulate_devices(
+        hub.desired.clone(),
+        online_rx,
+        hub.events.clone(),
+        sim_stop.clone(),
+    ));
+    let nodes: Api<Node> = Api::all(hub.client.clone());
+    for d in [&a1, &a2, &b1] {
+        wait_for("node Ready without startup taints", 60, || async {
+            let n = nodes.get(d).await.ok()?;
+            let tainted = n
+                .spec
+                .as_ref()?
+                .taints
+                .iter()
+                .flatten()
+                .any(|t| t.key.starts_with("node.kubernetes.io/"));
+            (ready_condition(&n)?.0 == "True" && !tainted).then_some(())
+        })
+        .await;
+    }
+
+    let deployments: Api<Deployment> = Api::namespaced(hub.client.clone(), &ns);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "nodeSelector": {"flightctl.io/fleet": "fleet-a"},
+                    "tolerations": [
+                        {"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"},
+                        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2},
+                        {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2}
+                    ],
+                    "containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1", "command": ["sleep", "3600"],
+                                    "resources": {"requests": {"cpu": "100m", "memory": "16Mi"}}}]
+                }
+            }
+        }
+    }))
+    .expect("deployment");
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
+    let pods: Api<Pod> = Api::namespaced(hub.client.clone(), &ns);
+    let placed = wait_for("2 Running Ready pods on fleet a", 60, || async {
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        let ready: Vec<(String, String)> = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.phase.as_deref() == Some("Running")
+                        && s.conditions
+                            .iter()
+                            .flatten()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .map(|p| {
+                (
+                    p.metadata.name.clone().unwrap_or_default(),
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        (ready.len() == 2).then_some(ready)
+    })
+    .await;
+    for (pod, node) in &placed {
+        assert!(
+            node == &a1 || node == &a2,
+            "{pod} landed on {node}, not on fleet a"
+        );
+    }
+    wait_for("deployment available", 30, || async {
+        let d = deployments.get("web").await.ok()?;
+        (d.status?.available_replicas == Some(2)).then_some(())
+    })
+    .await;
+    assert!(
+        uids(
+            &hub.desired
+                .borrow()
+                .get(&b1)
+                .map(|x| x.1.clone())
+                .unwrap_or_default()
+        )
+        .is_empty()
+    );
+
+    // Cut a device that runs a pod: after the grace its Node is Ready=Unknown, the real node
+    // lifecycle controller taints it unreachable, the taint manager evicts after 2 s, and the
+    // ReplicaSet's replacement goes to the other device of fleet a.
+    let victim = placed[0].1.clone();
+    let other = if victim == a1 { a2.clone() } else { a1.clone() };
+    let victim_pods: Vec<String> = placed
+        .iter()
+        .filter(|(_, n)| *n == victim)
+        .map(|(p, _)| p.clone())
+        .collect();
+    online_tx.send_modify(|m| {
+        m.insert(victim.clone(), false);
+    });
+    hub.events
+        .send(SessionEvent::Disconnected {
+            device: victim.clone(),
+        })
+        .await
+        .expect("send");
+    wait_for(
+        "replacement Running on the other fleet-a device",
+        120,
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("app=web"))
+                .await
+                .ok()?;
+            let on_other = list
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(other.as_str())
+                })
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            (on_other == 2).then_some(())
+        },
+    )
+    .await;
+    // The evicted pod stays terminating while its device is away (it may still run there).
+    for p in &victim_pods {
+        let pod = pods
+            .get(p)
+            .await
+            .expect("evicted pod still present while the device is away");
+        assert!(
+            pod.metadata.deletion_timestamp.is_some(),
+            "{p} is terminating"
+        );
+    }
+    // Reconnect: the device gets a snapshot without the pod, reports it removed, and the hub
+    // finishes the deletion.
+    online_tx.send_modify(|m| {
+        m.insert(victim.clone(), true);
+    });
+    hub.connect(&victim, "4").await;
+    for p in &victim_pods {
+        wait_for(
+            "evicted pod deleted after the device confirmed",
+            60,
+            || async { matches!(pods.get_opt(p).await, Ok(None)).then_some(()) },
+        )
+        .await;
+    }
+    wait_for("DeviceReconnected event", 30, || {
+        node_event(&hub.client, &victim, "DeviceReconnected")
+    })
+    .await;
+
+    sim_stop.cancel();
+    let _ = sim.await;
+    let _ = deployments.delete("web", &DeleteParams::default()).await;
+    cleanup(&hub.client, &ns, &[&a1, &a2, &b1]).await;
+    hub.stop().await;
+}
