@@ -20,7 +20,9 @@ start_daemon() {
   mkdir -p "$RUN_DIR" "$LOG_DIR"
   printf '\n==== %s starting %s at %(%FT%TZ)T ====\n' "$name" "$*" -1 >> "$LOG_DIR/$name.log"
   # The lock descriptors (8: up.lock, 9: build.lock) must not outlive this script.
-  setsid "$@" >> "$LOG_DIR/$name.log" 2>&1 < /dev/null 8>&- 9>&- &
+  # Started from / so that no daemon (nor the conmon processes Podman forks) keeps a checkout's
+  # directory as its working directory: a deleted one breaks container starts.
+  (cd / && exec setsid "$@" >> "$LOG_DIR/$name.log" 2>&1 < /dev/null 8>&- 9>&-) &
   echo "$! $exe" > "$RUN_DIR/$name.pid"
   log "started $name (pid $!), log $LOG_DIR/$name.log"
 }

@@ -3,6 +3,8 @@
 FLEETLET_DEV_DIR=${FLEETLET_DEV_DIR:-/var/tmp/fleetlet-dev}
 FLEETLET_CACHE_DIR=${FLEETLET_CACHE_DIR:-/var/cache/fleetlet}
 ENV_SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+case $FLEETLET_DEV_DIR in /*) ;; *) FLEETLET_DEV_DIR=$PWD/$FLEETLET_DEV_DIR ;; esac
+case $FLEETLET_CACHE_DIR in /*) ;; *) FLEETLET_CACHE_DIR=$PWD/$FLEETLET_CACHE_DIR ;; esac
 export FLEETLET_DEV_DIR FLEETLET_CACHE_DIR
 
 log() { printf '[env %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
