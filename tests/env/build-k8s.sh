@@ -37,6 +37,8 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
 done
 
+# The toolchain of the machine (no toolchain download), no VCS stamping of the build.
+export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
 cd "$ENV_SRC_DIR/k8s"
 log "downloading modules (go mod download)"
 go mod download
