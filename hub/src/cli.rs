@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the hub (in the cluster).
     Run(RunArgs),
+    /// Create a development PKI for the device link (CA, hub and device certificates).
+    Pki(crate::pki::PkiArgs),
 }
 
 /// Flags of `fleetlet-hub run`; each overrides the matching value of the config file.

@@ -13,6 +13,7 @@ pub mod leader;
 pub mod link;
 pub mod metrics;
 pub mod nodes;
+pub mod pki;
 pub mod pods;
 pub mod quantity;
 pub mod run;

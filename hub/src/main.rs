@@ -37,6 +37,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Pki(args) => match fleetlet_hub::pki::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("fleetlet-hub pki: {error}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -5,9 +5,15 @@
 //! read from watch channels, so a reconnect simply resends the current level (full resync)
 //! instead of replaying edges that might have been lost.
 
+mod backoff;
+mod client;
+pub mod memory;
+mod tls;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleetlet_proto::v1;
 use futures::stream::BoxStream;
@@ -100,15 +106,123 @@ impl LinkConfig {
     }
 }
 
+pub use backoff::Backoff;
+
+/// Why a connection attempt or session failed. All are retried with backoff by [`run_link`];
+/// `Tls` and `Endpoint` need an operator (or a rotation) to fix the files or configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkClientError {
+    /// The configured endpoint is not a usable `https://host:port`.
+    #[error("hub endpoint {endpoint:?}: {message}")]
+    Endpoint {
+        /// The configured endpoint.
+        endpoint: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A TLS file could not be loaded.
+    #[error("link TLS material {path}: {message}")]
+    Tls {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// TCP, TLS or HTTP/2 connection setup failed (hub down, unknown CA, expired certificate...).
+    #[error("connecting to hub {endpoint}: {message}")]
+    Connect {
+        /// The hub endpoint.
+        endpoint: String,
+        /// The error with its causes.
+        message: String,
+    },
+    /// The hub refused the stream (identity, inventory, hello).
+    #[error("hub {endpoint} refused the link: {code:?}: {message}")]
+    Rejected {
+        /// The hub endpoint.
+        endpoint: String,
+        /// gRPC status code.
+        code: tonic::Code,
+        /// The hub's explanation.
+        message: String,
+    },
+    /// The stream ended with an error (dropped connection, keepalive timeout, hub cut it).
+    #[error("link to hub {endpoint} failed: {code:?}: {message}")]
+    Stream {
+        /// The hub endpoint.
+        endpoint: String,
+        /// gRPC status code.
+        code: tonic::Code,
+        /// The reason.
+        message: String,
+    },
+    /// The outbound half of the stream closed under us.
+    #[error("link stream closed")]
+    StreamClosed,
+}
+
+/// Connect once and run one session until it ends; the error says why it could not connect or
+/// why it ended. For diagnostics and tests; the agent runs [`run_link`].
+pub async fn run_link_once(
+    cfg: &LinkConfig,
+    state: Arc<dyn DeviceState>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), LinkClientError> {
+    let target = client::Target::parse(cfg)?;
+    let mut tls = tls::ClientTls::new(
+        cfg.ca_file.clone(),
+        cfg.cert_file.clone(),
+        cfg.key_file.clone(),
+    );
+    let config = tls.current()?;
+    client::run_session(cfg, &target, config, &state, shutdown, || {}).await?;
+    Ok(())
+}
+
+/// Delay before the first retry is drawn from `[0, RECONNECT_BASE)`, doubling per failure.
+const RECONNECT_BASE: Duration = Duration::from_secs(1);
+
 /// Keep the link to the hub up until `shutdown` fires: connect, hello, apply snapshots, report
-/// status; reconnect with exponential backoff and full jitter after every failure.
+/// status; reconnect with exponential backoff and full jitter after every failure. Never returns
+/// early on errors: a device must come back on its own once the hub or its network does.
 pub async fn run_link(
     cfg: LinkConfig,
     state: Arc<dyn DeviceState>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    // Filled in by the client implementation (next commit); until then the link waits for
-    // shutdown so an agent wired against this signature still starts and stops cleanly.
-    let _ = (cfg, state);
-    shutdown.cancelled().await;
+    let device = state.device_name();
+    let mut backoff = Backoff::new(
+        RECONNECT_BASE,
+        Duration::from_secs(cfg.reconnect_max_backoff_secs.max(1)),
+    );
+    let mut tls = tls::ClientTls::new(
+        cfg.ca_file.clone(),
+        cfg.cert_file.clone(),
+        cfg.key_file.clone(),
+    );
+    while !shutdown.is_cancelled() {
+        let attempt = async {
+            let target = client::Target::parse(&cfg)?;
+            let config = tls.current()?;
+            client::run_session(&cfg, &target, config, &state, &shutdown, || backoff.reset()).await
+        };
+        match attempt.await {
+            Ok(client::SessionEnd::Shutdown) => break,
+            Ok(client::SessionEnd::ClosedByHub) => {
+                tracing::info!(device, "hub closed the link");
+            }
+            Err(error) => tracing::warn!(device, %error, "link to hub down"),
+        }
+        let delay = backoff.next_delay();
+        tracing::debug!(
+            device,
+            delay_ms = delay.as_millis(),
+            "reconnecting after delay"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!(device, "link stopped");
 }

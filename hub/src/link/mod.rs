@@ -3,9 +3,9 @@
 //! [`DeviceSessions`] is the API the rest of the hub uses (set a device's desired pods, watch
 //! sessions and statuses, open log streams); [`serve`] runs the gRPC server that feeds it.
 
-// The server that drives the crate-internal half of this module lands in the next commit.
-#[allow(dead_code)]
+mod server;
 mod sessions;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +17,9 @@ use crate::inventory::Inventory;
 
 use serde::{Deserialize, Serialize};
 
+pub use server::LinkServer;
 pub use sessions::{DeviceSessions, LinkStats, SessionEvent, SessionLimits};
+pub use tls::device_identity as identity_of;
 
 /// Errors of the link API and server.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -171,9 +173,8 @@ pub async fn serve(
     inventory: Arc<dyn Inventory>,
     shutdown: CancellationToken,
 ) -> Result<(), LinkError> {
-    // The TLS server lands in the next commit; the signature is fixed so the hub's `run` can be
-    // wired against it now.
-    let _ = (config, sessions, inventory);
-    shutdown.cancelled().await;
-    Ok(())
+    LinkServer::bind(config)
+        .await?
+        .serve(sessions, inventory, shutdown)
+        .await
 }

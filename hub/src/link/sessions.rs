@@ -146,6 +146,21 @@ pub(crate) struct SessionHandle {
     pub(crate) cancel: CancellationToken,
     pub(crate) control: mpsc::Sender<v1::HubMessage>,
     pub(crate) logs: Arc<RwLock<HashMap<u64, LogSender>>>,
+    /// Why the session was cut from outside (replaced, removed from the inventory).
+    cut_reason: Arc<RwLock<Option<(tonic::Code, String)>>>,
+}
+
+impl SessionHandle {
+    /// End the session; the device gets `code` and `message` as the stream's status.
+    pub(crate) fn cut(&self, code: tonic::Code, message: String) {
+        write(&self.cut_reason).get_or_insert((code, message));
+        self.cancel.cancel();
+    }
+
+    /// Why the session was cut, if it was.
+    pub(crate) fn cut_reason(&self) -> Option<(tonic::Code, String)> {
+        read(&self.cut_reason).clone()
+    }
 }
 
 /// Where a device's chunks for one log request go.
@@ -245,8 +260,30 @@ impl DeviceSessions {
         if let Some(slot) = write(&self.inner.devices).remove(device)
             && let Some(session) = read(&slot.session).as_ref()
         {
-            session.cancel.cancel();
+            session.cut(
+                tonic::Code::PermissionDenied,
+                format!("device {device} was removed from the inventory"),
+            );
         }
+    }
+
+    /// Cut the sessions of connected devices that `admits` refuses (left the inventory or
+    /// were disabled). Returns how many were cut.
+    pub(crate) fn cut_unadmitted(&self, admits: impl Fn(&str) -> bool) -> usize {
+        let mut cut = 0;
+        for (device, slot) in read(&self.inner.devices).iter() {
+            if admits(device) {
+                continue;
+            }
+            if let Some(session) = read(&slot.session).as_ref() {
+                session.cut(
+                    tonic::Code::PermissionDenied,
+                    format!("device {device} is no longer in the inventory"),
+                );
+                cut += 1;
+            }
+        }
+        cut
     }
 
     /// A new bounded stream of session events. Every subscriber gets every event; a subscriber
@@ -340,6 +377,7 @@ impl DeviceSessions {
             cancel: CancellationToken::new(),
             control: control_tx,
             logs: Arc::new(RwLock::new(HashMap::new())),
+            cut_reason: Arc::new(RwLock::new(None)),
         };
         let previous = write(&slot.session).replace(handle.clone());
         if let Some(previous) = previous {
@@ -352,7 +390,10 @@ impl DeviceSessions {
                 session = previous.id,
                 "session replaced by a new connection"
             );
-            previous.cancel.cancel();
+            previous.cut(
+                tonic::Code::Aborted,
+                format!("session of device {device} replaced by a newer connection"),
+            );
         } else {
             self.inner
                 .stats
@@ -399,8 +440,7 @@ impl DeviceSessions {
     }
 
     /// End session `id` of `device`; emits `Disconnected` only if it was still the current one.
-    pub(crate) async fn unregister(&self, device: &str, handle: &SessionHandle) {
-        let slot = self.slot(device);
+    pub(crate) async fn unregister(&self, device: &str, slot: &DeviceSlot, handle: &SessionHandle) {
         let _order = slot.order.lock().await;
         let current = {
             let mut session = write(&slot.session);
@@ -442,8 +482,59 @@ impl DeviceSessions {
         slot.held.fetch_max(generation, Ordering::AcqRel);
     }
 
-    pub(crate) fn limits(&self) -> &SessionLimits {
-        &self.inner.limits
+    /// Deliver a device's log chunk to whoever opened the request; a consumer that stalls
+    /// longer than the configured timeout loses its stream (and the device is told to stop).
+    pub(crate) async fn route_log_chunk(
+        &self,
+        device: &str,
+        handle: &SessionHandle,
+        chunk: v1::LogChunk,
+    ) {
+        let request_id = chunk.request_id;
+        let Some(tx) = read(&handle.logs).get(&request_id).cloned() else {
+            // Cancelled meanwhile; the device stops when the cancel arrives.
+            return;
+        };
+        if !chunk.error.is_empty() {
+            write(&handle.logs).remove(&request_id);
+            let _ = tx.try_send(Err(LinkError::Device {
+                device: device.to_owned(),
+                message: chunk.error,
+            }));
+            return;
+        }
+        if !chunk.data.is_empty() {
+            let sent = tokio::time::timeout(
+                self.inner.limits.log_consumer_timeout,
+                tx.send(Ok(chunk.data)),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    // The consumer is gone; its guard already sent the cancel.
+                    write(&handle.logs).remove(&request_id);
+                    return;
+                }
+                Err(_) => {
+                    write(&handle.logs).remove(&request_id);
+                    let _ = tx.try_send(Err(LinkError::SlowConsumer {
+                        device: device.to_owned(),
+                        request_id,
+                    }));
+                    let _ = handle.control.try_send(v1::HubMessage {
+                        kind: Some(v1::hub_message::Kind::LogCancel(v1::LogCancel {
+                            request_id,
+                        })),
+                    });
+                    return;
+                }
+            }
+        }
+        if chunk.eof {
+            // Dropping the sender ends the consumer's stream.
+            write(&handle.logs).remove(&request_id);
+        }
     }
 }
 
@@ -456,6 +547,11 @@ pub(crate) struct Registered {
 }
 
 impl DeviceSlot {
+    /// A receiver of the device's desired snapshot (current value marked seen).
+    pub(crate) fn subscribe_desired(&self) -> watch::Receiver<Option<Arc<v1::DesiredSnapshot>>> {
+        self.desired.subscribe()
+    }
+
     /// The newest generation handed to the device's stream.
     pub(crate) fn sent(&self) -> u64 {
         self.sent.load(Ordering::Acquire)
@@ -546,9 +642,9 @@ mod tests {
             events.recv().await,
             Some(SessionEvent::Connected { .. })
         ));
-        sessions.unregister("d", &reg.handle).await;
+        sessions.unregister("d", &reg.slot, &reg.handle).await;
         assert!(sessions.is_connected("d"));
-        sessions.unregister("d", &reg2.handle).await;
+        sessions.unregister("d", &reg2.slot, &reg2.handle).await;
         assert!(!sessions.is_connected("d"));
         assert!(
             matches!(events.recv().await, Some(SessionEvent::Disconnected { device }) if device == "d")

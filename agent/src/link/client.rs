@@ -1,0 +1,381 @@
+//! One connection to the hub: TLS connector, hello, and the session loop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use fleetlet_proto::v1::device_link_client::DeviceLinkClient;
+use fleetlet_proto::v1::{self, agent_message, hub_message};
+use futures::StreamExt;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::{Endpoint, Uri};
+
+use super::{DeviceState, LinkClientError, LinkConfig, PodStatusMap};
+
+/// Messages queued towards the hub before the session loop waits (flow control beyond this is
+/// HTTP/2's job).
+const OUTBOUND_QUEUE: usize = 32;
+/// Connect (TCP + TLS) must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where to connect: `host:port` for TCP and the name the hub's certificate must carry.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) authority: String,
+    pub(crate) server_name: ServerName<'static>,
+}
+
+impl Target {
+    pub(crate) fn parse(cfg: &LinkConfig) -> Result<Self, LinkClientError> {
+        let invalid = |message: &str| LinkClientError::Endpoint {
+            endpoint: cfg.endpoint.clone(),
+            message: message.to_owned(),
+        };
+        let uri: Uri = cfg
+            .endpoint
+            .parse()
+            .map_err(|e: tonic::codegen::http::uri::InvalidUri| invalid(&e.to_string()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(invalid("the hub endpoint must be https://host:port"));
+        }
+        let host = uri.host().ok_or_else(|| invalid("no host"))?;
+        let port = uri.port_u16().unwrap_or(443);
+        let host_bare = host.trim_start_matches('[').trim_end_matches(']');
+        let name = cfg
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_bare.to_owned());
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|e| invalid(&format!("server name {name:?}: {e}")))?;
+        Ok(Self {
+            authority: format!("{host}:{port}"),
+            server_name,
+        })
+    }
+}
+
+/// Opens TCP + TLS 1.3 to the hub for tonic (which then speaks HTTP/2 over it).
+#[derive(Clone)]
+struct TlsConnector {
+    target: Target,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let target = self.target.clone();
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.config));
+        Box::pin(async move {
+            let tcp = TcpStream::connect(&target.authority).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(target.server_name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// How a session ended without an error.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The hub closed the stream cleanly.
+    ClosedByHub,
+}
+
+/// Connect once and run the session until it ends. `on_connected` fires once the hub has
+/// accepted the hello (the caller resets its backoff then).
+pub(crate) async fn run_session(
+    cfg: &LinkConfig,
+    target: &Target,
+    tls: Arc<rustls::ClientConfig>,
+    state: &Arc<dyn DeviceState>,
+    shutdown: &CancellationToken,
+    on_connected: impl FnOnce(),
+) -> Result<SessionEnd, LinkClientError> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", target.authority))
+        .map_err(|e| LinkClientError::Endpoint {
+            endpoint: cfg.endpoint.clone(),
+            message: e.to_string(),
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(cfg.keepalive_interval_secs.max(1)))
+        .keep_alive_timeout(Duration::from_secs(cfg.keepalive_timeout_secs.max(1)))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(1024 * 1024))
+        .initial_connection_window_size(Some(2 * 1024 * 1024));
+    let connector = TlsConnector {
+        target: target.clone(),
+        config: tls,
+    };
+    let channel = tokio::select! {
+        () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        channel = endpoint.connect_with_connector(connector) => channel.map_err(|e| LinkClientError::Connect {
+            endpoint: cfg.endpoint.clone(),
+            message: error_chain(&e),
+        })?,
+    };
+    let mut client = DeviceLinkClient::new(channel)
+        .max_decoding_message_size(fleetlet_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fleetlet_proto::MAX_MESSAGE_BYTES)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+
+    let device = state.device_name();
+    let (tx, rx) = mpsc::channel::<v1::AgentMessage>(OUTBOUND_QUEUE);
+    let hello = v1::Hello {
+        device_name: device.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id: state.hello_info().boot_id,
+        held_generation: state.held_generation(),
+        node_info: Some(state.hello_info()),
+    };
+    let held = hello.held_generation;
+    send(&tx, agent_message::Kind::Hello(hello)).await?;
+    let response = tokio::select! {
+        () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        response = client.connect(tokio_stream_from(rx)) => response.map_err(|status| LinkClientError::Rejected {
+            endpoint: cfg.endpoint.clone(),
+            code: status.code(),
+            message: status_text(&status),
+        })?,
+    };
+    let mut inbound = response.into_inner();
+    tracing::info!(device, held_generation = held, "connected to hub");
+    on_connected();
+
+    // Full resync: whatever was lost while disconnected is covered by sending the current level.
+    let mut capacity = state.capacity();
+    let mut pods = state.pod_statuses();
+    let current_capacity = capacity.borrow_and_update().clone();
+    send(&tx, agent_message::Kind::Capacity(current_capacity)).await?;
+    let mut last_pods = pods.borrow_and_update().clone();
+    send(&tx, full_report(&last_pods)).await?;
+
+    let mut logs: HashMap<u64, CancellationToken> = HashMap::new();
+    let session_end = CancellationToken::new();
+    let _stop_logs = session_end.clone().drop_guard();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            message = inbound.message() => match message {
+                Ok(Some(message)) => {
+                    handle_hub_message(state, &device, &tx, &mut logs, &session_end, message).await?;
+                }
+                Ok(None) => return Ok(SessionEnd::ClosedByHub),
+                Err(status) => return Err(LinkClientError::Stream {
+                    endpoint: cfg.endpoint.clone(),
+                    code: status.code(),
+                    message: status_text(&status),
+                }),
+            },
+            changed = capacity.changed() => {
+                if changed.is_ok() {
+                    let current = capacity.borrow_and_update().clone();
+                    send(&tx, agent_message::Kind::Capacity(current)).await?;
+                }
+            }
+            changed = pods.changed() => {
+                if changed.is_ok() {
+                    let current = pods.borrow_and_update().clone();
+                    send(&tx, delta_report(&last_pods, &current)).await?;
+                    last_pods = current;
+                }
+            }
+        }
+        logs.retain(|_, token| !token.is_cancelled());
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<v1::AgentMessage>,
+) -> impl futures::Stream<Item = v1::AgentMessage> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn send(
+    tx: &mpsc::Sender<v1::AgentMessage>,
+    kind: agent_message::Kind,
+) -> Result<(), LinkClientError> {
+    tx.send(v1::AgentMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| LinkClientError::StreamClosed)
+}
+
+fn full_report(pods: &PodStatusMap) -> agent_message::Kind {
+    agent_message::Kind::PodStatus(v1::PodStatusReport {
+        full: true,
+        pods: pods.values().cloned().collect(),
+    })
+}
+
+/// Only what changed since the last report; a pod that vanished from the map without a
+/// `removed` entry can only be conveyed by a full report.
+fn delta_report(before: &PodStatusMap, after: &PodStatusMap) -> agent_message::Kind {
+    if before.keys().any(|uid| !after.contains_key(uid)) {
+        return full_report(after);
+    }
+    let changed = after
+        .iter()
+        .filter(|(uid, entry)| before.get(*uid) != Some(*entry))
+        .map(|(_, entry)| entry.clone())
+        .collect();
+    agent_message::Kind::PodStatus(v1::PodStatusReport {
+        full: false,
+        pods: changed,
+    })
+}
+
+async fn handle_hub_message(
+    state: &Arc<dyn DeviceState>,
+    device: &str,
+    tx: &mpsc::Sender<v1::AgentMessage>,
+    logs: &mut HashMap<u64, CancellationToken>,
+    session_end: &CancellationToken,
+    message: v1::HubMessage,
+) -> Result<(), LinkClientError> {
+    match message.kind {
+        Some(hub_message::Kind::Snapshot(snapshot)) => {
+            let generation = snapshot.generation;
+            let pods = snapshot.pods.len();
+            // Persist first: the ack promises the hub that the device holds this generation.
+            let ack = match state.apply_snapshot(snapshot).await {
+                Ok(true) => {
+                    tracing::info!(device, generation, pods, "desired snapshot stored");
+                    v1::Ack {
+                        generation,
+                        error: String::new(),
+                    }
+                }
+                Ok(false) => {
+                    let held = state.held_generation();
+                    tracing::debug!(
+                        device,
+                        generation,
+                        held,
+                        "snapshot not newer than held; ignored"
+                    );
+                    v1::Ack {
+                        generation: held,
+                        error: String::new(),
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(device, generation, error, "storing desired snapshot failed");
+                    v1::Ack { generation, error }
+                }
+            };
+            send(tx, agent_message::Kind::Ack(ack)).await
+        }
+        Some(hub_message::Kind::LogRequest(request)) => {
+            let request_id = request.request_id;
+            let token = session_end.child_token();
+            if let Some(previous) = logs.insert(request_id, token.clone()) {
+                previous.cancel();
+            }
+            tokio::spawn(stream_logs(Arc::clone(state), request, tx.clone(), token));
+            Ok(())
+        }
+        Some(hub_message::Kind::LogCancel(cancel)) => {
+            if let Some(token) = logs.remove(&cancel.request_id) {
+                token.cancel();
+            }
+            Ok(())
+        }
+        None => {
+            tracing::warn!(device, "hub sent an empty message; ignored");
+            Ok(())
+        }
+    }
+}
+
+/// Relay one container log to the hub until it ends or is cancelled.
+async fn stream_logs(
+    state: Arc<dyn DeviceState>,
+    request: v1::LogRequest,
+    tx: mpsc::Sender<v1::AgentMessage>,
+    cancel: CancellationToken,
+) {
+    let request_id = request.request_id;
+    let chunk = |data: bytes::Bytes, eof: bool, error: String| v1::AgentMessage {
+        kind: Some(agent_message::Kind::LogChunk(v1::LogChunk {
+            request_id,
+            data,
+            eof,
+            error,
+        })),
+    };
+    let mut stream = match state.logs(request).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            let _ = tx.send(chunk(bytes::Bytes::new(), true, error)).await;
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            () = cancel.cancelled() => return,
+            next = stream.next() => next,
+        };
+        let message = match next {
+            Some(Ok(data)) => chunk(data, false, String::new()),
+            Some(Err(error)) => {
+                let _ = tx.send(chunk(bytes::Bytes::new(), true, error)).await;
+                return;
+            }
+            None => {
+                let _ = tx
+                    .send(chunk(bytes::Bytes::new(), true, String::new()))
+                    .await;
+                return;
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            sent = tx.send(message) => if sent.is_err() { return },
+        }
+    }
+}
+
+/// A status's message plus its causes: for transport failures tonic's message is only
+/// "transport error" and the reason (TLS alert, keepalive timeout) is in the source chain.
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The error and its causes on one line (tonic's transport errors hide the useful part).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

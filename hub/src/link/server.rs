@@ -1,0 +1,716 @@
+//! The gRPC server: accepts mutual-TLS connections, admits inventory devices, and runs one
+//! session per `Connect` stream.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use fleetlet_proto::v1::device_link_server::{DeviceLink, DeviceLinkServer};
+use fleetlet_proto::v1::{self, agent_message, hub_message};
+use futures::stream::BoxStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::Connected;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::sessions::{DeviceSlot, Registered, SessionHandle};
+use super::tls::{ServerTls, device_identity};
+use super::{DeviceSessions, LinkError, LinkServerConfig, SessionEvent};
+use crate::inventory::Inventory;
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a connection, decided once after the handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerIdentity(pub(crate) Result<String, String>);
+
+/// How long shutdown waits for streams to finish before connections are cut.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A verified TLS connection plus the identity its client certificate carries. `killed` aborts
+/// the connection when the drain deadline passes (a peer that keeps an idle connection open
+/// must not hold up shutdown).
+pub(crate) struct DeviceConn {
+    io: TlsStream<TcpStream>,
+    identity: PeerIdentity,
+    killed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl DeviceConn {
+    fn check_killed(&mut self, cx: &mut Context<'_>) -> Result<(), std::io::Error> {
+        match self.killed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "hub shutting down",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl Connected for DeviceConn {
+    type ConnectInfo = PeerIdentity;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.identity.clone()
+    }
+}
+
+impl AsyncRead for DeviceConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check_killed(cx)?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for DeviceConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check_killed(cx)?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Settings every session needs, fixed at start.
+struct SessionSettings {
+    hello_timeout: Duration,
+    stall_timeout: Duration,
+}
+
+/// The `DeviceLink` service.
+struct LinkService {
+    sessions: DeviceSessions,
+    inventory: Arc<dyn Inventory>,
+    settings: Arc<SessionSettings>,
+    shutdown: CancellationToken,
+}
+
+/// A bound link listener, ready to serve. Binding first lets callers (and tests) learn the
+/// actual port before serving.
+pub struct LinkServer {
+    listener: TcpListener,
+    config: LinkServerConfig,
+    tls: Arc<ServerTls>,
+}
+
+impl LinkServer {
+    /// Load the TLS material and bind `config.listen`.
+    pub async fn bind(config: LinkServerConfig) -> Result<Self, LinkError> {
+        let tls = Arc::new(ServerTls::load(&config)?);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| LinkError::Listen {
+                addr: config.listen,
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            listener,
+            config,
+            tls,
+        })
+    }
+
+    /// The address actually bound (resolves port 0).
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr, LinkError> {
+        self.listener.local_addr().map_err(|e| LinkError::Listen {
+            addr: self.config.listen,
+            message: e.to_string(),
+        })
+    }
+
+    /// Serve until `shutdown` fires; every session then ends with `Unavailable`.
+    pub async fn serve(
+        self,
+        sessions: DeviceSessions,
+        inventory: Arc<dyn Inventory>,
+        shutdown: CancellationToken,
+    ) -> Result<(), LinkError> {
+        let config = self.config;
+        let addr = self.listener.local_addr().unwrap_or(config.listen);
+        tracing::info!(%addr, "device link listening");
+
+        let (conn_tx, conn_rx) = mpsc::channel::<Result<DeviceConn, std::io::Error>>(256);
+        let kill = CancellationToken::new();
+        let accept = tokio::spawn(accept_loop(
+            self.listener,
+            Arc::clone(&self.tls),
+            config.clone(),
+            sessions.clone(),
+            conn_tx,
+            (shutdown.clone(), kill.clone()),
+        ));
+        let reload = tokio::spawn(reload_loop(
+            Arc::clone(&self.tls),
+            Duration::from_secs(config.reload_interval_secs.max(1)),
+            shutdown.clone(),
+        ));
+        let watch = tokio::spawn(inventory_loop(
+            Arc::clone(&inventory),
+            sessions.clone(),
+            shutdown.clone(),
+        ));
+
+        let service = LinkService {
+            sessions,
+            inventory,
+            settings: Arc::new(SessionSettings {
+                hello_timeout: Duration::from_secs(config.hello_timeout_secs.max(1)),
+                stall_timeout: Duration::from_secs(config.stall_timeout_secs.max(1)),
+            }),
+            shutdown: shutdown.clone(),
+        };
+        let grpc = DeviceLinkServer::new(service)
+            .max_decoding_message_size(fleetlet_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(fleetlet_proto::MAX_MESSAGE_BYTES)
+            .send_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .accept_compressed(CompressionEncoding::Gzip);
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(
+                config.keepalive_interval_secs.max(1),
+            )))
+            .http2_keepalive_timeout(Some(Duration::from_secs(
+                config.keepalive_timeout_secs.max(1),
+            )))
+            // Small windows: a device that stops reading can pin at most this much per stream.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(512 * 1024)
+            .max_concurrent_streams(4)
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+                shutdown.clone().cancelled_owned(),
+            );
+        tokio::pin!(server);
+        let result = tokio::select! {
+            result = &mut server => result,
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(DRAIN_DEADLINE).await;
+            } => {
+                tracing::warn!(%addr, "link connections did not drain in time; cutting them");
+                kill.cancel();
+                server.await
+            }
+        }
+        .map_err(|e| LinkError::Listen {
+            addr,
+            message: e.to_string(),
+        });
+        kill.cancel();
+        accept.abort();
+        reload.abort();
+        watch.abort();
+        tracing::info!(%addr, "device link stopped");
+        result
+    }
+}
+
+/// Accept TCP connections, run each TLS handshake in its own task (a slow or hostile client
+/// never holds up the others) and hand verified connections to the gRPC server.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    config: LinkServerConfig,
+    sessions: DeviceSessions,
+    conns: mpsc::Sender<Result<DeviceConn, std::io::Error>>,
+    (shutdown, kill): (CancellationToken, CancellationToken),
+) {
+    let stats = sessions.stats();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accepting a link connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let conns = conns.clone();
+        let stats = Arc::clone(&stats);
+        let source = config.identity_source;
+        let prefix = config.identity_prefix.clone();
+        let killed = Box::pin(kill.clone().cancelled_owned());
+        tokio::spawn(async move {
+            let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(io)) => io,
+                Ok(Err(error)) => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, %error, "link TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "link TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = io
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map_or_else(
+                    || Err("no client certificate".to_owned()),
+                    |leaf| device_identity(leaf, source, &prefix),
+                );
+            let _ = conns
+                .send(Ok(DeviceConn {
+                    io,
+                    identity: PeerIdentity(identity),
+                    killed,
+                }))
+                .await;
+        });
+    }
+}
+
+/// Pick up rotated TLS files and re-check expiry (about daily) while serving.
+async fn reload_loop(tls: Arc<ServerTls>, every: Duration, shutdown: CancellationToken) {
+    let expiry_every = (86_400 / every.as_secs().max(1)).max(1);
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        ticks += 1;
+        if !tls.reload_if_changed() && ticks.is_multiple_of(expiry_every) {
+            tls.check_expiry();
+        }
+    }
+}
+
+/// Cut sessions of devices that leave the inventory or get disabled.
+async fn inventory_loop(
+    inventory: Arc<dyn Inventory>,
+    sessions: DeviceSessions,
+    shutdown: CancellationToken,
+) {
+    let mut devices = inventory.devices();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = devices.changed() => if changed.is_err() { return },
+        }
+        let current = devices.borrow_and_update().clone();
+        let cut = sessions.cut_unadmitted(|name| current.get(name).is_some_and(|d| d.enabled));
+        if cut > 0 {
+            tracing::info!(
+                sessions = cut,
+                "cut sessions of devices that left the inventory"
+            );
+        }
+    }
+}
+
+fn reject(sessions: &DeviceSessions, status: Status) -> Status {
+    sessions
+        .stats()
+        .streams_rejected
+        .fetch_add(1, Ordering::Relaxed);
+    status
+}
+
+/// A decode failure is the client's fault: say so instead of tonic's `Internal`.
+fn classify_inbound_error(device: &str, status: Status) -> Status {
+    match status.code() {
+        Code::Internal if status.message().contains("decode") => Status::invalid_argument(format!(
+            "malformed message from device {device}: {}",
+            status.message()
+        )),
+        Code::OutOfRange | Code::ResourceExhausted => Status::resource_exhausted(format!(
+            "message from device {device} exceeds the limit of {} bytes: {}",
+            fleetlet_proto::MAX_MESSAGE_BYTES,
+            status.message()
+        )),
+        _ => status,
+    }
+}
+
+#[tonic::async_trait]
+impl DeviceLink for LinkService {
+    type ConnectStream = BoxStream<'static, Result<v1::HubMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let identity = request.extensions().get::<PeerIdentity>().cloned();
+        let device = match identity {
+            Some(PeerIdentity(Ok(device))) => device,
+            Some(PeerIdentity(Err(why))) => {
+                tracing::warn!(reason = %why, "link stream refused: no usable identity");
+                return Err(reject(&self.sessions, Status::unauthenticated(why)));
+            }
+            None => {
+                return Err(reject(
+                    &self.sessions,
+                    Status::unauthenticated("connection carries no verified client certificate"),
+                ));
+            }
+        };
+        if !self.inventory.admits(&device) {
+            tracing::warn!(device, "link stream refused: device not in the inventory");
+            return Err(reject(
+                &self.sessions,
+                Status::permission_denied(format!(
+                    "device {device} is not in the hub's inventory or is disabled"
+                )),
+            ));
+        }
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(self.settings.hello_timeout, inbound.message()).await
+        {
+            Err(_) => {
+                return Err(reject(
+                    &self.sessions,
+                    Status::deadline_exceeded(format!(
+                        "device {device} sent no hello within {:?}",
+                        self.settings.hello_timeout
+                    )),
+                ));
+            }
+            Ok(Err(status)) => {
+                let status = classify_inbound_error(&device, status);
+                tracing::warn!(device, %status, "link stream refused: bad first message");
+                return Err(reject(&self.sessions, status));
+            }
+            Ok(Ok(None)) => {
+                return Err(reject(
+                    &self.sessions,
+                    Status::cancelled(format!("device {device} closed the stream before hello")),
+                ));
+            }
+            Ok(Ok(Some(message))) => message,
+        };
+        let hello = match first.kind {
+            Some(agent_message::Kind::Hello(hello)) => hello,
+            _ => {
+                return Err(reject(
+                    &self.sessions,
+                    Status::invalid_argument(format!(
+                        "device {device}: the first message on a stream must be hello"
+                    )),
+                ));
+            }
+        };
+        if hello.device_name != device {
+            tracing::warn!(
+                device,
+                claimed = hello.device_name,
+                "link stream refused: hello names another device"
+            );
+            return Err(reject(
+                &self.sessions,
+                Status::permission_denied(format!(
+                    "hello names device {:?} but the client certificate is for device {device:?}",
+                    hello.device_name
+                )),
+            ));
+        }
+        tracing::info!(
+            device,
+            held_generation = hello.held_generation,
+            agent_version = hello.agent_version,
+            "device connected"
+        );
+        let Registered {
+            handle,
+            control_rx,
+            desired_rx,
+            slot,
+        } = self.sessions.register(&device, &hello).await;
+        let (end_tx, end_rx) = oneshot::channel();
+        let outbound = outbound_stream(
+            self.sessions.clone(),
+            Arc::clone(&slot),
+            desired_rx,
+            control_rx,
+            end_rx,
+        );
+        tokio::spawn(run_inbound(
+            InboundSession {
+                sessions: self.sessions.clone(),
+                device,
+                slot,
+                handle,
+                settings: Arc::clone(&self.settings),
+                shutdown: self.shutdown.clone(),
+            },
+            inbound,
+            end_tx,
+        ));
+        Ok(Response::new(outbound))
+    }
+}
+
+/// Hub → device: the newest snapshot whenever it changes (superseded ones are never queued),
+/// plus log requests; ends with the status the inbound side decided.
+fn outbound_stream(
+    sessions: DeviceSessions,
+    slot: Arc<DeviceSlot>,
+    desired: tokio::sync::watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>,
+    control: mpsc::Receiver<v1::HubMessage>,
+    end: oneshot::Receiver<Option<Status>>,
+) -> BoxStream<'static, Result<v1::HubMessage, Status>> {
+    struct State {
+        sessions: DeviceSessions,
+        slot: Arc<DeviceSlot>,
+        desired: tokio::sync::watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>,
+        control: mpsc::Receiver<v1::HubMessage>,
+        end: oneshot::Receiver<Option<Status>>,
+        done: bool,
+    }
+    let state = State {
+        sessions,
+        slot,
+        desired,
+        control,
+        end,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                end = &mut st.end => {
+                    st.done = true;
+                    return match end {
+                        Ok(Some(status)) => Some((Err(status), st)),
+                        _ => None,
+                    };
+                }
+                message = st.control.recv() => match message {
+                    Some(message) => return Some((Ok(message), st)),
+                    None => return None,
+                },
+                changed = st.desired.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    let snapshot = st.desired.borrow_and_update().clone();
+                    if let Some(snapshot) = snapshot {
+                        st.sessions.record_sent(&st.slot, snapshot.generation);
+                        let message = v1::HubMessage {
+                            kind: Some(hub_message::Kind::Snapshot((*snapshot).clone())),
+                        };
+                        return Some((Ok(message), st));
+                    }
+                }
+            }
+        }
+    }))
+}
+
+/// One session's inbound side and what it needs.
+struct InboundSession {
+    sessions: DeviceSessions,
+    device: String,
+    slot: Arc<DeviceSlot>,
+    handle: SessionHandle,
+    settings: Arc<SessionSettings>,
+    shutdown: CancellationToken,
+}
+
+/// The snapshot the device has not taken yet and since when, if any.
+fn pending_snapshot(
+    slot: &DeviceSlot,
+    newest: Option<u64>,
+    timeout: Duration,
+) -> Option<(u64, tokio::time::Instant)> {
+    newest
+        .filter(|generation| *generation > slot.sent())
+        .map(|generation| (generation, tokio::time::Instant::now() + timeout))
+}
+
+/// Device → hub: acks, capacity, statuses, log chunks. Also watches for a stalled device and for
+/// the session being cut. Ends the session and tells the outbound side how.
+async fn run_inbound(
+    session: InboundSession,
+    mut inbound: Streaming<v1::AgentMessage>,
+    end_tx: oneshot::Sender<Option<Status>>,
+) {
+    let InboundSession {
+        sessions,
+        device,
+        slot,
+        handle,
+        settings,
+        shutdown,
+    } = session;
+    let stats = sessions.stats();
+    let mut desired = slot.subscribe_desired();
+    let newest = |rx: &mut tokio::sync::watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>| {
+        rx.borrow_and_update().as_ref().map(|s| s.generation)
+    };
+    let mut stall = pending_snapshot(&slot, newest(&mut desired), settings.stall_timeout);
+    let end: Option<Status> = loop {
+        let stall_at = stall.map(|(_, at)| at);
+        tokio::select! {
+            () = shutdown.cancelled() => break Some(Status::unavailable("hub is shutting down")),
+            () = handle.cancel.cancelled() => {
+                break handle.cut_reason().map(|(code, message)| Status::new(code, message));
+            }
+            () = async {
+                match stall_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some((generation, _)) = stall.take() else { continue };
+                if slot.sent() < generation {
+                    stats.sessions_cut_stalled.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(device, generation, "device does not read its stream; session cut");
+                    break Some(Status::resource_exhausted(format!(
+                        "device {device} did not take snapshot {generation} within {:?}; session cut",
+                        settings.stall_timeout
+                    )));
+                }
+                stall = pending_snapshot(&slot, newest(&mut desired), settings.stall_timeout);
+            }
+            changed = desired.changed() => {
+                if changed.is_ok() && stall.is_none() {
+                    stall = pending_snapshot(&slot, newest(&mut desired), settings.stall_timeout);
+                } else if changed.is_ok() {
+                    desired.borrow_and_update();
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(message)) => {
+                    if let Err(status) = handle_message(&sessions, &device, &slot, &handle, message).await {
+                        tracing::warn!(device, %status, "device sent an invalid message; session ended");
+                        break Some(status);
+                    }
+                }
+                Ok(None) => break None,
+                Err(status) => {
+                    let status = classify_inbound_error(&device, status);
+                    match status.code() {
+                        Code::InvalidArgument | Code::ResourceExhausted => {
+                            tracing::warn!(device, %status, "bad message from device; session ended");
+                            break Some(status);
+                        }
+                        _ => {
+                            tracing::info!(device, error = %status, "device link dropped");
+                            break None;
+                        }
+                    }
+                }
+            },
+        }
+    };
+    sessions.unregister(&device, &slot, &handle).await;
+    tracing::info!(device, "device disconnected");
+    let _ = end_tx.send(end);
+}
+
+async fn handle_message(
+    sessions: &DeviceSessions,
+    device: &str,
+    slot: &DeviceSlot,
+    handle: &SessionHandle,
+    message: v1::AgentMessage,
+) -> Result<(), Status> {
+    match message.kind {
+        Some(agent_message::Kind::Hello(_)) => Err(Status::invalid_argument(format!(
+            "device {device} sent a second hello on one stream"
+        ))),
+        Some(agent_message::Kind::Ack(ack)) => {
+            sessions.record_ack(slot, ack.generation);
+            let error = (!ack.error.is_empty()).then_some(ack.error);
+            if let Some(error) = &error {
+                tracing::warn!(
+                    device,
+                    generation = ack.generation,
+                    error,
+                    "device rejected snapshot"
+                );
+            } else {
+                tracing::debug!(
+                    device,
+                    generation = ack.generation,
+                    "device acknowledged snapshot"
+                );
+            }
+            sessions
+                .emit(SessionEvent::Acked {
+                    device: device.to_owned(),
+                    generation: ack.generation,
+                    error,
+                })
+                .await;
+            Ok(())
+        }
+        Some(agent_message::Kind::Capacity(capacity)) => {
+            sessions
+                .emit(SessionEvent::Capacity {
+                    device: device.to_owned(),
+                    capacity,
+                })
+                .await;
+            Ok(())
+        }
+        Some(agent_message::Kind::PodStatus(report)) => {
+            sessions
+                .emit(SessionEvent::PodStatus {
+                    device: device.to_owned(),
+                    report,
+                })
+                .await;
+            Ok(())
+        }
+        Some(agent_message::Kind::LogChunk(chunk)) => {
+            sessions.route_log_chunk(device, handle, chunk).await;
+            Ok(())
+        }
+        None => Err(Status::invalid_argument(format!(
+            "device {device} sent an empty message"
+        ))),
+    }
+}

@@ -1,0 +1,246 @@
+//! The hub's TLS material: loading, reloading from disk without a restart, expiry warnings, and
+//! the device identity taken from a verified client certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use super::{IdentitySource, LinkError, LinkServerConfig};
+
+fn tls_error(path: &Path, message: impl std::fmt::Display) -> LinkError {
+    LinkError::Tls {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// Every certificate in a PEM file; an empty file is an error (it would trust or serve nothing).
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LinkError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(path, e))?;
+    if certs.is_empty() {
+        return Err(tls_error(path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, LinkError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| tls_error(path, e))
+}
+
+/// Seconds since the Unix epoch at which `der` stops being valid.
+pub(crate) fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    X509Certificate::from_der(der)
+        .ok()
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Log a warning for every certificate in `certs` that expires within `warn_before`
+/// (an error when it already has). Returns how many were reported.
+pub(crate) fn warn_expiry(
+    path: &Path,
+    certs: &[CertificateDer<'_>],
+    warn_before: Duration,
+) -> usize {
+    let now = unix_now();
+    let horizon = i64::try_from(warn_before.as_secs()).unwrap_or(i64::MAX);
+    let mut reported = 0;
+    for (index, cert) in certs.iter().enumerate() {
+        let Some(not_after) = not_after(cert) else {
+            continue;
+        };
+        let left = not_after - now;
+        if left <= 0 {
+            tracing::error!(file = %path.display(), index, not_after, "certificate has expired");
+            reported += 1;
+        } else if left < horizon {
+            tracing::warn!(
+                file = %path.display(),
+                index,
+                not_after,
+                days_left = left / 86_400,
+                "certificate expires soon"
+            );
+            reported += 1;
+        }
+    }
+    reported
+}
+
+/// The device name from a verified client certificate, or why there is none.
+pub fn device_identity(
+    cert: &CertificateDer<'_>,
+    source: IdentitySource,
+    prefix: &str,
+) -> Result<String, String> {
+    let (_, parsed) = X509Certificate::from_der(cert)
+        .map_err(|e| format!("client certificate is not valid X.509: {e}"))?;
+    let raw = match source {
+        IdentitySource::CommonName => parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .ok_or("client certificate has no subject common name")?
+            .as_str()
+            .map_err(|e| format!("client certificate common name is not a string: {e}"))?
+            .to_owned(),
+        IdentitySource::UriSan => parsed
+            .subject_alternative_name()
+            .map_err(|e| format!("client certificate subjectAltName is invalid: {e}"))?
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|name| match name {
+                    GeneralName::URI(uri) => Some((*uri).to_owned()),
+                    _ => None,
+                })
+            })
+            .ok_or("client certificate has no URI subject alternative name")?,
+    };
+    let name = raw.strip_prefix(prefix).ok_or_else(|| {
+        format!("client certificate identity {raw:?} does not start with the configured prefix {prefix:?}")
+    })?;
+    if name.is_empty() {
+        return Err(format!(
+            "client certificate identity {raw:?} names no device"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Modification time and length of each watched file, to notice replacements cheaply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp(Vec<Option<(SystemTime, u64)>>);
+
+impl FileStamp {
+    fn of(paths: &[&Path]) -> Self {
+        Self(
+            paths
+                .iter()
+                .map(|p| {
+                    std::fs::metadata(p)
+                        .ok()
+                        .and_then(|m| Some((m.modified().ok()?, m.len())))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The serving configuration currently in force; new connections pick up reloads.
+pub(crate) struct ServerTls {
+    files: [PathBuf; 3],
+    warn_before: Duration,
+    current: RwLock<(Arc<rustls::ServerConfig>, FileStamp)>,
+}
+
+impl ServerTls {
+    /// Load the CA bundle, serving certificate and key named in `config`.
+    pub(crate) fn load(config: &LinkServerConfig) -> Result<Self, LinkError> {
+        let files = [
+            config.client_ca_file.clone(),
+            config.cert_file.clone(),
+            config.key_file.clone(),
+        ];
+        let warn_before = Duration::from_secs(config.expiry_warning_days.saturating_mul(86_400));
+        let stamp = FileStamp::of(&[&files[0], &files[1], &files[2]]);
+        let server_config = build_server_config(&files, warn_before)?;
+        Ok(Self {
+            files,
+            warn_before,
+            current: RwLock::new((server_config, stamp)),
+        })
+    }
+
+    /// The configuration for the next handshake.
+    pub(crate) fn current(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0,
+        )
+    }
+
+    /// Reload if any file changed. A broken replacement is logged and the old material kept,
+    /// so a half-written rotation never takes the link down. Returns whether it reloaded.
+    pub(crate) fn reload_if_changed(&self) -> bool {
+        let stamp = FileStamp::of(&[&self.files[0], &self.files[1], &self.files[2]]);
+        let unchanged = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            == stamp;
+        if unchanged {
+            return false;
+        }
+        match build_server_config(&self.files, self.warn_before) {
+            Ok(config) => {
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = (config, stamp);
+                tracing::info!(cert = %self.files[1].display(), "link TLS material reloaded");
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "link TLS material changed but does not load; keeping the old");
+                false
+            }
+        }
+    }
+
+    /// Re-check expiry of the material in force (called periodically).
+    pub(crate) fn check_expiry(&self) {
+        for path in &self.files[..2] {
+            if let Ok(certs) = load_certs(path) {
+                warn_expiry(path, &certs, self.warn_before);
+            }
+        }
+    }
+}
+
+fn build_server_config(
+    files: &[PathBuf; 3],
+    warn_before: Duration,
+) -> Result<Arc<rustls::ServerConfig>, LinkError> {
+    let [ca_file, cert_file, key_file] = files;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_certs = load_certs(ca_file)?;
+    warn_expiry(ca_file, &ca_certs, warn_before);
+    let mut roots = RootCertStore::empty();
+    for cert in ca_certs {
+        roots.add(cert).map_err(|e| tls_error(ca_file, e))?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|e| tls_error(ca_file, e))?;
+    let chain = load_certs(cert_file)?;
+    warn_expiry(cert_file, &chain, warn_before);
+    let key = load_key(key_file)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error(cert_file, e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_error(key_file, e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
