@@ -27,6 +27,10 @@ exec 8>"$FLEETLET_DEV_DIR/up.lock"
 flock 8
 
 start=$SECONDS
+if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+  export PATH=/usr/local/go/bin:$PATH
+fi
+"$ENV_SRC_DIR/install-deps.sh"
 for c in "${components[@]}"; do "up_$c"; done
 
 write_env() {
