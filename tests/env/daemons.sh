@@ -3,6 +3,13 @@
 RUN_DIR=$FLEETLET_DEV_DIR/run
 LOG_DIR=$FLEETLET_DEV_DIR/logs
 
+# alive PID: the process exists and is not a zombie (PID 1 here may reap late).
+alive() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
 # is_running NAME: the pidfile names a live process running the recorded executable.
 is_running() {
   local name=$1 pid exe
@@ -37,13 +44,13 @@ stop_daemon() {
   read -r pid exe < "$RUN_DIR/$name.pid"
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < 150; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
+    alive "$pid" || break
     sleep 0.1
   done
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     log "$name (pid $pid) ignored SIGTERM for 15 s; killing it"
     kill -KILL "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for ((i = 0; i < 50; i++)); do alive "$pid" || break; sleep 0.1; done
   fi
   rm -f "$RUN_DIR/$name.pid"
   log "stopped $name (pid $pid)"

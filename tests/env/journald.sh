@@ -1,6 +1,15 @@
 # systemd-journald, standalone (PID 1 is not systemd on these machines).
 JOURNAL_SOCKET=/run/systemd/journal/socket
 
+# A live (not zombie: its exe link still resolves) systemd-journald not started by the stack.
+other_journald_running() {
+  local pid
+  for pid in $(pgrep -x systemd-journal); do
+    readlink "/proc/$pid/exe" >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+
 up_journald() {
   [ -x /lib/systemd/systemd-journald ] || die "systemd-journald missing (apt-get install systemd)"
   if is_running journald; then
@@ -9,7 +18,7 @@ up_journald() {
   fi
   # Another journald (not started by this stack) already serves the machine: use it, and leave
   # it alone on env-down.
-  if [ -S "$JOURNAL_SOCKET" ] && pgrep -x systemd-journal >/dev/null; then
+  if [ -S "$JOURNAL_SOCKET" ] && other_journald_running; then
     log "using the machine's running journald"
     return 0
   fi
