@@ -25,6 +25,10 @@ start_daemon() {
   local exe
   exe=$(readlink -f "$(command -v "$1")")
   mkdir -p "$RUN_DIR" "$LOG_DIR"
+  # Logs are appended across starts; past 64 MiB the old part moves to NAME.log.old.
+  if [ "$(stat -c %s "$LOG_DIR/$name.log" 2>/dev/null || echo 0)" -gt $((64 << 20)) ]; then
+    mv -f "$LOG_DIR/$name.log" "$LOG_DIR/$name.log.old"
+  fi
   printf '\n==== %s starting %s at %(%FT%TZ)T ====\n' "$name" "$*" -1 >> "$LOG_DIR/$name.log"
   # The lock descriptors (8: up.lock, 9: build.lock) must not outlive this script.
   # Started from / so that no daemon (nor the conmon processes Podman forks) keeps a checkout's
