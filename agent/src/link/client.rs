@@ -196,7 +196,9 @@ pub(crate) async fn run_session(
             changed = pods.changed() => {
                 if changed.is_ok() {
                     let current = pods.borrow_and_update().clone();
-                    send(&tx, delta_report(&last_pods, &current)).await?;
+                    if let Some(report) = delta_report(&last_pods, &current) {
+                        send(&tx, report).await?;
+                    }
                     last_pods = current;
                 }
             }
@@ -227,21 +229,21 @@ fn full_report(pods: &PodStatusMap) -> agent_message::Kind {
     })
 }
 
-/// Only what changed since the last report; a pod that vanished from the map without a
-/// `removed` entry can only be conveyed by a full report.
-fn delta_report(before: &PodStatusMap, after: &PodStatusMap) -> agent_message::Kind {
+/// Only what changed since the last report (`None` when nothing did); a pod that vanished from
+/// the map without a `removed` entry can only be conveyed by a full report.
+fn delta_report(before: &PodStatusMap, after: &PodStatusMap) -> Option<agent_message::Kind> {
     if before.keys().any(|uid| !after.contains_key(uid)) {
-        return full_report(after);
+        return Some(full_report(after));
     }
-    let changed = after
+    let changed: Vec<_> = after
         .iter()
         .filter(|(uid, entry)| before.get(*uid) != Some(*entry))
         .map(|(_, entry)| entry.clone())
         .collect();
-    agent_message::Kind::PodStatus(v1::PodStatusReport {
+    (!changed.is_empty()).then_some(agent_message::Kind::PodStatus(v1::PodStatusReport {
         full: false,
         pods: changed,
-    })
+    }))
 }
 
 async fn handle_hub_message(
@@ -378,4 +380,60 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn entry(uid: &str, phase: &str) -> v1::PodStatusEntry {
+        v1::PodStatusEntry {
+            uid: uid.into(),
+            status_json: bytes::Bytes::from(phase.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    fn map(entries: &[v1::PodStatusEntry]) -> PodStatusMap {
+        Arc::new(
+            entries
+                .iter()
+                .map(|e| (e.uid.clone(), e.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    }
+
+    #[test]
+    fn deltas_carry_only_changes_and_vanished_pods_force_a_full_report() {
+        let before = map(&[entry("a", "Running"), entry("b", "Pending")]);
+        assert!(delta_report(&before, &before).is_none());
+        let changed = map(&[entry("a", "Running"), entry("b", "Running")]);
+        let Some(agent_message::Kind::PodStatus(report)) = delta_report(&before, &changed) else {
+            panic!("expected a report")
+        };
+        assert!(!report.full);
+        assert_eq!(report.pods, vec![entry("b", "Running")]);
+        let vanished = map(&[entry("a", "Running")]);
+        let Some(agent_message::Kind::PodStatus(report)) = delta_report(&before, &vanished) else {
+            panic!("expected a report")
+        };
+        assert!(report.full);
+        assert_eq!(report.pods, vec![entry("a", "Running")]);
+    }
+
+    #[test]
+    fn endpoint_must_be_https_with_a_host() {
+        let cfg = |endpoint: &str| LinkConfig::new(endpoint, "ca", "cert", "key");
+        let target = Target::parse(&cfg("https://hub.example:7443")).unwrap();
+        assert_eq!(target.authority, "hub.example:7443");
+        assert!(Target::parse(&cfg("http://hub.example:7443")).is_err());
+        assert!(Target::parse(&cfg("hub.example")).is_err());
+        let mut named = cfg("https://127.0.0.1:7443");
+        named.server_name = Some("hub.internal".into());
+        assert_eq!(
+            Target::parse(&named).unwrap().server_name,
+            ServerName::try_from("hub.internal").unwrap()
+        );
+    }
 }
