@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # Brings up the local stack (or reuses the running one) and writes OUT_DIR/env and
 # OUT_DIR/kubeconfig for a checkout.
-#   usage: tests/env/up.sh [--out DIR] [COMPONENT...]   components: journald podman k8s (default all)
+#   usage: tests/env/up.sh [--out DIR] [COMPONENT...]   components: journald podman k8s flightctl (default all)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$ENV_SRC_DIR/daemons.sh"
 source "$ENV_SRC_DIR/journald.sh"
 source "$ENV_SRC_DIR/podman.sh"
 source "$ENV_SRC_DIR/k8s.sh"
+source "$ENV_SRC_DIR/flightctl.sh"
 
 out=""
 components=()
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=$2; shift 2 ;;
-    journald | podman | k8s) components+=("$1"); shift ;;
-    *) die "unknown argument $1 (usage: up.sh [--out DIR] [journald|podman|k8s]...)" ;;
+    journald | podman | k8s | flightctl) components+=("$1"); shift ;;
+    *) die "unknown argument $1 (usage: up.sh [--out DIR] [journald|podman|k8s|flightctl]...)" ;;
   esac
 done
-[ ${#components[@]} -gt 0 ] || components=(journald podman k8s)
+[ ${#components[@]} -gt 0 ] || components=(journald podman k8s flightctl)
 
 mkdir -p "$FLEETLET_DEV_DIR"
 chmod 0755 "$FLEETLET_DEV_DIR"
@@ -48,6 +49,7 @@ write_env() {
       echo "export KUBECONFIG=$dir/kubeconfig"
       k8s_env_lines
     fi
+    [ -z "${FLIGHTCTL_BIN:-}" ] || flightctl_env_lines
   } > "$f"
   chmod 0644 "$f"
   mv -f "$f" "$dir/env"
