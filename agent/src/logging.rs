@@ -19,10 +19,13 @@ pub enum LogTarget {
     Stderr,
 }
 
-/// Install the global subscriber. `RUST_LOG` overrides the default level `info`.
+/// Install the global subscriber. `RUST_LOG` overrides the default level `info`;
+/// `FLEETLET_AGENT_LOG=stderr` forces stderr even when journald is there.
 pub fn init() -> LogTarget {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if Path::new(JOURNAL_SOCKET).exists()
+    let forced_stderr = std::env::var("FLEETLET_AGENT_LOG").is_ok_and(|v| v == "stderr");
+    if !forced_stderr
+        && Path::new(JOURNAL_SOCKET).exists()
         && let Ok(layer) = tracing_journald::layer()
     {
         // No field prefix: the journal gets POD=, NAMESPACE=, ... directly.
@@ -39,8 +42,10 @@ pub fn init() -> LogTarget {
         }
         return LogTarget::Stderr;
     }
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
     LogTarget::Stderr

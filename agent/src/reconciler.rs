@@ -169,9 +169,6 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 self.admitted.insert(uid.clone());
                 Ok(())
             };
-            if let Err((reason, _)) = &verdict {
-                info!(pod_uid = %uid, reason = %reason, generation, "pod not admitted");
-            }
             verdicts.insert(uid.clone(), verdict);
         }
         for (uid, bundle) in &desired {

@@ -73,6 +73,9 @@ pub struct PodLine {
     pub containers: u32,
     /// Restart count per container (init and app).
     pub restarts: BTreeMap<String, u32>,
+    /// The full Kubernetes PodStatus, for `status --json` and diagnostics.
+    #[serde(default)]
+    pub status: serde_json::Value,
 }
 
 /// Summarise statuses.
@@ -101,6 +104,7 @@ pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile 
                     .chain(&app)
                     .map(|c| (c.name.clone(), c.restart_count.max(0) as u32))
                     .collect(),
+                status: serde_json::from_slice(&e.status_json).unwrap_or_default(),
             }
         })
         .collect();

@@ -15,6 +15,8 @@ use super::spec::RestartPolicy;
 pub const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 /// CrashLoopBackOff cap.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long ErrImagePull is reported before it turns into ImagePullBackOff.
+pub const PULL_ERROR_SHOWN: Duration = Duration::from_secs(5);
 /// A container that ran this long before exiting starts over at the initial backoff.
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
 
@@ -147,6 +149,8 @@ pub struct ContainerLifecycle {
     next_delay: Duration,
     /// Consecutive pull failures.
     pull_failures: u32,
+    /// When the last pull failed.
+    pull_failed_at: Option<Instant>,
     /// Finish time of the last exit already counted, so one exit is counted once.
     counted_finish: Option<Timestamp>,
 }
@@ -172,6 +176,7 @@ impl ContainerLifecycle {
             backoff_until: None,
             next_delay: BACKOFF_INITIAL,
             pull_failures: 0,
+            pull_failed_at: None,
             counted_finish: None,
         }
     }
@@ -248,6 +253,7 @@ impl ContainerLifecycle {
             }
             Observation::PullFailed(message) => {
                 self.pull_failures += 1;
+                self.pull_failed_at = Some(now);
                 let delay = (BACKOFF_INITIAL * 2u32.saturating_pow(self.pull_failures - 1))
                     .min(BACKOFF_MAX);
                 self.backoff_until = Some(now + delay);
@@ -287,8 +293,15 @@ impl ContainerLifecycle {
         }
     }
 
-    /// After backing off from ErrImagePull, show ImagePullBackOff until the next attempt.
-    pub fn mark_pull_backoff(&mut self) {
+    /// ErrImagePull is shown for a while after a failed pull; then ImagePullBackOff until the
+    /// next attempt, as the kubelet shows it.
+    pub fn mark_pull_backoff(&mut self, now: Instant) {
+        if self
+            .pull_failed_at
+            .is_none_or(|at| now.saturating_duration_since(at) < PULL_ERROR_SHOWN)
+        {
+            return;
+        }
         if let State::Waiting {
             reason: reason @ WaitReason::ErrImagePull,
             ..
@@ -443,7 +456,15 @@ mod tests {
             l.next_action(false, now),
             Action::WaitUntil(now + Duration::from_secs(10))
         );
-        l.mark_pull_backoff();
+        l.mark_pull_backoff(now + Duration::from_secs(1));
+        assert!(matches!(
+            l.state,
+            State::Waiting {
+                reason: WaitReason::ErrImagePull,
+                ..
+            }
+        ));
+        l.mark_pull_backoff(now + PULL_ERROR_SHOWN);
         assert!(matches!(
             l.state,
             State::Waiting {

@@ -123,13 +123,14 @@ impl<R: ContainerRuntime> PodWorker<R> {
         }
     }
 
+    /// Publish the pod's status; true when it changed.
     fn publish(
         &self,
         namespace: &str,
         name: &str,
         status: &k8s_openapi::api::core::v1::PodStatus,
         removed: bool,
-    ) {
+    ) -> bool {
         let status_json = serde_json::to_vec(status).unwrap_or_default();
         let entry = PodStatusEntry {
             uid: self.uid.clone(),
@@ -144,7 +145,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             Arc::make_mut(map).insert(self.uid.clone(), entry);
             true
-        });
+        })
     }
 
     async fn reconcile(
@@ -171,7 +172,9 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let (ns, name) = (plan.meta.namespace.clone(), plan.meta.name.clone());
         if let Err((reason, message)) = admission {
             let st = failed_status(&reason, &message, &self.ctx.host_ip, self.start_time);
-            self.publish(&ns, &name, &st, false);
+            if self.publish(&ns, &name, &st, false) {
+                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod not admitted");
+            }
             return Duration::from_secs(3600);
         }
         let requeue = match self.drive(&plan, bundle).await {
@@ -182,7 +185,9 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
         };
         let status = self.status(&plan);
-        self.publish(&ns, &name, &status, false);
+        if self.publish(&ns, &name, &status, false) {
+            debug!(pod = %name, namespace = %ns, phase = status.phase.as_deref().unwrap_or_default(), "pod status changed");
+        }
         requeue
     }
 
@@ -378,9 +383,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
             let action = slot.lc.next_action(container_id.is_some(), now);
             match action {
                 Action::WaitUntil(t) => {
-                    slot.lc.mark_pull_backoff();
-                    requeue =
-                        requeue.min(t.saturating_duration_since(now) + Duration::from_millis(50));
+                    slot.lc.mark_pull_backoff(now);
+                    requeue = requeue
+                        .min(t.saturating_duration_since(now) + Duration::from_millis(50))
+                        .min(super::lifecycle::PULL_ERROR_SHOWN);
                 }
                 Action::Done => {}
                 Action::Start | Action::Create => {
@@ -655,7 +661,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
     /// the pod and its volumes.
     async fn remove(&mut self) -> Result<(), crate::podman::PodmanError> {
         let rt = self.ctx.rt.clone();
-        let containers = rt.list_containers(&self.filter()).await?;
+        // The infra container carries the pod's labels too; it goes with the pod.
+        let containers: Vec<_> = rt
+            .list_containers(&self.filter())
+            .await?
+            .into_iter()
+            .filter(|c| !c.is_infra)
+            .collect();
         // Each container carries the pod's grace period as its stop timeout (also after an agent
         // restart, when the pod spec may be gone). Stop them all at once so the pod's grace is
         // not multiplied by its container count.
@@ -696,7 +708,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             reason: Some("Removed".into()),
             ..Default::default()
         };
-        self.publish(&ns, &name, &status, true);
+        let _ = self.publish(&ns, &name, &status, true);
         Ok(())
     }
 }

@@ -290,30 +290,26 @@ impl PodmanClient {
                 &format!("/containers/{}/exec", enc(id)),
                 &ExecCreate {
                     cmd,
-                    attach_stdout: false,
-                    attach_stderr: false,
+                    attach_stdout: true,
+                    attach_stderr: true,
                 },
             )
             .await?;
+        // Attached start: Podman streams the output and closes the response when the command
+        // exits. (A detached exec in Podman 4.3 keeps reporting Running=true after it exited.)
         let start_path = format!("/exec/{}/start", enc(&created.id));
-        let body = serde_json::to_vec(&ExecStart { detach: true }).unwrap_or_default();
-        self.call(Method::POST, &start_path, Some(body), CALL_TIMEOUT)
+        let body = serde_json::to_vec(&ExecStart { detach: false }).unwrap_or_default();
+        self.call(Method::POST, &start_path, Some(body), timeout)
             .await?;
-        let inspect_path = format!("/exec/{}/json", enc(&created.id));
-        let deadline = tokio::time::Instant::now() + timeout;
-        // Bounded by `timeout`: poll the exec session until it has finished.
-        loop {
-            let state: ExecInspect = self.get_json(&inspect_path).await?;
-            if !state.running {
-                return Ok(state.exit_code);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(PodmanError::Timeout {
-                    endpoint: format!("exec in {id}"),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let state: ExecInspect = self
+            .get_json(&format!("/exec/{}/json", enc(&created.id)))
+            .await?;
+        if state.running {
+            return Err(PodmanError::Timeout {
+                endpoint: format!("exec in {id}"),
+            });
         }
+        Ok(state.exit_code)
     }
 
     /// Container events for containers carrying every label in `labels`, as they happen.

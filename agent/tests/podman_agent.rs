@@ -1,0 +1,550 @@
+//! The agent against the real Podman of the local stack (`make env-up`): the `fleetlet-agent`
+//! binary runs offline from a desired file; Podman is inspected directly.
+//!
+//! Every pod a test reaches uses hostNetwork and a loopback port. Each test has its own device
+//! name, so tests running in parallel on one Podman also show that devices do not interfere.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use fleetlet_agent::podman::ContainerCreate;
+use serde_json::json;
+use support::{Agent, IMAGE, bundle, container_ids, free_port, pod, podman};
+
+fn sleeper(name: &str) -> serde_json::Value {
+    json!({"name": name, "image": IMAGE, "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]})
+}
+
+#[tokio::test]
+async fn adopts_running_pods_after_restart_without_recreating_them() {
+    let mut a = Agent::new("t-adopt");
+    let uid = "uid-adopt-1";
+    a.set_desired(1, vec![bundle(uid, "adopt", json!({"hostNetwork": true, "terminationGracePeriodSeconds": 2, "containers": [sleeper("main")]}))]);
+    a.start();
+    a.wait_status("pod running", Duration::from_secs(60), |s| {
+        pod(s, uid).is_some_and(|p| p.phase == "Running" && p.ready == 1)
+    })
+    .await;
+    let before = container_ids("t-adopt", uid).await;
+    let started_before = podman()
+        .inspect_container(&before["main"])
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+        .started_at;
+    // SIGTERM: graceful exit that leaves the pod running.
+    assert!(a.stop().success());
+    let still = podman()
+        .inspect_container(&before["main"])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(still.state.running, "SIGTERM must leave pods running");
+    a.start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.wait_status("pod running after restart", Duration::from_secs(30), |s| {
+        pod(s, uid).is_some_and(|p| p.phase == "Running" && p.ready == 1)
+    })
+    .await;
+    let after = container_ids("t-adopt", uid).await;
+    assert_eq!(
+        before, after,
+        "the same container is adopted, not recreated"
+    );
+    let i = podman()
+        .inspect_container(&after["main"])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        i.state.started_at, started_before,
+        "and it was not restarted"
+    );
+    assert_eq!(pod(&a.status().unwrap(), uid).unwrap().restarts["main"], 0);
+}
+
+#[tokio::test]
+async fn two_devices_on_one_podman_do_not_interfere_and_foreign_containers_are_untouched() {
+    let mut a = Agent::new("t-dev-a");
+    let mut b = Agent::new("t-dev-b");
+    let spec = json!({"hostNetwork": true, "terminationGracePeriodSeconds": 1, "containers": [sleeper("c")]});
+    a.set_desired(1, vec![bundle("uid-a", "same-name", spec.clone())]);
+    b.set_desired(1, vec![bundle("uid-b", "same-name", spec)]);
+    // A container nobody labelled: no agent may touch it.
+    let p = podman();
+    let foreign_name = "fleetlet-test-foreign-container";
+    let _ = p.remove_container(foreign_name).await;
+    let foreign = p
+        .create_container(&ContainerCreate {
+            name: foreign_name.into(),
+            image: IMAGE.into(),
+            command: Some(vec!["sleep".into(), "600".into()]),
+            stop_signal: 9,
+            restart_policy: "no".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    p.start_container(&foreign).await.unwrap();
+    a.start();
+    b.start();
+    for (agent, uid) in [(&a, "uid-a"), (&b, "uid-b")] {
+        agent
+            .wait_status("pod running", Duration::from_secs(60), |s| {
+                pod(s, uid).is_some_and(|p| p.phase == "Running")
+            })
+            .await;
+    }
+    // A drops its pod: only A's pod goes away.
+    a.set_desired(2, vec![]);
+    a.stop();
+    a.start();
+    a.wait_status("pod removed", Duration::from_secs(60), |s| {
+        s.generation == 2 && pod(s, "uid-a").is_some_and(|p| p.phase == "Removed")
+    })
+    .await;
+    assert!(container_ids("t-dev-a", "uid-a").await.is_empty());
+    let b_ids = container_ids("t-dev-b", "uid-b").await;
+    assert_eq!(b_ids.len(), 1);
+    assert!(
+        p.inspect_container(&b_ids["c"])
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .running
+    );
+    assert!(pod(&b.status().unwrap(), "uid-b").is_some_and(|p| p.phase == "Running"));
+    let f = p.inspect_container(&foreign).await.unwrap().unwrap();
+    assert!(
+        f.state.running,
+        "an unlabelled container must not be touched"
+    );
+    p.remove_container(&foreign).await.unwrap();
+}
+
+#[tokio::test]
+async fn offline_restart_policies_and_crash_loop_backoff() {
+    let mut a = Agent::new("t-restart");
+    a.set_desired(
+        1,
+        vec![
+            bundle("uid-always", "always", json!({"hostNetwork": true, "restartPolicy": "Always",
+                "containers": [{"name": "crash", "image": IMAGE, "command": ["sh", "-c", "exit 3"]}]})),
+            bundle("uid-onfailure", "onfailure", json!({"hostNetwork": true, "restartPolicy": "OnFailure",
+                "containers": [{"name": "ok", "image": IMAGE, "command": ["true"]}]})),
+            bundle("uid-never", "never", json!({"hostNetwork": true, "restartPolicy": "Never",
+                "containers": [{"name": "fail", "image": IMAGE, "command": ["sh", "-c", "exit 7"]}]})),
+        ],
+    );
+    a.start();
+    let s = a
+        .wait_status("terminal pods", Duration::from_secs(60), |s| {
+            pod(s, "uid-onfailure").is_some_and(|p| p.phase == "Succeeded")
+                && pod(s, "uid-never").is_some_and(|p| p.phase == "Failed")
+        })
+        .await;
+    let never = &pod(&s, "uid-never").unwrap().status;
+    assert_eq!(
+        never["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+        7
+    );
+    assert_eq!(never["containerStatuses"][0]["restartCount"], 0);
+    // Always: exit 3 → CrashLoopBackOff, restarted after the 10 s backoff, counted.
+    let s = a
+        .wait_status("crash loop back-off", Duration::from_secs(30), |s| {
+            pod(s, "uid-always").is_some_and(|p| {
+                p.status["containerStatuses"][0]["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+            })
+        })
+        .await;
+    let st = &pod(&s, "uid-always").unwrap().status["containerStatuses"][0];
+    assert_eq!(st["lastState"]["terminated"]["exitCode"], 3);
+    assert!(
+        st["state"]["waiting"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("back-off 10s")
+    );
+    let s = a
+        .wait_status("first restart", Duration::from_secs(40), |s| {
+            pod(s, "uid-always").is_some_and(|p| p.restarts["crash"] >= 1)
+        })
+        .await;
+    assert_eq!(pod(&s, "uid-always").unwrap().phase, "Running");
+    // Restart counts survive an agent restart (status file).
+    a.stop();
+    a.start();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.wait_status("restart count kept", Duration::from_secs(30), |s| {
+        pod(s, "uid-always").is_some_and(|p| p.restarts["crash"] >= 1)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn all_pods_come_back_after_every_container_was_removed() {
+    let mut a = Agent::new("t-reboot");
+    let uids: Vec<String> = (0..3).map(|i| format!("uid-reboot-{i}")).collect();
+    a.set_desired(
+        1,
+        uids.iter()
+            .enumerate()
+            .map(|(i, u)| bundle(u, &format!("p{i}"), json!({"hostNetwork": true, "terminationGracePeriodSeconds": 1, "containers": [sleeper("c")]})))
+            .collect(),
+    );
+    a.start();
+    a.wait_status("all running", Duration::from_secs(60), |s| {
+        uids.iter()
+            .all(|u| pod(s, u).is_some_and(|p| p.phase == "Running"))
+    })
+    .await;
+    a.stop();
+    // A reboot that lost the containers: remove every pod and container of this device.
+    let p = podman();
+    for pod in p.list_pods(&a.filter()).await.unwrap() {
+        p.remove_pod(&pod.name).await.unwrap();
+    }
+    assert!(p.list_containers(&a.filter()).await.unwrap().is_empty());
+    let started = tokio::time::Instant::now();
+    a.start();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut running = 0;
+        for u in &uids {
+            let ids = container_ids("t-reboot", u).await;
+            if let Some(id) = ids.get("c")
+                && p.inspect_container(id)
+                    .await
+                    .unwrap()
+                    .is_some_and(|i| i.state.running)
+            {
+                running += 1;
+            }
+        }
+        if running == uids.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pods not back\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A figure for the record (the 10 s goal is measured, not asserted).
+    eprintln!(
+        "all {} pods running again {:?} after agent start",
+        uids.len(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn probes_drive_readiness_and_liveness_restarts() {
+    let mut a = Agent::new("t-probes");
+    let port = free_port();
+    a.set_desired(
+        1,
+        vec![bundle("uid-probes", "probes", json!({
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "www", "emptyDir": {}}],
+            "containers": [
+                {"name": "web", "image": IMAGE,
+                 "command": ["sh", "-c", format!("echo ok > /www/ok; exec httpd -f -p 127.0.0.1:{port} -h /www")],
+                 "volumeMounts": [{"name": "www", "mountPath": "/www"}],
+                 "readinessProbe": {"httpGet": {"path": "/ok", "port": port}, "periodSeconds": 1},
+                 "livenessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 2}},
+                {"name": "unready", "image": IMAGE,
+                 "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+                 "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1}},
+                {"name": "dies", "image": IMAGE,
+                 "command": ["sh", "-c", "touch /tmp/healthy; trap 'exit 0' TERM; while true; do sleep 1; done"],
+                 "livenessProbe": {"exec": {"command": ["sh", "-c", "rm /tmp/healthy"]}, "periodSeconds": 1, "failureThreshold": 2}}
+            ]
+        }))],
+    );
+    a.start();
+    let s = a
+        .wait_status("web ready", Duration::from_secs(60), |s| {
+            pod(s, "uid-probes").is_some_and(|p| {
+                p.status["containerStatuses"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["name"] == "web" && c["ready"] == true))
+            })
+        })
+        .await;
+    let st = &pod(&s, "uid-probes").unwrap().status;
+    let ready = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(
+        ready["status"], "False",
+        "one container is not ready, so the pod is not Ready"
+    );
+    // Make `unready` ready: the pod's Ready condition follows.
+    let ids = container_ids("t-probes", "uid-probes").await;
+    assert_eq!(
+        podman()
+            .exec(
+                &ids["unready"],
+                &["touch".into(), "/tmp/ready".into()],
+                Duration::from_secs(5)
+            )
+            .await
+            .unwrap(),
+        0
+    );
+    // `dies` fails its exec liveness probe (the file is gone after the first run): restarted.
+    a.wait_status(
+        "ready pod and liveness restart",
+        Duration::from_secs(60),
+        |s| {
+            pod(s, "uid-probes").is_some_and(|p| {
+                let ready = p.status["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+                ready || p.restarts.get("dies").copied().unwrap_or(0) >= 1
+            })
+        },
+    )
+    .await;
+    a.wait_status("liveness restart counted", Duration::from_secs(60), |s| {
+        pod(s, "uid-probes").is_some_and(|p| p.restarts.get("dies").copied().unwrap_or(0) >= 1)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn volumes_env_secrets_and_removal_with_grace_period() {
+    let mut a = Agent::new("t-volumes");
+    let uid = "uid-volumes";
+    a.set_desired(
+        1,
+        vec![json!({
+            "pod": {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "vols", "namespace": "test", "uid": uid},
+                "spec": {
+                    "hostNetwork": true,
+                    "terminationGracePeriodSeconds": 2,
+                    "volumes": [
+                        {"name": "sec", "secret": {"secretName": "s", "defaultMode": 0o644, "items": [{"key": "token", "path": "t/token"}]}},
+                        {"name": "cfg", "configMap": {"name": "cm", "defaultMode": 0o440}},
+                        {"name": "scratch", "emptyDir": {}}
+                    ],
+                    "initContainers": [
+                        {"name": "init1", "image": IMAGE, "command": ["sh", "-c", "echo one >> /scratch/order"], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+                        {"name": "init2", "image": IMAGE, "command": ["sh", "-c", "echo two >> /scratch/order"], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}
+                    ],
+                    "containers": [{
+                        "name": "main", "image": IMAGE, "workingDir": "/scratch",
+                        "command": ["sh", "-c"],
+                        "args": ["env > /scratch/env; pwd > /scratch/pwd; trap '' TERM; while true; do sleep 1; done"],
+                        "env": [
+                            {"name": "FROM_CM", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "greeting"}}},
+                            {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}},
+                            {"name": "MISSING_OK", "valueFrom": {"secretKeyRef": {"name": "s", "key": "nope", "optional": true}}},
+                            {"name": "MY_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+                            {"name": "MY_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+                        ],
+                        "envFrom": [{"prefix": "CM_", "configMapRef": {"name": "cm"}}],
+                        "resources": {"limits": {"memory": "48Mi", "cpu": "250m"}},
+                        "volumeMounts": [
+                            {"name": "sec", "mountPath": "/sec", "readOnly": true},
+                            {"name": "cfg", "mountPath": "/cfg"},
+                            {"name": "scratch", "mountPath": "/scratch"}
+                        ]
+                    }]
+                }},
+            "configMaps": [{"name": "cm", "data": {"greeting": "hello", "other": "x"}}],
+            "secrets": [{"name": "s", "stringData": {"token": "s3cret"}}]
+        })],
+    );
+    a.start();
+    let s = a
+        .wait_status("pod running", Duration::from_secs(60), |s| {
+            pod(s, uid).is_some_and(|p| p.phase == "Running")
+        })
+        .await;
+    let st = &pod(&s, uid).unwrap().status;
+    assert_eq!(
+        st["initContainerStatuses"][1]["state"]["terminated"]["reason"],
+        "Completed"
+    );
+    let init = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Initialized")
+        .unwrap();
+    assert_eq!(init["status"], "True");
+    let vol_dir = a.state.path().join("pods").join(uid).join("volumes");
+    // Wait for the app to write its files, then check them on the host side of the emptyDir.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !vol_dir.join("scratch/pwd").exists() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        std::fs::read_to_string(vol_dir.join("scratch/order")).unwrap(),
+        "one\ntwo\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(vol_dir.join("scratch/pwd")).unwrap(),
+        "/scratch\n"
+    );
+    let env = std::fs::read_to_string(vol_dir.join("scratch/env")).unwrap();
+    for line in [
+        "FROM_CM=hello",
+        "FROM_SECRET=s3cret",
+        &format!("MY_UID={uid}"),
+        "MY_NS=test",
+        "CM_other=x",
+    ] {
+        assert!(env.lines().any(|l| l == line), "missing {line} in\n{env}");
+    }
+    assert!(!env.contains("MISSING_OK"));
+    let token = vol_dir.join("sec/t/token");
+    let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode & 0o007,
+        0,
+        "secret file must not be world-readable: {mode:o}"
+    );
+    assert_eq!(mode, 0o640);
+    assert_eq!(
+        std::fs::metadata(vol_dir.join("cfg/greeting"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o440
+    );
+    // Limits became cgroup limits.
+    let ids = container_ids("t-volumes", uid).await;
+    let out = podman().exec(&ids["main"], &["sh".into(), "-c".into(), "test $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max) = 50331648".into()], Duration::from_secs(5)).await.unwrap();
+    assert_eq!(out, 0, "memory limit not applied");
+    // Removal: `main` ignores SIGTERM, so it is killed after the 2 s grace period.
+    let t0 = tokio::time::Instant::now();
+    a.set_desired(2, vec![]);
+    a.stop();
+    a.start();
+    a.wait_status("pod removed", Duration::from_secs(60), |s| {
+        s.generation == 2 && pod(s, uid).is_some_and(|p| p.phase == "Removed")
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "SIGKILL came before the grace period: {took:?}"
+    );
+    assert!(container_ids("t-volumes", uid).await.is_empty());
+    assert!(
+        !a.state.path().join("pods").join(uid).exists(),
+        "volumes (and the secret) must be removed with the pod"
+    );
+    eprintln!("pod with a SIGTERM-ignoring container removed in {took:?} (grace 2 s)");
+}
+
+#[tokio::test]
+async fn unsupported_pods_unpullable_images_and_overcommit_fail_cleanly() {
+    let mut a = Agent::new("t-reject");
+    a.set_desired(
+        1,
+        vec![
+            bundle("uid-pvc", "pvc", json!({"hostNetwork": true,
+                "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "x"}}],
+                "containers": [{"name": "c", "image": IMAGE}]})),
+            // Loopback registry that does not exist: the pull fails without leaving the machine.
+            bundle("uid-pull", "pull", json!({"hostNetwork": true,
+                "containers": [{"name": "c", "image": "localhost/fleetlet-test/does-not-exist:1"}]})),
+            bundle("uid-big", "big", json!({"hostNetwork": true,
+                "containers": [{"name": "c", "image": IMAGE, "resources": {"requests": {"cpu": "4000"}}}]})),
+        ],
+    );
+    a.start();
+    let s = a
+        .wait_status("rejections", Duration::from_secs(60), |s| {
+            pod(s, "uid-pvc").is_some_and(|p| p.phase == "Failed")
+                && pod(s, "uid-big").is_some_and(|p| p.phase == "Failed")
+                && pod(s, "uid-pull").is_some_and(|p| {
+                    p.status["containerStatuses"][0]["state"]["waiting"]["reason"] == "ErrImagePull"
+                })
+        })
+        .await;
+    let pvc = &pod(&s, "uid-pvc").unwrap().status;
+    assert_eq!(pvc["reason"], "UnsupportedPodSpec");
+    assert!(
+        pvc["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.volumes[0].persistentVolumeClaim")
+    );
+    assert_eq!(pod(&s, "uid-big").unwrap().status["reason"], "OutOfcpu");
+    assert!(
+        container_ids("t-reject", "uid-pvc").await.is_empty(),
+        "nothing is half-started"
+    );
+    assert!(container_ids("t-reject", "uid-big").await.is_empty());
+    a.wait_status("image pull back-off", Duration::from_secs(30), |s| {
+        pod(s, "uid-pull").is_some_and(|p| {
+            p.status["containerStatuses"][0]["state"]["waiting"]["reason"] == "ImagePullBackOff"
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn corrupt_desired_state_is_reported_and_pods_are_left_alone() {
+    let mut a = Agent::new("t-corrupt");
+    let uid = "uid-corrupt";
+    a.set_desired(1, vec![bundle(uid, "keep", json!({"hostNetwork": true, "terminationGracePeriodSeconds": 1, "containers": [sleeper("c")]}))]);
+    a.start();
+    a.wait_status("running", Duration::from_secs(60), |s| {
+        pod(s, uid).is_some_and(|p| p.phase == "Running")
+    })
+    .await;
+    a.stop();
+    let ids = container_ids("t-corrupt", uid).await;
+    // Truncate the stored snapshot and drop the desired file: the agent must not take that for
+    // "no pods" and stop the workload.
+    let snap = a.state.path().join("desired.snapshot");
+    let bytes = std::fs::read(&snap).unwrap();
+    std::fs::write(&snap, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(&a.desired).unwrap();
+    a.start();
+    a.wait_status("unknown state reported", Duration::from_secs(30), |s| {
+        s.desired_unknown.is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await; // past one resync
+    assert!(a.logs().contains("truncated"), "{}", a.logs());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetlet-agent"))
+        .args(["status", "--state-dir"])
+        .arg(a.state.path())
+        .env("FLEETLET_AGENT_CONFIG", a.config())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("desired state: UNKNOWN"), "{text}");
+    let after = container_ids("t-corrupt", uid).await;
+    assert_eq!(ids, after);
+    assert!(
+        podman()
+            .inspect_container(&after["c"])
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .running
+    );
+}
