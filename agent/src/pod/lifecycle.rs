@@ -335,6 +335,11 @@ impl ContainerLifecycle {
         }
     }
 
+    /// Finish time of the last exit that was counted (changes once per exit).
+    pub fn counted_exit(&self) -> Option<Timestamp> {
+        self.counted_finish
+    }
+
     /// True when the container finished for good with exit code 0.
     pub fn succeeded(&self) -> bool {
         matches!(&self.state, State::Terminated(t) if t.exit_code == 0)

@@ -357,11 +357,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             let was_running = matches!(slot.lc.state, State::Running { .. });
             let policy = plan.restart_policy;
-            if let Observation::Exited(t) = &obs
-                && was_running
-            {
-                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = t.exit_code, "container exited");
-            }
+            let exit_code = match &obs {
+                Observation::Exited(t) => Some(t.exit_code),
+                _ => None,
+            };
+            let counted_before = slot.lc.counted_exit();
             let new_run = match &obs {
                 Observation::Running { started_at } => {
                     slot.run_started != *started_at || !was_running
@@ -372,6 +372,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 slot.run_started = *started_at;
             }
             slot.lc.observe(obs, policy, is_init, now);
+            if let Some(code) = exit_code
+                && slot.lc.counted_exit() != counted_before
+            {
+                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = code, "container exited");
+            }
             if new_run {
                 slot.startup = c.startup.as_ref().map(|p| ProbeTracker::new(p, now));
                 slot.readiness = c.readiness.as_ref().map(|p| ProbeTracker::new(p, now));
@@ -435,7 +440,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         }
                         match rt.start_container(&id).await {
                             Ok(()) => {
-                                debug!(pod = %plan.meta.name, container = %c.name, "container started");
+                                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
                                 requeue = requeue.min(Duration::from_millis(200));
                             }
                             Err(e) => {
