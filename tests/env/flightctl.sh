@@ -213,7 +213,9 @@ up_flightctl() {
   FLIGHTCTL_BIN=$bin
   pgbin=$(postgres_bin_dir)
   mkdir -p "$FLIGHTCTL_DIR"
-  chmod 0700 "$FLIGHTCTL_DIR"
+  # PostgreSQL's unprivileged user must traverse this directory to reach its data; everything
+  # secret below it (secrets/, home/.flightctl, tokens, client config) is 0700/0600 on its own.
+  chmod 0711 "$FLIGHTCTL_DIR"
   flightctl_pki
 
   # PostgreSQL, as $PG_USER, on loopback; the superuser `flightctl` owns the database.
@@ -227,15 +229,12 @@ up_flightctl() {
       pwfile=$pgdata/pwfile
       (umask 077 && flightctl_secret postgres > "$pwfile")
       chown -R "$PG_USER" "$pgdata"
-      # The state directory is 0700 root: PostgreSQL's user reaches only its own subtree.
-      chmod 0711 "$FLIGHTCTL_DIR"
       runuser -u "$PG_USER" -- "$pgbin/initdb" -D "$pgdata/data" -U flightctl --pwfile "$pwfile" \
         --auth-host=scram-sha-256 --auth-local=scram-sha-256 -E UTF8 --locale C >/dev/null ||
         die "initdb failed"
       rm -f "$pwfile"
     fi
     chown -R "$PG_USER" "$pgdata"
-    chmod 0711 "$FLIGHTCTL_DIR"
     start_daemon flightctl-postgres runuser -u "$PG_USER" -- "$pgbin/postgres" -D "$pgdata/data" \
       -c listen_addresses=127.0.0.1 -c port="$FLIGHTCTL_PG_PORT" -c unix_socket_directories="$pgdata/run" \
       -c max_connections=200 -c shared_buffers=128MB -c fsync=on
