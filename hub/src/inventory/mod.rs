@@ -4,6 +4,7 @@
 //! enabled device. Sources publish the whole set through a watch channel: readers always see the
 //! current level, and a missed change notification cannot leave anyone behind.
 
+pub mod flightctl;
 mod static_file;
 
 use std::collections::BTreeMap;
