@@ -58,3 +58,60 @@ pub async fn create_namespace(client: &kube::Client, ns: &str) {
         .await
         .expect("create namespace");
 }
+
+pub fn dev_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var("FLEETLET_DEV_DIR").unwrap_or_else(|_| "/var/tmp/fleetlet-dev".into()),
+    )
+}
+
+/// A serving certificate for 127.0.0.1 signed by the stack's cluster CA (the API server checks
+/// kubelet serving certificates against it: --kubelet-certificate-authority).
+pub fn issue_kubelet_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pki = dev_dir().join("pki");
+    let ca_pem = std::fs::read_to_string(pki.join("ca.crt")).expect("cluster CA");
+    // The stack's CA key is SEC1 (openssl ecparam); rcgen reads PKCS#8, which `openssl pkey` writes.
+    let out = std::process::Command::new("openssl")
+        .arg("pkey")
+        .arg("-in")
+        .arg(pki.join("ca.key"))
+        .output()
+        .expect("openssl pkey");
+    assert!(
+        out.status.success(),
+        "openssl pkey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca_key = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("CA key");
+    // The issuer is described by the CA's subject; the signature is made with its key.
+    let ca_der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+        .next()
+        .expect("CA pem")
+        .expect("CA pem");
+    let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).expect("CA cert");
+    let ca_cn = ca_x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .expect("CA CN")
+        .to_string();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_cn);
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fleetlet-hub-kubelet");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let (c, k) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
+    std::fs::write(&c, cert.pem()).expect("write cert");
+    std::fs::write(&k, key.serialize_pem()).expect("write key");
+    (c, k)
+}
