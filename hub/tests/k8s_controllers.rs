@@ -520,6 +520,23 @@ async fn pods_are_relayed_admitted_status_written_and_deleted_like_a_kubelet() {
     })
     .await;
 
+    // An in-place image change (the one spec change Kubernetes allows) is relayed.
+    pods.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"spec": {"containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:2"}]}})),
+    )
+    .await
+    .expect("change image");
+    hub.snapshot_where(&dev, "new image", |b| {
+        b.first()
+            .and_then(|x| serde_json::from_slice::<Value>(&x.pod_json).ok())
+            .is_some_and(|v| {
+                v["spec"]["containers"][0]["image"] == "localhost/fleetlet-test/busybox:2"
+            })
+    })
+    .await;
+
     // Admission: 500m + 600m > 1 cpu → OutOfcpu, Failed, an Event, never relayed.
     let big = pods
         .create(
