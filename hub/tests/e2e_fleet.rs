@@ -161,6 +161,32 @@ fn remove_device_containers(device: &str) {
     }
 }
 
+/// Deletes what a failed run leaves behind (namespace, Nodes, Podman containers) on drop, so
+/// a failing ReplicaSet does not keep creating pods after the test.
+struct Cleanup {
+    namespace: String,
+    devices: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let kubectl = std::env::var("FLEETLET_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let kc = common::kube_config_path();
+        let run = |args: &[&str]| {
+            let _ = Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kc)
+                .args(args)
+                .output();
+        };
+        run(&["delete", "namespace", &self.namespace, "--wait=false"]);
+        for d in &self.devices {
+            run(&["delete", "node", d, "--wait=false"]);
+            remove_device_containers(d);
+        }
+    }
+}
+
 /// Running and Ready pods of the deployment: (name, node, image).
 async fn ready_pods(pods: &Api<Pod>) -> Vec<(String, String, String)> {
     let Ok(list) = pods.list(&ListParams::default().labels("app=web")).await else {
@@ -197,6 +223,10 @@ async fn a_fleet_deployment_runs_on_real_agents_only_in_its_fleet() {
     let id = unique("e2e");
     let (a1, a2, b1) = (format!("{id}-a1"), format!("{id}-a2"), format!("{id}-b1"));
     let devices = [a1.as_str(), a2.as_str(), b1.as_str()];
+    let _cleanup = Cleanup {
+        namespace: id.clone(),
+        devices: devices.iter().map(|d| d.to_string()).collect(),
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     link_pki(d, &devices);

@@ -69,13 +69,77 @@ pub fn references(pod: &Pod) -> References {
     r
 }
 
+/// True for the projected volume the ServiceAccount admission plugin adds to every pod
+/// (`kube-api-access-*`: a token, the cluster CA and the namespace). Devices never talk to the
+/// Kubernetes API, so this volume is meaningless there.
+fn is_service_account_volume(v: &Value) -> bool {
+    let named = v
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.starts_with("kube-api-access-"));
+    let sources = v
+        .get("projected")
+        .and_then(|p| p.get("sources"))
+        .and_then(Value::as_array);
+    named
+        && sources.is_some_and(|s| {
+            s.iter().any(|x| x.get("serviceAccountToken").is_some())
+                && s.iter().all(|x| {
+                    x.get("serviceAccountToken").is_some()
+                        || x.get("downwardAPI").is_some()
+                        || x.get("configMap")
+                            .and_then(|c| c.get("name"))
+                            .and_then(Value::as_str)
+                            == Some("kube-root-ca.crt")
+                })
+        })
+}
+
+/// Removes the ServiceAccount token volume and its mounts from a pod's JSON.
+fn strip_service_account_volume(v: &mut Value) {
+    let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let mut removed = Vec::new();
+    if let Some(vols) = spec.get_mut("volumes").and_then(Value::as_array_mut) {
+        vols.retain(|vol| {
+            let drop = is_service_account_volume(vol);
+            if drop && let Some(n) = vol.get("name").and_then(Value::as_str) {
+                removed.push(n.to_string());
+            }
+            !drop
+        });
+    }
+    if removed.is_empty() {
+        return;
+    }
+    for key in ["containers", "initContainers"] {
+        for c in spec
+            .get_mut(key)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(mounts) = c.get_mut("volumeMounts").and_then(Value::as_array_mut) {
+                mounts.retain(|m| {
+                    !m.get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| removed.iter().any(|r| r == n))
+                });
+            }
+        }
+    }
+}
+
 /// The pod as the device gets it: no managedFields, resourceVersion or status, so that the
-/// hub's own status writes do not produce a new snapshot.
+/// hub's own status writes do not produce a new snapshot; and without the ServiceAccount token
+/// volume, which would give a device an API credential it must not need.
 pub fn pod_json(pod: &Pod) -> Vec<u8> {
     let mut v = match serde_json::to_value(pod) {
         Ok(v) => v,
         Err(_) => return Vec::new(),
     };
+    strip_service_account_volume(&mut v);
     if let Some(obj) = v.as_object_mut() {
         obj.remove("status");
         obj.insert("apiVersion".into(), Value::String("v1".into()));
@@ -186,6 +250,45 @@ mod tests {
         let secs: Vec<_> = r.secrets.iter().map(String::as_str).collect();
         assert_eq!(cms, ["cm-env", "cm-from", "cm-proj", "cm-vol"]);
         assert_eq!(secs, ["sec-env", "sec-init", "sec-proj", "sec-vol"]);
+    }
+
+    #[test]
+    fn the_service_account_token_volume_and_its_mounts_are_not_relayed() {
+        let mut p = pod();
+        let spec = p.spec.as_mut().expect("spec");
+        let sa: k8s_openapi::api::core::v1::Volume = serde_json::from_value(serde_json::json!({
+            "name": "kube-api-access-x7k2p",
+            "projected": {"sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}
+            ]}
+        }))
+        .expect("volume");
+        spec.volumes.get_or_insert_with(Vec::new).push(sa);
+        spec.containers[0].volume_mounts = Some(vec![
+            serde_json::from_value(serde_json::json!({"name": "kube-api-access-x7k2p", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})).expect("mount"),
+            serde_json::from_value(serde_json::json!({"name": "a", "mountPath": "/a"})).expect("mount"),
+        ]);
+        let v: Value = serde_json::from_slice(&pod_json(&p)).expect("json");
+        let vols: Vec<&str> = v["spec"]["volumes"]
+            .as_array()
+            .expect("vols")
+            .iter()
+            .filter_map(|x| x["name"].as_str())
+            .collect();
+        assert_eq!(
+            vols,
+            ["a", "b", "c", "d"],
+            "user volumes stay, the token volume goes"
+        );
+        let mounts: Vec<&str> = v["spec"]["containers"][0]["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .filter_map(|x| x["name"].as_str())
+            .collect();
+        assert_eq!(mounts, ["a"]);
     }
 
     #[test]
