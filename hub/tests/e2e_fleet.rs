@@ -374,6 +374,10 @@ reconnect_max_backoff_secs = 2
         (r.len() == 2).then_some(r)
     })
     .await;
+    println!("Running and Ready: {running:?}");
+    for dev in devices {
+        println!("podman containers of {dev}: {:?}", device_containers(dev));
+    }
     for (pod, node, _) in &running {
         assert!(
             fleet_a.contains(node.as_str()),
