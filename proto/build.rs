@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The RPC is called `Connect`; the generated `DeviceLinkClient::connect(dst)` helper
         // would clash with it. Clients build a `Channel` themselves and call `new`.
         .build_transport(false)
+        // Small per-stream buffers: see `LinkCodec`.
+        .codec_path("crate::LinkCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -122,6 +122,16 @@ async fn hub_child(args: &[String]) -> Result<(), BoxError> {
     let shutdown = CancellationToken::new();
     tokio::spawn(server.serve(sessions.clone(), inventory, shutdown.clone()));
     say(&format!("ready {bound}"));
+    // Profiling aid: exit cleanly after this many seconds so a wrapper can write its report.
+    if let Some(secs) = std::env::var("FLEETLET_BENCH_HUB_EXIT_AFTER_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            std::process::exit(0);
+        });
+    }
 
     // Per device: (full status seen, current generation acknowledged) for the live session.
     let mut state: HashMap<String, (bool, bool)> = HashMap::new();
@@ -196,7 +206,16 @@ struct HubProcess {
 impl HubProcess {
     async fn spawn(dir: &Path, port: u16, devices: usize) -> Result<(Self, u16), BoxError> {
         let exe = std::env::current_exe()?;
-        let mut child = tokio::process::Command::new(exe)
+        // Profiling aid: FLEETLET_BENCH_HUB_WRAPPER=heaptrack runs the hub under a wrapper.
+        let mut command = match std::env::var_os("FLEETLET_BENCH_HUB_WRAPPER") {
+            Some(wrapper) => {
+                let mut c = tokio::process::Command::new(wrapper);
+                c.arg(exe);
+                c
+            }
+            None => tokio::process::Command::new(exe),
+        };
+        let mut child = command
             .arg("--hub-child")
             .arg(dir)
             .arg(port.to_string())
