@@ -3,7 +3,7 @@
 //! objects. A loopback HTTPS server with a throwaway certificate answers like a faulty Flightctl;
 //! the happy path and 401/403/unreachable run against the real server in flightctl_inventory.rs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -27,7 +28,9 @@ enum Answer {
 }
 
 /// Starts the faulty server; returns its URL, CA file and the knob deciding the device answers.
-async fn faulty_server(dir: &std::path::Path) -> (String, std::path::PathBuf, Arc<Mutex<Answer>>) {
+async fn faulty_server(
+    dir: &std::path::Path,
+) -> (String, std::path::PathBuf, watch::Sender<Answer>) {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
     let ca_file = dir.join("ca.crt");
     std::fs::write(&ca_file, certified.cert.pem()).expect("write ca");
@@ -43,8 +46,7 @@ async fn faulty_server(dir: &std::path::Path) -> (String, std::path::PathBuf, Ar
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("https://{}", listener.local_addr().expect("addr"));
-    let answer = Arc::new(Mutex::new(Answer::Json(json!({"items": []}))));
-    let knob = answer.clone();
+    let (knob, answer) = watch::channel(Answer::Json(json!({"items": []})));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -54,7 +56,7 @@ async fn faulty_server(dir: &std::path::Path) -> (String, std::path::PathBuf, Ar
                     return;
                 };
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let answer = answer.lock().expect("lock").clone();
+                    let answer = answer.borrow().clone();
                     async move {
                         let (status, body) = if req.uri().path() == "/api/v1/fleets" {
                             (
@@ -94,10 +96,10 @@ fn device(name: &str, labels: serde_json::Value) -> serde_json::Value {
 async fn server_errors_and_malformed_answers_keep_the_last_good_devices() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, ca_file, answer) = faulty_server(dir.path()).await;
-    *answer.lock().expect("lock") = Answer::Json(json!({"items": [
+    answer.send_replace(Answer::Json(json!({"items": [
         device("dev-a", json!({"site": "lab"})),
         device("dev-b", json!({"site": "lab"})),
-    ]}));
+    ]})));
     let cfg = FlightctlConfig {
         api_url: url,
         ca_file,
@@ -125,7 +127,7 @@ async fn server_errors_and_malformed_answers_keep_the_last_good_devices() {
     let status = inventory.status();
 
     // 503: failures are recorded with the status; the devices stay.
-    *answer.lock().expect("lock") = Answer::Status(503);
+    answer.send_replace(Answer::Status(503));
     let before = status.borrow().failures;
     wait_for("503 recorded", WAIT, || {
         let s = status.borrow().clone();
@@ -136,7 +138,7 @@ async fn server_errors_and_malformed_answers_keep_the_last_good_devices() {
     assert_eq!(devices.borrow().len(), 2, "a 5xx does not drop devices");
 
     // 200 with a body that is not JSON.
-    *answer.lock().expect("lock") = Answer::Raw("<html>proxy error</html>");
+    answer.send_replace(Answer::Raw("<html>proxy error</html>"));
     wait_for("malformed answer recorded", WAIT, || {
         let s = status.borrow().clone();
         async move { s.last_error.is_some_and(|e| e.contains("malformed")) }
@@ -151,11 +153,11 @@ async fn server_errors_and_malformed_answers_keep_the_last_good_devices() {
 
     // One malformed device keeps its last good state; one without a name is left out; the
     // well-formed one is updated.
-    *answer.lock().expect("lock") = Answer::Json(json!({"items": [
+    answer.send_replace(Answer::Json(json!({"items": [
         device("dev-a", json!({"site": "moved"})),
         {"metadata": {"name": "dev-b", "labels": {"site": 7}}},
         {"metadata": {"labels": {"site": "x"}}},
-    ]}));
+    ]})));
     wait_for("dev-a updated", WAIT, || {
         let inv = inventory.clone();
         async move {
