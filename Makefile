@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean
+.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean agent-bench
 
 all: build
 
@@ -38,6 +38,10 @@ env-down:
 ## env-reset: stop the local stack and delete its state (PKI, etcd data, logs)
 env-reset:
 	tests/env/reset.sh
+
+## agent-bench: agent RSS/CPU idle and with 10 pods, and its stripped binary size (real Podman)
+agent-bench: env-up
+	source target/dev/env && agent/bench/footprint.sh
 
 clean:
 	$(CARGO) clean

@@ -548,3 +548,40 @@ async fn corrupt_desired_state_is_reported_and_pods_are_left_alone() {
             .running
     );
 }
+
+#[tokio::test]
+async fn bridge_network_pods_report_their_ip_to_status_and_env() {
+    // No traffic goes to the pod's address: the test only reads it back.
+    let mut a = Agent::new("t-bridge");
+    let uid = "uid-bridge";
+    a.set_desired(
+        1,
+        vec![bundle(uid, "bridge", json!({
+            "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "out", "emptyDir": {}}],
+            "containers": [{"name": "c", "image": IMAGE,
+                "command": ["sh", "-c", "echo $POD_IP > /out/ip; trap 'exit 0' TERM; while true; do sleep 1; done"],
+                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                "volumeMounts": [{"name": "out", "mountPath": "/out"}]}]
+        }))],
+    );
+    a.start();
+    let s = a
+        .wait_status("running with a pod IP", Duration::from_secs(60), |s| {
+            pod(s, uid).is_some_and(|p| p.phase == "Running" && p.status["podIP"].is_string())
+        })
+        .await;
+    let ip = pod(&s, uid).unwrap().status["podIP"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(ip.parse::<std::net::Ipv4Addr>().is_ok(), "{ip}");
+    let file = a.state.path().join("pods").join(uid).join("volumes/out/ip");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !file.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), ip);
+}

@@ -75,6 +75,8 @@ pub struct PodWorker<R> {
     pod_name: String,
     slots: BTreeMap<String, Slot>,
     start_time: Timestamp,
+    /// IP of the pod's infra container (bridge network pods).
+    pod_ip: String,
 }
 
 /// Podman pod name for a pod UID on a device.
@@ -91,6 +93,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             uid,
             slots: BTreeMap::new(),
             start_time: Timestamp::now(),
+            pod_ip: String::new(),
         }
     }
 
@@ -209,7 +212,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let pod_ip = if plan.host_network {
             self.ctx.host_ip.as_str()
         } else {
-            ""
+            self.pod_ip.as_str()
         };
         let v = PodView {
             plan,
@@ -296,9 +299,24 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .await?;
             info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
         }
-        let existing: BTreeMap<String, String> = rt
-            .list_containers(&self.filter())
-            .await?
+        let listed = rt.list_containers(&self.filter()).await?;
+        // A bridge-network pod's address comes from its infra container; start it first so
+        // status.podIP is known before any container (and its fieldRef env) is created.
+        if !plan.host_network
+            && let Some(infra) = listed.iter().find(|c| c.is_infra)
+        {
+            // Only while the pod has no containers: starting a pod also starts exited
+            // containers, which must stay under the restart policy's control.
+            if infra.state != "running" && listed.iter().all(|c| c.is_infra) {
+                rt.start_pod(&self.pod_name).await?;
+            }
+            self.pod_ip = rt
+                .inspect_container(&infra.id)
+                .await?
+                .and_then(|i| i.ip())
+                .unwrap_or_default();
+        }
+        let existing: BTreeMap<String, String> = listed
             .into_iter()
             .filter_map(|c| c.labels.get(labels::CONTAINER).cloned().map(|n| (n, c.id)))
             .collect();
@@ -577,8 +595,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     })?
             }
         };
-        let env =
-            resolve_env(plan, c, bundle, &self.ctx.host_ip).map_err(Observation::ConfigError)?;
+        let env = resolve_env(plan, c, bundle, &self.ctx.host_ip, &self.pod_ip)
+            .map_err(Observation::ConfigError)?;
         let mut mounts = Vec::new();
         for m in &c.mounts {
             let mut options = vec!["rbind".to_owned()];
@@ -771,6 +789,7 @@ fn resolve_env(
     c: &ContainerPlan,
     bundle: &PodBundle,
     host_ip: &str,
+    pod_ip: &str,
 ) -> Result<BTreeMap<String, String>, String> {
     let mut env = BTreeMap::new();
     for from in &c.env_from {
@@ -835,7 +854,7 @@ fn resolve_env(
                         if plan.host_network {
                             host_ip.to_owned()
                         } else {
-                            String::new()
+                            pod_ip.to_owned()
                         }
                     }
                 };

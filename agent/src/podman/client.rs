@@ -237,6 +237,14 @@ impl PodmanClient {
         ignore_not_found(self.call(Method::DELETE, &path, None, CALL_TIMEOUT).await)
     }
 
+    /// Start a pod's infra container (and any containers it has); already running is fine.
+    pub async fn start_pod(&self, name: &str) -> Result<(), PodmanError> {
+        let path = format!("/pods/{}/start", enc(name));
+        self.call(Method::POST, &path, None, CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
     /// Create a container; returns its id.
     pub async fn create_container(&self, spec: &ContainerCreate) -> Result<String, PodmanError> {
         Ok(self

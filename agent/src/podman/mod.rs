@@ -266,6 +266,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = RtResult<Vec<PodSummary>>> + Send;
     /// Remove a pod and its containers; missing is fine.
     fn remove_pod(&self, name: &str) -> impl Future<Output = RtResult<()>> + Send;
+    /// Start a pod (its infra container).
+    fn start_pod(&self, name: &str) -> impl Future<Output = RtResult<()>> + Send;
     /// Create a container; returns its id.
     fn create_container(
         &self,
@@ -325,6 +327,9 @@ impl ContainerRuntime for PodmanClient {
     }
     async fn remove_pod(&self, name: &str) -> RtResult<()> {
         PodmanClient::remove_pod(self, name).await
+    }
+    async fn start_pod(&self, name: &str) -> RtResult<()> {
+        PodmanClient::start_pod(self, name).await
     }
     async fn create_container(&self, spec: &ContainerCreate) -> RtResult<String> {
         PodmanClient::create_container(self, spec).await

@@ -51,6 +51,40 @@ pub struct ContainerInspect {
     /// Restarts done by Podman's own restart policy (the agent does not use one).
     #[serde(default)]
     pub restart_count: u64,
+    /// Network settings (the infra container's carry the pod IP).
+    #[serde(default)]
+    pub network_settings: Option<NetworkSettings>,
+}
+
+/// `NetworkSettings` of a container inspect.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkSettings {
+    /// Address on the default network (may be empty).
+    #[serde(default, rename = "IPAddress")]
+    pub ip_address: String,
+    /// Per-network endpoints.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub networks: BTreeMap<String, NetworkEndpoint>,
+}
+
+/// One network endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NetworkEndpoint {
+    /// IPv4 address.
+    #[serde(default, rename = "IPAddress")]
+    pub ip_address: String,
+}
+
+impl ContainerInspect {
+    /// The container's first IP address, if it has one.
+    pub fn ip(&self) -> Option<String> {
+        let n = self.network_settings.as_ref()?;
+        std::iter::once(&n.ip_address)
+            .chain(n.networks.values().map(|e| &e.ip_address))
+            .find(|ip| !ip.is_empty())
+            .cloned()
+    }
 }
 
 /// `State` of a container inspect.
