@@ -111,6 +111,11 @@ pub async fn run(
         info!(endpoint = %hub.endpoint, "starting link to hub");
         tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));
     }
+    tasks.push(tokio::spawn(reload_on_sighup(
+        opts.desired_file.clone(),
+        store.clone(),
+        shutdown.clone(),
+    )));
     if let Some(n) = notify::Notifier::from_env() {
         if let Err(e) = n.send("READY=1").await {
             warn!(error = %e, "sd_notify READY failed");
@@ -129,4 +134,48 @@ pub async fn run(
         warn!("shutdown deadline passed; exiting anyway");
     }
     Ok(())
+}
+
+/// SIGHUP (`systemctl reload`) re-reads the desired file, if one was given; without this the
+/// signal's default action would end the agent.
+async fn reload_on_sighup(
+    desired_file: Option<PathBuf>,
+    store: Arc<DesiredStore>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot handle SIGHUP");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = hup.recv() => if r.is_none() { return },
+        }
+        let Some(path) = &desired_file else {
+            info!("SIGHUP: no desired file to reload");
+            continue;
+        };
+        match desired_file::load(path) {
+            Ok(snap) => {
+                let generation = snap.generation;
+                match store.apply(snap).await {
+                    Ok(true) => info!(generation, file = %path.display(), "desired file reloaded"),
+                    Ok(false) => info!(
+                        generation,
+                        held = store.held_generation(),
+                        "desired file is not newer than the held state"
+                    ),
+                    Err(e) => error!(error = %e, "storing the reloaded desired file failed"),
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "reloading the desired file failed; keeping the held state")
+            }
+        }
+    }
 }

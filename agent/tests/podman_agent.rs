@@ -98,10 +98,9 @@ async fn two_devices_on_one_podman_do_not_interfere_and_foreign_containers_are_u
             })
             .await;
     }
-    // A drops its pod: only A's pod goes away.
+    // A drops its pod (desired file reloaded on SIGHUP): only A's pod goes away.
     a.set_desired(2, vec![]);
-    a.stop();
-    a.start();
+    a.reload();
     a.wait_status("pod removed", Duration::from_secs(60), |s| {
         s.generation == 2 && pod(s, "uid-a").is_some_and(|p| p.phase == "Removed")
     })

@@ -110,6 +110,17 @@ impl Agent {
         self.child = Some(cmd.spawn().unwrap());
     }
 
+    /// SIGHUP: the agent re-reads its desired file.
+    pub fn reload(&self) {
+        let child = self.child.as_ref().expect("agent not running");
+        let st = Command::new("kill")
+            .arg("-HUP")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
     /// SIGTERM and wait for exit; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("agent not running");
