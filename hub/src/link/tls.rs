@@ -244,3 +244,45 @@ fn build_server_config(
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki;
+
+    fn device_cert(
+        dir: &Path,
+        name: &str,
+        validity: pki::Validity,
+    ) -> Vec<CertificateDer<'static>> {
+        pki::issue_device(dir, name, "", validity).unwrap();
+        load_certs(&dir.join(format!("devices/{name}.pem"))).unwrap()
+    }
+
+    #[test]
+    fn expiry_is_reported_ahead_of_time() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path(), false).unwrap();
+        let soon = device_cert(dir.path(), "soon", pki::time_span(5));
+        let later = device_cert(dir.path(), "later", pki::time_span(60));
+        let two_weeks = Duration::from_secs(14 * 86_400);
+        assert_eq!(warn_expiry(Path::new("soon.pem"), &soon, two_weeks), 1);
+        assert_eq!(warn_expiry(Path::new("later.pem"), &later, two_weeks), 0);
+    }
+
+    #[test]
+    fn identity_from_common_name_or_uri_san_with_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path(), false).unwrap();
+        pki::issue_device(dir.path(), "dev-9", "device:", pki::time_span(5)).unwrap();
+        let cert = load_certs(&dir.path().join("devices/dev-9.pem")).unwrap();
+        assert_eq!(
+            device_identity(&cert[0], IdentitySource::CommonName, "device:").unwrap(),
+            "dev-9"
+        );
+        let err = device_identity(&cert[0], IdentitySource::CommonName, "other:").unwrap_err();
+        assert!(err.contains("prefix"), "{err}");
+        let err = device_identity(&cert[0], IdentitySource::UriSan, "").unwrap_err();
+        assert!(err.contains("URI"), "{err}");
+    }
+}
