@@ -79,12 +79,14 @@ impl Default for OpsConfig {
     }
 }
 
-/// Inventory source settings.
+/// Inventory source settings: exactly one of the sources.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct InventoryConfig {
     /// Static inventory file (`[[device]] name=.. fleet=.. labels={..}`).
     pub static_file: Option<PathBuf>,
+    /// Flightctl as the system of record (`[inventory.flightctl]`).
+    pub flightctl: Option<crate::inventory::flightctl::FlightctlConfig>,
 }
 
 /// Node keeping settings.
@@ -367,11 +369,20 @@ impl HubConfig {
                 ));
             }
         }
-        if self.inventory.static_file.is_none() {
-            return Err(invalid(
-                "inventory.static_file",
-                "an inventory source is required".into(),
-            ));
+        match (&self.inventory.static_file, &self.inventory.flightctl) {
+            (None, None) => {
+                return Err(invalid(
+                    "inventory",
+                    "an inventory source is required: static_file or [inventory.flightctl]".into(),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "inventory",
+                    "static_file and flightctl are exclusive".into(),
+                ));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -445,6 +456,24 @@ mod tests {
             .insert("cpu".into(), "lots".into());
         let err = cfg2.validate().expect_err("bad quantity").to_string();
         assert!(err.contains("nodes.default_capacity.cpu"), "{err}");
+    }
+
+    #[test]
+    fn exactly_one_inventory_source() {
+        let cfg = HubConfig::parse(
+            "[inventory.flightctl]\napi_url = \"https://127.0.0.1:3443\"\nca_file = \"/pki/ca.crt\"\n",
+        )
+        .expect("parses");
+        cfg.validate().expect("flightctl alone is a source");
+        let mut both = cfg.clone();
+        both.inventory.static_file = Some("/x".into());
+        let err = both.validate().expect_err("two sources").to_string();
+        assert!(err.contains("exclusive"), "{err}");
+        let none = HubConfig::default()
+            .validate()
+            .expect_err("no source")
+            .to_string();
+        assert!(none.contains("inventory"), "{none}");
     }
 
     #[test]

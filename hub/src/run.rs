@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::start_controllers;
 use crate::config::HubConfig;
+use crate::inventory::flightctl::{FlightctlInventory, FlightctlInventoryError};
 use crate::inventory::{Inventory, StaticInventory, StaticInventoryError};
 use crate::kubelet_api::{KubeletApi, KubeletApiError, tls_config};
 use crate::leader::LeaderElector;
@@ -29,6 +30,9 @@ pub enum RunError {
     /// The inventory could not be loaded (configuration).
     #[error(transparent)]
     Inventory(#[from] StaticInventoryError),
+    /// The Flightctl inventory settings are unusable (configuration).
+    #[error(transparent)]
+    Flightctl(#[from] FlightctlInventoryError),
     /// No usable Kubernetes client configuration.
     #[error("kubernetes client configuration: {0}")]
     KubeConfig(String),
@@ -45,7 +49,11 @@ impl RunError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Ops(_) | Self::KubeletApi(_) | Self::Inventory(_) | Self::KubeConfig(_)
+            Self::Ops(_)
+                | Self::KubeletApi(_)
+                | Self::Inventory(_)
+                | Self::Flightctl(_)
+                | Self::KubeConfig(_)
         )
     }
 }
@@ -91,12 +99,24 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
         shutdown.clone(),
     ));
 
-    let inventory_path = cfg
-        .inventory
-        .static_file
-        .clone()
-        .ok_or_else(|| RunError::KubeConfig("no inventory configured".into()))?;
-    let inventory: Arc<dyn Inventory> = Arc::new(StaticInventory::load(&inventory_path)?);
+    // Flightctl's device set is empty until its first sync; acting on it earlier would delete
+    // every Node, so the controllers start only once it is synced.
+    let inventory: Arc<dyn Inventory> = match (&cfg.inventory.static_file, &cfg.inventory.flightctl)
+    {
+        (Some(path), _) => Arc::new(StaticInventory::load(path)?),
+        (None, Some(fc)) => {
+            let (inv, task) = FlightctlInventory::spawn(fc, shutdown.clone())?;
+            tasks.spawn(async move {
+                let _ = task.await;
+            });
+            tracing::info!(api = %fc.api_url, "waiting for the first Flightctl sync");
+            if !inv.synced(&shutdown).await {
+                return drain(tasks).await;
+            }
+            Arc::new(inv)
+        }
+        (None, None) => return Err(RunError::KubeConfig("no inventory configured".into())),
+    };
     let kubelet_tls = match cfg.kubelet.listen {
         Some(_) => Some(tls_config(&cfg.kubelet)?),
         None => None,
