@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean agent-bench
+.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean agent-bench package package-check
 
 all: build
 
@@ -14,9 +14,10 @@ build:
 release:
 	$(CARGO) build --workspace --release
 
-## test: unit and integration tests (integration tests run against the local stack)
+## test: unit and integration tests (integration tests run against the local stack), then the packages
 test: build env-up
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) package-check
 
 ## lint: formatting and clippy, warnings are errors
 lint:
@@ -42,6 +43,15 @@ env-reset:
 ## agent-bench: agent RSS/CPU idle and with 10 pods, and its stripped binary size (real Podman)
 agent-bench: env-up
 	source target/dev/env && agent/bench/footprint.sh
+
+## package: the agent's .deb and .rpm in target/package (stripped release build)
+package:
+	packaging/install-tools.sh
+	packaging/build.sh
+
+## package-check: build the packages, lint them, install and remove the .deb on this machine
+package-check: package
+	packaging/check.sh
 
 clean:
 	$(CARGO) clean
