@@ -139,7 +139,14 @@ pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>, PkiError> {
     let key = generate_key()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "fleetlet development CA");
+    // A distinct name per CA: verifiers look issuers up by name, so two development CAs with
+    // the same name would make a foreign certificate look like a bad signature instead of an
+    // unknown issuer.
+    let tag = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 & 0xffff_ffff;
+    dn.push(
+        DnType::CommonName,
+        format!("fleetlet development CA {tag:08x}"),
+    );
     dn.push(DnType::OrganizationName, "fleetlet");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
