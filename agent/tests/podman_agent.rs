@@ -205,7 +205,13 @@ async fn all_pods_come_back_after_every_container_was_removed() {
     // A reboot that lost the containers: remove every pod and container of this device.
     let p = podman();
     for pod in p.list_pods(&a.filter()).await.unwrap() {
-        p.remove_pod(&pod.name).await.unwrap();
+        // Podman 4.3 can refuse while a container is between "stopped" and "exited"; retry.
+        let mut tries = 0;
+        while let Err(e) = p.remove_pod(&pod.name).await {
+            tries += 1;
+            assert!(tries < 20, "{e}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
     assert!(p.list_containers(&a.filter()).await.unwrap().is_empty());
     let started = tokio::time::Instant::now();
@@ -236,10 +242,56 @@ async fn all_pods_come_back_after_every_container_was_removed() {
     }
     // A figure for the record (the 10 s goal is measured, not asserted).
     eprintln!(
-        "all {} pods running again {:?} after agent start",
+        "all {} pods running again {:?} after agent start (containers removed)",
         uids.len(),
         started.elapsed()
     );
+
+    // A reboot that kept the containers but stopped them: restarted at once, not after a
+    // CrashLoopBackOff delay.
+    a.stop();
+    for c in p.list_containers(&a.filter()).await.unwrap() {
+        if !c.is_infra {
+            p.stop_container(&c.id, 1).await.unwrap();
+        }
+    }
+    let started = tokio::time::Instant::now();
+    a.start();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut running = 0;
+        for u in &uids {
+            if let Some(id) = container_ids("t-reboot", u).await.get("c")
+                && p.inspect_container(id)
+                    .await
+                    .unwrap()
+                    .is_some_and(|i| i.state.running)
+            {
+                running += 1;
+            }
+        }
+        if running == uids.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pods not back\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "all {} pods running again {:?} after agent start (containers stopped)",
+        uids.len(),
+        started.elapsed()
+    );
+    let s = a
+        .wait_status("restarts counted", Duration::from_secs(30), |s| {
+            uids.iter()
+                .all(|u| pod(s, u).is_some_and(|p| p.phase == "Running" && p.restarts["c"] == 1))
+        })
+        .await;
+    assert_eq!(s.generation, 1);
 }
 
 #[tokio::test]
@@ -263,7 +315,10 @@ async fn probes_drive_readiness_and_liveness_restarts() {
                  "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1}},
                 {"name": "dies", "image": IMAGE,
                  "command": ["sh", "-c", "touch /tmp/healthy; trap 'exit 0' TERM; while true; do sleep 1; done"],
-                 "livenessProbe": {"exec": {"command": ["sh", "-c", "rm /tmp/healthy"]}, "periodSeconds": 1, "failureThreshold": 2}}
+                 "livenessProbe": {"exec": {"command": ["sh", "-c", "rm /tmp/healthy"]}, "periodSeconds": 1, "failureThreshold": 2}},
+                {"name": "slow", "image": IMAGE,
+                 "command": ["sh", "-c", "sleep 3; touch /tmp/started; trap 'exit 0' TERM; while true; do sleep 1; done"],
+                 "startupProbe": {"exec": {"command": ["test", "-f", "/tmp/started"]}, "periodSeconds": 1, "failureThreshold": 30}}
             ]
         }))],
     );
@@ -320,6 +375,22 @@ async fn probes_drive_readiness_and_liveness_restarts() {
         pod(s, "uid-probes").is_some_and(|p| p.restarts.get("dies").copied().unwrap_or(0) >= 1)
     })
     .await;
+    // The startup probe gates `started` (and readiness) until it passes.
+    let s = a
+        .wait_status("slow started", Duration::from_secs(60), |s| {
+            pod(s, "uid-probes").is_some_and(|p| {
+                p.status["containerStatuses"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["name"] == "slow" && c["started"] == true && c["ready"] == true)
+                })
+            })
+        })
+        .await;
+    assert_eq!(
+        pod(&s, "uid-probes").unwrap().restarts["slow"],
+        0,
+        "startup probe failures below the threshold do not restart"
+    );
 }
 
 #[tokio::test]

@@ -153,6 +153,8 @@ pub struct ContainerLifecycle {
     pull_failed_at: Option<Instant>,
     /// Finish time of the last exit already counted, so one exit is counted once.
     counted_finish: Option<Timestamp>,
+    /// Nothing observed yet in this agent run.
+    first_observation: bool,
 }
 
 impl Default for ContainerLifecycle {
@@ -178,6 +180,7 @@ impl ContainerLifecycle {
             pull_failures: 0,
             pull_failed_at: None,
             counted_finish: None,
+            first_observation: true,
         }
     }
 
@@ -196,6 +199,7 @@ impl ContainerLifecycle {
         is_init: bool,
         now: Instant,
     ) {
+        let first = std::mem::replace(&mut self.first_observation, false);
         match obs {
             Observation::Absent | Observation::Created => {
                 // Keep a backoff/terminated state: those decide whether to create again.
@@ -235,7 +239,19 @@ impl ContainerLifecycle {
                     RestartPolicy::Always | RestartPolicy::OnFailure => t.exit_code != 0,
                     RestartPolicy::Never => false,
                 };
-                if restart {
+                if restart && first {
+                    // Exited before this agent run (a reboot that kept the stopped containers,
+                    // or an agent restart): like the kubelet, whose backoff lives in memory,
+                    // restart at once.
+                    self.backoff_until = None;
+                    self.last_termination = Some(t);
+                    self.state = State::Waiting {
+                        reason: WaitReason::CrashLoopBackOff,
+                        message: Some(
+                            "restarting container that exited before the agent started".into(),
+                        ),
+                    };
+                } else if restart {
                     self.backoff_until = Some(now + self.next_delay);
                     let message = format!(
                         "back-off {}s restarting failed container",
@@ -417,6 +433,27 @@ mod tests {
         assert_eq!(l.restart_count, 7);
         // Ten minutes of running resets the backoff.
         l.observe(exit(1, 1000, 1700), RestartPolicy::Always, false, now);
+        assert_eq!(
+            l.next_action(true, now),
+            Action::WaitUntil(now + BACKOFF_INITIAL)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exits_from_before_the_agent_started_restart_at_once() {
+        let now = Instant::now();
+        let mut l = ContainerLifecycle::new().with_restart_count(4);
+        l.observe(exit(137, 1, 2), RestartPolicy::Always, false, now);
+        assert_eq!(l.next_action(true, now), Action::Start);
+        l.restarting();
+        assert_eq!(l.restart_count, 5);
+        l.observe(
+            Observation::Running { started_at: None },
+            RestartPolicy::Always,
+            false,
+            now,
+        );
+        l.observe(exit(1, 3, 4), RestartPolicy::Always, false, now);
         assert_eq!(
             l.next_action(true, now),
             Action::WaitUntil(now + BACKOFF_INITIAL)
