@@ -172,7 +172,7 @@ async fn fleet_template_renders_the_agent_configuration_for_each_device() {
         "{dropin}"
     );
     assert!(
-        dropin.contains(&format!("common-name: \"{device}\"")),
+        dropin.contains(&format!("common-name: \"fleetlet-{device}\"")),
         "{dropin}"
     );
     assert!(
