@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean agent-bench package package-check
+.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench package package-check
 
 all: build
 
@@ -52,6 +52,10 @@ package:
 ## package-check: build the packages, lint them, install and remove the .deb on this machine
 package-check: package
 	packaging/check.sh
+
+## hub-bench: hub node keeping with 500 simulated devices against the real API server
+hub-bench: env-up
+	source target/dev/env && $(CARGO) bench -p fleetlet-hub --bench nodes_scale
 
 clean:
 	$(CARGO) clean
