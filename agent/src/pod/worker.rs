@@ -326,7 +326,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .get(&self.uid)
             .cloned()
             .unwrap_or_default();
-        let mut requeue = Duration::from_secs(30);
+        // Events and the periodic resync wake the worker; this is only a backstop.
+        let mut requeue = Duration::from_secs(300);
         let mut inits_done = true;
         let all: Vec<(bool, &ContainerPlan)> = plan
             .init_containers
