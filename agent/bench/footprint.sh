@@ -21,7 +21,13 @@ cleanup() {
   for p in $(curl -s --unix-socket "$FLEETLET_PODMAN_SOCKET" \
       "http://d/v4.0.0/libpod/pods/json?filters=%7B%22label%22%3A%5B%22io.fleetlet.device%3D$DEVICE%22%5D%7D" |
       python3 -c 'import json,sys; [print(p["Name"]) for p in json.load(sys.stdin) or []]'); do
-    curl -s -o /dev/null --unix-socket "$FLEETLET_PODMAN_SOCKET" -X DELETE "http://d/v4.0.0/libpod/pods/$p?force=true"
+    # Podman 4.3 may refuse while a container is between "stopped" and "exited": retry.
+    for _ in 1 2 3 4 5 6 7 8; do
+      code=$(curl -s -o /dev/null -w '%{http_code}' --unix-socket "$FLEETLET_PODMAN_SOCKET" \
+        -X DELETE "http://d/v4.0.0/libpod/pods/$p?force=true")
+      [ "$code" = 200 ] || [ "$code" = 404 ] && break
+      sleep 0.5
+    done
   done
   rm -rf "$WORK"
 }
