@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{client, create_namespace, unique, wait_for};
+use common::{KubeCleanup, client, create_namespace, unique, wait_for};
 
 /// What the hub handed to each device: generation and bundles of the latest snapshot.
 type Desired = BTreeMap<String, (u64, Vec<PodBundle>)>;
@@ -264,12 +264,22 @@ async fn node_event(client: &kube::Client, node: &str, reason: &str) -> Option<E
 async fn nodes_are_applied_with_labels_taint_capacity_and_a_renewed_lease() {
     let instance = unique("it-nodes");
     let dev = format!("{instance}-d1");
+    let _cleanup = KubeCleanup {
+        nodes: vec![dev.clone()],
+        namespace: None,
+    };
     let hub = start_hub(&instance, vec![device(&dev, "fleet-a")]).await;
     let nodes: Api<Node> = Api::all(hub.client.clone());
 
     // Before the device connects: Node exists, not ready, default capacity.
-    let node = wait_for("node created", 30, || async {
-        nodes.get_opt(&dev).await.ok().flatten()
+    // The Node and its status are two applies; wait for both.
+    let node = wait_for("node created with status", 30, || async {
+        nodes
+            .get_opt(&dev)
+            .await
+            .ok()
+            .flatten()
+            .filter(|n| ready_condition(n).is_some())
     })
     .await;
     assert_eq!(
@@ -422,6 +432,10 @@ async fn pods_are_relayed_admitted_status_written_and_deleted_like_a_kubelet() {
     let instance = unique("it-pods");
     let dev = format!("{instance}-d1");
     let ns = instance.clone();
+    let _cleanup = KubeCleanup {
+        nodes: vec![dev.clone()],
+        namespace: Some(ns.clone()),
+    };
     let hub = start_hub(&instance, vec![device(&dev, "fleet-a")]).await;
     create_namespace(&hub.client, &ns).await;
     hub.connect(&dev, "1").await;
@@ -730,6 +744,10 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
         format!("{instance}-a2"),
         format!("{instance}-b1"),
     );
+    let _cleanup = KubeCleanup {
+        nodes: vec![a1.clone(), a2.clone(), b1.clone()],
+        namespace: Some(ns.clone()),
+    };
     let hub = start_hub(
         &instance,
         vec![
@@ -851,7 +869,8 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
         .is_empty()
     );
 
-    // Cut a device that runs a pod: after the grace its Node is Ready=Unknown, the real node
+    // Cut a device that runs a pod (this needs a cluster not already in partial disruption,
+    // i.e. without many other NotReady Nodes): after the grace its Node is Ready=Unknown, the real node
     // lifecycle controller taints it unreachable, the taint manager evicts after 2 s, and the
     // ReplicaSet's replacement goes to the other device of fleet a.
     let victim = placed[0].1.clone();

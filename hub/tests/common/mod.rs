@@ -115,3 +115,33 @@ pub fn issue_kubelet_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::pa
     std::fs::write(&k, key.serialize_pem()).expect("write key");
     (c, k)
 }
+
+/// Deletes Nodes and a namespace on drop (also when a test fails), through kubectl. Leftover
+/// NotReady Nodes would push the node lifecycle controller into partial-disruption mode, which
+/// stops taint-based eviction for every later test.
+pub struct KubeCleanup {
+    /// Nodes to delete.
+    pub nodes: Vec<String>,
+    /// Namespace to delete, if any.
+    pub namespace: Option<String>,
+}
+
+impl Drop for KubeCleanup {
+    fn drop(&mut self) {
+        let kubectl = std::env::var("FLEETLET_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let kc = kube_config_path();
+        let run = |args: &[&str]| {
+            let _ = std::process::Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kc)
+                .args(args)
+                .output();
+        };
+        if let Some(ns) = &self.namespace {
+            run(&["delete", "namespace", ns, "--wait=false"]);
+        }
+        for n in &self.nodes {
+            run(&["delete", "node", n, "--wait=false", "--ignore-not-found"]);
+        }
+    }
+}
