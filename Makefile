@@ -2,9 +2,17 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench package package-check
+.PHONY: all demo demo-down build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench package package-check
 
 all: build
+
+## demo: fleetlet end to end: the local stack, a hub and three agents, a Deployment on fleet a
+demo: env-up
+	tests/demo/demo.sh
+
+## demo-down: stop what `make demo` started (the local stack keeps running: make env-down)
+demo-down:
+	tests/demo/demo-down.sh
 
 ## build: debug build of every crate
 build:

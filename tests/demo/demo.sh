@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# `make demo`: fleetlet end to end on this machine. Needs the local stack (`make env-up`, which
+# the Makefile target runs first). Builds the binaries, makes a development PKI, writes a static
+# inventory of three devices in two fleets, starts the hub and one agent per device (background
+# processes, pidfiles in target/demo/run, logs in target/demo/logs), applies
+# examples/demo-deployment.yaml and waits until its pods run. `make demo-down` undoes it.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+load_env
+
+# A demo that already runs is replaced: stop it and start from a clean slate.
+"$ROOT/tests/demo/demo-down.sh" > /dev/null
+
+say "building fleetlet-hub and fleetlet-agent (debug)"
+(cd "$ROOT" && ${CARGO:-cargo} build --quiet -p fleetlet-hub -p fleetlet-agent --bins)
+BIN=$(realpath "${CARGO_TARGET_DIR:-$ROOT/target}/debug")
+HUB=$BIN/fleetlet-hub
+AGENT=$BIN/fleetlet-agent
+
+mkdir -p "$DEMO"/{run,logs,state}
+umask 077
+PKI=$DEMO/pki
+say "development PKI in ${PKI#"$ROOT"/}"
+if [[ ! -f $PKI/ca.pem ]]; then
+    "$HUB" pki --dir "$PKI" init > /dev/null
+fi
+"$HUB" pki --dir "$PKI" issue-server --name 127.0.0.1 --name localhost > /dev/null
+for d in "${DEMO_DEVICES[@]}"; do
+    "$HUB" pki --dir "$PKI" issue-device "$d" > /dev/null
+done
+# The API server reaches the hub's kubelet API (kubectl logs/exec) and checks its serving
+# certificate against the cluster CA, so that one is signed by the stack's CA.
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=fleetlet-demo-kubelet \
+    -keyout "$PKI/kubelet-key.pem" -out "$PKI/kubelet.csr" 2> /dev/null
+openssl x509 -req -in "$PKI/kubelet.csr" -CA "$FLEETLET_CLUSTER_CA_CERT" -CAkey "$FLEETLET_CLUSTER_CA_KEY" \
+    -set_serial "0x$(openssl rand -hex 16)" -days 30 -out "$PKI/kubelet.pem" \
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n') 2> /dev/null
+rm -f "$PKI/kubelet.csr"
+
+cat > "$DEMO/devices.toml" <<TOML
+# The demo's static inventory: which devices exist and their fleets (Node label flightctl.io/fleet).
+[[device]]
+name = "demo-a1"
+fleet = "a"
+[[device]]
+name = "demo-a2"
+fleet = "a"
+[[device]]
+name = "demo-b1"
+fleet = "b"
+TOML
+
+cat > "$DEMO/hub.toml" <<TOML
+kubeconfig = "$KUBECONFIG"
+[ops]
+listen = "127.0.0.1:$DEMO_OPS_PORT"
+[inventory]
+static_file = "$DEMO/devices.toml"
+[nodes]
+instance = "demo"
+disconnect_grace_secs = 10
+[kubelet]
+listen = "127.0.0.1:$DEMO_KUBELET_PORT"
+cert_file = "$PKI/kubelet.pem"
+key_file = "$PKI/kubelet-key.pem"
+client_ca_file = "$FLEETLET_CLUSTER_CA_CERT"
+[link]
+listen = "127.0.0.1:$DEMO_LINK_PORT"
+client_ca_file = "$PKI/ca.pem"
+cert_file = "$PKI/hub.pem"
+key_file = "$PKI/hub-key.pem"
+TOML
+
+for d in "${DEMO_DEVICES[@]}"; do
+    mkdir -p "$DEMO/state/$d"
+    cat > "$DEMO/agent-$d.toml" <<TOML
+device_name = "$d"
+state_dir = "$DEMO/state/$d"
+podman_socket = "$FLEETLET_PODMAN_SOCKET"
+resync_secs = 5
+node_ip = "127.0.0.1"
+[hub]
+endpoint = "https://127.0.0.1:$DEMO_LINK_PORT"
+ca_file = "$PKI/ca.pem"
+cert_file = "$PKI/devices/$d.pem"
+key_file = "$PKI/devices/$d-key.pem"
+reconnect_max_backoff_secs = 2
+TOML
+done
+umask 022
+
+# start NAME EXE ARGS...: a background process in its own session that outlives make; the
+# pidfile records pid and executable so demo-down never signals a recycled pid.
+start() {
+    local name=$1 exe=$2
+    shift 2
+    RUST_LOG=${RUST_LOG:-info} setsid "$exe" "$@" > "$DEMO/logs/$name.log" 2>&1 < /dev/null &
+    echo "$! $exe" > "$DEMO/run/$name.pid"
+}
+
+failed() {
+    echo >&2
+    echo "make demo failed: $*" >&2
+    for log in "$DEMO"/logs/*.log; do
+        echo "----- last lines of ${log#"$ROOT"/} -----" >&2
+        tail -n 25 "$log" >&2
+    done
+    echo >&2
+    echo "The processes still run for inspection; make demo-down stops them." >&2
+    exit 1
+}
+
+say "starting fleetlet-hub (link 127.0.0.1:$DEMO_LINK_PORT, kubelet API 127.0.0.1:$DEMO_KUBELET_PORT)"
+start hub "$HUB" run -c "$DEMO/hub.toml"
+for d in "${DEMO_DEVICES[@]}"; do
+    say "starting fleetlet-agent for $d"
+    start "agent-$d" "$AGENT" --config "$DEMO/agent-$d.toml" run
+done
+
+say "waiting for the Nodes demo-a1, demo-a2, demo-b1 to be Ready (up to 90 s)"
+for d in "${DEMO_DEVICES[@]}"; do
+    ok=
+    for ((i = 0; i < 90; i++)); do
+        ready=$("${KUBECTL[@]}" get node "$d" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2> /dev/null || true)
+        taints=$("${KUBECTL[@]}" get node "$d" -o 'jsonpath={.spec.taints[*].key}' 2> /dev/null || true)
+        if [[ $ready == True && $taints != *node.kubernetes.io/* ]]; then
+            ok=1
+            break
+        fi
+        for f in "$DEMO"/run/*.pid; do
+            read -r pid _ < "$f"
+            [[ -e /proc/$pid ]] || failed "$(basename "$f" .pid) exited"
+        done
+        sleep 1
+    done
+    [[ -n $ok ]] || failed "Node $d is not Ready after 90 s"
+done
+
+say "applying ${DEMO_MANIFEST#"$ROOT"/}"
+"${KUBECTL[@]}" apply -f "$DEMO_MANIFEST"
+say "waiting for its pods to be Running and Ready (up to 180 s)"
+"${KUBECTL[@]}" rollout status deployment/hello -n "$DEMO_NAMESPACE" --timeout=180s ||
+    failed "deployment hello is not available after 180 s: $("${KUBECTL[@]}" get pods -n "$DEMO_NAMESPACE" -o wide 2>&1)"
+
+echo
+"${KUBECTL[@]}" get nodes,pods -n "$DEMO_NAMESPACE" -o wide
+echo
+for d in "${DEMO_DEVICES[@]}"; do
+    echo "Podman containers of $d (label io.fleetlet.device=$d):"
+    "${PODMAN[@]}" ps --filter "label=io.fleetlet.device=$d" --format 'table {{.ID}} {{.Names}} {{.Image}} {{.Status}} {{.PodName}}'
+done
+
+rel() { printf '%s' "${1#"$ROOT"/}"; }
+cat <<TEXT
+
+fleetlet runs: two pods of deployment "hello" (fleet a) on demo-a1/demo-a2, nothing on demo-b1.
+Try more (from $ROOT):
+
+  source target/dev/env
+  kubectl() { "\$FLEETLET_KUBECTL" "\$@"; }   # kubectl of the local stack
+  kubectl -n $DEMO_NAMESPACE logs deploy/hello                # logs, served by the hub from the device
+  kubectl -n $DEMO_NAMESPACE scale deploy/hello --replicas=3  # more pods, still only in fleet a
+  kubectl -n $DEMO_NAMESPACE delete pod -l app=hello          # replaced by new ones
+  kubectl -n $DEMO_NAMESPACE delete deploy/hello              # containers leave Podman
+  podman --url unix://\$FLEETLET_PODMAN_SOCKET ps --filter label=io.fleetlet.device=demo-a1
+  $(rel "$AGENT") --config $(rel "$DEMO")/agent-demo-a1.toml status
+
+Logs: $(rel "$DEMO")/logs/{hub,agent-demo-a1,agent-demo-a2,agent-demo-b1}.log
+Stop: make demo-down (hub, agents, demo Nodes, pods and namespace; the stack keeps running)
+      make env-down  (then the local stack too)
+TEXT
