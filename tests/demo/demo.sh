@@ -153,7 +153,7 @@ done
 rel() { printf '%s' "${1#"$ROOT"/}"; }
 cat <<TEXT
 
-fleetlet runs: two pods of deployment "hello" (fleet a) on demo-a1/demo-a2, nothing on demo-b1.
+fleetlet runs: the two pods of deployment "hello" are on fleet a's devices, none on demo-b1 (fleet b).
 Try more (from $ROOT):
 
   source target/dev/env
