@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all demo demo-down build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench package package-check
+.PHONY: all demo demo-down build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench package package-check
 
 all: build
 
@@ -64,6 +64,32 @@ package-check: package
 ## hub-bench: hub node keeping with 500 simulated devices against the real API server
 hub-bench: env-up
 	source target/dev/env && $(CARGO) bench -p fleetlet-hub --bench nodes_scale
+
+## link-bench: link connect time, RSS and idle bytes per device, reconnect storm (real TLS, 2000 devices)
+link-bench:
+	$(CARGO) bench -p fleetlet-hub --bench link -- --devices 2000 --runs 3 --idle-secs 60
+
+## flightctl-bench: Flightctl inventory sync against the stack's Flightctl
+flightctl-bench: env-up
+	source target/dev/env && $(CARGO) bench --profile dev -p fleetlet-hub --bench flightctl_inventory
+
+## pod-start-bench: 100 pods over 10 real agents (real hub, mTLS link, Podman): binding -> Running latency
+pod-start-bench: env-up
+	$(CARGO) build --release -p fleetlet-agent
+	source target/dev/env && $(CARGO) bench -p fleetlet-hub --bench pod_start
+
+## hub-scale-bench: real hub process, 500 simulated devices in 10 fleets over real gRPC/mTLS, real API server
+hub-scale-bench: env-up
+	source target/dev/env && $(CARGO) bench -p fleetlet-hub --bench hub_scale
+
+## bench: every benchmark, one after the other
+bench: env-up
+	$(MAKE) agent-bench
+	$(MAKE) hub-bench
+	$(MAKE) link-bench
+	$(MAKE) flightctl-bench
+	$(MAKE) pod-start-bench
+	$(MAKE) hub-scale-bench
 
 clean:
 	$(CARGO) clean

@@ -6,9 +6,7 @@
 //! Needs `make env-up` and the agent binary next to the hub's (`cargo build -p fleetlet-agent`).
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -17,113 +15,10 @@ use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostPar
 use serde_json::{Value, json};
 
 mod common;
-use common::{client, create_namespace, dev_dir, unique, wait_for};
-
-fn podman_socket() -> PathBuf {
-    std::env::var("FLEETLET_PODMAN_SOCKET")
-        .map_or_else(|_| dev_dir().join("podman/podman.sock"), PathBuf::from)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn agent_binary() -> PathBuf {
-    let hub = PathBuf::from(env!("CARGO_BIN_EXE_fleetlet-hub"));
-    let agent = hub.with_file_name("fleetlet-agent");
-    assert!(
-        agent.exists(),
-        "{} missing: run `cargo build -p fleetlet-agent` first",
-        agent.display()
-    );
-    agent
-}
-
-/// A child process that is killed on drop; its log is printed if the test fails.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = cmd
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn");
-        Self {
-            name: name.into(),
-            child,
-            log,
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            eprintln!("----- last lines of {} -----", self.name);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-/// The link PKI: a CA, the hub's serving certificate, one client certificate per device (CN =
-/// device name, the hub's default identity source).
-fn link_pki(dir: &Path, devices: &[&str]) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "e2e link CA");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let ca_cert = ca.clone().self_signed(&ca_key).expect("ca");
-    std::fs::write(dir.join("link-ca.crt"), ca_cert.pem()).expect("write");
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let issue = |name: &str, sans: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
-        let mut p = rcgen::CertificateParams::new(sans).expect("params");
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        p.extended_key_usages = vec![usage];
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = p.signed_by(&key, &issuer).expect("sign");
-        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).expect("write");
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
-    };
-    issue(
-        "hub",
-        vec!["127.0.0.1".into(), "localhost".into()],
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    for d in devices {
-        issue(d, Vec::new(), rcgen::ExtendedKeyUsagePurpose::ClientAuth);
-    }
-}
-
-fn podman(args: &[&str]) -> String {
-    let out = Command::new("podman")
-        .arg("--url")
-        .arg(format!("unix://{}", podman_socket().display()))
-        .args(args)
-        .output()
-        .expect("podman");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{
+    Proc, client, create_namespace, node_ready, podman, remove_device_containers, start_agent,
+    start_hub, unique, wait_for,
+};
 
 /// Containers the agent of `device` runs, as (pod name, image, state).
 fn device_containers(device: &str) -> Vec<(String, String, String)> {
@@ -149,16 +44,6 @@ fn device_containers(device: &str) -> Vec<(String, String, String)> {
             )
         })
         .collect()
-}
-
-fn remove_device_containers(device: &str) {
-    let filter = format!("label=io.fleetlet.device={device}");
-    for id in podman(&["ps", "-aq", "--filter", &filter]).split_whitespace() {
-        podman(&["rm", "-f", "-t", "0", id]);
-    }
-    for id in podman(&["pod", "ps", "-q", "--filter", &filter]).split_whitespace() {
-        podman(&["pod", "rm", "-f", id]);
-    }
 }
 
 /// Deletes what a failed run leaves behind (namespace, Nodes, Podman containers) on drop, so
@@ -229,114 +114,21 @@ async fn a_fleet_deployment_runs_on_real_agents_only_in_its_fleet() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    link_pki(d, &devices);
-    let (kubelet_cert, kubelet_key) = common::issue_kubelet_cert(d);
-    let (link_port, kubelet_port, ops_port) = (free_port(), free_port(), free_port());
-    std::fs::write(
-        d.join("devices.toml"),
-        format!(
-            "[[device]]\nname = \"{a1}\"\nfleet = \"a\"\n[[device]]\nname = \"{a2}\"\nfleet = \"a\"\n[[device]]\nname = \"{b1}\"\nfleet = \"b\"\n"
-        ),
-    )
-    .expect("inventory");
-    let pki = dev_dir().join("pki");
-    std::fs::write(
-        d.join("hub.toml"),
-        format!(
-            r#"kubeconfig = "{kubeconfig}"
-[ops]
-listen = "127.0.0.1:{ops_port}"
-[inventory]
-static_file = "{dir}/devices.toml"
-[nodes]
-instance = "{id}"
-disconnect_grace_secs = 5
-[kubelet]
-listen = "127.0.0.1:{kubelet_port}"
-cert_file = "{kubelet_cert}"
-key_file = "{kubelet_key}"
-client_ca_file = "{cluster_ca}"
-[link]
-listen = "127.0.0.1:{link_port}"
-client_ca_file = "{dir}/link-ca.crt"
-cert_file = "{dir}/hub.crt"
-key_file = "{dir}/hub.key"
-"#,
-            kubeconfig = common::kube_config_path().display(),
-            dir = d.display(),
-            kubelet_cert = kubelet_cert.display(),
-            kubelet_key = kubelet_key.display(),
-            cluster_ca = pki.join("ca.crt").display(),
-        ),
-    )
-    .expect("hub config");
-    let _hub = Proc::spawn(
-        "fleetlet-hub",
-        Command::new(env!("CARGO_BIN_EXE_fleetlet-hub"))
-            .arg("run")
-            .arg("-c")
-            .arg(d.join("hub.toml"))
-            .env("RUST_LOG", "info"),
-        d.join("hub.log"),
-    );
-    let agent = agent_binary();
-    let mut agents = Vec::new();
-    for dev in devices {
-        let state = d.join(format!("state-{dev}"));
-        std::fs::create_dir_all(&state).expect("state dir");
-        let cfg = d.join(format!("agent-{dev}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"device_name = "{dev}"
-state_dir = "{state}"
-podman_socket = "{sock}"
-resync_secs = 5
-node_ip = "127.0.0.1"
-[hub]
-endpoint = "https://127.0.0.1:{link_port}"
-ca_file = "{dir}/link-ca.crt"
-cert_file = "{dir}/{dev}.crt"
-key_file = "{dir}/{dev}.key"
-reconnect_max_backoff_secs = 2
-"#,
-                state = state.display(),
-                sock = podman_socket().display(),
-                dir = d.display(),
-            ),
-        )
-        .expect("agent config");
-        agents.push(Proc::spawn(
-            dev,
-            Command::new(&agent)
-                .arg("--config")
-                .arg(&cfg)
-                .arg("run")
-                .env("RUST_LOG", "info"),
-            d.join(format!("agent-{dev}.log")),
-        ));
-    }
-
+    let inventory: Vec<(String, String)> = [(&a1, "a"), (&a2, "a"), (&b1, "b")]
+        .iter()
+        .map(|(n, f)| (n.to_string(), f.to_string()))
+        .collect();
+    let (_hub, ports) = start_hub(d, &id, &inventory);
+    let agents: Vec<Proc> = devices
+        .iter()
+        .map(|dev| start_agent(d, dev, ports.link))
+        .collect();
     let client = client().await;
     let nodes: Api<Node> = Api::all(client.clone());
     for dev in devices {
         wait_for("node Ready from its real agent", 90, || async {
             let n = nodes.get(dev).await.ok()?;
-            let ready = n
-                .status
-                .as_ref()?
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            let tainted = n
-                .spec
-                .as_ref()?
-                .taints
-                .iter()
-                .flatten()
-                .any(|t| t.key.starts_with("node.kubernetes.io/"));
-            (ready && !tainted).then_some(())
+            node_ready(&n).then_some(())
         })
         .await;
     }

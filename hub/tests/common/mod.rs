@@ -2,6 +2,9 @@
 //! polling, unique names.
 #![allow(dead_code)]
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -144,4 +147,248 @@ impl Drop for KubeCleanup {
             run(&["delete", "node", n, "--wait=false", "--ignore-not-found"]);
         }
     }
+}
+
+/// Pieces of the end-to-end harness: real hub and agent processes, link PKI, Podman.
+pub fn podman_socket() -> PathBuf {
+    std::env::var("FLEETLET_PODMAN_SOCKET")
+        .map_or_else(|_| dev_dir().join("podman/podman.sock"), PathBuf::from)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn agent_binary() -> PathBuf {
+    let hub = PathBuf::from(env!("CARGO_BIN_EXE_fleetlet-hub"));
+    let agent = hub.with_file_name("fleetlet-agent");
+    assert!(
+        agent.exists(),
+        "{} missing: run `cargo build -p fleetlet-agent` first",
+        agent.display()
+    );
+    agent
+}
+
+/// A child process that is killed on drop; its log is printed if the test fails.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn");
+        Self {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("----- last lines of {} -----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The link PKI: a CA, the hub's serving certificate, one client certificate per device (CN =
+/// device name, the hub's default identity source).
+pub fn link_pki(dir: &Path, devices: &[&str]) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "e2e link CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_cert = ca.clone().self_signed(&ca_key).expect("ca");
+    std::fs::write(dir.join("link-ca.crt"), ca_cert.pem()).expect("write");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let issue = |name: &str, sans: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
+        let mut p = rcgen::CertificateParams::new(sans).expect("params");
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
+    };
+    issue(
+        "hub",
+        vec!["127.0.0.1".into(), "localhost".into()],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    for d in devices {
+        issue(d, Vec::new(), rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    }
+}
+
+pub fn podman(args: &[&str]) -> String {
+    let out = Command::new("podman")
+        .arg("--url")
+        .arg(format!("unix://{}", podman_socket().display()))
+        .args(args)
+        .output()
+        .expect("podman");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn remove_device_containers(device: &str) {
+    let filter = format!("label=io.fleetlet.device={device}");
+    for id in podman(&["ps", "-aq", "--filter", &filter]).split_whitespace() {
+        podman(&["rm", "-f", "-t", "0", id]);
+    }
+    for id in podman(&["pod", "ps", "-q", "--filter", &filter]).split_whitespace() {
+        podman(&["pod", "rm", "-f", id]);
+    }
+}
+
+/// Ports of a hub started by [`start_hub`].
+pub struct HubPorts {
+    /// The agent link (gRPC over mTLS).
+    pub link: u16,
+    /// The ops endpoint (/metrics, health).
+    pub ops: u16,
+}
+
+/// Writes the link PKI, a static inventory of `devices` (name, fleet) and the hub's config into
+/// `dir`, then starts the real `fleetlet-hub` binary with node instance `instance`.
+pub fn start_hub(dir: &Path, instance: &str, devices: &[(String, String)]) -> (Proc, HubPorts) {
+    let names: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
+    link_pki(dir, &names);
+    let (kubelet_cert, kubelet_key) = issue_kubelet_cert(dir);
+    let (link_port, kubelet_port, ops_port) = (free_port(), free_port(), free_port());
+    let inventory: String = devices
+        .iter()
+        .map(|(n, f)| format!("[[device]]\nname = \"{n}\"\nfleet = \"{f}\"\n"))
+        .collect();
+    std::fs::write(dir.join("devices.toml"), inventory).expect("inventory");
+    let pki = dev_dir().join("pki");
+    std::fs::write(
+        dir.join("hub.toml"),
+        format!(
+            r#"kubeconfig = "{kubeconfig}"
+[ops]
+listen = "127.0.0.1:{ops_port}"
+[inventory]
+static_file = "{dir}/devices.toml"
+[nodes]
+instance = "{instance}"
+disconnect_grace_secs = 5
+[kubelet]
+listen = "127.0.0.1:{kubelet_port}"
+cert_file = "{kubelet_cert}"
+key_file = "{kubelet_key}"
+client_ca_file = "{cluster_ca}"
+[link]
+listen = "127.0.0.1:{link_port}"
+client_ca_file = "{dir}/link-ca.crt"
+cert_file = "{dir}/hub.crt"
+key_file = "{dir}/hub.key"
+"#,
+            kubeconfig = kube_config_path().display(),
+            dir = dir.display(),
+            kubelet_cert = kubelet_cert.display(),
+            kubelet_key = kubelet_key.display(),
+            cluster_ca = pki.join("ca.crt").display(),
+        ),
+    )
+    .expect("hub config");
+    let hub = Proc::spawn(
+        "fleetlet-hub",
+        Command::new(env!("CARGO_BIN_EXE_fleetlet-hub"))
+            .arg("run")
+            .arg("-c")
+            .arg(dir.join("hub.toml"))
+            .env("RUST_LOG", "info"),
+        dir.join("hub.log"),
+    );
+    (
+        hub,
+        HubPorts {
+            link: link_port,
+            ops: ops_port,
+        },
+    )
+}
+
+/// Starts a real `fleetlet-agent` process for `device` (certificates from [`start_hub`]'s
+/// PKI in `dir`, the stack's Podman), connecting to the hub's link on `link_port`.
+pub fn start_agent(dir: &Path, device: &str, link_port: u16) -> Proc {
+    let state = dir.join(format!("state-{device}"));
+    std::fs::create_dir_all(&state).expect("state dir");
+    let cfg = dir.join(format!("agent-{device}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"device_name = "{device}"
+state_dir = "{state}"
+podman_socket = "{sock}"
+resync_secs = 5
+node_ip = "127.0.0.1"
+[hub]
+endpoint = "https://127.0.0.1:{link_port}"
+ca_file = "{dir}/link-ca.crt"
+cert_file = "{dir}/{device}.crt"
+key_file = "{dir}/{device}.key"
+reconnect_max_backoff_secs = 2
+"#,
+            state = state.display(),
+            sock = podman_socket().display(),
+            dir = dir.display(),
+        ),
+    )
+    .expect("agent config");
+    Proc::spawn(
+        device,
+        Command::new(agent_binary())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .env("RUST_LOG", "info"),
+        dir.join(format!("agent-{device}.log")),
+    )
+}
+
+/// Whether a Node is Ready and carries none of the `node.kubernetes.io/` taints.
+pub fn node_ready(n: &k8s_openapi::api::core::v1::Node) -> bool {
+    let ready = n
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let tainted = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key.starts_with("node.kubernetes.io/")));
+    ready && !tainted
 }
