@@ -89,7 +89,7 @@ async fn main() -> ExitCode {
     let pods_n = env_usize("BENCH_PODS", 100);
     let id = unique("podstart");
     let devices: Vec<(String, String)> = (0..agents)
-        .map(|i| (format!("{id}-d{i:02}"), "bench".to_string()))
+        .map(|i| (format!("{id}-d{i:02}"), id.clone()))
         .collect();
     let names: Vec<String> = devices.iter().map(|(n, _)| n.clone()).collect();
     // Drop order is reverse declaration: agents and hub die first, then Podman, then the API.
@@ -161,12 +161,14 @@ async fn main() -> ExitCode {
     let creates = futures::stream::iter(0..pods_n)
         .map(|i| {
             let pods = pods.clone();
+            let fleet = id.clone();
             async move {
                 let name = format!("p{i:03}");
+                // The fleet is the run's own: other work on the shared stack has its own Nodes.
                 let pod: Pod = serde_json::from_value(json!({
                     "metadata": {"name": name},
                     "spec": {
-                        "nodeSelector": {"flightctl.io/fleet": "bench"},
+                        "nodeSelector": {"flightctl.io/fleet": fleet},
                         "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"}],
                         "terminationGracePeriodSeconds": 1,
                         "containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1",
