@@ -90,11 +90,12 @@ done
 umask 022
 
 # start NAME EXE ARGS...: a background process in its own session that outlives make; the
-# pidfile records pid and executable so demo-down never signals a recycled pid.
+# pidfile records pid and executable so demo-down never signals a recycled pid. The agent would
+# log to journald when it runs; FLEETLET_AGENT_LOG=stderr keeps the demo's logs in files.
 start() {
     local name=$1 exe=$2
     shift 2
-    RUST_LOG=${RUST_LOG:-info} setsid "$exe" "$@" > "$DEMO/logs/$name.log" 2>&1 < /dev/null &
+    RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 FLEETLET_AGENT_LOG=stderr setsid "$exe" "$@" > "$DEMO/logs/$name.log" 2>&1 < /dev/null &
     echo "$! $exe" > "$DEMO/run/$name.pid"
 }
 
@@ -109,6 +110,15 @@ failed() {
     echo "The processes still run for inspection; make demo-down stops them." >&2
     exit 1
 }
+
+# The hub's ports must be free (demo-down above stopped a previous demo's hub).
+for port in "$DEMO_LINK_PORT" "$DEMO_KUBELET_PORT" "$DEMO_OPS_PORT"; do
+    if ss -Hltn "sport = :$port" | grep -q .; then
+        echo "make demo: 127.0.0.1:$port is in use by another process; choose other ports with" >&2
+        echo "FLEETLET_DEMO_LINK_PORT, FLEETLET_DEMO_KUBELET_PORT, FLEETLET_DEMO_OPS_PORT" >&2
+        exit 1
+    fi
+done
 
 say "starting fleetlet-hub (link 127.0.0.1:$DEMO_LINK_PORT, kubelet API 127.0.0.1:$DEMO_KUBELET_PORT)"
 start hub "$HUB" run -c "$DEMO/hub.toml"
@@ -129,7 +139,7 @@ for d in "${DEMO_DEVICES[@]}"; do
         fi
         for f in "$DEMO"/run/*.pid; do
             read -r pid _ < "$f"
-            [[ -e /proc/$pid ]] || failed "$(basename "$f" .pid) exited"
+            [[ -e /proc/$pid ]] || failed "$(basename "$f" .pid) exited (its log is below)"
         done
         sleep 1
     done
