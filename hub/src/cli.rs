@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// Address of the kubelet API (HTTPS).
     #[arg(long)]
     pub kubelet_listen: Option<SocketAddr>,
+    /// Address written into every Node for the API server to reach the kubelet API (in a
+    /// cluster: the pod IP, so each new leader points the Nodes at itself).
+    #[arg(long, env = "FLEETLET_KUBELET_ADVERTISE_ADDRESS")]
+    pub kubelet_advertise_address: Option<std::net::IpAddr>,
     /// Take part in leader election.
     #[arg(long)]
     pub leader_elect: Option<bool>,
@@ -63,6 +67,7 @@ impl RunArgs {
             ops_listen: self.ops_listen,
             inventory_file: self.inventory_file.clone(),
             kubelet_listen: self.kubelet_listen,
+            kubelet_advertise_address: self.kubelet_advertise_address,
             leader_elect: self.leader_elect,
             identity: self.identity.clone(),
         }

@@ -240,6 +240,8 @@ pub struct Overrides {
     pub inventory_file: Option<PathBuf>,
     /// `--kubelet-listen`.
     pub kubelet_listen: Option<SocketAddr>,
+    /// `--kubelet-advertise-address`.
+    pub kubelet_advertise_address: Option<IpAddr>,
     /// `--leader-elect`.
     pub leader_elect: Option<bool>,
     /// `--identity`.
@@ -284,6 +286,9 @@ impl HubConfig {
         }
         if let Some(v) = o.kubelet_listen {
             self.kubelet.listen = Some(v);
+        }
+        if let Some(v) = o.kubelet_advertise_address {
+            self.kubelet.advertise_address = v;
         }
         if let Some(v) = o.leader_elect {
             self.leader_election.enabled = v;
@@ -488,10 +493,12 @@ mod tests {
         let o = Overrides {
             ops_listen: Some("127.0.0.1:2".parse().expect("addr")),
             inventory_file: Some("/b".into()),
+            kubelet_advertise_address: Some("10.1.2.3".parse().expect("ip")),
             ..Overrides::default()
         };
         let cfg = HubConfig::load(Some(&path), &o).expect("loads");
         assert_eq!(cfg.ops.listen.port(), 2);
+        assert_eq!(cfg.kubelet.advertise_address.to_string(), "10.1.2.3");
         assert_eq!(cfg.inventory.static_file.as_deref(), Some(Path::new("/b")));
         let missing =
             HubConfig::load(Some(&dir.path().join("nope.toml")), &o).expect_err("missing");

@@ -260,6 +260,7 @@ async fn a_fleet_deployment_runs_on_real_agents_only_in_its_fleet() {
     .await;
 
     drop(agents);
+    common::assert_no_forbidden(&d.join("hub.log"));
     for dev in devices {
         remove_device_containers(dev);
         let _ = nodes.delete(dev, &DeleteParams::default()).await;

@@ -279,8 +279,95 @@ pub struct HubPorts {
     pub ops: u16,
 }
 
+/// Applies the shipped namespace and RBAC (`packaging/kubernetes/`) for real, checks every shipped
+/// manifest with a server-side dry-run, and writes a kubeconfig holding a token of the shipped
+/// ServiceAccount: the hub then runs with exactly the permissions an installation gives it.
+pub fn shipped_rbac_kubeconfig(dir: &Path) -> PathBuf {
+    let stack = fleetlet_test_support::Stack::shared().expect("local stack (make env-up)");
+    let kubectl = stack
+        .kubectl()
+        .expect("FLEETLET_KUBECTL in the stack's env")
+        .to_path_buf();
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kubernetes");
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(stack.kubeconfig())
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let file = |name: &str| manifests.join(name).display().to_string();
+    run(&[
+        "apply",
+        "--server-side",
+        "--field-manager=fleetlet-e2e",
+        "-f",
+        &file("00-namespace.yaml"),
+        "-f",
+        &file("10-rbac.yaml"),
+    ]);
+    let dry_run = run(&[
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--field-manager=fleetlet-e2e",
+        "-f",
+        &manifests.display().to_string(),
+    ]);
+    for kind in [
+        "deployment.apps/fleetlet-hub",
+        "configmap/fleetlet-hub",
+        "service/fleetlet-hub-agents",
+        "service/fleetlet-hub-kubelet",
+    ] {
+        assert!(
+            dry_run.contains(kind),
+            "server-side dry-run of {kind}: {dry_run}"
+        );
+    }
+    let token = run(&[
+        "-n",
+        "fleetlet-system",
+        "create",
+        "token",
+        "fleetlet-hub",
+        "--duration=2h",
+    ]);
+    let server = stack.var("FLEETLET_KUBE_APISERVER").expect("apiserver URL");
+    let ca = stack.var("FLEETLET_CLUSTER_CA_CERT").expect("cluster CA");
+    let path = dir.join("hub-sa.kubeconfig");
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: stack\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: fleetlet-hub\n  user:\n    token: {token}\ncontexts:\n- name: hub\n  context:\n    cluster: stack\n    user: fleetlet-hub\ncurrent-context: hub\n",
+        token = token.trim()
+    );
+    std::fs::write(&path, kubeconfig).expect("write hub kubeconfig");
+    path
+}
+
+/// Any request the API server refused shows in the hub's log as a 403 / Forbidden error.
+pub fn assert_no_forbidden(hub_log: &Path) {
+    let log = std::fs::read_to_string(hub_log).unwrap_or_default();
+    let forbidden: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("403") || l.to_ascii_lowercase().contains("forbidden"))
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "the hub hit requests its shipped RBAC forbids:\n{}",
+        forbidden.join("\n")
+    );
+}
+
 /// Writes the link PKI, a static inventory of `devices` (name, fleet) and the hub's config into
-/// `dir`, then starts the real `fleetlet-hub` binary with node instance `instance`.
+/// `dir`, then starts the real `fleetlet-hub` binary with node instance `instance`, under the
+/// shipped RBAC and with leader election on (a Lease of its own, named `instance`).
 pub fn start_hub(dir: &Path, instance: &str, devices: &[(String, String)]) -> (Proc, HubPorts) {
     let names: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
     link_pki(dir, &names);
@@ -292,6 +379,7 @@ pub fn start_hub(dir: &Path, instance: &str, devices: &[(String, String)]) -> (P
         .collect();
     std::fs::write(dir.join("devices.toml"), inventory).expect("inventory");
     let pki = dev_dir().join("pki");
+    let hub_kubeconfig = shipped_rbac_kubeconfig(dir);
     std::fs::write(
         dir.join("hub.toml"),
         format!(
@@ -303,6 +391,10 @@ static_file = "{dir}/devices.toml"
 [nodes]
 instance = "{instance}"
 disconnect_grace_secs = 5
+[leader_election]
+enabled = true
+namespace = "fleetlet-system"
+name = "{instance}"
 [kubelet]
 listen = "127.0.0.1:{kubelet_port}"
 cert_file = "{kubelet_cert}"
@@ -314,7 +406,7 @@ client_ca_file = "{dir}/link-ca.crt"
 cert_file = "{dir}/hub.crt"
 key_file = "{dir}/hub.key"
 "#,
-            kubeconfig = kube_config_path().display(),
+            kubeconfig = hub_kubeconfig.display(),
             dir = dir.display(),
             kubelet_cert = kubelet_cert.display(),
             kubelet_key = kubelet_key.display(),
