@@ -114,10 +114,17 @@ async fn a_fleet_deployment_runs_on_real_agents_only_in_its_fleet() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let inventory: Vec<(String, String)> = [(&a1, "a"), (&a2, "a"), (&b1, "b")]
-        .iter()
-        .map(|(n, f)| (n.to_string(), f.to_string()))
-        .collect();
+    // Fleet names of this run only: other work on the shared stack (the demo, other tests) may
+    // have Nodes in fleets called "a" and "b".
+    let (fleet_a_name, fleet_b_name) = (format!("{id}-a"), format!("{id}-b"));
+    let inventory: Vec<(String, String)> = [
+        (&a1, &fleet_a_name),
+        (&a2, &fleet_a_name),
+        (&b1, &fleet_b_name),
+    ]
+    .iter()
+    .map(|(n, f)| (n.to_string(), f.to_string()))
+    .collect();
     let (_hub, ports) = start_hub(d, &id, &inventory);
     let agents: Vec<Proc> = devices
         .iter()
@@ -144,7 +151,7 @@ async fn a_fleet_deployment_runs_on_real_agents_only_in_its_fleet() {
             "template": {
                 "metadata": {"labels": {"app": "web"}},
                 "spec": {
-                    "nodeSelector": {"flightctl.io/fleet": "a"},
+                    "nodeSelector": {"flightctl.io/fleet": fleet_a_name},
                     "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"}],
                     "terminationGracePeriodSeconds": 2,
                     "containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1",
