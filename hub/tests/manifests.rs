@@ -1,0 +1,40 @@
+//! The configuration shipped in packaging/kubernetes must be one the hub accepts: a typo there
+//! would only show when an operator installs it.
+
+use fleetlet_hub::config::HubConfig;
+
+/// The literal block `key: |` of the ConfigMap, without its indentation.
+fn configmap_block(yaml: &str, key: &str) -> String {
+    let header = format!("  {key}: |");
+    let mut lines = yaml.lines().skip_while(|l| l.trim_end() != header).skip(1);
+    let mut block = String::new();
+    for line in lines.by_ref() {
+        if !line.is_empty() && !line.starts_with("    ") {
+            break;
+        }
+        block.push_str(line.strip_prefix("    ").unwrap_or(""));
+        block.push('\n');
+    }
+    block
+}
+
+#[test]
+fn shipped_hub_config_parses_and_validates() {
+    let yaml = include_str!("../../packaging/kubernetes/20-config.yaml");
+    let text = configmap_block(yaml, "hub.toml");
+    assert!(text.contains("[link]"), "hub.toml block not found:\n{text}");
+    let cfg = HubConfig::parse(&text).expect("shipped hub.toml parses");
+    cfg.validate().expect("shipped hub.toml validates");
+    assert!(
+        cfg.leader_election.enabled,
+        "two replicas need leader election"
+    );
+}
+
+#[test]
+fn shipped_inventory_parses() {
+    let yaml = include_str!("../../packaging/kubernetes/20-config.yaml");
+    let text = configmap_block(yaml, "devices.toml");
+    let parsed: toml::Value = toml::from_str(&text).expect("devices.toml is TOML");
+    assert!(parsed.get("device").is_none(), "ships with no devices");
+}
