@@ -74,6 +74,9 @@ pub struct StatusUpdate {
 /// The one status write in flight: the update, its attempt count, and the outcome.
 type InFlight = BoxFuture<'static, (StatusUpdate, u32, Result<(), kube::Error>)>;
 
+/// A failed write coming back after its backoff, with the version of the pod's status it carries.
+type Retry = (StatusUpdate, u32, u64);
+
 /// Writes statuses handed to it through [`StatusWriter::sender`].
 pub struct StatusWriter {
     rx: mpsc::Receiver<StatusUpdate>,
@@ -82,10 +85,21 @@ pub struct StatusWriter {
     metrics: Arc<Metrics>,
     queue: VecDeque<String>,
     pending: HashMap<String, (StatusUpdate, u32)>,
+    /// Per pod, the version of the newest status received; a retry of an older one is dropped,
+    /// and the entry goes once that newest status is written (or the pod is gone).
+    versions: HashMap<String, u64>,
+    next_version: u64,
+    retry_tx: mpsc::UnboundedSender<Retry>,
+    retry_rx: mpsc::UnboundedReceiver<Retry>,
 }
 
-/// How often a failing write is tried before it is dropped (a newer status replaces it anyway).
-const MAX_ATTEMPTS: u32 = 5;
+/// Backoff of a failing write: 200 ms doubling to 30 s. Retries never give up: the status is the
+/// truth the device reported, and a newer one replaces it anyway.
+fn retry_delay(attempts: u32) -> Duration {
+    Duration::from_millis(200)
+        .saturating_mul(1 << attempts.min(8))
+        .min(Duration::from_secs(30))
+}
 
 impl StatusWriter {
     /// A writer and the sender to feed it.
@@ -96,6 +110,7 @@ impl StatusWriter {
         metrics: Arc<Metrics>,
     ) -> (Self, mpsc::Sender<StatusUpdate>) {
         let (tx, rx) = mpsc::channel(4096);
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         (
             Self {
                 rx,
@@ -104,6 +119,10 @@ impl StatusWriter {
                 metrics,
                 queue: VecDeque::new(),
                 pending: HashMap::new(),
+                versions: HashMap::new(),
+                next_version: 0,
+                retry_tx,
+                retry_rx,
             },
             tx,
         )
@@ -145,9 +164,19 @@ impl StatusWriter {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 msg = self.rx.recv(), if !closed => match msg {
-                    Some(u) => self.enqueue(u, 0),
+                    Some(u) => {
+                        self.next_version += 1;
+                        self.versions.insert(u.uid.clone(), self.next_version);
+                        self.enqueue(u, 0);
+                    }
                     None => closed = true,
                 },
+                Some((u, attempts, version)) = self.retry_rx.recv() => {
+                    // Only if no newer status arrived (queued or already written) meanwhile.
+                    if self.versions.get(&u.uid) == Some(&version) && !self.pending.contains_key(&u.uid) {
+                        self.enqueue(u, attempts);
+                    }
+                }
                 (u, attempts, r) = async { match inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if inflight.is_some() => {
                     inflight = None;
                     self.finish(u, attempts, r);
@@ -159,22 +188,34 @@ impl StatusWriter {
 
     fn finish(&mut self, u: StatusUpdate, attempts: u32, r: Result<(), kube::Error>) {
         self.metrics.api("patch_pod_status", &r);
+        let settled = |this: &mut Self| {
+            // Written or moot: forget the version unless a newer status is already queued.
+            if !this.pending.contains_key(&u.uid) {
+                this.versions.remove(&u.uid);
+            }
+        };
         match r {
             Ok(()) => {
-                tracing::debug!(pod = %u.name, namespace = %u.namespace, "pod status written")
+                tracing::debug!(pod = %u.name, namespace = %u.namespace, "pod status written");
+                settled(self);
             }
             Err(e) if matches!(status_code(&e), Some(404 | 409 | 422)) => {
                 tracing::debug!(pod = %u.name, namespace = %u.namespace, error = %e, "pod status not written; pod gone or replaced");
-            }
-            Err(error) if attempts + 1 < MAX_ATTEMPTS => {
-                tracing::warn!(pod = %u.name, namespace = %u.namespace, %error, "writing pod status; will retry");
-                // A newer status that arrived meanwhile wins; enqueue keeps it.
-                if !self.pending.contains_key(&u.uid) {
-                    self.enqueue(u, attempts + 1);
-                }
+                settled(self);
             }
             Err(error) => {
-                tracing::warn!(pod = %u.name, namespace = %u.namespace, %error, "writing pod status; giving up on this one");
+                let delay = retry_delay(attempts);
+                tracing::warn!(pod = %u.name, namespace = %u.namespace, %error, retry_in_ms = delay.as_millis() as u64, "writing pod status; will retry");
+                // A newer status that arrived meanwhile wins: the retry is then dropped.
+                if !self.pending.contains_key(&u.uid)
+                    && let Some(&version) = self.versions.get(&u.uid)
+                {
+                    let tx = self.retry_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send((u, attempts.saturating_add(1), version));
+                    });
+                }
             }
         }
     }
@@ -199,6 +240,15 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_to_a_cap() {
+        assert_eq!(retry_delay(0), Duration::from_millis(200));
+        assert_eq!(retry_delay(1), Duration::from_millis(400));
+        assert_eq!(retry_delay(4), Duration::from_millis(3200));
+        assert_eq!(retry_delay(8), Duration::from_secs(30));
+        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(30));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn bucket_allows_a_burst_then_paces() {
