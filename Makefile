@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all demo demo-down build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench package package-check
+.PHONY: all demo demo-down build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check
 
 all: build
 
@@ -31,6 +31,12 @@ test: build env-up
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## faults: the full fault and abuse suite (long partitions, crashes, disk, bad input, security), then its table
+faults: build env-up
+	rm -f target/faults/report.jsonl
+	FLEETLET_FAULTS_FULL=1 $(CARGO) test -p fleetlet-faults --no-fail-fast -- --test-threads=1; \
+	  status=$$?; $(CARGO) run -q -p fleetlet-faults --bin faults-summary && exit $$status
 
 ## fmt: format the code
 fmt:
