@@ -6,6 +6,7 @@
 //! it is not up: run `make env-up`.
 #![forbid(unsafe_code)]
 
+pub mod harness;
 mod logs;
 mod podman;
 mod wait;

@@ -1,0 +1,699 @@
+//! The end-to-end harness shared by the hub's tests and benchmarks and the fault suite: real
+//! `fleetlet-hub` and `fleetlet-agent` processes with their link PKI, the stack's Podman, unique
+//! names and cleanup guards.
+//!
+//! These helpers panic on failure: they run only inside tests, where a panic is the failure.
+//! Hub and agent binaries are taken from the cargo target directory of the running test
+//! (`target/<profile>/`); `cargo test -p fleetlet-hub` builds them itself, other crates need
+//! `cargo build -p fleetlet-hub -p fleetlet-agent` first (`make test` / `make faults` do it).
+
+use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+
+/// The stack's directory (`$FLEETLET_DEV_DIR`, default `/var/tmp/fleetlet-dev`).
+pub fn dev_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var("FLEETLET_DEV_DIR").unwrap_or_else(|_| "/var/tmp/fleetlet-dev".into()),
+    )
+}
+
+/// The stack's admin kubeconfig.
+pub fn kube_config_path() -> PathBuf {
+    dev_dir().join("kubeconfig")
+}
+
+/// An admin client of the stack's API server.
+pub async fn client() -> kube::Client {
+    let path = kube_config_path();
+    let kc = kube::config::Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} — run `make env-up` first", path.display()));
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+/// Polls `f` every 200 ms until it yields `Some`, at most `secs` seconds; panics on timeout.
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A name unique to this process and moment: `prefix-<pid>-<hex>`.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{:x}", std::process::id(), nanos % 0xfffff)
+}
+
+/// Creates namespace `ns`.
+pub async fn create_namespace(client: &kube::Client, ns: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let body: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+    api.create(&PostParams::default(), &body)
+        .await
+        .expect("create namespace");
+}
+
+/// A serving certificate for 127.0.0.1 signed by the stack's cluster CA (the API server checks
+/// kubelet serving certificates against it: --kubelet-certificate-authority).
+pub fn issue_kubelet_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let pki = dev_dir().join("pki");
+    let ca_pem = std::fs::read_to_string(pki.join("ca.crt")).expect("cluster CA");
+    // The stack's CA key is SEC1 (openssl ecparam); rcgen reads PKCS#8, which `openssl pkey` writes.
+    let out = Command::new("openssl")
+        .arg("pkey")
+        .arg("-in")
+        .arg(pki.join("ca.key"))
+        .output()
+        .expect("openssl pkey");
+    assert!(
+        out.status.success(),
+        "openssl pkey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca_key = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("CA key");
+    // The issuer is described by the CA's subject; the signature is made with its key.
+    let ca_der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+        .next()
+        .expect("CA pem")
+        .expect("CA pem");
+    let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).expect("CA cert");
+    let ca_cn = ca_x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .expect("CA CN")
+        .to_string();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_cn);
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fleetlet-hub-kubelet");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let (c, k) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
+    std::fs::write(&c, cert.pem()).expect("write cert");
+    std::fs::write(&k, key.serialize_pem()).expect("write key");
+    (c, k)
+}
+
+/// Deletes Nodes and a namespace on drop (also when a test fails), through kubectl. Leftover
+/// NotReady Nodes would push the node lifecycle controller into partial-disruption mode, which
+/// stops taint-based eviction for every later test.
+pub struct KubeCleanup {
+    /// Nodes to delete.
+    pub nodes: Vec<String>,
+    /// Namespace to delete, if any.
+    pub namespace: Option<String>,
+}
+
+impl Drop for KubeCleanup {
+    fn drop(&mut self) {
+        let kubectl = std::env::var("FLEETLET_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let kc = kube_config_path();
+        let run = |args: &[&str]| {
+            let _ = Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kc)
+                .args(args)
+                .output();
+        };
+        if let Some(ns) = &self.namespace {
+            run(&["delete", "namespace", ns, "--wait=false"]);
+        }
+        for n in &self.nodes {
+            run(&["delete", "node", n, "--wait=false", "--ignore-not-found"]);
+        }
+    }
+}
+
+/// The stack's shared Podman socket.
+pub fn podman_socket() -> PathBuf {
+    std::env::var("FLEETLET_PODMAN_SOCKET")
+        .map_or_else(|_| dev_dir().join("podman/podman.sock"), PathBuf::from)
+}
+
+/// A loopback TCP port free right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A binary of this workspace from the running test's target directory (`target/<profile>/`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable under target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build -p {name}` first",
+        bin.display()
+    );
+    bin
+}
+
+/// The `fleetlet-agent` binary.
+pub fn agent_binary() -> PathBuf {
+    workspace_binary("fleetlet-agent")
+}
+
+/// The `fleetlet-hub` binary.
+pub fn hub_binary() -> PathBuf {
+    workspace_binary("fleetlet-hub")
+}
+
+/// A child process that is killed (SIGKILL) on drop; its log is printed if the test fails.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Spawns `cmd` with stdout and stderr appended to `log` (a restarted process keeps one log).
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn");
+        Self {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    /// The file the process logs to.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill9(self) {
+        // Drop sends SIGKILL (`Child::kill`) and reaps.
+        drop(self);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("----- last lines of {} -----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The link PKI: a CA, the hub's serving certificate for `hub_ips` (plus localhost), one client
+/// certificate per device (CN = device name, the hub's default identity source).
+pub fn link_pki_for(dir: &Path, devices: &[&str], hub_ips: &[IpAddr]) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "e2e link CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_cert = ca.clone().self_signed(&ca_key).expect("ca");
+    std::fs::write(dir.join("link-ca.crt"), ca_cert.pem()).expect("write");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let issue = |name: &str, sans: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
+        let mut p = rcgen::CertificateParams::new(sans).expect("params");
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
+    };
+    let mut sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
+    sans.extend(
+        hub_ips
+            .iter()
+            .map(ToString::to_string)
+            .filter(|ip| ip != "127.0.0.1"),
+    );
+    issue("hub", sans, rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    for d in devices {
+        issue(d, Vec::new(), rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    }
+}
+
+/// [`link_pki_for`] with a hub on loopback only.
+pub fn link_pki(dir: &Path, devices: &[&str]) {
+    link_pki_for(dir, devices, &[]);
+}
+
+/// Runs the podman CLI against `socket` and returns its stdout.
+pub fn podman_at(socket: &Path, args: &[&str]) -> String {
+    let out = Command::new("podman")
+        .arg("--url")
+        .arg(format!("unix://{}", socket.display()))
+        .args(args)
+        .output()
+        .expect("podman");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs the podman CLI against the stack's Podman and returns its stdout.
+pub fn podman(args: &[&str]) -> String {
+    podman_at(&podman_socket(), args)
+}
+
+/// Removes every container and pod the agent of `device` created on the stack's Podman.
+pub fn remove_device_containers(device: &str) {
+    let filter = format!("label=io.fleetlet.device={device}");
+    for id in podman(&["ps", "-aq", "--filter", &filter]).split_whitespace() {
+        podman(&["rm", "-f", "-t", "0", id]);
+    }
+    for id in podman(&["pod", "ps", "-q", "--filter", &filter]).split_whitespace() {
+        podman(&["pod", "rm", "-f", id]);
+    }
+}
+
+/// Ports of a hub started by [`start_hub`].
+#[derive(Debug, Clone, Copy)]
+pub struct HubPorts {
+    /// The agent link (gRPC over mTLS).
+    pub link: u16,
+    /// The ops endpoint (/metrics, health).
+    pub ops: u16,
+}
+
+/// Applies the shipped namespace and RBAC (`packaging/kubernetes/`) for real, checks every shipped
+/// manifest with a server-side dry-run, and writes a kubeconfig holding a token of the shipped
+/// ServiceAccount: the hub then runs with exactly the permissions an installation gives it.
+pub fn shipped_rbac_kubeconfig(dir: &Path) -> PathBuf {
+    let stack = crate::Stack::shared().expect("local stack (make env-up)");
+    let kubectl = stack
+        .kubectl()
+        .expect("FLEETLET_KUBECTL in the stack's env")
+        .to_path_buf();
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/kubernetes");
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(stack.kubeconfig())
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let file = |name: &str| manifests.join(name).display().to_string();
+    run(&[
+        "apply",
+        "--server-side",
+        "--field-manager=fleetlet-e2e",
+        "-f",
+        &file("00-namespace.yaml"),
+        "-f",
+        &file("10-rbac.yaml"),
+    ]);
+    let dry_run = run(&[
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--field-manager=fleetlet-e2e",
+        "-f",
+        &manifests.display().to_string(),
+    ]);
+    for kind in [
+        "deployment.apps/fleetlet-hub",
+        "configmap/fleetlet-hub",
+        "service/fleetlet-hub-agents",
+        "service/fleetlet-hub-kubelet",
+    ] {
+        assert!(
+            dry_run.contains(kind),
+            "server-side dry-run of {kind}: {dry_run}"
+        );
+    }
+    let token = run(&[
+        "-n",
+        "fleetlet-system",
+        "create",
+        "token",
+        "fleetlet-hub",
+        "--duration=2h",
+    ]);
+    let server = stack.var("FLEETLET_KUBE_APISERVER").expect("apiserver URL");
+    let ca = stack.var("FLEETLET_CLUSTER_CA_CERT").expect("cluster CA");
+    let path = dir.join("hub-sa.kubeconfig");
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: stack\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: fleetlet-hub\n  user:\n    token: {token}\ncontexts:\n- name: hub\n  context:\n    cluster: stack\n    user: fleetlet-hub\ncurrent-context: hub\n",
+        token = token.trim()
+    );
+    std::fs::write(&path, kubeconfig).expect("write hub kubeconfig");
+    path
+}
+
+/// Any request the API server refused shows in the hub's log as a 403 / Forbidden error.
+pub fn assert_no_forbidden(hub_log: &Path) {
+    let log = std::fs::read_to_string(hub_log).unwrap_or_default();
+    let forbidden: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("403") || l.to_ascii_lowercase().contains("forbidden"))
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "the hub hit requests its shipped RBAC forbids:\n{}",
+        forbidden.join("\n")
+    );
+}
+
+/// How a test hub is set up: its devices and the knobs the fault suite turns.
+#[derive(Debug, Clone)]
+pub struct HubSpec {
+    /// Node instance and leader-election Lease name.
+    pub instance: String,
+    /// Inventory: (device name, fleet).
+    pub devices: Vec<(String, String)>,
+    /// Address the link listens on (loopback, or a veth address for partition tests).
+    pub link_ip: IpAddr,
+    /// `[nodes] disconnect_grace_secs`.
+    pub disconnect_grace_secs: u64,
+    /// `[link]` keepalive interval and timeout in seconds; `None` keeps the hub's defaults.
+    pub keepalive_secs: Option<(u64, u64)>,
+}
+
+impl HubSpec {
+    /// A hub on loopback with a 5 s disconnect grace and default keepalives.
+    pub fn new(instance: &str, devices: &[(String, String)]) -> Self {
+        HubSpec {
+            instance: instance.to_string(),
+            devices: devices.to_vec(),
+            link_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            disconnect_grace_secs: 5,
+            keepalive_secs: None,
+        }
+    }
+}
+
+/// A hub whose PKI, inventory and config are written and can be (re)started any number of times
+/// with the same identity and ports (a restart after `kill -9` keeps the agents' certificates valid).
+#[derive(Debug, Clone)]
+pub struct HubSetup {
+    dir: PathBuf,
+    /// The hub's ports.
+    pub ports: HubPorts,
+    /// The spec it was written from.
+    pub spec: HubSpec,
+}
+
+impl HubSetup {
+    /// Writes the link PKI, a static inventory and the hub's config into `dir`, under the shipped
+    /// RBAC and with leader election on (a Lease of its own, named after the instance).
+    pub fn write(dir: &Path, spec: HubSpec) -> Self {
+        let names: Vec<&str> = spec.devices.iter().map(|(n, _)| n.as_str()).collect();
+        link_pki_for(dir, &names, &[spec.link_ip]);
+        let (kubelet_cert, kubelet_key) = issue_kubelet_cert(dir);
+        let link_port = match spec.link_ip {
+            IpAddr::V4(ip) if !ip.is_loopback() => free_port_on(spec.link_ip),
+            _ => free_port(),
+        };
+        let (kubelet_port, ops_port) = (free_port(), free_port());
+        let inventory: String = spec
+            .devices
+            .iter()
+            .map(|(n, f)| format!("[[device]]\nname = \"{n}\"\nfleet = \"{f}\"\n"))
+            .collect();
+        std::fs::write(dir.join("devices.toml"), inventory).expect("inventory");
+        let pki = dev_dir().join("pki");
+        let hub_kubeconfig = shipped_rbac_kubeconfig(dir);
+        let keepalive = spec
+            .keepalive_secs
+            .map(|(i, t)| format!("keepalive_interval_secs = {i}\nkeepalive_timeout_secs = {t}\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            dir.join("hub.toml"),
+            format!(
+                r#"kubeconfig = "{kubeconfig}"
+[ops]
+listen = "127.0.0.1:{ops_port}"
+[inventory]
+static_file = "{dir}/devices.toml"
+[nodes]
+instance = "{instance}"
+disconnect_grace_secs = {grace}
+[leader_election]
+enabled = true
+namespace = "fleetlet-system"
+name = "{instance}"
+[kubelet]
+listen = "127.0.0.1:{kubelet_port}"
+cert_file = "{kubelet_cert}"
+key_file = "{kubelet_key}"
+client_ca_file = "{cluster_ca}"
+[link]
+listen = "{link_addr}"
+client_ca_file = "{dir}/link-ca.crt"
+cert_file = "{dir}/hub.crt"
+key_file = "{dir}/hub.key"
+{keepalive}"#,
+                kubeconfig = hub_kubeconfig.display(),
+                dir = dir.display(),
+                instance = spec.instance,
+                grace = spec.disconnect_grace_secs,
+                kubelet_cert = kubelet_cert.display(),
+                kubelet_key = kubelet_key.display(),
+                cluster_ca = pki.join("ca.crt").display(),
+                link_addr = std::net::SocketAddr::new(spec.link_ip, link_port),
+            ),
+        )
+        .expect("hub config");
+        HubSetup {
+            dir: dir.to_path_buf(),
+            ports: HubPorts {
+                link: link_port,
+                ops: ops_port,
+            },
+            spec,
+        }
+    }
+
+    /// Starts the real `fleetlet-hub` binary (its log is appended to `hub.log` in the directory).
+    pub fn spawn(&self) -> Proc {
+        Proc::spawn(
+            "fleetlet-hub",
+            Command::new(hub_binary())
+                .arg("run")
+                .arg("-c")
+                .arg(self.dir.join("hub.toml"))
+                .env("RUST_LOG", "info"),
+            self.dir.join("hub.log"),
+        )
+    }
+
+    /// The link endpoint agents connect to.
+    pub fn endpoint(&self) -> String {
+        format!(
+            "https://{}",
+            std::net::SocketAddr::new(self.spec.link_ip, self.ports.link)
+        )
+    }
+}
+
+/// A TCP port free right now on `ip`.
+pub fn free_port_on(ip: IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Writes the PKI, inventory and config of a loopback hub into `dir` and starts it.
+pub fn start_hub(dir: &Path, instance: &str, devices: &[(String, String)]) -> (Proc, HubPorts) {
+    let setup = HubSetup::write(dir, HubSpec::new(instance, devices));
+    (setup.spawn(), setup.ports)
+}
+
+/// How a test agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// Device name (its certificate in the PKI directory is `<device>.crt`).
+    pub device: String,
+    /// The hub's link endpoint, `https://host:port`.
+    pub endpoint: String,
+    /// The Podman socket the agent drives.
+    pub podman_socket: PathBuf,
+    /// `[hub]` keepalive interval and timeout in seconds; `None` keeps the agent's defaults.
+    pub keepalive_secs: Option<(u64, u64)>,
+    /// Run the agent inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+}
+
+impl AgentSpec {
+    /// An agent of `device` on the stack's Podman, connecting to `https://127.0.0.1:<link_port>`.
+    pub fn new(device: &str, link_port: u16) -> Self {
+        AgentSpec {
+            device: device.to_string(),
+            endpoint: format!("https://127.0.0.1:{link_port}"),
+            podman_socket: podman_socket(),
+            keepalive_secs: None,
+            netns: None,
+        }
+    }
+}
+
+/// An agent whose state directory and config are written, restartable with the same state.
+#[derive(Debug, Clone)]
+pub struct AgentSetup {
+    dir: PathBuf,
+    config: PathBuf,
+    /// The agent's state directory.
+    pub state_dir: PathBuf,
+    /// The spec it was written from.
+    pub spec: AgentSpec,
+}
+
+impl AgentSetup {
+    /// Writes the agent's config (certificates from the hub's PKI in `dir`) and state directory.
+    pub fn write(dir: &Path, spec: AgentSpec) -> Self {
+        let device = &spec.device;
+        let state = dir.join(format!("state-{device}"));
+        std::fs::create_dir_all(&state).expect("state dir");
+        let cfg = dir.join(format!("agent-{device}.toml"));
+        let keepalive = spec
+            .keepalive_secs
+            .map(|(i, t)| format!("keepalive_interval_secs = {i}\nkeepalive_timeout_secs = {t}\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"device_name = "{device}"
+state_dir = "{state}"
+podman_socket = "{sock}"
+resync_secs = 5
+node_ip = "127.0.0.1"
+[hub]
+endpoint = "{endpoint}"
+ca_file = "{dir}/link-ca.crt"
+cert_file = "{dir}/{device}.crt"
+key_file = "{dir}/{device}.key"
+reconnect_max_backoff_secs = 2
+{keepalive}"#,
+                state = state.display(),
+                sock = spec.podman_socket.display(),
+                endpoint = spec.endpoint,
+                dir = dir.display(),
+            ),
+        )
+        .expect("agent config");
+        AgentSetup {
+            dir: dir.to_path_buf(),
+            config: cfg,
+            state_dir: state,
+            spec,
+        }
+    }
+
+    /// Starts the real `fleetlet-agent` binary (log appended to `agent-<device>.log`).
+    pub fn spawn(&self) -> Proc {
+        let mut cmd = match &self.spec.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info");
+        Proc::spawn(
+            &self.spec.device,
+            &mut cmd,
+            self.dir.join(format!("agent-{}.log", self.spec.device)),
+        )
+    }
+}
+
+/// Starts a real `fleetlet-agent` process for `device` (certificates from [`start_hub`]'s
+/// PKI in `dir`, the stack's Podman), connecting to the hub's link on `link_port`.
+pub fn start_agent(dir: &Path, device: &str, link_port: u16) -> Proc {
+    AgentSetup::write(dir, AgentSpec::new(device, link_port)).spawn()
+}
+
+/// Whether a Node is Ready and carries none of the `node.kubernetes.io/` taints.
+pub fn node_ready(n: &k8s_openapi::api::core::v1::Node) -> bool {
+    let ready = n
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let tainted = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key.starts_with("node.kubernetes.io/")));
+    ready && !tainted
+}
