@@ -10,6 +10,8 @@
 //! representative short variants.
 #![forbid(unsafe_code)]
 
+pub mod fixture;
+
 use std::io::Write;
 use std::path::PathBuf;
 
