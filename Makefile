@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all demo demo-down build release test unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check
+.PHONY: all demo demo-down build release test faults-summary unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check
 
 all: build
 
@@ -22,10 +22,18 @@ build:
 release:
 	$(CARGO) build --workspace --release
 
-## test: unit and integration tests (integration tests run against the local stack), then the packages
+## test: unit and integration tests (integration tests run against the local stack; the short fault
+## subset included), the fault table, then the packages
 test: build env-up
-	$(CARGO) test --workspace --no-fail-fast
+	rm -f target/faults/report.jsonl
+	$(CARGO) test --workspace --no-fail-fast; \
+	  status=$$?; $(MAKE) --no-print-directory faults-summary; exit $$status
 	$(MAKE) package-check
+
+## faults-summary: print the table of the faults recorded by the last test run (target/faults/report.jsonl)
+faults-summary:
+	@$(CARGO) run -q -p fleetlet-faults --bin faults-summary; \
+	  case $$? in 0) ;; 2) echo "faults-summary: no fault outcomes recorded";; *) exit 1;; esac
 
 ## lint: formatting and clippy, warnings are errors
 lint:

@@ -244,7 +244,9 @@ fn status_mismatch(p: &Pod, running_ids: &BTreeMap<String, String>) -> Option<St
                     cs.container_id
                 ));
             }
-            Some(cs) if !cs.ready || cs.state.as_ref().and_then(|s| s.running.as_ref()).is_none() => {
+            Some(cs)
+                if !cs.ready || cs.state.as_ref().and_then(|s| s.running.as_ref()).is_none() =>
+            {
                 return Some(format!("container {name} not running/ready"));
             }
             Some(_) => {}
@@ -365,11 +367,15 @@ impl Fleet {
     /// Creates a bare pod bound to `node` running `sleep`. With `tolerate_partition`, it tolerates
     /// the unreachable/not-ready NoExecute taints for ever (an edge workload that must stay put).
     pub async fn create_pod(&self, name: &str, node: &str, tolerate_partition: bool) {
-        let mut tolerations = vec![json!({"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"})];
+        let mut tolerations = vec![
+            json!({"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"}),
+        ];
         if tolerate_partition {
-            for key in ["node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"] {
-                tolerations
-                    .push(json!({"key": key, "operator": "Exists", "effect": "NoExecute"}));
+            for key in [
+                "node.kubernetes.io/unreachable",
+                "node.kubernetes.io/not-ready",
+            ] {
+                tolerations.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute"}));
             }
         }
         let pod: Pod = serde_json::from_value(json!({
@@ -493,11 +499,11 @@ impl Drop for Fleet {
         }
         drop(self.hub_proc.take());
         if std::thread::panicking() {
-            for log in ["hub.log"]
-                .iter()
-                .map(|l| self.dir.path().join(l))
-                .chain(self.devices.iter().map(|d| self.dir.path().join(format!("agent-{d}.log"))))
-            {
+            for log in ["hub.log"].iter().map(|l| self.dir.path().join(l)).chain(
+                self.devices
+                    .iter()
+                    .map(|d| self.dir.path().join(format!("agent-{d}.log"))),
+            ) {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();
                 eprintln!("----- last lines of {} -----", log.display());
@@ -513,7 +519,14 @@ impl Drop for Fleet {
         let _ = std::process::Command::new(kubectl)
             .arg("--kubeconfig")
             .arg(fleetlet_test_support::harness::kube_config_path())
-            .args(["-n", "fleetlet-system", "delete", "lease", &self.id, "--ignore-not-found"])
+            .args([
+                "-n",
+                "fleetlet-system",
+                "delete",
+                "lease",
+                &self.id,
+                "--ignore-not-found",
+            ])
             .output();
         drop(KubeCleanup {
             nodes: self.devices.clone(),

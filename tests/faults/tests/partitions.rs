@@ -79,13 +79,24 @@ impl Netns {
             device_ip,
         };
         ip(&[
-            "link", "add", &ns.host_if, "type", "veth", "peer", "name", &dev_if,
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &dev_if,
         ]);
         ip(&["link", "set", &dev_if, "netns", &ns.name]);
         ip(&["addr", "add", &format!("{hub_ip}/30"), "dev", &ns.host_if]);
         ip(&["link", "set", &ns.host_if, "up"]);
         let d = ["-n", ns.name.as_str()];
-        ip(&[&d[..], &["addr", "add", &format!("{device_ip}/30"), "dev", &dev_if]].concat());
+        ip(&[
+            &d[..],
+            &["addr", "add", &format!("{device_ip}/30"), "dev", &dev_if],
+        ]
+        .concat());
         ip(&[&d[..], &["link", "set", &dev_if, "up"]].concat());
         ip(&[&d[..], &["link", "set", "lo", "up"]].concat());
         ns
