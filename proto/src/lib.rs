@@ -1,7 +1,11 @@
 //! The fleetlet.v1 agent-hub contract: generated message types and the `DeviceLink` service.
 //!
-//! See `fleetlet/v1/link.proto` for what every message means and who sends it.
+//! See `fleetlet/v1/link.proto` for what every message means and who sends it. Also the plumbing
+//! both ends of the link share: retry [`backoff`] and TLS material on disk ([`pem`]).
 #![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod pem;
 
 /// Generated code for the `fleetlet.v1` package.
 pub mod v1 {

@@ -5,7 +5,6 @@
 //! read from watch channels, so a reconnect simply resends the current level (full resync)
 //! instead of replaying edges that might have been lost.
 
-mod backoff;
 mod client;
 pub mod memory;
 mod tls;
@@ -106,7 +105,7 @@ impl LinkConfig {
     }
 }
 
-pub use backoff::Backoff;
+pub use fleetlet_proto::backoff::Backoff;
 
 /// Why a connection attempt or session failed. All are retried with backoff by [`run_link`];
 /// `Tls` and `Endpoint` need an operator (or a rotation) to fix the files or configuration.

@@ -3,12 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use fleetlet_proto::pem::{self, FileStamp};
 use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::LinkClientError;
 
@@ -25,55 +24,7 @@ fn tls_error(path: &Path, message: impl std::fmt::Display) -> LinkClientError {
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LinkClientError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| tls_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(path, e))?;
-    if certs.is_empty() {
-        return Err(tls_error(path, "no PEM certificate found"));
-    }
-    Ok(certs)
-}
-
-/// Seconds until `cert` expires (negative once it has).
-pub(crate) fn seconds_left(cert: &CertificateDer<'_>) -> Option<i64> {
-    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_secs()).ok())?;
-    Some(parsed.validity().not_after.timestamp() - now)
-}
-
-fn warn_expiry(path: &Path, certs: &[CertificateDer<'_>]) {
-    let horizon = i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX);
-    for (index, cert) in certs.iter().enumerate() {
-        match seconds_left(cert) {
-            Some(left) if left <= 0 => {
-                tracing::error!(file = %path.display(), index, "link certificate has expired");
-            }
-            Some(left) if left < horizon => tracing::warn!(
-                file = %path.display(),
-                index,
-                days_left = left / 86_400,
-                "link certificate expires soon"
-            ),
-            _ => {}
-        }
-    }
-}
-
-type Stamp = Vec<Option<(SystemTime, u64)>>;
-
-fn stamp(paths: &[&Path]) -> Stamp {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
+    pem::load_certs(path).map_err(|e| tls_error(&e.path, e.message))
 }
 
 /// The client configuration for the next connection, reloaded when the files change.
@@ -81,7 +32,7 @@ pub(crate) struct ClientTls {
     ca_file: PathBuf,
     cert_file: PathBuf,
     key_file: PathBuf,
-    loaded: Option<(Arc<rustls::ClientConfig>, Stamp)>,
+    loaded: Option<(Arc<rustls::ClientConfig>, FileStamp)>,
     last_expiry_check: Option<tokio::time::Instant>,
 }
 
@@ -100,7 +51,7 @@ impl ClientTls {
     /// older configuration exists, logs and keeps using it (a half-written rotation must not
     /// take the device offline).
     pub(crate) fn current(&mut self) -> Result<Arc<rustls::ClientConfig>, LinkClientError> {
-        let now_stamp = stamp(&[&self.ca_file, &self.cert_file, &self.key_file]);
+        let now_stamp = FileStamp::of(&[&self.ca_file, &self.cert_file, &self.key_file]);
         let fresh = self.loaded.as_ref().is_some_and(|(_, s)| *s == now_stamp);
         if !fresh {
             match self.build() {
@@ -124,7 +75,7 @@ impl ClientTls {
         {
             self.last_expiry_check = Some(tokio::time::Instant::now());
             if let Ok(certs) = load_certs(&self.cert_file) {
-                warn_expiry(&self.cert_file, &certs);
+                pem::warn_expiry(&self.cert_file, &certs, EXPIRY_WARNING);
             }
         }
         self.loaded
@@ -137,14 +88,14 @@ impl ClientTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         let ca = load_certs(&self.ca_file)?;
-        warn_expiry(&self.ca_file, &ca);
+        pem::warn_expiry(&self.ca_file, &ca, EXPIRY_WARNING);
         for cert in ca {
             roots.add(cert).map_err(|e| tls_error(&self.ca_file, e))?;
         }
         let chain = load_certs(&self.cert_file)?;
-        warn_expiry(&self.cert_file, &chain);
-        let key = PrivateKeyDer::from_pem_file(&self.key_file)
-            .map_err(|e| tls_error(&self.key_file, e))?;
+        pem::warn_expiry(&self.cert_file, &chain, EXPIRY_WARNING);
+        let key: PrivateKeyDer<'static> =
+            pem::load_key(&self.key_file).map_err(|e| tls_error(&e.path, e.message))?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_error(&self.cert_file, e))?

@@ -10,7 +10,6 @@
 //! Which devices are *enabled* (get a Node, may connect) is a label selector evaluated on the
 //! device labels; decommissioning devices are never enabled.
 
-mod backoff;
 mod client;
 mod model;
 mod selector;
@@ -25,8 +24,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use backoff::Backoff;
 pub use client::{FlightctlClient, FlightctlError, ListResult};
+pub use fleetlet_proto::backoff::Backoff;
 pub use model::{Device, Fleet, ObjectError};
 pub use selector::{LabelSelector, SelectorError};
 

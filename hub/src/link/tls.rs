@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use fleetlet_proto::pem::{self, FileStamp, warn_expiry};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -22,65 +22,18 @@ fn tls_error(path: &Path, message: impl std::fmt::Display) -> LinkError {
 
 /// Every certificate in a PEM file; an empty file is an error (it would trust or serve nothing).
 pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LinkError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| tls_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(path, e))?;
-    if certs.is_empty() {
-        return Err(tls_error(path, "no PEM certificate found"));
+    pem::load_certs(path).map_err(pem_error)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, LinkError> {
+    pem::load_key(path).map_err(pem_error)
+}
+
+fn pem_error(e: pem::PemError) -> LinkError {
+    LinkError::Tls {
+        path: e.path,
+        message: e.message,
     }
-    Ok(certs)
-}
-
-/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, LinkError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| tls_error(path, e))
-}
-
-/// Seconds since the Unix epoch at which `der` stops being valid.
-pub(crate) fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
-    X509Certificate::from_der(der)
-        .ok()
-        .map(|(_, cert)| cert.validity().not_after.timestamp())
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Log a warning for every certificate in `certs` that expires within `warn_before`
-/// (an error when it already has). Returns how many were reported.
-pub(crate) fn warn_expiry(
-    path: &Path,
-    certs: &[CertificateDer<'_>],
-    warn_before: Duration,
-) -> usize {
-    let now = unix_now();
-    let horizon = i64::try_from(warn_before.as_secs()).unwrap_or(i64::MAX);
-    let mut reported = 0;
-    for (index, cert) in certs.iter().enumerate() {
-        let Some(not_after) = not_after(cert) else {
-            continue;
-        };
-        let left = not_after - now;
-        if left <= 0 {
-            tracing::error!(file = %path.display(), index, not_after, "certificate has expired");
-            reported += 1;
-        } else if left < horizon {
-            tracing::warn!(
-                file = %path.display(),
-                index,
-                not_after,
-                days_left = left / 86_400,
-                "certificate expires soon"
-            );
-            reported += 1;
-        }
-    }
-    reported
 }
 
 /// The device name from a verified client certificate, or why there is none.
@@ -120,25 +73,6 @@ pub fn device_identity(
         ));
     }
     Ok(name.to_owned())
-}
-
-/// Modification time and length of each watched file, to notice replacements cheaply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp(Vec<Option<(SystemTime, u64)>>);
-
-impl FileStamp {
-    fn of(paths: &[&Path]) -> Self {
-        Self(
-            paths
-                .iter()
-                .map(|p| {
-                    std::fs::metadata(p)
-                        .ok()
-                        .and_then(|m| Some((m.modified().ok()?, m.len())))
-                })
-                .collect(),
-        )
-    }
 }
 
 /// The serving configuration currently in force; new connections pick up reloads.

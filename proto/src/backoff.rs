@@ -1,12 +1,14 @@
 //! Exponential backoff with full jitter: after the n-th consecutive failure wait a uniformly
 //! random time in `[0, min(cap, base * 2^n))`. Full jitter spreads a fleet that lost the hub at
-//! the same moment over the whole window instead of having it return in synchronized waves.
+//! the same moment over the whole window instead of having it return in synchronized waves; the
+//! hub uses the same schedule for polling Flightctl, so replicas restarting together do not hammer
+//! it in lockstep.
 
 use std::time::Duration;
 
 use rand::Rng;
 
-/// Reconnect delays for one link.
+/// Retry delays across consecutive failures (of one link, or one poller).
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
@@ -41,7 +43,12 @@ impl Backoff {
         Duration::from_nanos(rand::rng().random_range(0..nanos))
     }
 
-    /// A connection succeeded: start over.
+    /// Consecutive failures so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// An attempt succeeded: start over.
     pub fn reset(&mut self) {
         self.failures = 0;
     }
