@@ -47,6 +47,17 @@ async fn app_containers(fleet: &Fleet, podman: &PodmanClient) -> Option<(usize, 
     Some((apps.len(), running))
 }
 
+type Snapshot = std::collections::BTreeMap<(String, String), (String, i64)>;
+
+/// How many of the containers in `before` still run now with the same id and start time.
+async fn kept_running(fleet: &Fleet, before: &Snapshot) -> usize {
+    let now = running_snapshot(&fleet.containers().await.unwrap_or_default());
+    before
+        .iter()
+        .filter(|(k, v)| now.get(*k) == Some(*v))
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_killed_during_a_rollout() {
     let replicas: usize = if full_suite() { 50 } else { 15 };
@@ -70,6 +81,7 @@ async fn hub_killed_during_a_rollout() {
     }
     assert!(at_kill.0 > 0, "the rollout never started");
     fleet.kill_hub();
+    let running_at_kill = running_snapshot(&fleet.containers().await.unwrap_or_default());
     let pods_at_kill = fleet
         .pods()
         .list(&Default::default())
@@ -80,14 +92,17 @@ async fn hub_killed_during_a_rollout() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     fleet.restart_hub();
     let (secs, a) = fleet.converge(replicas, CONVERGE_LIMIT).await;
+    let kept = kept_running(&fleet, &running_at_kill).await;
     let o = outcome(
         &format!("kill -9 hub during rollout of {replicas} pods"),
         secs,
         &a,
-        true,
+        kept == running_at_kill.len(),
         format!(
-            "killed with {} of {} containers running and {pods_at_kill} pods in the API, restarted after 3 s (new leader election)",
-            at_kill.0, at_kill.1
+            "killed with {} of {} containers running and {pods_at_kill} pods in the API, restarted after 3 s (new leader election); {kept}/{} containers running at the kill untouched",
+            at_kill.0,
+            at_kill.1,
+            running_at_kill.len()
         ),
     );
     drop(fleet);
@@ -118,6 +133,7 @@ async fn agent_killed_while_applying_a_snapshot() {
     }
     let (created, running) = at_kill.expect("the agent never began applying the snapshot");
     fleet.kill_agent(0);
+    let running_at_kill = running_snapshot(&fleet.containers().await.unwrap_or_default());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let state_files: Vec<String> = std::fs::read_dir(&fleet.agents[0].state_dir)
         .map(|d| {
@@ -128,13 +144,15 @@ async fn agent_killed_while_applying_a_snapshot() {
         .unwrap_or_default();
     fleet.restart_agent(0);
     let (secs, a) = fleet.converge(PODS, CONVERGE_LIMIT).await;
+    let adopted = kept_running(&fleet, &running_at_kill).await;
     let o = outcome(
         &format!("kill -9 agent while applying a snapshot of {PODS} pods"),
         secs,
         &a,
-        true,
+        adopted == running_at_kill.len(),
         format!(
-            "killed with {created} of {PODS} app containers created ({running} running); state dir held {state_files:?}; restarted after 2 s"
+            "killed with {created} of {PODS} app containers created ({running} running); state dir held {state_files:?}; restarted after 2 s; {adopted}/{} containers running at the kill adopted (same id and start time)",
+            running_at_kill.len()
         ),
     );
     drop(fleet);

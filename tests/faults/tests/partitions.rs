@@ -6,9 +6,10 @@
 //! time (same container ids and start times) and that no container was duplicated.
 //!
 //! Timeouts are scaled down by configuration (hub disconnect grace 5 s, keepalives 2 s + 3 s on
-//! both sides) so a cut turns the Node `Ready=Unknown` (and the node lifecycle controller marks
-//! the pods not Ready) within seconds; the pods tolerate the unreachable taint, as an edge
-//! workload that must stay where it is does.
+//! both sides) so a cut turns the Node `Ready=Unknown` within seconds and the node lifecycle
+//! controller taints it unreachable; the pods tolerate that taint, as an edge workload that must
+//! stay where it is does. (The test also samples whether the API shows the pods not Ready while
+//! the Node is Unknown: today it does not, see docs/faults.md.)
 //!
 //! `make test` runs the short variants; `make faults` (FLEETLET_FAULTS_FULL=1) adds a cut of
 //! three minutes and a minute of flapping. Needs root (`ip netns`), `iptables` and `make env-up`.
@@ -161,8 +162,7 @@ struct DuringFault {
     node_states: BTreeSet<String>,
     samples: u32,
     samples_with_changed_pods: u32,
-    /// Samples in which the API showed some pod not Ready (the node lifecycle controller marks
-    /// them when the Node goes Unknown): the heal then has something to converge.
+    /// Samples in which the API showed some pod not Ready while the fault lasted.
     samples_with_unready_pods: u32,
 }
 
