@@ -663,8 +663,11 @@ async fn handle_message(
             "device {device} sent a second hello on one stream"
         ))),
         Some(agent_message::Kind::Ack(ack)) => {
-            sessions.record_ack(slot, ack.generation);
             let error = (!ack.error.is_empty()).then_some(ack.error);
+            // A refused snapshot is not held: the device still holds its previous generation.
+            if error.is_none() {
+                sessions.record_ack(slot, ack.generation);
+            }
             if let Some(error) = &error {
                 tracing::warn!(
                     device,

@@ -451,18 +451,28 @@ impl PodRelay {
                 let reported = self.reported.entry(device.clone()).or_default();
                 let mut check = Vec::new();
                 for entry in report.pods {
-                    reported.insert(entry.uid.clone(), entry.removed);
+                    let bound_here = by_uid
+                        .get(&entry.uid)
+                        .is_some_and(|(_, _, node, _)| node.as_deref() == Some(device.as_str()));
                     if entry.removed {
+                        // Only the pod's own device may confirm its removal: a removal claimed
+                        // by another device would let it force-delete that device's running pod.
+                        if !bound_here {
+                            if by_uid.contains_key(&entry.uid) {
+                                tracing::warn!(%device, uid = %entry.uid, "removal reported for a pod not bound to this device; ignored");
+                            }
+                            continue;
+                        }
+                        reported.insert(entry.uid.clone(), true);
                         self.confirmed_removed.insert(entry.uid.clone());
                         check.push(entry.uid);
                         continue;
                     }
-                    let Some((namespace, name, node, scheduled)) = by_uid.get(&entry.uid) else {
+                    reported.insert(entry.uid.clone(), false);
+                    let Some((namespace, name, _, scheduled)) = by_uid.get(&entry.uid) else {
                         continue;
                     };
-                    if node.as_deref() != Some(device.as_str())
-                        || self.rejected.contains(&entry.uid)
-                    {
+                    if !bound_here || self.rejected.contains(&entry.uid) {
                         tracing::warn!(%device, uid = %entry.uid, "status for a pod not bound to this device; ignored");
                         continue;
                     }

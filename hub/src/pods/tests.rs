@@ -341,6 +341,23 @@ async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
         h.api.deleted.try_lock().expect("lock").is_empty(),
         "the pod ran; wait for the device"
     );
+    // Another device claiming the removal does not count: only dev-a can confirm its pod.
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        device: "dev-b".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![PodStatusEntry {
+                uid: "uid-p1".into(),
+                removed: true,
+                ..Default::default()
+            }],
+        },
+    }));
+    tokio::task::yield_now().await;
+    assert!(
+        h.api.deleted.try_lock().expect("lock").is_empty(),
+        "dev-b may not confirm the removal of dev-a's pod"
+    );
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
         device: "dev-a".into(),
         report: PodStatusReport {
