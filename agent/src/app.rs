@@ -71,7 +71,7 @@ pub async fn run(
     };
     let info = node::node_info(&runtime_version);
     let resources = node::resources(&cfg, info.clone());
-    let (_capacity_tx, capacity_rx) = watch::channel(resources.capacity.clone());
+    let capacity = watch::Sender::new(resources.capacity.clone());
     let (status_tx, status_rx) = watch::channel::<StatusMap>(Arc::new(BTreeMap::new()));
 
     let ctx = Arc::new(PodContext {
@@ -104,7 +104,7 @@ pub async fn run(
             device: cfg.device_name.clone(),
             store: store.clone(),
             node_info: info,
-            capacity: capacity_rx,
+            capacity,
             statuses: status_rx,
             rt: rt.clone(),
         });

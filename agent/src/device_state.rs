@@ -19,8 +19,8 @@ pub struct AgentDeviceState<R> {
     pub store: Arc<DesiredStore>,
     /// Node info for hello.
     pub node_info: v1::NodeInfo,
-    /// Capacity.
-    pub capacity: watch::Receiver<v1::Capacity>,
+    /// Capacity, with the node conditions the agent reports; the storage condition is set here.
+    pub capacity: watch::Sender<v1::Capacity>,
     /// Pod statuses.
     pub statuses: watch::Receiver<PodStatusMap>,
     /// Runtime (for logs).
@@ -40,8 +40,18 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
     async fn apply_snapshot(&self, snapshot: v1::DesiredSnapshot) -> Result<bool, String> {
         let generation = snapshot.generation;
         let r = self.store.apply(snapshot).await.map_err(|e| e.to_string());
-        if let Ok(true) = r {
-            tracing::info!(generation, "desired snapshot stored");
+        match &r {
+            Ok(stored) => {
+                if *stored {
+                    tracing::info!(generation, "desired snapshot stored");
+                }
+                if set_storage_condition(&self.capacity, None) {
+                    tracing::info!(generation, "desired state storage works again");
+                }
+            }
+            Err(error) => {
+                set_storage_condition(&self.capacity, Some((generation, error)));
+            }
         }
         r
     }
@@ -51,7 +61,7 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
     }
 
     fn capacity(&self) -> watch::Receiver<v1::Capacity> {
-        self.capacity.clone()
+        self.capacity.subscribe()
     }
 
     fn pod_statuses(&self) -> watch::Receiver<PodStatusMap> {
@@ -61,6 +71,35 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String> {
         container_logs(&*self.rt, &self.device, req).await
     }
+}
+
+/// Reason of the `DiskPressure` condition while the desired state cannot be written.
+pub const STORAGE_FAILED_REASON: &str = "DesiredStateNotStored";
+
+/// Sets (`Some`) or clears (`None`) the `DiskPressure` condition the device reports while it
+/// cannot persist its desired state (full or failing state directory). The hub shows it on the
+/// Node, where `kubectl describe node` shows the file and the error to an operator, and the
+/// node lifecycle controller keeps new pods off the device until it clears. Returns whether the
+/// reported conditions changed.
+pub fn set_storage_condition(
+    capacity: &watch::Sender<v1::Capacity>,
+    failure: Option<(u64, &str)>,
+) -> bool {
+    capacity.send_if_modified(|c| {
+        let before = c.conditions.clone();
+        c.conditions.retain(|x| x.r#type != "DiskPressure");
+        if let Some((generation, error)) = failure {
+            c.conditions.push(v1::NodeCondition {
+                r#type: "DiskPressure".into(),
+                status: "True".into(),
+                reason: STORAGE_FAILED_REASON.into(),
+                message: format!(
+                    "cannot store desired snapshot generation {generation}; running pods are kept: {error}"
+                ),
+            });
+        }
+        c.conditions != before
+    })
 }
 
 /// The log of container `req.container` of pod `req.pod_uid` on `device`.
@@ -112,4 +151,42 @@ pub async fn container_logs<R: ContainerRuntime>(
         }
         _ => stream.boxed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_condition_is_set_once_and_cleared() {
+        let capacity = watch::Sender::new(v1::Capacity {
+            conditions: vec![v1::NodeCondition {
+                r#type: "MemoryPressure".into(),
+                status: "False".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let mut rx = capacity.subscribe();
+        let error = "desired state /s/.desired.snapshot.tmp: No space left on device (os error 28)";
+        assert!(set_storage_condition(&capacity, Some((7, error))));
+        assert!(rx.has_changed().unwrap_or(false));
+        let c = rx.borrow_and_update().clone();
+        let disk = c
+            .conditions
+            .iter()
+            .find(|c| c.r#type == "DiskPressure")
+            .expect("DiskPressure set");
+        assert_eq!(
+            (disk.status.as_str(), disk.reason.as_str()),
+            ("True", STORAGE_FAILED_REASON)
+        );
+        assert!(disk.message.contains("generation 7") && disk.message.contains(error));
+        // The same failure again does not wake the link.
+        assert!(!set_storage_condition(&capacity, Some((7, error))));
+        assert!(set_storage_condition(&capacity, None));
+        let c = rx.borrow_and_update().clone();
+        assert_eq!(c.conditions.len(), 1, "other conditions stay: {c:?}");
+        assert!(!set_storage_condition(&capacity, None));
+    }
 }

@@ -26,6 +26,41 @@ use super::{DeviceState, LinkClientError, LinkConfig, PodStatusMap};
 const OUTBOUND_QUEUE: usize = 32;
 /// Connect (TCP + TLS) must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// First and longest wait before storing a snapshot again that the device failed to store.
+const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A snapshot the device could not store (full or failing state directory). The hub sends a
+/// generation once per session, so the link retries it with backoff and acknowledges it when
+/// storage works again: the device catches up by itself, without a reconnect or a new rollout.
+struct PendingSnapshot {
+    snapshot: v1::DesiredSnapshot,
+    wait: Duration,
+    next: tokio::time::Instant,
+}
+
+impl PendingSnapshot {
+    fn new(snapshot: v1::DesiredSnapshot) -> Self {
+        Self {
+            snapshot,
+            wait: STORE_RETRY_FIRST,
+            next: tokio::time::Instant::now() + STORE_RETRY_FIRST,
+        }
+    }
+
+    fn back_off(mut self) -> Self {
+        self.wait = (self.wait * 2).min(STORE_RETRY_MAX);
+        self.next = tokio::time::Instant::now() + self.wait;
+        self
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Where to connect: `host:port` for TCP and the name the hub's certificate must carry.
 #[derive(Debug, Clone)]
@@ -171,14 +206,20 @@ pub(crate) async fn run_session(
     send(&tx, full_report(&last_pods)).await?;
 
     let mut logs: HashMap<u64, CancellationToken> = HashMap::new();
+    let mut pending: Option<PendingSnapshot> = None;
     let session_end = CancellationToken::new();
     let _stop_logs = session_end.clone().drop_guard();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            () = sleep_until(pending.as_ref().map(|p| p.next)) => {
+                if let Some(p) = pending.take() {
+                    pending = retry_store(state, &device, &tx, p).await?;
+                }
+            }
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
-                    handle_hub_message(state, &device, &tx, &mut logs, &session_end, message).await?;
+                    handle_hub_message(state, &device, &tx, &mut logs, &mut pending, &session_end, message).await?;
                 }
                 Ok(None) => return Ok(SessionEnd::ClosedByHub),
                 Err(status) => return Err(LinkClientError::Stream {
@@ -246,11 +287,51 @@ fn delta_report(before: &PodStatusMap, after: &PodStatusMap) -> Option<agent_mes
     }))
 }
 
+/// Stores a snapshot that failed before; acknowledges it once stored, else backs off again.
+async fn retry_store(
+    state: &Arc<dyn DeviceState>,
+    device: &str,
+    tx: &mpsc::Sender<v1::AgentMessage>,
+    pending: PendingSnapshot,
+) -> Result<Option<PendingSnapshot>, LinkClientError> {
+    let generation = pending.snapshot.generation;
+    match state.apply_snapshot(pending.snapshot.clone()).await {
+        Ok(stored) => {
+            let held = state.held_generation();
+            tracing::info!(
+                device,
+                generation,
+                held,
+                stored,
+                "desired snapshot stored after an earlier failure"
+            );
+            let ack = v1::Ack {
+                generation: if stored { generation } else { held },
+                error: String::new(),
+            };
+            send(tx, agent_message::Kind::Ack(ack)).await?;
+            Ok(None)
+        }
+        Err(error) => {
+            let pending = pending.back_off();
+            tracing::warn!(
+                device,
+                generation,
+                error,
+                retry_in_secs = pending.wait.as_secs(),
+                "storing desired snapshot failed again; running pods are kept"
+            );
+            Ok(Some(pending))
+        }
+    }
+}
+
 async fn handle_hub_message(
     state: &Arc<dyn DeviceState>,
     device: &str,
     tx: &mpsc::Sender<v1::AgentMessage>,
     logs: &mut HashMap<u64, CancellationToken>,
+    pending: &mut Option<PendingSnapshot>,
     session_end: &CancellationToken,
     message: v1::HubMessage,
 ) -> Result<(), LinkClientError> {
@@ -258,6 +339,9 @@ async fn handle_hub_message(
         Some(hub_message::Kind::Snapshot(snapshot)) => {
             let generation = snapshot.generation;
             let pods = snapshot.pods.len();
+            // A newer snapshot supersedes one that is waiting for storage to work again.
+            let retained = pending.take();
+            let copy = snapshot.clone();
             // Persist first: the ack promises the hub that the device holds this generation.
             let ack = match state.apply_snapshot(snapshot).await {
                 Ok(true) => {
@@ -268,6 +352,12 @@ async fn handle_hub_message(
                     }
                 }
                 Ok(false) => {
+                    // Not newer than what is held: a waiting older snapshot stays waiting.
+                    if let Some(p) = retained
+                        && p.snapshot.generation > state.held_generation()
+                    {
+                        *pending = Some(p);
+                    }
                     let held = state.held_generation();
                     tracing::debug!(
                         device,
@@ -281,7 +371,20 @@ async fn handle_hub_message(
                     }
                 }
                 Err(error) => {
-                    tracing::error!(device, generation, error, "storing desired snapshot failed");
+                    tracing::error!(
+                        device,
+                        generation,
+                        error,
+                        "storing desired snapshot failed; running pods are kept, retrying"
+                    );
+                    *pending = Some(match retained {
+                        // Keep the backoff when the hub resends while storage still fails.
+                        Some(p) if p.snapshot.generation <= generation => PendingSnapshot {
+                            snapshot: copy,
+                            ..p
+                        },
+                        _ => PendingSnapshot::new(copy),
+                    });
                     v1::Ack { generation, error }
                 }
             };
