@@ -92,8 +92,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
             let mut wakes = self.wakes.lock().await;
             wakes.retain(|uid, _| self.workers.contains_key(uid));
         }
-        let snapshot = match held {
-            Held::Known(s) => s.clone(),
+        // On a fallback snapshot only its own pods are acted on; nothing is removed.
+        let (snapshot, remove_others) = match held {
+            Held::Known(s) => (s.clone(), true),
+            Held::Fallback { snapshot, reason } => {
+                warn!(reason = %reason, generation = snapshot.generation, "running the previous good desired state; pods it does not list are left alone");
+                (snapshot.clone(), false)
+            }
             Held::Unknown { reason } => {
                 // Never treat unreadable state as "no pods": keep everything as it is.
                 warn!(reason = %reason, "desired state unknown; leaving pods untouched");
@@ -182,7 +187,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let gone: Vec<String> = self
             .workers
             .keys()
-            .filter(|u| !desired.contains_key(*u))
+            .filter(|u| remove_others && !desired.contains_key(*u))
             .cloned()
             .collect();
         for uid in gone {
@@ -208,7 +213,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             Err(e) => warn!(error = %e, "listing containers failed"),
         }
         for uid in found {
-            if !desired.contains_key(&uid) && !self.workers.contains_key(&uid) {
+            if remove_others && !desired.contains_key(&uid) && !self.workers.contains_key(&uid) {
                 info!(pod_uid = %uid, generation, "removing pod that is no longer desired");
                 self.set_desire(&uid, Desire::Remove, shutdown).await;
             }

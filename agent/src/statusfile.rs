@@ -49,6 +49,9 @@ pub struct StatusFile {
     /// Why the desired state is unknown, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_unknown: Option<String>,
+    /// Why the previous good desired snapshot is in use (the current file was corrupt), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_fallback: Option<String>,
     /// Pods.
     pub pods: Vec<PodLine>,
 }
@@ -113,7 +116,11 @@ pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile 
         generation: held.generation(),
         desired_unknown: match held {
             Held::Unknown { reason } => Some(reason.clone()),
-            Held::Known(_) => None,
+            Held::Known(_) | Held::Fallback { .. } => None,
+        },
+        desired_fallback: match held {
+            Held::Fallback { reason, .. } => Some(reason.clone()),
+            Held::Known(_) | Held::Unknown { .. } => None,
         },
         pods,
     }
@@ -181,6 +188,11 @@ pub fn render(f: &StatusFile) -> String {
     let mut out = format!("device: {}\ngeneration: {}\n", f.device, f.generation);
     if let Some(r) = &f.desired_unknown {
         out.push_str(&format!("desired state: UNKNOWN ({r})\n"));
+    }
+    if let Some(r) = &f.desired_fallback {
+        out.push_str(&format!(
+            "desired state: PREVIOUS GOOD SNAPSHOT, current file unusable ({r})\n"
+        ));
     }
     out.push_str(&format!("pods: {}\n", f.pods.len()));
     if !f.pods.is_empty() {

@@ -47,6 +47,15 @@ pub enum StoreError {
 pub enum Held {
     /// A known snapshot (generation 0 and no pods on a fresh device).
     Known(Arc<DesiredSnapshot>),
+    /// The current file was corrupt; this is the last good (previous) snapshot. Its pods run,
+    /// but pods it does not list are left alone: they may belong to the newer, lost generation,
+    /// and the hub's next snapshot says which of them to keep.
+    Fallback {
+        /// The previous good snapshot.
+        snapshot: Arc<DesiredSnapshot>,
+        /// What was wrong with the current file.
+        reason: String,
+    },
     /// The state on disk could not be read; keep everything as it is until a new snapshot.
     Unknown {
         /// Why.
@@ -58,7 +67,7 @@ impl Held {
     /// The held generation (0 when unknown, so any hub snapshot replaces it).
     pub fn generation(&self) -> u64 {
         match self {
-            Held::Known(s) => s.generation,
+            Held::Known(s) | Held::Fallback { snapshot: s, .. } => s.generation,
             Held::Unknown { .. } => 0,
         }
     }
@@ -105,7 +114,10 @@ impl DesiredStore {
                 let first = e.to_string();
                 problems.push(e);
                 match read_snapshot(&prev) {
-                    Ok(Some(s)) => Held::Known(Arc::new(s)),
+                    Ok(Some(s)) => Held::Fallback {
+                        snapshot: Arc::new(s),
+                        reason: first,
+                    },
                     Ok(None) => Held::Unknown { reason: first },
                     Err(e2) => {
                         problems.push(e2);
@@ -300,6 +312,11 @@ mod tests {
         assert_eq!(report.problems.len(), 1);
         assert!(report.problems[0].to_string().contains("truncated"));
         assert_eq!(store.held_generation(), 1);
+        assert!(
+            matches!(store.held(), Held::Fallback { ref reason, .. } if reason.contains("truncated")),
+            "{:?}",
+            store.held()
+        );
         // The next good snapshot must not rotate the corrupt file into `.prev`.
         store.apply(snap(3, 1)).await.unwrap();
         assert_eq!(
