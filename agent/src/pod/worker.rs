@@ -79,6 +79,16 @@ pub struct PodWorker<R> {
     pod_ip: String,
 }
 
+/// The hostname of a pod with its own network, as the kubelet makes it: the pod name cut to 63
+/// bytes (a DNS label; the kernel takes at most 64) without a trailing '-' or '.'.
+pub fn pod_hostname(pod_name: &str) -> String {
+    let mut end = pod_name.len().min(63);
+    while !pod_name.is_char_boundary(end) {
+        end -= 1;
+    }
+    pod_name[..end].trim_end_matches(['-', '.']).to_owned()
+}
+
 /// Podman pod name for a pod UID on a device.
 pub fn podman_pod_name(device: &str, uid: &str) -> String {
     format!("fleetlet-{device}-{uid}")
@@ -290,10 +300,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
             rt.create_pod(&PodCreate {
                 name: self.pod_name.clone(),
                 labels: self.pod_labels(plan),
-                hostname: (!plan.host_network).then(|| plan.meta.name.clone()),
+                hostname: (!plan.host_network).then(|| pod_hostname(&plan.meta.name)),
                 netns: Namespace {
                     nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
                 },
+                utsns: plan.host_network.then(|| Namespace {
+                    nsmode: "host".into(),
+                }),
                 portmappings,
             })
             .await?;
@@ -893,4 +906,17 @@ fn pod_names(pod_json: &[u8]) -> (String, String) {
     let v: serde_json::Value = serde_json::from_slice(pod_json).unwrap_or_default();
     let get = |k: &str| v["metadata"][k].as_str().unwrap_or_default().to_owned();
     (get("namespace"), get("name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_hostnames_are_dns_labels_like_the_kubelets() {
+        assert_eq!(pod_hostname("web"), "web");
+        let long = format!("{}-{}", "a".repeat(62), "b".repeat(100));
+        assert_eq!(pod_hostname(&long), "a".repeat(62));
+        assert_eq!(pod_hostname(&"c".repeat(253)).len(), 63);
+    }
 }

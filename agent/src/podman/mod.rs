@@ -105,6 +105,11 @@ pub struct PodCreate {
     pub hostname: Option<String>,
     /// Network namespace mode.
     pub netns: Namespace,
+    /// UTS namespace mode: "host" for host-network pods, which see the device's hostname as a
+    /// kubelet's do (without it Podman names the pod's hostname after the Podman pod, and runc
+    /// refuses names over 64 bytes, which long device names produce).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utsns: Option<Namespace>,
     /// Published ports (bridge network only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub portmappings: Vec<PortMapping>,
