@@ -665,10 +665,12 @@ reconnect_max_backoff_secs = 2
             }
             None => Command::new(agent_binary()),
         };
+        // The agent logs to journald when it is there; the test wants its log in its own file.
         cmd.arg("--config")
             .arg(&self.config)
             .arg("run")
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env("FLEETLET_AGENT_LOG", "stderr");
         Proc::spawn(
             &self.spec.device,
             &mut cmd,
