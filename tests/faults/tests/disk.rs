@@ -28,7 +28,13 @@ struct Tmpfs {
 impl Tmpfs {
     fn mount(path: &Path, size: &str) -> Tmpfs {
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(path)
             .output()
             .expect("run mount");
@@ -85,7 +91,11 @@ async fn full_state_directory_is_reported_pods_keep_running_and_the_agent_catche
         rig.logs()
     );
     let keep_before = running(&dev, &keep_uid);
-    assert_eq!(keep_before.get("c").map(Vec::len), Some(1), "{keep_before:?}");
+    assert_eq!(
+        keep_before.get("c").map(Vec::len),
+        Some(1),
+        "{keep_before:?}"
+    );
 
     let filled = tmpfs.fill("filler");
     println!("filled the state tmpfs with {filled} bytes");
@@ -129,9 +139,18 @@ async fn full_state_directory_is_reported_pods_keep_running_and_the_agent_catche
     // While full (past a resync of the agent) the running pod is untouched, the new one not started.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(running(&dev, &keep_uid), keep_before, "keep untouched");
-    assert_eq!(rig.phase("keep").await.map(|p| p.0).as_deref(), Some("Running"));
-    assert!(running(&dev, &late_uid).is_empty(), "nothing stored, nothing started");
-    assert_eq!(rig.phase("late").await.map(|p| p.0).as_deref(), Some("Pending"));
+    assert_eq!(
+        rig.phase("keep").await.map(|p| p.0).as_deref(),
+        Some("Running")
+    );
+    assert!(
+        running(&dev, &late_uid).is_empty(),
+        "nothing stored, nothing started"
+    );
+    assert_eq!(
+        rig.phase("late").await.map(|p| p.0).as_deref(),
+        Some("Pending")
+    );
 
     // Space returns: the agent stores the snapshot by itself (no reconnect, no new rollout).
     std::fs::remove_file(state.join("filler")).expect("free space");
@@ -216,9 +235,16 @@ async fn corrupt_snapshot_round(truncate: bool) {
         "{what}: status generation {} (was {held_before}), fallback: {:?}",
         status.generation, status.desired_fallback
     );
-    assert!(status.generation < held_before, "the previous good snapshot is older");
+    assert!(
+        status.generation < held_before,
+        "the previous good snapshot is older"
+    );
     let log = rig.agent_log_text(&dev)[log_mark..].to_string();
-    let reason = if truncate { "truncated" } else { "checksum mismatch" };
+    let reason = if truncate {
+        "truncated"
+    } else {
+        "checksum mismatch"
+    };
     assert!(
         log.lines().any(|l| l.contains("desired state problem")
             && l.contains(&current.display().to_string())
@@ -236,7 +262,10 @@ async fn corrupt_snapshot_round(truncate: bool) {
     // Past a resync: nothing was stopped or restarted, whether or not the old snapshot lists it.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let during = [running(&dev, &a), running(&dev, &b)];
-    assert_eq!(during, before, "pods untouched while on the fallback snapshot");
+    assert_eq!(
+        during, before,
+        "pods untouched while on the fallback snapshot"
+    );
 
     // The hub comes back: the agent takes its current snapshot; nothing is duplicated.
     rig.start_hub();
