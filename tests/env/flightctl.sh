@@ -105,7 +105,9 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {name: flightctl-viewer}
 rules:
-- {apiGroups: [flightctl.io], resources: [devices, fleets, enrollmentrequests, certificatesigningrequests, resourcesyncs, repositories], verbs: [get, list]}
+# devices/lastseen: Flightctl 1.x serves lastSeen only per device (GET .../lastseen), which
+# it authorizes as its own resource; the hub reads it for its FlightctlDeviceHealthy condition.
+- {apiGroups: [flightctl.io], resources: [devices, devices/lastseen, fleets, enrollmentrequests, certificatesigningrequests, resourcesyncs, repositories], verbs: [get, list]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole

@@ -86,7 +86,7 @@ const MAX_PAGES: usize = 10_000;
 const LAST_SEEN_CONCURRENCY: usize = 8;
 
 /// Flightctl's own view of a device, kept beside the inventory for Node conditions.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceHealth {
     /// `status.summary.status`: Online, Degraded, Error, Rebooting, PoweredOff, Unknown, ...
     pub summary_status: Option<String>,
@@ -96,6 +96,11 @@ pub struct DeviceHealth {
     pub last_seen: Option<String>,
     /// The device is being or has been decommissioned.
     pub decommissioned: bool,
+    /// When the hub first saw the current `summary_status`, in an unbroken run of good syncs.
+    pub status_since: tokio::time::Instant,
+    /// The current `summary_status` was seen by at least two consecutive good syncs: one poll
+    /// alone (possibly stale, possibly a blip) never counts toward a Node's readiness.
+    pub confirmed: bool,
 }
 
 /// Device name → Flightctl health.
@@ -347,6 +352,8 @@ impl Poller {
 
         let mut map = BTreeMap::new();
         let mut health = BTreeMap::new();
+        let synced_at = tokio::time::Instant::now();
+        let previous_health = self.health_tx.borrow().clone();
         for (name, d) in &parsed {
             if let Some(fleet) = &d.fleet
                 && !fleet_names.contains(fleet)
@@ -362,6 +369,10 @@ impl Poller {
                     enabled: !d.decommissioned && self.selector.matches(&d.labels),
                 },
             );
+            let (status_since, confirmed) = match previous_health.get(name) {
+                Some(p) if p.summary_status == d.summary_status => (p.status_since, true),
+                _ => (synced_at, false),
+            };
             health.insert(
                 name.clone(),
                 DeviceHealth {
@@ -369,6 +380,8 @@ impl Poller {
                     summary_info: d.summary_info.clone(),
                     last_seen: d.last_seen.clone(),
                     decommissioned: d.decommissioned,
+                    status_since,
+                    confirmed,
                 },
             );
         }
@@ -457,13 +470,15 @@ impl Poller {
                     let path =
                         format!("/api/v1/devices/{}/lastseen", client::percent_encode(&name));
                     let r = match client.request(http::Method::GET, &path, None).await {
+                        // Never seen: Flightctl 1.2 answers 204 without a body.
+                        Ok(body) if body.iter().all(u8::is_ascii_whitespace) => Ok(None),
                         Ok(body) => {
                             model::parse_last_seen(&body).map_err(|e| FlightctlError::Malformed {
                                 endpoint: path.clone(),
                                 reason: e.0,
                             })
                         }
-                        // Never seen: Flightctl answers 404 when there is no lastSeen yet.
+                        // Older servers answer 404 when there is no lastSeen yet.
                         Err(FlightctlError::Status { status, .. })
                             if status == http::StatusCode::NOT_FOUND =>
                         {
@@ -478,6 +493,7 @@ impl Poller {
                 .await;
         self.count_requests(results.len());
         let mut failed = 0usize;
+        let mut example = None;
         for (name, r) in results {
             let Some(d) = parsed.get_mut(&name) else {
                 continue;
@@ -486,6 +502,9 @@ impl Poller {
                 Ok(seen) => d.last_seen = seen,
                 Err(err) => {
                     failed += 1;
+                    if example.is_none() {
+                        example = Some(format!("device {name}: {err}"));
+                    }
                     tracing::debug!(device = %name, error = %err, "flightctl inventory: lastSeen not fetched");
                     if let Some(prev) = self.last_good.get(&name) {
                         d.last_seen.clone_from(&prev.last_seen);
@@ -496,6 +515,7 @@ impl Poller {
         if failed > 0 {
             tracing::warn!(
                 failed,
+                example = example.as_deref().unwrap_or_default(),
                 "flightctl inventory: some lastSeen requests failed; kept previous values"
             );
         }
