@@ -126,6 +126,7 @@ async fn main() {
         Arc::new(NullLink),
         ev_rx,
         inv_rx,
+        None,
         metrics.clone(),
         shutdown.clone(),
     );

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HubConfig;
 use crate::devices::LiveRegistry;
+use crate::inventory::flightctl::HealthMap;
 use crate::metrics::Metrics;
 use crate::nodes::{NodeManager, PodCounts};
 use crate::pods::kube_api::KubePodApi;
@@ -26,6 +27,7 @@ use crate::sessions::{DeviceSet, SessionEvent, Sessions};
 pub const CONTROLLER_NAME: &str = "fleetlet-hub";
 
 /// Starts every Kubernetes-facing task of the hub on `tasks`; they stop on `shutdown`.
+/// `flightctl_health` (with the Flightctl inventory) adds Flightctl's view to the Nodes.
 /// The returned receiver turns `Some` once the pod cache is synced (readiness).
 #[allow(clippy::too_many_arguments)]
 pub fn start_controllers(
@@ -36,6 +38,7 @@ pub fn start_controllers(
     sessions: Arc<dyn Sessions>,
     events: mpsc::Receiver<SessionEvent>,
     inventory: watch::Receiver<DeviceSet>,
+    flightctl_health: Option<watch::Receiver<HealthMap>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> watch::Receiver<PodCounts> {
@@ -47,7 +50,7 @@ pub fn start_controllers(
         },
     );
     let live = LiveRegistry::new();
-    let node_manager = NodeManager::new(
+    let mut node_manager = NodeManager::new(
         client.clone(),
         cfg.nodes.clone(),
         cfg.kubelet.advertise_address,
@@ -55,6 +58,9 @@ pub fn start_controllers(
         metrics.clone(),
         recorder.clone(),
     );
+    if let Some(health) = flightctl_health {
+        node_manager = node_manager.with_flightctl_health(health);
+    }
     let known_nodes = node_manager.known_nodes();
     let (writer, status_tx) = StatusWriter::new(
         client.clone(),

@@ -101,11 +101,13 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
 
     // Flightctl's device set is empty until its first sync; acting on it earlier would delete
     // every Node, so the controllers start only once it is synced.
+    let mut flightctl_health = None;
     let inventory: Arc<dyn Inventory> = match (&cfg.inventory.static_file, &cfg.inventory.flightctl)
     {
         (Some(path), _) => Arc::new(StaticInventory::load(path)?),
         (None, Some(fc)) => {
             let (inv, task) = FlightctlInventory::spawn(fc, shutdown.clone())?;
+            flightctl_health = Some(inv.health());
             tasks.spawn(async move {
                 let _ = task.await;
             });
@@ -153,6 +155,7 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
         dyn_sessions.clone(),
         events,
         inventory.devices(),
+        flightctl_health,
         metrics.clone(),
         shutdown.clone(),
     );

@@ -102,6 +102,7 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
         }),
         ev_rx,
         inv_rx,
+        None,
         Arc::new(Metrics::new()),
         shutdown.clone(),
     );

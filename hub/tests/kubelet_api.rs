@@ -124,6 +124,7 @@ async fn setup(instance: &str, dev: &str) -> Setup {
         link.clone(),
         ev_rx,
         inv_rx.clone(),
+        None,
         metrics.clone(),
         shutdown.clone(),
     );

@@ -1,6 +1,7 @@
 //! NodeManager: one Node per enabled inventoried device, kept by server-side apply, with its
 //! lease, readiness from the device's stream, and removal once a departed device's pods are gone.
 
+pub mod flightctl;
 pub mod lease;
 pub mod object;
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NodesConfig;
 use crate::devices::LiveSet;
+use crate::inventory::flightctl::HealthMap;
 use crate::kubeutil::{is_not_found, time_string};
 use crate::labels::is_valid_node_name;
 use crate::metrics::Metrics;
@@ -131,6 +133,34 @@ struct NodeState {
     last_capacity: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
     last_info: Option<fleetlet_proto::v1::NodeInfo>,
     deleted: bool,
+    /// Start of the device's latest agent session (kept after it ends).
+    session_started: Option<Instant>,
+    /// Since when Flightctl's view holds Ready at False (see [`flightctl::ready_override`]).
+    override_since: Option<String>,
+    /// Status of the FlightctlDeviceHealthy condition and since when (RFC 3339).
+    flightctl_condition: Option<(String, String)>,
+    /// The label issues last reported, so each is logged once, not on every pass.
+    label_issues: Vec<String>,
+}
+
+impl NodeState {
+    fn new(ready: Readiness, next_lease: Instant) -> Self {
+        Self {
+            uid: None,
+            applied_labels: None,
+            applied_status: None,
+            status_applied_at: None,
+            ready,
+            next_lease,
+            last_capacity: None,
+            last_info: None,
+            deleted: false,
+            session_started: None,
+            override_since: None,
+            flightctl_condition: None,
+            label_issues: Vec::new(),
+        }
+    }
 }
 
 /// Keeps the Nodes of all devices.
@@ -145,13 +175,17 @@ pub struct NodeManager {
     started: Instant,
     state: HashMap<String, NodeState>,
     known: watch::Sender<Arc<BTreeSet<String>>>,
+    flightctl: Option<watch::Receiver<HealthMap>>,
 }
 
 /// What one pass decided to do for one node.
 struct Plan {
     name: String,
     labels: Option<BTreeMap<String, String>>,
-    status: Option<Value>,
+    /// Label problems to announce in an Event once the labels are applied.
+    label_issues: Vec<String>,
+    /// (what to compare next time, what to write).
+    status: Option<(Value, Value)>,
     lease: bool,
     event: Option<NodeEvent>,
     delete: bool,
@@ -189,7 +223,16 @@ impl NodeManager {
             started: Instant::now(),
             state: HashMap::new(),
             known: watch::channel(Arc::new(BTreeSet::new())).0,
+            flightctl: None,
         }
+    }
+
+    /// Adds Flightctl's view of every device: the `FlightctlDeviceHealthy` condition and its part
+    /// in `Ready` (see [`flightctl`]).
+    #[must_use]
+    pub fn with_flightctl_health(mut self, health: watch::Receiver<HealthMap>) -> Self {
+        self.flightctl = Some(health);
+        self
     }
 
     /// Names of every Node the manager keeps (including departed devices' nodes not yet
@@ -221,6 +264,7 @@ impl NodeManager {
     ) {
         let mut seeded = false;
         let mut resync = tokio::time::interval(Duration::from_secs(60));
+        let mut health = self.flightctl.clone();
         loop {
             if !seeded {
                 match self.seed().await {
@@ -240,6 +284,12 @@ impl NodeManager {
                 _ = inventory.changed() => {}
                 _ = live.changed() => {}
                 _ = pods.changed() => {}
+                r = async { health.as_mut()?.changed().await.ok() }, if health.is_some() => {
+                    if r.is_none() {
+                        // The inventory stopped; keep the last view, stop listening.
+                        health = None;
+                    }
+                }
                 _ = resync.tick() => { seeded = false; }
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
@@ -257,17 +307,10 @@ impl NodeManager {
             let Some(name) = node.metadata.name.clone() else {
                 continue;
             };
-            let entry = self.state.entry(name.clone()).or_insert_with(|| NodeState {
-                uid: None,
-                applied_labels: None,
-                applied_status: None,
-                status_applied_at: None,
-                ready: Readiness::not_connected(&now),
-                next_lease: Instant::now(),
-                last_capacity: None,
-                last_info: None,
-                deleted: false,
-            });
+            let entry = self
+                .state
+                .entry(name.clone())
+                .or_insert_with(|| NodeState::new(Readiness::not_connected(&now), Instant::now()));
             entry.uid.clone_from(&node.metadata.uid);
             entry.deleted = false;
             let status = node.status.unwrap_or_default();
@@ -325,6 +368,7 @@ impl NodeManager {
         let wall = time_string(Timestamp::now());
         let grace = Duration::from_secs(self.cfg.disconnect_grace_secs);
         let refresh = Duration::from_secs(self.cfg.status_refresh_secs);
+        let health_map = self.flightctl.as_ref().map(|rx| rx.borrow().clone());
         let mut plans = Vec::new();
         let mut wanted = BTreeSet::new();
         for dev in inventory.values().filter(|d| d.enabled) {
@@ -337,27 +381,31 @@ impl NodeManager {
             let st = self
                 .state
                 .entry(dev.name.clone())
-                .or_insert_with(|| NodeState {
-                    uid: None,
-                    applied_labels: None,
-                    applied_status: None,
-                    status_applied_at: None,
-                    ready: Readiness::not_connected(&wall),
-                    next_lease: now,
-                    last_capacity: None,
-                    last_info: None,
-                    deleted: false,
-                });
+                .or_insert_with(|| NodeState::new(Readiness::not_connected(&wall), now));
             st.deleted = false;
             if let Some(info) = ld.and_then(|l| l.info.clone()) {
                 st.last_info = Some(info);
             }
             let connected = ld.is_some_and(|l| l.connected);
+            if let Some(l) = ld.filter(|l| l.connected) {
+                st.session_started = Some(l.since);
+            }
             let away_for =
                 now.duration_since(ld.map_or(self.started, |l| l.since.max(self.started)));
             let event = st.ready.step(connected, away_for, grace, &wall);
 
             let labels = object::node_labels(dev, st.last_info.as_ref(), &self.cfg.instance);
+            let mut label_issues = Vec::new();
+            if st.applied_labels.as_ref() != Some(&labels) {
+                let issues = object::label_issues(dev, &labels);
+                if issues != st.label_issues {
+                    for issue in &issues {
+                        tracing::warn!(device = %dev.name, issue = %issue, "device label not usable as is on its Node");
+                    }
+                    st.label_issues.clone_from(&issues);
+                    label_issues = issues;
+                }
+            }
             let labels_plan = (st.applied_labels.as_ref() != Some(&labels)).then_some(labels);
 
             let (capacity, allocatable) = match ld.and_then(|l| l.capacity.as_ref()) {
@@ -368,38 +416,85 @@ impl NodeManager {
                     .unwrap_or_else(|| object::resources(None, &self.cfg.default_capacity)),
             };
             st.last_capacity = Some((capacity.clone(), allocatable.clone()));
-            let mut conditions = vec![ConditionView {
-                type_: "Ready".into(),
-                status: st.ready.status.clone(),
-                reason: st.ready.reason.clone(),
-                message: st.ready.message.clone(),
-                last_transition: st.ready.since.clone(),
-            }];
+            let fc = health_map.as_ref().and_then(|m| m.get(&dev.name));
+            let ready = match flightctl::ready_override(
+                fc,
+                st.ready.status == "True",
+                st.session_started,
+            ) {
+                Some((reason, message)) => {
+                    if st.override_since.is_none() {
+                        tracing::info!(node = %dev.name, %reason, "Flightctl reports the device going down; node not ready");
+                    }
+                    let since = st.override_since.get_or_insert_with(|| wall.clone());
+                    ConditionView {
+                        type_: "Ready".into(),
+                        status: "False".into(),
+                        reason,
+                        message,
+                        last_transition: since.clone(),
+                    }
+                }
+                None => {
+                    if st.override_since.take().is_some() && st.ready.status == "True" {
+                        // Back from False: that is a transition too.
+                        st.ready.since.clone_from(&wall);
+                    }
+                    ConditionView {
+                        type_: "Ready".into(),
+                        status: st.ready.status.clone(),
+                        reason: st.ready.reason.clone(),
+                        message: st.ready.message.clone(),
+                        last_transition: st.ready.since.clone(),
+                    }
+                }
+            };
+            let mut conditions = vec![ready];
             conditions.extend(object::pressure_conditions(
                 ld.and_then(|l| l.capacity.as_ref()),
                 &st.ready.since,
             ));
-            // Compare without the heartbeat: only a change or the refresh interval writes.
-            let cmp = object::status_body(&StatusInput {
+            let mut compared = conditions.clone();
+            if let Some(h) = fc {
+                let status = flightctl::condition_status(h.summary_status.as_deref());
+                let since = match &st.flightctl_condition {
+                    Some((s, since)) if s == status => since.clone(),
+                    _ => wall.clone(),
+                };
+                st.flightctl_condition = Some((status.to_owned(), since.clone()));
+                conditions.push(flightctl::condition(h, &since, true));
+                compared.push(flightctl::condition(h, &since, false));
+            }
+            let input = StatusInput {
                 name: &dev.name,
                 capacity: &capacity,
                 allocatable: &allocatable,
                 info: st.last_info.as_ref(),
                 kubelet_version: &self.cfg.kubelet_version,
-                conditions: &conditions,
+                conditions: &compared,
                 address: self.address,
                 port: self.port,
                 heartbeat: "",
-            });
+            };
+            // Compare without the heartbeat and lastSeen: only a change or the refresh interval
+            // writes.
+            let cmp = object::status_body(&input);
             let stale = st
                 .status_applied_at
                 .is_none_or(|t| now.duration_since(t) >= refresh);
-            let status_plan = (st.applied_status.as_ref() != Some(&cmp) || stale).then_some(cmp);
+            let status_plan = (st.applied_status.as_ref() != Some(&cmp) || stale).then(|| {
+                let full = object::status_body(&StatusInput {
+                    conditions: &conditions,
+                    ..input.clone()
+                });
+                (cmp, full)
+            });
             let lease = connected && now >= st.next_lease;
             if labels_plan.is_some() || status_plan.is_some() || lease || event.is_some() {
                 plans.push(Plan {
                     name: dev.name.clone(),
                     labels: labels_plan,
+                    label_issues,
                     status: status_plan,
                     lease,
                     event,
@@ -419,6 +514,7 @@ impl NodeManager {
                 plans.push(Plan {
                     name: name.clone(),
                     labels: None,
+                    label_issues: Vec::new(),
                     status: None,
                     lease: false,
                     event: None,
@@ -514,8 +610,7 @@ impl NodeManager {
                 }
             }
         }
-        if let Some(cmp) = plan.status {
-            let mut body = cmp.clone();
+        if let Some((cmp, mut body)) = plan.status {
             if let Some(conds) = body["status"]["conditions"].as_array_mut() {
                 for c in conds {
                     c["lastHeartbeatTime"] = Value::String(heartbeat.to_string());
@@ -557,32 +652,66 @@ impl NodeManager {
                 ),
             };
             tracing::info!(node = name, reason, "node event");
-            let reference = ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(name.to_string()),
-                uid: uid.clone(),
-                ..Default::default()
-            };
-            let r = self
-                .recorder
-                .publish(
-                    &Event {
-                        type_,
-                        reason: reason.into(),
-                        note: Some(note),
-                        action: "NodeReadiness".into(),
-                        secondary: None,
-                    },
-                    &reference,
-                )
+            self.publish(name, uid.as_deref(), type_, reason, note, "NodeReadiness")
                 .await;
-            self.metrics.api("create_event", &r);
-            if let Err(error) = r {
-                tracing::warn!(node = name, %error, "publishing node event");
+        }
+        if out.labels_applied.is_some() && !plan.label_issues.is_empty() {
+            let mut note = format!("device {name}: {}", plan.label_issues.join("; "));
+            if note.len() > 1000 {
+                let mut end = 1000;
+                while !note.is_char_boundary(end) {
+                    end -= 1;
+                }
+                note.truncate(end);
+                note.push_str(" ...");
             }
+            self.publish(
+                name,
+                uid.as_deref(),
+                EventType::Warning,
+                "InvalidDeviceLabels",
+                note,
+                "NodeLabels",
+            )
+            .await;
         }
         out
+    }
+
+    /// Publishes an Event about Node `name`; a failure is logged, never fatal.
+    async fn publish(
+        &self,
+        name: &str,
+        uid: Option<&str>,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(name.to_string()),
+            uid: uid.map(str::to_owned),
+            ..Default::default()
+        };
+        let r = self
+            .recorder
+            .publish(
+                &Event {
+                    type_,
+                    reason: reason.into(),
+                    note: Some(note),
+                    action: action.into(),
+                    secondary: None,
+                },
+                &reference,
+            )
+            .await;
+        self.metrics.api("create_event", &r);
+        if let Err(error) = r {
+            tracing::warn!(node = name, %error, "publishing node event");
+        }
     }
 
     /// Applies labels and taints, keeping taints others set (the list is atomic). Returns the uid.

@@ -62,6 +62,43 @@ pub fn node_labels(
     labels
 }
 
+/// What became of the device labels that do not reach the Node unchanged, one line each, naming
+/// the label: dropped (invalid key, a prefix Kubernetes reserves, or a clash after mapping),
+/// mapped onto Kubernetes' label rules, or overridden by a label the hub owns. `labels` is the
+/// result of [`node_labels`] for the device.
+pub fn label_issues(device: &DeviceRecord, labels: &BTreeMap<String, String>) -> Vec<String> {
+    use crate::labels::{sanitize_key, sanitize_value};
+    let mut issues = Vec::new();
+    let mut taken: BTreeMap<String, &str> = BTreeMap::new();
+    for (raw_key, raw_value) in &device.labels {
+        let Some(key) = sanitize_key(raw_key) else {
+            issues.push(format!(
+                "label {raw_key:?} dropped: not a valid Kubernetes label key, or under a prefix \
+                 Kubernetes reserves (kubernetes.io, k8s.io)"
+            ));
+            continue;
+        };
+        if let Some(first) = taken.get(&key) {
+            issues.push(format!(
+                "label {raw_key:?} dropped: it maps to {key:?} like label {first:?}"
+            ));
+            continue;
+        }
+        taken.insert(key.clone(), raw_key);
+        let value = sanitize_value(raw_value);
+        if labels.get(&key) != Some(&value) {
+            issues.push(format!(
+                "label {raw_key:?} overridden: the hub owns {key:?} on fleetlet Nodes"
+            ));
+        } else if key != *raw_key || value != *raw_value {
+            issues.push(format!(
+                "label {raw_key:?}={raw_value:?} mapped to {key:?}={value:?} (Kubernetes label rules)"
+            ));
+        }
+    }
+    issues
+}
+
 /// The provider taint as the API shows it.
 pub fn provider_taint() -> Value {
     json!({"key": PROVIDER_TAINT_KEY, "value": PROVIDER_TAINT_VALUE, "effect": "NoSchedule"})
@@ -267,6 +304,41 @@ mod tests {
         );
         assert_eq!(l.get("type").map(String::as_str), Some("virtual-kubelet"));
         assert_eq!(l.get("site-name").map(String::as_str), Some("HQ"));
+    }
+
+    #[test]
+    fn label_issues_name_every_label_that_does_not_pass_unchanged() {
+        let mut d = device();
+        d.labels
+            .insert("kubernetes.io/hostname".into(), "evil".into());
+        d.labels.insert("site_name".into(), "ok".into());
+        d.labels.insert("zone".into(), "a b".into());
+        d.labels.insert("site-name".into(), "clash".into());
+        let labels = node_labels(&d, None, "hub-1");
+        let issues = label_issues(&d, &labels);
+        let joined = issues.join("\n");
+        assert!(
+            joined.contains("\"kubernetes.io/hostname\" dropped"),
+            "{joined}"
+        );
+        assert!(joined.contains("\"type\" overridden"), "{joined}");
+        assert!(
+            joined.contains("\"site name\"=\"HQ\" mapped to \"site-name\"=\"HQ\""),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("\"site-name\" dropped: it maps to"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("\"zone\"=\"a b\" mapped to \"zone\"=\"a-b\""),
+            "{joined}"
+        );
+        assert!(
+            !joined.contains("site_name"),
+            "valid labels pass silently: {joined}"
+        );
+        assert_eq!(issues.len(), 5, "{joined}");
     }
 
     #[test]
