@@ -2,54 +2,19 @@
 //! devices and fleets created through Flightctl's API, relabelled and deleted; k8s-mode auth with
 //! ServiceAccount tokens; 401, 403 and an unreachable server keep the last good device set.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetlet_hub::inventory::Inventory;
-use fleetlet_hub::inventory::flightctl::{
-    FlightctlClient, FlightctlConfig, FlightctlError, FlightctlInventory,
-};
+use fleetlet_hub::inventory::flightctl::{FlightctlConfig, FlightctlInventory};
 use fleetlet_test_support::{Stack, wait_for};
 use http::Method;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::flightctl::{create, delete, device, env, fleet, relay_to};
+
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Env {
-    api_url: String,
-    ca_file: String,
-    admin: FlightctlClient,
-    viewer_token_file: String,
-}
-
-fn env(stack: &Stack) -> Env {
-    let var = |name: &str| {
-        stack
-            .var(name)
-            .unwrap_or_else(|| {
-                panic!("{name} missing from the stack env: run `make env-up` (Flightctl component)")
-            })
-            .to_owned()
-    };
-    let api_url = var("FLIGHTCTL_API_URL");
-    let ca_file = var("FLIGHTCTL_CA_FILE");
-    let admin = FlightctlClient::new(
-        &api_url,
-        ca_file.as_ref(),
-        Some(var("FLIGHTCTL_ADMIN_TOKEN_FILE").into()),
-        Duration::from_secs(30),
-    )
-    .expect("admin client");
-    Env {
-        api_url,
-        ca_file,
-        admin,
-        viewer_token_file: var("FLIGHTCTL_VIEWER_TOKEN_FILE"),
-    }
-}
 
 fn unique(prefix: &str) -> String {
     let nanos = SystemTime::now()
@@ -71,39 +36,6 @@ fn config(api_url: &str, ca_file: &str, token_file: &str, selector: &str) -> Fli
         request_timeout_secs: 5,
         last_seen_interval_secs: 1,
     }
-}
-
-async fn create(admin: &FlightctlClient, kind: &str, body: serde_json::Value) {
-    admin
-        .request(Method::POST, &format!("/api/v1/{kind}"), Some(&body))
-        .await
-        .unwrap_or_else(|e| panic!("creating {kind} {body}: {e}"));
-}
-
-async fn delete(admin: &FlightctlClient, kind: &str, name: &str) {
-    match admin
-        .request(Method::DELETE, &format!("/api/v1/{kind}/{name}"), None)
-        .await
-    {
-        Ok(_) => {}
-        Err(FlightctlError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => {}
-        Err(e) => panic!("deleting {kind}/{name}: {e}"),
-    }
-}
-
-fn fleet(name: &str, selector_value: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1beta1", "kind": "Fleet",
-        "metadata": {"name": name},
-        "spec": {
-            "selector": {"matchLabels": {"fleetlet-test-fleet": selector_value}},
-            "template": {"metadata": {"labels": {"fleetlet-test-fleet": selector_value}}, "spec": {}}
-        }
-    })
-}
-
-fn device(name: &str, labels: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "v1beta1", "kind": "Device", "metadata": {"name": name, "labels": labels}, "spec": {}})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,47 +182,6 @@ async fn follows_devices_fleets_relabel_and_delete_on_the_real_server() {
     }
 }
 
-/// A loopback TCP relay to the real Flightctl API that the test can cut and restore.
-struct Relay {
-    addr: std::net::SocketAddr,
-    cut: Arc<std::sync::atomic::AtomicBool>,
-}
-
-async fn relay(target: String) -> Relay {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-    let addr = listener.local_addr().expect("relay addr");
-    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = cut.clone();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            if flag.load(std::sync::atomic::Ordering::SeqCst) {
-                // Cut: close at once, as a dead server would (connection reset / EOF).
-                let _ = inbound.shutdown().await;
-                continue;
-            }
-            let target = target.clone();
-            let flag = flag.clone();
-            tokio::spawn(async move {
-                let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                    return;
-                };
-                let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                // A cut also ends open (pooled) connections within a second.
-                let watch_cut = async {
-                    while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                };
-                tokio::select! {
-                    _ = copy => {}
-                    () = watch_cut => {}
-                }
-            });
-        }
-    });
-    Relay { addr, cut }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_keep_the_last_good_inventory() {
     let stack = Stack::shared().expect("local stack (make env-up)");
@@ -310,12 +201,7 @@ async fn faults_keep_the_last_good_inventory() {
 
     // 401: a token the kube-apiserver does not know. Nothing syncs; the reason is recorded.
     std::fs::write(&token_file, "not-a-valid-token").expect("write token");
-    let target = env
-        .api_url
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .to_owned();
-    let relay = relay(target).await;
+    let relay = relay_to(&env.api_url).await;
     // The relay keeps the server certificate's name: 127.0.0.1.
     let relay_url = format!("https://{}", relay.addr);
     let shutdown = CancellationToken::new();

@@ -2,4 +2,6 @@
 //! the test-support crate (the fault suite uses it too); this module re-exports it.
 #![allow(dead_code, unused_imports)]
 
+pub mod flightctl;
+
 pub use fleetlet_test_support::harness::*;

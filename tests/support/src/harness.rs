@@ -442,6 +442,13 @@ pub struct HubSpec {
     pub disconnect_grace_secs: u64,
     /// `[link]` keepalive interval and timeout in seconds; `None` keeps the hub's defaults.
     pub keepalive_secs: Option<(u64, u64)>,
+    /// The inventory table verbatim (e.g. `[inventory.flightctl]` ...); `None` writes a static
+    /// inventory of `devices`.
+    pub inventory: Option<String>,
+    /// `[link] client_ca_file`; `None` trusts the test PKI's `link-ca.crt`.
+    pub client_ca_file: Option<PathBuf>,
+    /// `[link] identity_prefix`, stripped from the certificate's CN to get the device name.
+    pub identity_prefix: String,
 }
 
 impl HubSpec {
@@ -453,6 +460,9 @@ impl HubSpec {
             link_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             disconnect_grace_secs: 5,
             keepalive_secs: None,
+            inventory: None,
+            client_ca_file: None,
+            identity_prefix: String::new(),
         }
     }
 }
@@ -486,6 +496,16 @@ impl HubSetup {
             .map(|(n, f)| format!("[[device]]\nname = \"{n}\"\nfleet = \"{f}\"\n"))
             .collect();
         std::fs::write(dir.join("devices.toml"), inventory).expect("inventory");
+        let inventory = spec.inventory.clone().unwrap_or_else(|| {
+            format!(
+                "[inventory]\nstatic_file = \"{}/devices.toml\"",
+                dir.display()
+            )
+        });
+        let client_ca = spec
+            .client_ca_file
+            .clone()
+            .unwrap_or_else(|| dir.join("link-ca.crt"));
         let pki = dev_dir().join("pki");
         let hub_kubeconfig = shipped_rbac_kubeconfig(dir);
         let keepalive = spec
@@ -498,8 +518,7 @@ impl HubSetup {
                 r#"kubeconfig = "{kubeconfig}"
 [ops]
 listen = "127.0.0.1:{ops_port}"
-[inventory]
-static_file = "{dir}/devices.toml"
+{inventory}
 [nodes]
 instance = "{instance}"
 disconnect_grace_secs = {grace}
@@ -514,10 +533,13 @@ key_file = "{kubelet_key}"
 client_ca_file = "{cluster_ca}"
 [link]
 listen = "{link_addr}"
-client_ca_file = "{dir}/link-ca.crt"
+client_ca_file = "{client_ca}"
 cert_file = "{dir}/hub.crt"
 key_file = "{dir}/hub.key"
+identity_prefix = "{prefix}"
 {keepalive}"#,
+                client_ca = client_ca.display(),
+                prefix = spec.identity_prefix,
                 kubeconfig = hub_kubeconfig.display(),
                 dir = dir.display(),
                 instance = spec.instance,
@@ -588,6 +610,9 @@ pub struct AgentSpec {
     pub keepalive_secs: Option<(u64, u64)>,
     /// Run the agent inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// Client certificate and key (e.g. issued by Flightctl); `None` uses `<device>.{crt,key}`
+    /// from the test PKI.
+    pub cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl AgentSpec {
@@ -599,6 +624,7 @@ impl AgentSpec {
             podman_socket: podman_socket(),
             keepalive_secs: None,
             netns: None,
+            cert: None,
         }
     }
 }
@@ -621,6 +647,12 @@ impl AgentSetup {
         let state = dir.join(format!("state-{device}"));
         std::fs::create_dir_all(&state).expect("state dir");
         let cfg = dir.join(format!("agent-{device}.toml"));
+        let (cert, key) = spec.cert.clone().unwrap_or_else(|| {
+            (
+                dir.join(format!("{device}.crt")),
+                dir.join(format!("{device}.key")),
+            )
+        });
         let keepalive = spec
             .keepalive_secs
             .map(|(i, t)| format!("keepalive_interval_secs = {i}\nkeepalive_timeout_secs = {t}\n"))
@@ -636,10 +668,12 @@ node_ip = "127.0.0.1"
 [hub]
 endpoint = "{endpoint}"
 ca_file = "{dir}/link-ca.crt"
-cert_file = "{dir}/{device}.crt"
-key_file = "{dir}/{device}.key"
+cert_file = "{cert}"
+key_file = "{key}"
 reconnect_max_backoff_secs = 2
 {keepalive}"#,
+                cert = cert.display(),
+                key = key.display(),
                 state = state.display(),
                 sock = spec.podman_socket.display(),
                 endpoint = spec.endpoint,
