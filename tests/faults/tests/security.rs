@@ -1,0 +1,447 @@
+//! Abuse of a real hub process by a device, and secrets in logs, against the real API server,
+//! real agents and the stack's Podman:
+//!
+//! - device A's certificate saying hello as B is refused;
+//! - A's certificate (as A) reporting a status and a removal for B's pod, and sending log chunks
+//!   for any request id, changes nothing of B's pod: its status stays, its deletion still waits
+//!   for B to stop it, its log stream carries nothing of A's;
+//! - the hub's kubelet endpoint answers 401 without or with a bad token and 403 to a token
+//!   without nodes/proxy;
+//! - no value of a Secret mounted and injected into the pods appears in any log the suite's
+//!   processes wrote (hub, agents, the stack's Podman service, journald), and the agent keeps
+//!   the secret's files private.
+//!
+//! A device removed from the inventory is cut off in `hub/tests/link.rs`
+//! (`removal_from_inventory_cuts_the_session`), which records its outcome for the table too.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetlet_faults::Outcome;
+use fleetlet_proto::v1::{self, agent_message, device_link_client::DeviceLinkClient};
+use fleetlet_test_support::harness::dev_dir;
+use futures::{AsyncBufReadExt, StreamExt};
+use kube::api::{DeleteParams, LogParams, PostParams};
+use serde_json::json;
+use tokio::time::Instant;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+mod rig;
+use rig::{Rig, WAIT, containers, duplicated, record, running, test_image};
+
+/// A gRPC client of the hub's link holding `device`'s certificate from the rig's PKI.
+async fn link_client(dir: &Path, device: &str, port: u16) -> DeviceLinkClient<Channel> {
+    let read = |name: String| std::fs::read(dir.join(name)).expect("PKI file");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("link-ca.crt".into())))
+        .identity(Identity::from_pem(
+            read(format!("{device}.crt")),
+            read(format!("{device}.key")),
+        ))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect to the hub's link");
+    DeviceLinkClient::new(channel)
+}
+
+fn message(kind: agent_message::Kind) -> v1::AgentMessage {
+    v1::AgentMessage { kind: Some(kind) }
+}
+
+fn hello(name: &str) -> v1::AgentMessage {
+    message(agent_message::Kind::Hello(v1::Hello {
+        device_name: name.into(),
+        ..Default::default()
+    }))
+}
+
+/// Opens a stream, sends `messages` (and keeps the stream open); returns the hub's verdict: the
+/// error status it ended the stream with, or `None` while it keeps the stream (bounded wait).
+async fn send_as(
+    client: &mut DeviceLinkClient<Channel>,
+    messages: Vec<v1::AgentMessage>,
+    wait: Duration,
+) -> Option<tonic::Status> {
+    let outbound = futures::stream::iter(messages).chain(futures::stream::pending());
+    let response = match client.connect(outbound).await {
+        Ok(r) => r,
+        Err(status) => return Some(status),
+    };
+    let mut inbound = response.into_inner();
+    let deadline = Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Err(_) => return None,
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return Some(tonic::Status::ok("closed")),
+            Ok(Err(status)) => return Some(status),
+        }
+    }
+}
+
+/// 16 random bytes as hex, from the kernel.
+fn random_hex() -> String {
+    let mut bytes = [0u8; 16];
+    let mut f = std::fs::File::open("/dev/urandom").expect("urandom");
+    std::io::Read::read_exact(&mut f, &mut bytes).expect("random bytes");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// HTTP status of a GET to the hub's kubelet endpoint (curl, trusting the cluster CA).
+fn kubelet_get(port: u16, path: &str, token: Option<&str>) -> u16 {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "20",
+    ])
+    .arg("--cacert")
+    .arg(dev_dir().join("pki/ca.crt"))
+    .arg(format!("https://127.0.0.1:{port}{path}"));
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    let out = cmd.output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The `[kubelet] listen` port of the rig's hub config.
+fn kubelet_port(rig: &Rig) -> u16 {
+    let cfg = std::fs::read_to_string(rig.dir.path().join("hub.toml")).expect("hub.toml");
+    let section = cfg.split("[kubelet]").nth(1).expect("[kubelet] table");
+    let listen = section
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .expect("kubelet listen");
+    listen
+        .trim_end_matches('"')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("kubelet port")
+}
+
+/// A pod on `node` that gets the Secret `creds` as env and as files, prints a heartbeat line and,
+/// when `stubborn`, ignores SIGTERM (so its removal takes the whole grace period).
+fn secret_pod(name: &str, node: &str, stubborn: bool, grace: i64) -> serde_json::Value {
+    let trap = if stubborn {
+        "trap '' TERM"
+    } else {
+        "trap 'exit 0' TERM"
+    };
+    json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": grace,
+            "volumes": [{"name": "creds", "secret": {"secretName": "creds"}}],
+            "containers": [{
+                "name": "c",
+                "image": test_image(),
+                "command": ["sh", "-c", format!("{trap}; while true; do echo {name}-alive; sleep 1; done")],
+                "env": [{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}}],
+                "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds", "readOnly": true}]
+            }]
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut rig = Rig::new("fb-sec", 2).await;
+    let devices = rig.devices();
+    let (a, b) = (devices[0].clone(), devices[1].clone());
+    rig.start_all().await;
+    let secret_value = format!("fbsecret{}", random_hex());
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(rig.client.clone(), &rig.ns);
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds"},
+        "stringData": {"password": secret_value}
+    }))
+    .expect("secret");
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let a_uid = rig.create_pod(secret_pod("pa", &a, false, 1)).await;
+    let b_uid = rig.create_pod(secret_pod("pb", &b, true, 15)).await;
+    assert!(
+        rig.wait_running(&["pa", "pb"], WAIT).await,
+        "{}",
+        rig.logs()
+    );
+    let b_before = running(&b, &b_uid);
+    let port = rig.hub_setup.ports.link;
+
+    // 1. A's certificate, hello as B.
+    let mut as_a = link_client(rig.dir.path(), &a, port).await;
+    let verdict = send_as(&mut as_a, vec![hello(&b)], Duration::from_secs(10)).await;
+    println!("hello as B with A's certificate: {verdict:?}");
+    let impersonation_refused = verdict
+        .as_ref()
+        .is_some_and(|s| s.code() == tonic::Code::PermissionDenied && s.message().contains(&b));
+
+    // 2. A (as itself) reports B's pod Failed and removed, and pushes log chunks for any request.
+    let b_log = rig
+        .pods
+        .log_stream(
+            "pb",
+            &LogParams {
+                container: Some("c".into()),
+                follow: true,
+                tail_lines: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("follow pb's log");
+    let marker = format!("injected-by-a-{}", random_hex());
+    let mut abuse = vec![
+        hello(&a),
+        message(agent_message::Kind::PodStatus(v1::PodStatusReport {
+            full: false,
+            pods: vec![v1::PodStatusEntry {
+                uid: b_uid.clone(),
+                namespace: rig.ns.clone(),
+                name: "pb".into(),
+                status_json: Bytes::from_static(br#"{"phase":"Failed","reason":"ForgedByA"}"#),
+                removed: false,
+            }],
+        })),
+        message(agent_message::Kind::PodStatus(v1::PodStatusReport {
+            full: false,
+            pods: vec![v1::PodStatusEntry {
+                uid: b_uid.clone(),
+                removed: true,
+                ..Default::default()
+            }],
+        })),
+    ];
+    abuse.extend((0..256u64).map(|request_id| {
+        message(agent_message::Kind::LogChunk(v1::LogChunk {
+            request_id,
+            data: Bytes::from(format!("{marker}\n")),
+            eof: false,
+            error: String::new(),
+        }))
+    }));
+    let verdict = send_as(&mut as_a, abuse, Duration::from_secs(3)).await;
+    println!("A reporting for B's pod: {verdict:?}");
+    // B's log stream: B's own lines keep coming, none of A's.
+    let mut lines = b_log.lines();
+    let mut seen = Vec::new();
+    let read_until = Instant::now() + Duration::from_secs(4);
+    // At most 50 lines or 4 s.
+    for _ in 0..50 {
+        match tokio::time::timeout_at(read_until, lines.next()).await {
+            Ok(Some(Ok(line))) => seen.push(line),
+            _ => break,
+        }
+    }
+    drop(lines);
+    let log_clean =
+        seen.iter().any(|l| l.contains("pb-alive")) && !seen.iter().any(|l| l.contains(&marker));
+    println!("pb's log while A pushed chunks: {seen:?}");
+    // Past the status writer's coalescing: B's pod is still Running, not A's forged status.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let phase = rig.phase("pb").await;
+    let status_kept = phase
+        .as_ref()
+        .is_some_and(|p| p.0 == "Running" && p.1 != "ForgedByA");
+    // Deleting B's pod: it stays until B has stopped it (SIGTERM ignored, 15 s grace), though A
+    // claimed its removal. With A's claim honoured the hub would delete it at once.
+    rig.pods
+        .delete("pb", &DeleteParams::default())
+        .await
+        .expect("delete pb");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let still_there = rig.pods.get_opt("pb").await.ok().flatten().is_some();
+    // Podman shows a container inside its stop grace period as "stopping".
+    let b_now = containers(&b, &b_uid);
+    let b_still_runs = b_before.get("c").is_some_and(|ids| {
+        ids.iter().all(|id| {
+            b_now
+                .iter()
+                .any(|(_, i, state)| i == id && matches!(state.as_str(), "running" | "stopping"))
+        })
+    });
+    println!(
+        "4 s after deleting pb: in the API {still_there}, containers {b_now:?} (before {b_before:?})"
+    );
+    let gone = fleetlet_test_support::wait_for("pb deleted after B stopped it", WAIT, || async {
+        rig.pods.get_opt("pb").await.ok().flatten().is_none() && running(&b, &b_uid).is_empty()
+    })
+    .await
+    .is_ok();
+    let hub_log = std::fs::read_to_string(rig.hub_log()).unwrap_or_default();
+    let hub_warned = hub_log.contains("removal reported for a pod not bound to this device")
+        && hub_log.contains("status for a pod not bound to this device");
+    // A's real agent is back (its session replaced ours) and its pod untouched.
+    rig.wait_node_ready(&a).await;
+    let a_fine = rig.phase("pa").await.map(|p| p.0).as_deref() == Some("Running")
+        && duplicated(&a, &a_uid) == 0;
+    record(Outcome {
+        fault: "device A's cert: hello as B, status/removal/logs for B's pod".into(),
+        recovered: impersonation_refused
+            && status_kept
+            && log_clean
+            && still_there
+            && b_still_runs
+            && gone
+            && a_fine,
+        converge_secs: None,
+        pods_lost: u32::from(!a_fine) + u32::from(!b_still_runs),
+        pods_duplicated: duplicated(&a, &a_uid),
+        detail: format!(
+            "hello as B: {}; B's pod {}; deletion waited for B: {}; B's log clean: {log_clean}",
+            if impersonation_refused {
+                "refused"
+            } else {
+                "NOT refused"
+            },
+            phase.map(|p| p.0).unwrap_or_default(),
+            still_there && b_still_runs
+        ),
+    });
+    assert!(impersonation_refused, "hello as B refused");
+    assert!(status_kept, "B's pod status untouched by A");
+    assert!(
+        log_clean,
+        "B's log carries B's lines and none of A's: {seen:?}"
+    );
+    assert!(
+        still_there && b_still_runs,
+        "deletion waits for B, not A's claim"
+    );
+    assert!(gone, "B's pod deleted once B stopped it\n{}", rig.logs());
+    assert!(hub_warned, "the hub logs what it ignored");
+    assert!(a_fine, "A's own pod unaffected");
+
+    // 3. The kubelet endpoint, straight: no token, a bad token, a token without nodes/proxy.
+    let kport = kubelet_port(&rig);
+    let path = format!("/containerLogs/{}/pa/c?tailLines=1", rig.ns);
+    let none = kubelet_get(kport, &path, None);
+    let bad = kubelet_get(kport, &path, Some("not-a-token"));
+    let stack = fleetlet_test_support::Stack::shared().expect("stack");
+    let token = stack
+        .service_account_token(&rig.ns, "nobody", 600)
+        .await
+        .expect("token");
+    let unauthorized = kubelet_get(kport, &path, Some(&token));
+    println!("kubelet endpoint: no token {none}, bad token {bad}, no nodes/proxy {unauthorized}");
+    let kubelet_ok = (none, bad, unauthorized) == (401, 401, 403);
+    record(Outcome {
+        fault: "kubelet endpoint without/with bad/unauthorized token".into(),
+        recovered: kubelet_ok,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!("HTTP {none} / {bad} / {unauthorized} (want 401 / 401 / 403)"),
+    });
+    assert!(kubelet_ok, "{none} {bad} {unauthorized}");
+
+    // 4. Secrets: private on the device, in no log.
+    let mut files = Vec::new();
+    let volumes = rig.agents[&a]
+        .state_dir
+        .join("pods")
+        .join(&a_uid)
+        .join("volumes/creds");
+    collect_files(&volumes, &mut files);
+    // Never world-readable (group bits follow the pod's defaultMode, for a container's group),
+    // under a pods tree only root may enter.
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).map_or(0o777, |m| m.permissions().mode() & 0o777)
+    };
+    let pods_tree = mode(&rig.agents[&a].state_dir.join("pods"));
+    let private =
+        !files.is_empty() && pods_tree == 0o700 && files.iter().all(|f| mode(f) & 0o007 == 0);
+    rig.kill_agent(&a);
+    rig.kill_agent(&b);
+    rig.stop_hub();
+    let mut logs = rig.log_files();
+    logs.push(stack.log_dir().join("podman.log"));
+    let mut leaks: Vec<String> = logs
+        .iter()
+        .filter(|f| {
+            std::fs::read(f).is_ok_and(|t| {
+                t.windows(secret_value.len())
+                    .any(|w| w == secret_value.as_bytes())
+            })
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    let journal = Command::new("journalctl")
+        .args(["--no-pager", "-o", "export", "--since"])
+        .arg(format!("@{started_unix}"))
+        .output();
+    let journal_checked = match &journal {
+        Ok(out) if out.status.success() => {
+            if String::from_utf8_lossy(&out.stdout).contains(&secret_value) {
+                leaks.push("journald".into());
+            }
+            true
+        }
+        _ => false,
+    };
+    println!(
+        "searched {} log files and journald ({journal_checked}) for the secret; leaks: {leaks:?}; secret files private: {private} ({} files, pods tree {pods_tree:o})",
+        logs.len(),
+        files.len()
+    );
+    record(Outcome {
+        fault: "secret values in logs / on disk".into(),
+        recovered: leaks.is_empty() && private,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "{} log files{} searched, leaks: {}; secret files not world-readable under a 0700 tree: {private}",
+            logs.len(),
+            if journal_checked { " + journald" } else { "" },
+            if leaks.is_empty() {
+                "none".to_string()
+            } else {
+                leaks.join(", ")
+            }
+        ),
+    });
+    assert!(leaks.is_empty(), "secret value found in {leaks:?}");
+    assert!(private, "secret files private: {files:?}");
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let meta = std::fs::symlink_metadata(&p);
+        if meta.as_ref().is_ok_and(|m| m.is_dir()) {
+            collect_files(&p, out);
+        } else if meta.is_ok_and(|m| m.is_file()) {
+            out.push(p);
+        }
+    }
+}
