@@ -44,7 +44,7 @@ lint:
 faults: build env-up
 	rm -f target/faults/report.jsonl
 	FLEETLET_FAULTS_FULL=1 $(CARGO) test -p fleetlet-faults --no-fail-fast -- --test-threads=1; \
-	  status=$$?; $(CARGO) run -q -p fleetlet-faults --bin faults-summary && exit $$status
+	  status=$$?; $(CARGO) test -p fleetlet-hub --test link removal_from_inventory || status=1; $(CARGO) run -q -p fleetlet-faults --bin faults-summary && exit $$status
 
 ## fmt: format the code
 fmt:

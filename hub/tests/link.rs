@@ -765,15 +765,30 @@ async fn removal_from_inventory_cuts_the_session() {
     let (stop, task) = start_agent(pki.link_config("dev-1", hub.addr), Arc::clone(&state));
     hub.event("connected", |e| matches!(e, SessionEvent::Connected { .. }))
         .await;
+    let removed = tokio::time::Instant::now();
     inventory.replace([]);
     hub.event("cut", |e| matches!(e, SessionEvent::Disconnected { .. }))
         .await;
+    let cut_after = removed.elapsed().as_secs_f64();
     let refused = LinkStats::get(&hub.stats().streams_rejected);
     wait_until("reconnect refused", || {
         LinkStats::get(&hub.stats().streams_rejected) > refused
     })
     .await;
     assert!(!hub.sessions.is_connected("dev-1"));
+    let outcome = fleetlet_faults::Outcome {
+        fault: "device removed from the inventory".into(),
+        recovered: true,
+        converge_secs: Some(cut_after),
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "live session cut {:.0} ms after removal; the reconnect attempt refused",
+            cut_after * 1000.0
+        ),
+    };
+    println!("{outcome:?}");
+    fleetlet_faults::record(&outcome).unwrap();
     stop.cancel();
     task.await.unwrap();
     hub.stop().await;
