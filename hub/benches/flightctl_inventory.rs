@@ -130,19 +130,22 @@ async fn main() {
         .filter(|d| d.enabled && d.fleet.is_some())
         .count();
     println!(
-        "first full sync: {:.2} s (synced={synced}), {enabled} enabled devices with a fleet, {} device pages, {} requests (incl. lastSeen per enabled device)",
+        "first full sync: {:.2} s (synced={synced}), {enabled} enabled devices with a fleet, {} device pages, {} requests (incl. lastSeen per enabled device, {} of them failed)",
         full_sync.as_secs_f64(),
         status.device_pages,
-        status.requests
+        status.requests,
+        status.last_seen_failures
     );
 
-    let before = inventory.status().borrow().requests;
+    let before = inventory.status().borrow().clone();
     tokio::time::sleep(Duration::from_secs(steady)).await;
-    let after = inventory.status().borrow().requests;
-    let rate = (after - before) as f64 / steady as f64;
+    let after = inventory.status().borrow().clone();
+    let rate = (after.requests - before.requests) as f64 / steady as f64;
     println!(
-        "steady state over {steady} s (poll every {poll} s, lastSeen every 60 s): {} requests, {rate:.2} requests/s against Flightctl",
-        after - before
+        "steady state over {steady} s (poll every {poll} s, lastSeen every 60 s): {} requests, {rate:.2} requests/s against Flightctl; {} failed polls, {} failed lastSeen requests",
+        after.requests - before.requests,
+        after.failures - before.failures,
+        after.last_seen_failures - before.last_seen_failures
     );
     shutdown.cancel();
     let _ = task.await;

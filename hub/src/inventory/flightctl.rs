@@ -121,6 +121,9 @@ pub struct SyncStatus {
     pub fleets: BTreeSet<String>,
     /// Pages (requests) the device list took in the latest good sync.
     pub device_pages: usize,
+    /// Per-device lastSeen requests that failed since start (e.g. 403 without
+    /// `devices/lastseen`); their devices keep the previous lastSeen.
+    pub last_seen_failures: u64,
 }
 
 /// The device set from Flightctl, kept current by a background poller.
@@ -513,6 +516,9 @@ impl Poller {
             }
         }
         if failed > 0 {
+            self.status_tx.send_modify(|s| {
+                s.last_seen_failures += u64::try_from(failed).unwrap_or(u64::MAX);
+            });
             tracing::warn!(
                 failed,
                 example = example.as_deref().unwrap_or_default(),
