@@ -29,6 +29,15 @@ fn shipped_hub_config_parses_and_validates() {
         cfg.leader_election.enabled,
         "two replicas need leader election"
     );
+    assert!(
+        cfg.inventory.flightctl.is_some() && cfg.inventory.static_file.is_none(),
+        "Flightctl is the default inventory"
+    );
+    let link = cfg.link.expect("[link]");
+    assert_eq!(
+        link.identity_prefix, "fleetlet-",
+        "Flightctl-issued device certificates carry CN fleetlet-<device>"
+    );
 }
 
 #[test]

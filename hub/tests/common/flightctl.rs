@@ -322,36 +322,19 @@ pub async fn report_status(env: &Env, certs: &DeviceCerts, device: &str, report:
     );
 }
 
-/// The Flightctl permissions the hub needs, as Kubernetes RBAC in Flightctl's RBAC namespace
-/// (k8s auth mode): read devices, their lastSeen and fleets. Applies a ClusterRole
-/// `fleetlet-hub-flightctl`, a ServiceAccount `fleetlet-hub` in that namespace bound to it, and
-/// writes a token of it to `dir/flightctl-hub.token` (0600). The test then runs the hub with
-/// exactly these rights, independent of the env's own roles.
+/// The hub's identity in Flightctl as an installation sets it up: the shipped namespace and RBAC
+/// (ServiceAccount `fleetlet-system/fleetlet-hub`) and the shipped Flightctl role and binding
+/// (`packaging/kubernetes/flightctl/hub-rbac.yaml`: get/list devices, devices/lastseen, fleets
+/// in Flightctl's RBAC namespace) applied for real; writes a token of that ServiceAccount to
+/// `dir/flightctl-hub.token` (0600). The test then runs the hub with exactly the shipped rights.
 pub fn hub_token_file(stack: &Stack, dir: &Path) -> PathBuf {
     let kubectl = stack
         .kubectl()
         .expect("FLEETLET_KUBECTL in the stack's env");
-    let ns = stack.var("FLIGHTCTL_RBAC_NAMESPACE").unwrap_or("flightctl");
-    let manifest = format!(
-        r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {{name: fleetlet-hub-flightctl}}
-rules:
-- {{apiGroups: [flightctl.io], resources: [devices, devices/lastseen, fleets], verbs: [get, list]}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: fleetlet-hub, namespace: {ns}}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{name: fleetlet-hub-flightctl, namespace: {ns}}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: fleetlet-hub-flightctl}}
-subjects: [{{kind: ServiceAccount, name: fleetlet-hub, namespace: {ns}}}]
-"#
-    );
-    let path = dir.join("flightctl-rbac.yaml");
-    std::fs::write(&path, manifest).expect("write RBAC");
+    // Namespace, ServiceAccount and cluster RBAC of the hub, as shipped.
+    super::shipped_rbac_kubeconfig(dir);
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/kubernetes/flightctl/hub-rbac.yaml");
     let run = |args: &[&str]| -> String {
         let out = Command::new(kubectl)
             .arg("--kubeconfig")
@@ -366,8 +349,21 @@ subjects: [{{kind: ServiceAccount, name: fleetlet-hub, namespace: {ns}}}]
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    run(&["apply", "-f", path.to_str().expect("utf-8 path")]);
-    let token = run(&["-n", ns, "create", "token", "fleetlet-hub", "--duration=2h"]);
+    run(&[
+        "apply",
+        "--server-side",
+        "--field-manager=fleetlet-e2e",
+        "-f",
+        manifest.to_str().expect("utf-8 path"),
+    ]);
+    let token = run(&[
+        "-n",
+        "fleetlet-system",
+        "create",
+        "token",
+        "fleetlet-hub",
+        "--duration=2h",
+    ]);
     let file = dir.join("flightctl-hub.token");
     {
         use std::io::Write as _;
