@@ -1,7 +1,10 @@
 //! Faults the real Flightctl cannot be made to produce on demand (it validates what it stores and
 //! shares its database with other tests): 5xx answers, a body that is not JSON, malformed device
-//! objects. A loopback HTTPS server with a throwaway certificate answers like a faulty Flightctl;
-//! the happy path and 401/403/unreachable run against the real server in flightctl_inventory.rs.
+//! objects, device labels that break Kubernetes' syntax. A loopback HTTPS server with a throwaway
+//! certificate answers like a faulty Flightctl; the happy path and 401/403/unreachable run
+//! against the real server in flightctl_inventory.rs and flightctl_device_node.rs. The second
+//! test runs the real hub binary on such a server against the real kube-apiserver: the Node of a
+//! device sees no churn through all of it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+mod common;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -183,4 +188,118 @@ async fn server_errors_and_malformed_answers_keep_the_last_good_devices() {
 
     shutdown.cancel();
     task.await.expect("poller ends");
+}
+
+fn log_has(path: &std::path::Path, needles: &[&str]) -> bool {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_hub_keeps_nodes_through_flightctl_faults_and_maps_invalid_labels() {
+    use common::{HubSetup, HubSpec, KubeCleanup, client, unique};
+    use k8s_openapi::api::core::v1::{Event, Node};
+    use kube::Api;
+    use kube::api::ListParams;
+
+    let run = unique("ffn");
+    let dev = format!("{run}-a");
+    let _cleanup = KubeCleanup {
+        nodes: vec![dev.clone()],
+        namespace: None,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (url, ca_file, answer) = faulty_server(d).await;
+    // Labels another source could hand over: a key with a space, a value with a space.
+    let good = json!({"items": [
+        device(&dev, json!({"site name": "HQ", "zone": "a b", "fleetlet-run": run})),
+    ]});
+    answer.send_replace(Answer::Json(good.clone()));
+    let mut spec = HubSpec::new(&run, &[]);
+    spec.inventory = Some(format!(
+        "[inventory.flightctl]\napi_url = \"{url}\"\nca_file = \"{}\"\npoll_interval_secs = 1\nmax_backoff_secs = 1\nrequest_timeout_secs = 5\nlast_seen_interval_secs = 0",
+        ca_file.display()
+    ));
+    let setup = HubSetup::write(d, spec);
+    let _hub = setup.spawn();
+    let hub_log = d.join("hub.log");
+
+    let client = client().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = common::wait_for("the device's Node", 90, || async {
+        let n = nodes.get(&dev).await.ok()?;
+        let labels = n.metadata.labels.clone()?;
+        (labels.get("site-name").map(String::as_str) == Some("HQ")).then_some(n)
+    })
+    .await;
+    let labels = node.metadata.labels.clone().expect("labels");
+    assert_eq!(labels.get("zone").map(String::as_str), Some("a-b"));
+    assert_eq!(
+        labels.get("flightctl.io/fleet").map(String::as_str),
+        Some("edge")
+    );
+    assert!(
+        log_has(&hub_log, &[&dev, "site name", "mapped to"]),
+        "the hub logs the mapped label"
+    );
+    let events: Api<Event> = Api::all(client.clone());
+    let note = common::wait_for("InvalidDeviceLabels event", 30, || async {
+        let list = events
+            .list(&ListParams::default().fields(&format!("involvedObject.name={dev}")))
+            .await
+            .ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("InvalidDeviceLabels"))
+            .and_then(|e| e.message)
+    })
+    .await;
+    println!("event InvalidDeviceLabels: {note}");
+    assert!(
+        note.contains("site name") && note.contains("zone"),
+        "{note}"
+    );
+
+    // Each fault for a few polls; after each, the Node is the same object with the same labels.
+    let faults: [(Answer, &[&str]); 3] = [
+        (Answer::Status(503), &["poll failed", "server_error"]),
+        (
+            Answer::Raw("<html>proxy error</html>"),
+            &["poll failed", "malformed"],
+        ),
+        (
+            Answer::Json(json!({"items": [{"metadata": {"name": dev, "labels": {"site": 7}}}]})),
+            &["malformed device; keeping its last good state", &dev],
+        ),
+    ];
+    for (fault, logged) in faults {
+        answer.send_replace(fault);
+        common::wait_for("the fault logged", 30, || async {
+            log_has(&hub_log, logged).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = nodes.get(&dev).await.expect("the Node is kept");
+        assert_eq!(
+            now.metadata.uid, node.metadata.uid,
+            "not recreated ({logged:?})"
+        );
+        assert_eq!(
+            now.metadata.labels, node.metadata.labels,
+            "labels kept ({logged:?})"
+        );
+        answer.send_replace(Answer::Json(good.clone()));
+    }
+
+    // Only a good answer without the device removes its Node (it has no pods).
+    answer.send_replace(Answer::Json(json!({"items": []})));
+    common::wait_for(
+        "the Node of a device gone from Flightctl is deleted",
+        60,
+        || async { nodes.get_opt(&dev).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
 }
