@@ -137,6 +137,9 @@ impl<K: kube::Resource> Cache<K> {
     }
 }
 
+/// Upper bound of statuses kept while the pod cache has not synced yet (one per pod UID).
+const MAX_EARLY_STATUS: usize = 100_000;
+
 /// Tunables of the relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -172,6 +175,11 @@ pub struct PodRelay {
     /// Generation of the first snapshot that left a terminating pod out.
     excluded_in: HashMap<String, u64>,
     started_observed: HashSet<String>,
+    /// Reports (statuses, removals) that arrived before the pod cache's first sync (a restarted hub accepts devices
+    /// while it still lists pods), uid → (device, entry); replayed once the cache has synced.
+    /// A device sends a status again only when it changes, so dropping these would leave the
+    /// API's status stale for good.
+    early_status: HashMap<String, (String, fleetlet_proto::v1::PodStatusEntry)>,
     last_sent: HashMap<String, u64>,
     sent_at: HashMap<String, Vec<(u64, Instant)>>,
     pending_admission: BTreeSet<String>,
@@ -229,6 +237,7 @@ impl PodRelay {
                 confirmed_removed: HashSet::new(),
                 excluded_in: HashMap::new(),
                 started_observed: HashSet::new(),
+                early_status: HashMap::new(),
                 last_sent: HashMap::new(),
                 sent_at: HashMap::new(),
                 pending_admission: BTreeSet::new(),
@@ -338,6 +347,7 @@ impl PodRelay {
                     self.all_dirty = true;
                     self.schedule();
                     self.check_all_deletions();
+                    self.replay_early_status();
                     return;
                 }
                 if let Some(n) = old_node {
@@ -371,6 +381,22 @@ impl PodRelay {
                     tracing::debug!(uid, "pod deletion failed; retried on the next pass");
                 }
             }
+        }
+    }
+
+    /// Relays the statuses that arrived before the pod cache synced (see `early_status`).
+    fn replay_early_status(&mut self) {
+        let mut by_device: HashMap<String, Vec<fleetlet_proto::v1::PodStatusEntry>> =
+            HashMap::new();
+        for (_, (device, entry)) in self.early_status.drain() {
+            by_device.entry(device).or_default().push(entry);
+        }
+        for (device, pods) in by_device {
+            tracing::debug!(%device, pods = pods.len(), "relaying statuses that arrived before the pod cache synced");
+            self.session(SessionEvent::PodStatus {
+                device,
+                report: fleetlet_proto::v1::PodStatusReport { full: false, pods },
+            });
         }
     }
 
@@ -451,6 +477,13 @@ impl PodRelay {
                 let reported = self.reported.entry(device.clone()).or_default();
                 let mut check = Vec::new();
                 for entry in report.pods {
+                    if !self.pods.synced && !by_uid.contains_key(&entry.uid) {
+                        if self.early_status.len() < MAX_EARLY_STATUS {
+                            self.early_status
+                                .insert(entry.uid.clone(), (device.clone(), entry));
+                        }
+                        continue;
+                    }
                     let bound_here = by_uid
                         .get(&entry.uid)
                         .is_some_and(|(_, _, node, _)| node.as_deref() == Some(device.as_str()));

@@ -314,6 +314,38 @@ async fn device_status_goes_to_the_status_writer_only_for_its_own_pods() {
 }
 
 #[tokio::test]
+async fn a_status_reported_before_the_pod_cache_synced_is_written_once_it_has() {
+    // A restarted hub accepts devices while it still lists pods; the devices' full status
+    // resync lands first and is not sent again unless something changes.
+    let mut h = harness();
+    let entry = |uid: &str, name: &str| PodStatusEntry {
+        uid: uid.into(),
+        namespace: "ns".into(),
+        name: name.into(),
+        status_json: bytes::Bytes::from_static(br#"{"phase":"Running"}"#),
+        removed: false,
+    };
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: true,
+            pods: vec![entry("uid-p1", "p1"), entry("uid-gone", "gone")],
+        },
+    }));
+    assert!(h.status_rx.try_recv().is_err(), "no pod known yet");
+    sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
+    let st = h.status_rx.try_recv().expect("status after the sync");
+    assert_eq!(
+        (st.uid.as_str(), st.status["phase"].as_str()),
+        ("uid-p1", Some("Running"))
+    );
+    assert!(
+        h.status_rx.try_recv().is_err(),
+        "a pod the API does not hold gets no status"
+    );
+}
+
+#[tokio::test]
 async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
     let mut h = harness();
     let mut running = pod("p1", "dev-a", "100m");
