@@ -105,8 +105,9 @@ async fn hub_killed_during_a_rollout() {
             running_at_kill.len()
         ),
     );
-    drop(fleet);
+    // Assert first: a failing fault prints the hub's and agents' logs as the fleet drops.
     assert_passed(&o);
+    drop(fleet);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,8 +156,9 @@ async fn agent_killed_while_applying_a_snapshot() {
             running_at_kill.len()
         ),
     );
-    drop(fleet);
+    // Assert first: a failing fault prints the hub's and agents' logs as the fleet drops.
     assert_passed(&o);
+    drop(fleet);
 }
 
 /// A Podman API service of this test only, on its own socket.
@@ -247,7 +249,7 @@ async fn podman_service_killed_under_a_running_agent() {
             "service down 10 s: 3 containers kept running {kept_running}, agent alive {agent_alive}; after restart the same 3 containers adopted (ids, start times) {adopted}"
         ),
     );
+    assert_passed(&o);
     drop(fleet);
     drop(service);
-    assert_passed(&o);
 }

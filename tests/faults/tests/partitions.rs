@@ -338,9 +338,10 @@ async fn short_partitions_keep_pods_running_and_statuses_converge() {
         )
         .await,
     );
+    // Assert first: a failing fault prints the hub's and agent's logs as the fleet drops.
+    assert_all_passed(&outcomes);
     drop(fleet);
     drop(ns);
-    assert_all_passed(&outcomes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +373,8 @@ async fn long_partitions_turn_the_node_unknown_and_back() {
         )
         .await,
     );
+    // Assert first: a failing fault prints the hub's and agent's logs as the fleet drops.
+    assert_all_passed(&outcomes);
     drop(fleet);
     drop(ns);
-    assert_all_passed(&outcomes);
 }
