@@ -175,10 +175,10 @@ pub struct PodRelay {
     /// Generation of the first snapshot that left a terminating pod out.
     excluded_in: HashMap<String, u64>,
     started_observed: HashSet<String>,
-    /// Reports (statuses, removals) that arrived before the pod cache's first sync (a restarted hub accepts devices
-    /// while it still lists pods), uid → (device, entry); replayed once the cache has synced.
-    /// A device sends a status again only when it changes, so dropping these would leave the
-    /// API's status stale for good.
+    /// Reports (statuses, removals) that arrived before the pod cache's first sync (a restarted
+    /// hub accepts devices while it still lists pods), uid → (device, entry); replayed once the
+    /// cache has synced. A device sends a status again only when it changes, so dropping these
+    /// would leave the API's status stale for good.
     early_status: HashMap<String, (String, fleetlet_proto::v1::PodStatusEntry)>,
     last_sent: HashMap<String, u64>,
     sent_at: HashMap<String, Vec<(u64, Instant)>>,
