@@ -131,8 +131,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
         };
         for uid in order.iter().filter(|u| self.admitted.contains(*u)) {
             let r = requests(&desired[uid]);
-            used.cpu_millis += r.cpu_millis;
-            used.memory_bytes += r.memory_bytes;
+            used.cpu_millis = used.cpu_millis.saturating_add(r.cpu_millis);
+            used.memory_bytes = used.memory_bytes.saturating_add(r.memory_bytes);
             count += 1;
             verdicts.insert(uid.clone(), Ok(()));
         }
@@ -151,7 +151,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                         self.max_pods
                     ),
                 ))
-            } else if used.cpu_millis + r.cpu_millis > self.allocatable.cpu_millis {
+            } else if used.cpu_millis.saturating_add(r.cpu_millis) > self.allocatable.cpu_millis {
                 Err((
                     "OutOfcpu".to_owned(),
                     format!(
@@ -159,7 +159,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
                         r.cpu_millis, used.cpu_millis, self.allocatable.cpu_millis
                     ),
                 ))
-            } else if used.memory_bytes + r.memory_bytes > self.allocatable.memory_bytes {
+            } else if used.memory_bytes.saturating_add(r.memory_bytes)
+                > self.allocatable.memory_bytes
+            {
                 Err((
                     "OutOfmemory".to_owned(),
                     format!(
@@ -168,8 +170,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     ),
                 ))
             } else {
-                used.cpu_millis += r.cpu_millis;
-                used.memory_bytes += r.memory_bytes;
+                used.cpu_millis = used.cpu_millis.saturating_add(r.cpu_millis);
+                used.memory_bytes = used.memory_bytes.saturating_add(r.memory_bytes);
                 count += 1;
                 self.admitted.insert(uid.clone());
                 Ok(())

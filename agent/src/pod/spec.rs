@@ -397,8 +397,8 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
     let app = containers
         .iter()
         .fold(Resources::default(), |a, c| Resources {
-            cpu_millis: a.cpu_millis + c.requests.cpu_millis,
-            memory_bytes: a.memory_bytes + c.requests.memory_bytes,
+            cpu_millis: a.cpu_millis.saturating_add(c.requests.cpu_millis),
+            memory_bytes: a.memory_bytes.saturating_add(c.requests.memory_bytes),
         });
     let requests = init_containers.iter().fold(app, |a, c| Resources {
         cpu_millis: a.cpu_millis.max(c.requests.cpu_millis),
@@ -545,6 +545,19 @@ fn parse_container(
             ));
         }
     };
+    for (what, list) in [("command", &c.command), ("args", &c.args)] {
+        for (i, a) in list.as_deref().unwrap_or_default().iter().enumerate() {
+            if a.len() >= MAX_EXEC_STRING {
+                return Err(err(
+                    format!("{field}.{what}[{i}]"),
+                    format!(
+                        "{} bytes; Linux cannot pass an argument of {MAX_EXEC_STRING} bytes or more to a process",
+                        a.len()
+                    ),
+                ));
+            }
+        }
+    }
     let mut env = Vec::new();
     for (i, e) in c.env.as_deref().unwrap_or_default().iter().enumerate() {
         env.push(parse_env(&format!("{field}.env[{i}]"), e)?);
@@ -719,8 +732,22 @@ fn parse_container(
     })
 }
 
+/// Linux refuses to start a process with any one argument or `NAME=value` environment string of
+/// this many bytes or more (MAX_ARG_STRLEN, 32 pages): the container would only ever fail with
+/// E2BIG, so such a pod is rejected up front with the field named.
+pub const MAX_EXEC_STRING: usize = 32 * 4096;
+
 fn parse_env(field: &str, e: &k8s::EnvVar) -> Result<EnvVar, SpecError> {
     let Some(from) = &e.value_from else {
+        let len = e.name.len() + 1 + e.value.as_deref().map_or(0, str::len);
+        if len >= MAX_EXEC_STRING {
+            return Err(err(
+                format!("{field}.value"),
+                format!(
+                    "{len} bytes; Linux cannot pass an environment variable of {MAX_EXEC_STRING} bytes or more to a process"
+                ),
+            ));
+        }
         return Ok(EnvVar::Value(
             e.name.clone(),
             e.value.clone().unwrap_or_default(),
@@ -871,6 +898,31 @@ pub fn parse_bytes(q: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_and_arguments_linux_cannot_exec_are_rejected_with_the_field() {
+        let big = "x".repeat(MAX_EXEC_STRING);
+        let e = parse_pod(&pod(
+            serde_json::json!({"containers": [{"name": "c", "image": "i",
+            "env": [{"name": "OK", "value": "1"}, {"name": "HUGE", "value": big}]}]}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.containers[0].env[1].value");
+        let e = parse_pod(&pod(
+            serde_json::json!({"containers": [{"name": "c", "image": "i",
+            "args": ["-c", big]}]}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.containers[0].args[1]");
+        let fits = "x".repeat(MAX_EXEC_STRING - 10);
+        assert!(
+            parse_pod(&pod(
+                serde_json::json!({"containers": [{"name": "c", "image": "i",
+            "env": [{"name": "A", "value": fits}]}]})
+            ))
+            .is_ok()
+        );
+    }
 
     fn pod(spec: serde_json::Value) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
