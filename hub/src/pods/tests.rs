@@ -419,3 +419,104 @@ async fn a_pod_the_device_never_ran_is_deleted_at_once() {
     tokio::task::yield_now().await;
     assert_eq!(h.api.deleted.try_lock().expect("lock").len(), 1);
 }
+
+mod properties {
+    use super::*;
+    use fleetlet_proto::v1::AgentMessage;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    fn status_json() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..256),
+            Just(br#"{"phase":"Running"}"#.to_vec()),
+            Just(br#"{"phase":7,"conditions":"x","containerStatuses":[{"name":null}]}"#.to_vec()),
+            Just(br#"[1,2]"#.to_vec()),
+            Just(br#"{"phase":"Failed","reason":"Forged","startTime":"not a time"}"#.to_vec()),
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = PodStatusEntry> {
+        (
+            prop::sample::select(vec!["uid-p1", "uid-p2", "", "uid-unknown"]),
+            "[ -~]{0,12}",
+            status_json(),
+            any::<bool>(),
+        )
+            .prop_map(|(uid, name, json, removed)| PodStatusEntry {
+                uid: uid.into(),
+                namespace: "ns".into(),
+                name,
+                status_json: bytes::Bytes::from(json),
+                removed,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever devices report, the relay neither panics nor lets a device write the status
+        /// of, or confirm the removal of, a pod bound to another device.
+        #[test]
+        fn arbitrary_reports_never_cross_devices(
+            reports in prop::collection::vec(
+                (prop::sample::select(vec!["dev-a", "dev-b", "stranger"]), any::<bool>(),
+                 prop::collection::vec(entry(), 0..6)),
+                0..8),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            rt.block_on(async {
+                let mut h = harness();
+                let mut terminating = pod("p1", "dev-a", "100m");
+                terminating.status = Some(serde_json::from_value(json!({"phase": "Running",
+                    "containerStatuses": [{"name": "c", "image": "busybox", "imageID": "", "ready": true, "restartCount": 0}]}))
+                    .expect("status"));
+                terminating.metadata.deletion_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:01:00Z".parse().expect("ts")));
+                sync(&mut h, vec![terminating, pod("p2", "dev-b", "100m")], vec![config_map("v")]);
+                let owner = |uid: &str| match uid {
+                    "uid-p1" => Some("dev-a"),
+                    "uid-p2" => Some("dev-b"),
+                    _ => None,
+                };
+                let mut may_report = std::collections::HashSet::new();
+                let mut may_remove = std::collections::HashSet::new();
+                for (device, _, pods) in &reports {
+                    for e in pods {
+                        if owner(&e.uid) == Some(*device) {
+                            if e.removed {
+                                may_remove.insert(e.uid.clone());
+                            } else {
+                                may_report.insert(e.uid.clone());
+                            }
+                        }
+                    }
+                }
+                for (device, full, pods) in reports {
+                    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+                        device: device.into(),
+                        report: PodStatusReport { full, pods },
+                    }));
+                }
+                tokio::task::yield_now().await;
+                while let Ok(update) = h.status_rx.try_recv() {
+                    // Only a pod's own device reports it: p1 is dev-a's, p2 dev-b's.
+                    prop_assert!(may_report.contains(&update.uid), "status of {} from another device", update.uid);
+                    prop_assert!(update.status.is_object());
+                }
+                // p1 ran and is terminating: its deletion is finished only on dev-a's word.
+                for (_, _, uid) in h.api.deleted.try_lock().expect("lock").iter() {
+                    prop_assert!(may_remove.contains(uid), "{uid} deleted without its device");
+                }
+                Ok(())
+            })?;
+        }
+
+        /// Any bytes as an agent message: decoded or refused, never a panic.
+        #[test]
+        fn agent_message_bytes_decode_or_fail(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = AgentMessage::decode(bytes.as_slice());
+        }
+    }
+}
