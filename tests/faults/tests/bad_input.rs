@@ -223,6 +223,9 @@ proptest! {
     }
 }
 
+/// When a pod's (phase, reason, first container's reason) counts as settled.
+type Settled = Box<dyn Fn(&str, &str, &str) -> bool>;
+
 /// Creates a pod; `Err(message)` when the API server refuses it.
 async fn try_create(rig: &Rig, pod: Value) -> Result<String, String> {
     let pod: k8s_openapi::api::core::v1::Pod =
@@ -316,7 +319,7 @@ async fn malformed_pods_get_clear_reasons_and_nothing_crashes() {
     let many: Vec<Value> = (0..100)
         .map(|i| json!({"name": format!("c{i}"), "image": test_image(), "command": ["true"]}))
         .collect();
-    let cases: Vec<(&str, Value, Box<dyn Fn(&str, &str, &str) -> bool>)> = vec![
+    let cases: Vec<(&str, Value, Settled)> = vec![
         (
             "1 MiB env value",
             pod_with(
