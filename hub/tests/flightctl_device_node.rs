@@ -347,6 +347,17 @@ last_seen_interval_secs = 1"#,
         "while Flightctl reports Rebooting: Ready {ready:?}, FlightctlDeviceHealthy {healthy:?}"
     );
     let healthy = healthy.expect("FlightctlDeviceHealthy condition");
+    let going_down = wait_for("FlightctlDeviceRebooting event on A's Node", 30, || async {
+        let list = events
+            .list(&ListParams::default().fields(&format!("involvedObject.name={dev_a}")))
+            .await
+            .ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("FlightctlDeviceRebooting"))
+    })
+    .await;
+    assert_eq!(going_down.type_.as_deref(), Some("Warning"));
     assert_eq!(
         (healthy.0.as_str(), healthy.1.as_str()),
         ("False", "Rebooting")

@@ -184,6 +184,8 @@ struct Plan {
     labels: Option<BTreeMap<String, String>>,
     /// Label problems to announce in an Event once the labels are applied.
     label_issues: Vec<String>,
+    /// Flightctl took the Node out of Ready: (reason, message) for a Warning Event.
+    flightctl_not_ready: Option<(String, String)>,
     /// (what to compare next time, what to write).
     status: Option<(Value, Value)>,
     lease: bool,
@@ -417,6 +419,7 @@ impl NodeManager {
             };
             st.last_capacity = Some((capacity.clone(), allocatable.clone()));
             let fc = health_map.as_ref().and_then(|m| m.get(&dev.name));
+            let mut flightctl_not_ready = None;
             let ready = match flightctl::ready_override(
                 fc,
                 st.ready.status == "True",
@@ -425,6 +428,7 @@ impl NodeManager {
                 Some((reason, message)) => {
                     if st.override_since.is_none() {
                         tracing::info!(node = %dev.name, %reason, "Flightctl reports the device going down; node not ready");
+                        flightctl_not_ready = Some((reason.clone(), message.clone()));
                     }
                     let since = st.override_since.get_or_insert_with(|| wall.clone());
                     ConditionView {
@@ -490,11 +494,17 @@ impl NodeManager {
                 (cmp, full)
             });
             let lease = connected && now >= st.next_lease;
-            if labels_plan.is_some() || status_plan.is_some() || lease || event.is_some() {
+            if labels_plan.is_some()
+                || status_plan.is_some()
+                || lease
+                || event.is_some()
+                || flightctl_not_ready.is_some()
+            {
                 plans.push(Plan {
                     name: dev.name.clone(),
                     labels: labels_plan,
                     label_issues,
+                    flightctl_not_ready,
                     status: status_plan,
                     lease,
                     event,
@@ -515,6 +525,7 @@ impl NodeManager {
                     name: name.clone(),
                     labels: None,
                     label_issues: Vec::new(),
+                    flightctl_not_ready: None,
                     status: None,
                     lease: false,
                     event: None,
@@ -654,6 +665,17 @@ impl NodeManager {
             tracing::info!(node = name, reason, "node event");
             self.publish(name, uid.as_deref(), type_, reason, note, "NodeReadiness")
                 .await;
+        }
+        if let Some((reason, message)) = plan.flightctl_not_ready {
+            self.publish(
+                name,
+                uid.as_deref(),
+                EventType::Warning,
+                &reason,
+                format!("device {name}: {message}"),
+                "NodeReadiness",
+            )
+            .await;
         }
         if out.labels_applied.is_some() && !plan.label_issues.is_empty() {
             let mut note = format!("device {name}: {}", plan.label_issues.join("; "));
