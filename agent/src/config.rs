@@ -159,6 +159,14 @@ impl AgentConfig {
         if self.resync_secs == 0 {
             return Err(invalid("resync_secs", "must be at least 1"));
         }
+        if let Some(hub) = &self.hub
+            && let Err(e) = hub.validate_endpoints()
+        {
+            return Err(invalid(
+                "hub.endpoint / hub.fallback_endpoints",
+                &e.to_string(),
+            ));
+        }
         if let Some(ip) = &self.node_ip
             && ip.parse::<std::net::IpAddr>().is_err()
         {

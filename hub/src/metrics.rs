@@ -50,6 +50,8 @@ pub struct Metrics {
     pub api_requests: Family<ApiLabels, Counter>,
     /// Kubernetes API requests that failed.
     pub api_errors: Family<ApiLabels, Counter>,
+    /// 1 while this replica holds the leader lease (or runs without election), else 0.
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -90,8 +92,15 @@ impl Metrics {
             "Kubernetes API requests that failed",
             api_errors.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads (serves devices and writes to the API), 0 as a standby",
+            leader.clone(),
+        );
         Self {
             registry,
+            leader,
             connected_devices,
             nodes,
             pods,

@@ -14,7 +14,7 @@ use crate::inventory::flightctl::{FlightctlInventory, FlightctlInventoryError};
 use crate::inventory::{Inventory, StaticInventory, StaticInventoryError};
 use crate::kubelet_api::{KubeletApi, KubeletApiError, tls_config};
 use crate::leader::LeaderElector;
-use crate::link::{DeviceSessions, SessionLimits};
+use crate::link::{DeviceSessions, LinkServer, SessionLimits};
 use crate::metrics::{Metrics, OpsError, Readiness, bind_ops, serve_ops};
 use crate::sessions::Sessions;
 
@@ -126,6 +126,28 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
     let client = kube_client(&cfg).await?;
     let identity = identity(&cfg);
 
+    // The device link listens from the start, gated on leadership: a standby answers every
+    // device with UNAVAILABLE "not leader" (agents then try their next hub endpoint) and is not
+    // ready, so a Service in front of the replicas sends devices only to the leader.
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
+    let sessions = DeviceSessions::new(SessionLimits::default());
+    let events = sessions.subscribe();
+    let link_result = Arc::new(tokio::sync::Mutex::new(None));
+    if let Some(link_cfg) = cfg.link.clone() {
+        let server = LinkServer::bind(link_cfg).await?.gated(leading_rx);
+        let inventory = inventory.clone();
+        let sessions = sessions.clone();
+        let shutdown = shutdown.clone();
+        let slot = link_result.clone();
+        tasks.spawn(async move {
+            if let Err(e) = server.serve(sessions, inventory, shutdown.clone()).await {
+                tracing::error!(error = %e, "device link server failed");
+                *slot.lock().await = Some(e);
+                shutdown.cancel();
+            }
+        });
+    }
+
     // Only the leader touches the API and accepts devices; a standby just waits.
     let mut elector = cfg.leader_election.enabled.then(|| {
         LeaderElector::new(
@@ -138,14 +160,14 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
         )
     });
     if let Some(e) = elector.as_mut() {
-        tracing::info!(%identity, "waiting for leadership");
+        tracing::info!(%identity, "waiting for leadership (standby: devices are turned away)");
         if !e.acquire(&shutdown).await {
             return drain(tasks).await;
         }
     }
+    metrics.leader.set(1);
+    leading_tx.send_replace(true);
 
-    let sessions = DeviceSessions::new(SessionLimits::default());
-    let events = sessions.subscribe();
     let dyn_sessions: Arc<dyn Sessions> = Arc::new(sessions.clone());
     let synced = start_controllers(
         &mut tasks,
@@ -159,22 +181,6 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
         metrics.clone(),
         shutdown.clone(),
     );
-    let link_result = Arc::new(tokio::sync::Mutex::new(None));
-    if let Some(link_cfg) = cfg.link.clone() {
-        tracing::info!(addr = %link_cfg.listen, "device link listening");
-        let inventory = inventory.clone();
-        let shutdown = shutdown.clone();
-        let slot = link_result.clone();
-        tasks.spawn(async move {
-            if let Err(e) =
-                crate::link::serve(link_cfg, sessions, inventory, shutdown.clone()).await
-            {
-                tracing::error!(error = %e, "device link server failed");
-                *slot.lock().await = Some(e);
-                shutdown.cancel();
-            }
-        });
-    }
     if let (Some(addr), Some(tls)) = (cfg.kubelet.listen, kubelet_tls) {
         let listener = KubeletApi::bind(addr).await?;
         tracing::info!(%addr, "kubelet API listening");
@@ -212,6 +218,8 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
         }
     };
     ready.set(false);
+    leading_tx.send_replace(false);
+    metrics.leader.set(0);
     shutdown.cancel();
     drain(tasks).await?;
     if let Some(e) = link_result.lock().await.take() {

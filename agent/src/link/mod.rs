@@ -52,6 +52,11 @@ pub trait DeviceState: Send + Sync + 'static {
 pub struct LinkConfig {
     /// The hub's link endpoint, `https://host:port`.
     pub endpoint: String,
+    /// More endpoints of the same hub (its other replicas), tried in turn after `endpoint` when a
+    /// connection fails or a replica answers UNAVAILABLE ("not leader"). Empty when one address
+    /// (e.g. a Service in front of the replicas) always reaches the leader.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_endpoints: Vec<String>,
     /// PEM bundle of the CA(s) that sign the hub's serving certificate.
     pub ca_file: PathBuf,
     /// PEM client certificate of this device (chain allowed).
@@ -94,6 +99,7 @@ impl LinkConfig {
     ) -> Self {
         Self {
             endpoint: endpoint.into(),
+            fallback_endpoints: Vec::new(),
             ca_file: ca_file.into(),
             cert_file: cert_file.into(),
             key_file: key_file.into(),
@@ -101,6 +107,29 @@ impl LinkConfig {
             server_name: None,
             keepalive_interval_secs: default_keepalive_interval_secs(),
             keepalive_timeout_secs: default_keepalive_timeout_secs(),
+        }
+    }
+
+    /// Every endpoint in the order they are tried: `endpoint`, then `fallback_endpoints`.
+    pub fn endpoints(&self) -> Vec<String> {
+        std::iter::once(self.endpoint.clone())
+            .chain(self.fallback_endpoints.iter().cloned())
+            .collect()
+    }
+
+    /// Checks that every endpoint is a usable `https://host:port` (the first error wins).
+    pub fn validate_endpoints(&self) -> Result<(), LinkClientError> {
+        for endpoint in self.endpoints() {
+            client::Target::parse(&self.for_endpoint(&endpoint))?;
+        }
+        Ok(())
+    }
+
+    /// This configuration aimed at `endpoint` instead (errors then name the endpoint in use).
+    fn for_endpoint(&self, endpoint: &str) -> Self {
+        Self {
+            endpoint: endpoint.to_owned(),
+            ..self.clone()
         }
     }
 }
@@ -184,6 +213,9 @@ const RECONNECT_BASE: Duration = Duration::from_secs(1);
 /// Keep the link to the hub up until `shutdown` fires: connect, hello, apply snapshots, report
 /// status; reconnect with exponential backoff and full jitter after every failure. Never returns
 /// early on errors: a device must come back on its own once the hub or its network does.
+///
+/// With several endpoints (hub replicas), a failed attempt or a lost session moves on to the next
+/// endpoint at once; the backoff delay is taken once per round through all of them.
 pub async fn run_link(
     cfg: LinkConfig,
     state: Arc<dyn DeviceState>,
@@ -199,18 +231,37 @@ pub async fn run_link(
         cfg.cert_file.clone(),
         cfg.key_file.clone(),
     );
+    let endpoints = cfg.endpoints();
+    // Where the current round of attempts started; a full round without success backs off.
+    let mut current = 0usize;
+    let mut round_start = 0usize;
     while !shutdown.is_cancelled() {
+        let endpoint_cfg = cfg.for_endpoint(&endpoints[current]);
+        let mut connected = false;
         let attempt = async {
-            let target = client::Target::parse(&cfg)?;
+            let target = client::Target::parse(&endpoint_cfg)?;
             let config = tls.current()?;
-            client::run_session(&cfg, &target, config, &state, &shutdown, || backoff.reset()).await
+            client::run_session(&endpoint_cfg, &target, config, &state, &shutdown, || {
+                connected = true;
+                backoff.reset();
+            })
+            .await
         };
         match attempt.await {
             Ok(client::SessionEnd::Shutdown) => break,
             Ok(client::SessionEnd::ClosedByHub) => {
-                tracing::info!(device, "hub closed the link");
+                tracing::info!(device, endpoint = %endpoint_cfg.endpoint, "hub closed the link");
             }
             Err(error) => tracing::warn!(device, %error, "link to hub down"),
+        }
+        if connected {
+            // A session ran here: a new round starts from this endpoint's successor.
+            round_start = current;
+        }
+        current = (current + 1) % endpoints.len();
+        if current != round_start && endpoints.len() > 1 {
+            tracing::info!(device, endpoint = %endpoints[current], "trying the next hub endpoint");
+            continue;
         }
         let delay = backoff.next_delay();
         tracing::debug!(
@@ -224,4 +275,26 @@ pub async fn run_link(
         }
     }
     tracing::info!(device, "link stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_tried_in_order_and_each_is_checked() {
+        let mut cfg = LinkConfig::new("https://hub-a:7443", "ca", "cert", "key");
+        cfg.fallback_endpoints = vec!["https://hub-b:7443".into()];
+        assert_eq!(
+            cfg.endpoints(),
+            vec![
+                "https://hub-a:7443".to_string(),
+                "https://hub-b:7443".into()
+            ]
+        );
+        assert!(cfg.validate_endpoints().is_ok());
+        cfg.fallback_endpoints.push("http://hub-c:7443".into());
+        let err = cfg.validate_endpoints().unwrap_err().to_string();
+        assert!(err.contains("http://hub-c:7443"), "{err}");
+    }
 }

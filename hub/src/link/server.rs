@@ -13,7 +13,7 @@ use fleetlet_proto::v1::{self, agent_message, hub_message};
 use futures::stream::BoxStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
@@ -118,6 +118,7 @@ struct LinkService {
     inventory: Arc<dyn Inventory>,
     settings: Arc<SessionSettings>,
     shutdown: CancellationToken,
+    leading: watch::Receiver<bool>,
 }
 
 /// A bound link listener, ready to serve. Binding first lets callers (and tests) learn the
@@ -126,6 +127,7 @@ pub struct LinkServer {
     listener: TcpListener,
     config: LinkServerConfig,
     tls: Arc<ServerTls>,
+    leading: watch::Receiver<bool>,
 }
 
 impl LinkServer {
@@ -142,7 +144,17 @@ impl LinkServer {
             listener,
             config,
             tls,
+            // Without a gate the server always accepts (a hub without leader election).
+            leading: watch::channel(true).1,
         })
+    }
+
+    /// Accept device streams only while `leading` is true; otherwise answer `UNAVAILABLE`
+    /// ("not leader") so an agent moves on to its next hub endpoint. A standby replica listens
+    /// (its port answers, its TLS works) but never holds a device session.
+    pub fn gated(mut self, leading: watch::Receiver<bool>) -> Self {
+        self.leading = leading;
+        self
     }
 
     /// The address actually bound (resolves port 0).
@@ -193,6 +205,7 @@ impl LinkServer {
                 stall_timeout: Duration::from_secs(config.stall_timeout_secs.max(1)),
             }),
             shutdown: shutdown.clone(),
+            leading: self.leading,
         };
         let grpc = DeviceLinkServer::new(service)
             .max_decoding_message_size(fleetlet_proto::MAX_MESSAGE_BYTES)
@@ -393,6 +406,15 @@ impl DeviceLink for LinkService {
                 ));
             }
         };
+        if !*self.leading.borrow() {
+            tracing::debug!(device, "link stream refused: this replica is a standby");
+            return Err(reject(
+                &self.sessions,
+                Status::unavailable(format!(
+                    "not leader: this fleetlet-hub replica is a standby; device {device} must connect to the leading replica"
+                )),
+            ));
+        }
         if !self.inventory.admits(&device) {
             tracing::warn!(device, "link stream refused: device not in the inventory");
             return Err(reject(

@@ -341,6 +341,8 @@ pub struct HubPorts {
     pub link: u16,
     /// The ops endpoint (/metrics, health).
     pub ops: u16,
+    /// The kubelet endpoint (the Nodes' daemonEndpoints while this hub leads).
+    pub kubelet: u16,
 }
 
 /// Applies the shipped namespace and RBAC (`packaging/kubernetes/`) for real, checks every shipped
@@ -449,6 +451,8 @@ pub struct HubSpec {
     pub client_ca_file: Option<PathBuf>,
     /// `[link] identity_prefix`, stripped from the certificate's CN to get the device name.
     pub identity_prefix: String,
+    /// `[leader_election]` lease duration and retry period in seconds.
+    pub leader_secs: (u32, u64),
 }
 
 impl HubSpec {
@@ -463,6 +467,7 @@ impl HubSpec {
             inventory: None,
             client_ca_file: None,
             identity_prefix: String::new(),
+            leader_secs: (15, 2),
         }
     }
 }
@@ -472,6 +477,8 @@ impl HubSpec {
 #[derive(Debug, Clone)]
 pub struct HubSetup {
     dir: PathBuf,
+    /// Replica name: leader-election identity, `<name>.toml`, `<name>.log` ("hub" by default).
+    pub name: String,
     /// The hub's ports.
     pub ports: HubPorts,
     /// The spec it was written from.
@@ -484,18 +491,30 @@ impl HubSetup {
     pub fn write(dir: &Path, spec: HubSpec) -> Self {
         let names: Vec<&str> = spec.devices.iter().map(|(n, _)| n.as_str()).collect();
         link_pki_for(dir, &names, &[spec.link_ip]);
-        let (kubelet_cert, kubelet_key) = issue_kubelet_cert(dir);
-        let link_port = match spec.link_ip {
-            IpAddr::V4(ip) if !ip.is_loopback() => free_port_on(spec.link_ip),
-            _ => free_port(),
-        };
-        let (kubelet_port, ops_port) = (free_port(), free_port());
+        issue_kubelet_cert(dir);
         let inventory: String = spec
             .devices
             .iter()
             .map(|(n, f)| format!("[[device]]\nname = \"{n}\"\nfleet = \"{f}\"\n"))
             .collect();
         std::fs::write(dir.join("devices.toml"), inventory).expect("inventory");
+        shipped_rbac_kubeconfig(dir);
+        Self::write_replica(dir, spec, "hub")
+    }
+
+    /// Another replica of this hub (same PKI, inventory, instance and leader Lease) on fresh
+    /// ports, with its own identity, config and log named `name`.
+    pub fn replica(&self, name: &str) -> Self {
+        Self::write_replica(&self.dir, self.spec.clone(), name)
+    }
+
+    fn write_replica(dir: &Path, spec: HubSpec, name: &str) -> Self {
+        let (kubelet_cert, kubelet_key) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
+        let link_port = match spec.link_ip {
+            IpAddr::V4(ip) if !ip.is_loopback() => free_port_on(spec.link_ip),
+            _ => free_port(),
+        };
+        let (kubelet_port, ops_port) = (free_port(), free_port());
         let inventory = spec.inventory.clone().unwrap_or_else(|| {
             format!(
                 "[inventory]\nstatic_file = \"{}/devices.toml\"",
@@ -507,13 +526,13 @@ impl HubSetup {
             .clone()
             .unwrap_or_else(|| dir.join("link-ca.crt"));
         let pki = dev_dir().join("pki");
-        let hub_kubeconfig = shipped_rbac_kubeconfig(dir);
+        let hub_kubeconfig = dir.join("hub-sa.kubeconfig");
         let keepalive = spec
             .keepalive_secs
             .map(|(i, t)| format!("keepalive_interval_secs = {i}\nkeepalive_timeout_secs = {t}\n"))
             .unwrap_or_default();
         std::fs::write(
-            dir.join("hub.toml"),
+            dir.join(format!("{name}.toml")),
             format!(
                 r#"kubeconfig = "{kubeconfig}"
 [ops]
@@ -526,6 +545,9 @@ disconnect_grace_secs = {grace}
 enabled = true
 namespace = "fleetlet-system"
 name = "{instance}"
+identity = "{name}"
+lease_duration_secs = {lease_secs}
+retry_secs = {retry_secs}
 [kubelet]
 listen = "127.0.0.1:{kubelet_port}"
 cert_file = "{kubelet_cert}"
@@ -548,30 +570,40 @@ identity_prefix = "{prefix}"
                 kubelet_key = kubelet_key.display(),
                 cluster_ca = pki.join("ca.crt").display(),
                 link_addr = std::net::SocketAddr::new(spec.link_ip, link_port),
+                lease_secs = spec.leader_secs.0,
+                retry_secs = spec.leader_secs.1,
             ),
         )
         .expect("hub config");
         HubSetup {
             dir: dir.to_path_buf(),
+            name: name.to_string(),
             ports: HubPorts {
                 link: link_port,
                 ops: ops_port,
+                kubelet: kubelet_port,
             },
             spec,
         }
     }
 
-    /// Starts the real `fleetlet-hub` binary (its log is appended to `hub.log` in the directory).
+    /// Starts the real `fleetlet-hub` binary (its log is appended to `<name>.log`, `hub.log` for
+    /// the first replica, in the directory).
     pub fn spawn(&self) -> Proc {
         Proc::spawn(
-            "fleetlet-hub",
+            &format!("fleetlet-hub {}", self.name),
             Command::new(hub_binary())
                 .arg("run")
                 .arg("-c")
-                .arg(self.dir.join("hub.toml"))
+                .arg(self.dir.join(format!("{}.toml", self.name)))
                 .env("RUST_LOG", "info"),
-            self.dir.join("hub.log"),
+            self.log(),
         )
+    }
+
+    /// The replica's log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.name))
     }
 
     /// The link endpoint agents connect to.
@@ -604,6 +636,8 @@ pub struct AgentSpec {
     pub device: String,
     /// The hub's link endpoint, `https://host:port`.
     pub endpoint: String,
+    /// `[hub] fallback_endpoints`: other hub replicas, tried in turn.
+    pub fallback_endpoints: Vec<String>,
     /// The Podman socket the agent drives.
     pub podman_socket: PathBuf,
     /// `[hub]` keepalive interval and timeout in seconds; `None` keeps the agent's defaults.
@@ -621,6 +655,7 @@ impl AgentSpec {
         AgentSpec {
             device: device.to_string(),
             endpoint: format!("https://127.0.0.1:{link_port}"),
+            fallback_endpoints: Vec::new(),
             podman_socket: podman_socket(),
             keepalive_secs: None,
             netns: None,
@@ -657,6 +692,12 @@ impl AgentSetup {
             .keepalive_secs
             .map(|(i, t)| format!("keepalive_interval_secs = {i}\nkeepalive_timeout_secs = {t}\n"))
             .unwrap_or_default();
+        let fallback: Vec<String> = spec
+            .fallback_endpoints
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        let fallback = fallback.join(", ");
         std::fs::write(
             &cfg,
             format!(
@@ -671,6 +712,7 @@ ca_file = "{dir}/link-ca.crt"
 cert_file = "{cert}"
 key_file = "{key}"
 reconnect_max_backoff_secs = 2
+fallback_endpoints = [{fallback}]
 {keepalive}"#,
                 cert = cert.display(),
                 key = key.display(),
@@ -732,4 +774,74 @@ pub fn node_ready(n: &k8s_openapi::api::core::v1::Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key.starts_with("node.kubernetes.io/")));
     ready && !tainted
+}
+
+/// Runs the stack's kubectl as admin and ignores the outcome (cleanup in `Drop`).
+pub fn kubectl_best_effort(args: &[&str]) {
+    let kubectl = std::env::var("FLEETLET_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let _ = Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(kube_config_path())
+        .args(args)
+        .output();
+}
+
+/// Runs the stack's kubectl as admin: (success, stdout, stderr).
+pub fn kubectl(args: &[&str]) -> (bool, String, String) {
+    let kubectl = std::env::var("FLEETLET_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let out = Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(kube_config_path())
+        .args(args)
+        .output()
+        .expect("run kubectl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A kubectl child process (e.g. `logs -f`) with piped stdout and stderr, read while it runs.
+pub fn kubectl_spawn(args: &[&str]) -> Child {
+    let kubectl = std::env::var("FLEETLET_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(kube_config_path())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl")
+}
+
+/// `GET path` on a hub's ops endpoint (plain HTTP/1.0 on loopback): (status code, body), or
+/// `None` while nothing answers.
+pub async fn ops_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// The value of the unlabelled metric `fleetlet_hub_<name>` on a hub's ops endpoint.
+pub async fn hub_metric(ops_port: u16, name: &str) -> Option<f64> {
+    let (_, body) = ops_get(ops_port, "/metrics").await?;
+    let key = format!("fleetlet_hub_{name} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
 }
