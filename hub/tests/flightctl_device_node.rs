@@ -90,6 +90,7 @@ async fn a_flightctl_enrolled_device_runs_pods_and_its_node_follows_flightctl() 
     let mut flightctl_cleanup = FlightctlCleanup {
         admin: fc.admin.clone(),
         objects: Vec::new(),
+        csr_prefixes: vec![format!("enroll-{dev_a}-"), format!("enroll-{dev_b}-")],
     };
     for dev in [&dev_a, &dev_b] {
         for kind in ["devices", "enrollmentrequests"] {

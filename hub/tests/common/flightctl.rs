@@ -207,12 +207,16 @@ pub struct FlightctlCleanup {
     pub admin: FlightctlClient,
     /// What to delete.
     pub objects: Vec<(String, String)>,
+    /// Delete every CertificateSigningRequest whose name starts with one of these (e.g. the
+    /// `enroll-<device>-<suffix>` requests device-cert.sh makes).
+    pub csr_prefixes: Vec<String>,
 }
 
 impl Drop for FlightctlCleanup {
     fn drop(&mut self) {
         let admin = self.admin.clone();
         let objects = std::mem::take(&mut self.objects);
+        let prefixes = std::mem::take(&mut self.csr_prefixes);
         // Drop cannot await; a thread with its own runtime works inside or outside a runtime.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -222,7 +226,24 @@ impl Drop for FlightctlCleanup {
                 return;
             };
             rt.block_on(async {
-                for (kind, name) in objects {
+                let csrs = if prefixes.is_empty() {
+                    Vec::new()
+                } else {
+                    admin
+                        .list_all("/api/v1/certificatesigningrequests", 1000, 100)
+                        .await
+                        .map(|l| l.items)
+                        .unwrap_or_default()
+                };
+                let matching = csrs.iter().filter_map(|csr| {
+                    let name = csr["metadata"]["name"].as_str()?;
+                    prefixes
+                        .iter()
+                        .any(|p| name.starts_with(p.as_str()))
+                        .then(|| ("certificatesigningrequests".to_owned(), name.to_owned()))
+                });
+                let all: Vec<(String, String)> = objects.into_iter().chain(matching).collect();
+                for (kind, name) in all {
                     let _ = admin
                         .request(Method::DELETE, &format!("/api/v1/{kind}/{name}"), None)
                         .await;
