@@ -284,9 +284,8 @@ async fn settle(rig: &Rig, name: &str, done: impl Fn(&str, &str, &str) -> bool) 
 
 #[tokio::test]
 async fn malformed_pods_get_clear_reasons_and_nothing_crashes() {
-    let mut rig = Rig::new("fb-bad", 1).await;
+    let mut rig = Rig::start("fb-bad", 1).await;
     let dev = rig.devices()[0].clone();
-    rig.start_all().await;
     let keep_uid = rig.create_pod(sleeper("keep", &dev)).await;
     assert!(rig.wait_running(&["keep"], WAIT).await, "{}", rig.logs());
     let keep_before = running(&dev, &keep_uid);
@@ -389,8 +388,8 @@ async fn malformed_pods_get_clear_reasons_and_nothing_crashes() {
     }
 
     // Neither side crashed, the kept pod never noticed.
-    let hub_alive = rig.hub.as_mut().is_some_and(|h| h.running());
-    let agent_alive = rig.agent_procs.get_mut(&dev).is_some_and(|a| a.running());
+    let hub_alive = rig.hub_running();
+    let agent_alive = rig.agent_running(&dev);
     let keep_after = running(&dev, &keep_uid);
     let keep_ok = keep_after == keep_before
         && rig.phase("keep").await.map(|p| p.0).as_deref() == Some("Running");

@@ -78,11 +78,14 @@ impl Drop for Tmpfs {
 
 #[tokio::test]
 async fn full_state_directory_is_reported_pods_keep_running_and_the_agent_catches_up() {
-    let mut rig = Rig::new("fb-disk", 1).await;
+    let mut rig = Rig::start("fb-disk", 1).await;
     let dev = rig.devices()[0].clone();
-    let state = rig.agents[&dev].state_dir.clone();
+    let state = rig.agent(&dev).state_dir.clone();
+    // The agent restarts on a fresh 1 MiB state directory (it holds no pods yet).
+    rig.kill_agent(&dev);
     let tmpfs = Tmpfs::mount(&state, "1m");
-    rig.start_all().await;
+    rig.start_agent(&dev);
+    rig.wait_node_ready(&dev).await;
 
     let keep_uid = rig.create_pod(sleeper("keep", &dev)).await;
     assert!(
@@ -204,10 +207,9 @@ fn corrupt(file: &Path, truncate: bool) {
 
 async fn corrupt_snapshot_round(truncate: bool) {
     let what = if truncate { "truncated" } else { "bit-flipped" };
-    let mut rig = Rig::new("fb-corrupt", 1).await;
+    let mut rig = Rig::start("fb-corrupt", 1).await;
     let dev = rig.devices()[0].clone();
-    let state = rig.agents[&dev].state_dir.clone();
-    rig.start_all().await;
+    let state = rig.agent(&dev).state_dir.clone();
     let a = rig.create_pod(sleeper("a", &dev)).await;
     assert!(rig.wait_running(&["a"], WAIT).await, "{}", rig.logs());
     let b = rig.create_pod(sleeper("b", &dev)).await;

@@ -121,7 +121,7 @@ fn kubelet_get(port: u16, path: &str, token: Option<&str>) -> u16 {
 
 /// The `[kubelet] listen` port of the rig's hub config.
 fn kubelet_port(rig: &Rig) -> u16 {
-    let cfg = std::fs::read_to_string(rig.dir.path().join("hub.toml")).expect("hub.toml");
+    let cfg = std::fs::read_to_string(rig.dir().join("hub.toml")).expect("hub.toml");
     let section = cfg.split("[kubelet]").nth(1).expect("[kubelet] table");
     let listen = section
         .lines()
@@ -167,13 +167,12 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut rig = Rig::new("fb-sec", 2).await;
+    let mut rig = Rig::start("fb-sec", 2).await;
     let devices = rig.devices();
     let (a, b) = (devices[0].clone(), devices[1].clone());
-    rig.start_all().await;
     let secret_value = format!("fbsecret{}", random_hex());
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(rig.client.clone(), &rig.ns);
+        kube::Api::namespaced(rig.fleet.client.clone(), &rig.ns);
     let secret = serde_json::from_value(json!({
         "metadata": {"name": "creds"},
         "stringData": {"password": secret_value}
@@ -191,10 +190,10 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         rig.logs()
     );
     let b_before = running(&b, &b_uid);
-    let port = rig.hub_setup.ports.link;
+    let port = rig.link_port();
 
     // 1. A's certificate, hello as B.
-    let mut as_a = link_client(rig.dir.path(), &a, port).await;
+    let mut as_a = link_client(rig.dir(), &a, port).await;
     let verdict = send_as(&mut as_a, vec![hello(&b)], Duration::from_secs(10)).await;
     println!("hello as B with A's certificate: {verdict:?}");
     let impersonation_refused = verdict
@@ -362,7 +361,8 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
 
     // 4. Secrets: private on the device, in no log.
     let mut files = Vec::new();
-    let volumes = rig.agents[&a]
+    let volumes = rig
+        .agent(&a)
         .state_dir
         .join("pods")
         .join(&a_uid)
@@ -374,7 +374,7 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).map_or(0o777, |m| m.permissions().mode() & 0o777)
     };
-    let pods_tree = mode(&rig.agents[&a].state_dir.join("pods"));
+    let pods_tree = mode(&rig.agent(&a).state_dir.join("pods"));
     let private =
         !files.is_empty() && pods_tree == 0o700 && files.iter().all(|f| mode(f) & 0o007 == 0);
     rig.kill_agent(&a);

@@ -1,15 +1,14 @@
-//! A real hub and real agents for the disk, bad-input and security faults: the `fleetlet-hub`
-//! and `fleetlet-agent` binaries (from `fleetlet_test_support::harness`), the stack's API server
-//! and Podman, one namespace for the run, and everything removed again on drop.
+//! Helpers of the disk, bad-input and security faults over the suite's [`Fleet`] fixture (a real
+//! hub and real agents on the stack, cleaned up on drop): devices by name, pods from JSON, the
+//! pods' phases, what Podman runs for a pod, and the processes' logs.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleetlet_test_support::harness::{
-    self, AgentSetup, AgentSpec, HubSetup, HubSpec, KubeCleanup, Proc,
-};
+use fleetlet_faults::fixture::Fleet;
+use fleetlet_test_support::harness::{self, AgentSetup};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::PostParams;
@@ -18,100 +17,91 @@ use serde_json::{Value, json};
 /// Bound for anything the rig waits on (a bound, not a timing goal).
 pub const WAIT: Duration = Duration::from_secs(90);
 
-/// A hub with its devices' agents, in one namespace of the run.
+/// A started [`Fleet`] with name-based access for these tests.
 pub struct Rig {
-    /// Where PKI, configs, state directories and logs live.
-    pub dir: tempfile::TempDir,
-    pub hub_setup: HubSetup,
-    pub hub: Option<Proc>,
-    pub agents: BTreeMap<String, AgentSetup>,
-    pub agent_procs: BTreeMap<String, Proc>,
-    pub client: kube::Client,
+    /// The hub, agents, namespace and cleanup.
+    pub fleet: Fleet,
+    /// The namespace of the run.
     pub ns: String,
+    /// Pods of the namespace.
     pub pods: Api<Pod>,
+    /// Nodes.
     pub nodes: Api<Node>,
-    _cleanup: KubeCleanup,
 }
 
 impl Rig {
-    /// Writes a hub for `devices` (fleet "f") and their agents; starts nothing yet.
-    pub async fn new(prefix: &str, devices: usize) -> Rig {
-        let instance = harness::unique(prefix);
-        let names: Vec<String> = (0..devices).map(|i| format!("{instance}-d{i}")).collect();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spec = HubSpec::new(
-            &instance,
-            &names
-                .iter()
-                .map(|n| (n.clone(), "f".to_string()))
-                .collect::<Vec<_>>(),
-        );
-        let hub_setup = HubSetup::write(dir.path(), spec);
-        let agents = names
-            .iter()
-            .map(|n| {
-                (
-                    n.clone(),
-                    AgentSetup::write(dir.path(), AgentSpec::new(n, hub_setup.ports.link)),
-                )
-            })
-            .collect();
-        let client = harness::client().await;
-        harness::create_namespace(&client, &instance).await;
+    /// Starts a hub and `devices` agents and waits for their Nodes to be Ready.
+    pub async fn start(prefix: &str, devices: usize) -> Rig {
+        let fleet = Fleet::start(prefix, devices, |_| {}, |_| {}).await;
         Rig {
-            pods: Api::namespaced(client.clone(), &instance),
-            nodes: Api::all(client.clone()),
-            _cleanup: KubeCleanup {
-                nodes: names.clone(),
-                namespace: Some(instance.clone()),
-            },
-            ns: instance,
-            dir,
-            hub_setup,
-            hub: None,
-            agents,
-            agent_procs: BTreeMap::new(),
-            client,
+            ns: fleet.id.clone(),
+            pods: fleet.pods(),
+            nodes: Api::all(fleet.client.clone()),
+            fleet,
         }
     }
 
     /// Device names, in order.
     pub fn devices(&self) -> Vec<String> {
-        self.agents.keys().cloned().collect()
+        self.fleet.devices.clone()
     }
 
-    pub fn start_hub(&mut self) {
-        self.hub = Some(self.hub_setup.spawn());
+    fn index(&self, device: &str) -> usize {
+        self.fleet
+            .devices
+            .iter()
+            .position(|d| d == device)
+            .expect("a device of the rig")
+    }
+
+    /// The written setup of `device`'s agent (its state directory).
+    pub fn agent(&self, device: &str) -> &AgentSetup {
+        &self.fleet.agents[self.index(device)]
+    }
+
+    /// Where PKI, configs, state directories and logs live.
+    pub fn dir(&self) -> &std::path::Path {
+        self.fleet.dir()
+    }
+
+    /// The hub's link port.
+    pub fn link_port(&self) -> u16 {
+        self.fleet.hub.ports.link
     }
 
     /// Kills the hub (SIGKILL).
     pub fn stop_hub(&mut self) {
-        if let Some(h) = self.hub.take() {
-            h.kill9();
-        }
+        self.fleet.kill_hub();
     }
 
-    pub fn start_agent(&mut self, device: &str) {
-        let proc = self.agents[device].spawn();
-        self.agent_procs.insert(device.to_string(), proc);
+    /// Starts the hub again with the same configuration.
+    pub fn start_hub(&mut self) {
+        self.fleet.restart_hub();
     }
 
     /// Kills an agent (SIGKILL); its pods keep running in Podman.
     pub fn kill_agent(&mut self, device: &str) {
-        if let Some(p) = self.agent_procs.remove(device) {
-            p.kill9();
-        }
+        let i = self.index(device);
+        self.fleet.kill_agent(i);
     }
 
-    /// Starts the hub and every agent and waits until every Node is Ready.
-    pub async fn start_all(&mut self) {
-        self.start_hub();
-        for d in self.devices() {
-            self.start_agent(&d);
-        }
-        for d in self.devices() {
-            self.wait_node_ready(&d).await;
-        }
+    /// Starts an agent again with the same configuration and state directory.
+    pub fn start_agent(&mut self, device: &str) {
+        let i = self.index(device);
+        self.fleet.restart_agent(i);
+    }
+
+    /// Whether the hub process is running.
+    pub fn hub_running(&mut self) -> bool {
+        self.fleet.hub_proc.as_mut().is_some_and(|h| h.running())
+    }
+
+    /// Whether `device`'s agent process is running.
+    pub fn agent_running(&mut self, device: &str) -> bool {
+        let i = self.index(device);
+        self.fleet.agent_procs[i]
+            .as_mut()
+            .is_some_and(|a| a.running())
     }
 
     pub async fn wait_node_ready(&self, device: &str) {
@@ -134,17 +124,17 @@ impl Rig {
     }
 
     pub fn hub_log(&self) -> PathBuf {
-        self.dir.path().join("hub.log")
+        self.dir().join("hub.log")
     }
 
     pub fn agent_log(&self, device: &str) -> PathBuf {
-        self.dir.path().join(format!("agent-{device}.log"))
+        self.dir().join(format!("agent-{device}.log"))
     }
 
     /// Every log file the rig's processes wrote.
     pub fn log_files(&self) -> Vec<PathBuf> {
         std::iter::once(self.hub_log())
-            .chain(self.agents.keys().map(|d| self.agent_log(d)))
+            .chain(self.fleet.devices.iter().map(|d| self.agent_log(d)))
             .collect()
     }
 
@@ -199,19 +189,6 @@ impl Rig {
         })
         .await
         .is_ok()
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        // Agents first (they would restart what is removed), then the hub, then the containers.
-        for (_, p) in std::mem::take(&mut self.agent_procs) {
-            p.kill9();
-        }
-        self.stop_hub();
-        for d in self.agents.keys() {
-            harness::remove_device_containers(d);
-        }
     }
 }
 
@@ -300,8 +277,7 @@ pub fn duplicated(device: &str, uid: &str) -> u32 {
         .count() as u32
 }
 
-/// Records an outcome for the suite's table (a failure to write the report fails the test).
+/// Records an outcome for the suite's table (and prints it).
 pub fn record(outcome: fleetlet_faults::Outcome) {
-    println!("outcome: {outcome:?}");
-    fleetlet_faults::record(&outcome).expect("write the fault report");
+    fleetlet_faults::fixture::record_outcome(&outcome);
 }
