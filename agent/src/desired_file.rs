@@ -130,6 +130,7 @@ pub fn load(path: &Path) -> Result<DesiredSnapshot, DesiredFileError> {
     Ok(DesiredSnapshot {
         generation: file.generation,
         pods,
+        ..Default::default()
     })
 }
 

@@ -192,8 +192,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .filter(|u| remove_others && !desired.contains_key(*u))
             .cloned()
             .collect();
+        // The API's deletion grace of a pod being deleted, when the hub relayed one.
+        let removal = |uid: &str| Desire::Remove {
+            grace_secs: snapshot.termination_grace_seconds.get(uid).copied(),
+        };
         for uid in gone {
-            self.set_desire(&uid, Desire::Remove, shutdown).await;
+            self.set_desire(&uid, removal(&uid), shutdown).await;
         }
         // Pods in Podman that carry this device's label but have no worker: left from before a
         // restart and no longer desired. Containers of other devices or without labels are never
@@ -217,7 +221,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         for uid in found {
             if remove_others && !desired.contains_key(&uid) && !self.workers.contains_key(&uid) {
                 info!(pod_uid = %uid, generation, "removing pod that is no longer desired");
-                self.set_desire(&uid, Desire::Remove, shutdown).await;
+                self.set_desire(&uid, removal(&uid), shutdown).await;
             }
         }
         // A removed pod's status (removed=true) stays published until the next generation, so
@@ -270,7 +274,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
 
 fn same_desire(a: &Desire, b: &Desire) -> bool {
     match (a, b) {
-        (Desire::Remove, Desire::Remove) => true,
+        (Desire::Remove { grace_secs: g1 }, Desire::Remove { grace_secs: g2 }) => g1 == g2,
         (
             Desire::Run {
                 bundle: b1,

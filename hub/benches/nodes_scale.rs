@@ -27,7 +27,12 @@ use tokio_util::sync::CancellationToken;
 struct NullLink;
 
 impl Sessions for NullLink {
-    fn set_desired(&self, _device: &str, _pods: Vec<PodBundle>) -> u64 {
+    fn set_desired(
+        &self,
+        _device: &str,
+        _pods: Vec<PodBundle>,
+        _grace: std::collections::HashMap<String, u64>,
+    ) -> u64 {
         1
     }
     fn is_connected(&self, _device: &str) -> bool {

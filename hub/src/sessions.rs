@@ -2,6 +2,8 @@
 //! from the inventory, as small seams so the controllers can be unit-tested with in-memory fakes
 //! while `run` wires the real link server.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use fleetlet_proto::v1::{LogRequest, PodBundle};
 use futures::StreamExt;
@@ -14,7 +16,14 @@ pub type LogStream = BoxStream<'static, Result<Bytes, String>>;
 /// The device link as the controllers use it.
 pub trait Sessions: Send + Sync + 'static {
     /// Replaces the whole desired pod set of a device; returns the generation it got.
-    fn set_desired(&self, device: &str, pods: Vec<PodBundle>) -> u64;
+    /// `termination_grace` holds, by pod UID, the grace period (seconds) of each pod being
+    /// deleted (left out of `pods`): the API's deletionGracePeriodSeconds, relayed to the device.
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        termination_grace: HashMap<String, u64>,
+    ) -> u64;
     /// True while the device has a live stream.
     fn is_connected(&self, device: &str) -> bool;
     /// Streams a container log from the device; an error when it is offline or refuses.
@@ -33,8 +42,13 @@ pub type DeviceSet = crate::inventory::DeviceMap;
 
 /// The real link.
 impl Sessions for crate::link::DeviceSessions {
-    fn set_desired(&self, device: &str, pods: Vec<PodBundle>) -> u64 {
-        crate::link::DeviceSessions::set_desired(self, device, pods)
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        termination_grace: HashMap<String, u64>,
+    ) -> u64 {
+        crate::link::DeviceSessions::set_desired_with_grace(self, device, pods, termination_grace)
     }
 
     fn is_connected(&self, device: &str) -> bool {

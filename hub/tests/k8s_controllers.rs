@@ -39,7 +39,12 @@ struct FakeLink {
 }
 
 impl Sessions for FakeLink {
-    fn set_desired(&self, device: &str, pods: Vec<PodBundle>) -> u64 {
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        _grace: std::collections::HashMap<String, u64>,
+    ) -> u64 {
         let mut generation = 0;
         self.desired.send_modify(|d| {
             generation = d.get(device).map_or(1, |(g, _)| g + 1);

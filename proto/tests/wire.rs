@@ -18,6 +18,7 @@ fn snapshot_round_trips_with_its_bundles() {
                 data: [("password".to_string(), b"s3cret".to_vec().into())].into(),
             }],
         }],
+        termination_grace_seconds: [("u0".to_string(), 3)].into(),
     };
     let message = HubMessage {
         kind: Some(hub_message::Kind::Snapshot(snapshot.clone())),

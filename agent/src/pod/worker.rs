@@ -39,7 +39,11 @@ pub enum Desire {
         admission: Result<(), (String, String)>,
     },
     /// Stop and remove the pod.
-    Remove,
+    Remove {
+        /// Grace period in seconds from the API's deletion (`deletionGracePeriodSeconds`);
+        /// `None`: the grace the containers were created with (the spec's).
+        grace_secs: Option<u64>,
+    },
 }
 
 /// What every worker shares.
@@ -118,7 +122,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         loop {
             let current = desire.borrow_and_update().clone();
             let requeue = match current {
-                Desire::Remove => match self.remove().await {
+                Desire::Remove { grace_secs } => match self.remove(grace_secs).await {
                     Ok(()) => return,
                     Err(e) => {
                         warn!(pod_uid = %self.uid, error = %e, "removing pod failed; retrying");
@@ -695,8 +699,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
     }
 
     /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
-    /// the pod and its volumes.
-    async fn remove(&mut self) -> Result<(), crate::podman::PodmanError> {
+    /// the pod and its volumes. `grace_override` (the API's deletion grace) replaces each
+    /// container's own stop timeout, as a kubelet honours `kubectl delete --grace-period`.
+    async fn remove(
+        &mut self,
+        grace_override: Option<u64>,
+    ) -> Result<(), crate::podman::PodmanError> {
         let rt = self.ctx.rt.clone();
         // The infra container carries the pod's labels too; it goes with the pod.
         let containers: Vec<_> = rt
@@ -708,14 +716,19 @@ impl<R: ContainerRuntime> PodWorker<R> {
         // Each container carries the pod's grace period as its stop timeout (also after an agent
         // restart, when the pod spec may be gone). Stop them all at once so the pod's grace is
         // not multiplied by its container count.
+        if containers.iter().any(|c| c.state == "running") {
+            info!(pod_uid = %self.uid, deletion_grace_secs = ?grace_override, "stopping pod");
+        }
         let stops = containers.iter().filter(|c| c.state == "running").map(|c| {
             let rt = rt.clone();
             let id = c.id.clone();
             async move {
-                let grace = match rt.inspect_container(&id).await? {
-                    Some(i) => i.config.stop_timeout.unwrap_or(30),
-                    None => return Ok(()),
+                let grace = match (grace_override, rt.inspect_container(&id).await?) {
+                    (_, None) => return Ok(()),
+                    (Some(secs), Some(_)) => secs,
+                    (None, Some(i)) => i.config.stop_timeout.unwrap_or(30),
                 };
+                debug!(container = %id, grace_secs = grace, "stopping container");
                 rt.stop_container(&id, grace).await
             }
         });

@@ -228,6 +228,17 @@ impl DeviceSessions {
     /// Replace the whole desired pod set of a device and return its new generation. Pushed to the
     /// device if it is connected, else on its next hello (only when the device's copy is stale).
     pub fn set_desired(&self, device: &str, pods: Vec<v1::PodBundle>) -> u64 {
+        self.set_desired_with_grace(device, pods, HashMap::new())
+    }
+
+    /// [`Self::set_desired`], with the grace periods (seconds, by pod UID) of pods being deleted:
+    /// the device stops those with this grace instead of their spec's.
+    pub fn set_desired_with_grace(
+        &self,
+        device: &str,
+        pods: Vec<v1::PodBundle>,
+        termination_grace_seconds: HashMap<String, u64>,
+    ) -> u64 {
         let slot = self.slot(device);
         let held = slot.held.load(Ordering::Acquire);
         let sent = slot.sent.load(Ordering::Acquire);
@@ -242,7 +253,11 @@ impl DeviceSessions {
                     .fetch_add(1, Ordering::Relaxed);
             }
             generation = next_generation(previous, held);
-            *desired = Some(Arc::new(v1::DesiredSnapshot { generation, pods }));
+            *desired = Some(Arc::new(v1::DesiredSnapshot {
+                generation,
+                pods,
+                termination_grace_seconds,
+            }));
         });
         tracing::debug!(device, generation, "desired snapshot updated");
         generation
@@ -413,7 +428,7 @@ impl DeviceSessions {
                 let generation = next_generation(snapshot.generation, held);
                 *snapshot = Arc::new(v1::DesiredSnapshot {
                     generation,
-                    pods: snapshot.pods.clone(),
+                    ..(**snapshot).clone()
                 });
                 true
             }

@@ -748,6 +748,7 @@ impl PodRelay {
         let allocatable = self.allocatable(device);
         let mut bundles = Vec::new();
         let mut terminating = Vec::new();
+        let mut grace = HashMap::new();
         let mut admitted_here: Vec<Requests> = pods
             .iter()
             .filter(|p| !is_terminal(p))
@@ -768,6 +769,15 @@ impl PodRelay {
                 continue;
             }
             if pod.metadata.deletion_timestamp.is_some() {
+                // The API's deletion grace (`kubectl delete --grace-period=N`) wins over the
+                // spec's terminationGracePeriodSeconds, as on a kubelet.
+                if let Some(secs) = pod
+                    .metadata
+                    .deletion_grace_period_seconds
+                    .and_then(|s| u64::try_from(s).ok())
+                {
+                    grace.insert(uid.clone(), secs);
+                }
                 terminating.push(uid);
                 continue;
             }
@@ -795,13 +805,13 @@ impl PodRelay {
                 &self.secrets.items,
             ));
         }
-        let hash = snapshot_hash(&bundles);
+        let hash = snapshot_hash(&bundles, &grace);
         if self.last_sent.get(device) == Some(&hash) {
             return;
         }
         let count = bundles.len();
-        let generation = self.sessions.set_desired(device, bundles);
-        tracing::debug!(%device, generation, pods = count, "snapshot handed to the link");
+        let generation = self.sessions.set_desired(device, bundles, grace);
+        tracing::debug!(%device, generation, pods = count, terminating = terminating.len(), "snapshot handed to the link");
         self.last_sent.insert(device.to_string(), hash);
         let list = self.sent_at.entry(device.to_string()).or_default();
         list.push((generation, Instant::now()));
@@ -886,8 +896,13 @@ fn has_run(p: &Pod) -> bool {
     })
 }
 
-fn snapshot_hash(bundles: &[fleetlet_proto::v1::PodBundle]) -> u64 {
+fn snapshot_hash(
+    bundles: &[fleetlet_proto::v1::PodBundle],
+    termination_grace: &HashMap<String, u64>,
+) -> u64 {
     let mut h = DefaultHasher::new();
+    let grace: BTreeMap<_, _> = termination_grace.iter().collect();
+    grace.hash(&mut h);
     for b in bundles {
         b.pod_json.hash(&mut h);
         // Maps inside messages encode in arbitrary order; hash sorted views instead.

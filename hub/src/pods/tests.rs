@@ -12,13 +12,20 @@ use crate::sessions::{DeviceRecord, LogStream};
 #[derive(Default)]
 struct FakeSessions {
     sent: Mutex<Vec<(String, u64, Vec<PodBundle>)>>,
+    grace: Mutex<Vec<HashMap<String, u64>>>,
 }
 
 impl Sessions for FakeSessions {
-    fn set_desired(&self, device: &str, pods: Vec<PodBundle>) -> u64 {
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        termination_grace: HashMap<String, u64>,
+    ) -> u64 {
         let mut sent = self.sent.try_lock().expect("lock");
         let generation = sent.len() as u64 + 1;
         sent.push((device.to_string(), generation, pods));
+        self.grace.try_lock().expect("lock").push(termination_grace);
         generation
     }
     fn is_connected(&self, _device: &str) -> bool {
@@ -367,6 +374,12 @@ async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
     assert!(
         uids(sent_to(&h, "dev-a").last().expect("sent")).is_empty(),
         "terminating pod leaves the set"
+    );
+    let grace = h.sessions.grace.try_lock().expect("lock").last().cloned();
+    assert_eq!(
+        grace,
+        Some(HashMap::from([("uid-p1".to_string(), 30)])),
+        "the API's deletion grace travels with the snapshot that leaves the pod out"
     );
     tokio::task::yield_now().await;
     assert!(

@@ -183,6 +183,7 @@ proptest! {
         let snapshot = v1::DesiredSnapshot {
             generation: 7,
             pods: pods.into_iter().map(|p| v1::PodBundle { pod_json: Bytes::from(p), ..Default::default() }).collect(),
+            ..Default::default()
         };
         let mut wire = snapshot.encode_to_vec();
         if !wire.is_empty() {
