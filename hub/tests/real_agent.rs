@@ -1,0 +1,252 @@
+//! `kubectl logs` end to end: the real `fleetlet-hub` binary, a real
+//! `fleetlet-agent` on the stack's Podman, the real kube-apiserver and the real kubectl.
+//!
+//! Needs `make env-up` and the agent binary next to the hub's (`cargo build -p fleetlet-agent`).
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::{Value, json};
+
+mod common;
+use common::{
+    HubPorts, KubeCleanup, Proc, client, create_namespace, hub_metric, kubectl, kubectl_spawn,
+    node_ready, remove_device_containers, start_agent, start_hub, unique, wait_for,
+};
+
+/// One hub, one real agent, one namespace; everything is removed on drop.
+struct Setup {
+    dev: String,
+    ns: String,
+    client: kube::Client,
+    ports: HubPorts,
+    agent: Option<Proc>,
+    _hub: Proc,
+    _cleanup: KubeCleanup,
+    // Last: the processes print their logs from it when a test fails.
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.agent.take();
+        remove_device_containers(&self.dev);
+    }
+}
+
+impl Setup {
+    async fn start(prefix: &str) -> Self {
+        let id = unique(prefix);
+        let dev = format!("{id}-d");
+        let cleanup = KubeCleanup {
+            nodes: vec![dev.clone()],
+            namespace: Some(id.clone()),
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (hub, ports) = start_hub(dir.path(), &id, &[(dev.clone(), format!("{id}-f"))]);
+        let agent = start_agent(dir.path(), &dev, ports.link);
+        let client = client().await;
+        let nodes: Api<Node> = Api::all(client.clone());
+        wait_for("node Ready from its real agent", 90, || async {
+            node_ready(&nodes.get(&dev).await.ok()?).then_some(())
+        })
+        .await;
+        create_namespace(&client, &id).await;
+        Self {
+            dev,
+            ns: id,
+            client,
+            ports,
+            dir,
+            agent: Some(agent),
+            _hub: hub,
+            _cleanup: cleanup,
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates a pod bound to the device from `spec` (nodeName and toleration added) and waits
+    /// until it runs; returns its UID.
+    async fn run_pod(&self, name: &str, mut spec: Value) -> String {
+        spec["nodeName"] = json!(self.dev);
+        spec["tolerations"] = json!([{"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"}]);
+        let pod: Pod =
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("pod");
+        let pods = self.pods();
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod");
+        wait_for("pod Running on the device", 120, || async {
+            let p = pods.get(name).await.ok()?;
+            (p.status.as_ref()?.phase.as_deref() == Some("Running"))
+                .then(|| p.metadata.uid.clone())
+                .flatten()
+        })
+        .await
+    }
+
+    fn hub_log(&self) -> PathBuf {
+        self.dir.path().join("hub.log")
+    }
+}
+
+/// Lines of a child's stdout, read on a thread so the test can wait with a bound.
+fn line_reader(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The counter in a line `<prefix>-<n>`.
+fn counter(line: &str, prefix: &str) -> Option<u32> {
+    line.strip_prefix(prefix)?
+        .strip_prefix('-')?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `kubectl logs` with `-c`, `--tail`, `--since`, `-f` (new lines while following; the stream
+/// ends when the container exits and when the client hangs up), and an offline device.
+#[tokio::test]
+async fn kubectl_logs_follow_tail_since_container_and_offline() {
+    let mut s = Setup::start("logs").await;
+    s.run_pod(
+        "two",
+        json!({
+            "containers": [
+                {"name": "a", "image": "localhost/fleetlet-test/busybox:1",
+                 "command": ["sh", "-c", "i=0; while [ $i -lt 900 ]; do echo a-$i; i=$((i+1)); sleep 1; done; sleep 3600"]},
+                {"name": "b", "image": "localhost/fleetlet-test/busybox:1",
+                 "command": ["sh", "-c", "echo b-1; echo b-2; echo b-3; exec sleep 3600"]}
+            ]
+        }),
+    )
+    .await;
+    let ns = s.ns.clone();
+    let logs = |extra: &[&str]| {
+        let mut args = vec!["-n", ns.as_str(), "logs", "two"];
+        args.extend_from_slice(extra);
+        kubectl(&args)
+    };
+    // -c picks the container.
+    let b = wait_for("kubectl logs -c b", 30, || async {
+        let (ok, out, _) = logs(&["-c", "b"]);
+        (ok && out.lines().count() == 3).then_some(out)
+    })
+    .await;
+    assert_eq!(b, "b-1\nb-2\nb-3\n");
+    // --tail.
+    let (ok, out, err) = logs(&["-c", "b", "--tail=1"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "b-3\n");
+    // --since: only the last seconds of a container that prints one line a second.
+    wait_for("container a printed for 8 s", 60, || async {
+        let (ok, out, _) = logs(&["-c", "a", "--tail=1"]);
+        (ok && out
+            .lines()
+            .next()
+            .and_then(|l| counter(l, "a"))
+            .is_some_and(|n| n >= 8))
+        .then_some(())
+    })
+    .await;
+    let (ok, out, err) = logs(&["-c", "a", "--since=3s"]);
+    assert!(ok, "{err}");
+    let since: Vec<u32> = out.lines().filter_map(|l| counter(l, "a")).collect();
+    let (_, all, _) = logs(&["-c", "a"]);
+    let newest = all
+        .lines()
+        .filter_map(|l| counter(l, "a"))
+        .max()
+        .unwrap_or(0);
+    println!("--since=3s: {since:?} (newest line a-{newest})");
+    assert!(!since.is_empty() && since.len() <= 6, "--since=3s: {out:?}");
+    assert!(
+        since[0] >= 2,
+        "--since=3s returned the start of the log: {out:?}"
+    );
+
+    // -f: lines written after the request arrive while following; hanging up ends it.
+    let mut follow = kubectl_spawn(&["-n", &ns, "logs", "-f", "two", "-c", "a", "--tail=1"]);
+    let lines = line_reader(&mut follow);
+    let first = lines
+        .recv_timeout(Duration::from_secs(30))
+        .ok()
+        .and_then(|l| counter(&l, "a"))
+        .expect("first followed line");
+    let mut later = first;
+    for _ in 0..60 {
+        match lines.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) => later = counter(&l, "a").unwrap_or(later),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("follow stream ended early: {e}"),
+        }
+        if later >= first + 3 {
+            break;
+        }
+    }
+    println!("kubectl logs -f: a-{first} .. a-{later} arrived while following");
+    assert!(
+        later >= first + 3,
+        "no new lines while following: {first} .. {later}"
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // -f ends by itself when the container exits.
+    s.run_pod(
+        "short",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "s", "image": "localhost/fleetlet-test/busybox:1",
+                            "command": ["sh", "-c", "for i in 1 2 3 4 5 6; do echo s-$i; sleep 1; done"]}]
+        }),
+    )
+    .await;
+    let mut follow = kubectl_spawn(&["-n", &ns, "logs", "-f", "short"]);
+    let lines = line_reader(&mut follow);
+    let mut exited = None;
+    for _ in 0..120 {
+        if let Ok(Some(status)) = follow.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let Some(status) = exited else {
+        let _ = follow.kill();
+        panic!("kubectl logs -f did not end after the container exited");
+    };
+    let got: Vec<String> = lines.try_iter().collect();
+    println!("kubectl logs -f on an exiting container: {status}, lines {got:?}");
+    assert!(status.success(), "kubectl logs -f exit: {status}");
+    assert_eq!(got.last().map(String::as_str), Some("s-6"), "{got:?}");
+
+    // The device goes offline: a clear error instead of a hang.
+    s.agent.take();
+    wait_for("the hub sees the device gone", 60, || async {
+        (hub_metric(s.ports.ops, "connected_devices").await? == 0.0).then_some(())
+    })
+    .await;
+    let (ok, out, err) = logs(&["-c", "b"]);
+    println!("offline device: kubectl logs -> {}", err.trim());
+    assert!(!ok, "logs of an offline device must fail: {out}");
+    assert!(err.contains("offline"), "{err}");
+    common::assert_no_forbidden(&s.hub_log());
+}
