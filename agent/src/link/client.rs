@@ -339,6 +339,7 @@ async fn handle_hub_message(
         Some(hub_message::Kind::Snapshot(snapshot)) => {
             let generation = snapshot.generation;
             let pods = snapshot.pods.len();
+            tracing::debug!(device, generation, pods, "desired snapshot received");
             // A newer snapshot supersedes one that is waiting for storage to work again.
             let retained = pending.take();
             let copy = snapshot.clone();

@@ -518,14 +518,17 @@ impl PodRelay {
                     };
                     if status.get("phase").and_then(Value::as_str) == Some("Running")
                         && self.started_observed.insert(entry.uid.clone())
-                        && let Some(t) = scheduled
+                    {
+                        tracing::debug!(%device, pod = %name, %namespace, "pod reported Running");
+                        if let Some(t) = scheduled
                             .as_deref()
                             .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
-                    {
-                        let secs = k8s_openapi::jiff::Timestamp::now()
-                            .duration_since(t)
-                            .as_secs_f64();
-                        self.metrics.pod_start_seconds.observe(secs.max(0.0));
+                        {
+                            let secs = k8s_openapi::jiff::Timestamp::now()
+                                .duration_since(t)
+                                .as_secs_f64();
+                            self.metrics.pod_start_seconds.observe(secs.max(0.0));
+                        }
                     }
                     let update = StatusUpdate {
                         uid: entry.uid.clone(),

@@ -196,7 +196,8 @@ impl StatusWriter {
         };
         match r {
             Ok(()) => {
-                tracing::debug!(pod = %u.name, namespace = %u.namespace, "pod status written");
+                let phase = u.status.get("phase").and_then(Value::as_str).unwrap_or("");
+                tracing::debug!(pod = %u.name, namespace = %u.namespace, phase, "pod status written");
                 settled(self);
             }
             Err(e) if matches!(status_code(&e), Some(404 | 409 | 422)) => {

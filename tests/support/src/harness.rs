@@ -600,15 +600,18 @@ identity_prefix = "{prefix}"
     /// Starts the real `fleetlet-hub` binary (its log is appended to `<name>.log`, `hub.log` for
     /// the first replica, in the directory).
     pub fn spawn(&self) -> Proc {
-        Proc::spawn(
-            &format!("fleetlet-hub {}", self.name),
-            Command::new(hub_binary())
-                .arg("run")
-                .arg("-c")
-                .arg(self.dir.join(format!("{}.toml", self.name)))
-                .env("RUST_LOG", "info"),
-            self.log(),
-        )
+        self.spawn_with(|_| {})
+    }
+
+    /// [`HubSetup::spawn`] with `tweak` applied to the command first (e.g. another `RUST_LOG`).
+    pub fn spawn_with(&self, tweak: impl FnOnce(&mut Command)) -> Proc {
+        let mut cmd = Command::new(hub_binary());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(self.dir.join(format!("{}.toml", self.name)))
+            .env("RUST_LOG", "info");
+        tweak(&mut cmd);
+        Proc::spawn(&format!("fleetlet-hub {}", self.name), &mut cmd, self.log())
     }
 
     /// The replica's log file.
@@ -743,6 +746,12 @@ fallback_endpoints = [{fallback}]
 
     /// Starts the real `fleetlet-agent` binary (log appended to `agent-<device>.log`).
     pub fn spawn(&self) -> Proc {
+        self.spawn_with(|_| {})
+    }
+
+    /// [`AgentSetup::spawn`] with `tweak` applied to the command first (more `run` flags such as
+    /// `--resync-secs`, environment such as `RUST_LOG`).
+    pub fn spawn_with(&self, tweak: impl FnOnce(&mut Command)) -> Proc {
         let mut cmd = match &self.spec.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -757,6 +766,7 @@ fallback_endpoints = [{fallback}]
             .arg("run")
             .env("RUST_LOG", "info")
             .env("FLEETLET_AGENT_LOG", "stderr");
+        tweak(&mut cmd);
         Proc::spawn(
             &self.spec.device,
             &mut cmd,
