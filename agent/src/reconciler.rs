@@ -37,6 +37,9 @@ pub struct Reconciler<R> {
     wakes: WakeMap,
     admitted: BTreeSet<String>,
     last_generation: u64,
+    /// A sweep for pods left in Podman is owed before the next periodic resync (the last pass
+    /// ran a fallback snapshot, which removes nothing).
+    sweep_due: bool,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -56,6 +59,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             wakes: Arc::default(),
             admitted: BTreeSet::new(),
             last_generation: 0,
+            sweep_due: false,
         }
     }
 
@@ -69,14 +73,18 @@ impl<R: ContainerRuntime> Reconciler<R> {
         ));
         let mut tick = tokio::time::interval(self.resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The interval's first tick is immediate; the first pass is a full one anyway (adopting
+        // or removing what an earlier run left in Podman).
+        tick.tick().await;
+        let mut full = true;
         loop {
             let current = held.borrow_and_update().clone();
-            self.sync(&current, &shutdown).await;
-            tokio::select! {
+            self.sync(&current, full, &shutdown).await;
+            full = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = held.changed() => if r.is_err() { break },
-                _ = tick.tick() => {},
-            }
+                r = held.changed() => if r.is_err() { break } else { false },
+                _ = tick.tick() => true,
+            };
         }
         // Workers watch the same token and return without touching their pods.
         for (_, w) in self.workers.drain() {
@@ -85,8 +93,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let _ = events.await;
     }
 
-    /// One level-triggered pass: desired pods get a worker, others are removed.
-    async fn sync(&mut self, held: &Held, shutdown: &CancellationToken) {
+    /// One level-triggered pass: desired pods get a worker, others are removed. A `full` pass
+    /// (periodic resync) also makes every worker look at Podman again and removes pods left in
+    /// Podman without a worker; a pass for a new snapshot only touches the pods it changed, so
+    /// starting one pod does not send every other pod's worker to Podman.
+    async fn sync(&mut self, held: &Held, full: bool, shutdown: &CancellationToken) {
         self.workers.retain(|_, w| !w.task.is_finished());
         {
             let mut wakes = self.wakes.lock().await;
@@ -183,7 +194,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 bundle: bundle.clone(),
                 admission: verdicts.remove(uid).unwrap_or(Ok(())),
             };
-            self.set_desire(uid, desire, shutdown).await;
+            self.set_desire(uid, desire, full, shutdown).await;
         }
         // Workers of pods no longer desired remove them.
         let gone: Vec<String> = self
@@ -197,31 +208,36 @@ impl<R: ContainerRuntime> Reconciler<R> {
             grace_secs: snapshot.termination_grace_seconds.get(uid).copied(),
         };
         for uid in gone {
-            self.set_desire(&uid, removal(&uid), shutdown).await;
+            self.set_desire(&uid, removal(&uid), full, shutdown).await;
         }
-        // Pods in Podman that carry this device's label but have no worker: left from before a
-        // restart and no longer desired. Containers of other devices or without labels are never
-        // listed here, so they are never touched.
-        let filter = [format!("{}={}", labels::DEVICE, self.ctx.device)];
-        let mut found: BTreeSet<String> = BTreeSet::new();
-        match self.ctx.rt.list_pods(&filter).await {
-            Ok(pods) => found.extend(
-                pods.into_iter()
-                    .filter_map(|p| p.labels.and_then(|l| l.get(labels::POD_UID).cloned())),
-            ),
-            Err(e) => warn!(error = %e, "listing pods failed"),
-        }
-        match self.ctx.rt.list_containers(&filter).await {
-            Ok(cs) => found.extend(
-                cs.into_iter()
-                    .filter_map(|c| c.labels.get(labels::POD_UID).cloned()),
-            ),
-            Err(e) => warn!(error = %e, "listing containers failed"),
-        }
-        for uid in found {
-            if remove_others && !desired.contains_key(&uid) && !self.workers.contains_key(&uid) {
-                info!(pod_uid = %uid, generation, "removing pod that is no longer desired");
-                self.set_desire(&uid, removal(&uid), shutdown).await;
+        // After a fallback snapshot, the first real one sweeps at once instead of at the next resync.
+        self.sweep_due |= !remove_others;
+        if remove_others && (full || self.sweep_due) {
+            self.sweep_due = false;
+            // Pods in Podman that carry this device's label but have no worker: left from before a
+            // restart and no longer desired. Containers of other devices or without labels are
+            // never listed here, so they are never touched.
+            let filter = [format!("{}={}", labels::DEVICE, self.ctx.device)];
+            let mut found: BTreeSet<String> = BTreeSet::new();
+            match self.ctx.rt.list_pods(&filter).await {
+                Ok(pods) => found.extend(
+                    pods.into_iter()
+                        .filter_map(|p| p.labels.and_then(|l| l.get(labels::POD_UID).cloned())),
+                ),
+                Err(e) => warn!(error = %e, "listing pods failed"),
+            }
+            match self.ctx.rt.list_containers(&filter).await {
+                Ok(cs) => found.extend(
+                    cs.into_iter()
+                        .filter_map(|c| c.labels.get(labels::POD_UID).cloned()),
+                ),
+                Err(e) => warn!(error = %e, "listing containers failed"),
+            }
+            for uid in found {
+                if !desired.contains_key(&uid) && !self.workers.contains_key(&uid) {
+                    info!(pod_uid = %uid, generation, "removing pod that is no longer desired");
+                    self.set_desire(&uid, removal(&uid), full, shutdown).await;
+                }
             }
         }
         // A removed pod's status (removed=true) stays published until the next generation, so
@@ -245,12 +261,18 @@ impl<R: ContainerRuntime> Reconciler<R> {
         );
     }
 
-    async fn set_desire(&mut self, uid: &str, desire: Desire, shutdown: &CancellationToken) {
+    async fn set_desire(
+        &mut self,
+        uid: &str,
+        desire: Desire,
+        resync: bool,
+        shutdown: &CancellationToken,
+    ) {
         if let Some(w) = self.workers.get(uid) {
             let changed = !same_desire(&w.desire.borrow(), &desire);
             if changed {
                 w.desire.send_replace(desire);
-            } else {
+            } else if resync {
                 // Level-triggered resync: let the worker look again.
                 w.wake.notify_one();
             }

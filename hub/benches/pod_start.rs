@@ -22,9 +22,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use fleetlet_agent::podman::{
-    ContainerCreate, ContainerRuntime, Namespace, PodCreate, PodmanClient,
-};
+use fleetlet_agent::podman::{ContainerCreate, Namespace, PodCreate, PodmanClient};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
@@ -223,7 +221,9 @@ async fn create_pods(pods: &Api<Pod>, fleet: &str, names: &[String], interval: O
             let mut tick = tokio::time::interval(every);
             for name in names {
                 tick.tick().await;
-                if let Err(e) = pods.create(&PostParams::default(), &bench_pod(name, fleet)).await
+                if let Err(e) = pods
+                    .create(&PostParams::default(), &bench_pod(name, fleet))
+                    .await
                 {
                     eprintln!("pod start bench: create {name}: {e}");
                 }
@@ -265,7 +265,8 @@ async fn wait_running(
             .count()
     };
     while count(seen) < names.len() {
-        let Ok(Some((name, node, running, at))) = tokio::time::timeout_at(deadline, rx.recv()).await
+        let Ok(Some((name, node, running, at))) =
+            tokio::time::timeout_at(deadline, rx.recv()).await
         else {
             eprintln!(
                 "pod start bench: only {}/{} pods Running+Ready after {PHASE_SECS} s",
@@ -334,12 +335,7 @@ fn report(
     );
     println!(
         "bound -> Running+Ready (target p50 <= 0.5 s, p99 <= 1 s): {}",
-        stats(
-            observed
-                .iter()
-                .map(|o| secs(o.bound, o.running))
-                .collect()
-        )
+        stats(observed.iter().map(|o| secs(o.bound, o.running)).collect())
     );
     let mut per_stage: Vec<Vec<f64>> = vec![Vec::new(); STAGES.len()];
     let mut complete = 0;
@@ -482,10 +478,7 @@ async fn main() -> ExitCode {
     let logs = RunLogs::read(&hub.log(), &agent_logs);
     println!("{agents} real agents, one shared Podman service");
     report(
-        &format!(
-            "steady arrival, one pod every {} ms",
-            interval.as_millis()
-        ),
+        &format!("steady arrival, one pod every {} ms", interval.as_millis()),
         &steady,
         &seen,
         &logs,

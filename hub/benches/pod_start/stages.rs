@@ -138,7 +138,9 @@ impl RunLogs {
         let handed = self.first_hub(after, |l| {
             l.message == "snapshot handed to the link" && l.field("device") == Some(&pod.node)
         });
-        let generation = handed.and_then(|l| l.field("generation")).map(str::to_owned);
+        let generation = handed
+            .and_then(|l| l.field("generation"))
+            .map(str::to_owned);
         let by_gen = |msg: &str| {
             generation.as_deref().and_then(|g| {
                 self.first_agent(&pod.node, |l| {
@@ -155,13 +157,13 @@ impl RunLogs {
         };
         let pod_created = by_pod("created podman pod", &|_| true);
         let started = by_pod("container started", &|_| true);
-        let published = by_pod("pod status changed", &|l| l.field("phase") == Some("Running"));
-        let is_pod = |l: &Line| {
-            l.field("pod") == Some(&pod.name) && l.field("namespace") == Some(namespace)
-        };
-        let hub_received = self.first_hub(after, |l| {
-            l.message == "pod reported Running" && is_pod(l)
+        let published = by_pod("pod status changed", &|l| {
+            l.field("phase") == Some("Running")
         });
+        let is_pod =
+            |l: &Line| l.field("pod") == Some(&pod.name) && l.field("namespace") == Some(namespace);
+        let hub_received =
+            self.first_hub(after, |l| l.message == "pod reported Running" && is_pod(l));
         let written = self.first_hub(after, |l| {
             l.message == "pod status written" && l.field("phase") == Some("Running") && is_pod(l)
         });
