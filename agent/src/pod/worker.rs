@@ -81,6 +81,13 @@ pub struct PodWorker<R> {
     start_time: Timestamp,
     /// IP of the pod's infra container (bridge network pods).
     pod_ip: String,
+    /// The infra container `pod_ip` was read from: its id and the start time Podman listed
+    /// (`None` right after this worker started it). While the listing shows the same run, the
+    /// address is still valid and the infra container is not inspected again.
+    pod_ip_of: Option<(String, Option<i64>)>,
+    /// The Podman pod was there at the last look: its infra container in the container listing
+    /// then proves it still is, without listing pods.
+    pod_known: bool,
 }
 
 /// The hostname of a pod with its own network, as the kubelet makes it: the pod name cut to 63
@@ -108,6 +115,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
             slots: BTreeMap::new(),
             start_time: Timestamp::now(),
             pod_ip: String::new(),
+            pod_ip_of: None,
+            pod_known: false,
         }
     }
 
@@ -201,6 +210,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 Duration::from_secs(2)
             }
         };
+        // A container was just started and the next pass follows at once: publish what that
+        // pass observes instead of a "ContainerCreating" status that is stale in milliseconds
+        // (one status write less per pod start for the hub and the API server).
+        if requeue.is_zero() {
+            return requeue;
+        }
         let status = self.status(&plan);
         if self.publish(&ns, &name, &status, false) {
             debug!(pod = %name, namespace = %ns, phase = status.phase.as_deref().unwrap_or_default(), "pod status changed");
@@ -286,37 +301,46 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let now = Instant::now();
         // Volumes first: a missing ConfigMap/Secret keeps every container waiting, nothing runs.
         let vols = volumes::prepare(&self.ctx.state_dir, plan, bundle);
-        // The Podman pod (infra container holds the shared namespaces).
-        if rt.list_pods(&self.filter()).await?.is_empty() {
-            let mut portmappings = Vec::new();
-            if !plan.host_network {
-                for p in plan.containers.iter().flat_map(|c| &c.ports) {
-                    if p.host_port != 0 {
-                        portmappings.push(PortMapping {
-                            container_port: p.container_port,
-                            host_port: p.host_port,
-                            protocol: p.protocol.clone(),
-                            host_ip: String::new(),
-                        });
+        // The Podman pod (infra container holds the shared namespaces). Once seen, its infra
+        // container in the listing stands for it; a vanished pod is created again in this pass.
+        let mut listed = if self.pod_known {
+            rt.list_containers(&self.filter()).await?
+        } else {
+            Vec::new()
+        };
+        if !listed.iter().any(|c| c.is_infra) {
+            if rt.list_pods(&self.filter()).await?.is_empty() {
+                let mut portmappings = Vec::new();
+                if !plan.host_network {
+                    for p in plan.containers.iter().flat_map(|c| &c.ports) {
+                        if p.host_port != 0 {
+                            portmappings.push(PortMapping {
+                                container_port: p.container_port,
+                                host_port: p.host_port,
+                                protocol: p.protocol.clone(),
+                                host_ip: String::new(),
+                            });
+                        }
                     }
                 }
+                rt.create_pod(&PodCreate {
+                    name: self.pod_name.clone(),
+                    labels: self.pod_labels(plan),
+                    hostname: (!plan.host_network).then(|| pod_hostname(&plan.meta.name)),
+                    netns: Namespace {
+                        nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
+                    },
+                    utsns: plan.host_network.then(|| Namespace {
+                        nsmode: "host".into(),
+                    }),
+                    portmappings,
+                })
+                .await?;
+                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
             }
-            rt.create_pod(&PodCreate {
-                name: self.pod_name.clone(),
-                labels: self.pod_labels(plan),
-                hostname: (!plan.host_network).then(|| pod_hostname(&plan.meta.name)),
-                netns: Namespace {
-                    nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
-                },
-                utsns: plan.host_network.then(|| Namespace {
-                    nsmode: "host".into(),
-                }),
-                portmappings,
-            })
-            .await?;
-            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
+            listed = rt.list_containers(&self.filter()).await?;
         }
-        let listed = rt.list_containers(&self.filter()).await?;
+        self.pod_known = listed.iter().any(|c| c.is_infra);
         // A bridge-network pod's address comes from its infra container; start it first so
         // status.podIP is known before any container (and its fieldRef env) is created.
         if !plan.host_network
@@ -324,14 +348,26 @@ impl<R: ContainerRuntime> PodWorker<R> {
         {
             // Only while the pod has no containers: starting a pod also starts exited
             // containers, which must stay under the restart policy's control.
+            let mut started = false;
             if infra.state != "running" && listed.iter().all(|c| c.is_infra) {
                 rt.start_pod(&self.pod_name).await?;
+                started = true;
             }
-            self.pod_ip = rt
-                .inspect_container(&infra.id)
-                .await?
-                .and_then(|i| i.ip())
-                .unwrap_or_default();
+            let listed_run = (infra.state == "running").then_some(infra.started_at);
+            let same_run = match &self.pod_ip_of {
+                Some((id, run)) => {
+                    *id == infra.id && listed_run.is_some() && (run.is_none() || *run == listed_run)
+                }
+                None => false,
+            };
+            if started || !same_run || self.pod_ip.is_empty() {
+                self.pod_ip = rt
+                    .inspect_container(&infra.id)
+                    .await?
+                    .and_then(|i| i.ip())
+                    .unwrap_or_default();
+            }
+            self.pod_ip_of = Some((infra.id.clone(), if started { None } else { listed_run }));
         }
         let existing: BTreeMap<String, String> = listed
             .into_iter()
@@ -477,7 +513,9 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         match rt.start_container(&id).await {
                             Ok(()) => {
                                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
-                                requeue = requeue.min(Duration::from_millis(200));
+                                // Look again right away: the next pass observes it running
+                                // and publishes that, without waiting for an event.
+                                requeue = Duration::ZERO;
                             }
                             Err(e) => {
                                 slot.lc.observe(

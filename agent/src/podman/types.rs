@@ -27,6 +27,9 @@ pub struct ContainerSummary {
     /// Whether this is a pod's infra container.
     #[serde(default)]
     pub is_infra: bool,
+    /// Start of the current (or last) run, Unix seconds (0 when never started).
+    #[serde(default)]
+    pub started_at: i64,
 }
 
 /// `GET /libpod/containers/{id}/json`, the parts the agent uses.
