@@ -1,12 +1,15 @@
 //! StatusWriter: writes pod statuses to `pods/status`, coalesced per pod (only the newest status
 //! of a pod waits in the queue) and paced by a token bucket so a reconnect storm of thousands of
-//! devices cannot flood the API server.
+//! devices cannot flood the API server. A few writes run at once, never two for the same pod, so
+//! one slow round trip does not hold up every other pod's status.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -71,7 +74,10 @@ pub struct StatusUpdate {
     pub status: Value,
 }
 
-/// The one status write in flight: the update, its attempt count, and the outcome.
+/// Status writes in flight at most (each for another pod); the token bucket sets the rate.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// A status write in flight: the update, its attempt count, and the outcome.
 type InFlight = BoxFuture<'static, (StatusUpdate, u32, Result<(), kube::Error>)>;
 
 /// A failed write coming back after its backoff, with the version of the pod's status it carries.
@@ -138,23 +144,30 @@ impl StatusWriter {
         }
     }
 
-    /// Runs until `shutdown` or until every sender is gone and the queue is empty. One write is
-    /// in flight at a time; meanwhile the channel keeps draining into the coalescing queue.
+    /// Runs until `shutdown` or until every sender is gone and the queue is empty. Up to
+    /// `MAX_IN_FLIGHT` writes run at once, one per pod at most, so a pod's statuses are written
+    /// in order; meanwhile the channel keeps draining into the coalescing queue.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut closed = false;
-        let mut inflight: Option<InFlight> = None;
+        let mut inflight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut busy: HashSet<String> = HashSet::new();
         loop {
-            if closed && self.queue.is_empty() && inflight.is_none() {
+            if closed && self.queue.is_empty() && inflight.is_empty() {
                 return;
             }
             let mut wait = None;
-            if inflight.is_none() && !self.queue.is_empty() {
+            // The oldest queued pod that has no write in flight.
+            let next = (inflight.len() < MAX_IN_FLIGHT)
+                .then(|| self.queue.iter().position(|uid| !busy.contains(uid)))
+                .flatten();
+            if let Some(pos) = next {
                 match self.bucket.try_take() {
                     Ok(()) => {
-                        if let Some(uid) = self.queue.pop_front()
+                        if let Some(uid) = self.queue.remove(pos)
                             && let Some((u, attempts)) = self.pending.remove(&uid)
                         {
-                            inflight = Some(Box::pin(write(self.client.clone(), u, attempts)));
+                            busy.insert(uid);
+                            inflight.push(Box::pin(write(self.client.clone(), u, attempts)));
                         }
                         continue;
                     }
@@ -177,8 +190,8 @@ impl StatusWriter {
                         self.enqueue(u, attempts);
                     }
                 }
-                (u, attempts, r) = async { match inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if inflight.is_some() => {
-                    inflight = None;
+                Some((u, attempts, r)) = inflight.next(), if !inflight.is_empty() => {
+                    busy.remove(&u.uid);
                     self.finish(u, attempts, r);
                 }
                 () = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {}
