@@ -162,6 +162,7 @@ async fn podman_floor(id: &str) {
                 netns: Namespace {
                     nsmode: "bridge".into(),
                 },
+                utsns: None,
                 portmappings: Vec::new(),
             })
             .await?;
