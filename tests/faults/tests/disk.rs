@@ -215,9 +215,16 @@ async fn corrupt_snapshot_round(truncate: bool) {
     let b = rig.create_pod(sleeper("b", &dev)).await;
     assert!(rig.wait_running(&["a", "b"], WAIT).await, "{}", rig.logs());
     let before = [running(&dev, &a), running(&dev, &b)];
-    let held_before = fleetlet_agent::statusfile::read(&state)
-        .expect("status file")
-        .generation;
+    // The status file is written at most once a second: wait until it holds both pods, so its
+    // generation is the one the agent runs them under.
+    let held_before = wait_for("status file holds both pods", WAIT, || async {
+        fleetlet_agent::statusfile::read(&state)
+            .ok()
+            .filter(|s| s.generation > 0 && s.pods.len() == 2)
+            .map(|s| s.generation)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", rig.logs()));
 
     // Hub and agent down; the current snapshot file is damaged.
     rig.stop_hub();
