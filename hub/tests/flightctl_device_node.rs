@@ -25,26 +25,9 @@ use common::flightctl::{
 };
 use common::{
     AgentSetup, AgentSpec, HubSetup, HubSpec, KubeCleanup, Proc, client, create_namespace,
-    node_ready, podman, remove_device_containers, unique, wait_for,
+    node_condition, node_ready, podman, remove_device_containers, unique, wait_for,
 };
 use fleetlet_test_support::Stack;
-
-/// Status, reason and message of a Node condition.
-fn condition(node: &Node, type_: &str) -> Option<(String, String, String)> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| {
-            (
-                c.status.clone(),
-                c.reason.clone().unwrap_or_default(),
-                c.message.clone().unwrap_or_default(),
-            )
-        })
-}
 
 fn label<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
     node.metadata.labels.as_ref()?.get(key).map(String::as_str)
@@ -150,7 +133,7 @@ async fn a_flightctl_enrolled_device_runs_pods_and_its_node_follows_flightctl() 
     // with only the rights the hub needs; the link trusts Flightctl's signer CA and maps the
     // certificate's CN fleetlet-<name> to the Flightctl device <name>.
     let relay = relay_to(&fc.api_url).await;
-    let hub_token = hub_token_file(stack, d);
+    let hub_token = hub_token_file(d);
     let inventory = format!(
         r#"[inventory.flightctl]
 api_url = "https://{relay}"
@@ -299,7 +282,7 @@ last_seen_interval_secs = 1"#,
     assert!(
         !node_ready(&node_b),
         "no session was admitted for B: {:?}",
-        condition(&node_b, "Ready")
+        node_condition(&node_b, "Ready")
     );
     // B's own certificate works.
     let _agent_b = agent(d, &dev_b, ports.link, &certs_b.cert, &certs_b.key);
@@ -330,7 +313,7 @@ last_seen_interval_secs = 1"#,
     report_status(&fc, &certs_a, &dev_a, Report::Healthy).await;
     let online = wait_for("FlightctlDeviceHealthy=True/Online", 60, || async {
         let n = nodes.get(&dev_a).await.ok()?;
-        let c = condition(&n, "FlightctlDeviceHealthy")?;
+        let c = node_condition(&n, "FlightctlDeviceHealthy")?;
         (c.0 == "True" && c.1 == "Online" && c.2.contains("lastSeen 20")).then_some(c)
     })
     .await;
@@ -339,9 +322,9 @@ last_seen_interval_secs = 1"#,
     report_status(&fc, &certs_a, &dev_a, Report::Rebooting).await;
     let (ready, healthy) = wait_for("Ready=False/FlightctlDeviceRebooting", 60, || async {
         let n = nodes.get(&dev_a).await.ok()?;
-        let ready = condition(&n, "Ready")?;
+        let ready = node_condition(&n, "Ready")?;
         (ready.0 == "False" && ready.1 == "FlightctlDeviceRebooting")
-            .then(|| (ready, condition(&n, "FlightctlDeviceHealthy")))
+            .then(|| (ready, node_condition(&n, "FlightctlDeviceHealthy")))
     })
     .await;
     println!(
@@ -371,8 +354,8 @@ last_seen_interval_secs = 1"#,
         60,
         || async {
             let n = nodes.get(&dev_a).await.ok()?;
-            let ready = condition(&n, "Ready")?;
-            let healthy = condition(&n, "FlightctlDeviceHealthy")?;
+            let ready = node_condition(&n, "Ready")?;
+            let healthy = node_condition(&n, "FlightctlDeviceHealthy")?;
             (ready.0 == "True" && healthy.1 == "Online").then_some(())
         },
     )
@@ -381,7 +364,7 @@ last_seen_interval_secs = 1"#,
     report_status(&fc, &certs_a, &dev_a, Report::CpuCritical).await;
     let error = wait_for("FlightctlDeviceHealthy=False/Error", 60, || async {
         let n = nodes.get(&dev_a).await.ok()?;
-        let c = condition(&n, "FlightctlDeviceHealthy")?;
+        let c = node_condition(&n, "FlightctlDeviceHealthy")?;
         (c.1 == "Error").then_some(c)
     })
     .await;
@@ -390,7 +373,7 @@ last_seen_interval_secs = 1"#,
     tokio::time::sleep(Duration::from_secs(4)).await;
     let n = nodes.get(&dev_a).await.expect("node A");
     assert_eq!(
-        condition(&n, "Ready").map(|c| c.0),
+        node_condition(&n, "Ready").map(|c| c.0),
         Some("True".to_owned()),
         "Error keeps Ready"
     );

@@ -348,28 +348,12 @@ pub async fn report_status(env: &Env, certs: &DeviceCerts, device: &str, report:
 /// (`packaging/kubernetes/flightctl/hub-rbac.yaml`: get/list devices, devices/lastseen, fleets
 /// in Flightctl's RBAC namespace) applied for real; writes a token of that ServiceAccount to
 /// `dir/flightctl-hub.token` (0600). The test then runs the hub with exactly the shipped rights.
-pub fn hub_token_file(stack: &Stack, dir: &Path) -> PathBuf {
-    let kubectl = stack
-        .kubectl()
-        .expect("FLEETLET_KUBECTL in the stack's env");
+pub fn hub_token_file(dir: &Path) -> PathBuf {
     // Namespace, ServiceAccount and cluster RBAC of the hub, as shipped.
     super::shipped_rbac_kubeconfig(dir);
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../packaging/kubernetes/flightctl/hub-rbac.yaml");
-    let run = |args: &[&str]| -> String {
-        let out = Command::new(kubectl)
-            .arg("--kubeconfig")
-            .arg(stack.kubeconfig())
-            .args(args)
-            .output()
-            .expect("run kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = super::kubectl_ok;
     run(&[
         "apply",
         "--server-side",

@@ -350,25 +350,8 @@ pub struct HubPorts {
 /// ServiceAccount: the hub then runs with exactly the permissions an installation gives it.
 pub fn shipped_rbac_kubeconfig(dir: &Path) -> PathBuf {
     let stack = crate::Stack::shared().expect("local stack (make env-up)");
-    let kubectl = stack
-        .kubectl()
-        .expect("FLEETLET_KUBECTL in the stack's env")
-        .to_path_buf();
     let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/kubernetes");
-    let run = |args: &[&str]| -> String {
-        let out = Command::new(&kubectl)
-            .arg("--kubeconfig")
-            .arg(stack.kubeconfig())
-            .args(args)
-            .output()
-            .expect("run kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = kubectl_ok;
     let file = |name: &str| manifests.join(name).display().to_string();
     run(&[
         "apply",
@@ -820,6 +803,33 @@ pub fn kubectl(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs the stack's kubectl as admin and returns its stdout; fails the test when kubectl fails.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let (ok, out, err) = kubectl(args);
+    assert!(ok, "kubectl {args:?}: {err}");
+    out
+}
+
+/// `(status, reason, message)` of a Node condition.
+pub fn node_condition(
+    node: &k8s_openapi::api::core::v1::Node,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| {
+            (
+                c.status.clone(),
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default(),
+            )
+        })
 }
 
 /// A kubectl child process (e.g. `logs -f`) with piped stdout and stderr, read while it runs.

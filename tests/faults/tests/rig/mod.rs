@@ -192,22 +192,7 @@ impl Rig {
     }
 }
 
-/// `(status, reason, message)` of a Node condition.
-pub fn node_condition(node: &Node, type_: &str) -> Option<(String, String, String)> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| {
-            (
-                c.status.clone(),
-                c.reason.clone().unwrap_or_default(),
-                c.message.clone().unwrap_or_default(),
-            )
-        })
-}
+pub use harness::node_condition;
 
 /// A pod bound to `node` running one busybox container that exits on SIGTERM.
 pub fn sleeper(name: &str, node: &str) -> Value {
