@@ -1,4 +1,4 @@
-//! `kubectl logs` end to end: the real `fleetlet-hub` binary, a real
+//! Pod deletion grace and `kubectl logs` end to end: the real `fleetlet-hub` binary, a real
 //! `fleetlet-agent` on the stack's Podman, the real kube-apiserver and the real kubectl.
 //!
 //! Needs `make env-up` and the agent binary next to the hub's (`cargo build -p fleetlet-agent`).
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 mod common;
 use common::{
     HubPorts, KubeCleanup, Proc, client, create_namespace, hub_metric, kubectl, kubectl_spawn,
-    node_ready, remove_device_containers, start_agent, start_hub, unique, wait_for,
+    node_ready, podman, remove_device_containers, start_agent, start_hub, unique, wait_for,
 };
 
 /// One hub, one real agent, one namespace; everything is removed on drop.
@@ -249,4 +249,85 @@ async fn kubectl_logs_follow_tail_since_container_and_offline() {
     assert!(!ok, "logs of an offline device must fail: {out}");
     assert!(err.contains("offline"), "{err}");
     common::assert_no_forbidden(&s.hub_log());
+}
+
+/// (id, state) of the app containers of one pod UID in Podman.
+fn uid_containers(uid: &str) -> Vec<(String, String)> {
+    let json = podman(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=io.fleetlet.pod-uid={uid}"),
+        "--format",
+        "json",
+    ]);
+    let list: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
+    list.iter()
+        .filter(|c| c["Labels"]["io.fleetlet.container"].is_string())
+        .map(|c| {
+            (
+                c["Id"].as_str().unwrap_or_default().to_string(),
+                c["State"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `kubectl delete pod --grace-period=N` on a container that ignores SIGTERM: the device kills it
+/// after about N seconds, not after the spec's much longer terminationGracePeriodSeconds.
+#[tokio::test]
+async fn kubectl_delete_grace_period_overrides_the_spec_on_the_device() {
+    let s = Setup::start("grace").await;
+    let uid = s
+        .run_pod(
+            "stubborn",
+            json!({
+                "terminationGracePeriodSeconds": 300,
+                "containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1",
+                                "command": ["sh", "-c", "trap '' TERM; echo ignoring TERM; while true; do sleep 1; done"]}]
+            }),
+        )
+        .await;
+    wait_for("the container running in Podman", 30, || async {
+        let c = uid_containers(&uid);
+        (c.len() == 1 && c[0].1 == "running").then_some(())
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let (ok, out, err) = kubectl(&[
+        "-n",
+        &s.ns,
+        "delete",
+        "pod",
+        "stubborn",
+        "--grace-period=3",
+        "--wait=false",
+    ]);
+    assert!(ok, "kubectl delete: {out} {err}");
+    let p = s.pods().get("stubborn").await.expect("pod");
+    assert_eq!(p.metadata.deletion_grace_period_seconds, Some(3));
+    // Bounded well below the spec's 300 s: only the relayed deletion grace can end it this soon.
+    wait_for("the container stopped on the device", 60, || async {
+        let c = uid_containers(&uid);
+        (c.is_empty()
+            || c.iter()
+                .all(|(_, state)| state != "running" && state != "stopping"))
+        .then_some(())
+    })
+    .await;
+    let stopped = started.elapsed();
+    wait_for("the pod gone from the API", 60, || async {
+        matches!(s.pods().get_opt("stubborn").await, Ok(None)).then_some(())
+    })
+    .await;
+    let gone = started.elapsed();
+    println!(
+        "SIGTERM-ignoring container, spec grace 300 s, --grace-period=3: stopped after {stopped:?}, pod gone from the API after {gone:?}"
+    );
+    // Loose bounds: SIGKILL came after the grace (not at once) and long before 300 s.
+    assert!(
+        stopped >= Duration::from_secs(2),
+        "killed before its grace: {stopped:?}"
+    );
+    assert!(stopped < Duration::from_secs(60), "{stopped:?}");
 }

@@ -74,9 +74,16 @@ impl PodmanClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        // Origin-form target (`/v4.0.0/libpod/...`), never absolute-form
+        // (`http://podman/v4.0.0/...`): Podman tells its libpod API from the Docker-compatible
+        // one by the second path element of the request URL as received, and with an absolute
+        // URL that element is the host. Podman 4.3 then serves a shared handler such as
+        // `containers/{id}/stop` as the Docker one, which ignores `timeout` (Docker's is `t`) and
+        // stops with the container's own StopTimeout, so `kubectl delete --grace-period=3` of a
+        // pod with a 300 s grace waited 300 s.
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("http://podman{API}{path}"))
+            .uri(format!("{API}{path}"))
             .header(http::header::HOST, "podman");
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
