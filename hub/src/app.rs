@@ -62,6 +62,7 @@ pub fn start_controllers(
         node_manager = node_manager.with_flightctl_health(health);
     }
     let known_nodes = node_manager.known_nodes();
+    let unready_nodes = node_manager.unready_nodes();
     let (writer, status_tx) = StatusWriter::new(
         client.clone(),
         cfg.pods.status_qps,
@@ -80,6 +81,7 @@ pub fn start_controllers(
         inventory.clone(),
         live.subscribe(),
         known_nodes,
+        unready_nodes,
     );
     tasks.spawn(writer.run(shutdown.clone()));
     tasks.spawn(relay.run(shutdown.clone()));

@@ -14,8 +14,9 @@ use serde_json::{Value, json};
 
 mod common;
 use common::{
-    HubPorts, KubeCleanup, Proc, client, create_namespace, hub_metric, kubectl, kubectl_spawn,
-    node_ready, podman, remove_device_containers, start_agent, start_hub, unique, wait_for,
+    HubPorts, HubSetup, HubSpec, KubeCleanup, Proc, client, create_namespace, hub_metric, kubectl,
+    kubectl_spawn, node_condition, node_ready, pod_condition, podman, remove_device_containers,
+    start_agent, unique, wait_for,
 };
 
 /// One hub, one real agent, one namespace; everything is removed on drop.
@@ -40,6 +41,11 @@ impl Drop for Setup {
 
 impl Setup {
     async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, |_| {}).await
+    }
+
+    /// [`Setup::start`] with `tweak` applied to the hub's spec first.
+    async fn start_with(prefix: &str, tweak: impl FnOnce(&mut HubSpec)) -> Self {
         let id = unique(prefix);
         let dev = format!("{id}-d");
         let cleanup = KubeCleanup {
@@ -47,7 +53,10 @@ impl Setup {
             namespace: Some(id.clone()),
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        let (hub, ports) = start_hub(dir.path(), &id, &[(dev.clone(), format!("{id}-f"))]);
+        let mut spec = HubSpec::new(&id, &[(dev.clone(), format!("{id}-f"))]);
+        tweak(&mut spec);
+        let setup = HubSetup::write(dir.path(), spec);
+        let (hub, ports) = (setup.spawn(), setup.ports);
         let agent = start_agent(dir.path(), &dev, ports.link);
         let client = client().await;
         let nodes: Api<Node> = Api::all(client.clone());
@@ -330,4 +339,82 @@ async fn kubectl_delete_grace_period_overrides_the_spec_on_the_device() {
         "killed before its grace: {stopped:?}"
     );
     assert!(stopped < Duration::from_secs(60), "{stopped:?}");
+}
+
+/// The hub turns a Node Ready=Unknown itself, so the node lifecycle controller never marks its
+/// pods: the hub does (Ready=False, a NodeNotReady Event) while Podman keeps running them, and
+/// the device's statuses after it reconnects make them Ready again, with the same container.
+#[tokio::test]
+async fn pods_of_a_disconnected_device_turn_not_ready_and_ready_again_on_reconnect() {
+    let mut s = Setup::start_with("unready", |h| h.disconnect_grace_secs = 3).await;
+    let uid = s
+        .run_pod(
+            "steady",
+            json!({"containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1",
+                                   "command": ["sh", "-c", "exec sleep 3600"]}]}),
+        )
+        .await;
+    let pods = s.pods();
+    let ready_since = wait_for("pod Ready=True", 60, || async {
+        let (st, since) = pod_condition(&pods.get("steady").await.ok()?, "Ready")?;
+        (st == "True").then_some(since)
+    })
+    .await;
+    let before = uid_containers(&uid);
+    assert!(before.len() == 1 && before[0].1 == "running", "{before:?}");
+
+    // The agent dies (SIGKILL): its container stays with Podman.
+    s.agent.take();
+    let nodes: Api<Node> = Api::all(s.client.clone());
+    wait_for("node Ready=Unknown (DeviceDisconnected)", 60, || async {
+        let (st, reason, _) = node_condition(&nodes.get(&s.dev).await.ok()?, "Ready")?;
+        (st == "Unknown" && reason == "DeviceDisconnected").then_some(())
+    })
+    .await;
+    let not_ready_since = wait_for("pod Ready=False", 60, || async {
+        let (st, since) = pod_condition(&pods.get("steady").await.ok()?, "Ready")?;
+        (st == "False").then_some(since)
+    })
+    .await;
+    let p = pods.get("steady").await.expect("pod");
+    println!(
+        "disconnected: pod Ready True (since {ready_since}) -> False (since {not_ready_since}), phase {:?}",
+        p.status.as_ref().and_then(|st| st.phase.clone())
+    );
+    assert_eq!(
+        uid_containers(&uid),
+        before,
+        "the device keeps running the pod"
+    );
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(s.client.clone(), &s.ns);
+    wait_for("a NodeNotReady event on the pod", 30, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("NodeNotReady")
+                    && e.involved_object.name.as_deref() == Some("steady")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The agent comes back with its state: it adopts the container and reports, Ready again.
+    s.agent = Some(start_agent(s.dir.path(), &s.dev, s.ports.link));
+    wait_for("node Ready again", 60, || async {
+        node_ready(&nodes.get(&s.dev).await.ok()?).then_some(())
+    })
+    .await;
+    let again = wait_for("pod Ready=True again", 60, || async {
+        let (st, since) = pod_condition(&pods.get("steady").await.ok()?, "Ready")?;
+        (st == "True").then_some(since)
+    })
+    .await;
+    println!("reconnected: pod Ready=True again (since {again})");
+    assert_eq!(
+        uid_containers(&uid),
+        before,
+        "same container, never a second one for the UID"
+    );
+    common::assert_no_forbidden(&s.hub_log());
 }

@@ -34,6 +34,19 @@ use object::{ConditionView, FIELD_MANAGER, MANAGED_LABEL, StatusInput};
 /// Pods per node name, published by the pod relay once its cache is synced.
 pub type PodCounts = Option<Arc<BTreeMap<String, usize>>>;
 
+/// Why the hub holds a Node's Ready condition at other than True in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unready {
+    /// The device's stream is gone for longer than the grace (Ready=Unknown, DeviceDisconnected).
+    Disconnected,
+    /// The device is connected but Flightctl reports it going down (Ready=False).
+    Down,
+}
+
+/// Nodes whose Ready the hub has written as not True, and why: the relay marks their pods not
+/// ready, as the node lifecycle controller would had it seen the transition itself.
+pub type UnreadyNodes = Arc<BTreeMap<String, Unready>>;
+
 /// The readiness the hub reports for a node, and whether a disconnect was announced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
@@ -141,6 +154,8 @@ struct NodeState {
     flightctl_condition: Option<(String, String)>,
     /// The label issues last reported, so each is logged once, not on every pass.
     label_issues: Vec<String>,
+    /// Status and reason of the Ready condition as last written to (or read from) the API.
+    applied_ready: Option<(String, String)>,
 }
 
 impl NodeState {
@@ -159,6 +174,7 @@ impl NodeState {
             override_since: None,
             flightctl_condition: None,
             label_issues: Vec::new(),
+            applied_ready: None,
         }
     }
 }
@@ -175,6 +191,7 @@ pub struct NodeManager {
     started: Instant,
     state: HashMap<String, NodeState>,
     known: watch::Sender<Arc<BTreeSet<String>>>,
+    unready: watch::Sender<UnreadyNodes>,
     flightctl: Option<watch::Receiver<HealthMap>>,
 }
 
@@ -188,6 +205,8 @@ struct Plan {
     flightctl_not_ready: Option<(String, String)>,
     /// (what to compare next time, what to write).
     status: Option<(Value, Value)>,
+    /// Status and reason of the Ready condition `status` writes.
+    ready: (String, String),
     lease: bool,
     event: Option<NodeEvent>,
     delete: bool,
@@ -200,6 +219,7 @@ struct Outcome {
     uid: Option<String>,
     labels_applied: Option<BTreeMap<String, String>>,
     status_applied: Option<Value>,
+    ready_applied: Option<(String, String)>,
     lease_renewed: bool,
     deleted: bool,
 }
@@ -225,6 +245,7 @@ impl NodeManager {
             started: Instant::now(),
             state: HashMap::new(),
             known: watch::channel(Arc::new(BTreeSet::new())).0,
+            unready: watch::channel(Arc::new(BTreeMap::new())).0,
             flightctl: None,
         }
     }
@@ -241,6 +262,37 @@ impl NodeManager {
     /// deleted), so the pod relay knows which nodes are fleetlet's.
     pub fn known_nodes(&self) -> watch::Receiver<Arc<BTreeSet<String>>> {
         self.known.subscribe()
+    }
+
+    /// Nodes the hub holds out of Ready in the API (see [`UnreadyNodes`]).
+    pub fn unready_nodes(&self) -> watch::Receiver<UnreadyNodes> {
+        self.unready.subscribe()
+    }
+
+    /// A node that never connected (DeviceNotConnected) has no pods that were ever ready, and
+    /// right after a hub restart every node is in that state until its agent is back: those are
+    /// not published, so a restart never flaps pods.
+    fn publish_unready(&self) {
+        let unready: BTreeMap<String, Unready> = self
+            .state
+            .iter()
+            .filter_map(|(name, st)| {
+                let (status, reason) = st.applied_ready.as_ref()?;
+                match (status.as_str(), reason.as_str()) {
+                    ("True", _) | (_, "DeviceNotConnected") => None,
+                    (_, "DeviceDisconnected") => Some((name.clone(), Unready::Disconnected)),
+                    _ => Some((name.clone(), Unready::Down)),
+                }
+            })
+            .collect();
+        self.unready.send_if_modified(|cur| {
+            if **cur == unready {
+                false
+            } else {
+                *cur = Arc::new(unready);
+                true
+            }
+        });
     }
 
     fn publish_known(&self) {
@@ -280,6 +332,7 @@ impl NodeManager {
                 let pc = pods.borrow_and_update().clone();
                 self.pass(&inv, &lv, pc.as_deref()).await;
                 self.publish_known();
+                self.publish_unready();
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -343,6 +396,10 @@ impl NodeManager {
                     .as_ref()
                     .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
             {
+                entry.applied_ready = Some((
+                    ready.status.clone(),
+                    ready.reason.clone().unwrap_or_default(),
+                ));
                 entry.ready = Readiness {
                     status: ready.status.clone(),
                     reason: ready.reason.clone().unwrap_or_default(),
@@ -453,6 +510,7 @@ impl NodeManager {
                     }
                 }
             };
+            let ready_plan = (ready.status.clone(), ready.reason.clone());
             let mut conditions = vec![ready];
             conditions.extend(object::pressure_conditions(
                 ld.and_then(|l| l.capacity.as_ref()),
@@ -506,6 +564,7 @@ impl NodeManager {
                     label_issues,
                     flightctl_not_ready,
                     status: status_plan,
+                    ready: ready_plan,
                     lease,
                     event,
                     delete: false,
@@ -527,6 +586,7 @@ impl NodeManager {
                     label_issues: Vec::new(),
                     flightctl_not_ready: None,
                     status: None,
+                    ready: (String::new(), String::new()),
                     lease: false,
                     event: None,
                     delete: true,
@@ -557,6 +617,9 @@ impl NodeManager {
                 st.applied_status = Some(s);
                 st.status_applied_at = Some(now);
             }
+            if let Some(r) = o.ready_applied {
+                st.applied_ready = Some(r);
+            }
             if o.lease_renewed {
                 st.next_lease = now + renew;
             }
@@ -577,6 +640,7 @@ impl NodeManager {
             uid: None,
             labels_applied: None,
             status_applied: None,
+            ready_applied: None,
             lease_renewed: false,
             deleted: false,
         };
@@ -637,7 +701,10 @@ impl NodeManager {
                 .await;
             self.metrics.api("apply_node_status", &r);
             match r {
-                Ok(_) => out.status_applied = Some(cmp),
+                Ok(_) => {
+                    out.status_applied = Some(cmp);
+                    out.ready_applied = Some(plan.ready.clone());
+                }
                 Err(error) => tracing::warn!(node = name, %error, "applying node status"),
             }
         }

@@ -65,6 +65,7 @@ impl PodApi for KubePodApi {
     fn pod_event(
         &self,
         pod: &Pod,
+        action: &str,
         reason: &str,
         message: &str,
     ) -> BoxFuture<'static, Result<(), String>> {
@@ -74,7 +75,7 @@ impl PodApi for KubePodApi {
             type_: EventType::Warning,
             reason: reason.to_string(),
             note: Some(message.to_string()),
-            action: "Admit".into(),
+            action: action.to_string(),
             secondary: None,
         };
         let metrics = self.metrics.clone();

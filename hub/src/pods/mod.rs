@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::devices::LiveSet;
 use crate::metrics::{Metrics, PhaseLabels};
-use crate::nodes::PodCounts;
+use crate::nodes::{PodCounts, Unready, UnreadyNodes};
 use crate::sessions::{DeviceSet, SessionEvent, Sessions};
 use admission::Requests;
 use status::StatusUpdate;
@@ -47,10 +47,11 @@ pub trait PodApi: Send + Sync + 'static {
         name: &str,
         uid: &str,
     ) -> BoxFuture<'static, Result<(), String>>;
-    /// Publishes a Warning event about the pod.
+    /// Publishes a Warning event about the pod; `action` is what the hub was doing.
     fn pod_event(
         &self,
         pod: &Pod,
+        action: &str,
         reason: &str,
         message: &str,
     ) -> BoxFuture<'static, Result<(), String>>;
@@ -137,6 +138,16 @@ impl<K: kube::Resource> Cache<K> {
     }
 }
 
+/// A pod whose Ready condition the relay set to False because its node went unready.
+#[derive(Debug)]
+struct MarkedNotReady {
+    /// The pod's node.
+    node: String,
+    /// The pod's Ready condition before (restored if the node comes back and the device sends
+    /// nothing newer).
+    ready_before: Value,
+}
+
 /// Upper bound of statuses kept while the pod cache has not synced yet (one per pod UID).
 const MAX_EARLY_STATUS: usize = 100_000;
 
@@ -160,6 +171,9 @@ pub struct PodRelay {
     inventory: watch::Receiver<DeviceSet>,
     live: watch::Receiver<LiveSet>,
     known_nodes: watch::Receiver<Arc<BTreeSet<String>>>,
+    unready: watch::Receiver<UnreadyNodes>,
+    /// Pods marked not ready (uid → what to restore); a status from the device ends the mark.
+    marked: HashMap<String, MarkedNotReady>,
     counts: watch::Sender<PodCounts>,
     pods: Cache<Pod>,
     config_maps: Cache<ConfigMap>,
@@ -211,6 +225,7 @@ impl PodRelay {
         inventory: watch::Receiver<DeviceSet>,
         live: watch::Receiver<LiveSet>,
         known_nodes: watch::Receiver<Arc<BTreeSet<String>>>,
+        unready: watch::Receiver<UnreadyNodes>,
     ) -> (Self, RelayHandles) {
         let (tx, rx) = mpsc::channel(4096);
         let (counts_tx, counts_rx) = watch::channel(None);
@@ -225,6 +240,8 @@ impl PodRelay {
                 inventory,
                 live,
                 known_nodes,
+                unready,
+                marked: HashMap::new(),
                 counts: counts_tx,
                 pods: Cache::new(),
                 config_maps: Cache::new(),
@@ -282,6 +299,10 @@ impl PodRelay {
                 r = self.known_nodes.changed() => {
                     if r.is_err() { return; }
                     self.counts_stale = true;
+                }
+                r = self.unready.changed() => {
+                    if r.is_err() { return; }
+                    self.sync_not_ready();
                 }
                 () = sleep_until_opt(flush_at) => self.flush(),
                 _ = tick.tick() => self.periodic(),
@@ -344,6 +365,7 @@ impl PodRelay {
                     self.confirmed_removed.retain(|u| live.contains(u));
                     self.excluded_in.retain(|u, _| live.contains(u));
                     self.started_observed.retain(|u| live.contains(u));
+                    self.marked.retain(|u, _| live.contains(u));
                     self.all_dirty = true;
                     self.schedule();
                     self.check_all_deletions();
@@ -406,6 +428,7 @@ impl PodRelay {
         self.confirmed_removed.remove(uid);
         self.excluded_in.remove(uid);
         self.started_observed.remove(uid);
+        self.marked.remove(uid);
     }
 
     fn mark_referencing(&mut self, changed: &[(String, String)], config_map: bool) {
@@ -536,8 +559,14 @@ impl PodRelay {
                         name: name.clone(),
                         status,
                     };
-                    if let Err(e) = self.status_tx.try_send(update) {
-                        tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; status dropped until the next report");
+                    match self.status_tx.try_send(update) {
+                        // The device's own word on readiness replaces the relay's mark.
+                        Ok(()) => {
+                            self.marked.remove(&entry.uid);
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; status dropped until the next report")
+                        }
                     }
                 }
                 for uid in check {
@@ -644,6 +673,7 @@ impl PodRelay {
 
     fn periodic(&mut self) {
         self.check_all_deletions();
+        self.sync_not_ready();
         if self.counts_stale && self.pods.synced {
             self.counts_stale = false;
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -826,6 +856,127 @@ impl PodRelay {
         }
     }
 
+    /// Does for the pods of unready nodes what the node lifecycle controller does when it sees a
+    /// node's Ready leave True (`MarkPodsNotReady`): their Ready condition turns False (the
+    /// rest of the status stays as the device reported it) and a `NodeNotReady` Warning Event
+    /// goes out per pod. The controller never does it for fleetlet nodes: it only acts on a
+    /// transition it writes itself, and the hub writes the node's Unknown.
+    ///
+    /// Level-triggered (on every change of the unready set and every tick): a pod is marked
+    /// once while its API status still says Ready=True. The mark ends with the device's next
+    /// status (a reconnecting agent resends all of them); if the node turns ready without one
+    /// (Flightctl's override lifted), the Ready condition from before is written back. A
+    /// disconnected node's pods are left alone once the device is connected again, so a
+    /// reconnect that outruns the node manager's pass is not undone. Writes go through the
+    /// status writer, so they are rate-limited and coalesced with device statuses.
+    fn sync_not_ready(&mut self) {
+        if !self.pods.synced {
+            return;
+        }
+        let unready = self.unready.borrow().clone();
+        let live = self.live.borrow().clone();
+        let connected = |node: &str| live.get(node).is_some_and(|l| l.connected);
+        let now = crate::kubeutil::time_string(k8s_openapi::jiff::Timestamp::now());
+
+        // Nodes that are ready again: restore what the device last said, unless it is away.
+        let back: Vec<String> = self
+            .marked
+            .iter()
+            .filter(|(_, m)| !unready.contains_key(&m.node))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in back {
+            let Some(m) = self.marked.remove(&uid) else {
+                continue;
+            };
+            if !connected(&m.node) {
+                continue;
+            }
+            // A pod being deleted is on its way out; its readiness is the device's to report.
+            let Some(pod) = self
+                .pod_by_uid(&uid)
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            else {
+                continue;
+            };
+            let mut ready = m.ready_before;
+            ready["lastTransitionTime"] = Value::String(now.clone());
+            let update = StatusUpdate {
+                uid: uid.clone(),
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                status: json!({ "conditions": [ready] }),
+            };
+            tracing::info!(pod = %update.name, namespace = %update.namespace, device = %m.node, "node ready again; pod readiness restored");
+            if let Err(e) = self.status_tx.try_send(update) {
+                tracing::warn!(uid, error = %e, "status queue full; readiness not restored until the next report");
+            }
+        }
+        if unready.is_empty() {
+            return;
+        }
+
+        let mut to_mark = Vec::new();
+        for pod in self.pods.items.values() {
+            let Some(node) = node_of(pod) else { continue };
+            let Some(why) = unready.get(&node) else {
+                continue;
+            };
+            if *why == Unready::Disconnected && connected(&node) {
+                continue;
+            }
+            let Some(uid) = pod.metadata.uid.as_ref() else {
+                continue;
+            };
+            if self.marked.contains_key(uid) {
+                continue;
+            }
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .filter(|c| c.status == "True");
+            let Some(ready) = ready.and_then(|c| serde_json::to_value(c).ok()) else {
+                continue;
+            };
+            to_mark.push((uid.clone(), node, ready, pod.clone()));
+        }
+        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        for (uid, node, ready_before, pod) in to_mark {
+            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let update = StatusUpdate {
+                uid: uid.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                status: json!({ "conditions": [{
+                    "type": "Ready",
+                    "status": "False",
+                    "lastTransitionTime": now,
+                }] }),
+            };
+            if let Err(e) = self.status_tx.try_send(update) {
+                tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; pod marked not ready on a later pass");
+                continue;
+            }
+            *per_node.entry(node.clone()).or_default() += 1;
+            self.marked
+                .insert(uid, MarkedNotReady { node, ready_before });
+            let ev = self
+                .api
+                .pod_event(&pod, "MarkNotReady", "NodeNotReady", "Node is not ready");
+            tokio::spawn(async move {
+                if let Err(error) = ev.await {
+                    tracing::warn!(pod = %name, %namespace, %error, "publishing NodeNotReady event");
+                }
+            });
+        }
+        for (node, pods) in per_node {
+            tracing::info!(device = %node, pods, "node not ready; its pods marked not ready");
+        }
+    }
+
     fn reject(&mut self, pod: &Pod, uid: &str, rejection: &admission::Rejection) {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
@@ -842,7 +993,7 @@ impl PodRelay {
         }
         let ev = self
             .api
-            .pod_event(pod, &rejection.reason, &rejection.message);
+            .pod_event(pod, "Admit", &rejection.reason, &rejection.message);
         tokio::spawn(async move {
             if let Err(error) = ev.await {
                 tracing::warn!(pod = %name, namespace = %ns, %error, "publishing admission event");

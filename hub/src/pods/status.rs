@@ -136,7 +136,26 @@ impl StatusWriter {
 
     fn enqueue(&mut self, u: StatusUpdate, attempts: u32) {
         match self.pending.get_mut(&u.uid) {
-            Some(slot) => *slot = (u, attempts.min(slot.1)),
+            Some(slot) => {
+                // The API would apply both patches in turn; one merged patch has the same effect
+                // (a partial one, such as the relay's Ready=False, must not drop the device's
+                // full status queued before it).
+                let StatusUpdate {
+                    uid,
+                    namespace,
+                    name,
+                    status,
+                } = u;
+                let mut merged = std::mem::take(&mut slot.0.status);
+                merge_status(&mut merged, status);
+                slot.0 = StatusUpdate {
+                    uid,
+                    namespace,
+                    name,
+                    status: merged,
+                };
+                slot.1 = attempts.min(slot.1);
+            }
             None => {
                 self.queue.push_back(u.uid.clone());
                 self.pending.insert(u.uid.clone(), (u, attempts));
@@ -235,6 +254,33 @@ impl StatusWriter {
     }
 }
 
+/// `newer` applied onto `older` the way a strategic merge patch applies to a pod status:
+/// top-level fields are replaced, `conditions` are merged by `type` (each condition's fields
+/// overlaid on the one before).
+fn merge_status(older: &mut Value, newer: Value) {
+    let (Some(old), Value::Object(new)) = (older.as_object_mut(), newer) else {
+        return;
+    };
+    for (key, value) in new {
+        match (key.as_str(), old.get_mut(&key), value) {
+            ("conditions", Some(Value::Array(have)), Value::Array(add)) => {
+                for cond in add {
+                    let existing = have
+                        .iter_mut()
+                        .find(|c| c.get("type").is_some() && c.get("type") == cond.get("type"));
+                    match (existing.and_then(Value::as_object_mut), cond) {
+                        (Some(e), Value::Object(fields)) => e.extend(fields),
+                        (_, cond) => have.push(cond),
+                    }
+                }
+            }
+            (_, _, value) => {
+                old.insert(key, value);
+            }
+        }
+    }
+}
+
 /// Merges `u.status` into the pod's status. The uid in the patch is a precondition: a pod
 /// re-created under the same name has another uid and the API server refuses to change it.
 async fn write(
@@ -254,6 +300,44 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coalesced_statuses_merge_like_successive_patches() {
+        let mut queued = json!({
+            "phase": "Running",
+            "conditions": [
+                {"type": "ContainersReady", "status": "True"},
+                {"type": "Ready", "status": "True", "reason": "R"}
+            ],
+            "containerStatuses": [{"name": "a", "ready": true}]
+        });
+        merge_status(
+            &mut queued,
+            json!({"conditions": [
+                {"type": "Ready", "status": "False", "lastTransitionTime": "t1"},
+                {"type": "New", "status": "True"}
+            ]}),
+        );
+        assert_eq!(
+            queued,
+            json!({
+                "phase": "Running",
+                "conditions": [
+                    {"type": "ContainersReady", "status": "True"},
+                    {"type": "Ready", "status": "False", "reason": "R", "lastTransitionTime": "t1"},
+                    {"type": "New", "status": "True"}
+                ],
+                "containerStatuses": [{"name": "a", "ready": true}]
+            }),
+            "a partial status keeps the full one queued before it"
+        );
+        merge_status(
+            &mut queued,
+            json!({"phase": "Succeeded", "containerStatuses": []}),
+        );
+        assert_eq!(queued["phase"], "Succeeded");
+        assert_eq!(queued["containerStatuses"], json!([]));
+    }
 
     #[test]
     fn retries_back_off_to_a_cap() {

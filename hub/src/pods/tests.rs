@@ -62,6 +62,7 @@ impl PodApi for FakeApi {
     fn pod_event(
         &self,
         pod: &Pod,
+        _action: &str,
         reason: &str,
         _message: &str,
     ) -> BoxFuture<'static, Result<(), String>> {
@@ -81,6 +82,7 @@ struct Harness {
     live: LiveRegistry,
     _inv_tx: watch::Sender<DeviceSet>,
     _known_tx: watch::Sender<Arc<BTreeSet<String>>>,
+    unready_tx: watch::Sender<crate::nodes::UnreadyNodes>,
 }
 
 fn harness() -> Harness {
@@ -100,6 +102,7 @@ fn harness() -> Harness {
         .collect();
     let (inv_tx, inv_rx) = watch::channel(Arc::new(inv));
     let (known_tx, known_rx) = watch::channel(Arc::new(BTreeSet::new()));
+    let (unready_tx, unready_rx) = watch::channel(Arc::new(BTreeMap::new()));
     let live = LiveRegistry::new();
     let sessions = Arc::new(FakeSessions::default());
     let api = Arc::new(FakeApi::default());
@@ -119,6 +122,7 @@ fn harness() -> Harness {
         inv_rx,
         live.subscribe(),
         known_rx,
+        unready_rx,
     );
     Harness {
         relay,
@@ -128,6 +132,7 @@ fn harness() -> Harness {
         live,
         _inv_tx: inv_tx,
         _known_tx: known_tx,
+        unready_tx,
     }
 }
 
@@ -532,4 +537,110 @@ mod properties {
             let _ = AgentMessage::decode(bytes.as_slice());
         }
     }
+}
+
+fn ready_pod(name: &str, node: &str) -> Pod {
+    let mut p = pod(name, node, "100m");
+    p.status = Some(
+        serde_json::from_value(json!({"phase": "Running", "conditions": [
+            {"type": "ContainersReady", "status": "True"},
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"}
+        ]}))
+        .expect("status"),
+    );
+    p
+}
+
+fn drain(h: &mut Harness) -> Vec<StatusUpdate> {
+    std::iter::from_fn(|| h.status_rx.try_recv().ok()).collect()
+}
+
+#[tokio::test]
+async fn pods_of_a_disconnected_node_are_marked_not_ready_once_and_the_device_status_ends_it() {
+    let mut h = harness();
+    sync(
+        &mut h,
+        vec![ready_pod("p1", "dev-a"), ready_pod("p2", "dev-b")],
+        vec![],
+    );
+    h.unready_tx.send_replace(Arc::new(
+        [("dev-a".to_string(), Unready::Disconnected)]
+            .into_iter()
+            .collect(),
+    ));
+    h.relay.sync_not_ready();
+    let sent = drain(&mut h);
+    assert_eq!(sent.len(), 1, "only the pod of the unready node: {sent:?}");
+    assert_eq!(sent[0].name, "p1");
+    let conds = sent[0].status["conditions"].as_array().expect("conditions");
+    assert_eq!(conds.len(), 1, "only Ready is touched, as k8s does");
+    assert_eq!(conds[0]["type"], "Ready");
+    assert_eq!(conds[0]["status"], "False");
+    tokio::task::yield_now().await;
+    assert_eq!(
+        h.api.events.try_lock().expect("lock").as_slice(),
+        [("p1".to_string(), "NodeNotReady".to_string())]
+    );
+    // Level-triggered, but once: the next pass (API status not yet updated) sends nothing.
+    h.relay.sync_not_ready();
+    assert!(drain(&mut h).is_empty());
+
+    // The device reconnects and reports: its status goes out and the mark ends; a stale unready
+    // set (the node manager has not passed yet) does not mark the pod again.
+    h.live.apply(&SessionEvent::Connected {
+        device: "dev-a".into(),
+        hello: Default::default(),
+    });
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: true,
+            pods: vec![PodStatusEntry {
+                uid: "uid-p1".into(),
+                namespace: "ns".into(),
+                name: "p1".into(),
+                status_json: bytes::Bytes::from_static(
+                    br#"{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}"#,
+                ),
+                removed: false,
+            }],
+        },
+    }));
+    assert_eq!(drain(&mut h).len(), 1, "the device's own status");
+    h.relay.sync_not_ready();
+    assert!(drain(&mut h).is_empty(), "connected again: left alone");
+}
+
+#[tokio::test]
+async fn readiness_is_restored_when_a_flightctl_override_ends_without_a_device_status() {
+    let mut h = harness();
+    h.live.apply(&SessionEvent::Connected {
+        device: "dev-a".into(),
+        hello: Default::default(),
+    });
+    sync(&mut h, vec![ready_pod("p1", "dev-a")], vec![]);
+    h.unready_tx.send_replace(Arc::new(
+        [("dev-a".to_string(), Unready::Down)].into_iter().collect(),
+    ));
+    h.relay.sync_not_ready();
+    let marked = drain(&mut h);
+    assert_eq!(
+        marked[0].status["conditions"][0]["status"], "False",
+        "Down marks even while connected"
+    );
+    h.unready_tx.send_replace(Arc::new(BTreeMap::new()));
+    h.relay.sync_not_ready();
+    let restored = drain(&mut h);
+    assert_eq!(restored.len(), 1);
+    let ready = &restored[0].status["conditions"][0];
+    assert_eq!(
+        (ready["type"].as_str(), ready["status"].as_str()),
+        (Some("Ready"), Some("True"))
+    );
+    assert_ne!(
+        ready["lastTransitionTime"], "2026-01-01T00:00:05Z",
+        "a restore is a transition"
+    );
+    h.relay.sync_not_ready();
+    assert!(drain(&mut h).is_empty());
 }

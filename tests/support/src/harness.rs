@@ -832,6 +832,28 @@ pub fn node_condition(
         })
 }
 
+/// (status, lastTransitionTime) of a pod's condition `type_` (e.g. "Ready").
+pub fn pod_condition(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    type_: &str,
+) -> Option<(String, String)> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| {
+            (
+                c.status.clone(),
+                c.last_transition_time
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default(),
+            )
+        })
+}
+
 /// A kubectl child process (e.g. `logs -f`) with piped stdout and stderr, read while it runs.
 pub fn kubectl_spawn(args: &[&str]) -> Child {
     let kubectl = std::env::var("FLEETLET_KUBECTL").unwrap_or_else(|_| "kubectl".into());
