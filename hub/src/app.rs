@@ -108,23 +108,47 @@ pub fn start_controllers(
         "pods",
         shutdown.clone(),
     ));
+    // The ConfigMap/Secret watches start once the pods are listed: the relay keeps only the
+    // objects pods on fleetlet nodes reference, so their first list is then filtered by a
+    // complete set of references instead of leaving a GET per object to make afterwards.
     let cms: Api<ConfigMap> = Api::all(client.clone());
-    tasks.spawn(forward(
-        watcher(cms, watcher::Config::default()),
-        handles.inputs.clone(),
-        Input::ConfigMap,
-        "configmaps",
+    tasks.spawn(after_pods_listed(
+        handles.counts.clone(),
         shutdown.clone(),
+        forward(
+            watcher(cms, watcher::Config::default()),
+            handles.inputs.clone(),
+            Input::ConfigMap,
+            "configmaps",
+            shutdown.clone(),
+        ),
     ));
     let secrets: Api<Secret> = Api::all(client);
-    tasks.spawn(forward(
-        watcher(secrets, watcher::Config::default()),
-        handles.inputs,
-        Input::Secret,
-        "secrets",
-        shutdown,
+    tasks.spawn(after_pods_listed(
+        handles.counts.clone(),
+        shutdown.clone(),
+        forward(
+            watcher(secrets, watcher::Config::default()),
+            handles.inputs,
+            Input::Secret,
+            "secrets",
+            shutdown.clone(),
+        ),
     ));
     handles.counts
+}
+
+/// Runs `task` once the relay has listed the pods (its pod counts are published).
+async fn after_pods_listed(
+    mut counts: watch::Receiver<PodCounts>,
+    shutdown: CancellationToken,
+    task: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = counts.wait_for(Option::is_some) => if r.is_err() { return },
+    }
+    task.await;
 }
 
 /// Feeds one watch into the relay, with kube-runtime's backoff on errors.

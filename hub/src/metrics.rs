@@ -33,6 +33,13 @@ pub struct ApiLabels {
     pub op: String,
 }
 
+/// Labels of the cached-objects gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// "configmap" or "secret".
+    pub kind: String,
+}
+
 /// Every metric the hub exports.
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +59,8 @@ pub struct Metrics {
     pub api_errors: Family<ApiLabels, Counter>,
     /// 1 while this replica holds the leader lease (or runs without election), else 0.
     pub leader: Gauge,
+    /// ConfigMaps and Secrets held in memory (only those fleetlet pods reference).
+    pub cached_objects: Family<KindLabels, Gauge>,
 }
 
 impl Metrics {
@@ -98,9 +107,16 @@ impl Metrics {
             "1 while this replica leads (serves devices and writes to the API), 0 as a standby",
             leader.clone(),
         );
+        let cached_objects = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "cached_objects",
+            "ConfigMaps and Secrets held in memory: only those pods on fleetlet nodes reference",
+            cached_objects.clone(),
+        );
         Self {
             registry,
             leader,
+            cached_objects,
             connected_devices,
             nodes,
             pods,

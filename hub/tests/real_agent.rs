@@ -418,3 +418,108 @@ async fn pods_of_a_disconnected_device_turn_not_ready_and_ready_again_on_reconne
     );
     common::assert_no_forbidden(&s.hub_log());
 }
+
+/// The hub keeps only the ConfigMaps and Secrets that pods on its nodes reference
+/// (`fleetlet_hub_cached_objects`), yet a referenced ConfigMap the pod brings along later is
+/// fetched, and its change still reaches the device.
+#[tokio::test]
+async fn only_referenced_config_maps_and_secrets_are_cached_and_changes_still_reach_the_device() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let s = Setup::start("scope").await;
+    let gauge = |kind: &'static str| {
+        let ops = s.ports.ops;
+        async move { hub_metric(ops, &format!("cached_objects{{kind=\"{kind}\"}}")).await }
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(s.client.clone(), &s.ns);
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    for i in 0..5 {
+        let cm: ConfigMap = serde_json::from_value(
+            json!({"metadata": {"name": format!("unrelated-{i}")}, "data": {"k": "x"}}),
+        )
+        .expect("cm");
+        cms.create(&PostParams::default(), &cm).await.expect("cm");
+        let sec: Secret = serde_json::from_value(
+            json!({"metadata": {"name": format!("unrelated-{i}")}, "stringData": {"k": "x"}}),
+        )
+        .expect("secret");
+        secrets
+            .create(&PostParams::default(), &sec)
+            .await
+            .expect("secret");
+    }
+    // The API server holds many more (kube-root-ca.crt in every namespace, the other tests'
+    // objects); the hub holds none of them.
+    let all_cms = Api::<ConfigMap>::all(s.client.clone())
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .len();
+    wait_for("the gauges published", 30, || async {
+        (gauge("configmap").await? == 0.0 && gauge("secret").await? == 0.0).then_some(())
+    })
+    .await;
+    println!("cluster has {all_cms} ConfigMaps; the hub caches 0 ConfigMaps and 0 Secrets");
+
+    // A pod referencing a ConfigMap and a Secret that exist: both are cached and delivered.
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "app"}, "data": {"k": "v1"}}))
+            .expect("cm");
+    cms.create(&PostParams::default(), &cm).await.expect("cm");
+    let sec: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "tok"}, "stringData": {"t": "s1"}}))
+            .expect("secret");
+    secrets
+        .create(&PostParams::default(), &sec)
+        .await
+        .expect("secret");
+    let uid = s
+        .run_pod(
+            "reader",
+            json!({
+                "volumes": [{"name": "cfg", "configMap": {"name": "app"}}],
+                "containers": [{"name": "app", "image": "localhost/fleetlet-test/busybox:1",
+                                "command": ["sh", "-c", "exec sleep 3600"],
+                                "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "t"}}}],
+                                "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}]
+            }),
+        )
+        .await;
+    wait_for("one ConfigMap and one Secret cached", 30, || async {
+        (gauge("configmap").await? == 1.0 && gauge("secret").await? == 1.0).then_some(())
+    })
+    .await;
+    let file = s
+        .dir
+        .path()
+        .join(format!("state-{}", s.dev))
+        .join("pods")
+        .join(&uid)
+        .join("volumes/cfg/k");
+    assert_eq!(std::fs::read_to_string(&file).expect("cfg file"), "v1");
+
+    // A change of the referenced ConfigMap reaches the device.
+    let mut cm = cms.get("app").await.expect("cm");
+    cm.data = Some([("k".to_string(), "v2".to_string())].into_iter().collect());
+    cms.replace("app", &PostParams::default(), &cm)
+        .await
+        .expect("update cm");
+    wait_for("the device writes the new ConfigMap value", 60, || async {
+        (std::fs::read_to_string(&file).ok()? == "v2").then_some(())
+    })
+    .await;
+    // Unrelated changes do not enter the cache.
+    let mut other = cms.get("unrelated-0").await.expect("cm");
+    other.data = Some([("k".to_string(), "y".to_string())].into_iter().collect());
+    cms.replace("unrelated-0", &PostParams::default(), &other)
+        .await
+        .expect("update cm");
+    // Once the pod is gone, so is what it referenced.
+    let (ok, out, err) = kubectl(&["-n", &s.ns, "delete", "pod", "reader", "--wait=true"]);
+    assert!(ok, "{out} {err}");
+    wait_for("nothing cached once the pod is gone", 60, || async {
+        (gauge("configmap").await? == 0.0 && gauge("secret").await? == 0.0).then_some(())
+    })
+    .await;
+    common::assert_no_forbidden(&s.hub_log());
+}

@@ -28,6 +28,13 @@ pub fn references(pod: &Pod) -> References {
         if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) {
             r.secrets.insert(name);
         }
+        // The ServiceAccount token volume never reaches the device (see `pod_json`), so its
+        // kube-root-ca.crt is neither sent nor kept.
+        if v.projected.is_some()
+            && serde_json::to_value(v).is_ok_and(|j| is_service_account_volume(&j))
+        {
+            continue;
+        }
         for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
             if let Some(c) = &src.config_map {
                 r.config_maps.insert(c.name.clone());
@@ -289,6 +296,10 @@ mod tests {
             .filter_map(|x| x["name"].as_str())
             .collect();
         assert_eq!(mounts, ["a"]);
+        assert!(
+            !references(&p).config_maps.contains("kube-root-ca.crt"),
+            "nor is its CA ConfigMap referenced (sent or cached)"
+        );
     }
 
     #[test]

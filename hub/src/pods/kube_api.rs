@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Resource};
 
-use super::PodApi;
+use super::referenced::RefKind;
+use super::{Fetched, PodApi};
 use crate::kubeutil::is_not_found;
 use crate::metrics::Metrics;
 
@@ -58,6 +59,35 @@ impl PodApi for KubePodApi {
                     Ok(())
                 }
                 Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn fetch(
+        &self,
+        kind: RefKind,
+        namespace: &str,
+        name: &str,
+    ) -> BoxFuture<'static, Result<Option<Fetched>, String>> {
+        let client = self.client.clone();
+        let namespace = namespace.to_string();
+        let name = name.to_string();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            match kind {
+                RefKind::ConfigMap => {
+                    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+                    let r = api.get_opt(&name).await;
+                    metrics.api("get_configmap", &r);
+                    r.map(|o| o.map(Fetched::ConfigMap))
+                        .map_err(|e| e.to_string())
+                }
+                RefKind::Secret => {
+                    let api: Api<Secret> = Api::namespaced(client, &namespace);
+                    let r = api.get_opt(&name).await;
+                    metrics.api("get_secret", &r);
+                    r.map(|o| o.map(Fetched::Secret)).map_err(|e| e.to_string())
+                }
             }
         })
     }

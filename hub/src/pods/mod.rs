@@ -10,9 +10,10 @@
 pub mod admission;
 pub mod bundle;
 pub mod kube_api;
+pub mod referenced;
 pub mod status;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use crate::metrics::{Metrics, PhaseLabels};
 use crate::nodes::{PodCounts, Unready, UnreadyNodes};
 use crate::sessions::{DeviceSet, SessionEvent, Sessions};
 use admission::Requests;
+use referenced::{Key, Ref, RefKind, Referenced};
 use status::StatusUpdate;
 
 /// Field selector of the one pod watch: every pod bound to some node. Field selectors cannot
@@ -47,6 +49,13 @@ pub trait PodApi: Send + Sync + 'static {
         name: &str,
         uid: &str,
     ) -> BoxFuture<'static, Result<(), String>>;
+    /// Reads one ConfigMap or Secret; `None` when it does not exist.
+    fn fetch(
+        &self,
+        kind: RefKind,
+        namespace: &str,
+        name: &str,
+    ) -> BoxFuture<'static, Result<Option<Fetched>, String>>;
     /// Publishes a Warning event about the pod; `action` is what the hub was doing.
     fn pod_event(
         &self,
@@ -55,6 +64,15 @@ pub trait PodApi: Send + Sync + 'static {
         reason: &str,
         message: &str,
     ) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// A ConfigMap or Secret read with a GET.
+#[derive(Debug, Clone)]
+pub enum Fetched {
+    /// A ConfigMap.
+    ConfigMap(ConfigMap),
+    /// A Secret.
+    Secret(Secret),
 }
 
 /// Everything that flows into the relay. Pod events are large, but each is moved once from the
@@ -76,6 +94,13 @@ pub enum Input {
         uid: String,
         /// Whether the pod is gone.
         ok: bool,
+    },
+    /// A GET of a newly referenced ConfigMap or Secret answered.
+    Fetched {
+        /// What was read.
+        what: Ref,
+        /// The object, `None` if it does not exist, or the error.
+        result: Result<Option<Fetched>, String>,
     },
 }
 
@@ -100,16 +125,22 @@ impl<K: kube::Resource> Cache<K> {
             o.meta().name.clone().unwrap_or_default(),
         )
     }
-    /// Folds an event; returns the keys whose object changed (all keys on a re-list).
-    fn apply(&mut self, ev: watcher::Event<K>) -> Vec<(String, String)> {
+    /// Folds an event, storing only objects whose key `keep` accepts; returns the keys whose
+    /// object changed (all keys on a re-list).
+    fn apply(
+        &mut self,
+        ev: watcher::Event<K>,
+        keep: impl Fn(&Key) -> bool,
+    ) -> Vec<(String, String)> {
         match ev {
             watcher::Event::Init => {
                 self.relist = Some(BTreeMap::new());
                 Vec::new()
             }
             watcher::Event::InitApply(o) => {
-                if let Some(r) = self.relist.as_mut() {
-                    r.insert(Self::key(&o), o);
+                let k = Self::key(&o);
+                if let Some(r) = self.relist.as_mut().filter(|_| keep(&k)) {
+                    r.insert(k, o);
                 }
                 Vec::new()
             }
@@ -126,8 +157,14 @@ impl<K: kube::Resource> Cache<K> {
             }
             watcher::Event::Apply(o) => {
                 let k = Self::key(&o);
-                self.items.insert(k.clone(), o);
-                vec![k]
+                if keep(&k) {
+                    self.items.insert(k.clone(), o);
+                    vec![k]
+                } else if self.items.remove(&k).is_some() {
+                    vec![k]
+                } else {
+                    Vec::new()
+                }
             }
             watcher::Event::Delete(o) => {
                 let k = Self::key(&o);
@@ -147,6 +184,12 @@ struct MarkedNotReady {
     /// nothing newer).
     ready_before: Value,
 }
+
+/// GETs of newly referenced ConfigMaps/Secrets in flight at most.
+const MAX_FETCHES: usize = 16;
+
+/// Relay ticks (2 s) between retries of failed GETs.
+const FETCH_RETRY_TICKS: u32 = 5;
 
 /// Upper bound of statuses kept while the pod cache has not synced yet (one per pod UID).
 const MAX_EARLY_STATUS: usize = 100_000;
@@ -178,6 +221,14 @@ pub struct PodRelay {
     pods: Cache<Pod>,
     config_maps: Cache<ConfigMap>,
     secrets: Cache<Secret>,
+    /// The ConfigMaps/Secrets pods on fleetlet nodes reference: the only ones cached.
+    referenced: Referenced,
+    /// GETs waiting for a slot (each also in `referenced.fetching`).
+    fetch_queue: VecDeque<Ref>,
+    fetches_in_flight: usize,
+    /// Devices whose snapshot waits for a GET, by the object it waits for.
+    waiting: HashMap<Ref, BTreeSet<String>>,
+    ticks: u32,
     admitted: HashMap<String, Requests>,
     rejected: HashSet<String>,
     /// Latest known device-side state per device: uid → removed.
@@ -246,6 +297,11 @@ impl PodRelay {
                 pods: Cache::new(),
                 config_maps: Cache::new(),
                 secrets: Cache::new(),
+                referenced: Referenced::default(),
+                fetch_queue: VecDeque::new(),
+                fetches_in_flight: 0,
+                waiting: HashMap::new(),
+                ticks: 0,
                 admitted: HashMap::new(),
                 rejected: HashSet::new(),
                 reported: HashMap::new(),
@@ -288,6 +344,7 @@ impl PodRelay {
                     if r.is_err() { return; }
                     self.all_dirty = true;
                     self.counts_stale = true;
+                    self.rebuild_refs();
                     self.schedule();
                 }
                 r = self.live.changed() => {
@@ -299,6 +356,7 @@ impl PodRelay {
                 r = self.known_nodes.changed() => {
                     if r.is_err() { return; }
                     self.counts_stale = true;
+                    self.rebuild_refs();
                 }
                 r = self.unready.changed() => {
                     if r.is_err() { return; }
@@ -347,7 +405,19 @@ impl PodRelay {
                     ),
                     _ => (None, false, None),
                 };
-                let changed = self.pods.apply(ev);
+                // References of the pod before and after, for the ConfigMap/Secret scope.
+                let (old_refs, new_refs) = match &ev {
+                    watcher::Event::Apply(p) | watcher::Event::Delete(p) => (
+                        self.pods
+                            .items
+                            .get(&Cache::<Pod>::key(p))
+                            .map(|o| self.refs_of(o))
+                            .unwrap_or_default(),
+                        if deleted { Vec::new() } else { self.refs_of(p) },
+                    ),
+                    _ => (Vec::new(), Vec::new()),
+                };
+                let changed = self.pods.apply(ev, |_| true);
                 if changed.is_empty() {
                     return;
                 }
@@ -370,7 +440,16 @@ impl PodRelay {
                     self.schedule();
                     self.check_all_deletions();
                     self.replay_early_status();
+                    self.rebuild_refs();
+                    // Also the signal that starts the ConfigMap/Secret watches (see app.rs).
+                    self.publish_counts();
                     return;
+                }
+                if !old_refs.is_empty() || !new_refs.is_empty() {
+                    let new = self.referenced.add(&new_refs);
+                    let gone = self.referenced.remove(&old_refs);
+                    self.drop_unreferenced(&gone);
+                    self.queue_fetches(new);
                 }
                 if let Some(n) = old_node {
                     self.mark(&n);
@@ -389,13 +468,36 @@ impl PodRelay {
                 }
             }
             Input::ConfigMap(ev) => {
-                let changed = self.config_maps.apply(ev);
+                if matches!(ev, watcher::Event::Init) {
+                    self.referenced
+                        .listing_new
+                        .retain(|r| r.0 != RefKind::ConfigMap);
+                }
+                let listed = matches!(ev, watcher::Event::InitDone);
+                let deleted = deleted_key(&ev);
+                let referenced = &self.referenced;
+                let changed = self.config_maps.apply(ev, |k| {
+                    referenced.contains(&(RefKind::ConfigMap, k.clone()))
+                });
+                self.after_watch(RefKind::ConfigMap, &changed, deleted, listed);
                 self.mark_referencing(&changed, true);
             }
             Input::Secret(ev) => {
-                let changed = self.secrets.apply(ev);
+                if matches!(ev, watcher::Event::Init) {
+                    self.referenced
+                        .listing_new
+                        .retain(|r| r.0 != RefKind::Secret);
+                }
+                let listed = matches!(ev, watcher::Event::InitDone);
+                let deleted = deleted_key(&ev);
+                let referenced = &self.referenced;
+                let changed = self
+                    .secrets
+                    .apply(ev, |k| referenced.contains(&(RefKind::Secret, k.clone())));
+                self.after_watch(RefKind::Secret, &changed, deleted, listed);
                 self.mark_referencing(&changed, false);
             }
+            Input::Fetched { what, result } => self.fetched(what, result),
             Input::Session(ev) => self.session(ev),
             Input::DeleteDone { uid, ok } => {
                 self.deleting.remove(&uid);
@@ -429,6 +531,214 @@ impl PodRelay {
         self.excluded_in.remove(uid);
         self.started_observed.remove(uid);
         self.marked.remove(uid);
+    }
+
+    /// The objects `pod` references if it is on a fleetlet node (none otherwise: the hub keeps
+    /// nothing for other nodes' pods).
+    fn refs_of(&self, pod: &Pod) -> Vec<Ref> {
+        match node_of(pod) {
+            Some(node) if self.is_ours(&node) => referenced::pod_refs(pod),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Recounts every reference (after a pod re-list or a change of which nodes are ours).
+    fn rebuild_refs(&mut self) {
+        if !self.pods.synced {
+            return;
+        }
+        let per_pod: Vec<Vec<Ref>> = self.pods.items.values().map(|p| self.refs_of(p)).collect();
+        let before: HashSet<Ref> = self.referenced.iter().cloned().collect();
+        let gone = self.referenced.rebuild(per_pod.iter().map(Vec::as_slice));
+        self.drop_unreferenced(&gone);
+        let new: Vec<Ref> = self
+            .referenced
+            .iter()
+            .filter(|r| !before.contains(*r))
+            .cloned()
+            .collect();
+        self.queue_fetches(new);
+    }
+
+    fn has_cached(&self, (kind, key): &Ref) -> bool {
+        match kind {
+            RefKind::ConfigMap => self.config_maps.items.contains_key(key),
+            RefKind::Secret => self.secrets.items.contains_key(key),
+        }
+    }
+
+    /// Frees what no pod references any more.
+    fn drop_unreferenced(&mut self, gone: &[Ref]) {
+        for (kind, key) in gone {
+            let removed = match kind {
+                RefKind::ConfigMap => {
+                    if let Some(r) = self.config_maps.relist.as_mut() {
+                        r.remove(key);
+                    }
+                    self.config_maps.items.remove(key).is_some()
+                }
+                RefKind::Secret => {
+                    if let Some(r) = self.secrets.relist.as_mut() {
+                        r.remove(key);
+                    }
+                    self.secrets.items.remove(key).is_some()
+                }
+            };
+            if removed {
+                tracing::debug!(kind = kind.as_str(), namespace = %key.0, name = %key.1, "no longer referenced; dropped from the cache");
+            }
+        }
+        if !gone.is_empty() {
+            self.update_cache_gauges();
+        }
+    }
+
+    /// Fetches the given newly referenced objects unless the cache has them, a GET is pending
+    /// or the API said they do not exist. While the kind's watch lists, its list answers
+    /// instead (see [`Referenced::listing_new`]).
+    fn queue_fetches(&mut self, refs: Vec<Ref>) {
+        for r in refs {
+            if self.has_cached(&r)
+                || self.referenced.absent.contains(&r)
+                || self.referenced.fetching.contains(&r)
+            {
+                continue;
+            }
+            let listing = match r.0 {
+                RefKind::ConfigMap => !self.config_maps.synced || self.config_maps.relist.is_some(),
+                RefKind::Secret => !self.secrets.synced || self.secrets.relist.is_some(),
+            };
+            if listing {
+                self.referenced.listing_new.insert(r);
+                continue;
+            }
+            self.referenced.fetching.insert(r.clone());
+            self.fetch_queue.push_back(r);
+        }
+        self.pump_fetches();
+    }
+
+    fn pump_fetches(&mut self) {
+        while self.fetches_in_flight < MAX_FETCHES {
+            let Some(r) = self.fetch_queue.pop_front() else {
+                return;
+            };
+            if !self.referenced.fetching.contains(&r) {
+                continue; // no longer referenced
+            }
+            let (kind, (ns, name)) = &r;
+            let fut = self.api.fetch(*kind, ns, name);
+            let done = self.done_tx.clone();
+            self.fetches_in_flight += 1;
+            tokio::spawn(async move {
+                let result = fut.await;
+                let _ = done.send(Input::Fetched { what: r, result }).await;
+            });
+        }
+    }
+
+    fn fetched(&mut self, what: Ref, result: Result<Option<Fetched>, String>) {
+        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
+        if self.referenced.fetching.remove(&what) {
+            let (kind, key) = &what;
+            match result {
+                Ok(Some(obj)) => {
+                    self.referenced.failed.remove(&what);
+                    // A watch event that came meanwhile is at least as new: it wins.
+                    match obj {
+                        Fetched::ConfigMap(cm) => {
+                            if let Some(r) = self.config_maps.relist.as_mut() {
+                                r.entry(key.clone()).or_insert_with(|| cm.clone());
+                            }
+                            self.config_maps.items.entry(key.clone()).or_insert(cm);
+                        }
+                        Fetched::Secret(sec) => {
+                            if let Some(r) = self.secrets.relist.as_mut() {
+                                r.entry(key.clone()).or_insert_with(|| sec.clone());
+                            }
+                            self.secrets.items.entry(key.clone()).or_insert(sec);
+                        }
+                    }
+                    self.update_cache_gauges();
+                }
+                Ok(None) => {
+                    self.referenced.failed.remove(&what);
+                    self.referenced.absent.insert(what.clone());
+                }
+                Err(error) => {
+                    tracing::warn!(kind = kind.as_str(), namespace = %key.0, name = %key.1, %error, "reading a referenced object failed; retrying, snapshots go out without it meanwhile");
+                    self.referenced.failed.insert(what.clone());
+                }
+            }
+            if let Some(devices) = self.waiting.remove(&what) {
+                for d in devices {
+                    self.mark(&d);
+                }
+            }
+        }
+        self.pump_fetches();
+    }
+
+    /// Bookkeeping after a ConfigMap/Secret watch event: what exists, what to fetch again.
+    fn after_watch(&mut self, kind: RefKind, changed: &[Key], deleted: Option<Key>, listed: bool) {
+        for key in changed {
+            let r = (kind, key.clone());
+            if self.has_cached(&r) {
+                self.referenced.absent.remove(&r);
+                self.referenced.failed.remove(&r);
+                // The watch answered before the GET did: nothing to wait for.
+                if self.referenced.fetching.remove(&r)
+                    && let Some(devices) = self.waiting.remove(&r)
+                {
+                    for d in devices {
+                        self.mark(&d);
+                    }
+                }
+            }
+        }
+        if let Some(key) = deleted {
+            let r = (kind, key);
+            if self.referenced.contains(&r) {
+                self.referenced.absent.insert(r);
+            }
+        }
+        if listed {
+            // The list is the truth for references older than it; one that appeared while it
+            // ran may have been passed by, and is read with a GET.
+            let missing: Vec<Ref> = self
+                .referenced
+                .iter()
+                .filter(|r| {
+                    r.0 == kind && !self.has_cached(r) && !self.referenced.fetching.contains(*r)
+                })
+                .cloned()
+                .collect();
+            let mut fetch = Vec::new();
+            for r in missing {
+                if self.referenced.listing_new.contains(&r) {
+                    fetch.push(r);
+                } else {
+                    self.referenced.absent.insert(r);
+                }
+            }
+            self.referenced.listing_new.retain(|r| r.0 != kind);
+            self.queue_fetches(fetch);
+        }
+        self.update_cache_gauges();
+    }
+
+    fn update_cache_gauges(&self) {
+        for (kind, n) in [
+            (RefKind::ConfigMap, self.config_maps.items.len()),
+            (RefKind::Secret, self.secrets.items.len()),
+        ] {
+            self.metrics
+                .cached_objects
+                .get_or_create(&crate::metrics::KindLabels {
+                    kind: kind.as_str().to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     fn mark_referencing(&mut self, changed: &[(String, String)], config_map: bool) {
@@ -674,6 +984,16 @@ impl PodRelay {
     fn periodic(&mut self) {
         self.check_all_deletions();
         self.sync_not_ready();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(FETCH_RETRY_TICKS) && !self.referenced.failed.is_empty() {
+            let failed: Vec<Ref> = self.referenced.failed.drain().collect();
+            self.queue_fetches(failed);
+        }
+        self.publish_counts();
+    }
+
+    /// Publishes pods per node (and the phase gauges) when they may have changed.
+    fn publish_counts(&mut self) {
         if self.counts_stale && self.pods.synced {
             self.counts_stale = false;
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -759,6 +1079,18 @@ impl PodRelay {
                 );
                 ka.cmp(&kb)
             });
+            // A pod whose ConfigMap/Secret is being fetched waits for it: sent without it, the
+            // device would fail the container (CreateContainerConfigError) in the meantime.
+            if !self.referenced.fetching.is_empty()
+                && let Some(r) = pods
+                    .iter()
+                    .flat_map(referenced::pod_refs)
+                    .find(|r| self.referenced.fetching.contains(r))
+            {
+                self.dirty.insert(device.clone());
+                self.waiting.entry(r).or_default().insert(device);
+                continue;
+            }
             self.flush_device(&device, &pods);
         }
     }
@@ -1006,6 +1338,14 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The key of the object a watch event deletes.
+fn deleted_key<K: kube::Resource>(ev: &watcher::Event<K>) -> Option<Key> {
+    match ev {
+        watcher::Event::Delete(o) => Some(Cache::<K>::key(o)),
+        _ => None,
     }
 }
 

@@ -5,6 +5,7 @@ use tokio::sync::Mutex;
 
 use fleetlet_proto::v1::{Capacity, LogRequest, PodBundle, PodStatusEntry, PodStatusReport};
 
+use super::referenced::{Ref, RefKind};
 use super::*;
 use crate::devices::LiveRegistry;
 use crate::sessions::{DeviceRecord, LogStream};
@@ -44,6 +45,9 @@ impl Sessions for FakeSessions {
 struct FakeApi {
     deleted: Mutex<Vec<(String, String, String)>>,
     events: Mutex<Vec<(String, String)>>,
+    /// What a GET finds.
+    objects: Mutex<HashMap<Ref, Fetched>>,
+    fetched: Mutex<Vec<Ref>>,
 }
 
 impl PodApi for FakeApi {
@@ -58,6 +62,17 @@ impl PodApi for FakeApi {
             .expect("lock")
             .push((namespace.into(), name.into(), uid.into()));
         Box::pin(async { Ok(()) })
+    }
+    fn fetch(
+        &self,
+        kind: RefKind,
+        namespace: &str,
+        name: &str,
+    ) -> BoxFuture<'static, Result<Option<Fetched>, String>> {
+        let r = (kind, (namespace.to_string(), name.to_string()));
+        self.fetched.try_lock().expect("lock").push(r.clone());
+        let found = self.objects.try_lock().expect("lock").get(&r).cloned();
+        Box::pin(async move { Ok(found) })
     }
     fn pod_event(
         &self,
@@ -643,4 +658,107 @@ async fn readiness_is_restored_when_a_flightctl_override_ends_without_a_device_s
     );
     h.relay.sync_not_ready();
     assert!(drain(&mut h).is_empty());
+}
+
+/// Hands the relay the answers of the GETs it started.
+async fn deliver_fetches(h: &mut Harness) {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    while let Ok(input) = h.relay.inputs.try_recv() {
+        h.relay.handle(input);
+    }
+}
+
+fn named_config_map(name: &str, value: &str) -> ConfigMap {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "namespace": "ns"}, "data": {"k": value}}),
+    )
+    .expect("cm")
+}
+
+fn pod_with_config_map(name: &str, config_map: &str) -> Pod {
+    let mut p = pod(name, "dev-a", "100m");
+    if let Some(spec) = p.spec.as_mut() {
+        spec.volumes = Some(
+            serde_json::from_value(json!([{"name": "cfg", "configMap": {"name": config_map}}]))
+                .expect("volumes"),
+        );
+    }
+    p
+}
+
+#[tokio::test]
+async fn only_referenced_config_maps_are_cached_and_a_new_reference_is_fetched_first() {
+    let mut h = harness();
+    sync(
+        &mut h,
+        vec![
+            pod("p1", "dev-a", "100m"),
+            pod("elsewhere", "real-node", "100m"),
+        ],
+        vec![config_map("v1"), named_config_map("unrelated", "x")],
+    );
+    assert_eq!(
+        h.relay.config_maps.items.keys().collect::<Vec<_>>(),
+        [&("ns".to_string(), "cfg".to_string())],
+        "unrelated ConfigMaps are not kept"
+    );
+    h.relay
+        .handle(Input::ConfigMap(watcher::Event::Apply(named_config_map(
+            "unrelated-2",
+            "y",
+        ))));
+    assert_eq!(h.relay.config_maps.items.len(), 1);
+    h.relay.flush();
+    assert_eq!(sent_to(&h, "dev-a").len(), 1);
+
+    // A new pod references a ConfigMap the hub has not kept: its device waits for the GET.
+    let r = (RefKind::ConfigMap, ("ns".to_string(), "cfg2".to_string()));
+    h.api.objects.try_lock().expect("lock").insert(
+        r.clone(),
+        Fetched::ConfigMap(named_config_map("cfg2", "fetched")),
+    );
+    h.relay
+        .handle(Input::Pod(watcher::Event::Apply(pod_with_config_map(
+            "p2", "cfg2",
+        ))));
+    h.relay.flush();
+    assert_eq!(sent_to(&h, "dev-a").len(), 1, "held back while fetching");
+    deliver_fetches(&mut h).await;
+    assert_eq!(
+        h.api.fetched.try_lock().expect("lock").as_slice(),
+        std::slice::from_ref(&r)
+    );
+    h.relay.flush();
+    let a = sent_to(&h, "dev-a");
+    assert_eq!(a.len(), 2);
+    let b2 = a[1]
+        .iter()
+        .find(|b| b.config_maps.iter().any(|c| c.name == "cfg2"))
+        .expect("bundle with cfg2");
+    assert_eq!(
+        b2.config_maps[0].data.get("k").map(String::as_str),
+        Some("fetched")
+    );
+
+    // Its update through the watch is kept and re-sent; once its pod is gone it is dropped.
+    h.relay
+        .handle(Input::ConfigMap(watcher::Event::Apply(named_config_map(
+            "cfg2", "updated",
+        ))));
+    h.relay.flush();
+    assert_eq!(sent_to(&h, "dev-a").len(), 3);
+    h.relay
+        .handle(Input::Pod(watcher::Event::Delete(pod_with_config_map(
+            "p2", "cfg2",
+        ))));
+    assert!(
+        !h.relay
+            .config_maps
+            .items
+            .contains_key(&("ns".to_string(), "cfg2".to_string())),
+        "no longer referenced: dropped"
+    );
+    assert_eq!(h.relay.config_maps.items.len(), 1);
 }
