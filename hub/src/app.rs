@@ -148,6 +148,7 @@ async fn after_pods_listed(
         () = shutdown.cancelled() => return,
         r = counts.wait_for(Option::is_some) => if r.is_err() { return },
     }
+    tracing::debug!("pods listed; starting a ConfigMap/Secret watch");
     task.await;
 }
 

@@ -418,7 +418,7 @@ impl PodRelay {
                     _ => (Vec::new(), Vec::new()),
                 };
                 let changed = self.pods.apply(ev, |_| true);
-                if changed.is_empty() {
+                if changed.is_empty() && !relisted {
                     return;
                 }
                 self.counts_stale = true;
@@ -703,6 +703,14 @@ impl PodRelay {
             }
         }
         if listed {
+            tracing::debug!(
+                kind = kind.as_str(),
+                referenced_cached = match kind {
+                    RefKind::ConfigMap => self.config_maps.items.len(),
+                    RefKind::Secret => self.secrets.items.len(),
+                },
+                "listed"
+            );
             // The list is the truth for references older than it; one that appeared while it
             // ran may have been passed by, and is read with a GET.
             let missing: Vec<Ref> = self
@@ -723,6 +731,12 @@ impl PodRelay {
             }
             self.referenced.listing_new.retain(|r| r.0 != kind);
             self.queue_fetches(fetch);
+            // A flush that found this cache unsynced dropped out; the filtered list may have
+            // changed nothing that would schedule another, so schedule one for every device.
+            if self.synced() {
+                self.all_dirty = true;
+                self.schedule();
+            }
         }
         self.update_cache_gauges();
     }
@@ -1040,6 +1054,7 @@ impl PodRelay {
     fn flush(&mut self) {
         self.flush_at = None;
         if !self.synced() {
+            // Kept dirty: the last cache to list schedules the flush (see `after_watch`).
             return;
         }
         let inventory = self.inventory.borrow().clone();

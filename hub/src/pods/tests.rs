@@ -762,3 +762,34 @@ async fn only_referenced_config_maps_are_cached_and_a_new_reference_is_fetched_f
     );
     assert_eq!(h.relay.config_maps.items.len(), 1);
 }
+
+#[tokio::test]
+async fn a_pod_that_arrives_before_the_config_map_and_secret_lists_goes_out_once_they_are_in() {
+    let mut h = harness();
+    h.relay.handle(Input::Pod(watcher::Event::Init));
+    h.relay.handle(Input::Pod(watcher::Event::InitDone));
+    let mut p = pod("early", "dev-a", "100m");
+    if let Some(spec) = p.spec.as_mut() {
+        spec.volumes = None;
+    }
+    h.relay.handle(Input::Pod(watcher::Event::Apply(p)));
+    h.relay.flush();
+    assert!(sent_to(&h, "dev-a").is_empty(), "not synced yet");
+    assert!(h.relay.flush_at.is_none());
+    // Both lists hold nothing this hub keeps, so no object changes; the flush is scheduled anyway.
+    for ev in [watcher::Event::Init, watcher::Event::InitDone] {
+        h.relay.handle(Input::ConfigMap(ev));
+    }
+    h.relay.handle(Input::Secret(watcher::Event::Init));
+    h.relay.handle(Input::Secret(watcher::Event::InitApply(
+        serde_json::from_value(json!({"metadata": {"name": "unrelated", "namespace": "ns"}}))
+            .expect("secret"),
+    )));
+    h.relay.handle(Input::Secret(watcher::Event::InitDone));
+    assert!(
+        h.relay.flush_at.is_some(),
+        "the last list schedules a flush"
+    );
+    h.relay.flush();
+    assert_eq!(uids(&sent_to(&h, "dev-a")[0]), ["uid-early"]);
+}
