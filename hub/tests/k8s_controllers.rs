@@ -78,6 +78,7 @@ fn device(name: &str, fleet: &str) -> InventoryDevice {
         name: name.into(),
         labels: [("site name".to_string(), "Lab #7".to_string())]
             .into_iter()
+            .chain(common::owner_labels())
             .collect(),
         fleet: Some(fleet.into()),
         enabled: true,
@@ -85,6 +86,7 @@ fn device(name: &str, fleet: &str) -> InventoryDevice {
 }
 
 async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
+    common::reap_orphans();
     let client = client().await;
     let mut cfg = HubConfig::default();
     cfg.nodes.instance = instance.into();

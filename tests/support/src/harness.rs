@@ -18,6 +18,10 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
+pub use crate::orphans::{
+    OWNER_PID_LABEL, OWNER_START_LABEL, owner_env, owner_labels, reap_orphans,
+};
+
 /// The stack's directory (`$FLEETLET_DEV_DIR`, default `/var/tmp/fleetlet-dev`).
 pub fn dev_dir() -> PathBuf {
     PathBuf::from(
@@ -71,8 +75,14 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates namespace `ns`.
 pub async fn create_namespace(client: &kube::Client, ns: &str) {
+    reap_orphans();
     let api: Api<Namespace> = Api::all(client.clone());
-    let body: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+    let labels: serde_json::Map<String, serde_json::Value> = owner_labels()
+        .into_iter()
+        .map(|(k, v)| (k, v.into()))
+        .collect();
+    let body: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).expect("ns");
     api.create(&PostParams::default(), &body)
         .await
         .expect("create namespace");
@@ -222,6 +232,7 @@ impl Proc {
             .expect("log file");
         let err = out.try_clone().expect("log file");
         let child = cmd
+            .env(crate::orphans::OWNER_ENV, owner_env())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
@@ -482,13 +493,22 @@ impl HubSetup {
     /// Writes the link PKI, a static inventory and the hub's config into `dir`, under the shipped
     /// RBAC and with leader election on (a Lease of its own, named after the instance).
     pub fn write(dir: &Path, spec: HubSpec) -> Self {
+        reap_orphans();
         let names: Vec<&str> = spec.devices.iter().map(|(n, _)| n.as_str()).collect();
         link_pki_for(dir, &names, &[spec.link_ip]);
         issue_kubelet_cert(dir);
+        // The owner labels reach the Nodes as device labels (see `orphans`).
+        let owner: Vec<String> = owner_labels()
+            .iter()
+            .map(|(k, v)| format!("{k:?} = {v:?}"))
+            .collect();
+        let owner = owner.join(", ");
         let inventory: String = spec
             .devices
             .iter()
-            .map(|(n, f)| format!("[[device]]\nname = \"{n}\"\nfleet = \"{f}\"\n"))
+            .map(|(n, f)| {
+                format!("[[device]]\nname = \"{n}\"\nfleet = \"{f}\"\nlabels = {{ {owner} }}\n")
+            })
             .collect();
         std::fs::write(dir.join("devices.toml"), inventory).expect("inventory");
         shipped_rbac_kubeconfig(dir);

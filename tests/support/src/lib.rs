@@ -8,6 +8,7 @@
 
 pub mod harness;
 mod logs;
+pub mod orphans;
 mod podman;
 mod wait;
 
