@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod bundle;
 pub mod kube_api;
+mod not_ready;
 pub mod referenced;
 pub mod status;
 
@@ -29,9 +30,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::devices::LiveSet;
 use crate::metrics::{Metrics, PhaseLabels};
-use crate::nodes::{PodCounts, Unready, UnreadyNodes};
+use crate::nodes::{PodCounts, UnreadyNodes};
 use crate::sessions::{DeviceSet, SessionEvent, Sessions};
 use admission::Requests;
+use not_ready::MarkedNotReady;
 use referenced::{Key, Ref, RefKind, Referenced};
 use status::StatusUpdate;
 
@@ -174,19 +176,6 @@ impl<K: kube::Resource> Cache<K> {
         }
     }
 }
-
-/// A pod whose Ready condition the relay set to False because its node went unready.
-#[derive(Debug)]
-struct MarkedNotReady {
-    /// The pod's node.
-    node: String,
-    /// The pod's Ready condition before (restored if the node comes back and the device sends
-    /// nothing newer).
-    ready_before: Value,
-}
-
-/// GETs of newly referenced ConfigMaps/Secrets in flight at most.
-const MAX_FETCHES: usize = 16;
 
 /// Relay ticks (2 s) between retries of failed GETs.
 const FETCH_RETRY_TICKS: u32 = 5;
@@ -531,228 +520,6 @@ impl PodRelay {
         self.excluded_in.remove(uid);
         self.started_observed.remove(uid);
         self.marked.remove(uid);
-    }
-
-    /// The objects `pod` references if it is on a fleetlet node (none otherwise: the hub keeps
-    /// nothing for other nodes' pods).
-    fn refs_of(&self, pod: &Pod) -> Vec<Ref> {
-        match node_of(pod) {
-            Some(node) if self.is_ours(&node) => referenced::pod_refs(pod),
-            _ => Vec::new(),
-        }
-    }
-
-    /// Recounts every reference (after a pod re-list or a change of which nodes are ours).
-    fn rebuild_refs(&mut self) {
-        if !self.pods.synced {
-            return;
-        }
-        let per_pod: Vec<Vec<Ref>> = self.pods.items.values().map(|p| self.refs_of(p)).collect();
-        let before: HashSet<Ref> = self.referenced.iter().cloned().collect();
-        let gone = self.referenced.rebuild(per_pod.iter().map(Vec::as_slice));
-        self.drop_unreferenced(&gone);
-        let new: Vec<Ref> = self
-            .referenced
-            .iter()
-            .filter(|r| !before.contains(*r))
-            .cloned()
-            .collect();
-        self.queue_fetches(new);
-    }
-
-    fn has_cached(&self, (kind, key): &Ref) -> bool {
-        match kind {
-            RefKind::ConfigMap => self.config_maps.items.contains_key(key),
-            RefKind::Secret => self.secrets.items.contains_key(key),
-        }
-    }
-
-    /// Frees what no pod references any more.
-    fn drop_unreferenced(&mut self, gone: &[Ref]) {
-        for (kind, key) in gone {
-            let removed = match kind {
-                RefKind::ConfigMap => {
-                    if let Some(r) = self.config_maps.relist.as_mut() {
-                        r.remove(key);
-                    }
-                    self.config_maps.items.remove(key).is_some()
-                }
-                RefKind::Secret => {
-                    if let Some(r) = self.secrets.relist.as_mut() {
-                        r.remove(key);
-                    }
-                    self.secrets.items.remove(key).is_some()
-                }
-            };
-            if removed {
-                tracing::debug!(kind = kind.as_str(), namespace = %key.0, name = %key.1, "no longer referenced; dropped from the cache");
-            }
-        }
-        if !gone.is_empty() {
-            self.update_cache_gauges();
-        }
-    }
-
-    /// Fetches the given newly referenced objects unless the cache has them, a GET is pending
-    /// or the API said they do not exist. While the kind's watch lists, its list answers
-    /// instead (see [`Referenced::listing_new`]).
-    fn queue_fetches(&mut self, refs: Vec<Ref>) {
-        for r in refs {
-            if self.has_cached(&r)
-                || self.referenced.absent.contains(&r)
-                || self.referenced.fetching.contains(&r)
-            {
-                continue;
-            }
-            let listing = match r.0 {
-                RefKind::ConfigMap => !self.config_maps.synced || self.config_maps.relist.is_some(),
-                RefKind::Secret => !self.secrets.synced || self.secrets.relist.is_some(),
-            };
-            if listing {
-                self.referenced.listing_new.insert(r);
-                continue;
-            }
-            self.referenced.fetching.insert(r.clone());
-            self.fetch_queue.push_back(r);
-        }
-        self.pump_fetches();
-    }
-
-    fn pump_fetches(&mut self) {
-        while self.fetches_in_flight < MAX_FETCHES {
-            let Some(r) = self.fetch_queue.pop_front() else {
-                return;
-            };
-            if !self.referenced.fetching.contains(&r) {
-                continue; // no longer referenced
-            }
-            let (kind, (ns, name)) = &r;
-            let fut = self.api.fetch(*kind, ns, name);
-            let done = self.done_tx.clone();
-            self.fetches_in_flight += 1;
-            tokio::spawn(async move {
-                let result = fut.await;
-                let _ = done.send(Input::Fetched { what: r, result }).await;
-            });
-        }
-    }
-
-    fn fetched(&mut self, what: Ref, result: Result<Option<Fetched>, String>) {
-        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
-        if self.referenced.fetching.remove(&what) {
-            let (kind, key) = &what;
-            match result {
-                Ok(Some(obj)) => {
-                    self.referenced.failed.remove(&what);
-                    // A watch event that came meanwhile is at least as new: it wins.
-                    match obj {
-                        Fetched::ConfigMap(cm) => {
-                            if let Some(r) = self.config_maps.relist.as_mut() {
-                                r.entry(key.clone()).or_insert_with(|| cm.clone());
-                            }
-                            self.config_maps.items.entry(key.clone()).or_insert(cm);
-                        }
-                        Fetched::Secret(sec) => {
-                            if let Some(r) = self.secrets.relist.as_mut() {
-                                r.entry(key.clone()).or_insert_with(|| sec.clone());
-                            }
-                            self.secrets.items.entry(key.clone()).or_insert(sec);
-                        }
-                    }
-                    self.update_cache_gauges();
-                }
-                Ok(None) => {
-                    self.referenced.failed.remove(&what);
-                    self.referenced.absent.insert(what.clone());
-                }
-                Err(error) => {
-                    tracing::warn!(kind = kind.as_str(), namespace = %key.0, name = %key.1, %error, "reading a referenced object failed; retrying, snapshots go out without it meanwhile");
-                    self.referenced.failed.insert(what.clone());
-                }
-            }
-            if let Some(devices) = self.waiting.remove(&what) {
-                for d in devices {
-                    self.mark(&d);
-                }
-            }
-        }
-        self.pump_fetches();
-    }
-
-    /// Bookkeeping after a ConfigMap/Secret watch event: what exists, what to fetch again.
-    fn after_watch(&mut self, kind: RefKind, changed: &[Key], deleted: Option<Key>, listed: bool) {
-        for key in changed {
-            let r = (kind, key.clone());
-            if self.has_cached(&r) {
-                self.referenced.absent.remove(&r);
-                self.referenced.failed.remove(&r);
-                // The watch answered before the GET did: nothing to wait for.
-                if self.referenced.fetching.remove(&r)
-                    && let Some(devices) = self.waiting.remove(&r)
-                {
-                    for d in devices {
-                        self.mark(&d);
-                    }
-                }
-            }
-        }
-        if let Some(key) = deleted {
-            let r = (kind, key);
-            if self.referenced.contains(&r) {
-                self.referenced.absent.insert(r);
-            }
-        }
-        if listed {
-            tracing::debug!(
-                kind = kind.as_str(),
-                referenced_cached = match kind {
-                    RefKind::ConfigMap => self.config_maps.items.len(),
-                    RefKind::Secret => self.secrets.items.len(),
-                },
-                "listed"
-            );
-            // The list is the truth for references older than it; one that appeared while it
-            // ran may have been passed by, and is read with a GET.
-            let missing: Vec<Ref> = self
-                .referenced
-                .iter()
-                .filter(|r| {
-                    r.0 == kind && !self.has_cached(r) && !self.referenced.fetching.contains(*r)
-                })
-                .cloned()
-                .collect();
-            let mut fetch = Vec::new();
-            for r in missing {
-                if self.referenced.listing_new.contains(&r) {
-                    fetch.push(r);
-                } else {
-                    self.referenced.absent.insert(r);
-                }
-            }
-            self.referenced.listing_new.retain(|r| r.0 != kind);
-            self.queue_fetches(fetch);
-            // A flush that found this cache unsynced dropped out; the filtered list may have
-            // changed nothing that would schedule another, so schedule one for every device.
-            if self.synced() {
-                self.all_dirty = true;
-                self.schedule();
-            }
-        }
-        self.update_cache_gauges();
-    }
-
-    fn update_cache_gauges(&self) {
-        for (kind, n) in [
-            (RefKind::ConfigMap, self.config_maps.items.len()),
-            (RefKind::Secret, self.secrets.items.len()),
-        ] {
-            self.metrics
-                .cached_objects
-                .get_or_create(&crate::metrics::KindLabels {
-                    kind: kind.as_str().to_string(),
-                })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
     }
 
     fn mark_referencing(&mut self, changed: &[(String, String)], config_map: bool) {
@@ -1200,127 +967,6 @@ impl PodRelay {
         }
         for uid in terminating {
             self.excluded_in.entry(uid).or_insert(generation);
-        }
-    }
-
-    /// Does for the pods of unready nodes what the node lifecycle controller does when it sees a
-    /// node's Ready leave True (`MarkPodsNotReady`): their Ready condition turns False (the
-    /// rest of the status stays as the device reported it) and a `NodeNotReady` Warning Event
-    /// goes out per pod. The controller never does it for fleetlet nodes: it only acts on a
-    /// transition it writes itself, and the hub writes the node's Unknown.
-    ///
-    /// Level-triggered (on every change of the unready set and every tick): a pod is marked
-    /// once while its API status still says Ready=True. The mark ends with the device's next
-    /// status (a reconnecting agent resends all of them); if the node turns ready without one
-    /// (Flightctl's override lifted), the Ready condition from before is written back. A
-    /// disconnected node's pods are left alone once the device is connected again, so a
-    /// reconnect that outruns the node manager's pass is not undone. Writes go through the
-    /// status writer, so they are rate-limited and coalesced with device statuses.
-    fn sync_not_ready(&mut self) {
-        if !self.pods.synced {
-            return;
-        }
-        let unready = self.unready.borrow().clone();
-        let live = self.live.borrow().clone();
-        let connected = |node: &str| live.get(node).is_some_and(|l| l.connected);
-        let now = crate::kubeutil::time_string(k8s_openapi::jiff::Timestamp::now());
-
-        // Nodes that are ready again: restore what the device last said, unless it is away.
-        let back: Vec<String> = self
-            .marked
-            .iter()
-            .filter(|(_, m)| !unready.contains_key(&m.node))
-            .map(|(uid, _)| uid.clone())
-            .collect();
-        for uid in back {
-            let Some(m) = self.marked.remove(&uid) else {
-                continue;
-            };
-            if !connected(&m.node) {
-                continue;
-            }
-            // A pod being deleted is on its way out; its readiness is the device's to report.
-            let Some(pod) = self
-                .pod_by_uid(&uid)
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-            else {
-                continue;
-            };
-            let mut ready = m.ready_before;
-            ready["lastTransitionTime"] = Value::String(now.clone());
-            let update = StatusUpdate {
-                uid: uid.clone(),
-                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-                name: pod.metadata.name.clone().unwrap_or_default(),
-                status: json!({ "conditions": [ready] }),
-            };
-            tracing::info!(pod = %update.name, namespace = %update.namespace, device = %m.node, "node ready again; pod readiness restored");
-            if let Err(e) = self.status_tx.try_send(update) {
-                tracing::warn!(uid, error = %e, "status queue full; readiness not restored until the next report");
-            }
-        }
-        if unready.is_empty() {
-            return;
-        }
-
-        let mut to_mark = Vec::new();
-        for pod in self.pods.items.values() {
-            let Some(node) = node_of(pod) else { continue };
-            let Some(why) = unready.get(&node) else {
-                continue;
-            };
-            if *why == Unready::Disconnected && connected(&node) {
-                continue;
-            }
-            let Some(uid) = pod.metadata.uid.as_ref() else {
-                continue;
-            };
-            if self.marked.contains_key(uid) {
-                continue;
-            }
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-                .filter(|c| c.status == "True");
-            let Some(ready) = ready.and_then(|c| serde_json::to_value(c).ok()) else {
-                continue;
-            };
-            to_mark.push((uid.clone(), node, ready, pod.clone()));
-        }
-        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
-        for (uid, node, ready_before, pod) in to_mark {
-            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let update = StatusUpdate {
-                uid: uid.clone(),
-                namespace: namespace.clone(),
-                name: name.clone(),
-                status: json!({ "conditions": [{
-                    "type": "Ready",
-                    "status": "False",
-                    "lastTransitionTime": now,
-                }] }),
-            };
-            if let Err(e) = self.status_tx.try_send(update) {
-                tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; pod marked not ready on a later pass");
-                continue;
-            }
-            *per_node.entry(node.clone()).or_default() += 1;
-            self.marked
-                .insert(uid, MarkedNotReady { node, ready_before });
-            let ev = self
-                .api
-                .pod_event(&pod, "MarkNotReady", "NodeNotReady", "Node is not ready");
-            tokio::spawn(async move {
-                if let Err(error) = ev.await {
-                    tracing::warn!(pod = %name, %namespace, %error, "publishing NodeNotReady event");
-                }
-            });
-        }
-        for (node, pods) in per_node {
-            tracing::info!(device = %node, pods, "node not ready; its pods marked not ready");
         }
     }
 

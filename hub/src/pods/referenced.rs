@@ -10,7 +10,10 @@ use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::bundle;
+use super::{Fetched, Input, PodRelay, bundle, node_of};
+
+/// GETs of newly referenced ConfigMaps/Secrets in flight at most.
+const MAX_FETCHES: usize = 16;
 
 /// The kind of a referenced object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,6 +139,236 @@ impl Referenced {
         self.absent.remove(r);
         self.failed.remove(r);
         self.listing_new.remove(r);
+    }
+}
+
+impl PodRelay {
+    /// The objects `pod` references if it is on a fleetlet node (none otherwise: the hub keeps
+    /// nothing for other nodes' pods).
+    pub(super) fn refs_of(&self, pod: &Pod) -> Vec<Ref> {
+        match node_of(pod) {
+            Some(node) if self.is_ours(&node) => pod_refs(pod),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Recounts every reference (after a pod re-list or a change of which nodes are ours).
+    pub(super) fn rebuild_refs(&mut self) {
+        if !self.pods.synced {
+            return;
+        }
+        let per_pod: Vec<Vec<Ref>> = self.pods.items.values().map(|p| self.refs_of(p)).collect();
+        let before: HashSet<Ref> = self.referenced.iter().cloned().collect();
+        let gone = self.referenced.rebuild(per_pod.iter().map(Vec::as_slice));
+        self.drop_unreferenced(&gone);
+        let new: Vec<Ref> = self
+            .referenced
+            .iter()
+            .filter(|r| !before.contains(*r))
+            .cloned()
+            .collect();
+        self.queue_fetches(new);
+    }
+
+    pub(super) fn has_cached(&self, (kind, key): &Ref) -> bool {
+        match kind {
+            RefKind::ConfigMap => self.config_maps.items.contains_key(key),
+            RefKind::Secret => self.secrets.items.contains_key(key),
+        }
+    }
+
+    /// Frees what no pod references any more.
+    pub(super) fn drop_unreferenced(&mut self, gone: &[Ref]) {
+        for (kind, key) in gone {
+            let removed = match kind {
+                RefKind::ConfigMap => {
+                    if let Some(r) = self.config_maps.relist.as_mut() {
+                        r.remove(key);
+                    }
+                    self.config_maps.items.remove(key).is_some()
+                }
+                RefKind::Secret => {
+                    if let Some(r) = self.secrets.relist.as_mut() {
+                        r.remove(key);
+                    }
+                    self.secrets.items.remove(key).is_some()
+                }
+            };
+            if removed {
+                tracing::debug!(kind = kind.as_str(), namespace = %key.0, name = %key.1, "no longer referenced; dropped from the cache");
+            }
+        }
+        if !gone.is_empty() {
+            self.update_cache_gauges();
+        }
+    }
+
+    /// Fetches the given newly referenced objects unless the cache has them, a GET is pending
+    /// or the API said they do not exist. While the kind's watch lists, its list answers
+    /// instead (see [`Referenced::listing_new`]).
+    pub(super) fn queue_fetches(&mut self, refs: Vec<Ref>) {
+        for r in refs {
+            if self.has_cached(&r)
+                || self.referenced.absent.contains(&r)
+                || self.referenced.fetching.contains(&r)
+            {
+                continue;
+            }
+            let listing = match r.0 {
+                RefKind::ConfigMap => !self.config_maps.synced || self.config_maps.relist.is_some(),
+                RefKind::Secret => !self.secrets.synced || self.secrets.relist.is_some(),
+            };
+            if listing {
+                self.referenced.listing_new.insert(r);
+                continue;
+            }
+            self.referenced.fetching.insert(r.clone());
+            self.fetch_queue.push_back(r);
+        }
+        self.pump_fetches();
+    }
+
+    pub(super) fn pump_fetches(&mut self) {
+        while self.fetches_in_flight < MAX_FETCHES {
+            let Some(r) = self.fetch_queue.pop_front() else {
+                return;
+            };
+            if !self.referenced.fetching.contains(&r) {
+                continue; // no longer referenced
+            }
+            let (kind, (ns, name)) = &r;
+            let fut = self.api.fetch(*kind, ns, name);
+            let done = self.done_tx.clone();
+            self.fetches_in_flight += 1;
+            tokio::spawn(async move {
+                let result = fut.await;
+                let _ = done.send(Input::Fetched { what: r, result }).await;
+            });
+        }
+    }
+
+    pub(super) fn fetched(&mut self, what: Ref, result: Result<Option<Fetched>, String>) {
+        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
+        if self.referenced.fetching.remove(&what) {
+            let (kind, key) = &what;
+            match result {
+                Ok(Some(obj)) => {
+                    self.referenced.failed.remove(&what);
+                    // A watch event that came meanwhile is at least as new: it wins.
+                    match obj {
+                        Fetched::ConfigMap(cm) => {
+                            if let Some(r) = self.config_maps.relist.as_mut() {
+                                r.entry(key.clone()).or_insert_with(|| cm.clone());
+                            }
+                            self.config_maps.items.entry(key.clone()).or_insert(cm);
+                        }
+                        Fetched::Secret(sec) => {
+                            if let Some(r) = self.secrets.relist.as_mut() {
+                                r.entry(key.clone()).or_insert_with(|| sec.clone());
+                            }
+                            self.secrets.items.entry(key.clone()).or_insert(sec);
+                        }
+                    }
+                    self.update_cache_gauges();
+                }
+                Ok(None) => {
+                    self.referenced.failed.remove(&what);
+                    self.referenced.absent.insert(what.clone());
+                }
+                Err(error) => {
+                    tracing::warn!(kind = kind.as_str(), namespace = %key.0, name = %key.1, %error, "reading a referenced object failed; retrying, snapshots go out without it meanwhile");
+                    self.referenced.failed.insert(what.clone());
+                }
+            }
+            if let Some(devices) = self.waiting.remove(&what) {
+                for d in devices {
+                    self.mark(&d);
+                }
+            }
+        }
+        self.pump_fetches();
+    }
+
+    /// Bookkeeping after a ConfigMap/Secret watch event: what exists, what to fetch again.
+    pub(super) fn after_watch(
+        &mut self,
+        kind: RefKind,
+        changed: &[Key],
+        deleted: Option<Key>,
+        listed: bool,
+    ) {
+        for key in changed {
+            let r = (kind, key.clone());
+            if self.has_cached(&r) {
+                self.referenced.absent.remove(&r);
+                self.referenced.failed.remove(&r);
+                // The watch answered before the GET did: nothing to wait for.
+                if self.referenced.fetching.remove(&r)
+                    && let Some(devices) = self.waiting.remove(&r)
+                {
+                    for d in devices {
+                        self.mark(&d);
+                    }
+                }
+            }
+        }
+        if let Some(key) = deleted {
+            let r = (kind, key);
+            if self.referenced.contains(&r) {
+                self.referenced.absent.insert(r);
+            }
+        }
+        if listed {
+            tracing::debug!(
+                kind = kind.as_str(),
+                referenced_cached = match kind {
+                    RefKind::ConfigMap => self.config_maps.items.len(),
+                    RefKind::Secret => self.secrets.items.len(),
+                },
+                "listed"
+            );
+            // The list is the truth for references older than it; one that appeared while it
+            // ran may have been passed by, and is read with a GET.
+            let missing: Vec<Ref> = self
+                .referenced
+                .iter()
+                .filter(|r| {
+                    r.0 == kind && !self.has_cached(r) && !self.referenced.fetching.contains(*r)
+                })
+                .cloned()
+                .collect();
+            let mut fetch = Vec::new();
+            for r in missing {
+                if self.referenced.listing_new.contains(&r) {
+                    fetch.push(r);
+                } else {
+                    self.referenced.absent.insert(r);
+                }
+            }
+            self.referenced.listing_new.retain(|r| r.0 != kind);
+            self.queue_fetches(fetch);
+            // A flush that found this cache unsynced dropped out; the filtered list may have
+            // changed nothing that would schedule another, so schedule one for every device.
+            if self.synced() {
+                self.all_dirty = true;
+                self.schedule();
+            }
+        }
+        self.update_cache_gauges();
+    }
+
+    pub(super) fn update_cache_gauges(&self) {
+        for (kind, n) in [
+            (RefKind::ConfigMap, self.config_maps.items.len()),
+            (RefKind::Secret, self.secrets.items.len()),
+        ] {
+            self.metrics
+                .cached_objects
+                .get_or_create(&crate::metrics::KindLabels {
+                    kind: kind.as_str().to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use fleetlet_proto::v1::{Capacity, LogRequest, PodBundle, PodStatusEntry, PodSta
 use super::referenced::{Ref, RefKind};
 use super::*;
 use crate::devices::LiveRegistry;
+use crate::nodes::Unready;
 use crate::sessions::{DeviceRecord, LogStream};
 
 #[derive(Default)]
