@@ -2,6 +2,7 @@
 //! session per `Connect` stream.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,14 +12,17 @@ use std::time::Duration;
 use fleetlet_proto::v1::device_link_server::{DeviceLink, DeviceLinkServer};
 use fleetlet_proto::v1::{self, agent_message, hub_message};
 use futures::stream::BoxStream;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::server::Connected;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tower_service::Service;
 
 use super::sessions::{DeviceSlot, Registered, SessionHandle};
 use super::tls::{ServerTls, device_identity};
@@ -38,9 +42,8 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// A verified TLS connection plus the identity its client certificate carries. `killed` aborts
 /// the connection when the drain deadline passes (a peer that keeps an idle connection open
 /// must not hold up shutdown).
-pub(crate) struct DeviceConn {
+struct DeviceConn {
     io: TlsStream<TcpStream>,
-    identity: PeerIdentity,
     killed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
@@ -53,14 +56,6 @@ impl DeviceConn {
             )),
             Poll::Pending => Ok(()),
         }
-    }
-}
-
-impl Connected for DeviceConn {
-    type ConnectInfo = PeerIdentity;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.identity.clone()
     }
 }
 
@@ -166,6 +161,11 @@ impl LinkServer {
     }
 
     /// Serve until `shutdown` fires; every session then ends with `Unavailable`.
+    ///
+    /// Connections are served by hyper's HTTP/2 server directly, one task per connection that
+    /// first runs the TLS handshake and then the HTTP/2 connection (tonic's transport server
+    /// would add a second task, a per-connection service stack and an HTTP/1 state per
+    /// connection: a few KiB for every idle device).
     pub async fn serve(
         self,
         sessions: DeviceSessions,
@@ -176,30 +176,9 @@ impl LinkServer {
         let addr = self.listener.local_addr().unwrap_or(config.listen);
         tracing::info!(%addr, "device link listening");
 
-        let (conn_tx, conn_rx) = mpsc::channel::<Result<DeviceConn, std::io::Error>>(256);
-        let kill = CancellationToken::new();
-        let accept = tokio::spawn(accept_loop(
-            self.listener,
-            Arc::clone(&self.tls),
-            config.clone(),
-            sessions.clone(),
-            conn_tx,
-            (shutdown.clone(), kill.clone()),
-        ));
-        let reload = tokio::spawn(reload_loop(
-            Arc::clone(&self.tls),
-            Duration::from_secs(config.reload_interval_secs.max(1)),
-            shutdown.clone(),
-        ));
-        let watch = tokio::spawn(inventory_loop(
-            Arc::clone(&inventory),
-            sessions.clone(),
-            shutdown.clone(),
-        ));
-
         let service = LinkService {
-            sessions,
-            inventory,
+            sessions: sessions.clone(),
+            inventory: Arc::clone(&inventory),
             settings: Arc::new(SessionSettings {
                 hello_timeout: Duration::from_secs(config.hello_timeout_secs.max(1)),
                 stall_timeout: Duration::from_secs(config.stall_timeout_secs.max(1)),
@@ -215,61 +194,125 @@ impl LinkServer {
             .send_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd)
             .accept_compressed(CompressionEncoding::Gzip);
-        let server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(
                 config.keepalive_interval_secs.max(1),
             )))
-            .http2_keepalive_timeout(Some(Duration::from_secs(
-                config.keepalive_timeout_secs.max(1),
-            )))
+            .keep_alive_timeout(Duration::from_secs(config.keepalive_timeout_secs.max(1)))
             // Small windows: a device that stops reading can pin at most this much per stream.
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(512 * 1024)
-            .max_concurrent_streams(4)
-            .add_service(grpc)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::ReceiverStream::new(conn_rx),
-                shutdown.clone().cancelled_owned(),
-            );
-        tokio::pin!(server);
-        let result = tokio::select! {
-            result = &mut server => result,
-            () = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(DRAIN_DEADLINE).await;
-            } => {
-                tracing::warn!(%addr, "link connections did not drain in time; cutting them");
-                kill.cancel();
-                server.await
-            }
+            .max_concurrent_streams(4);
+
+        let connections = TaskTracker::new();
+        let kill = CancellationToken::new();
+        let accept = tokio::spawn(accept_loop(
+            self.listener,
+            Arc::clone(&self.tls),
+            config.clone(),
+            sessions.clone(),
+            Arc::new(ConnServer {
+                http2,
+                grpc,
+                connections: connections.clone(),
+                shutdown: shutdown.clone(),
+                kill: kill.clone(),
+            }),
+        ));
+        let reload = tokio::spawn(reload_loop(
+            Arc::clone(&self.tls),
+            Duration::from_secs(config.reload_interval_secs.max(1)),
+            shutdown.clone(),
+        ));
+        let watch = tokio::spawn(inventory_loop(
+            Arc::clone(&inventory),
+            sessions.clone(),
+            shutdown.clone(),
+        ));
+
+        shutdown.cancelled().await;
+        // The accept loop stops; every connection sends GOAWAY and finishes its streams, which
+        // end with `Unavailable` (see `run_inbound`). A peer that keeps its connection open past
+        // the deadline is cut.
+        let _ = accept.await;
+        connections.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(%addr, "link connections did not drain in time; cutting them");
+            kill.cancel();
+            connections.wait().await;
         }
-        .map_err(|e| LinkError::Listen {
-            addr,
-            message: e.to_string(),
-        });
         kill.cancel();
-        accept.abort();
         reload.abort();
         watch.abort();
         tracing::info!(%addr, "device link stopped");
-        result
+        Ok(())
     }
 }
 
-/// Accept TCP connections, run each TLS handshake in its own task (a slow or hostile client
-/// never holds up the others) and hand verified connections to the gRPC server.
+/// What every connection task needs to serve HTTP/2 on a verified TLS connection.
+struct ConnServer {
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    grpc: DeviceLinkServer<LinkService>,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+}
+
+impl ConnServer {
+    /// Serve one verified connection in its own task until it ends or the hub shuts down (then
+    /// gracefully: GOAWAY, open streams finish, `kill` cuts what is left after the drain
+    /// deadline).
+    ///
+    /// The connection is built here, outside any async fn, and boxed: moved through the locals
+    /// of an async fn it would be copied (rustc keeps moved-from locals in the future's state),
+    /// and that state lives as long as the device stays connected.
+    fn spawn(&self, io: TlsStream<TcpStream>, identity: PeerIdentity, peer: SocketAddr) {
+        let conn = DeviceConn {
+            io,
+            killed: Box::pin(self.kill.clone().cancelled_owned()),
+        };
+        let grpc = self.grpc.clone();
+        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+            request.extensions_mut().insert(identity.clone());
+            let mut grpc = grpc.clone();
+            grpc.call(request.map(tonic::body::Body::new))
+        });
+        let mut connection = Box::pin(self.http2.serve_connection(TokioIo::new(conn), service));
+        let shutdown = self.shutdown.clone();
+        let task = async move {
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "link connection ended");
+            }
+        };
+        self.connections.spawn(task);
+    }
+}
+
+/// Accept TCP connections, run each TLS handshake and then its HTTP/2 connection in its own
+/// task (a slow or hostile client never holds up the others).
 async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     config: LinkServerConfig,
     sessions: DeviceSessions,
-    conns: mpsc::Sender<Result<DeviceConn, std::io::Error>>,
-    (shutdown, kill): (CancellationToken, CancellationToken),
+    server: Arc<ConnServer>,
 ) {
     let stats = sessions.stats();
     loop {
         let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = server.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -282,13 +325,18 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-        let conns = conns.clone();
         let stats = Arc::clone(&stats);
         let source = config.identity_source;
         let prefix = config.identity_prefix.clone();
-        let killed = Box::pin(kill.clone().cancelled_owned());
-        tokio::spawn(async move {
-            let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let conn_server = Arc::clone(&server);
+        let task = async move {
+            // Boxed: the handshake's state is large and short-lived; inline it would stay in
+            // the task (which lives as long as the connection) next to the HTTP/2 state.
+            let handshake = Box::pin(tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                acceptor.accept(tcp),
+            ));
+            let io = match handshake.await {
                 Ok(Ok(io)) => io,
                 Ok(Err(error)) => {
                     stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
@@ -310,14 +358,9 @@ async fn accept_loop(
                     || Err("no client certificate".to_owned()),
                     |leaf| device_identity(leaf, source, &prefix),
                 );
-            let _ = conns
-                .send(Ok(DeviceConn {
-                    io,
-                    identity: PeerIdentity(identity),
-                    killed,
-                }))
-                .await;
-        });
+            conn_server.spawn(io, PeerIdentity(identity), peer);
+        };
+        server.connections.spawn(task);
     }
 }
 
@@ -482,7 +525,6 @@ impl DeviceLink for LinkService {
         );
         let Registered {
             handle,
-            control_rx,
             desired_rx,
             slot,
         } = self.sessions.register(&device, &hello).await;
@@ -491,10 +533,10 @@ impl DeviceLink for LinkService {
             self.sessions.clone(),
             Arc::clone(&slot),
             desired_rx,
-            control_rx,
+            handle.clone(),
             end_rx,
         );
-        tokio::spawn(run_inbound(
+        let inbound_task = run_inbound(
             InboundSession {
                 sessions: self.sessions.clone(),
                 device,
@@ -505,7 +547,8 @@ impl DeviceLink for LinkService {
             },
             inbound,
             end_tx,
-        ));
+        );
+        tokio::spawn(inbound_task);
         Ok(Response::new(outbound))
     }
 }
@@ -516,14 +559,14 @@ fn outbound_stream(
     sessions: DeviceSessions,
     slot: Arc<DeviceSlot>,
     desired: tokio::sync::watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>,
-    control: mpsc::Receiver<v1::HubMessage>,
+    control: SessionHandle,
     end: oneshot::Receiver<Option<Status>>,
 ) -> BoxStream<'static, Result<v1::HubMessage, Status>> {
     struct State {
         sessions: DeviceSessions,
         slot: Arc<DeviceSlot>,
         desired: tokio::sync::watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>,
-        control: mpsc::Receiver<v1::HubMessage>,
+        control: SessionHandle,
         end: oneshot::Receiver<Option<Status>>,
         done: bool,
     }
@@ -549,10 +592,7 @@ fn outbound_stream(
                         _ => None,
                     };
                 }
-                message = st.control.recv() => match message {
-                    Some(message) => return Some((Ok(message), st)),
-                    None => return None,
-                },
+                message = st.control.next_control() => return Some((Ok(message), st)),
                 changed = st.desired.changed() => {
                     if changed.is_err() {
                         return None;
@@ -599,78 +639,110 @@ async fn run_inbound(
     mut inbound: Streaming<v1::AgentMessage>,
     end_tx: oneshot::Sender<Option<Status>>,
 ) {
-    let InboundSession {
-        sessions,
-        device,
-        slot,
-        handle,
-        settings,
-        shutdown,
-    } = session;
-    let stats = sessions.stats();
-    let mut desired = slot.subscribe_desired();
+    // This task lives as long as the session, so its state is paid per idle device: the
+    // session is used in place (not destructured into copies), messages are boxed out of the
+    // select and handled by a boxed future.
+    let s = &session;
+    let device = s.device.as_str();
+    let mut desired = s.slot.subscribe_desired();
     let newest = |rx: &mut tokio::sync::watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>| {
         rx.borrow_and_update().as_ref().map(|s| s.generation)
     };
-    let mut stall = pending_snapshot(&slot, newest(&mut desired), settings.stall_timeout);
+    let mut stall = pending_snapshot(&s.slot, newest(&mut desired), s.settings.stall_timeout);
     let end: Option<Status> = loop {
         let stall_at = stall.map(|(_, at)| at);
-        tokio::select! {
-            () = shutdown.cancelled() => break Some(Status::unavailable("hub is shutting down")),
-            () = handle.cancel.cancelled() => {
-                break handle.cut_reason().map(|(code, message)| Status::new(code, message));
+        let step = tokio::select! {
+            () = s.shutdown.cancelled() => {
+                InboundStep::End(Some(Status::unavailable("hub is shutting down")))
             }
+            () = s.handle.cancel.cancelled() => InboundStep::End(
+                s.handle.cut_reason().map(|(code, message)| Status::new(code, message)),
+            ),
             () = async {
                 match stall_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
-            } => {
-                let Some((generation, _)) = stall.take() else { continue };
-                if slot.sent() < generation {
-                    stats.sessions_cut_stalled.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(device, generation, "device does not read its stream; session cut");
+            } => InboundStep::StallCheck,
+            changed = desired.changed() => InboundStep::DesiredChanged(changed.is_ok()),
+            message = inbound.message() => match message {
+                Ok(Some(message)) => InboundStep::Message(Box::new(message)),
+                Ok(None) => InboundStep::End(None),
+                Err(status) => InboundStep::End(inbound_error(device, status)),
+            },
+        };
+        match step {
+            InboundStep::End(end) => break end,
+            InboundStep::StallCheck => {
+                let Some((generation, _)) = stall.take() else {
+                    continue;
+                };
+                if s.slot.sent() < generation {
+                    s.sessions
+                        .stats()
+                        .sessions_cut_stalled
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        device,
+                        generation,
+                        "device does not read its stream; session cut"
+                    );
                     break Some(Status::resource_exhausted(format!(
                         "device {device} did not take snapshot {generation} within {:?}; session cut",
-                        settings.stall_timeout
+                        s.settings.stall_timeout
                     )));
                 }
-                stall = pending_snapshot(&slot, newest(&mut desired), settings.stall_timeout);
+                stall = pending_snapshot(&s.slot, newest(&mut desired), s.settings.stall_timeout);
             }
-            changed = desired.changed() => {
-                if changed.is_ok() && stall.is_none() {
-                    stall = pending_snapshot(&slot, newest(&mut desired), settings.stall_timeout);
-                } else if changed.is_ok() {
-                    desired.borrow_and_update();
+            InboundStep::DesiredChanged(true) if stall.is_none() => {
+                stall = pending_snapshot(&s.slot, newest(&mut desired), s.settings.stall_timeout);
+            }
+            InboundStep::DesiredChanged(true) => {
+                desired.borrow_and_update();
+            }
+            InboundStep::DesiredChanged(false) => {}
+            InboundStep::Message(message) => {
+                let handled = Box::pin(handle_message(
+                    &s.sessions,
+                    device,
+                    &s.slot,
+                    &s.handle,
+                    *message,
+                ));
+                if let Err(status) = handled.await {
+                    tracing::warn!(device, %status, "device sent an invalid message; session ended");
+                    break Some(status);
                 }
             }
-            message = inbound.message() => match message {
-                Ok(Some(message)) => {
-                    if let Err(status) = handle_message(&sessions, &device, &slot, &handle, message).await {
-                        tracing::warn!(device, %status, "device sent an invalid message; session ended");
-                        break Some(status);
-                    }
-                }
-                Ok(None) => break None,
-                Err(status) => {
-                    let status = classify_inbound_error(&device, status);
-                    match status.code() {
-                        Code::InvalidArgument | Code::ResourceExhausted => {
-                            tracing::warn!(device, %status, "bad message from device; session ended");
-                            break Some(status);
-                        }
-                        _ => {
-                            tracing::info!(device, error = %status, "device link dropped");
-                            break None;
-                        }
-                    }
-                }
-            },
         }
     };
-    sessions.unregister(&device, &slot, &handle).await;
+    Box::pin(s.sessions.unregister(device, &s.slot, &s.handle)).await;
     tracing::info!(device, "device disconnected");
     let _ = end_tx.send(end);
+}
+
+/// What woke the inbound side of a session.
+enum InboundStep {
+    End(Option<Status>),
+    StallCheck,
+    DesiredChanged(bool),
+    Message(Box<v1::AgentMessage>),
+}
+
+/// The end of a session whose inbound stream failed: a bad message is the device's fault and
+/// answered with its status; anything else is a dropped link.
+fn inbound_error(device: &str, status: Status) -> Option<Status> {
+    let status = classify_inbound_error(device, status);
+    match status.code() {
+        Code::InvalidArgument | Code::ResourceExhausted => {
+            tracing::warn!(device, %status, "bad message from device; session ended");
+            Some(status)
+        }
+        _ => {
+            tracing::info!(device, error = %status, "device link dropped");
+            None
+        }
+    }
 }
 
 async fn handle_message(

@@ -4,7 +4,7 @@
 //! watch channel. A connected session sends whatever is newest when the device can take it, so a
 //! slow device never makes snapshots pile up: older ones are superseded, never queued.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleetlet_proto::v1;
 use futures::stream::BoxStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::LinkError;
@@ -144,22 +144,72 @@ pub(crate) struct DeviceSlot {
 pub(crate) struct SessionHandle {
     pub(crate) id: u64,
     pub(crate) cancel: CancellationToken,
-    pub(crate) control: mpsc::Sender<v1::HubMessage>,
-    pub(crate) logs: Arc<RwLock<HashMap<u64, LogSender>>>,
+    pub(crate) shared: Arc<SessionShared>,
+}
+
+/// What the hub keeps per live session besides its tasks, in one allocation: a hub holds
+/// thousands of idle sessions, and a tokio channel per session for the rare log request cost
+/// about 1 KiB each (its shared state is cache-padded and its slots come in blocks of 32).
+pub(crate) struct SessionShared {
+    /// Open log requests and where their chunks go.
+    pub(crate) logs: RwLock<HashMap<u64, LogSender>>,
     /// Why the session was cut from outside (replaced, removed from the inventory).
-    cut_reason: Arc<RwLock<Option<(tonic::Code, String)>>>,
+    cut_reason: RwLock<Option<(tonic::Code, String)>>,
+    /// Hub→device control messages (log requests and cancels) not yet on the stream.
+    control: RwLock<VecDeque<v1::HubMessage>>,
+    control_ready: Notify,
+    control_limit: usize,
 }
 
 impl SessionHandle {
+    fn new(id: u64, control_limit: usize) -> Self {
+        Self {
+            id,
+            cancel: CancellationToken::new(),
+            shared: Arc::new(SessionShared {
+                logs: RwLock::new(HashMap::new()),
+                cut_reason: RwLock::new(None),
+                control: RwLock::new(VecDeque::new()),
+                control_ready: Notify::new(),
+                control_limit,
+            }),
+        }
+    }
+
     /// End the session; the device gets `code` and `message` as the stream's status.
     pub(crate) fn cut(&self, code: tonic::Code, message: String) {
-        write(&self.cut_reason).get_or_insert((code, message));
+        write(&self.shared.cut_reason).get_or_insert((code, message));
         self.cancel.cancel();
     }
 
     /// Why the session was cut, if it was.
     pub(crate) fn cut_reason(&self) -> Option<(tonic::Code, String)> {
-        read(&self.cut_reason).clone()
+        read(&self.shared.cut_reason).clone()
+    }
+
+    /// Queue a control message for the device; false when the queue is full.
+    pub(crate) fn push_control(&self, message: v1::HubMessage) -> bool {
+        {
+            let mut queue = write(&self.shared.control);
+            if queue.len() >= self.shared.control_limit {
+                return false;
+            }
+            queue.push_back(message);
+        }
+        // One consumer (the session's outbound stream): a notification sent while it is not
+        // waiting is kept as a permit, so none is lost.
+        self.shared.control_ready.notify_one();
+        true
+    }
+
+    /// The next queued control message, waiting for one.
+    pub(crate) async fn next_control(&self) -> v1::HubMessage {
+        loop {
+            if let Some(message) = write(&self.shared.control).pop_front() {
+                return message;
+            }
+            self.shared.control_ready.notified().await;
+        }
     }
 }
 
@@ -355,12 +405,12 @@ impl DeviceSessions {
         let request_id = self.inner.next_log_request.fetch_add(1, Ordering::Relaxed);
         req.request_id = request_id;
         let (tx, rx) = mpsc::channel(self.inner.limits.log_chunk_queue);
-        write(&session.logs).insert(request_id, tx);
+        write(&session.shared.logs).insert(request_id, tx);
         let message = v1::HubMessage {
             kind: Some(v1::hub_message::Kind::LogRequest(req)),
         };
-        if session.control.try_send(message).is_err() {
-            write(&session.logs).remove(&request_id);
+        if !session.push_control(message) {
+            write(&session.shared.logs).remove(&request_id);
             self.inner
                 .stats
                 .log_requests_rejected
@@ -386,14 +436,7 @@ impl DeviceSessions {
         let slot = self.slot(device);
         let _order = slot.order.lock().await;
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
-        let (control_tx, control_rx) = mpsc::channel(self.inner.limits.control_queue);
-        let handle = SessionHandle {
-            id,
-            cancel: CancellationToken::new(),
-            control: control_tx,
-            logs: Arc::new(RwLock::new(HashMap::new())),
-            cut_reason: Arc::new(RwLock::new(None)),
-        };
+        let handle = SessionHandle::new(id, self.inner.limits.control_queue);
         let previous = write(&slot.session).replace(handle.clone());
         if let Some(previous) = previous {
             self.inner
@@ -448,7 +491,6 @@ impl DeviceSessions {
         .await;
         Registered {
             handle,
-            control_rx,
             desired_rx,
             slot: Arc::clone(&slot),
         }
@@ -467,7 +509,7 @@ impl DeviceSessions {
             }
         };
         // Open log streams end with an error instead of hanging.
-        let logs = std::mem::take(&mut *write(&handle.logs));
+        let logs = std::mem::take(&mut *write(&handle.shared.logs));
         for (_, tx) in logs {
             let _ = tx.try_send(Err(LinkError::NotConnected {
                 device: device.to_owned(),
@@ -506,12 +548,12 @@ impl DeviceSessions {
         chunk: v1::LogChunk,
     ) {
         let request_id = chunk.request_id;
-        let Some(tx) = read(&handle.logs).get(&request_id).cloned() else {
+        let Some(tx) = read(&handle.shared.logs).get(&request_id).cloned() else {
             // Cancelled meanwhile; the device stops when the cancel arrives.
             return;
         };
         if !chunk.error.is_empty() {
-            write(&handle.logs).remove(&request_id);
+            write(&handle.shared.logs).remove(&request_id);
             let _ = tx.try_send(Err(LinkError::Device {
                 device: device.to_owned(),
                 message: chunk.error,
@@ -528,16 +570,16 @@ impl DeviceSessions {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     // The consumer is gone; its guard already sent the cancel.
-                    write(&handle.logs).remove(&request_id);
+                    write(&handle.shared.logs).remove(&request_id);
                     return;
                 }
                 Err(_) => {
-                    write(&handle.logs).remove(&request_id);
+                    write(&handle.shared.logs).remove(&request_id);
                     let _ = tx.try_send(Err(LinkError::SlowConsumer {
                         device: device.to_owned(),
                         request_id,
                     }));
-                    let _ = handle.control.try_send(v1::HubMessage {
+                    handle.push_control(v1::HubMessage {
                         kind: Some(v1::hub_message::Kind::LogCancel(v1::LogCancel {
                             request_id,
                         })),
@@ -548,7 +590,7 @@ impl DeviceSessions {
         }
         if chunk.eof {
             // Dropping the sender ends the consumer's stream.
-            write(&handle.logs).remove(&request_id);
+            write(&handle.shared.logs).remove(&request_id);
         }
     }
 }
@@ -556,7 +598,6 @@ impl DeviceSessions {
 /// What `register` hands the server for one session.
 pub(crate) struct Registered {
     pub(crate) handle: SessionHandle,
-    pub(crate) control_rx: mpsc::Receiver<v1::HubMessage>,
     pub(crate) desired_rx: watch::Receiver<Option<Arc<v1::DesiredSnapshot>>>,
     pub(crate) slot: Arc<DeviceSlot>,
 }
@@ -581,7 +622,10 @@ struct LogGuard {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        if write(&self.session.logs).remove(&self.request_id).is_some() {
+        if write(&self.session.shared.logs)
+            .remove(&self.request_id)
+            .is_some()
+        {
             let cancel = v1::HubMessage {
                 kind: Some(v1::hub_message::Kind::LogCancel(v1::LogCancel {
                     request_id: self.request_id,
@@ -589,7 +633,7 @@ impl Drop for LogGuard {
             };
             // Best effort: if the queue is full the device finishes the request on its own
             // (its chunks then find no consumer and are dropped).
-            let _ = self.session.control.try_send(cancel);
+            self.session.push_control(cancel);
         }
     }
 }
