@@ -949,3 +949,34 @@ fn percent_decode(text: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[tokio::test]
+async fn compressed_snapshots_arrive_intact_when_enabled() {
+    let pki = Pki::new(&["dev-1"]);
+    let inventory = Arc::new(StaticInventory::new([device("dev-1")]));
+    let mut config = pki.server_config("127.0.0.1:0".parse().unwrap());
+    config.compress_snapshots = true;
+    let mut hub = Hub::start(config, inventory).await;
+    let state = MemoryDeviceState::new("dev-1");
+    let (stop, task) = start_agent(pki.link_config("dev-1", hub.addr), Arc::clone(&state));
+    hub.event("connected", |e| matches!(e, SessionEvent::Connected { .. }))
+        .await;
+    // A large, compressible bundle (a pod with a big ConfigMap) and a small one.
+    let mut big = pod("big");
+    big.pod_json = Bytes::from(format!(
+        r#"{{"metadata":{{"uid":"big"}},"data":"{}"}}"#,
+        "key=value\n".repeat(20_000)
+    ));
+    let generation = hub
+        .sessions
+        .set_desired("dev-1", vec![big.clone(), pod("a")]);
+    hub.event("ack", is_acked("dev-1", generation)).await;
+    wait_applied(&state, generation).await;
+    let held = state.snapshots();
+    let last = held.last().expect("a snapshot");
+    assert_eq!(last.pods[0].pod_json, big.pod_json);
+    assert_eq!(last.pods[1].pod_json, pod("a").pod_json);
+    stop.cancel();
+    task.await.unwrap();
+    hub.stop().await;
+}

@@ -119,6 +119,13 @@ pub struct LinkServerConfig {
     /// Warn this many days before the serving certificate or a CA expires.
     #[serde(default = "default_expiry_warning_days")]
     pub expiry_warning_days: u64,
+    /// gzip snapshots sent to devices that accept it. Off by default: snapshots go out only
+    /// when a device's desired state changes and are a few KiB, while every gzip stream costs
+    /// the hub a deflate state (~300 KiB, transient) and lasting per-stream buffers; measured
+    /// with 2,000 devices, that is ~7 KiB more hub RSS per connected device after a reconnect
+    /// storm. Turn it on for links where bytes cost more than hub memory.
+    #[serde(default)]
+    pub compress_snapshots: bool,
 }
 
 fn default_keepalive_interval_secs() -> u64 {
@@ -161,6 +168,7 @@ impl LinkServerConfig {
             stall_timeout_secs: default_stall_timeout_secs(),
             reload_interval_secs: default_reload_interval_secs(),
             expiry_warning_days: default_expiry_warning_days(),
+            compress_snapshots: false,
         }
     }
 }

@@ -189,11 +189,15 @@ impl LinkServer {
         let grpc = DeviceLinkServer::new(service)
             .max_decoding_message_size(fleetlet_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(fleetlet_proto::MAX_MESSAGE_BYTES)
-            // gzip for snapshots: zstd compresses a little better but allocates a large
-            // context per message, which shows up in the hub's RSS under thousands of devices.
-            .send_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd)
             .accept_compressed(CompressionEncoding::Gzip);
+        // gzip rather than zstd when asked: zstd compresses a little better but allocates a
+        // larger context per message. See `compress_snapshots` for why it is off by default.
+        let grpc = if config.compress_snapshots {
+            grpc.send_compressed(CompressionEncoding::Gzip)
+        } else {
+            grpc
+        };
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
