@@ -756,12 +756,16 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
         nodes: vec![a1.clone(), a2.clone(), b1.clone()],
         namespace: Some(ns.clone()),
     };
+    // Fleets of this test only: the other tests of this file run at the same time with Nodes of
+    // their own, and a shared fleet name let the scheduler put this Deployment's pods on them
+    // (the node test then waited in vain for its pod-less Node to be deleted).
+    let (fleet_a, fleet_b) = (format!("{instance}-fa"), format!("{instance}-fb"));
     let hub = start_hub(
         &instance,
         vec![
-            device(&a1, "fleet-a"),
-            device(&a2, "fleet-a"),
-            device(&b1, "fleet-b"),
+            device(&a1, &fleet_a),
+            device(&a2, &fleet_a),
+            device(&b1, &fleet_b),
         ],
     )
     .await;
@@ -807,7 +811,7 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
             "template": {
                 "metadata": {"labels": {"app": "web"}},
                 "spec": {
-                    "nodeSelector": {"flightctl.io/fleet": "fleet-a"},
+                    "nodeSelector": {"flightctl.io/fleet": fleet_a},
                     "tolerations": [
                         {"key": "virtual-kubelet.io/provider", "operator": "Equal", "value": "fleetlet", "effect": "NoSchedule"},
                         {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2},
