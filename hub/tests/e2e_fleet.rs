@@ -12,35 +12,23 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 
 mod common;
 use common::{
-    Proc, client, create_namespace, node_ready, podman, remove_device_containers, start_agent,
-    start_hub, unique, wait_for,
+    Proc, app_containers, client, create_namespace, json_str, node_ready, podman,
+    remove_device_containers, start_agent, start_hub, unique, wait_for,
 };
 
 /// Containers the agent of `device` runs, as (pod name, image, state).
 fn device_containers(device: &str) -> Vec<(String, String, String)> {
-    let json = podman(&[
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label=io.fleetlet.device={device}"),
-        "--format",
-        "json",
-    ]);
-    let list: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
-    list.iter()
-        .filter(|c| c["Labels"]["io.fleetlet.container"].is_string())
+    app_containers(&[("io.fleetlet.device", device)])
+        .iter()
         .map(|c| {
             (
-                c["Labels"]["io.fleetlet.pod-name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                c["Image"].as_str().unwrap_or_default().to_string(),
-                c["State"].as_str().unwrap_or_default().to_string(),
+                json_str(&c["Labels"]["io.fleetlet.pod-name"]),
+                json_str(&c["Image"]),
+                json_str(&c["State"]),
             )
         })
         .collect()

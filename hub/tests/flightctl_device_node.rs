@@ -184,14 +184,8 @@ last_seen_interval_secs = 1"#,
         "hub logs the overridden label"
     );
     let events: Api<Event> = Api::all(client.clone());
-    let event = wait_for("InvalidDeviceLabels event on A's Node", 30, || async {
-        let list = events
-            .list(&ListParams::default().fields(&format!("involvedObject.name={dev_a}")))
-            .await
-            .ok()?;
-        list.items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("InvalidDeviceLabels"))
+    let event = wait_for("InvalidDeviceLabels event on A's Node", 30, || {
+        node_event(&events, &dev_a, "InvalidDeviceLabels")
     })
     .await;
     let note = event.message.unwrap_or_default();
@@ -331,14 +325,8 @@ last_seen_interval_secs = 1"#,
         "while Flightctl reports Rebooting: Ready {ready:?}, FlightctlDeviceHealthy {healthy:?}"
     );
     let healthy = healthy.expect("FlightctlDeviceHealthy condition");
-    let going_down = wait_for("FlightctlDeviceRebooting event on A's Node", 30, || async {
-        let list = events
-            .list(&ListParams::default().fields(&format!("involvedObject.name={dev_a}")))
-            .await
-            .ok()?;
-        list.items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("FlightctlDeviceRebooting"))
+    let going_down = wait_for("FlightctlDeviceRebooting event on A's Node", 30, || {
+        node_event(&events, &dev_a, "FlightctlDeviceRebooting")
     })
     .await;
     assert_eq!(going_down.type_.as_deref(), Some("Warning"));
@@ -428,4 +416,15 @@ last_seen_interval_secs = 1"#,
     })
     .await;
     drop(flightctl_cleanup);
+}
+
+/// The first Event with `reason` about Node `node`.
+async fn node_event(events: &Api<Event>, node: &str, reason: &str) -> Option<Event> {
+    let list = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={node}")))
+        .await
+        .ok()?;
+    list.items
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some(reason))
 }

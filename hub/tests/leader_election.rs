@@ -9,14 +9,14 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 mod common;
 use common::{
     AgentSetup, AgentSpec, HubSetup, HubSpec, KubeCleanup, assert_no_forbidden, client,
-    create_namespace, hub_metric, kubectl_best_effort, node_ready, ops_get, podman,
-    remove_device_containers, unique, wait_for,
+    create_namespace, hub_metric, kubectl_best_effort, node_ready, ops_get,
+    remove_device_containers, uid_containers, unique, wait_for,
 };
 
 #[tokio::test]
@@ -93,28 +93,6 @@ async fn a_standby_waits_while_the_leader_renews_and_takes_over_when_it_stops() 
         "the old leader must not take it back"
     );
     let _ = leases.delete(&name, &DeleteParams::default()).await;
-}
-
-/// App containers (not infra) of one pod UID on the stack's Podman, on any device: (id, state).
-fn uid_containers(uid: &str) -> Vec<(String, String)> {
-    let json = podman(&[
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label=io.fleetlet.pod-uid={uid}"),
-        "--format",
-        "json",
-    ]);
-    let list: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
-    list.iter()
-        .filter(|c| c["Labels"]["io.fleetlet.container"].is_string())
-        .map(|c| {
-            (
-                c["Id"].as_str().unwrap_or_default().to_string(),
-                c["State"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
 }
 
 fn sleeper(name: &str, node: &str) -> Pod {

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 mod common;
 use common::{
     HubPorts, HubSetup, HubSpec, KubeCleanup, Proc, client, create_namespace, hub_metric, kubectl,
-    kubectl_spawn, node_condition, node_ready, pod_condition, podman, remove_device_containers,
-    start_agent, unique, wait_for,
+    kubectl_spawn, node_condition, node_ready, pod_condition, remove_device_containers,
+    start_agent, uid_containers, unique, wait_for,
 };
 
 /// One hub, one real agent, one namespace; everything is removed on drop.
@@ -258,28 +258,6 @@ async fn kubectl_logs_follow_tail_since_container_and_offline() {
     assert!(!ok, "logs of an offline device must fail: {out}");
     assert!(err.contains("offline"), "{err}");
     common::assert_no_forbidden(&s.hub_log());
-}
-
-/// (id, state) of the app containers of one pod UID in Podman.
-fn uid_containers(uid: &str) -> Vec<(String, String)> {
-    let json = podman(&[
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label=io.fleetlet.pod-uid={uid}"),
-        "--format",
-        "json",
-    ]);
-    let list: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
-    list.iter()
-        .filter(|c| c["Labels"]["io.fleetlet.container"].is_string())
-        .map(|c| {
-            (
-                c["Id"].as_str().unwrap_or_default().to_string(),
-                c["State"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
 }
 
 /// `kubectl delete pod --grace-period=N` on a container that ignores SIGTERM: the device kills it

@@ -832,6 +832,35 @@ pub fn kubectl_ok(args: &[&str]) -> String {
     out
 }
 
+/// The app containers (not pods' infra containers) on the stack's Podman that carry every one
+/// of `labels` (`(key, value)`), as `podman ps --format json` entries.
+pub fn app_containers(labels: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    let mut args = vec!["ps".to_string(), "-a".to_string()];
+    for (key, value) in labels {
+        args.push("--filter".into());
+        args.push(format!("label={key}={value}"));
+    }
+    args.extend(["--format".to_string(), "json".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let list: Vec<serde_json::Value> = serde_json::from_str(&podman(&args)).unwrap_or_default();
+    list.into_iter()
+        .filter(|c| c["Labels"]["io.fleetlet.container"].is_string())
+        .collect()
+}
+
+/// (id, state) of the app containers of pod `uid`, on any device.
+pub fn uid_containers(uid: &str) -> Vec<(String, String)> {
+    app_containers(&[("io.fleetlet.pod-uid", uid)])
+        .iter()
+        .map(|c| (json_str(&c["Id"]), json_str(&c["State"])))
+        .collect()
+}
+
+/// A JSON string's text, empty for anything else.
+pub fn json_str(value: &serde_json::Value) -> String {
+    value.as_str().unwrap_or_default().to_string()
+}
+
 /// `(status, reason, message)` of a Node condition.
 pub fn node_condition(
     node: &k8s_openapi::api::core::v1::Node,

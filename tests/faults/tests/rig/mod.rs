@@ -220,25 +220,14 @@ pub fn test_image() -> String {
 
 /// App containers Podman runs for pod `uid` of `device`: (container name, id, state).
 pub fn containers(device: &str, uid: &str) -> Vec<(String, String, String)> {
-    let json = harness::podman(&[
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label=io.fleetlet.device={device}"),
-        "--filter",
-        &format!("label=io.fleetlet.pod-uid={uid}"),
-        "--format",
-        "json",
-    ]);
-    let list: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
-    list.iter()
-        .filter_map(|c| {
-            let name = c["Labels"]["io.fleetlet.container"].as_str()?;
-            Some((
-                name.to_string(),
-                c["Id"].as_str().unwrap_or_default().to_string(),
-                c["State"].as_str().unwrap_or_default().to_string(),
-            ))
+    harness::app_containers(&[("io.fleetlet.device", device), ("io.fleetlet.pod-uid", uid)])
+        .iter()
+        .map(|c| {
+            (
+                harness::json_str(&c["Labels"]["io.fleetlet.container"]),
+                harness::json_str(&c["Id"]),
+                harness::json_str(&c["State"]),
+            )
         })
         .collect()
 }
