@@ -120,10 +120,10 @@ pub struct LinkServerConfig {
     #[serde(default = "default_expiry_warning_days")]
     pub expiry_warning_days: u64,
     /// gzip snapshots sent to devices that accept it. Off by default: snapshots go out only
-    /// when a device's desired state changes and are a few KiB, while every gzip stream costs
-    /// the hub a deflate state (~300 KiB, transient) and lasting per-stream buffers; measured
-    /// with 2,000 devices, that is ~7 KiB more hub RSS per connected device after a reconnect
-    /// storm. Turn it on for links where bytes cost more than hub memory.
+    /// when a device's desired state changes and are a few KiB, while gzip costs the hub
+    /// lasting per-stream buffers (~2.5 KB, heaptrack) and a transient compressor per message;
+    /// measured with 2,000 devices, ~7 KiB more hub RSS per connected device after a
+    /// reconnect storm (docs/link.md). Turn it on for links where bytes cost more than hub memory.
     #[serde(default)]
     pub compress_snapshots: bool,
 }

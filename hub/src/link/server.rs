@@ -334,13 +334,9 @@ async fn accept_loop(
         let prefix = config.identity_prefix.clone();
         let conn_server = Arc::clone(&server);
         let task = async move {
-            // Boxed: the handshake's state is large and short-lived; inline it would stay in
-            // the task (which lives as long as the connection) next to the HTTP/2 state.
-            let handshake = Box::pin(tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
-                acceptor.accept(tcp),
-            ));
-            let io = match handshake.await {
+            // This task ends after the handshake: `ConnServer::spawn` serves the connection in a
+            // small task of its own.
+            let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(io)) => io,
                 Ok(Err(error)) => {
                     stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
