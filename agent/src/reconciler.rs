@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::pod::spec::{Resources, parse_pod};
-use crate::pod::worker::{Desire, PodContext, PodWorker};
+use crate::pod::spec::{PodPlan, Resources, parse_pod};
+use crate::pod::worker::{Desire, Planned, PodContext, PodWorker, Rejection};
 use crate::podman::{ContainerRuntime, labels};
 use crate::store::Held;
 
@@ -40,6 +40,9 @@ pub struct Reconciler<R> {
     /// A sweep for pods left in Podman is owed before the next periodic resync (the last pass
     /// ran a fallback snapshot, which removes nothing).
     sweep_due: bool,
+    /// Each desired pod parsed once (and checked against the device policy), kept while its
+    /// Pod JSON is the same: workers and admission read the plan, never the JSON.
+    plans: HashMap<String, (bytes::Bytes, Arc<Planned>)>,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -60,6 +63,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             admitted: BTreeSet::new(),
             last_generation: 0,
             sweep_due: false,
+            plans: HashMap::new(),
         }
     }
 
@@ -130,18 +134,33 @@ impl<R: ContainerRuntime> Reconciler<R> {
             order.push(uid.clone());
             desired.insert(uid, Arc::new(bundle.clone()));
         }
+        // Parse each pod once per version of its JSON.
+        self.plans.retain(|u, _| desired.contains_key(u));
+        for (uid, bundle) in &desired {
+            let fresh = match self.plans.get(uid) {
+                Some((json, _)) => *json != bundle.pod_json,
+                None => true,
+            };
+            if fresh {
+                let planned = plan_pod(&bundle.pod_json, &self.ctx.policy);
+                self.plans
+                    .insert(uid.clone(), (bundle.pod_json.clone(), Arc::new(planned)));
+            }
+        }
         // Admission, in snapshot order; pods admitted before stay admitted.
         self.admitted.retain(|u| desired.contains_key(u));
         let mut used = Resources::default();
         let mut count = 0usize;
         let mut verdicts = BTreeMap::new();
-        let requests = |b: &PodBundle| {
-            parse_pod(&b.pod_json)
-                .map(|p| p.requests)
+        let plans = &self.plans;
+        let requests = |uid: &str| {
+            plans
+                .get(uid)
+                .and_then(|(_, p)| p.as_ref().as_ref().ok().map(|p| p.requests))
                 .unwrap_or_default()
         };
         for uid in order.iter().filter(|u| self.admitted.contains(*u)) {
-            let r = requests(&desired[uid]);
+            let r = requests(uid);
             used.cpu_millis = used.cpu_millis.saturating_add(r.cpu_millis);
             used.memory_bytes = used.memory_bytes.saturating_add(r.memory_bytes);
             count += 1;
@@ -153,7 +172,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .cloned()
             .collect();
         for uid in &newcomers {
-            let r = requests(&desired[uid.as_str()]);
+            let r = requests(uid);
             let verdict = if count >= self.max_pods {
                 Err((
                     "OutOfpods".to_owned(),
@@ -190,8 +209,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
             verdicts.insert(uid.clone(), verdict);
         }
         for (uid, bundle) in &desired {
+            let plan = match self.plans.get(uid) {
+                Some((_, p)) => p.clone(),
+                None => Arc::new(plan_pod(&bundle.pod_json, &self.ctx.policy)),
+            };
             let desire = Desire::Run {
                 bundle: bundle.clone(),
+                plan,
                 admission: verdicts.remove(uid).unwrap_or(Ok(())),
             };
             self.set_desire(uid, desire, full, shutdown).await;
@@ -301,14 +325,30 @@ fn same_desire(a: &Desire, b: &Desire) -> bool {
             Desire::Run {
                 bundle: b1,
                 admission: a1,
+                ..
             },
             Desire::Run {
                 bundle: b2,
                 admission: a2,
+                ..
             },
         ) => b1 == b2 && a1 == a2,
         _ => false,
     }
+}
+
+/// Parse a pod and check it against the device policy: the plan every worker pass uses, or
+/// why the pod cannot run here.
+pub fn plan_pod(pod_json: &[u8], policy: &crate::pod::policy::DevicePolicy) -> Planned {
+    let plan: PodPlan = parse_pod(pod_json).map_err(|e| Rejection {
+        reason: "UnsupportedPodSpec".into(),
+        message: e.to_string(),
+    })?;
+    policy.check(&plan).map_err(|v| Rejection {
+        reason: v.reason.into(),
+        message: v.message,
+    })?;
+    Ok(Arc::new(plan))
 }
 
 /// The `metadata.uid` of a pod JSON.

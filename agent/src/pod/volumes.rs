@@ -1,25 +1,29 @@
-//! Pod volumes on the device: emptyDir, hostPath, configMap and secret.
+//! Pod volumes on the device: emptyDir, hostPath, and the volumes whose files the agent writes
+//! (configMap, secret, downwardAPI, projected).
 //!
-//! Every pod gets `<state_dir>/pods/<uid>/volumes/<name>`; the `pods` tree is 0700 and secret
-//! files never carry world permission bits. Removing the pod removes the whole tree.
+//! Every pod gets `<state_dir>/pods/<uid>/volumes/<name>`; the `pods` tree is 0700, so nothing
+//! on the device but root reaches a pod's files. As in the kubelet:
+//!
+//! - secret, downwardAPI and projected volumes, and emptyDir with `medium: Memory`, are tmpfs
+//!   mounts: their data never reaches the device's disk;
+//! - configMap, secret, downwardAPI and projected volumes are written with the atomic writer
+//!   (a new timestamped directory and one atomic rename of `..data`) and mounted read-only;
+//! - fsGroup makes the pod's emptyDir and written volumes group-owned by it (setgid
+//!   directories, group read, and write where the volume is writable).
+//!
+//! Removing the pod unmounts and removes the whole tree, never following a link and never
+//! descending into a filesystem still mounted there.
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use fleetlet_proto::v1::PodBundle;
 
-use super::spec::{KeyToPath, PodPlan, VolumePlan};
-use crate::fsutil;
-
-/// A volume ready to mount.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Prepared {
-    /// Bind-mount this host path.
-    Bind(PathBuf),
-    /// A fresh tmpfs (emptyDir medium Memory).
-    Tmpfs,
-}
+use super::atomic_writer::{self, FileContent, Payload};
+use super::downward::{self, Addresses};
+use super::safefs;
+use super::spec::{DownwardValue, KeyToPath, PodPlan, Projection, Resources, VolumePlan};
 
 /// Why a volume could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,23 @@ pub enum VolumeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The atomic writer or a safe mount failed. Retryable.
+    #[error("volume {volume}: {source}")]
+    Write {
+        /// Volume name.
+        volume: String,
+        /// Cause.
+        source: atomic_writer::WriteError,
+    },
+}
+
+/// What the downward API and volume sizes read from the device.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeHost<'a> {
+    /// Node allocatable (limits that are not set read as this).
+    pub allocatable: Resources,
+    /// Addresses.
+    pub addresses: Addresses<'a>,
 }
 
 /// The directory holding a pod's volumes.
@@ -50,15 +71,22 @@ pub fn pod_dir(state_dir: &Path, uid: &str) -> PathBuf {
     state_dir.join("pods").join(uid)
 }
 
-/// Create (or refresh) every volume of `plan`; idempotent.
+/// The directory of one volume.
+pub fn volume_dir(state_dir: &Path, uid: &str, volume: &str) -> PathBuf {
+    pod_dir(state_dir, uid).join("volumes").join(volume)
+}
+
+/// Create (or refresh) every volume of `plan`; idempotent. Returns the host path to bind for
+/// each volume.
 pub fn prepare(
     state_dir: &Path,
     plan: &PodPlan,
     bundle: &PodBundle,
-) -> Result<BTreeMap<String, Prepared>, VolumeError> {
+    host: VolumeHost<'_>,
+) -> Result<BTreeMap<String, PathBuf>, VolumeError> {
     let pods = state_dir.join("pods");
-    let base = pod_dir(state_dir, &plan.meta.uid).join("volumes");
     let mut out = BTreeMap::new();
+    let fs_group = plan.security.fs_group;
     for v in &plan.volumes {
         let name = v.name().to_owned();
         let io = |path: &Path| {
@@ -70,18 +98,40 @@ pub fn prepare(
                 source,
             }
         };
-        mkdir(&pods, 0o700).map_err(io(&pods))?;
-        match v {
-            VolumePlan::EmptyDir { memory: true, .. } => {
-                out.insert(name, Prepared::Tmpfs);
+        let safe = |path: &Path| {
+            let volume = name.clone();
+            let path = path.to_owned();
+            move |e: safefs::SafeFsError| VolumeError::Io {
+                volume,
+                path,
+                source: std::io::Error::other(e.to_string()),
             }
-            VolumePlan::EmptyDir { .. } => {
-                let dir = base.join(&name);
-                mkdir(&dir, 0o777).map_err(io(&dir))?;
-                // emptyDir is world-writable in Kubernetes; umask would strip that.
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
-                    .map_err(io(&dir))?;
-                out.insert(name, Prepared::Bind(dir));
+        };
+        mkdir(&pods, 0o700).map_err(io(&pods))?;
+        let dir = volume_dir(state_dir, &plan.meta.uid, &name);
+        match v {
+            VolumePlan::EmptyDir {
+                memory, size_limit, ..
+            } => {
+                let fresh = !dir.exists();
+                if *memory {
+                    let size = memory_volume_size(plan, *size_limit);
+                    safefs::mount_tmpfs(&dir, 0o777, size).map_err(safe(&dir))?;
+                } else {
+                    mkdir(&dir, 0o777).map_err(io(&dir))?;
+                }
+                if fresh || *memory && std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none())
+                {
+                    // emptyDir is world-writable in Kubernetes; umask would strip that.
+                    let mut mode = 0o777;
+                    if let Some(g) = fs_group {
+                        chown_group(&dir, g).map_err(io(&dir))?;
+                        mode |= 0o2000;
+                    }
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                        .map_err(io(&dir))?;
+                }
+                out.insert(name, dir);
             }
             VolumePlan::HostPath {
                 path, create_dir, ..
@@ -95,26 +145,97 @@ pub fn prepare(
                         message: format!("hostPath {path} does not exist"),
                     });
                 }
-                out.insert(name, Prepared::Bind(p));
+                out.insert(name, p);
             }
-            VolumePlan::Files {
+            VolumePlan::Projected {
+                sources,
+                default_mode,
+                kind,
+                ..
+            } => {
+                let payload = payload(&name, kind, sources, *default_mode, plan, bundle, host)?;
+                if v.memory_backed() {
+                    // Sized for what the agent writes, with room for an update beside it.
+                    let bytes: usize = payload.values().map(|f| f.data.len() + 4096).sum();
+                    let size = (bytes as u64 * 2).max(1 << 20);
+                    safefs::mount_tmpfs(&dir, 0o755, Some(size)).map_err(safe(&dir))?;
+                } else {
+                    mkdir(&dir, 0o755).map_err(io(&dir))?;
+                }
+                let meta = std::fs::metadata(&dir).map_err(io(&dir))?;
+                let mut mode = 0o755;
+                if let Some(g) = fs_group {
+                    if meta.gid() != g {
+                        chown_group(&dir, g).map_err(io(&dir))?;
+                    }
+                    mode |= 0o2550;
+                }
+                if meta.mode() & 0o7777 != mode {
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                        .map_err(io(&dir))?;
+                }
+                atomic_writer::write(&dir, &payload, fs_group).map_err(|source| {
+                    VolumeError::Write {
+                        volume: name.clone(),
+                        source,
+                    }
+                })?;
+                out.insert(name, dir);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// tmpfs size of a memory emptyDir: its sizeLimit, capped by the pod's memory limit when every
+/// container has one (the kubelet's sizing of memory-backed volumes); unset otherwise (the
+/// kernel's default, half the memory, and the container's memory cgroup is charged either way).
+fn memory_volume_size(plan: &PodPlan, size_limit: Option<u64>) -> Option<u64> {
+    let pod_limit = plan
+        .containers
+        .iter()
+        .map(|c| c.limits.map(|l| l.memory_bytes).filter(|m| *m > 0))
+        .sum::<Option<u64>>();
+    match (size_limit, pod_limit) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn chown_group(dir: &Path, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, None, Some(gid))
+}
+
+/// The files of a written volume.
+fn payload(
+    volume: &str,
+    kind: &str,
+    sources: &[Projection],
+    default_mode: u32,
+    plan: &PodPlan,
+    bundle: &PodBundle,
+    host: VolumeHost<'_>,
+) -> Result<Payload, VolumeError> {
+    let mut out = Payload::new();
+    let missing = |message: String| VolumeError::Missing {
+        volume: volume.to_owned(),
+        message,
+    };
+    for src in sources {
+        match src {
+            Projection::Object {
                 secret,
                 source,
                 items,
-                default_mode,
                 optional,
-                ..
             } => {
-                let data = lookup(bundle, *secret, source);
-                let kind = if *secret { "Secret" } else { "ConfigMap" };
-                let Some(data) = data.or_else(|| optional.then(BTreeMap::new)) else {
-                    return Err(VolumeError::Missing {
-                        volume: name,
-                        message: format!("{kind} {source:?} not found"),
-                    });
+                let what = if *secret { "secret" } else { "configmap" };
+                let Some(data) = lookup(bundle, *secret, source) else {
+                    if *optional {
+                        continue;
+                    }
+                    return Err(missing(format!("{what} {source:?} not found")));
                 };
-                let dir = base.join(&name);
-                mkdir(&dir, if *secret { 0o750 } else { 0o755 }).map_err(io(&dir))?;
                 let files: Vec<KeyToPath> = if items.is_empty() {
                     data.keys()
                         .map(|k| KeyToPath {
@@ -131,31 +252,47 @@ pub fn prepare(
                         if *optional {
                             continue;
                         }
-                        return Err(VolumeError::Missing {
-                            volume: name,
-                            message: format!("{kind} {source:?} has no key {:?}", f.key),
-                        });
+                        return Err(missing(format!(
+                            "{what} {source:?} has no key {:?} ({kind} volume)",
+                            f.key
+                        )));
                     };
-                    let mut mode = f.mode.unwrap_or(*default_mode);
-                    if *secret {
-                        // Secrets are never world-readable on the device, whatever the mode says.
-                        mode &= 0o770;
-                    }
-                    let path = dir.join(&f.path);
-                    if let Some(parent) = path.parent() {
-                        mkdir(parent, 0o755).map_err(io(parent))?;
-                    }
-                    let same = std::fs::read(&path).is_ok_and(|old| old == *content)
-                        && std::fs::metadata(&path)
-                            .is_ok_and(|m| m.permissions().mode() & 0o777 == mode);
-                    if !same {
-                        fsutil::atomic_write(&path, content, mode).map_err(io(&path))?;
-                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                            .map_err(io(&path))?;
-                    }
+                    out.insert(
+                        f.path.clone(),
+                        FileContent {
+                            data: content.clone(),
+                            mode: f.mode.unwrap_or(default_mode),
+                        },
+                    );
                 }
-                out.insert(name, Prepared::Bind(dir));
             }
+            Projection::Downward(files) => {
+                for f in files {
+                    let value = match &f.value {
+                        DownwardValue::Field(r) => downward::field_value(plan, r, host.addresses),
+                        DownwardValue::Resource(r) => {
+                            downward::resource_value(plan, r, host.allocatable)
+                        }
+                    };
+                    out.insert(
+                        f.path.clone(),
+                        FileContent {
+                            data: value.into_bytes(),
+                            mode: f.mode.unwrap_or(default_mode),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    // A file path may not be a prefix directory of another (the API server checks this for a
+    // projected volume; a conflict from two sources is resolved here by refusing).
+    let paths: BTreeSet<&str> = out.keys().map(String::as_str).collect();
+    for p in &paths {
+        if let Some(other) = paths.iter().find(|o| o.starts_with(&format!("{p}/"))) {
+            return Err(missing(format!(
+                "file {p:?} conflicts with {other:?} in the same volume"
+            )));
         }
     }
     Ok(out)
@@ -181,12 +318,11 @@ pub fn lookup(bundle: &PodBundle, secret: bool, name: &str) -> Option<BTreeMap<S
     }
 }
 
-/// Remove a pod's volume tree (secrets included).
-pub fn remove(state_dir: &Path, uid: &str) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(pod_dir(state_dir, uid)) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+/// Remove a pod's volume tree (secrets included): unmount what the agent mounted there (tmpfs
+/// volumes, pinned subPaths), then remove the files without following links or crossing into
+/// another filesystem.
+pub fn remove(state_dir: &Path, uid: &str) -> Result<(), safefs::SafeFsError> {
+    safefs::remove_tree(&pod_dir(state_dir, uid))
 }
 
 fn mkdir(p: &Path, mode: u32) -> std::io::Result<()> {
@@ -201,25 +337,45 @@ mod tests {
     use super::*;
     use fleetlet_proto::v1::{ConfigMapData, SecretData};
 
+    fn host() -> VolumeHost<'static> {
+        VolumeHost {
+            allocatable: Resources {
+                cpu_millis: 2000,
+                memory_bytes: 1 << 30,
+            },
+            addresses: Addresses {
+                host_ip: "192.0.2.1",
+                pod_ip: "",
+            },
+        }
+    }
+
     #[test]
-    fn secret_files_are_never_world_readable_and_items_select_keys() {
+    fn configmap_items_downward_and_projected_files() {
         let d = tempfile::tempdir().unwrap();
         let plan = crate::pod::spec::parse_pod(
             serde_json::json!({
-                "metadata": {"name": "p", "uid": "u1"},
+                "metadata": {"name": "p", "uid": "u1", "labels": {"app": "web"}},
                 "spec": {
                     "volumes": [
-                        {"name": "s", "secret": {"secretName": "sec", "defaultMode": 0o644}},
                         {"name": "c", "configMap": {"name": "cm", "items": [{"key": "a", "path": "sub/x", "mode": 0o600}]}},
+                        {"name": "d", "downwardAPI": {"items": [
+                            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                            {"path": "cpu", "resourceFieldRef": {"containerName": "c", "resource": "limits.cpu", "divisor": "1m"}}]}},
                         {"name": "e", "emptyDir": {}}
                     ],
-                    "containers": [{"name": "c", "image": "i:1"}]
+                    "containers": [{"name": "c", "image": "i:1",
+                        "volumeMounts": [{"name": "c", "mountPath": "/c"}]}]
                 }
             })
             .to_string()
             .as_bytes(),
         )
         .unwrap();
+        assert!(
+            plan.containers[0].mounts[0].read_only,
+            "configMap mounts are read-only"
+        );
         let bundle = PodBundle {
             pod_json: Default::default(),
             config_maps: vec![ConfigMapData {
@@ -232,18 +388,24 @@ mod tests {
                 data: [("token".to_string(), bytes::Bytes::from_static(b"hunter2"))].into(),
             }],
         };
-        let v = prepare(d.path(), &plan, &bundle).unwrap();
-        let Prepared::Bind(s) = &v["s"] else { panic!() };
-        let mode = std::fs::metadata(s.join("token"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o640);
-        let Prepared::Bind(c) = &v["c"] else { panic!() };
-        assert_eq!(std::fs::read_to_string(c.join("sub/x")).unwrap(), "A");
-        assert!(!c.join("b").exists());
-        remove(d.path(), "u1").unwrap();
-        assert!(!pod_dir(d.path(), "u1").exists());
+        // downwardAPI volumes are tmpfs mounts: only root can mount, so this unit test covers
+        // the configMap part where it cannot.
+        match prepare(d.path(), &plan, &bundle, host()) {
+            Ok(v) => {
+                let c = &v["c"];
+                assert_eq!(std::fs::read_to_string(c.join("sub/x")).unwrap(), "A");
+                assert!(!c.join("b").exists());
+                let dv = &v["d"];
+                assert_eq!(
+                    std::fs::read_to_string(dv.join("labels")).unwrap(),
+                    "app=\"web\""
+                );
+                assert_eq!(std::fs::read_to_string(dv.join("cpu")).unwrap(), "2000");
+                assert!(safefs::is_tmpfs(dv));
+                remove(d.path(), "u1").unwrap();
+                assert!(!pod_dir(d.path(), "u1").exists());
+            }
+            Err(e) => assert!(e.to_string().contains("mount tmpfs"), "{e}"),
+        }
     }
 }

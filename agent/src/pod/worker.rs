@@ -14,11 +14,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::downward::{self, Addresses};
 use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Termination};
+use super::policy::DevicePolicy;
 use super::probe::{ProbeTracker, Verdict, run_probe};
-use super::spec::{ContainerPlan, EnvVar, FieldRef, PodPlan, PullPolicy, SpecError};
+use super::sandbox;
+use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources};
 use super::status::{ContainerView, PodView, failed_status, pod_status};
-use super::volumes::{self, Prepared};
+use super::volumes;
 use crate::podman::types::is_zero_time;
 use crate::podman::{
     ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, MemoryLimit, Mount, Namespace,
@@ -35,6 +38,8 @@ pub enum Desire {
     Run {
         /// The bundle.
         bundle: Arc<PodBundle>,
+        /// The bundle's pod, parsed once and checked against the device policy.
+        plan: Arc<Planned>,
         /// Admission verdict.
         admission: Result<(), (String, String)>,
     },
@@ -45,6 +50,18 @@ pub enum Desire {
         grace_secs: Option<u64>,
     },
 }
+
+/// Why a pod cannot run on this device: a pod status reason and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Status reason (`UnsupportedPodSpec`, `DevicePolicy`, `SysctlForbidden`).
+    pub reason: String,
+    /// What the user sees, naming the field.
+    pub message: String,
+}
+
+/// A desired pod after parsing: its plan, or why it is refused.
+pub type Planned = Result<Arc<PodPlan>, Rejection>;
 
 /// What every worker shares.
 pub struct PodContext<R> {
@@ -60,6 +77,12 @@ pub struct PodContext<R> {
     pub statuses: watch::Sender<StatusMap>,
     /// Restart counts restored from the status file (uid → container → count).
     pub restored_restarts: BTreeMap<String, BTreeMap<String, u32>>,
+    /// The device owner's policy.
+    pub policy: DevicePolicy,
+    /// Allocatable resources (the downward API reads unset limits as these).
+    pub allocatable: Resources,
+    /// Directory of Localhost seccomp profiles.
+    pub seccomp_root: PathBuf,
 }
 
 struct Slot {
@@ -138,7 +161,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         Duration::from_secs(5)
                     }
                 },
-                Desire::Run { bundle, admission } => self.reconcile(&bundle, admission).await,
+                Desire::Run {
+                    bundle,
+                    plan,
+                    admission,
+                } => self.reconcile(&bundle, &plan, admission).await,
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -177,20 +204,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
     async fn reconcile(
         &mut self,
         bundle: &PodBundle,
+        planned: &Planned,
         admission: Result<(), (String, String)>,
     ) -> Duration {
-        let plan = match super::spec::parse_pod(&bundle.pod_json) {
+        let plan = match planned {
             Ok(p) => p,
-            Err(SpecError { field, message }) => {
+            Err(Rejection { reason, message }) => {
                 let (ns, name) = pod_names(&bundle.pod_json);
-                let msg = format!("{field}: {message}");
-                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %msg, "pod rejected");
-                let st = failed_status(
-                    "UnsupportedPodSpec",
-                    &msg,
-                    &self.ctx.host_ip,
-                    self.start_time,
-                );
+                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod rejected");
+                let st = failed_status(reason, message, &self.ctx.host_ip, self.start_time);
                 self.publish(&ns, &name, &st, false);
                 return Duration::from_secs(3600);
             }
@@ -203,7 +225,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             return Duration::from_secs(3600);
         }
-        let requeue = match self.drive(&plan, bundle).await {
+        let requeue = match self.drive(plan, bundle).await {
             Ok(d) => d,
             Err(e) => {
                 warn!(pod = %name, namespace = %ns, error = %e, "reconcile failed; retrying");
@@ -216,7 +238,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if requeue.is_zero() {
             return requeue;
         }
-        let status = self.status(&plan);
+        let status = self.status(plan);
         if self.publish(&ns, &name, &status, false) {
             debug!(pod = %name, namespace = %ns, phase = status.phase.as_deref().unwrap_or_default(), "pod status changed");
         }
@@ -300,7 +322,18 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let rt = self.ctx.rt.clone();
         let now = Instant::now();
         // Volumes first: a missing ConfigMap/Secret keeps every container waiting, nothing runs.
-        let vols = volumes::prepare(&self.ctx.state_dir, plan, bundle);
+        let vols = volumes::prepare(
+            &self.ctx.state_dir,
+            plan,
+            bundle,
+            volumes::VolumeHost {
+                allocatable: self.ctx.allocatable,
+                addresses: Addresses {
+                    host_ip: &self.ctx.host_ip,
+                    pod_ip: &self.pod_ip,
+                },
+            },
+        );
         // The Podman pod (infra container holds the shared namespaces). Once seen, its infra
         // container in the listing stands for it; a vanished pod is created again in this pass.
         let mut listed = if self.pod_known {
@@ -334,6 +367,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         nsmode: "host".into(),
                     }),
                     portmappings,
+                    shared_namespaces: if plan.share_process_namespace {
+                        ["ipc", "net", "uts", "pid"].map(String::from).to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 })
                 .await?;
                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
@@ -474,34 +512,39 @@ impl<R: ContainerRuntime> PodWorker<R> {
                             ..
                         }
                     );
-                    let id = match container_id {
-                        Some(id) => Some(id),
-                        None => {
-                            let vols = match &vols {
-                                Ok(v) => v,
-                                Err(e) => {
-                                    slot.lc.observe(
-                                        Observation::ConfigError(e.to_string()),
-                                        policy,
-                                        is_init,
-                                        now,
-                                    );
-                                    requeue = requeue.min(Duration::from_secs(10));
-                                    if is_init {
-                                        inits_done = false;
-                                    }
-                                    continue;
-                                }
-                            };
-                            match self.create(plan, c, &hash, vols, bundle).await {
-                                Ok(id) => Some(id),
-                                Err(obs) => {
-                                    let slot = self.slot(&c.name, &restored);
-                                    slot.lc.observe(obs, policy, is_init, now);
-                                    requeue = requeue.min(Duration::from_secs(10));
-                                    None
-                                }
+                    // Volumes first: a missing ConfigMap/Secret keeps the container waiting.
+                    let vols = match &vols {
+                        Ok(v) => v,
+                        Err(e) => {
+                            slot.lc.observe(
+                                Observation::ConfigError(e.to_string()),
+                                policy,
+                                is_init,
+                                now,
+                            );
+                            requeue = requeue.min(Duration::from_secs(10));
+                            if is_init {
+                                inits_done = false;
                             }
+                            continue;
+                        }
+                    };
+                    let made = match container_id {
+                        // A restart: pin its subPaths again (a reboot drops the pins, and the
+                        // kubelet resolves them anew for every run).
+                        Some(id) => self
+                            .repin(plan, c, vols, bundle)
+                            .map(|()| id)
+                            .map_err(Observation::ConfigError),
+                        None => self.create(plan, c, &hash, vols, bundle).await,
+                    };
+                    let id = match made {
+                        Ok(id) => Some(id),
+                        Err(obs) => {
+                            let slot = self.slot(&c.name, &restored);
+                            slot.lc.observe(obs, policy, is_init, now);
+                            requeue = requeue.min(Duration::from_secs(10));
+                            None
                         }
                     };
                     let slot = self.slot(&c.name, &restored);
@@ -622,7 +665,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         plan: &PodPlan,
         c: &ContainerPlan,
         hash: &str,
-        vols: &BTreeMap<String, Prepared>,
+        vols: &BTreeMap<String, PathBuf>,
         bundle: &PodBundle,
     ) -> Result<String, Observation> {
         let rt = self.ctx.rt.clone();
@@ -651,46 +694,17 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     })?
             }
         };
-        let env = resolve_env(plan, c, bundle, &self.ctx.host_ip, &self.pod_ip)
+        let image_user = image
+            .config
+            .as_ref()
+            .map(|c| c.user.clone())
+            .unwrap_or_default();
+        let user = sandbox::user(plan, c, &image_user).map_err(Observation::ConfigError)?;
+        let env = resolve_env(plan, c, bundle, &*self.ctx, &self.pod_ip)
             .map_err(Observation::ConfigError)?;
-        let mut mounts = Vec::new();
-        for m in &c.mounts {
-            let mut options = vec!["rbind".to_owned()];
-            if m.read_only {
-                options.push("ro".into());
-            }
-            let (kind, source) = match vols.get(&m.volume) {
-                Some(Prepared::Bind(p)) => {
-                    let p = match &m.sub_path {
-                        Some(s) => {
-                            let p = p.join(s);
-                            if let Err(e) = std::fs::create_dir_all(&p) {
-                                return Err(Observation::ConfigError(format!("subPath {s}: {e}")));
-                            }
-                            p
-                        }
-                        None => p.clone(),
-                    };
-                    ("bind", p.to_string_lossy().into_owned())
-                }
-                Some(Prepared::Tmpfs) => {
-                    options = vec!["rw".into()];
-                    ("tmpfs", "tmpfs".to_owned())
-                }
-                None => {
-                    return Err(Observation::ConfigError(format!(
-                        "volume {} not prepared",
-                        m.volume
-                    )));
-                }
-            };
-            mounts.push(Mount {
-                destination: m.path.clone(),
-                source,
-                kind: kind.into(),
-                options,
-            });
-        }
+        let mounts = self
+            .mounts(c, vols, &env)
+            .map_err(Observation::ConfigError)?;
         let mut lbls = self.pod_labels(plan);
         lbls.insert(labels::CONTAINER.into(), c.name.clone());
         lbls.insert(labels::SPEC_HASH.into(), hash.to_owned());
@@ -703,7 +717,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 period: 100_000,
             }),
         });
-        let spec = ContainerCreate {
+        let mut spec = ContainerCreate {
             name: format!("{}-{}", self.pod_name, c.name),
             pod: self.pod_name.clone(),
             image: image.id.clone(),
@@ -721,7 +735,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
             stop_signal: 15,
             stop_timeout: plan.grace_secs,
             restart_policy: "no".into(),
+            user,
+            ..Default::default()
         };
+        sandbox::apply(plan, c, &self.ctx.seccomp_root, &mut spec)
+            .map_err(Observation::ConfigError)?;
         let id = rt
             .create_container(&spec)
             .await
@@ -734,6 +752,67 @@ impl<R: ContainerRuntime> PodWorker<R> {
             };
         }
         Ok(id)
+    }
+
+    /// Pin the subPaths of an existing container again before it starts.
+    fn repin(
+        &self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        vols: &BTreeMap<String, PathBuf>,
+        bundle: &PodBundle,
+    ) -> Result<(), String> {
+        if c.mounts
+            .iter()
+            .all(|m| m.sub_path.is_none() && m.sub_path_expr.is_none())
+        {
+            return Ok(());
+        }
+        let env = resolve_env(plan, c, bundle, &*self.ctx, &self.pod_ip)?;
+        self.mounts(c, vols, &env).map(|_| ())
+    }
+
+    /// The container's mounts. subPaths are resolved inside their volume and pinned (see
+    /// [`super::subpath`]); volumes the agent writes are always read-only.
+    fn mounts(
+        &self,
+        c: &ContainerPlan,
+        vols: &BTreeMap<String, PathBuf>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, String> {
+        let pod_dir = volumes::pod_dir(&self.ctx.state_dir, &self.uid);
+        let mut mounts = Vec::new();
+        for (i, m) in c.mounts.iter().enumerate() {
+            let Some(root) = vols.get(&m.volume) else {
+                return Err(format!("volume {} not prepared", m.volume));
+            };
+            let sub = match (&m.sub_path, &m.sub_path_expr) {
+                (Some(s), _) => Some(s.clone()),
+                (None, Some(expr)) => Some(super::subpath::expand_expr(expr, env)?),
+                (None, None) => None,
+            };
+            let source = match sub.filter(|s| !s.is_empty()) {
+                Some(s) => super::subpath::prepare(root, &s, &pod_dir, &m.volume, &c.name, i)
+                    .map_err(|e| {
+                        format!(
+                            "failed to prepare subPath for volumeMount {:?} of container {:?}: {e}",
+                            m.volume, c.name
+                        )
+                    })?,
+                None => root.clone(),
+            };
+            let mut options = vec!["rbind".to_owned()];
+            if m.read_only {
+                options.push("ro".into());
+            }
+            mounts.push(Mount {
+                destination: m.path.clone(),
+                source: source.to_string_lossy().into_owned(),
+                kind: "bind".into(),
+                options,
+            });
+        }
+        Ok(mounts)
     }
 
     /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
@@ -849,13 +928,17 @@ fn spec_hash(c: &ContainerPlan) -> String {
 }
 
 /// The container's environment: envFrom first, then env (later entries win), as Kubernetes does.
-fn resolve_env(
+fn resolve_env<R>(
     plan: &PodPlan,
     c: &ContainerPlan,
     bundle: &PodBundle,
-    host_ip: &str,
+    ctx: &PodContext<R>,
     pod_ip: &str,
 ) -> Result<BTreeMap<String, String>, String> {
+    let addresses = Addresses {
+        host_ip: &ctx.host_ip,
+        pod_ip,
+    };
     let mut env = BTreeMap::new();
     for from in &c.env_from {
         let kind = if from.config_map {
@@ -909,21 +992,13 @@ fn resolve_env(
                 }
             }
             EnvVar::Field(k, f) => {
-                let v = match f {
-                    FieldRef::PodName => plan.meta.name.clone(),
-                    FieldRef::Namespace => plan.meta.namespace.clone(),
-                    FieldRef::Uid => plan.meta.uid.clone(),
-                    FieldRef::NodeName => plan.node_name.clone(),
-                    FieldRef::HostIp => host_ip.to_owned(),
-                    FieldRef::PodIp => {
-                        if plan.host_network {
-                            host_ip.to_owned()
-                        } else {
-                            pod_ip.to_owned()
-                        }
-                    }
-                };
-                env.insert(k.clone(), v);
+                env.insert(k.clone(), downward::field_value(plan, f, addresses));
+            }
+            EnvVar::Resource(k, r) => {
+                env.insert(
+                    k.clone(),
+                    downward::resource_value(plan, r, ctx.allocatable),
+                );
             }
         }
     }
@@ -931,7 +1006,7 @@ fn resolve_env(
 }
 
 /// Kubernetes' `$(VAR)` expansion of env values against earlier variables.
-fn expand(v: &str, env: &BTreeMap<String, String>) -> String {
+pub fn expand(v: &str, env: &BTreeMap<String, String>) -> String {
     let mut out = String::with_capacity(v.len());
     let mut rest = v;
     while let Some(i) = rest.find("$(") {
