@@ -313,13 +313,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
         ]
     }
 
-    /// One level-triggered pass over the pod's containers.
+    /// One level-triggered pass over the pod: set up its sandbox (volumes, Podman pod, pod
+    /// IP), then for each container in order observe it and act on what was seen.
     async fn drive(
         &mut self,
         plan: &PodPlan,
         bundle: &PodBundle,
     ) -> Result<Duration, crate::podman::PodmanError> {
-        let rt = self.ctx.rt.clone();
         let now = Instant::now();
         // Volumes first: a missing ConfigMap/Secret keeps every container waiting, nothing runs.
         let vols = volumes::prepare(
@@ -334,6 +334,74 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 },
             },
         );
+        let existing = self.ensure_pod(plan).await?;
+        let restored = self
+            .ctx
+            .restored_restarts
+            .get(&self.uid)
+            .cloned()
+            .unwrap_or_default();
+        // Events and the periodic resync wake the worker; this is only a backstop.
+        let mut requeue = Duration::from_secs(300);
+        let mut inits_done = true;
+        let all: Vec<(bool, &ContainerPlan)> = plan
+            .init_containers
+            .iter()
+            .map(|c| (true, c))
+            .chain(plan.containers.iter().map(|c| (false, c)))
+            .collect();
+        for (is_init, c) in all {
+            if !is_init && !inits_done {
+                let slot = self.slot(&c.name, &restored);
+                if !matches!(slot.lc.state, State::Running { .. } | State::Terminated(_)) {
+                    slot.lc.state = State::Waiting {
+                        reason: super::lifecycle::WaitReason::PodInitializing,
+                        message: None,
+                    };
+                }
+                continue;
+            }
+            let hash = spec_hash(c);
+            let container_id = self
+                .observe_container(
+                    plan,
+                    c,
+                    is_init,
+                    &hash,
+                    existing.get(&c.name),
+                    &restored,
+                    now,
+                )
+                .await?;
+            let next = self
+                .act(
+                    plan,
+                    c,
+                    is_init,
+                    &hash,
+                    container_id,
+                    &vols,
+                    bundle,
+                    &restored,
+                    now,
+                )
+                .await;
+            requeue = requeue.min(next);
+            if is_init && !self.slot(&c.name, &restored).lc.succeeded() {
+                inits_done = false;
+            }
+        }
+        Ok(requeue)
+    }
+
+    /// Pod setup: the Podman pod exists (created when missing) and, for a pod with its own
+    /// network, its infra container runs and its IP is known. Returns container name → id of
+    /// the pod's containers as Podman lists them.
+    async fn ensure_pod(
+        &mut self,
+        plan: &PodPlan,
+    ) -> Result<BTreeMap<String, String>, crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
         // The Podman pod (infra container holds the shared namespaces). Once seen, its infra
         // container in the listing stands for it; a vanished pod is created again in this pass.
         let mut listed = if self.pod_known {
@@ -407,181 +475,182 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             self.pod_ip_of = Some((infra.id.clone(), if started { None } else { listed_run }));
         }
-        let existing: BTreeMap<String, String> = listed
+        Ok(listed
             .into_iter()
             .filter_map(|c| c.labels.get(labels::CONTAINER).cloned().map(|n| (n, c.id)))
-            .collect();
-        let restored = self
-            .ctx
-            .restored_restarts
-            .get(&self.uid)
-            .cloned()
-            .unwrap_or_default();
-        // Events and the periodic resync wake the worker; this is only a backstop.
-        let mut requeue = Duration::from_secs(300);
-        let mut inits_done = true;
-        let all: Vec<(bool, &ContainerPlan)> = plan
-            .init_containers
-            .iter()
-            .map(|c| (true, c))
-            .chain(plan.containers.iter().map(|c| (false, c)))
-            .collect();
-        for (is_init, c) in all {
-            if !is_init && !inits_done {
-                let slot = self.slot(&c.name, &restored);
-                if !matches!(slot.lc.state, State::Running { .. } | State::Terminated(_)) {
-                    slot.lc.state = State::Waiting {
-                        reason: super::lifecycle::WaitReason::PodInitializing,
-                        message: None,
-                    };
-                }
-                continue;
-            }
-            let hash = spec_hash(c);
-            // Observe.
-            let mut container_id = existing.get(&c.name).cloned();
-            let mut inspect = None;
-            if let Some(id) = &container_id {
-                inspect = rt.inspect_container(id).await?;
-                if let Some(i) = &inspect
-                    && i.config.labels.get(labels::SPEC_HASH) != Some(&hash)
-                {
-                    // The desired container changed (e.g. a new image): replace it.
-                    info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
-                    rt.stop_container(id, plan.grace_secs).await?;
-                    rt.remove_container(id).await?;
-                    inspect = None;
-                    container_id = None;
-                }
-            }
-            let obs = match &inspect {
-                None => Observation::Absent,
-                Some(i) => observe(i),
-            };
-            let slot = self.slot(&c.name, &restored);
-            if let Some(i) = &inspect {
-                slot.container_id = i.id.clone();
-                if slot.image_id.is_empty() {
-                    slot.image_id = i.image.clone();
-                }
-            }
-            let was_running = matches!(slot.lc.state, State::Running { .. });
-            let policy = plan.restart_policy;
-            let exit_code = match &obs {
-                Observation::Exited(t) => Some(t.exit_code),
-                _ => None,
-            };
-            let counted_before = slot.lc.counted_exit();
-            let new_run = match &obs {
-                Observation::Running { started_at } => {
-                    slot.run_started != *started_at || !was_running
-                }
-                _ => false,
-            };
-            if let Observation::Running { started_at } = &obs {
-                slot.run_started = *started_at;
-            }
-            slot.lc.observe(obs, policy, is_init, now);
-            if let Some(code) = exit_code
-                && slot.lc.counted_exit() != counted_before
+            .collect())
+    }
+
+    /// Observation: what Podman shows of container `c`, folded into its lifecycle. A container
+    /// whose spec changed is replaced (stopped and removed) here. Returns its id, if it exists.
+    #[allow(clippy::too_many_arguments)]
+    async fn observe_container(
+        &mut self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        is_init: bool,
+        hash: &str,
+        listed: Option<&String>,
+        restored: &BTreeMap<String, u32>,
+        now: Instant,
+    ) -> Result<Option<String>, crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        // Observe.
+        let mut container_id = listed.cloned();
+        let mut inspect = None;
+        if let Some(id) = &container_id {
+            inspect = rt.inspect_container(id).await?;
+            if let Some(i) = &inspect
+                && i.config.labels.get(labels::SPEC_HASH).map(String::as_str) != Some(hash)
             {
-                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = code, "container exited");
+                // The desired container changed (e.g. a new image): replace it.
+                info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
+                rt.stop_container(id, plan.grace_secs).await?;
+                rt.remove_container(id).await?;
+                inspect = None;
+                container_id = None;
             }
-            if new_run {
-                slot.startup = c.startup.as_ref().map(|p| ProbeTracker::new(p, now));
-                slot.readiness = c.readiness.as_ref().map(|p| ProbeTracker::new(p, now));
-                slot.liveness = c.liveness.as_ref().map(|p| ProbeTracker::new(p, now));
-                slot.lc.started = c.startup.is_none();
-                slot.lc.ready = c.startup.is_none() && c.readiness.is_none();
+        }
+        let obs = match &inspect {
+            None => Observation::Absent,
+            Some(i) => observe(i),
+        };
+        let slot = self.slot(&c.name, restored);
+        if let Some(i) = &inspect {
+            slot.container_id = i.id.clone();
+            if slot.image_id.is_empty() {
+                slot.image_id = i.image.clone();
             }
-            // Act.
-            let action = slot.lc.next_action(container_id.is_some(), now);
-            match action {
-                Action::WaitUntil(t) => {
-                    slot.lc.mark_pull_backoff(now);
-                    requeue = requeue
-                        .min(t.saturating_duration_since(now) + Duration::from_millis(50))
-                        .min(super::lifecycle::PULL_ERROR_SHOWN);
-                }
-                Action::Done => {}
-                Action::Start | Action::Create => {
-                    let restarting = matches!(
-                        slot.lc.state,
-                        State::Waiting {
-                            reason: super::lifecycle::WaitReason::CrashLoopBackOff,
-                            ..
+        }
+        let was_running = matches!(slot.lc.state, State::Running { .. });
+        let policy = plan.restart_policy;
+        let exit_code = match &obs {
+            Observation::Exited(t) => Some(t.exit_code),
+            _ => None,
+        };
+        let counted_before = slot.lc.counted_exit();
+        let new_run = match &obs {
+            Observation::Running { started_at } => slot.run_started != *started_at || !was_running,
+            _ => false,
+        };
+        if let Observation::Running { started_at } = &obs {
+            slot.run_started = *started_at;
+        }
+        slot.lc.observe(obs, policy, is_init, now);
+        if let Some(code) = exit_code
+            && slot.lc.counted_exit() != counted_before
+        {
+            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = code, "container exited");
+        }
+        if new_run {
+            slot.startup = c.startup.as_ref().map(|p| ProbeTracker::new(p, now));
+            slot.readiness = c.readiness.as_ref().map(|p| ProbeTracker::new(p, now));
+            slot.liveness = c.liveness.as_ref().map(|p| ProbeTracker::new(p, now));
+            slot.lc.started = c.startup.is_none();
+            slot.lc.ready = c.startup.is_none() && c.readiness.is_none();
+        }
+        Ok(container_id)
+    }
+
+    /// Action: what the lifecycle asks for next (create, start, probe, wait). Returns when to
+    /// look again.
+    #[allow(clippy::too_many_arguments)]
+    async fn act(
+        &mut self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        is_init: bool,
+        hash: &str,
+        container_id: Option<String>,
+        vols: &Result<BTreeMap<String, PathBuf>, volumes::VolumeError>,
+        bundle: &PodBundle,
+        restored: &BTreeMap<String, u32>,
+        now: Instant,
+    ) -> Duration {
+        let rt = self.ctx.rt.clone();
+        let policy = plan.restart_policy;
+        let mut requeue = Duration::from_secs(300);
+        let slot = self.slot(&c.name, restored);
+        // Act.
+        let action = slot.lc.next_action(container_id.is_some(), now);
+        match action {
+            Action::WaitUntil(t) => {
+                slot.lc.mark_pull_backoff(now);
+                requeue = requeue
+                    .min(t.saturating_duration_since(now) + Duration::from_millis(50))
+                    .min(super::lifecycle::PULL_ERROR_SHOWN);
+            }
+            Action::Done => {}
+            Action::Start | Action::Create => {
+                let restarting = matches!(
+                    slot.lc.state,
+                    State::Waiting {
+                        reason: super::lifecycle::WaitReason::CrashLoopBackOff,
+                        ..
+                    }
+                );
+                // Volumes first: a missing ConfigMap/Secret keeps the container waiting.
+                let vols = match &vols {
+                    Ok(v) => v,
+                    Err(e) => {
+                        slot.lc.observe(
+                            Observation::ConfigError(e.to_string()),
+                            policy,
+                            is_init,
+                            now,
+                        );
+                        return requeue.min(Duration::from_secs(10));
+                    }
+                };
+                let made = match container_id {
+                    // A restart: pin its subPaths again (a reboot drops the pins, and the
+                    // kubelet resolves them anew for every run).
+                    Some(id) => self
+                        .repin(plan, c, vols, bundle)
+                        .map(|()| id)
+                        .map_err(Observation::ConfigError),
+                    None => self.create(plan, c, hash, vols, bundle).await,
+                };
+                let id = match made {
+                    Ok(id) => Some(id),
+                    Err(obs) => {
+                        let slot = self.slot(&c.name, restored);
+                        slot.lc.observe(obs, policy, is_init, now);
+                        requeue = requeue.min(Duration::from_secs(10));
+                        None
+                    }
+                };
+                let slot = self.slot(&c.name, restored);
+                if let Some(id) = id {
+                    slot.container_id = id.clone();
+                    if restarting {
+                        slot.lc.restarting();
+                    }
+                    match rt.start_container(&id).await {
+                        Ok(()) => {
+                            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
+                            // Look again right away: the next pass observes it running
+                            // and publishes that, without waiting for an event.
+                            requeue = Duration::ZERO;
                         }
-                    );
-                    // Volumes first: a missing ConfigMap/Secret keeps the container waiting.
-                    let vols = match &vols {
-                        Ok(v) => v,
                         Err(e) => {
                             slot.lc.observe(
-                                Observation::ConfigError(e.to_string()),
+                                Observation::RuntimeError(e.to_string()),
                                 policy,
                                 is_init,
                                 now,
                             );
                             requeue = requeue.min(Duration::from_secs(10));
-                            if is_init {
-                                inits_done = false;
-                            }
-                            continue;
-                        }
-                    };
-                    let made = match container_id {
-                        // A restart: pin its subPaths again (a reboot drops the pins, and the
-                        // kubelet resolves them anew for every run).
-                        Some(id) => self
-                            .repin(plan, c, vols, bundle)
-                            .map(|()| id)
-                            .map_err(Observation::ConfigError),
-                        None => self.create(plan, c, &hash, vols, bundle).await,
-                    };
-                    let id = match made {
-                        Ok(id) => Some(id),
-                        Err(obs) => {
-                            let slot = self.slot(&c.name, &restored);
-                            slot.lc.observe(obs, policy, is_init, now);
-                            requeue = requeue.min(Duration::from_secs(10));
-                            None
-                        }
-                    };
-                    let slot = self.slot(&c.name, &restored);
-                    if let Some(id) = id {
-                        slot.container_id = id.clone();
-                        if restarting {
-                            slot.lc.restarting();
-                        }
-                        match rt.start_container(&id).await {
-                            Ok(()) => {
-                                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
-                                // Look again right away: the next pass observes it running
-                                // and publishes that, without waiting for an event.
-                                requeue = Duration::ZERO;
-                            }
-                            Err(e) => {
-                                slot.lc.observe(
-                                    Observation::RuntimeError(e.to_string()),
-                                    policy,
-                                    is_init,
-                                    now,
-                                );
-                                requeue = requeue.min(Duration::from_secs(10));
-                            }
                         }
                     }
                 }
-                Action::Probe => {
-                    let next = self.probe(plan, c).await;
-                    requeue = requeue.min(next);
-                }
             }
-            if is_init && !self.slot(&c.name, &restored).lc.succeeded() {
-                inits_done = false;
+            Action::Probe => {
+                let next = self.probe(plan, c).await;
+                requeue = requeue.min(next);
             }
         }
-        Ok(requeue)
+        requeue
     }
 
     fn slot(&mut self, name: &str, restored: &BTreeMap<String, u32>) -> &mut Slot {
@@ -1046,3 +1115,7 @@ mod tests {
         assert_eq!(pod_hostname(&"c".repeat(253)).len(), 63);
     }
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod sandbox_tests;

@@ -1,6 +1,8 @@
 //! The container runtime boundary: the `ContainerRuntime` trait and its Podman implementation.
 
 mod client;
+#[cfg(test)]
+pub mod fake;
 pub mod types;
 
 use std::collections::BTreeMap;
