@@ -445,3 +445,158 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
         }
     }
 }
+
+/// `podman exec` of `script` in container `id`; its exit code.
+fn podman_exec(id: &str, script: &str) -> i32 {
+    let stack = fleetlet_test_support::Stack::shared().expect("local stack");
+    Command::new("podman")
+        .arg("--url")
+        .arg(format!("unix://{}", stack.podman_socket().display()))
+        .args(["exec", id, "sh", "-c", script])
+        .output()
+        .map(|o| o.status.code().unwrap_or(-1))
+        .unwrap_or(-1)
+}
+
+/// The first container's waiting reason and message of pod `name`, from the API server.
+async fn waiting(rig: &Rig, name: &str) -> Option<(String, String)> {
+    let pod = rig.pods.get_opt(name).await.ok().flatten()?;
+    let w = pod
+        .status?
+        .container_statuses?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .clone()?;
+    Some((w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn pods_of_a_restricted_namespace_cannot_escape_onto_the_device() {
+    let rig = Rig::start("fb-sbx", 1).await;
+    let device = rig.devices()[0].clone();
+    // The namespace enforces Pod Security "restricted": everything below is what a user with
+    // only the right to create pods there can submit.
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(rig.fleet.client.clone());
+    namespaces
+        .patch(
+            &rig.ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest"}}})),
+        )
+        .await
+        .expect("label the namespace restricted");
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(rig.fleet.client.clone(), &rig.ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"k": "v"}}))
+            .expect("configmap"),
+    )
+    .await
+    .expect("create configmap");
+    let restricted = |name: &str, extra: serde_json::Value| {
+        let mut pod = json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": device,
+                "terminationGracePeriodSeconds": 1,
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 2000,
+                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "volumes": [{"name": "data", "emptyDir": {}},
+                            {"name": "cfg", "configMap": {"name": "cfg"}}],
+                "containers": [{
+                    "name": "c", "image": test_image(), "command": ["sleep", "3600"],
+                    "securityContext": {"allowPrivilegeEscalation": false,
+                        "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]
+                }]
+            }
+        });
+        if let (Some(spec), Some(extra)) = (pod["spec"].as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                spec.insert(k.clone(), v.clone());
+            }
+        }
+        pod
+    };
+
+    // 1. A restricted pod runs as the uid it asks for, with no capabilities and a read-only root.
+    let uid = rig.create_pod(restricted("sbx-ok", json!({}))).await;
+    assert!(rig.wait_running(&["sbx-ok"], WAIT).await, "{}", rig.logs());
+    let id = running(&device, &uid)
+        .get("c")
+        .and_then(|ids| ids.first().cloned())
+        .expect("container running");
+    let as_uid = podman_exec(&id, "test \"$(id -u)\" = 1000") == 0;
+    let no_caps = podman_exec(
+        &id,
+        "grep -q '^CapEff:.*0000000000000000$' /proc/self/status && grep -q '^CapBnd:.*0000000000000000$' /proc/self/status",
+    ) == 0;
+    let ro_root = podman_exec(&id, "touch /x") != 0;
+    let nnp = podman_exec(&id, "grep -q '^NoNewPrivs:.*1$' /proc/self/status") == 0;
+    // 2. Its configMap volume is read-only, so no link can be planted for the agent's refresh.
+    let cfg_ro = podman_exec(&id, "echo x > /cfg/new || ln -s / /cfg/..data_tmp") != 0;
+    record(Outcome {
+        fault: "restricted pod: uid, capabilities, root fs, configMap volume".into(),
+        recovered: as_uid && no_caps && ro_root && nnp && cfg_ro,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: duplicated(&device, &uid),
+        detail: format!(
+            "uid 1000 {as_uid}, no capabilities {no_caps}, read-only root {ro_root}, no_new_privs {nnp}, configMap read-only {cfg_ro}"
+        ),
+    });
+
+    // 3. An init container turns the subPath into a link to the device's root.
+    let escape_uid = rig
+        .create_pod(restricted(
+            "sbx-subpath",
+            json!({
+                "initContainers": [{"name": "plant", "image": test_image(),
+                    "command": ["sh", "-c", "ln -sfn / /data/escape"],
+                    "securityContext": {"allowPrivilegeEscalation": false,
+                        "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "containers": [{"name": "c", "image": test_image(), "command": ["sleep", "3600"],
+                    "securityContext": {"allowPrivilegeEscalation": false,
+                        "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/host", "subPath": "escape/etc"}]}]
+            }),
+        ))
+        .await;
+    let deadline = Instant::now() + WAIT;
+    let mut seen = None;
+    while Instant::now() < deadline {
+        if let Some((reason, message)) = waiting(&rig, "sbx-subpath").await
+            && reason == "CreateContainerConfigError"
+        {
+            seen = Some(message);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let refused = seen.as_deref().is_some_and(|m| m.contains("outside"));
+    let nothing_ran = !running(&device, &escape_uid).contains_key("c");
+    record(Outcome {
+        fault: "symlinked subPath to the device's root (restricted namespace)".into(),
+        recovered: refused && nothing_ran,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "CreateContainerConfigError: {}; container never created: {nothing_ran}",
+            seen.unwrap_or_else(|| "not seen".into())
+        ),
+    });
+    assert!(
+        as_uid && no_caps && ro_root && nnp && cfg_ro,
+        "{}",
+        rig.logs()
+    );
+    assert!(refused && nothing_ran, "{}", rig.logs());
+}
