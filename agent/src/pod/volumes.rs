@@ -325,6 +325,39 @@ pub fn remove(state_dir: &Path, uid: &str) -> Result<(), safefs::SafeFsError> {
     safefs::remove_tree(&pod_dir(state_dir, uid))
 }
 
+/// Bytes a directory tree takes on disk (allocated blocks, as `du`), not following links and
+/// not crossing into other filesystems; bounded to one million entries.
+pub fn disk_usage(dir: &Path) -> u64 {
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_owned()];
+    let mut seen = 0usize;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            seen += 1;
+            if seen > 1_000_000 {
+                return total;
+            }
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.dev() != top.dev() {
+                continue;
+            }
+            total = total.saturating_add(m.blocks() * 512);
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
 fn mkdir(p: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -111,6 +111,10 @@ pub struct PodWorker<R> {
     /// The Podman pod was there at the last look: its infra container in the container listing
     /// then proves it still is, without listing pods.
     pod_known: bool,
+    /// Why the pod was evicted (an emptyDir over its sizeLimit); an evicted pod stays Failed.
+    evicted: Option<String>,
+    /// When disk-backed emptyDirs with a sizeLimit were last measured.
+    usage_checked: Option<Instant>,
 }
 
 /// The hostname of a pod with its own network, as the kubelet makes it: the pod name cut to 63
@@ -140,6 +144,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
             pod_ip: String::new(),
             pod_ip_of: None,
             pod_known: false,
+            evicted: None,
+            usage_checked: None,
         }
     }
 
@@ -225,6 +231,23 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             return Duration::from_secs(3600);
         }
+        if self.evicted.is_none() {
+            self.evicted = self.over_size_limit(plan);
+            if let Some(why) = &self.evicted {
+                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, message = %why, "evicting pod");
+            }
+        }
+        if let Some(why) = self.evicted.clone() {
+            // The kubelet's eviction of a pod whose emptyDir exceeds its sizeLimit: every
+            // container is killed at once and the pod is Failed with reason Evicted.
+            if let Err(e) = self.stop_all(Some(0)).await {
+                warn!(pod = %name, namespace = %ns, error = %e, "stopping evicted pod failed; retrying");
+                return Duration::from_secs(2);
+            }
+            let st = failed_status("Evicted", &why, &self.ctx.host_ip, self.start_time);
+            self.publish(&ns, &name, &st, false);
+            return Duration::from_secs(3600);
+        }
         let requeue = match self.drive(plan, bundle).await {
             Ok(d) => d,
             Err(e) => {
@@ -292,6 +315,44 @@ impl<R: ContainerRuntime> PodWorker<R> {
             start_time: self.start_time,
         };
         pod_status(&v)
+    }
+
+    /// The eviction message when a disk-backed emptyDir uses more than its sizeLimit (measured
+    /// at most every 10 s, like the kubelet's periodic check); `None` while within limits.
+    fn over_size_limit(&mut self, plan: &PodPlan) -> Option<String> {
+        let limited: Vec<(&str, u64)> = plan
+            .volumes
+            .iter()
+            .filter_map(|v| match v {
+                super::spec::VolumePlan::EmptyDir {
+                    name,
+                    memory: false,
+                    size_limit: Some(limit),
+                } => Some((name.as_str(), *limit)),
+                _ => None,
+            })
+            .collect();
+        if limited.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        if self
+            .usage_checked
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return None;
+        }
+        self.usage_checked = Some(now);
+        for (name, limit) in limited {
+            let dir = volumes::volume_dir(&self.ctx.state_dir, &self.uid, name);
+            let used = volumes::disk_usage(&dir);
+            if used > limit {
+                return Some(format!(
+                    "Usage of EmptyDir volume {name:?} exceeds the limit \"{limit}\". "
+                ));
+            }
+        }
+        None
     }
 
     fn pod_labels(&self, plan: &PodPlan) -> BTreeMap<String, String> {
@@ -884,13 +945,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
         Ok(mounts)
     }
 
-    /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
-    /// the pod and its volumes. `grace_override` (the API's deletion grace) replaces each
-    /// container's own stop timeout, as a kubelet honours `kubectl delete --grace-period`.
-    async fn remove(
-        &mut self,
+    /// Stop every app and init container of the pod at once, each with the pod's grace period
+    /// (or `grace_override`, the API's deletion grace). Returns the containers (infra excluded).
+    async fn stop_all(
+        &self,
         grace_override: Option<u64>,
-    ) -> Result<(), crate::podman::PodmanError> {
+    ) -> Result<Vec<crate::podman::ContainerSummary>, crate::podman::PodmanError> {
         let rt = self.ctx.rt.clone();
         // The infra container carries the pod's labels too; it goes with the pod.
         let containers: Vec<_> = rt
@@ -921,6 +981,18 @@ impl<R: ContainerRuntime> PodWorker<R> {
         for r in futures::future::join_all(stops).await {
             r?;
         }
+        Ok(containers)
+    }
+
+    /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
+    /// the pod and its volumes. `grace_override` (the API's deletion grace) replaces each
+    /// container's own stop timeout, as a kubelet honours `kubectl delete --grace-period`.
+    async fn remove(
+        &mut self,
+        grace_override: Option<u64>,
+    ) -> Result<(), crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        let containers = self.stop_all(grace_override).await?;
         for c in &containers {
             rt.remove_container(&c.id).await?;
         }

@@ -234,3 +234,38 @@ async fn downward_env_and_resource_refs() {
     assert_eq!(spec.env["CPU"], "2", "no CPU limit: the node's allocatable");
     assert_eq!(spec.env["SA"], "sa");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_dir_over_its_size_limit_evicts_the_pod() {
+    let r = rig("", DevicePolicy::default()).await;
+    let b = bundle(serde_json::json!({
+        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "64Ki"}}],
+        "containers": [{"name": "app", "image": IMAGE,
+            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}]
+    }));
+    let st = run(&r, &b).await;
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    // The container fills the volume.
+    let vol = volumes::volume_dir(&r.ctx.state_dir, "uid-1", "scratch");
+    std::fs::write(vol.join("fill"), vec![7u8; 256 << 10]).unwrap();
+    let planned = plan_pod(&b.pod_json, &r.ctx.policy);
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    w.reconcile(&b, &planned, Ok(())).await;
+    tokio::time::advance(std::time::Duration::from_secs(11)).await;
+    w.reconcile(&b, &planned, Ok(())).await;
+    let map = r.ctx.statuses.borrow().clone();
+    let st: PodStatus = serde_json::from_slice(&map["uid-1"].status_json).unwrap();
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert_eq!(st.reason.as_deref(), Some("Evicted"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("Usage of EmptyDir volume \"scratch\" exceeds the limit \"65536\". ")
+    );
+    let s = r.rt.state.lock().await;
+    assert!(
+        s.containers
+            .values()
+            .all(|c| c.infra || c.state != "running"),
+        "every container stopped"
+    );
+}
