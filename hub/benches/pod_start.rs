@@ -164,7 +164,7 @@ async fn podman_floor(id: &str) {
                 },
                 utsns: None,
                 portmappings: Vec::new(),
-                shared_namespaces: Vec::new(),
+                ..Default::default()
             })
             .await?;
             lap(0, &mut samples);

@@ -84,6 +84,13 @@ impl DevicePolicy {
                         "allow_host_path = false",
                     ));
                 }
+                if !self.host_path_prefixes.is_empty() && path.split('/').any(|c| c == "..") {
+                    return Err(violation(
+                        &field,
+                        &format!("hostPath {path:?} with '..'"),
+                        &format!("host_path_prefixes = {:?}", self.host_path_prefixes),
+                    ));
+                }
                 if !self.host_path_prefixes.is_empty()
                     && !self
                         .host_path_prefixes

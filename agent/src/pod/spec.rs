@@ -100,6 +100,23 @@ pub struct PodPlan {
     pub security: PodSecurity,
     /// spec.shareProcessNamespace.
     pub share_process_namespace: bool,
+    /// spec.hostname (the pod's own hostname when it has its own network).
+    pub hostname: Option<String>,
+    /// spec.hostAliases as Podman `hostadd` entries ("name:ip").
+    pub host_aliases: Vec<String>,
+    /// spec.dnsConfig.
+    pub dns: DnsPlan,
+}
+
+/// DNS settings of the pod (`dnsConfig`; `dnsPolicy: None` requires nameservers).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsPlan {
+    /// nameservers.
+    pub servers: Vec<String>,
+    /// searches.
+    pub searches: Vec<String>,
+    /// options as "name[:value]".
+    pub options: Vec<String>,
 }
 
 impl PodPlan {
@@ -301,8 +318,8 @@ pub enum VolumePlan {
         name: String,
         /// Host path.
         path: String,
-        /// Create the directory when missing (DirectoryOrCreate).
-        create_dir: bool,
+        /// hostPath.type: what must be there (or be created).
+        kind: HostPathType,
     },
     /// configMap, secret, downwardAPI or projected: files the agent writes (atomically) and
     /// the containers only read.
@@ -316,6 +333,27 @@ pub enum VolumePlan {
         /// defaultMode.
         default_mode: u32,
     },
+}
+
+/// hostPath.type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPathType {
+    /// "": no check.
+    Unchecked,
+    /// Created (0755) when missing.
+    DirectoryOrCreate,
+    /// Must be a directory.
+    Directory,
+    /// Created (empty, 0644) when missing.
+    FileOrCreate,
+    /// Must be a file.
+    File,
+    /// Must be a UNIX socket.
+    Socket,
+    /// Must be a character device.
+    CharDevice,
+    /// Must be a block device.
+    BlockDevice,
 }
 
 /// One source of a projected volume.
@@ -567,6 +605,88 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
         service_account: spec.service_account_name.clone().unwrap_or_default(),
         security,
         share_process_namespace: spec.share_process_namespace.unwrap_or(false),
+        hostname: spec.hostname.clone().filter(|h| !h.is_empty()),
+        host_aliases: host_aliases(&spec)?,
+        dns: dns(&spec)?,
+    })
+}
+
+fn host_aliases(spec: &k8s::PodSpec) -> Result<Vec<String>, SpecError> {
+    let mut out = Vec::new();
+    for (i, a) in spec
+        .host_aliases
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        if a.ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(err(
+                format!("spec.hostAliases[{i}].ip"),
+                format!("{:?} is not an IP address", a.ip),
+            ));
+        }
+        for h in a.hostnames.as_deref().unwrap_or_default() {
+            if h.is_empty() || h.contains([':', ' ', '\n', '\t']) {
+                return Err(err(
+                    format!("spec.hostAliases[{i}].hostnames"),
+                    format!("{h:?} is not a host name"),
+                ));
+            }
+            out.push(format!("{h}:{}", a.ip));
+        }
+    }
+    Ok(out)
+}
+
+/// dnsPolicy and dnsConfig. The device has no cluster DNS, so ClusterFirst (the default) and
+/// ClusterFirstWithHostNet resolve as Default does (the device's resolv.conf); dnsConfig is
+/// applied on top as the kubelet does, and `None` takes only dnsConfig.
+fn dns(spec: &k8s::PodSpec) -> Result<DnsPlan, SpecError> {
+    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+    if !matches!(
+        policy,
+        "ClusterFirst" | "ClusterFirstWithHostNet" | "Default" | "None"
+    ) {
+        return Err(err("spec.dnsPolicy", format!("unknown value {policy:?}")));
+    }
+    let Some(c) = &spec.dns_config else {
+        if policy == "None" {
+            return Err(err("spec.dnsConfig", "required with dnsPolicy None"));
+        }
+        return Ok(DnsPlan::default());
+    };
+    let servers = c.nameservers.clone().unwrap_or_default();
+    for (i, s) in servers.iter().enumerate() {
+        if s.parse::<std::net::IpAddr>().is_err() {
+            return Err(err(
+                format!("spec.dnsConfig.nameservers[{i}]"),
+                format!("{s:?} is not an IP address"),
+            ));
+        }
+    }
+    if policy == "None" && servers.is_empty() {
+        return Err(err(
+            "spec.dnsConfig.nameservers",
+            "at least one is required with dnsPolicy None",
+        ));
+    }
+    Ok(DnsPlan {
+        servers,
+        searches: c.searches.clone().unwrap_or_default(),
+        options: c
+            .options
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|o| {
+                let name = o.name.clone()?;
+                Some(match &o.value {
+                    Some(v) => format!("{name}:{v}"),
+                    None => name,
+                })
+            })
+            .collect(),
     })
 }
 
@@ -633,13 +753,19 @@ fn parse_volume(
         });
     }
     if let Some(h) = &v.host_path {
-        let create_dir = match h.type_.as_deref() {
-            None | Some("") | Some("Directory") | Some("File") | Some("Socket") => false,
-            Some("DirectoryOrCreate") => true,
+        let kind = match h.type_.as_deref() {
+            None | Some("") => HostPathType::Unchecked,
+            Some("DirectoryOrCreate") => HostPathType::DirectoryOrCreate,
+            Some("Directory") => HostPathType::Directory,
+            Some("FileOrCreate") => HostPathType::FileOrCreate,
+            Some("File") => HostPathType::File,
+            Some("Socket") => HostPathType::Socket,
+            Some("CharDevice") => HostPathType::CharDevice,
+            Some("BlockDevice") => HostPathType::BlockDevice,
             Some(other) => {
                 return Err(err(
                     format!("{field}.hostPath.type"),
-                    format!("{other:?} is not supported"),
+                    format!("unknown hostPath type {other:?}"),
                 ));
             }
         };
@@ -649,7 +775,7 @@ fn parse_volume(
         return Ok(VolumePlan::HostPath {
             name,
             path: h.path.clone(),
-            create_dir,
+            kind,
         });
     }
     let default_mode = |f: &str, m: Option<i32>| mode(f, m).map(|m| m.unwrap_or(0o644));

@@ -15,7 +15,7 @@
 //! descending into a filesystem still mounted there.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use fleetlet_proto::v1::PodBundle;
@@ -23,7 +23,9 @@ use fleetlet_proto::v1::PodBundle;
 use super::atomic_writer::{self, FileContent, Payload};
 use super::downward::{self, Addresses};
 use super::safefs;
-use super::spec::{DownwardValue, KeyToPath, PodPlan, Projection, Resources, VolumePlan};
+use super::spec::{
+    DownwardValue, HostPathType, KeyToPath, PodPlan, Projection, Resources, VolumePlan,
+};
 
 /// Why a volume could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,9 @@ pub struct VolumeHost<'a> {
     pub allocatable: Resources,
     /// Addresses.
     pub addresses: Addresses<'a>,
+    /// The device policy's `host_path_prefixes`: when set, a hostPath is resolved below its
+    /// prefix without following links out of it, and the checked inode is what gets mounted.
+    pub host_path_prefixes: &'a [String],
 }
 
 /// The directory holding a pod's volumes.
@@ -133,18 +138,26 @@ pub fn prepare(
                 }
                 out.insert(name, dir);
             }
-            VolumePlan::HostPath {
-                path, create_dir, ..
-            } => {
+            VolumePlan::HostPath { path, kind, .. } => {
                 let p = PathBuf::from(path);
-                if *create_dir {
-                    mkdir(&p, 0o755).map_err(io(&p))?;
-                } else if !p.exists() {
-                    return Err(VolumeError::Missing {
-                        volume: name,
-                        message: format!("hostPath {path} does not exist"),
-                    });
-                }
+                check_host_path(&p, *kind).map_err(|message| VolumeError::Missing {
+                    volume: name.clone(),
+                    message,
+                })?;
+                let p = match pin_host_path(
+                    &p,
+                    host.host_path_prefixes,
+                    &pod_dir(state_dir, &plan.meta.uid),
+                    &name,
+                ) {
+                    Ok(pinned) => pinned,
+                    Err(message) => {
+                        return Err(VolumeError::Missing {
+                            volume: name,
+                            message,
+                        });
+                    }
+                };
                 out.insert(name, p);
             }
             VolumePlan::Projected {
@@ -185,6 +198,106 @@ pub fn prepare(
         }
     }
     Ok(out)
+}
+
+/// Under a `host_path_prefixes` policy: resolve `path` below the prefix it names, one
+/// component at a time without following a link out of it, and bind-mount the inode found at
+/// `<pod_dir>/volume-hostpaths/<volume>` (kept while it is mounted). Without the policy the
+/// path is used as it is, as the kubelet does.
+fn pin_host_path(
+    path: &Path,
+    prefixes: &[String],
+    pod_dir: &Path,
+    volume: &str,
+) -> Result<PathBuf, String> {
+    if prefixes.is_empty() {
+        return Ok(path.to_owned());
+    }
+    let Some((prefix, rel)) = prefixes.iter().find_map(|p| {
+        path.strip_prefix(p)
+            .ok()
+            .map(|rel| (Path::new(p), rel.to_string_lossy().into_owned()))
+    }) else {
+        return Err(format!(
+            "hostPath {} is outside the device policy's host_path_prefixes",
+            path.display()
+        ));
+    };
+    let target = pod_dir.join("volume-hostpaths").join(volume);
+    if safefs::is_mount_point(&target) {
+        return Ok(target);
+    }
+    let root = safefs::open_root(prefix).map_err(|e| e.to_string())?;
+    let fd = safefs::resolve_beneath(&root, prefix, &rel, None).map_err(|e| {
+        format!(
+            "hostPath {}: {e} (device policy host_path_prefixes)",
+            path.display()
+        )
+    })?;
+    if safefs::is_dir(&fd) {
+        mkdir(&target, 0o700).map_err(|e| e.to_string())?;
+    } else {
+        if let Some(parent) = target.parent() {
+            mkdir(parent, 0o700).map_err(|e| e.to_string())?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&target)
+            .map_err(|e| e.to_string())?;
+    }
+    safefs::bind_fd(&fd, &target).map_err(|e| e.to_string())?;
+    Ok(target)
+}
+
+/// The kubelet's hostPath type check (and creation for the *OrCreate types).
+fn check_host_path(p: &Path, kind: HostPathType) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = p.display();
+    let meta = std::fs::metadata(p);
+    let fail = |what: &str| {
+        Err(format!(
+            "hostPath type check failed: {path} is not a {what}"
+        ))
+    };
+    match kind {
+        HostPathType::Unchecked => Ok(()),
+        HostPathType::DirectoryOrCreate if meta.is_err() => {
+            mkdir(p, 0o755).map_err(|e| format!("hostPath {path}: cannot create directory: {e}"))
+        }
+        HostPathType::FileOrCreate if meta.is_err() => {
+            if let Some(parent) = p.parent() {
+                mkdir(parent, 0o755)
+                    .map_err(|e| format!("hostPath {path}: cannot create directory: {e}"))?;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(p)
+                .map(|_| ())
+                .map_err(|e| format!("hostPath {path}: cannot create file: {e}"))
+        }
+        _ => {
+            let Ok(m) = meta else {
+                return Err(format!("hostPath {path} does not exist"));
+            };
+            let t = m.file_type();
+            match kind {
+                HostPathType::DirectoryOrCreate | HostPathType::Directory if !t.is_dir() => {
+                    fail("directory")
+                }
+                HostPathType::FileOrCreate | HostPathType::File if !t.is_file() => fail("file"),
+                HostPathType::Socket if !t.is_socket() => fail("socket file"),
+                HostPathType::CharDevice if !t.is_char_device() => fail("character device"),
+                HostPathType::BlockDevice if !t.is_block_device() => fail("block device"),
+                _ => Ok(()),
+            }
+        }
+    }
 }
 
 /// tmpfs size of a memory emptyDir: its sizeLimit, capped by the pod's memory limit when every
@@ -380,7 +493,42 @@ mod tests {
                 host_ip: "192.0.2.1",
                 pod_ip: "",
             },
+            host_path_prefixes: &[],
         }
+    }
+
+    #[test]
+    fn host_path_types_are_checked_and_created() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(check_host_path(&f, HostPathType::File).is_ok());
+        assert_eq!(
+            check_host_path(&f, HostPathType::Directory).unwrap_err(),
+            format!(
+                "hostPath type check failed: {} is not a directory",
+                f.display()
+            )
+        );
+        let made = d.path().join("new/f");
+        check_host_path(&made, HostPathType::FileOrCreate).unwrap();
+        assert!(made.is_file());
+        assert!(check_host_path(&d.path().join("missing"), HostPathType::Socket).is_err());
+    }
+
+    #[test]
+    fn host_paths_under_a_prefix_policy_do_not_follow_links_out() {
+        let d = tempfile::tempdir().unwrap();
+        let prefix = d.path().join("srv");
+        std::fs::create_dir_all(prefix.join("data")).unwrap();
+        std::os::unix::fs::symlink("/etc", prefix.join("link")).unwrap();
+        let prefixes = [prefix.to_string_lossy().into_owned()];
+        let e =
+            pin_host_path(&prefix.join("link"), &prefixes, &d.path().join("pod"), "h").unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        let e =
+            pin_host_path(Path::new("/etc"), &prefixes, &d.path().join("pod"), "h").unwrap_err();
+        assert!(e.contains("outside"), "{e}");
     }
 
     #[test]

@@ -393,6 +393,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     host_ip: &self.ctx.host_ip,
                     pod_ip: &self.pod_ip,
                 },
+                host_path_prefixes: &self.ctx.policy.host_path_prefixes,
             },
         );
         let existing = self.ensure_pod(plan).await?;
@@ -488,7 +489,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 rt.create_pod(&PodCreate {
                     name: self.pod_name.clone(),
                     labels: self.pod_labels(plan),
-                    hostname: (!plan.host_network).then(|| pod_hostname(&plan.meta.name)),
+                    hostname: (!plan.host_network)
+                        .then(|| pod_hostname(plan.hostname.as_deref().unwrap_or(&plan.meta.name))),
                     netns: Namespace {
                         nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
                     },
@@ -501,6 +503,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     } else {
                         Vec::new()
                     },
+                    hostadd: plan.host_aliases.clone(),
+                    dns_server: plan.dns.servers.clone(),
+                    dns_search: plan.dns.searches.clone(),
+                    dns_option: plan.dns.options.clone(),
                 })
                 .await?;
                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");

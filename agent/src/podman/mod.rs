@@ -96,7 +96,7 @@ impl PodmanError {
 }
 
 /// What `POST /libpod/pods/create` takes (a subset of Podman's PodSpecGenerator).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct PodCreate {
     /// Unique pod name.
     pub name: String,
@@ -119,10 +119,22 @@ pub struct PodCreate {
     /// shareProcessNamespace adds pid.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shared_namespaces: Vec<String>,
+    /// Extra /etc/hosts entries ("name:ip"), shared by the pod's containers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hostadd: Vec<String>,
+    /// Name servers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_server: Vec<String>,
+    /// Search domains.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_search: Vec<String>,
+    /// resolv.conf options.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_option: Vec<String>,
 }
 
 /// A Podman namespace choice, e.g. `{"nsmode": "host"}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct Namespace {
     /// "host", "bridge", "private", ...
     pub nsmode: String,
