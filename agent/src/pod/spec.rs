@@ -1288,6 +1288,30 @@ fn parse_container(
         }
         parse_probe(&format!("{field}.{what}"), p, c).map(Some)
     };
+    if c.volume_devices.as_ref().is_some_and(|d| !d.is_empty()) {
+        return Err(err(
+            format!("{field}.volumeDevices"),
+            "raw block devices are not supported on fleetlet devices",
+        ));
+    }
+    if let Some(r) = &c.resources {
+        if r.claims.as_ref().is_some_and(|c| !c.is_empty()) {
+            return Err(err(
+                format!("{field}.resources.claims"),
+                "dynamic resource allocation is not supported on fleetlet devices",
+            ));
+        }
+        for (what, map) in [("limits", &r.limits), ("requests", &r.requests)] {
+            for name in map.iter().flat_map(|m| m.keys()) {
+                if !matches!(name.as_str(), "cpu" | "memory" | "ephemeral-storage") {
+                    return Err(err(
+                        format!("{field}.resources.{what}.{name}"),
+                        format!("{name} is not a resource fleetlet devices offer"),
+                    ));
+                }
+            }
+        }
+    }
     if c.lifecycle.is_some() {
         return Err(err(
             format!("{field}.lifecycle"),
