@@ -368,15 +368,16 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         .join(&a_uid)
         .join("volumes/creds");
     collect_files(&volumes, &mut files);
-    // Never world-readable (group bits follow the pod's defaultMode, for a container's group),
-    // under a pods tree only root may enter.
+    // The files keep the pod's defaultMode (a container of another uid must read them, as in
+    // Kubernetes); on the device they sit on a tmpfs (never on the disk) under a pods tree only
+    // root may enter.
     let mode = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).map_or(0o777, |m| m.permissions().mode() & 0o777)
     };
     let pods_tree = mode(&rig.agent(&a).state_dir.join("pods"));
-    let private =
-        !files.is_empty() && pods_tree == 0o700 && files.iter().all(|f| mode(f) & 0o007 == 0);
+    let on_tmpfs = fleetlet_agent::pod::safefs::is_tmpfs(&volumes);
+    let private = !files.is_empty() && pods_tree == 0o700 && on_tmpfs;
     rig.kill_agent(&a);
     rig.kill_agent(&b);
     rig.stop_hub();
@@ -406,7 +407,7 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         _ => false,
     };
     println!(
-        "searched {} log files and journald ({journal_checked}) for the secret; leaks: {leaks:?}; secret files private: {private} ({} files, pods tree {pods_tree:o})",
+        "searched {} log files and journald ({journal_checked}) for the secret; leaks: {leaks:?}; secret files private: {private} ({} files, tmpfs {on_tmpfs}, pods tree {pods_tree:o})",
         logs.len(),
         files.len()
     );
@@ -417,7 +418,7 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         pods_lost: 0,
         pods_duplicated: 0,
         detail: format!(
-            "{} log files{} searched, leaks: {}; secret files not world-readable under a 0700 tree: {private}",
+            "{} log files{} searched, leaks: {}; secret files on tmpfs under a 0700 tree: {private}",
             logs.len(),
             if journal_checked { " + journald" } else { "" },
             if leaks.is_empty() {
@@ -442,6 +443,43 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
             collect_files(&p, out);
         } else if meta.is_ok_and(|m| m.is_file()) {
             out.push(p);
+        }
+    }
+}
+
+/// Regular files below `dir` on its own filesystem (other mounts such as tmpfs volumes are
+/// skipped), up to 4 MiB each, that contain `needle`.
+fn files_on_disk_containing(
+    dir: &Path,
+    needle: &[u8],
+    skip: &[std::path::PathBuf],
+    found: &mut Vec<String>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if skip.contains(&p) {
+            continue;
+        }
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.dev() != top.dev() {
+            continue;
+        }
+        if m.is_dir() {
+            files_on_disk_containing(&p, needle, skip, found);
+        } else if m.is_file()
+            && m.len() <= 4 << 20
+            && std::fs::read(&p).is_ok_and(|d| d.windows(needle.len()).any(|w| w == needle))
+        {
+            found.push(p.display().to_string());
         }
     }
 }
@@ -476,6 +514,67 @@ async fn waiting(rig: &Rig, name: &str) -> Option<(String, String)> {
 async fn pods_of_a_restricted_namespace_cannot_escape_onto_the_device() {
     let rig = Rig::start("fb-sbx", 1).await;
     let device = rig.devices()[0].clone();
+    // Before the namespace is restricted: a privileged pod (privileged works as privileged) and
+    // a pod with a secret volume (its data never reaches the device's disk).
+    let marker = format!("fbsbx{}", random_hex());
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(rig.fleet.client.clone(), &rig.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "vault"},
+                "stringData": {"token": marker}}))
+            .expect("secret"),
+        )
+        .await
+        .expect("create secret");
+    let priv_uid = rig
+        .create_pod(json!({"metadata": {"name": "sbx-priv"}, "spec": {
+            "nodeName": device, "hostNetwork": true, "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "vault", "secret": {"secretName": "vault"}}],
+            "containers": [{"name": "c", "image": test_image(), "command": ["sleep", "3600"],
+                "securityContext": {"privileged": true},
+                "volumeMounts": [{"name": "vault", "mountPath": "/vault"}]}]}}))
+        .await;
+    assert!(
+        rig.wait_running(&["sbx-priv"], WAIT).await,
+        "{}",
+        rig.logs()
+    );
+    let priv_id = running(&device, &priv_uid)
+        .get("c")
+        .and_then(|ids| ids.first().cloned())
+        .expect("privileged container running");
+    let all_caps = podman_exec(&priv_id, "grep -q '^CapEff:.*ffffffff' /proc/self/status") == 0;
+    let secret_seen = podman_exec(&priv_id, &format!("grep -q {marker} /vault/token")) == 0;
+    let state = rig.agent(&device).state_dir.clone();
+    let skip = [
+        state.join("desired.snapshot"),
+        state.join("desired.snapshot.prev"),
+    ];
+    let mut on_disk = Vec::new();
+    files_on_disk_containing(&state, marker.as_bytes(), &skip, &mut on_disk);
+    files_on_disk_containing(
+        Path::new("/var/lib/containers"),
+        marker.as_bytes(),
+        &[],
+        &mut on_disk,
+    );
+    record(Outcome {
+        fault: "privileged pod; secret volume data on the device's disk".into(),
+        recovered: all_caps && secret_seen && on_disk.is_empty(),
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: duplicated(&device, &priv_uid),
+        detail: format!(
+            "privileged has every capability {all_caps}; secret readable in the pod {secret_seen}; found on disk outside the 0600 desired state: {on_disk:?}"
+        ),
+    });
+    assert!(
+        all_caps && secret_seen && on_disk.is_empty(),
+        "{on_disk:?}\n{}",
+        rig.logs()
+    );
     // The namespace enforces Pod Security "restricted": everything below is what a user with
     // only the right to create pods there can submit.
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
