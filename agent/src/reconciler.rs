@@ -412,3 +412,122 @@ async fn watch_events<R: ContainerRuntime>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fleetlet_proto::v1::DesiredSnapshot;
+
+    use super::*;
+    use crate::pod::policy::DevicePolicy;
+    use crate::podman::fake::FakeRuntime;
+
+    const IMAGE: &str = "localhost/test/busybox:1";
+
+    fn bundle(uid: &str, cpu: &str) -> PodBundle {
+        PodBundle {
+            pod_json: serde_json::to_vec(&serde_json::json!({
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid},
+                "spec": {"containers": [{"name": "c", "image": IMAGE,
+                    "resources": {"requests": {"cpu": cpu}}}]}
+            }))
+            .unwrap()
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn held(generation: u64, pods: Vec<PodBundle>) -> Held {
+        Held::Known(Arc::new(DesiredSnapshot {
+            generation,
+            pods,
+            ..Default::default()
+        }))
+    }
+
+    async fn reconciler() -> (Reconciler<FakeRuntime>, FakeRuntime, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::with_image(IMAGE, "").await;
+        let ctx = Arc::new(PodContext {
+            rt: Arc::new(rt.clone()),
+            device: "dev-rec".into(),
+            state_dir: dir.path().to_owned(),
+            host_ip: "192.0.2.10".into(),
+            statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
+            restored_restarts: BTreeMap::new(),
+            policy: DevicePolicy::default(),
+            allocatable: Resources {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+            },
+            seccomp_root: dir.path().join("seccomp"),
+        });
+        let allocatable = ctx.allocatable;
+        (
+            Reconciler::new(ctx, allocatable, 10, Duration::from_secs(60)),
+            rt,
+            dir,
+        )
+    }
+
+    async fn phase(r: &Reconciler<FakeRuntime>, uid: &str) -> Option<(String, String)> {
+        for _ in 0..200 {
+            if let Some(e) = r.ctx.statuses.borrow().get(uid) {
+                let st: k8s_openapi::api::core::v1::PodStatus =
+                    serde_json::from_slice(&e.status_json).unwrap();
+                if let Some(p) = st.phase.filter(|p| p != "Pending") {
+                    return Some((p, st.reason.unwrap_or_default()));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn admits_in_order_parses_once_and_removes_what_is_no_longer_desired() {
+        let (mut r, rt, _dir) = reconciler().await;
+        let shutdown = CancellationToken::new();
+        let first = held(1, vec![bundle("a", "600m"), bundle("b", "600m")]);
+        r.sync(&first, true, &shutdown).await;
+        assert_eq!(
+            phase(&r, "a").await,
+            Some(("Running".into(), String::new()))
+        );
+        assert_eq!(
+            phase(&r, "b").await,
+            Some(("Failed".into(), "OutOfcpu".into()))
+        );
+        // The same JSON is not parsed again.
+        let before = r.plans["a"].1.clone();
+        r.sync(
+            &held(2, vec![bundle("a", "600m"), bundle("b", "600m")]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert!(Arc::ptr_eq(&before, &r.plans["a"].1));
+        // a goes; b stays refused (admission is decided once).
+        r.sync(&held(3, vec![bundle("b", "600m")]), false, &shutdown)
+            .await;
+        let mut removed = false;
+        for _ in 0..200 {
+            removed = r.ctx.statuses.borrow().get("a").is_some_and(|e| e.removed);
+            if removed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(removed, "a's removal was published");
+        assert!(
+            rt.state
+                .lock()
+                .await
+                .pods
+                .values()
+                .all(|p| !p.name.ends_with("-a"))
+        );
+        shutdown.cancel();
+    }
+}
