@@ -545,9 +545,29 @@ async fn pods_of_a_restricted_namespace_cannot_escape_onto_the_device() {
         .get("c")
         .and_then(|ids| ids.first().cloned())
         .expect("privileged container running");
-    let all_caps = podman_exec(&priv_id, "grep -q '^CapEff:.*ffffffff' /proc/self/status") == 0;
-    let secret_seen = podman_exec(&priv_id, &format!("grep -q {marker} /vault/token")) == 0;
+    // Every capability the device has (its bounding set; a machine may lack some).
+    let host_bnd = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let all_caps = podman_exec(
+        &priv_id,
+        &format!("grep -q '^CapEff:.*{host_bnd}$' /proc/self/status"),
+    ) == 0;
     let state = rig.agent(&device).state_dir.clone();
+    // Read from the device side: an exec's command line would itself be stored by Podman.
+    let secret_seen = podman_exec(&priv_id, "test -s /vault/token") == 0
+        && std::fs::read_to_string(
+            state
+                .join("pods")
+                .join(&priv_uid)
+                .join("volumes/vault/token"),
+        )
+        .is_ok_and(|t| t == marker);
     let skip = [
         state.join("desired.snapshot"),
         state.join("desired.snapshot.prev"),
