@@ -456,6 +456,7 @@ mod tests {
             host_ip: "192.0.2.10".into(),
             statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
             restored_restarts: BTreeMap::new(),
+            restored_start_times: BTreeMap::new(),
             policy: DevicePolicy::default(),
             allocatable: Resources {
                 cpu_millis: 1000,

@@ -662,3 +662,64 @@ async fn bridge_network_pods_report_their_ip_to_status_and_env() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), ip);
 }
+
+#[tokio::test]
+async fn termination_messages_and_active_deadline() {
+    let mut a = Agent::new("t-termmsg");
+    a.set_desired(
+        1,
+        vec![
+            bundle(
+                "uid-file",
+                "file",
+                json!({"hostNetwork": true, "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": IMAGE,
+                    "securityContext": {"runAsUser": 1000, "readOnlyRootFilesystem": true},
+                    "command": ["sh", "-c", "echo bye > /dev/termination-log; exit 2"]}]}),
+            ),
+            bundle(
+                "uid-logs",
+                "logs",
+                json!({"hostNetwork": true, "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": IMAGE,
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                    "command": ["sh", "-c", "echo first; echo oops; exit 1"]}]}),
+            ),
+            bundle(
+                "uid-deadline",
+                "deadline",
+                json!({"hostNetwork": true,
+                "activeDeadlineSeconds": 3, "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "image": IMAGE, "command": ["sleep", "3600"]}]}),
+            ),
+        ],
+    );
+    a.start();
+    let s = a
+        .wait_status("terminations", Duration::from_secs(60), |s| {
+            ["uid-file", "uid-logs", "uid-deadline"]
+                .iter()
+                .all(|u| pod(s, u).is_some_and(|p| p.phase == "Failed"))
+        })
+        .await;
+    let term = |uid: &str| {
+        pod(&s, uid).unwrap().status["containerStatuses"][0]["state"]["terminated"].clone()
+    };
+    assert_eq!(term("uid-file")["message"], "bye\n");
+    assert_eq!(term("uid-file")["exitCode"], 2);
+    let logs = term("uid-logs")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(logs.contains("oops"), "{logs:?}");
+    let deadline = &pod(&s, "uid-deadline").unwrap().status;
+    assert_eq!(deadline["reason"], "DeadlineExceeded");
+    assert!(
+        container_ids("t-termmsg", "uid-deadline")
+            .await
+            .values()
+            .next()
+            .is_some(),
+        "the container stays (stopped) until the pod is deleted"
+    );
+}

@@ -70,6 +70,9 @@ pub struct Termination {
     pub finished_at: Option<Timestamp>,
     /// Podman container id of that run.
     pub container_id: String,
+    /// The termination message (terminationMessagePath, or the log tail with
+    /// FallbackToLogsOnError).
+    pub message: Option<String>,
 }
 
 /// Where a container is.
@@ -378,6 +381,7 @@ mod tests {
             started_at: Some(Timestamp::from_second(started).unwrap()),
             finished_at: Some(Timestamp::from_second(finished).unwrap()),
             container_id: "c".into(),
+            message: None,
         })
     }
 

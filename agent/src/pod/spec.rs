@@ -82,6 +82,8 @@ pub struct PodPlan {
     pub restart_policy: RestartPolicy,
     /// spec.terminationGracePeriodSeconds (default 30).
     pub grace_secs: u64,
+    /// spec.activeDeadlineSeconds.
+    pub active_deadline_secs: Option<u64>,
     /// spec.initContainers, in order.
     pub init_containers: Vec<ContainerPlan>,
     /// spec.containers.
@@ -184,6 +186,10 @@ pub struct ContainerPlan {
     pub startup: Option<ProbePlan>,
     /// Effective securityContext (pod level merged in).
     pub security: SecurityPlan,
+    /// terminationMessagePath (None when empty: no termination log is mounted).
+    pub termination_message_path: Option<String>,
+    /// terminationMessagePolicy: FallbackToLogsOnError.
+    pub termination_message_from_logs: bool,
 }
 
 /// One environment variable source.
@@ -596,6 +602,7 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
             .termination_grace_period_seconds
             .map(|g| g.max(0) as u64)
             .unwrap_or(30),
+        active_deadline_secs: spec.active_deadline_seconds.map(|d| d.max(1) as u64),
         init_containers,
         containers,
         volumes,
@@ -1341,7 +1348,35 @@ fn parse_container(
         readiness: probe(&c.readiness_probe, "readinessProbe")?,
         startup: probe(&c.startup_probe, "startupProbe")?,
         security: SecurityPlan::default(),
+        termination_message_path: termination_message_path(field, c)?,
+        termination_message_from_logs: match c.termination_message_policy.as_deref() {
+            None | Some("File") => false,
+            Some("FallbackToLogsOnError") => true,
+            Some(other) => {
+                return Err(err(
+                    format!("{field}.terminationMessagePolicy"),
+                    format!("unknown value {other:?}"),
+                ));
+            }
+        },
     })
+}
+
+fn termination_message_path(field: &str, c: &k8s::Container) -> Result<Option<String>, SpecError> {
+    let path = c
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
+    if path.is_empty() {
+        return Ok(None);
+    }
+    if !path.starts_with('/') || path.split('/').any(|p| p == "..") {
+        return Err(err(
+            format!("{field}.terminationMessagePath"),
+            "must be an absolute path without '..'",
+        ));
+    }
+    Ok(Some(path))
 }
 
 /// Linux refuses to start a process with any one argument or `NAME=value` environment string of

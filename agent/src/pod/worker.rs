@@ -77,6 +77,8 @@ pub struct PodContext<R> {
     pub statuses: watch::Sender<StatusMap>,
     /// Restart counts restored from the status file (uid → container → count).
     pub restored_restarts: BTreeMap<String, BTreeMap<String, u32>>,
+    /// Pod start times restored from the status file (uid → startTime).
+    pub restored_start_times: BTreeMap<String, Timestamp>,
     /// The device owner's policy.
     pub policy: DevicePolicy,
     /// Allocatable resources (the downward API reads unset limits as these).
@@ -111,8 +113,9 @@ pub struct PodWorker<R> {
     /// The Podman pod was there at the last look: its infra container in the container listing
     /// then proves it still is, without listing pods.
     pod_known: bool,
-    /// Why the pod was evicted (an emptyDir over its sizeLimit); an evicted pod stays Failed.
-    evicted: Option<String>,
+    /// Why the pod ended on the device (reason, message): evicted for an emptyDir over its
+    /// sizeLimit, or past its activeDeadlineSeconds. Such a pod stays Failed.
+    ended: Option<(&'static str, String)>,
     /// When disk-backed emptyDirs with a sizeLimit were last measured.
     usage_checked: Option<Instant>,
 }
@@ -135,16 +138,21 @@ pub fn podman_pod_name(device: &str, uid: &str) -> String {
 impl<R: ContainerRuntime> PodWorker<R> {
     /// A worker for pod `uid`.
     pub fn new(ctx: Arc<PodContext<R>>, uid: String) -> Self {
+        let start_time = ctx
+            .restored_start_times
+            .get(&uid)
+            .copied()
+            .unwrap_or_else(Timestamp::now);
         Self {
             pod_name: podman_pod_name(&ctx.device, &uid),
             ctx,
             uid,
             slots: BTreeMap::new(),
-            start_time: Timestamp::now(),
+            start_time,
             pod_ip: String::new(),
             pod_ip_of: None,
             pod_known: false,
-            evicted: None,
+            ended: None,
             usage_checked: None,
         }
     }
@@ -231,20 +239,25 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             return Duration::from_secs(3600);
         }
-        if self.evicted.is_none() {
-            self.evicted = self.over_size_limit(plan);
-            if let Some(why) = &self.evicted {
-                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, message = %why, "evicting pod");
+        if self.ended.is_none() {
+            self.ended = self
+                .deadline_passed(plan)
+                .or_else(|| self.over_size_limit(plan).map(|why| ("Evicted", why)));
+            if let Some((reason, why)) = &self.ended {
+                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %why, "stopping pod");
             }
         }
-        if let Some(why) = self.evicted.clone() {
-            // The kubelet's eviction of a pod whose emptyDir exceeds its sizeLimit: every
-            // container is killed at once and the pod is Failed with reason Evicted.
-            if let Err(e) = self.stop_all(Some(0)).await {
-                warn!(pod = %name, namespace = %ns, error = %e, "stopping evicted pod failed; retrying");
+        if let Some((reason, why)) = self.ended.clone() {
+            // The kubelet's eviction (an emptyDir over its sizeLimit) and its
+            // activeDeadlineSeconds: every container is killed at once and the pod is Failed.
+            let grace = (reason == "DeadlineExceeded")
+                .then_some(plan.grace_secs)
+                .or(Some(0));
+            if let Err(e) = self.stop_all(grace).await {
+                warn!(pod = %name, namespace = %ns, error = %e, "stopping the pod failed; retrying");
                 return Duration::from_secs(2);
             }
-            let st = failed_status("Evicted", &why, &self.ctx.host_ip, self.start_time);
+            let st = failed_status(reason, &why, &self.ctx.host_ip, self.start_time);
             self.publish(&ns, &name, &st, false);
             return Duration::from_secs(3600);
         }
@@ -254,6 +267,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 warn!(pod = %name, namespace = %ns, error = %e, "reconcile failed; retrying");
                 Duration::from_secs(2)
             }
+        };
+        let requeue = match self.deadline_in(plan) {
+            Some(left) => requeue.min(left + Duration::from_millis(50)),
+            None => requeue,
         };
         // A container was just started and the next pass follows at once: publish what that
         // pass observes instead of a "ContainerCreating" status that is stale in milliseconds
@@ -315,6 +332,26 @@ impl<R: ContainerRuntime> PodWorker<R> {
             start_time: self.start_time,
         };
         pod_status(&v)
+    }
+
+    /// Time left before activeDeadlineSeconds, counted from the pod's start on the device.
+    fn deadline_in(&self, plan: &PodPlan) -> Option<Duration> {
+        let deadline = plan.active_deadline_secs?;
+        let ran = Timestamp::now()
+            .duration_since(self.start_time)
+            .as_secs()
+            .max(0) as u64;
+        Some(Duration::from_secs(deadline.saturating_sub(ran)))
+    }
+
+    /// The kubelet's reason and message once activeDeadlineSeconds has passed.
+    fn deadline_passed(&self, plan: &PodPlan) -> Option<(&'static str, String)> {
+        self.deadline_in(plan).filter(|d| d.is_zero()).map(|_| {
+            (
+                "DeadlineExceeded",
+                "Pod was active on the node longer than the specified deadline".to_owned(),
+            )
+        })
     }
 
     /// The eviction message when a disk-backed emptyDir uses more than its sizeLimit (measured
@@ -578,10 +615,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 container_id = None;
             }
         }
-        let obs = match &inspect {
+        let mut obs = match &inspect {
             None => Observation::Absent,
             Some(i) => observe(i),
         };
+        if let Observation::Exited(t) = &mut obs {
+            t.message = self.termination_message(c, t).await;
+        }
         let slot = self.slot(&c.name, restored);
         if let Some(i) = &inspect {
             slot.container_id = i.id.clone();
@@ -898,6 +938,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         vols: &BTreeMap<String, PathBuf>,
         bundle: &PodBundle,
     ) -> Result<(), String> {
+        self.termination_log(c, true)?;
         if c.mounts
             .iter()
             .all(|m| m.sub_path.is_none() && m.sub_path_expr.is_none())
@@ -948,7 +989,88 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 options,
             });
         }
+        if let Some(dest) = &c.termination_message_path {
+            let log = self.termination_log(c, true)?;
+            mounts.push(Mount {
+                destination: dest.clone(),
+                source: log.to_string_lossy().into_owned(),
+                kind: "bind".into(),
+                options: vec!["rbind".into(), "rw".into()],
+            });
+        }
         Ok(mounts)
+    }
+
+    /// The host file bind-mounted at the container's terminationMessagePath
+    /// (`<pod_dir>/containers/<name>/termination-log`, writable by any uid of the container, in
+    /// the 0700 pods tree). `fresh` empties it for a new run.
+    fn termination_log(&self, c: &ContainerPlan, fresh: bool) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = volumes::pod_dir(&self.ctx.state_dir, &self.uid)
+            .join("containers")
+            .join(&c.name);
+        let path = dir.join("termination-log");
+        if c.termination_message_path.is_none() {
+            return Ok(path);
+        }
+        let err = |e: std::io::Error| format!("termination log {}: {e}", path.display());
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(fresh)
+            .open(&path)
+            .map_err(err)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o666))
+            .map_err(err)?;
+        Ok(path)
+    }
+
+    /// The message of a finished run: what the container wrote to its terminationMessagePath
+    /// (at most 4096 bytes, as the kubelet reads), or with FallbackToLogsOnError and a failed run
+    /// that wrote nothing, the tail of its log (80 lines, at most 2048 bytes).
+    async fn termination_message(&self, c: &ContainerPlan, t: &Termination) -> Option<String> {
+        const MAX_FILE: usize = 4096;
+        const MAX_LOG: usize = 2048;
+        let from_file = c.termination_message_path.as_ref().and_then(|_| {
+            let path = volumes::pod_dir(&self.ctx.state_dir, &self.uid)
+                .join("containers")
+                .join(&c.name)
+                .join("termination-log");
+            let fd = rustix::fs::open(
+                &path,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .ok()?;
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(std::fs::File::from(fd), MAX_FILE as u64),
+                &mut buf,
+            )
+            .ok()?;
+            (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
+        });
+        if from_file.is_some() || !c.termination_message_from_logs || t.exit_code == 0 {
+            return from_file;
+        }
+        let opts = crate::podman::LogOptions {
+            tail: Some(80),
+            ..Default::default()
+        };
+        let mut stream = self.ctx.rt.logs(&t.container_id, &opts).await.ok()?;
+        let mut buf = Vec::new();
+        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+            buf.extend_from_slice(&chunk);
+            if buf.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let start = buf.len().saturating_sub(MAX_LOG);
+        let text = String::from_utf8_lossy(&buf[start..]).into_owned();
+        (!text.is_empty()).then_some(text)
     }
 
     /// Stop every app and init container of the pod at once, each with the pod's grace period
@@ -1054,6 +1176,7 @@ fn observe(i: &ContainerInspect) -> Observation {
                 started_at: ts(&i.state.started_at),
                 finished_at: ts(&i.state.finished_at),
                 container_id: i.id.clone(),
+                message: None,
             })
         }
         "exited" | "stopped" if !i.state.error.is_empty() => {

@@ -32,6 +32,7 @@ async fn rig(image_user: &str, policy: DevicePolicy) -> Rig {
         host_ip: "192.0.2.10".into(),
         statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
         restored_restarts: BTreeMap::new(),
+        restored_start_times: BTreeMap::new(),
         policy,
         allocatable: Resources {
             cpu_millis: 2000,
@@ -267,5 +268,58 @@ async fn an_empty_dir_over_its_size_limit_evicts_the_pod() {
             .values()
             .all(|c| c.infra || c.state != "running"),
         "every container stopped"
+    );
+}
+
+#[tokio::test]
+async fn the_termination_message_is_what_the_container_wrote() {
+    let r = rig("", DevicePolicy::default()).await;
+    let b = bundle(serde_json::json!({
+        "restartPolicy": "Never",
+        "containers": [{"name": "app", "image": IMAGE}]
+    }));
+    let st = run(&r, &b).await;
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    let spec = r.rt.spec_of("app").await.unwrap();
+    let log = spec
+        .mounts
+        .iter()
+        .find(|m| m.destination == "/dev/termination-log")
+        .expect("termination log mounted");
+    std::fs::write(&log.source, "disk full").unwrap();
+    r.rt.exit("app", 3).await;
+    let st = run(&r, &b).await;
+    let t = st.container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!((t.exit_code, t.message.as_deref()), (3, Some("disk full")));
+}
+
+#[tokio::test]
+async fn active_deadline_fails_the_pod_like_the_kubelet() {
+    let mut r = rig("", DevicePolicy::default()).await;
+    Arc::get_mut(&mut r.ctx)
+        .unwrap()
+        .restored_start_times
+        .insert(
+            "uid-1".into(),
+            jiff::Timestamp::now() - jiff::SignedDuration::from_secs(120),
+        );
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "activeDeadlineSeconds": 60,
+            "containers": [{"name": "app", "image": IMAGE}]
+        })),
+    )
+    .await;
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert_eq!(st.reason.as_deref(), Some("DeadlineExceeded"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("Pod was active on the node longer than the specified deadline")
     );
 }
