@@ -330,6 +330,22 @@ impl ContainerLifecycle {
         }
     }
 
+    /// The container's spec changed (e.g. a new image) and its run `t` was killed to create it
+    /// anew: as for the kubelet, that counts as a restart, the killed run becomes the last state,
+    /// and no back-off applies.
+    pub fn replaced(&mut self, t: Termination) {
+        self.restart_count += 1;
+        self.counted_finish = t.finished_at;
+        self.last_termination = Some(t);
+        self.backoff_until = None;
+        self.ready = false;
+        self.started = false;
+        self.state = State::Waiting {
+            reason: WaitReason::ContainerCreating,
+            message: None,
+        };
+    }
+
     /// A restart is about to happen (the backoff elapsed): count it.
     pub fn restarting(&mut self) {
         self.restart_count += 1;

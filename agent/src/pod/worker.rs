@@ -609,7 +609,14 @@ impl<R: ContainerRuntime> PodWorker<R> {
             {
                 // The desired container changed (e.g. a new image): replace it.
                 info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
+                let was_run = !is_zero_time(&i.state.started_at);
                 rt.stop_container(id, plan.grace_secs).await?;
+                if was_run
+                    && let Some(after) = rt.inspect_container(id).await?
+                    && let Observation::Exited(t) = observe(&after)
+                {
+                    self.slot(&c.name, restored).lc.replaced(t);
+                }
                 rt.remove_container(id).await?;
                 inspect = None;
                 container_id = None;

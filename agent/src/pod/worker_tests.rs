@@ -323,3 +323,30 @@ async fn active_deadline_fails_the_pod_like_the_kubelet() {
         Some("Pod was active on the node longer than the specified deadline")
     );
 }
+
+#[tokio::test]
+async fn an_image_change_is_a_restart_with_the_last_state() {
+    let r = rig("", DevicePolicy::default()).await;
+    r.rt.state
+        .lock()
+        .await
+        .images
+        .insert("localhost/test/busybox:2".into(), String::new());
+    let planned_for =
+        |image: &str| bundle(serde_json::json!({"containers": [{"name": "app", "image": image}]}));
+    let one = planned_for(IMAGE);
+    let two = planned_for("localhost/test/busybox:2");
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    for b in [&one, &one, &two, &two, &two] {
+        let planned = plan_pod(&b.pod_json, &r.ctx.policy);
+        w.reconcile(b, &planned, Ok(())).await;
+    }
+    let map = r.ctx.statuses.borrow().clone();
+    let st: PodStatus = serde_json::from_slice(&map["uid-1"].status_json).unwrap();
+    let cs = &st.container_statuses.unwrap()[0];
+    assert_eq!(cs.restart_count, 1);
+    assert_eq!(cs.image, "localhost/test/busybox:2");
+    assert!(cs.state.as_ref().unwrap().running.is_some());
+    let last = cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!(last.exit_code, 137);
+}
