@@ -723,3 +723,59 @@ async fn termination_messages_and_active_deadline() {
         "the container stays (stopped) until the pod is deleted"
     );
 }
+
+#[tokio::test]
+async fn lifecycle_hooks_run_like_the_kubelets() {
+    let mut a = Agent::new("t-hooks");
+    let out = tempfile::tempdir().unwrap();
+    let host = out.path().to_string_lossy().into_owned();
+    let hooked = bundle(
+        "uid-hooks",
+        "hooks",
+        json!({"hostNetwork": true,
+        "terminationGracePeriodSeconds": 5,
+        "volumes": [{"name": "out", "hostPath": {"path": host, "type": "Directory"}}],
+        "containers": [{"name": "c", "image": IMAGE,
+            "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+            "volumeMounts": [{"name": "out", "mountPath": "/out"}],
+            "lifecycle": {
+                "postStart": {"exec": {"command": ["sh", "-c", "echo started > /out/poststart"]}},
+                "preStop": {"exec": {"command": ["sh", "-c", "echo stopping > /out/prestop"]}}}}]}),
+    );
+    let failing = bundle(
+        "uid-hookfail",
+        "hookfail",
+        json!({"hostNetwork": true,
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "c", "image": IMAGE, "command": ["sleep", "3600"],
+            "lifecycle": {"postStart": {"exec": {"command": ["false"]}}}}]}),
+    );
+    a.set_desired(1, vec![hooked.clone(), failing]);
+    a.start();
+    a.wait_status(
+        "hooked pod running, failing hook restarts",
+        Duration::from_secs(90),
+        |s| {
+            pod(s, "uid-hooks").is_some_and(|p| p.phase == "Running")
+                && pod(s, "uid-hookfail")
+                    .is_some_and(|p| p.restarts.get("c").copied().unwrap_or(0) >= 1)
+        },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("poststart")).unwrap(),
+        "started\n"
+    );
+    assert!(!out.path().join("prestop").exists());
+    a.set_desired(2, vec![]);
+    a.reload();
+    a.wait_status("pods removed", Duration::from_secs(60), |s| {
+        pod(s, "uid-hooks").is_some_and(|p| p.phase == "Removed")
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("prestop")).unwrap(),
+        "stopping\n",
+        "preStop ran before the container was stopped"
+    );
+}

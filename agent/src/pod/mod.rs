@@ -3,6 +3,7 @@
 
 pub mod atomic_writer;
 pub mod downward;
+pub mod hooks;
 pub mod lifecycle;
 pub mod policy;
 pub mod probe;

@@ -42,13 +42,22 @@ pub async fn run_probe<R: ContainerRuntime>(
 }
 
 async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> bool {
-    let Ok(stream) = TcpStream::connect((host, port)).await else {
-        return false;
-    };
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
-        return false;
-    };
+    matches!(http_get_status(host, port, path, headers).await, Ok(code) if (200..400).contains(&code))
+}
+
+/// One HTTP GET; the response status, or what went wrong.
+pub async fn http_get_status(
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<u16, String> {
+    let stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("dial tcp {host}:{port}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -58,13 +67,12 @@ async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)
     for (k, v) in headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let Ok(req) = req.body(Empty::<Bytes>::new()) else {
-        return false;
-    };
-    match sender.send_request(req).await {
-        Ok(resp) => (200..400).contains(&resp.status().as_u16()),
-        Err(_) => false,
-    }
+    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    sender
+        .send_request(req)
+        .await
+        .map(|resp| resp.status().as_u16())
+        .map_err(|e| e.to_string())
 }
 
 /// Threshold bookkeeping of one probe of one container run.

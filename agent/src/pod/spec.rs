@@ -9,6 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+pub use super::hooks::HookAction;
 pub use super::security::{PodSecurity, SecurityPlan};
 use super::security::{parse_container_security, parse_pod_security};
 
@@ -186,6 +187,12 @@ pub struct ContainerPlan {
     pub startup: Option<ProbePlan>,
     /// Effective securityContext (pod level merged in).
     pub security: SecurityPlan,
+    /// lifecycle.postStart.
+    pub post_start: Option<HookAction>,
+    /// lifecycle.preStop.
+    pub pre_stop: Option<HookAction>,
+    /// lifecycle.stopSignal (number; default SIGTERM).
+    pub stop_signal: u32,
     /// terminationMessagePath (None when empty: no termination log is mounted).
     pub termination_message_path: Option<String>,
     /// terminationMessagePolicy: FallbackToLogsOnError.
@@ -1319,12 +1326,7 @@ fn parse_container(
             }
         }
     }
-    if c.lifecycle.is_some() {
-        return Err(err(
-            format!("{field}.lifecycle"),
-            "lifecycle hooks are not supported",
-        ));
-    }
+    let (post_start, pre_stop, stop_signal) = parse_lifecycle(field, c)?;
     if c.stdin == Some(true) || c.tty == Some(true) {
         return Err(err(
             format!("{field}.stdin"),
@@ -1348,6 +1350,9 @@ fn parse_container(
         readiness: probe(&c.readiness_probe, "readinessProbe")?,
         startup: probe(&c.startup_probe, "startupProbe")?,
         security: SecurityPlan::default(),
+        post_start,
+        pre_stop,
+        stop_signal,
         termination_message_path: termination_message_path(field, c)?,
         termination_message_from_logs: match c.termination_message_policy.as_deref() {
             None | Some("File") => false,
@@ -1360,6 +1365,87 @@ fn parse_container(
             }
         },
     })
+}
+
+type Lifecycle = (Option<HookAction>, Option<HookAction>, u32);
+
+fn parse_lifecycle(field: &str, c: &k8s::Container) -> Result<Lifecycle, SpecError> {
+    let Some(l) = &c.lifecycle else {
+        return Ok((None, None, 15));
+    };
+    let hook = |what: &str,
+                h: &Option<k8s::LifecycleHandler>|
+     -> Result<Option<HookAction>, SpecError> {
+        let Some(h) = h else { return Ok(None) };
+        let f = format!("{field}.lifecycle.{what}");
+        if let Some(e) = &h.exec {
+            let cmd = e.command.clone().unwrap_or_default();
+            if cmd.is_empty() {
+                return Err(err(format!("{f}.exec.command"), "required"));
+            }
+            return Ok(Some(HookAction::Exec(cmd)));
+        }
+        if let Some(g) = &h.http_get {
+            if g.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+                return Err(err(format!("{f}.httpGet.scheme"), "only HTTP is supported"));
+            }
+            let port = match &g.port {
+                IntOrString::Int(n) => u16::try_from(*n)
+                    .map_err(|_| err(format!("{f}.httpGet.port"), format!("{n} is not a port")))?,
+                IntOrString::String(name) => c
+                    .ports
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .and_then(|p| u16::try_from(p.container_port).ok())
+                    .ok_or_else(|| {
+                        err(
+                            format!("{f}.httpGet.port"),
+                            format!("no container port named {name:?}"),
+                        )
+                    })?,
+            };
+            return Ok(Some(HookAction::HttpGet {
+                host: g.host.clone().filter(|h| !h.is_empty()),
+                port,
+                path: g.path.clone().unwrap_or_else(|| "/".into()),
+                headers: g
+                    .http_headers
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|h| (h.name.clone(), h.value.clone()))
+                    .collect(),
+            }));
+        }
+        if let Some(s) = &h.sleep {
+            return Ok(Some(HookAction::Sleep(Duration::from_secs(
+                s.seconds.max(0) as u64,
+            ))));
+        }
+        if h.tcp_socket.is_some() {
+            return Err(err(
+                format!("{f}.tcpSocket"),
+                "tcpSocket is not a lifecycle handler (the kubelet does not run it either)",
+            ));
+        }
+        Err(err(f, "needs exec, httpGet or sleep"))
+    };
+    let stop_signal = match &l.stop_signal {
+        None => 15,
+        Some(name) => super::hooks::signal_number(name).ok_or_else(|| {
+            err(
+                format!("{field}.lifecycle.stopSignal"),
+                format!("unknown signal {name:?}"),
+            )
+        })?,
+    };
+    Ok((
+        hook("postStart", &l.post_start)?,
+        hook("preStop", &l.pre_stop)?,
+        stop_signal,
+    ))
 }
 
 fn termination_message_path(field: &str, c: &k8s::Container) -> Result<Option<String>, SpecError> {

@@ -113,6 +113,8 @@ pub struct PodWorker<R> {
     /// The Podman pod was there at the last look: its infra container in the container listing
     /// then proves it still is, without listing pods.
     pod_known: bool,
+    /// The pod's plan as last seen (preStop hooks run at removal, when no plan comes with it).
+    last_plan: Option<Arc<PodPlan>>,
     /// Why the pod ended on the device (reason, message): evicted for an emptyDir over its
     /// sizeLimit, or past its activeDeadlineSeconds. Such a pod stays Failed.
     ended: Option<(&'static str, String)>,
@@ -153,6 +155,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             pod_ip_of: None,
             pod_known: false,
             ended: None,
+            last_plan: None,
             usage_checked: None,
         }
     }
@@ -222,7 +225,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
         admission: Result<(), (String, String)>,
     ) -> Duration {
         let plan = match planned {
-            Ok(p) => p,
+            Ok(p) => {
+                self.last_plan = Some(p.clone());
+                p
+            }
             Err(Rejection { reason, message }) => {
                 let (ns, name) = pod_names(&bundle.pod_json);
                 warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod rejected");
@@ -610,7 +616,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 // The desired container changed (e.g. a new image): replace it.
                 info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
                 let was_run = !is_zero_time(&i.state.started_at);
-                rt.stop_container(id, plan.grace_secs).await?;
+                self.stop_with_hook(plan, Some(c), id, plan.grace_secs)
+                    .await?;
                 if was_run
                     && let Some(after) = rt.inspect_container(id).await?
                     && let Observation::Exited(t) = observe(&after)
@@ -743,6 +750,21 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     match rt.start_container(&id).await {
                         Ok(()) => {
                             info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
+                            if let Some(hook) = &c.post_start {
+                                // Other management of the container waits for the hook, as in
+                                // the kubelet; a failure kills it and the restart policy decides.
+                                let timeout = Duration::from_secs(plan.grace_secs.max(30));
+                                let host = self.hook_host(plan);
+                                if let Err(e) =
+                                    super::hooks::run_hook(&*rt, &c.name, &id, &host, hook, timeout)
+                                        .await
+                                {
+                                    warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPostStartHook", message = %e, "postStart hook failed; killing the container");
+                                    if let Err(e) = rt.stop_container(&id, plan.grace_secs).await {
+                                        warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping container failed");
+                                    }
+                                }
+                            }
                             // Look again right away: the next pass observes it running
                             // and publishes that, without waiting for an event.
                             requeue = Duration::ZERO;
@@ -833,7 +855,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if let Some(why) = kill {
             info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = why, "restarting container");
             slot.lc.ready = false;
-            if let Err(e) = rt.stop_container(&id, plan.grace_secs).await {
+            if let Err(e) = self
+                .stop_with_hook(plan, Some(c), &id, plan.grace_secs)
+                .await
+            {
                 warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping container failed");
             }
             return Duration::from_millis(100);
@@ -915,7 +940,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             labels: lbls,
             mounts,
             resource_limits,
-            stop_signal: 15,
+            stop_signal: c.stop_signal,
             stop_timeout: plan.grace_secs,
             restart_policy: "no".into(),
             user,
@@ -1080,6 +1105,43 @@ impl<R: ContainerRuntime> PodWorker<R> {
         (!text.is_empty()).then_some(text)
     }
 
+    /// Where hooks without a host go: the pod's address (loopback with the host network).
+    fn hook_host(&self, plan: &PodPlan) -> String {
+        if plan.host_network || self.pod_ip.is_empty() {
+            "127.0.0.1".into()
+        } else {
+            self.pod_ip.clone()
+        }
+    }
+
+    /// Stop a container as the kubelet kills one: its preStop hook first (bounded by the
+    /// grace period), then the stop signal with what is left of the grace (at least 2 s), then
+    /// SIGKILL.
+    async fn stop_with_hook(
+        &self,
+        plan: &PodPlan,
+        c: Option<&ContainerPlan>,
+        id: &str,
+        grace_secs: u64,
+    ) -> Result<(), crate::podman::PodmanError> {
+        let rt = &self.ctx.rt;
+        let mut grace = Duration::from_secs(grace_secs);
+        if let Some(c) = c
+            && let Some(hook) = &c.pre_stop
+            && grace_secs > 0
+        {
+            let started = Instant::now();
+            let host = self.hook_host(plan);
+            if let Err(e) = super::hooks::run_hook(&**rt, &c.name, id, &host, hook, grace).await {
+                warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPreStopHook", message = %e, "preStop hook failed");
+            }
+            grace = grace
+                .saturating_sub(started.elapsed())
+                .max(super::hooks::MIN_STOP_AFTER_PRESTOP);
+        }
+        rt.stop_container(id, grace.as_secs()).await
+    }
+
     /// Stop every app and init container of the pod at once, each with the pod's grace period
     /// (or `grace_override`, the API's deletion grace). Returns the containers (infra excluded).
     async fn stop_all(
@@ -1100,9 +1162,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if containers.iter().any(|c| c.state == "running") {
             info!(pod_uid = %self.uid, deletion_grace_secs = ?grace_override, "stopping pod");
         }
+        let plan = self.last_plan.clone();
         let stops = containers.iter().filter(|c| c.state == "running").map(|c| {
             let rt = rt.clone();
             let id = c.id.clone();
+            let name = c.labels.get(labels::CONTAINER).cloned().unwrap_or_default();
+            let plan = plan.clone();
             async move {
                 let grace = match (grace_override, rt.inspect_container(&id).await?) {
                     (_, None) => return Ok(()),
@@ -1110,7 +1175,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     (None, Some(i)) => i.config.stop_timeout.unwrap_or(30),
                 };
                 debug!(container = %id, grace_secs = grace, "stopping container");
-                rt.stop_container(&id, grace).await
+                match &plan {
+                    Some(plan) => {
+                        self.stop_with_hook(plan, plan.container(&name), &id, grace)
+                            .await
+                    }
+                    None => rt.stop_container(&id, grace).await,
+                }
             }
         });
         for r in futures::future::join_all(stops).await {
