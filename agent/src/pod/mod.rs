@@ -3,6 +3,7 @@
 
 pub mod lifecycle;
 pub mod probe;
+pub mod pull_secrets;
 pub mod spec;
 pub mod status;
 pub mod volumes;

@@ -230,6 +230,7 @@ mod tests {
             secrets: vec![SecretData {
                 name: "sec".into(),
                 data: [("token".to_string(), bytes::Bytes::from_static(b"hunter2"))].into(),
+                ..Default::default()
             }],
         };
         let v = prepare(d.path(), &plan, &bundle).unwrap();

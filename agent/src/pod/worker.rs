@@ -640,7 +640,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) => i,
             (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, None) => {
                 info!(pod = %plan.meta.name, container = %c.name, image = %c.image, "pulling image");
-                rt.pull_image(&c.image)
+                super::pull_secrets::pull_image(&*rt, &plan.meta, &c.image, bundle)
                     .await
                     .map_err(|e| Observation::PullFailed(e.to_string()))?;
                 rt.inspect_image(&c.image)
