@@ -6,6 +6,8 @@
 // Test harness code: a failed setup step should fail the test loudly.
 #![allow(clippy::unwrap_used)]
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -46,6 +48,7 @@ pub struct Agent {
     child: Option<Child>,
     log: PathBuf,
     extra_env: Vec<(String, String)>,
+    socket: Option<PathBuf>,
 }
 
 impl Agent {
@@ -61,7 +64,15 @@ impl Agent {
             child: None,
             log,
             extra_env: Vec::new(),
+            socket: None,
         }
+    }
+
+    /// Talk to the Podman service at `socket` instead of the stack's (one sharing its storage,
+    /// since cleanup goes through the stack's service).
+    pub fn podman_socket(mut self, socket: &Path) -> Self {
+        self.socket = Some(socket.to_owned());
+        self
     }
 
     /// Extra environment for the process.
@@ -91,7 +102,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--podman-socket")
-            .arg(podman_socket())
+            .arg(self.socket.clone().unwrap_or_else(podman_socket))
             .arg("--resync-secs")
             .arg("5")
             .env("FLEETLET_AGENT_CONFIG", self.config())

@@ -1,0 +1,109 @@
+//! imagePullSecrets against a real private registry (distribution 2.8 with htpasswd auth on
+//! loopback) and the real Podman of the local stack (`make env-up`): a pod naming a pull secret
+//! pulls with it and runs; without it (or with a wrong password) the pull fails with the
+//! registry's own error, and the credential never shows up in the agent's log or status file.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::registry::PrivateRegistry;
+use support::{Agent, IMAGE, bundle, pod};
+
+fn waiting(s: &fleetlet_agent::statusfile::StatusFile, uid: &str) -> (String, String) {
+    let w = pod(s, uid)
+        .map(|p| p.status["containerStatuses"][0]["state"]["waiting"].clone())
+        .unwrap_or_default();
+    (
+        w["reason"].as_str().unwrap_or_default().to_owned(),
+        w["message"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_private_image_runs_with_its_pull_secret_and_fails_with_the_registrys_error_without() {
+    let mut reg = PrivateRegistry::start();
+    let image = reg.push(IMAGE, "fleetlet/busybox:1");
+    let spec = |secrets: serde_json::Value| {
+        json!({"hostNetwork": true, "terminationGracePeriodSeconds": 1,
+            "imagePullSecrets": secrets,
+            "containers": [{"name": "c", "image": &image, "imagePullPolicy": "Always",
+                "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]}]})
+    };
+    let secret = |name: &str, password: &str| {
+        json!({"name": name, "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": reg.docker_config_json(&reg.username, password)}})
+    };
+    let with = |mut b: serde_json::Value, secrets: Vec<serde_json::Value>| {
+        b["secrets"] = json!(secrets);
+        b
+    };
+    let wrong_password = format!("{}-wrong", reg.password);
+    let mut a = Agent::new("t-pullsecret").podman_socket(&reg.podman_socket);
+    a.set_desired(
+        1,
+        vec![
+            with(
+                bundle("uid-auth", "auth", spec(json!([{"name": "regcred"}]))),
+                vec![secret("regcred", &reg.password)],
+            ),
+            // No pull secret at all: an anonymous pull, which the registry refuses.
+            bundle("uid-anon", "anon", spec(json!([]))),
+            // A pull secret the bundle lacks (the Secret does not exist): not fatal, anonymous.
+            bundle("uid-missing", "missing", spec(json!([{"name": "gone"}]))),
+            // A pull secret with the wrong password: tried, refused.
+            with(
+                bundle("uid-wrong", "wrong", spec(json!([{"name": "badcred"}]))),
+                vec![secret("badcred", &wrong_password)],
+            ),
+        ],
+    );
+    a.start();
+    let s = a
+        .wait_status("pull outcomes", Duration::from_secs(90), |s| {
+            pod(s, "uid-auth").is_some_and(|p| p.phase == "Running")
+                && ["uid-anon", "uid-missing", "uid-wrong"].iter().all(|u| {
+                    let (reason, _) = waiting(s, u);
+                    reason == "ErrImagePull" || reason == "ImagePullBackOff"
+                })
+        })
+        .await;
+    let running = &pod(&s, "uid-auth").unwrap().status["containerStatuses"][0];
+    assert!(
+        running["state"]["running"].is_object(),
+        "the pod with its pull secret runs: {running:#}"
+    );
+    for uid in ["uid-anon", "uid-missing", "uid-wrong"] {
+        let (reason, message) = waiting(&s, uid);
+        eprintln!("{uid}: {reason}: {message}");
+        assert!(
+            message.contains("unauthorized") || message.contains("authentication required"),
+            "{uid}: the message shows the registry's auth error: {message}"
+        );
+        assert!(
+            message.contains(&reg.host),
+            "{uid}: names the registry: {message}"
+        );
+    }
+    let log = a.logs();
+    assert!(
+        log.contains("image pull secret not found"),
+        "the missing pull secret is warned about"
+    );
+    let status_file = std::fs::read_to_string(a.state.path().join("status.json")).unwrap();
+    for secret in [&reg.password, &wrong_password] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a password reached the agent log"
+        );
+        assert!(
+            !status_file.contains(secret.as_str()),
+            "a password reached the status file"
+        );
+    }
+    a.wait_status("image pull back-off", Duration::from_secs(30), |s| {
+        waiting(s, "uid-anon").0 == "ImagePullBackOff"
+    })
+    .await;
+}
