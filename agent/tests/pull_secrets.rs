@@ -7,8 +7,8 @@ mod support;
 
 use std::time::Duration;
 
+use fleetlet_test_support::registry::PrivateRegistry;
 use serde_json::json;
-use support::registry::PrivateRegistry;
 use support::{Agent, IMAGE, bundle, pod};
 
 fn waiting(s: &fleetlet_agent::statusfile::StatusFile, uid: &str) -> (String, String) {

@@ -6,8 +6,6 @@
 // Test harness code: a failed setup step should fail the test loudly.
 #![allow(clippy::unwrap_used)]
 
-pub mod registry;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

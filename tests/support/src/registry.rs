@@ -1,4 +1,4 @@
-//! A private image registry on loopback for pull-secret tests: Debian's `docker-registry`
+//! A private image registry on loopback for pull-secret tests (the agent's and the hub's): Debian's `docker-registry`
 //! (distribution 2.8) with htpasswd auth on its own port and storage, plus a Podman API service
 //! of the test's own that trusts it over plain HTTP through a `registries.conf` passed in
 //! `CONTAINERS_REGISTRIES_CONF` (the machine's /etc/containers is never touched). That service
@@ -8,6 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use base64::Engine;
+
+use crate::harness::{free_port, podman_socket};
 
 /// A running registry and the Podman service that may pull from it.
 pub struct PrivateRegistry {
@@ -27,12 +31,10 @@ pub struct PrivateRegistry {
 
 /// The Podman configuration of the stack: the copy next to its socket, else the repository's.
 fn stack_containers_conf() -> PathBuf {
-    let next_to_socket = super::podman_socket()
-        .parent()
-        .map(|d| d.join("containers.conf"));
+    let next_to_socket = podman_socket().parent().map(|d| d.join("containers.conf"));
     match next_to_socket {
         Some(p) if p.exists() => p,
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/env/containers.conf"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../env/containers.conf"),
     }
 }
 
@@ -54,8 +56,8 @@ impl PrivateRegistry {
     pub fn start() -> Self {
         require("docker-registry", "docker-registry");
         require("htpasswd", "apache2-utils");
-        let dir = tempfile::tempdir().unwrap();
-        let port = super::free_port();
+        let dir = tempfile::tempdir().expect("private registry setup");
+        let port = free_port();
         let host = format!("127.0.0.1:{port}");
         let username = "fleetlet".to_owned();
         let password = format!("pw-{:016x}", rand_u64());
@@ -63,10 +65,10 @@ impl PrivateRegistry {
         let out = Command::new("htpasswd")
             .args(["-Bbn", &username, &password])
             .output()
-            .unwrap();
+            .expect("private registry setup");
         assert!(out.status.success(), "htpasswd failed: {out:?}");
-        std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
-        std::fs::create_dir(dir.path().join("storage")).unwrap();
+        std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("private registry setup");
+        std::fs::create_dir(dir.path().join("storage")).expect("private registry setup");
         let config = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n\
              http:\n  addr: {host}\n  secret: {secret:016x}\n\
@@ -76,14 +78,17 @@ impl PrivateRegistry {
             htpasswd = dir.path().join("htpasswd").display(),
         );
         let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, config).expect("private registry setup");
         let registry = Command::new("docker-registry")
             .arg("serve")
             .arg(&config_path)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .stderr(
+                std::fs::File::create(dir.path().join("registry.log"))
+                    .expect("private registry setup"),
+            )
             .spawn()
-            .unwrap();
+            .expect("private registry setup");
         let registries_conf = dir.path().join("registries.conf");
         std::fs::write(
             &registries_conf,
@@ -91,7 +96,7 @@ impl PrivateRegistry {
                 "unqualified-search-registries = []\n\n[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"
             ),
         )
-        .unwrap();
+        .expect("private registry setup");
         let podman_socket = dir.path().join("podman.sock");
         let podman = Command::new("podman")
             .args(["system", "service", "--time=0"])
@@ -99,9 +104,12 @@ impl PrivateRegistry {
             .env("CONTAINERS_CONF", stack_containers_conf())
             .env("CONTAINERS_REGISTRIES_CONF", &registries_conf)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("podman.log")).unwrap())
+            .stderr(
+                std::fs::File::create(dir.path().join("podman.log"))
+                    .expect("private registry setup"),
+            )
             .spawn()
-            .unwrap();
+            .expect("private registry setup");
         let mut me = Self {
             host,
             username,
@@ -155,7 +163,7 @@ impl PrivateRegistry {
             .arg(format!("docker://{target}"))
             .env("CONTAINERS_CONF", stack_containers_conf())
             .output()
-            .unwrap();
+            .expect("private registry setup");
         assert!(
             out.status.success(),
             "podman push {local} {target} failed: {}\n{}",
@@ -168,7 +176,6 @@ impl PrivateRegistry {
 
     /// The `.dockerconfigjson` of a pull secret holding `username:password` for this registry.
     pub fn docker_config_json(&self, username: &str, password: &str) -> String {
-        use base64::Engine;
         let auth =
             base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
         serde_json::json!({"auths": {&self.host: {"auth": auth}}}).to_string()
@@ -224,6 +231,10 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+/// A random number from the standard library's randomly keyed hasher (no rand dependency).
 fn rand_u64() -> u64 {
-    rand::random()
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
 }
