@@ -202,4 +202,25 @@ mod tests {
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("configmaps"), "{e}");
     }
+
+    #[test]
+    fn a_secret_keeps_its_type() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("d.json");
+        std::fs::write(
+            &p,
+            r#"{"generation": 1, "pods": [{"pod": {}, "secrets": [
+                {"name": "regcred", "type": "kubernetes.io/dockerconfigjson",
+                 "stringData": {".dockerconfigjson": "{}"}},
+                {"name": "plain", "stringData": {"k": "v"}}]}]}"#,
+        )
+        .unwrap();
+        let snap = load(&p).unwrap();
+        let secrets = &snap.pods[0].secrets;
+        assert_eq!(secrets[0].r#type, "kubernetes.io/dockerconfigjson");
+        assert_eq!(
+            secrets[1].r#type, "",
+            "no type: as an API Secret without one"
+        );
+    }
 }
