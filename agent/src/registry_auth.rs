@@ -177,8 +177,13 @@ fn malformed(secret: &str, key: &'static str, e: &serde_json::Error) -> PullSecr
         secret: secret.to_owned(),
         key,
         problem: format!(
-            "{:?} error at line {} column {}",
-            e.classify(),
+            "{} at line {} column {}",
+            match e.classify() {
+                serde_json::error::Category::Syntax => "invalid JSON",
+                serde_json::error::Category::Eof => "truncated JSON",
+                serde_json::error::Category::Data => "JSON of the wrong shape",
+                serde_json::error::Category::Io => "unreadable JSON",
+            },
             e.line(),
             e.column()
         ),

@@ -1,7 +1,9 @@
 //! imagePullSecrets against a real private registry (distribution 2.8 with htpasswd auth on
 //! loopback) and the real Podman of the local stack (`make env-up`): a pod naming a pull secret
-//! pulls with it and runs; without it (or with a wrong password) the pull fails with the
-//! registry's own error, and the credential never shows up in the agent's log or status file.
+//! pulls with it and runs (also a legacy `.dockercfg` one, and a good credential after a refused
+//! one); without it (or with a wrong password) the pull fails with the registry's own error; a
+//! malformed pull secret is named, never quoted; and the credential never shows up in the
+//! agent's log or status file.
 
 mod support;
 
@@ -40,6 +42,11 @@ async fn a_private_image_runs_with_its_pull_secret_and_fails_with_the_registrys_
         b
     };
     let wrong_password = format!("{}-wrong", reg.password);
+    // The legacy type: `.dockercfg` holds the `auths` map alone.
+    let dockercfg = json!({"name": "legacycred", "type": "kubernetes.io/dockercfg",
+        "stringData": {".dockercfg": json!({&reg.host: {"username": &reg.username, "password": &reg.password}}).to_string()}});
+    let malformed = json!({"name": "brokencred", "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": "{\"auths\": [\"not a map\"]}"}});
     let mut a = Agent::new("t-pullsecret").podman_socket(&reg.podman_socket);
     a.set_desired(
         1,
@@ -57,23 +64,66 @@ async fn a_private_image_runs_with_its_pull_secret_and_fails_with_the_registrys_
                 bundle("uid-wrong", "wrong", spec(json!([{"name": "badcred"}]))),
                 vec![secret("badcred", &wrong_password)],
             ),
+            // Two credentials for the registry (a rotation): the refused one is tried first,
+            // then the good one, as the kubelet does.
+            with(
+                bundle(
+                    "uid-rotate",
+                    "rotate",
+                    spec(json!([{"name": "badcred"}, {"name": "regcred"}])),
+                ),
+                vec![
+                    secret("badcred", &wrong_password),
+                    secret("regcred", &reg.password),
+                ],
+            ),
+            with(
+                bundle(
+                    "uid-legacy",
+                    "legacy",
+                    spec(json!([{"name": "legacycred"}])),
+                ),
+                vec![dockercfg],
+            ),
+            // A pull secret that is not a Docker config: the pull fails naming it.
+            with(
+                bundle(
+                    "uid-broken",
+                    "broken",
+                    spec(json!([{"name": "brokencred"}])),
+                ),
+                vec![malformed],
+            ),
         ],
     );
     a.start();
     let s = a
         .wait_status("pull outcomes", Duration::from_secs(90), |s| {
-            pod(s, "uid-auth").is_some_and(|p| p.phase == "Running")
-                && ["uid-anon", "uid-missing", "uid-wrong"].iter().all(|u| {
-                    let (reason, _) = waiting(s, u);
-                    reason == "ErrImagePull" || reason == "ImagePullBackOff"
-                })
+            ["uid-auth", "uid-rotate", "uid-legacy"]
+                .iter()
+                .all(|u| pod(s, u).is_some_and(|p| p.phase == "Running"))
+                && ["uid-anon", "uid-missing", "uid-wrong", "uid-broken"]
+                    .iter()
+                    .all(|u| {
+                        let (reason, _) = waiting(s, u);
+                        reason == "ErrImagePull" || reason == "ImagePullBackOff"
+                    })
         })
         .await;
-    let running = &pod(&s, "uid-auth").unwrap().status["containerStatuses"][0];
+    for uid in ["uid-auth", "uid-rotate", "uid-legacy"] {
+        let running = &pod(&s, uid).unwrap().status["containerStatuses"][0];
+        assert!(
+            running["state"]["running"].is_object(),
+            "{uid}: the pod with its pull secret runs: {running:#}"
+        );
+    }
+    let (_, broken) = waiting(&s, "uid-broken");
+    eprintln!("uid-broken: {broken}");
     assert!(
-        running["state"]["running"].is_object(),
-        "the pod with its pull secret runs: {running:#}"
+        broken.contains("brokencred") && broken.contains(".dockerconfigjson"),
+        "a malformed pull secret is named: {broken}"
     );
+    assert!(!broken.contains("not a map"), "nor quoted: {broken}");
     for uid in ["uid-anon", "uid-missing", "uid-wrong"] {
         let (reason, message) = waiting(&s, uid);
         eprintln!("{uid}: {reason}: {message}");
