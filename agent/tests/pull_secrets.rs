@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use fleetlet_test_support::registry::PrivateRegistry;
@@ -141,17 +142,48 @@ async fn a_private_image_runs_with_its_pull_secret_and_fails_with_the_registrys_
         log.contains("image pull secret not found"),
         "the missing pull secret is warned about"
     );
-    let status_file = std::fs::read_to_string(a.state.path().join("status.json")).unwrap();
-    for secret in [&reg.password, &wrong_password] {
-        assert!(
-            !log.contains(secret.as_str()),
-            "a password reached the agent log"
-        );
-        assert!(
-            !status_file.contains(secret.as_str()),
-            "a password reached the status file"
-        );
+    // Nowhere in the state directory but the 0600 desired-state store (and the desired file
+    // this test wrote): neither the passwords nor the base64 `auth` fields that carry them.
+    let secrets: Vec<String> = [&reg.password, &wrong_password]
+        .into_iter()
+        .flat_map(|p| {
+            let auth: serde_json::Value =
+                serde_json::from_str(&reg.docker_config_json(&reg.username, p)).unwrap();
+            [
+                p.clone(),
+                auth["auths"][&reg.host]["auth"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            ]
+        })
+        .collect();
+    let mut checked = 0;
+    let mut dirs = vec![a.state.path().to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if name.starts_with("desired.snapshot") {
+                assert_eq!(meta.mode() & 0o077, 0, "{name} is readable by others");
+            } else if meta.is_file() && name != "desired.json" {
+                let content = std::fs::read(entry.path()).unwrap();
+                let content = String::from_utf8_lossy(&content);
+                for s in &secrets {
+                    assert!(
+                        !content.contains(s.as_str()),
+                        "a credential reached {}",
+                        entry.path().display()
+                    );
+                }
+                checked += 1;
+            }
+        }
     }
+    assert!(checked >= 2, "the agent log and status file were checked");
     a.wait_status("image pull back-off", Duration::from_secs(30), |s| {
         waiting(s, "uid-anon").0 == "ImagePullBackOff"
     })
