@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 
 use super::spec::PodMeta;
 use crate::podman::{ContainerRuntime, PodmanError};
-use crate::registry_auth::{Keyring, PullSecretError};
+use crate::registry_auth::{Keyring, PullSecretError, RegistryAuth};
 
 /// A failed pull.
 #[derive(Debug, thiserror::Error)]
@@ -95,16 +95,29 @@ pub async fn pull_image<R: ContainerRuntime>(
 ) -> Result<(), PullError> {
     let keyring = keyring(meta, bundle)?;
     let creds = keyring.lookup(image);
+    let attempts = creds.len();
+    pull_in_turn(&creds, |i, auth| {
+        if auth.is_some() {
+            debug!(pod = %meta.name, namespace = %meta.namespace, image, attempt = i + 1, of = attempts, "pulling with a pull secret credential");
+        }
+        rt.pull_image(image, auth)
+    })
+    .await
+}
+
+/// The kubelet's order: anonymously when no credential matches; otherwise each credential in
+/// turn until one pull succeeds, never anonymously after they all failed.
+async fn pull_in_turn<'a, F, Fut>(creds: &[&'a RegistryAuth], mut pull: F) -> Result<(), PullError>
+where
+    F: FnMut(usize, Option<&'a RegistryAuth>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), PodmanError>>,
+{
     if creds.is_empty() {
-        return rt
-            .pull_image(image, None)
-            .await
-            .map_err(|e| PullError::Failed(vec![e]));
+        return pull(0, None).await.map_err(|e| PullError::Failed(vec![e]));
     }
     let mut errors = Vec::new();
     for (i, auth) in creds.iter().enumerate() {
-        debug!(pod = %meta.name, namespace = %meta.namespace, image, attempt = i + 1, of = creds.len(), "pulling with a pull secret credential");
-        match rt.pull_image(image, Some(auth)).await {
+        match pull(i, Some(auth)).await {
             Ok(()) => return Ok(()),
             Err(e) => errors.push(e),
         }
@@ -180,5 +193,55 @@ mod tests {
     fn a_pod_without_pull_secrets_has_an_empty_keyring() {
         let b = bundle(serde_json::json!({"spec": {"containers": []}}), vec![]);
         assert!(keyring(&meta(), &b).unwrap().is_empty());
+    }
+
+    fn refused(user: &str) -> PodmanError {
+        PodmanError::Pull {
+            image: "r.example/i".into(),
+            message: format!("{user}: unauthorized"),
+        }
+    }
+
+    #[tokio::test]
+    async fn credentials_are_tried_in_turn_and_never_followed_by_an_anonymous_pull() {
+        let a = RegistryAuth {
+            username: "old".into(),
+            password: "p1".into(),
+        };
+        let b = RegistryAuth {
+            username: "new".into(),
+            password: "p2".into(),
+        };
+        let tried = std::cell::RefCell::new(Vec::new());
+        let pull = |ok: &'static str| {
+            let tried = &tried;
+            move |_: usize, auth: Option<&RegistryAuth>| {
+                let user = auth.map_or("anonymous".to_owned(), |a| a.username.clone());
+                tried.borrow_mut().push(user.clone());
+                std::future::ready(if user == ok {
+                    Ok(())
+                } else {
+                    Err(refused(&user))
+                })
+            }
+        };
+        pull_in_turn(&[&a, &b], pull("new")).await.unwrap();
+        assert_eq!(
+            *tried.borrow(),
+            ["old", "new"],
+            "stops at the first success"
+        );
+        tried.borrow_mut().clear();
+        let e = pull_in_turn(&[&a, &b], pull("anonymous"))
+            .await
+            .unwrap_err();
+        assert_eq!(*tried.borrow(), ["old", "new"], "no anonymous fallback");
+        assert_eq!(
+            e.to_string(),
+            "[pulling r.example/i: old: unauthorized, pulling r.example/i: new: unauthorized]"
+        );
+        tried.borrow_mut().clear();
+        pull_in_turn(&[], pull("anonymous")).await.unwrap();
+        assert_eq!(*tried.borrow(), ["anonymous"], "no matching credential");
     }
 }
