@@ -5,7 +5,8 @@
 //! { "generation": 1,
 //!   "pods": [ { "pod": { "apiVersion": "v1", "kind": "Pod", "metadata": {...}, "spec": {...} },
 //!               "configMaps": [ { "name": "cm", "data": { "k": "v" } } ],
-//!               "secrets": [ { "name": "s", "stringData": { "k": "v" }, "data": { "k2": "base64" } } ] } ] }
+//!               "secrets": [ { "name": "s", "type": "Opaque", "stringData": { "k": "v" },
+//!                              "data": { "k2": "base64" } } ] } ] }
 //! ```
 
 use std::collections::BTreeMap;
@@ -67,6 +68,9 @@ struct ConfigMap {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Secret {
     name: String,
+    /// The Secret's `type`, e.g. `kubernetes.io/dockerconfigjson` for an image pull secret.
+    #[serde(default, rename = "type")]
+    secret_type: String,
     #[serde(default)]
     data: BTreeMap<String, String>,
     #[serde(default)]
@@ -118,7 +122,11 @@ pub fn load(path: &Path) -> Result<DesiredSnapshot, DesiredFileError> {
             for (k, v) in s.string_data {
                 data.insert(k, v.into_bytes().into());
             }
-            secrets.push(SecretData { name: s.name, data });
+            secrets.push(SecretData {
+                name: s.name,
+                data,
+                r#type: s.secret_type,
+            });
         }
         let pod_json = serde_json::to_vec(&b.pod).map_err(|e| invalid(e.to_string()))?;
         pods.push(PodBundle {
@@ -193,5 +201,26 @@ mod tests {
         .unwrap();
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("configmaps"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_keeps_its_type() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("d.json");
+        std::fs::write(
+            &p,
+            r#"{"generation": 1, "pods": [{"pod": {}, "secrets": [
+                {"name": "regcred", "type": "kubernetes.io/dockerconfigjson",
+                 "stringData": {".dockerconfigjson": "{}"}},
+                {"name": "plain", "stringData": {"k": "v"}}]}]}"#,
+        )
+        .unwrap();
+        let snap = load(&p).unwrap();
+        let secrets = &snap.pods[0].secrets;
+        assert_eq!(secrets[0].r#type, "kubernetes.io/dockerconfigjson");
+        assert_eq!(
+            secrets[1].r#type, "",
+            "no type: as an API Secret without one"
+        );
     }
 }

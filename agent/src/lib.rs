@@ -14,5 +14,6 @@ pub mod notify;
 pub mod pod;
 pub mod podman;
 pub mod reconciler;
+pub mod registry_auth;
 pub mod statusfile;
 pub mod store;

@@ -16,6 +16,7 @@ fn snapshot_round_trips_with_its_bundles() {
             secrets: vec![SecretData {
                 name: "db".into(),
                 data: [("password".to_string(), b"s3cret".to_vec().into())].into(),
+                r#type: "Opaque".into(),
             }],
         }],
         termination_grace_seconds: [("u0".to_string(), 3)].into(),

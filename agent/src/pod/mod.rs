@@ -3,10 +3,13 @@
 
 pub mod atomic_writer;
 pub mod downward;
+#[cfg(test)]
+mod field_table;
 pub mod hooks;
 pub mod lifecycle;
 pub mod policy;
 pub mod probe;
+pub mod pull_secrets;
 pub mod safefs;
 pub mod sandbox;
 pub mod security;

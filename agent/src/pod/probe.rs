@@ -143,6 +143,7 @@ mod tests {
 
     fn plan(success: u32, failure: u32) -> ProbePlan {
         ProbePlan {
+            termination_grace: None,
             action: ProbeAction::TcpSocket {
                 host: None,
                 port: 1,

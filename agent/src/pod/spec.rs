@@ -311,6 +311,8 @@ pub struct PortPlan {
     pub host_port: u16,
     /// "tcp" / "udp".
     pub protocol: String,
+    /// hostIP to bind the hostPort on ("" = every address).
+    pub host_ip: String,
 }
 
 /// A volume.
@@ -461,6 +463,8 @@ pub struct ProbePlan {
     pub success_threshold: u32,
     /// failureThreshold (default 3).
     pub failure_threshold: u32,
+    /// terminationGracePeriodSeconds of a stop this probe triggers (default: the pod's).
+    pub termination_grace: Option<u64>,
 }
 
 /// A probe's check.
@@ -619,7 +623,11 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
         service_account: spec.service_account_name.clone().unwrap_or_default(),
         security,
         share_process_namespace: spec.share_process_namespace.unwrap_or(false),
-        hostname: spec.hostname.clone().filter(|h| !h.is_empty()),
+        hostname: spec
+            .hostname_override
+            .clone()
+            .or_else(|| spec.hostname.clone())
+            .filter(|h| !h.is_empty()),
         host_aliases: host_aliases(&spec)?,
         dns: dns(&spec)?,
     })
@@ -722,6 +730,18 @@ fn refuse_pod_fields(spec: &k8s::PodSpec) -> Result<(), SpecError> {
         return Err(err(
             "spec.resourceClaims",
             "dynamic resource allocation is not supported on fleetlet devices",
+        ));
+    }
+    if spec.readiness_gates.as_ref().is_some_and(|g| !g.is_empty()) {
+        return Err(err(
+            "spec.readinessGates",
+            "readiness gates are not evaluated on fleetlet devices (the device does not see the conditions other controllers set)",
+        ));
+    }
+    if spec.resources.is_some() {
+        return Err(err(
+            "spec.resources",
+            "pod-level resources are not supported on fleetlet devices (set them per container)",
         ));
     }
     if spec.os.as_ref().is_some_and(|o| o.name != "linux") {
@@ -1290,6 +1310,16 @@ fn parse_container(
             container_port: port(p.container_port, "containerPort")?,
             host_port: port(p.host_port.unwrap_or(0), "hostPort")?,
             protocol: protocol.into(),
+            host_ip: match p.host_ip.as_deref().filter(|h| !h.is_empty()) {
+                None => String::new(),
+                Some(ip) if ip.parse::<std::net::IpAddr>().is_ok() => ip.to_owned(),
+                Some(ip) => {
+                    return Err(err(
+                        format!("{f}.hostIP"),
+                        format!("{ip:?} is not an IP address"),
+                    ));
+                }
+            },
         });
     }
     let probe = |p: &Option<k8s::Probe>, what: &str| -> Result<Option<ProbePlan>, SpecError> {
@@ -1327,6 +1357,21 @@ fn parse_container(
         }
     }
     let (post_start, pre_stop, stop_signal) = parse_lifecycle(field, c)?;
+    if !init && c.restart_policy.is_some() {
+        return Err(err(
+            format!("{field}.restartPolicy"),
+            "a per-container restart policy is not supported on fleetlet devices",
+        ));
+    }
+    if c.restart_policy_rules
+        .as_ref()
+        .is_some_and(|r| !r.is_empty())
+    {
+        return Err(err(
+            format!("{field}.restartPolicyRules"),
+            "container restart rules are not supported on fleetlet devices",
+        ));
+    }
     if c.stdin == Some(true) || c.tty == Some(true) {
         return Err(err(
             format!("{field}.stdin"),
@@ -1604,6 +1649,7 @@ fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbeP
         timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
         success_threshold: p.success_threshold.unwrap_or(1).max(1) as u32,
         failure_threshold: p.failure_threshold.unwrap_or(3).max(1) as u32,
+        termination_grace: p.termination_grace_period_seconds.map(|g| g.max(1) as u64),
     })
 }
 

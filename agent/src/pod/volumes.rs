@@ -567,6 +567,7 @@ mod tests {
             secrets: vec![SecretData {
                 name: "sec".into(),
                 data: [("token".to_string(), bytes::Bytes::from_static(b"hunter2"))].into(),
+                ..Default::default()
             }],
         };
         // downwardAPI volumes are tmpfs mounts: only root can mount, so this unit test covers

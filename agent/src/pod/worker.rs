@@ -524,7 +524,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                                 container_port: p.container_port,
                                 host_port: p.host_port,
                                 protocol: p.protocol.clone(),
-                                host_ip: String::new(),
+                                host_ip: p.host_ip.clone(),
                             });
                         }
                     }
@@ -855,10 +855,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if let Some(why) = kill {
             info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = why, "restarting container");
             slot.lc.ready = false;
-            if let Err(e) = self
-                .stop_with_hook(plan, Some(c), &id, plan.grace_secs)
-                .await
-            {
+            let grace = [&c.liveness, &c.startup]
+                .into_iter()
+                .flatten()
+                .find_map(|p| p.termination_grace)
+                .unwrap_or(plan.grace_secs);
+            if let Err(e) = self.stop_with_hook(plan, Some(c), &id, grace).await {
                 warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping container failed");
             }
             return Duration::from_millis(100);
@@ -891,7 +893,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) => i,
             (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, None) => {
                 info!(pod = %plan.meta.name, container = %c.name, image = %c.image, "pulling image");
-                rt.pull_image(&c.image)
+                super::pull_secrets::pull_image(&*rt, &plan.meta, &c.image, bundle)
                     .await
                     .map_err(|e| Observation::PullFailed(e.to_string()))?;
                 rt.inspect_image(&c.image)
@@ -929,11 +931,16 @@ impl<R: ContainerRuntime> PodWorker<R> {
             name: format!("{}-{}", self.pod_name, c.name),
             pod: self.pod_name.clone(),
             image: image.id.clone(),
-            entrypoint: c.command.clone(),
+            // `$(VAR)` in command and args expands from the container's environment.
+            entrypoint: c
+                .command
+                .as_ref()
+                .map(|v| v.iter().map(|a| expand(a, &env)).collect()),
             // With a `command` but no `args`, the image's CMD must not be appended (Kubernetes).
             command: c
                 .args
-                .clone()
+                .as_ref()
+                .map(|v| v.iter().map(|a| expand(a, &env)).collect())
                 .or_else(|| c.command.as_ref().map(|_| Vec::new())),
             env,
             work_dir: c.working_dir.clone(),

@@ -25,6 +25,7 @@ use super::types::{
     PullReport, VersionResponse,
 };
 use super::{ContainerCreate, LogOptions, PodCreate, PodSummary, PodmanError};
+use crate::registry_auth::RegistryAuth;
 
 /// API prefix; Podman 4.0 and later serve it, 5.x included.
 const API: &str = "/v4.0.0/libpod";
@@ -55,6 +56,7 @@ impl PodmanClient {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
+        headers: &[(&'static str, String)],
     ) -> Result<http::Response<Incoming>, PodmanError> {
         let endpoint = format!("{method} {path}");
         let stream =
@@ -88,6 +90,9 @@ impl PodmanClient {
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| PodmanError::Http {
@@ -111,9 +116,22 @@ impl PodmanClient {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), PodmanError> {
+        self.call_with_headers(method, path, body, &[], timeout)
+            .await
+    }
+
+    /// `call` with extra request headers (e.g. `X-Registry-Auth`, whose value is never logged).
+    async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&'static str, String)],
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), PodmanError> {
         let endpoint = format!("{method} {path}");
         let fut = async {
-            let resp = self.send(method, path, body).await?;
+            let resp = self.send(method, path, body, headers).await?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
@@ -203,11 +221,28 @@ impl PodmanClient {
         )
     }
 
-    /// Pull an image (always from the registry). The error carries what the registry said.
-    pub async fn pull_image(&self, reference: &str) -> Result<(), PodmanError> {
+    /// Pull an image (always from the registry), with `auth` as the registry credential when
+    /// given (anonymously otherwise). The error carries what the registry said.
+    pub async fn pull_image(
+        &self,
+        reference: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(), PodmanError> {
         let path = format!("/images/pull?reference={}&policy=always", enc(reference));
+        // One credential in `X-Registry-Auth`: Podman 4.3 keeps it in memory (a multi-registry
+        // map there, or `X-Registry-Config`, would be written to a temporary auth file).
+        let headers: Vec<(&'static str, String)> = auth
+            .map(|a| ("X-Registry-Auth", a.header_value()))
+            .into_iter()
+            .collect();
         let (_, bytes) = self
-            .call(Method::POST, &path, None, Duration::from_secs(600))
+            .call_with_headers(
+                Method::POST,
+                &path,
+                None,
+                &headers,
+                Duration::from_secs(600),
+            )
             .await?;
         // The body is a stream of JSON objects; an `error` in any of them means the pull failed.
         for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -339,7 +374,7 @@ impl PodmanClient {
             "/events?stream=true&filters={}",
             enc(&serde_json::Value::Object(filters).to_string())
         );
-        let resp = self.send(Method::GET, &path, None).await?;
+        let resp = self.send(Method::GET, &path, None, &[]).await?;
         if !resp.status().is_success() {
             return Err(PodmanError::Api {
                 endpoint: path,
@@ -378,7 +413,7 @@ impl PodmanClient {
         if let Some(s) = opts.since_unix {
             path.push_str(&format!("&since={s}"));
         }
-        let resp = self.send(Method::GET, &path, None).await?;
+        let resp = self.send(Method::GET, &path, None, &[]).await?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let body = resp.into_body().collect().await.map(|b| b.to_bytes());

@@ -168,7 +168,11 @@ impl ContainerRuntime for FakeRuntime {
         }))
     }
 
-    async fn pull_image(&self, reference: &str) -> RtResult<()> {
+    async fn pull_image(
+        &self,
+        reference: &str,
+        _auth: Option<&crate::registry_auth::RegistryAuth>,
+    ) -> RtResult<()> {
         let mut s = self.state.lock().await;
         s.pulls.push(reference.to_owned());
         if s.images.contains_key(reference) {

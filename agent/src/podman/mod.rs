@@ -15,6 +15,8 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 pub use client::PodmanClient;
+
+use crate::registry_auth::RegistryAuth;
 pub use types::{ContainerInspect, ContainerSummary, Event, ImageInspect};
 
 /// Label keys on every Podman object the agent creates.
@@ -317,8 +319,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         &self,
         reference: &str,
     ) -> impl Future<Output = RtResult<Option<ImageInspect>>> + Send;
-    /// Pull an image.
-    fn pull_image(&self, reference: &str) -> impl Future<Output = RtResult<()>> + Send;
+    /// Pull an image, with `auth` as the registry credential (anonymously when `None`).
+    fn pull_image(
+        &self,
+        reference: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> impl Future<Output = RtResult<()>> + Send;
     /// Create a pod; returns its id.
     fn create_pod(&self, spec: &PodCreate) -> impl Future<Output = RtResult<String>> + Send;
     /// Pods carrying all `labels`.
@@ -378,8 +384,8 @@ impl ContainerRuntime for PodmanClient {
     async fn inspect_image(&self, reference: &str) -> RtResult<Option<ImageInspect>> {
         PodmanClient::inspect_image(self, reference).await
     }
-    async fn pull_image(&self, reference: &str) -> RtResult<()> {
-        PodmanClient::pull_image(self, reference).await
+    async fn pull_image(&self, reference: &str, auth: Option<&RegistryAuth>) -> RtResult<()> {
+        PodmanClient::pull_image(self, reference, auth).await
     }
     async fn create_pod(&self, spec: &PodCreate) -> RtResult<String> {
         PodmanClient::create_pod(self, spec).await

@@ -46,6 +46,7 @@ pub struct Agent {
     child: Option<Child>,
     log: PathBuf,
     extra_env: Vec<(String, String)>,
+    socket: Option<PathBuf>,
 }
 
 impl Agent {
@@ -61,7 +62,15 @@ impl Agent {
             child: None,
             log,
             extra_env: Vec::new(),
+            socket: None,
         }
+    }
+
+    /// Talk to the Podman service at `socket` instead of the stack's (one sharing its storage,
+    /// since cleanup goes through the stack's service).
+    pub fn podman_socket(mut self, socket: &Path) -> Self {
+        self.socket = Some(socket.to_owned());
+        self
     }
 
     /// Extra environment for the process.
@@ -91,7 +100,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--podman-socket")
-            .arg(podman_socket())
+            .arg(self.socket.clone().unwrap_or_else(podman_socket))
             .arg("--resync-secs")
             .arg("5")
             .env("FLEETLET_AGENT_CONFIG", self.config())

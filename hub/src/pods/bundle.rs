@@ -17,10 +17,14 @@ pub struct References {
 }
 
 /// Every ConfigMap and Secret referenced by volumes (including projected ones), env and envFrom
-/// of all containers, init containers and ephemeral containers.
+/// of all containers, init containers and ephemeral containers, and the pod's
+/// `imagePullSecrets` (the device pulls with them, as the kubelet does).
 pub fn references(pod: &Pod) -> References {
     let mut r = References::default();
     let Some(spec) = &pod.spec else { return r };
+    for s in spec.image_pull_secrets.iter().flatten() {
+        r.secrets.insert(s.name.clone());
+    }
     for v in spec.volumes.iter().flatten() {
         if let Some(name) = v.config_map.as_ref().map(|c| c.name.clone()) {
             r.config_maps.insert(name);
@@ -161,7 +165,8 @@ pub fn pod_json(pod: &Pod) -> Vec<u8> {
 
 /// Builds a pod's bundle from the cached ConfigMaps and Secrets of its namespace. A referenced
 /// object that does not exist is left out; the device reports the pod as the kubelet would
-/// (CreateContainerConfigError) unless the reference is optional.
+/// (CreateContainerConfigError) unless the reference is optional. A missing image pull secret
+/// is not fatal either: the device pulls without it, as the kubelet does.
 pub fn build(
     pod: &Pod,
     config_maps: &BTreeMap<(String, String), ConfigMap>,
@@ -205,6 +210,7 @@ pub fn build(
             SecretData {
                 name: s.metadata.name.clone().unwrap_or_default(),
                 data,
+                r#type: s.type_.clone().unwrap_or_default(),
             }
         })
         .collect();
@@ -351,6 +357,52 @@ mod tests {
         assert_eq!(
             b.secrets[0].data.get("k").map(|b| b.as_ref()),
             Some(&b"s3cr3t"[..])
+        );
+    }
+
+    #[test]
+    fn image_pull_secrets_land_in_the_bundle_with_their_type_and_a_missing_one_is_left_out() {
+        let mut p = pod();
+        p.spec.as_mut().expect("spec").image_pull_secrets = Some(vec![
+            k8s_openapi::api::core::v1::LocalObjectReference {
+                name: "regcred".into(),
+            },
+            k8s_openapi::api::core::v1::LocalObjectReference {
+                name: "not-there".into(),
+            },
+        ]);
+        assert!(references(&p).secrets.contains("regcred"));
+        assert!(
+            references(&p).secrets.contains("not-there"),
+            "referenced, so the relay fetches it if it appears later"
+        );
+        let config = br#"{"auths":{"registry.example:5000":{"auth":"dTpw"}}}"#;
+        let mut secs = BTreeMap::new();
+        secs.insert(
+            ("ns".to_string(), "regcred".to_string()),
+            Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("regcred".into()),
+                    namespace: Some("ns".into()),
+                    ..Default::default()
+                },
+                type_: Some("kubernetes.io/dockerconfigjson".into()),
+                data: Some(
+                    [(".dockerconfigjson".to_string(), ByteString(config.to_vec()))]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+        );
+        let b = build(&p, &BTreeMap::new(), &secs);
+        assert_eq!(b.secrets.len(), 1, "the missing pull secret is not fatal");
+        let s = &b.secrets[0];
+        assert_eq!(s.name, "regcred");
+        assert_eq!(s.r#type, "kubernetes.io/dockerconfigjson");
+        assert_eq!(
+            s.data.get(".dockerconfigjson").map(|b| b.as_ref()),
+            Some(&config[..])
         );
     }
 }

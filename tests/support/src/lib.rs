@@ -10,6 +10,7 @@ pub mod harness;
 mod logs;
 pub mod orphans;
 mod podman;
+pub mod registry;
 mod wait;
 
 use std::collections::BTreeMap;
