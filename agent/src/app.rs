@@ -85,6 +85,7 @@ pub async fn run(
         policy: cfg.policy.clone(),
         allocatable: resources.allocatable,
         seccomp_root: cfg.seccomp_root(),
+        pulled_images: crate::pod::pulled_images::PulledImages::load(&cfg.state_dir),
     });
     let reconciler = Reconciler::new(
         ctx,

@@ -463,6 +463,7 @@ mod tests {
                 memory_bytes: 1 << 30,
             },
             seccomp_root: dir.path().join("seccomp"),
+            pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
         });
         let allocatable = ctx.allocatable;
         (

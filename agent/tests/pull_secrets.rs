@@ -189,3 +189,69 @@ async fn a_private_image_runs_with_its_pull_secret_and_fails_with_the_registrys_
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_cached_private_image_serves_only_pods_with_its_credentials() {
+    let mut reg = PrivateRegistry::start();
+    let image = reg.push(IMAGE, "fleetlet/cached:1");
+    let pod_spec = |policy: &str, secrets: serde_json::Value| {
+        json!({"hostNetwork": true, "terminationGracePeriodSeconds": 1,
+            "imagePullSecrets": secrets,
+            "containers": [{"name": "c", "image": &image, "imagePullPolicy": policy,
+                "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]}]})
+    };
+    let regcred = json!({"name": "regcred", "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": reg.docker_config_json(&reg.username, &reg.password)}});
+    let mut owner = bundle(
+        "uid-owner",
+        "owner",
+        pod_spec("Always", json!([{"name": "regcred"}])),
+    );
+    owner["secrets"] = json!([regcred.clone()]);
+    let mut a = Agent::new("t-pullcache").podman_socket(&reg.podman_socket);
+    a.set_desired(1, vec![owner.clone()]);
+    a.start();
+    a.wait_status(
+        "the owner pulls the private image",
+        Duration::from_secs(60),
+        |s| pod(s, "uid-owner").is_some_and(|p| p.phase == "Running"),
+    )
+    .await;
+    // The image is now on the device. A pod without the credentials must not get it from the
+    // cache; one with them does, without pulling.
+    let freeloader = bundle("uid-free", "free", pod_spec("IfNotPresent", json!([])));
+    let never = bundle("uid-never", "never", pod_spec("Never", json!([])));
+    let mut friend = bundle(
+        "uid-friend",
+        "friend",
+        pod_spec("IfNotPresent", json!([{"name": "regcred"}])),
+    );
+    friend["secrets"] = json!([regcred]);
+    a.set_desired(2, vec![owner, freeloader, never, friend]);
+    a.reload();
+    let s = a
+        .wait_status("cache verdicts", Duration::from_secs(60), |s| {
+            pod(s, "uid-friend").is_some_and(|p| p.phase == "Running")
+                && matches!(
+                    waiting(s, "uid-free").0.as_str(),
+                    "ErrImagePull" | "ImagePullBackOff"
+                )
+                && waiting(s, "uid-never").0 == "ErrImageNeverPull"
+        })
+        .await;
+    let (_, message) = waiting(&s, "uid-free");
+    assert!(
+        message.contains("unauthorized") || message.contains("authentication required"),
+        "the freeloader had to pull and was refused: {message}"
+    );
+    let (_, message) = waiting(&s, "uid-never");
+    assert!(
+        message.contains("credentials this pod does not have"),
+        "{message}"
+    );
+    let record = std::fs::read_to_string(a.state.path().join("pulled-images.json")).unwrap();
+    assert!(
+        !record.contains(&reg.password),
+        "only fingerprints are recorded"
+    );
+}

@@ -10,6 +10,7 @@ pub mod lifecycle;
 pub mod policy;
 pub mod probe;
 pub mod pull_secrets;
+pub mod pulled_images;
 pub mod safefs;
 pub mod sandbox;
 pub mod security;

@@ -86,39 +86,63 @@ pub fn keyring(meta: &PodMeta, bundle: &PodBundle) -> Result<Keyring, PullSecret
 }
 
 /// Pulls `image` for the pod of `bundle` with the credentials its pull secrets hold for the
-/// image's registry.
+/// image's registry. Returns the fingerprint of the credential that pulled it (`None`:
+/// anonymously), for [`super::pulled_images`].
 pub async fn pull_image<R: ContainerRuntime>(
     rt: &R,
     meta: &PodMeta,
     image: &str,
     bundle: &PodBundle,
-) -> Result<(), PullError> {
+) -> Result<Option<String>, PullError> {
     let keyring = keyring(meta, bundle)?;
     let creds = keyring.lookup(image);
     let attempts = creds.len();
-    pull_in_turn(&creds, |i, auth| {
+    let used = pull_in_turn(&creds, |i, auth| {
         if auth.is_some() {
             debug!(pod = %meta.name, namespace = %meta.namespace, image, attempt = i + 1, of = attempts, "pulling with a pull secret credential");
         }
         rt.pull_image(image, auth)
     })
-    .await
+    .await?;
+    let registry = super::pulled_images::registry_of(image);
+    Ok(used.map(|i| super::pulled_images::fingerprint(&registry, creds[i])))
+}
+
+/// Fingerprints of the pod's credentials for `image`'s registry (a pull secret that cannot be
+/// read counts as none).
+pub fn credential_fingerprints(meta: &PodMeta, image: &str, bundle: &PodBundle) -> Vec<String> {
+    let registry = super::pulled_images::registry_of(image);
+    keyring(meta, bundle)
+        .map(|k| {
+            k.lookup(image)
+                .into_iter()
+                .map(|a| super::pulled_images::fingerprint(&registry, a))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The kubelet's order: anonymously when no credential matches; otherwise each credential in
 /// turn until one pull succeeds, never anonymously after they all failed.
-async fn pull_in_turn<'a, F, Fut>(creds: &[&'a RegistryAuth], mut pull: F) -> Result<(), PullError>
+/// Returns the index of the credential that pulled (`None`: anonymous).
+async fn pull_in_turn<'a, F, Fut>(
+    creds: &[&'a RegistryAuth],
+    mut pull: F,
+) -> Result<Option<usize>, PullError>
 where
     F: FnMut(usize, Option<&'a RegistryAuth>) -> Fut,
     Fut: std::future::Future<Output = Result<(), PodmanError>>,
 {
     if creds.is_empty() {
-        return pull(0, None).await.map_err(|e| PullError::Failed(vec![e]));
+        return pull(0, None)
+            .await
+            .map(|()| None)
+            .map_err(|e| PullError::Failed(vec![e]));
     }
     let mut errors = Vec::new();
     for (i, auth) in creds.iter().enumerate() {
         match pull(i, Some(auth)).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(Some(i)),
             Err(e) => errors.push(e),
         }
     }

@@ -85,6 +85,8 @@ pub struct PodContext<R> {
     pub allocatable: Resources,
     /// Directory of Localhost seccomp profiles.
     pub seccomp_root: PathBuf,
+    /// Which credentials pulled each image.
+    pub pulled_images: super::pulled_images::PulledImages,
 }
 
 struct Slot {
@@ -883,6 +885,17 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .inspect_image(&c.image)
             .await
             .map_err(|e| Observation::RuntimeError(e.to_string()))?;
+        // A present image pulled with credentials serves only pods holding one of them
+        // (KEP-2535); others pull it again with their own.
+        let verified = match &present {
+            Some(i) if c.pull_policy != PullPolicy::Always => {
+                let mine =
+                    super::pull_secrets::credential_fingerprints(&plan.meta, &c.image, bundle);
+                self.ctx.pulled_images.verify(&i.id, &mine).await
+                    == super::pulled_images::Verdict::Allowed
+            }
+            _ => false,
+        };
         let image = match (c.pull_policy, present) {
             (PullPolicy::Never, None) => {
                 return Err(Observation::NeverPull(format!(
@@ -890,19 +903,32 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     c.image
                 )));
             }
-            (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) => i,
-            (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, None) => {
+            (PullPolicy::Never, Some(_)) if !verified => {
+                return Err(Observation::NeverPull(format!(
+                    "image {:?} was pulled with credentials this pod does not have, and imagePullPolicy is Never",
+                    c.image
+                )));
+            }
+            (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) if verified => i,
+            (PullPolicy::Always | PullPolicy::IfNotPresent, _) => {
                 info!(pod = %plan.meta.name, container = %c.name, image = %c.image, "pulling image");
-                super::pull_secrets::pull_image(&*rt, &plan.meta, &c.image, bundle)
-                    .await
-                    .map_err(|e| Observation::PullFailed(e.to_string()))?;
-                rt.inspect_image(&c.image)
+                let credential =
+                    super::pull_secrets::pull_image(&*rt, &plan.meta, &c.image, bundle)
+                        .await
+                        .map_err(|e| Observation::PullFailed(e.to_string()))?;
+                let image = rt
+                    .inspect_image(&c.image)
                     .await
                     .map_err(|e| Observation::RuntimeError(e.to_string()))?
                     .ok_or_else(|| {
                         Observation::PullFailed(format!("image {:?} missing after pull", c.image))
-                    })?
+                    })?;
+                if let Err(e) = self.ctx.pulled_images.record(&image.id, credential).await {
+                    warn!(pod = %plan.meta.name, image = %c.image, error = %e, "recording the image pull failed");
+                }
+                image
             }
+            (PullPolicy::Never, Some(i)) => i,
         };
         let image_user = image
             .config

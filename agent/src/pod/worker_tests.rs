@@ -39,6 +39,7 @@ async fn rig(image_user: &str, policy: DevicePolicy) -> Rig {
             memory_bytes: 2 << 30,
         },
         seccomp_root: dir.path().join("seccomp"),
+        pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
     });
     Rig { _dir: dir, rt, ctx }
 }
