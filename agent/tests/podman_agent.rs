@@ -779,3 +779,59 @@ async fn lifecycle_hooks_run_like_the_kubelets() {
         "preStop ran before the container was stopped"
     );
 }
+
+#[tokio::test]
+async fn sidecar_init_containers_run_beside_the_app_and_end_with_it() {
+    let mut a = Agent::new("t-sidecar");
+    let uid = "uid-sidecar";
+    a.set_desired(
+        1,
+        vec![bundle(uid, "sidecar", json!({"hostNetwork": true, "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+            "initContainers": [
+                {"name": "side", "image": IMAGE, "restartPolicy": "Always",
+                 "command": ["sh", "-c", "trap 'exit 0' TERM; echo up > /shared/side; while true; do sleep 1; done"],
+                 "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+                 "startupProbe": {"exec": {"command": ["test", "-f", "/shared/side"]}, "periodSeconds": 1}},
+                {"name": "setup", "image": IMAGE,
+                 "command": ["sh", "-c", "test -f /shared/side && echo ok > /shared/setup"],
+                 "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}],
+            "containers": [{"name": "app", "image": IMAGE,
+                "command": ["sh", "-c", "test -f /shared/setup && sleep 3"],
+                "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}]}))],
+    );
+    a.start();
+    let s = a
+        .wait_status(
+            "pod running with its sidecar",
+            Duration::from_secs(60),
+            |s| {
+                pod(s, uid).is_some_and(|p| {
+                    p.phase == "Running"
+                        && p.status["initContainerStatuses"][0]["state"]["running"].is_object()
+                })
+            },
+        )
+        .await;
+    let init = &pod(&s, uid).unwrap().status["initContainerStatuses"];
+    assert_eq!(init[0]["started"], true, "sidecar started: {init:#}");
+    assert_eq!(
+        init[1]["state"]["terminated"]["exitCode"], 0,
+        "setup ran after the sidecar started"
+    );
+    let s = a
+        .wait_status("pod succeeded", Duration::from_secs(60), |s| {
+            pod(s, uid).is_some_and(|p| p.phase == "Succeeded")
+        })
+        .await;
+    let init = &pod(&s, uid).unwrap().status["initContainerStatuses"];
+    // The app finished: the sidecar is stopped, and not restarted.
+    a.wait_status("sidecar stopped", Duration::from_secs(30), |s| {
+        pod(s, uid).is_some_and(|p| {
+            p.status["initContainerStatuses"][0]["state"]["terminated"].is_object()
+        })
+    })
+    .await;
+    eprintln!("sidecar after the pod ended: {:#}", init[0]);
+}

@@ -187,6 +187,9 @@ pub struct ContainerPlan {
     pub startup: Option<ProbePlan>,
     /// Effective securityContext (pod level merged in).
     pub security: SecurityPlan,
+    /// An init container with `restartPolicy: Always`: started in order with the init
+    /// containers, then kept running (and restarted) beside the app containers.
+    pub sidecar: bool,
     /// lifecycle.postStart.
     pub post_start: Option<HookAction>,
     /// lifecycle.preStop.
@@ -550,19 +553,30 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
         .enumerate()
     {
         let field = format!("spec.initContainers[{i}]");
-        if c.restart_policy.is_some() {
-            return Err(err(
-                format!("{field}.restartPolicy"),
-                "sidecar init containers are not supported",
-            ));
-        }
-        let mut plan = parse_container(&field, &spec, c, &volumes, true)?;
+        let sidecar = match c.restart_policy.as_deref() {
+            None => false,
+            Some("Always") => true,
+            Some(other) => {
+                return Err(err(
+                    format!("{field}.restartPolicy"),
+                    format!("{other:?}: only Always (a sidecar) is allowed on an init container"),
+                ));
+            }
+        };
+        let mut plan = parse_container(&field, &spec, c, &volumes, !sidecar)?;
         plan.security = parse_container_security(&field, &spec, Some(&annotations), c)?;
+        plan.sidecar = sidecar;
         init_containers.push(plan);
     }
     let mut containers = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
         let field = format!("spec.containers[{i}]");
+        if c.restart_policy.is_some() {
+            return Err(err(
+                format!("{field}.restartPolicy"),
+                "a per-container restart policy is not supported on fleetlet devices",
+            ));
+        }
         let mut plan = parse_container(&field, &spec, c, &volumes, false)?;
         plan.security = parse_container_security(&field, &spec, Some(&annotations), c)?;
         containers.push(plan);
@@ -592,18 +606,7 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
     if spec.host_ipc == Some(true) {
         return Err(err("spec.hostIPC", "not supported"));
     }
-    // Kubelet admission: the effective request is the larger of the biggest init container and
-    // the sum of the app containers.
-    let app = containers
-        .iter()
-        .fold(Resources::default(), |a, c| Resources {
-            cpu_millis: a.cpu_millis.saturating_add(c.requests.cpu_millis),
-            memory_bytes: a.memory_bytes.saturating_add(c.requests.memory_bytes),
-        });
-    let requests = init_containers.iter().fold(app, |a, c| Resources {
-        cpu_millis: a.cpu_millis.max(c.requests.cpu_millis),
-        memory_bytes: a.memory_bytes.max(c.requests.memory_bytes),
-    });
+    let requests = effective_requests(&init_containers, &containers);
     Ok(PodPlan {
         meta,
         node_name: spec.node_name.clone().unwrap_or_default(),
@@ -710,6 +713,31 @@ fn dns(spec: &k8s::PodSpec) -> Result<DnsPlan, SpecError> {
             })
             .collect(),
     })
+}
+
+/// The kubelet's effective pod request: the larger of the app containers plus every sidecar,
+/// and of each regular init container plus the sidecars started before it.
+fn effective_requests(init: &[ContainerPlan], app: &[ContainerPlan]) -> Resources {
+    let add = |a: Resources, b: Resources| Resources {
+        cpu_millis: a.cpu_millis.saturating_add(b.cpu_millis),
+        memory_bytes: a.memory_bytes.saturating_add(b.memory_bytes),
+    };
+    let max = |a: Resources, b: Resources| Resources {
+        cpu_millis: a.cpu_millis.max(b.cpu_millis),
+        memory_bytes: a.memory_bytes.max(b.memory_bytes),
+    };
+    let mut sidecars = Resources::default();
+    let mut peak = Resources::default();
+    for c in init {
+        if c.sidecar {
+            sidecars = add(sidecars, c.requests);
+            peak = max(peak, sidecars);
+        } else {
+            peak = max(peak, add(sidecars, c.requests));
+        }
+    }
+    let steady = app.iter().fold(sidecars, |a, c| add(a, c.requests));
+    max(peak, steady)
 }
 
 /// PodSpec fields the agent cannot honour at all; each refused with its own reason.
@@ -1327,7 +1355,7 @@ fn parse_container(
         if init {
             return Err(err(
                 format!("{field}.{what}"),
-                "init containers cannot have probes",
+                "init containers cannot have probes (only sidecars, restartPolicy Always)",
             ));
         }
         parse_probe(&format!("{field}.{what}"), p, c).map(Some)
@@ -1357,12 +1385,6 @@ fn parse_container(
         }
     }
     let (post_start, pre_stop, stop_signal) = parse_lifecycle(field, c)?;
-    if !init && c.restart_policy.is_some() {
-        return Err(err(
-            format!("{field}.restartPolicy"),
-            "a per-container restart policy is not supported on fleetlet devices",
-        ));
-    }
     if c.restart_policy_rules
         .as_ref()
         .is_some_and(|r| !r.is_empty())
@@ -1395,6 +1417,7 @@ fn parse_container(
         readiness: probe(&c.readiness_probe, "readinessProbe")?,
         startup: probe(&c.startup_probe, "startupProbe")?,
         security: SecurityPlan::default(),
+        sidecar: false,
         post_start,
         pre_stop,
         stop_signal,

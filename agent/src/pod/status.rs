@@ -20,6 +20,8 @@ pub struct ContainerView<'a> {
     pub container_id: &'a str,
     /// Its lifecycle.
     pub lifecycle: &'a ContainerLifecycle,
+    /// An init container with restartPolicy Always.
+    pub sidecar: bool,
 }
 
 /// Everything a pod status is built from.
@@ -39,16 +41,15 @@ pub struct PodView<'a> {
     pub start_time: Timestamp,
 }
 
-/// Pod phase.
+/// Pod phase. Sidecars (restartable init containers) never decide it: the pod is over when its
+/// app containers are, as in the kubelet.
 pub fn phase(v: &PodView<'_>) -> &'static str {
-    let init_failed = v
-        .init
-        .iter()
-        .any(|c| c.lifecycle.finished() && !c.lifecycle.succeeded());
+    let regular = || v.init.iter().filter(|c| !c.sidecar);
+    let init_failed = regular().any(|c| c.lifecycle.finished() && !c.lifecycle.succeeded());
     if init_failed && v.plan.restart_policy == RestartPolicy::Never {
         return "Failed";
     }
-    if !v.init.iter().all(|c| c.lifecycle.succeeded()) {
+    if !regular().all(|c| c.lifecycle.succeeded()) {
         return "Pending";
     }
     let all_finished = v.app.iter().all(|c| c.lifecycle.finished());
@@ -65,6 +66,19 @@ pub fn phase(v: &PodView<'_>) -> &'static str {
             || c.lifecycle.finished()
     });
     if any_up { "Running" } else { "Pending" }
+}
+
+/// Initialized: every regular init container succeeded and every sidecar started (or ended
+/// with the pod).
+fn initialized(v: &PodView<'_>) -> bool {
+    v.init.iter().all(|c| {
+        if c.sidecar {
+            c.lifecycle.finished()
+                || c.lifecycle.started && matches!(c.lifecycle.state, State::Running { .. })
+        } else {
+            c.lifecycle.succeeded()
+        }
+    })
 }
 
 fn time(t: Option<Timestamp>) -> Option<Time> {
@@ -136,8 +150,13 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, since: Timestamp) -> k8
 /// The Kubernetes PodStatus.
 pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
     let phase = phase(v);
-    let initialized = v.init.iter().all(|c| c.lifecycle.succeeded());
-    let containers_ready = v.app.iter().all(|c| c.lifecycle.ready);
+    let initialized = initialized(v);
+    // Sidecars' readiness counts, as in the kubelet.
+    let containers_ready = v
+        .app
+        .iter()
+        .chain(v.init.iter().filter(|c| c.sidecar))
+        .all(|c| c.lifecycle.ready);
     let since = v.start_time;
     let not_ready_reason = if phase == "Succeeded" || phase == "Failed" {
         "PodCompleted"

@@ -19,7 +19,7 @@ use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Terminati
 use super::policy::DevicePolicy;
 use super::probe::{ProbeTracker, Verdict, run_probe};
 use super::sandbox;
-use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources};
+use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources, RestartPolicy};
 use super::status::{ContainerView, PodView, failed_status, pod_status};
 use super::volumes;
 use crate::podman::types::is_zero_time;
@@ -115,6 +115,8 @@ pub struct PodWorker<R> {
     /// The Podman pod was there at the last look: its infra container in the container listing
     /// then proves it still is, without listing pods.
     pod_known: bool,
+    /// Every init container of the pod has succeeded or (a sidecar) started once.
+    sidecars_started: bool,
     /// The pod's plan as last seen (preStop hooks run at removal, when no plan comes with it).
     last_plan: Option<Arc<PodPlan>>,
     /// Why the pod ended on the device (reason, message): evicted for an emptyDir over its
@@ -158,6 +160,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             pod_known: false,
             ended: None,
             last_plan: None,
+            sidecars_started: false,
             usage_checked: None,
         }
     }
@@ -323,6 +326,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     image_id: iid,
                     container_id: cid,
                     lifecycle: lc,
+                    sidecar: c.sidecar,
                 })
                 .collect(),
             app: app
@@ -333,6 +337,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     image_id: iid,
                     container_id: cid,
                     lifecycle: lc,
+                    sidecar: c.sidecar,
                 })
                 .collect(),
             host_ip: &self.ctx.host_ip,
@@ -457,8 +462,20 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .map(|c| (true, c))
             .chain(plan.containers.iter().map(|c| (false, c)))
             .collect();
+        // A pod that does not restart its app containers is over once they all finished; its
+        // sidecars are then stopped and not restarted, as the kubelet does.
+        let app_finished = plan.restart_policy != RestartPolicy::Always
+            && plan
+                .containers
+                .iter()
+                .all(|c| self.slots.get(&c.name).is_some_and(|s| s.lc.finished()));
+        if app_finished {
+            self.stop_sidecars(plan).await;
+        }
         for (is_init, c) in all {
-            if !is_init && !inits_done {
+            // Init containers run one at a time, in order; app containers after all of them
+            // (sidecars once they started).
+            if !inits_done {
                 let slot = self.slot(&c.name, &restored);
                 if !matches!(slot.lc.state, State::Running { .. } | State::Terminated(_)) {
                     slot.lc.state = State::Waiting {
@@ -468,6 +485,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 }
                 continue;
             }
+            let is_init = is_init && !c.sidecar;
             let hash = spec_hash(c);
             let container_id = self
                 .observe_container(
@@ -494,9 +512,22 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 )
                 .await;
             requeue = requeue.min(next);
-            if is_init && !self.slot(&c.name, &restored).lc.succeeded() {
+            let slot = self.slot(&c.name, &restored);
+            // A sidecar gates what follows it only until the pod has started once: a sidecar
+            // restarting later does not hold the app containers back.
+            let done = if c.sidecar {
+                slot.lc.started && matches!(slot.lc.state, State::Running { .. })
+                    || app_finished
+                    || self.sidecars_started
+            } else {
+                !is_init || slot.lc.succeeded()
+            };
+            if !done {
                 inits_done = false;
             }
+        }
+        if inits_done {
+            self.sidecars_started = true;
         }
         Ok(requeue)
     }
@@ -638,6 +669,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if let Observation::Exited(t) = &mut obs {
             t.message = self.termination_message(c, t).await;
         }
+        let policy = restart_policy(plan, c, &self.slots);
         let slot = self.slot(&c.name, restored);
         if let Some(i) = &inspect {
             slot.container_id = i.id.clone();
@@ -646,7 +678,6 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
         }
         let was_running = matches!(slot.lc.state, State::Running { .. });
-        let policy = plan.restart_policy;
         let exit_code = match &obs {
             Observation::Exited(t) => Some(t.exit_code),
             _ => None,
@@ -691,7 +722,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         now: Instant,
     ) -> Duration {
         let rt = self.ctx.rt.clone();
-        let policy = plan.restart_policy;
+        let policy = restart_policy(plan, c, &self.slots);
         let mut requeue = Duration::from_secs(300);
         let slot = self.slot(&c.name, restored);
         // Act.
@@ -1138,6 +1169,25 @@ impl<R: ContainerRuntime> PodWorker<R> {
         (!text.is_empty()).then_some(text)
     }
 
+    /// Stop the pod's running sidecars in reverse order (each with its preStop hook).
+    async fn stop_sidecars(&self, plan: &PodPlan) {
+        for c in plan.init_containers.iter().rev().filter(|c| c.sidecar) {
+            let Some(slot) = self.slots.get(&c.name) else {
+                continue;
+            };
+            if !matches!(slot.lc.state, State::Running { .. }) || slot.container_id.is_empty() {
+                continue;
+            }
+            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "app containers finished; stopping sidecar");
+            if let Err(e) = self
+                .stop_with_hook(plan, Some(c), &slot.container_id, plan.grace_secs)
+                .await
+            {
+                warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping sidecar failed");
+            }
+        }
+    }
+
     /// Where hooks without a host go: the pod's address (loopback with the host network).
     fn hook_host(&self, plan: &PodPlan) -> String {
         if plan.host_network || self.pod_ip.is_empty() {
@@ -1196,16 +1246,48 @@ impl<R: ContainerRuntime> PodWorker<R> {
             info!(pod_uid = %self.uid, deletion_grace_secs = ?grace_override, "stopping pod");
         }
         let plan = self.last_plan.clone();
-        let stops = containers.iter().filter(|c| c.state == "running").map(|c| {
+        let started = Instant::now();
+        // Sidecars stop after the other containers, in reverse order, within the same grace
+        // (the kubelet's termination order for restartable init containers).
+        let sidecar_rank = |name: &str| {
+            plan.as_ref().and_then(|p| {
+                p.init_containers
+                    .iter()
+                    .filter(|c| c.sidecar)
+                    .position(|c| c.name == name)
+            })
+        };
+        let running: Vec<(String, String)> = containers
+            .iter()
+            .filter(|c| c.state == "running")
+            .map(|c| {
+                (
+                    c.id.clone(),
+                    c.labels.get(labels::CONTAINER).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let (mut sidecars, others): (Vec<_>, Vec<_>) = running
+            .into_iter()
+            .partition(|(_, n)| sidecar_rank(n).is_some());
+        sidecars.sort_by_key(|(_, n)| std::cmp::Reverse(sidecar_rank(n)));
+        let stop = |id: String, name: String| {
             let rt = rt.clone();
-            let id = c.id.clone();
-            let name = c.labels.get(labels::CONTAINER).cloned().unwrap_or_default();
             let plan = plan.clone();
             async move {
                 let grace = match (grace_override, rt.inspect_container(&id).await?) {
                     (_, None) => return Ok(()),
                     (Some(secs), Some(_)) => secs,
                     (None, Some(i)) => i.config.stop_timeout.unwrap_or(30),
+                };
+                // What is left of the pod's grace when sidecars come last.
+                let grace = if grace == 0 {
+                    0
+                } else {
+                    Duration::from_secs(grace)
+                        .saturating_sub(started.elapsed())
+                        .max(super::hooks::MIN_STOP_AFTER_PRESTOP)
+                        .as_secs()
                 };
                 debug!(container = %id, grace_secs = grace, "stopping container");
                 match &plan {
@@ -1216,9 +1298,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     None => rt.stop_container(&id, grace).await,
                 }
             }
-        });
-        for r in futures::future::join_all(stops).await {
+        };
+        for r in futures::future::join_all(others.into_iter().map(|(id, n)| stop(id, n))).await {
             r?;
+        }
+        for (id, name) in sidecars {
+            stop(id, name).await?;
         }
         Ok(containers)
     }
@@ -1257,6 +1342,28 @@ impl<R: ContainerRuntime> PodWorker<R> {
         };
         let _ = self.publish(&ns, &name, &status, true);
         Ok(())
+    }
+}
+
+/// The restart policy of container `c`: the pod's, but Always for a sidecar until the pod's app
+/// containers have all finished (then Never: a finished pod does not restart its sidecars).
+fn restart_policy(
+    plan: &PodPlan,
+    c: &ContainerPlan,
+    slots: &BTreeMap<String, Slot>,
+) -> RestartPolicy {
+    if !c.sidecar {
+        return plan.restart_policy;
+    }
+    let app_finished = plan.restart_policy != RestartPolicy::Always
+        && plan
+            .containers
+            .iter()
+            .all(|a| slots.get(&a.name).is_some_and(|s| s.lc.finished()));
+    if app_finished {
+        RestartPolicy::Never
+    } else {
+        RestartPolicy::Always
     }
 }
 

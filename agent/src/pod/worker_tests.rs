@@ -351,3 +351,67 @@ async fn an_image_change_is_a_restart_with_the_last_state() {
     let last = cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
     assert_eq!(last.exit_code, 137);
 }
+
+#[tokio::test]
+async fn sidecars_start_in_order_keep_running_and_end_with_the_pod() {
+    let r = rig("", DevicePolicy::default()).await;
+    let b = bundle(serde_json::json!({
+        "restartPolicy": "Never",
+        "initContainers": [
+            {"name": "side", "image": IMAGE, "restartPolicy": "Always"},
+            {"name": "setup", "image": IMAGE}],
+        "containers": [{"name": "app", "image": IMAGE}]
+    }));
+    let planned = plan_pod(&b.pod_json, &r.ctx.policy);
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    let status = |r: &Rig| -> PodStatus {
+        let map = r.ctx.statuses.borrow().clone();
+        serde_json::from_slice(&map["uid-1"].status_json).unwrap()
+    };
+    for _ in 0..3 {
+        w.reconcile(&b, &planned, Ok(())).await;
+    }
+    // The sidecar runs; the regular init container ran after it and now must finish.
+    assert!(r.rt.spec_of("side").await.is_some());
+    assert!(
+        r.rt.spec_of("app").await.is_none(),
+        "app waits for the init container"
+    );
+    r.rt.exit("setup", 0).await;
+    for _ in 0..3 {
+        w.reconcile(&b, &planned, Ok(())).await;
+    }
+    let st = status(&r);
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    let side = &st.init_container_statuses.as_ref().unwrap()[0];
+    assert!(side.state.as_ref().unwrap().running.is_some(), "{side:?}");
+    // A sidecar that exits is restarted even though the pod's policy is Never.
+    r.rt.exit("side", 1).await;
+    for _ in 0..3 {
+        w.reconcile(&b, &planned, Ok(())).await;
+    }
+    let side = status(&r).init_container_statuses.unwrap()[0].clone();
+    assert!(
+        side.restart_count == 1
+            || side
+                .state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .is_some_and(|w| w.reason.as_deref() == Some("CrashLoopBackOff")),
+        "{side:?}"
+    );
+    // The app finishes: the pod succeeds and its sidecar is stopped, not restarted.
+    r.rt.exit("app", 0).await;
+    for _ in 0..3 {
+        w.reconcile(&b, &planned, Ok(())).await;
+    }
+    let st = status(&r);
+    assert_eq!(
+        st.phase.as_deref(),
+        Some("Succeeded"),
+        "{}",
+        serde_json::to_string_pretty(&st).unwrap()
+    );
+}
