@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use fleetlet_resources::admission::{Allocatable, Requests, admit_to};
+
 use crate::pod::spec::{PodPlan, Resources, parse_pod};
 use crate::pod::worker::{Desire, Planned, PodContext, PodWorker, Rejection};
 use crate::podman::{ContainerRuntime, labels};
@@ -149,8 +151,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
         // Admission, in snapshot order; pods admitted before stay admitted.
         self.admitted.retain(|u| desired.contains_key(u));
-        let mut used = Resources::default();
-        let mut count = 0usize;
+        // The kubelet's rule, shared with the hub (fleetlet-resources): the same requests, the
+        // same reasons and messages.
+        let allocatable = Allocatable {
+            cpu_milli: Some(i128::from(self.allocatable.cpu_millis)),
+            memory: Some(i128::from(self.allocatable.memory_bytes)),
+            pods: Some(i128::try_from(self.max_pods).unwrap_or(i128::MAX)),
+        };
         let mut verdicts = BTreeMap::new();
         let plans = &self.plans;
         let requests = |uid: &str| {
@@ -159,11 +166,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 .and_then(|(_, p)| p.as_ref().as_ref().ok().map(|p| p.requests))
                 .unwrap_or_default()
         };
+        let mut admitted: Vec<Requests> = Vec::new();
         for uid in order.iter().filter(|u| self.admitted.contains(*u)) {
-            let r = requests(uid);
-            used.cpu_millis = used.cpu_millis.saturating_add(r.cpu_millis);
-            used.memory_bytes = used.memory_bytes.saturating_add(r.memory_bytes);
-            count += 1;
+            admitted.push(requests(uid));
             verdicts.insert(uid.clone(), Ok(()));
         }
         let newcomers: Vec<String> = order
@@ -173,38 +178,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .collect();
         for uid in &newcomers {
             let r = requests(uid);
-            let verdict = if count >= self.max_pods {
-                Err((
-                    "OutOfpods".to_owned(),
-                    format!(
-                        "Node didn't have enough resource: pods, capacity: {}",
-                        self.max_pods
-                    ),
-                ))
-            } else if used.cpu_millis.saturating_add(r.cpu_millis) > self.allocatable.cpu_millis {
-                Err((
-                    "OutOfcpu".to_owned(),
-                    format!(
-                        "Node didn't have enough resource: cpu, requested: {}m, used: {}m, capacity: {}m",
-                        r.cpu_millis, used.cpu_millis, self.allocatable.cpu_millis
-                    ),
-                ))
-            } else if used.memory_bytes.saturating_add(r.memory_bytes)
-                > self.allocatable.memory_bytes
-            {
-                Err((
-                    "OutOfmemory".to_owned(),
-                    format!(
-                        "Node didn't have enough resource: memory, requested: {}, used: {}, capacity: {}",
-                        r.memory_bytes, used.memory_bytes, self.allocatable.memory_bytes
-                    ),
-                ))
-            } else {
-                used.cpu_millis = used.cpu_millis.saturating_add(r.cpu_millis);
-                used.memory_bytes = used.memory_bytes.saturating_add(r.memory_bytes);
-                count += 1;
-                self.admitted.insert(uid.clone());
-                Ok(())
+            let verdict = match admit_to(&allocatable, &admitted, r) {
+                Ok(()) => {
+                    admitted.push(r);
+                    self.admitted.insert(uid.clone());
+                    Ok(())
+                }
+                Err(e) => Err((e.reason, e.message)),
             };
             verdicts.insert(uid.clone(), verdict);
         }

@@ -91,8 +91,9 @@ pub struct PodPlan {
     pub containers: Vec<ContainerPlan>,
     /// spec.volumes.
     pub volumes: Vec<VolumePlan>,
-    /// Effective requests for admission (max of init, sum of app containers).
-    pub requests: Resources,
+    /// Effective requests for admission, the kubelet's way (sidecars and overhead included;
+    /// computed by the rule the hub shares).
+    pub requests: fleetlet_resources::admission::Requests,
     /// metadata.labels (downward API).
     pub labels: BTreeMap<String, String>,
     /// metadata.annotations (downward API).
@@ -518,6 +519,7 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
             .filter(|n| !n.is_empty())
             .ok_or_else(|| err("metadata.name", "required"))?,
     };
+    let requests = fleetlet_resources::admission::pod_requests(&pod);
     let spec = pod.spec.ok_or_else(|| err("spec", "required"))?;
     let restart_policy = match spec.restart_policy.as_deref() {
         None | Some("Always") => RestartPolicy::Always,
@@ -606,7 +608,6 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
     if spec.host_ipc == Some(true) {
         return Err(err("spec.hostIPC", "not supported"));
     }
-    let requests = effective_requests(&init_containers, &containers);
     Ok(PodPlan {
         meta,
         node_name: spec.node_name.clone().unwrap_or_default(),
@@ -713,31 +714,6 @@ fn dns(spec: &k8s::PodSpec) -> Result<DnsPlan, SpecError> {
             })
             .collect(),
     })
-}
-
-/// The kubelet's effective pod request: the larger of the app containers plus every sidecar,
-/// and of each regular init container plus the sidecars started before it.
-fn effective_requests(init: &[ContainerPlan], app: &[ContainerPlan]) -> Resources {
-    let add = |a: Resources, b: Resources| Resources {
-        cpu_millis: a.cpu_millis.saturating_add(b.cpu_millis),
-        memory_bytes: a.memory_bytes.saturating_add(b.memory_bytes),
-    };
-    let max = |a: Resources, b: Resources| Resources {
-        cpu_millis: a.cpu_millis.max(b.cpu_millis),
-        memory_bytes: a.memory_bytes.max(b.memory_bytes),
-    };
-    let mut sidecars = Resources::default();
-    let mut peak = Resources::default();
-    for c in init {
-        if c.sidecar {
-            sidecars = add(sidecars, c.requests);
-            peak = max(peak, sidecars);
-        } else {
-            peak = max(peak, add(sidecars, c.requests));
-        }
-    }
-    let steady = app.iter().fold(sidecars, |a, c| add(a, c.requests));
-    max(peak, steady)
 }
 
 /// PodSpec fields the agent cannot honour at all; each refused with its own reason.
@@ -1676,42 +1652,19 @@ fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbeP
     })
 }
 
-/// Parse a CPU quantity ("500m", "1", "0.25") into millicores.
+/// Parse a CPU quantity ("500m", "1", "0.25") into millicores, exactly (the parser the hub
+/// uses; fractions of a millicore round up).
 pub fn parse_cpu(q: &str) -> Option<u64> {
-    let q = q.trim();
-    if let Some(m) = q.strip_suffix('m') {
-        return m.parse::<u64>().ok();
-    }
-    let v: f64 = q.parse().ok()?;
-    (v >= 0.0 && v.is_finite()).then(|| (v * 1000.0).ceil() as u64)
+    fleetlet_resources::quantity::cpu_millis(q)
+        .ok()
+        .and_then(|v| u64::try_from(v).ok())
 }
 
-/// Parse a memory quantity ("64Mi", "1G", "128974848", "129e6") into bytes.
+/// Parse a memory quantity ("64Mi", "1G", "128974848", "129e6") into bytes, exactly.
 pub fn parse_bytes(q: &str) -> Option<u64> {
-    let q = q.trim();
-    const SUFFIXES: [(&str, f64); 13] = [
-        ("Ki", 1024.0),
-        ("Mi", 1048576.0),
-        ("Gi", 1073741824.0),
-        ("Ti", 1099511627776.0),
-        ("Pi", 1125899906842624.0),
-        ("Ei", 1152921504606846976.0),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-        ("m", 1e-3),
-    ];
-    for (s, mult) in SUFFIXES {
-        if let Some(n) = q.strip_suffix(s) {
-            let v: f64 = n.parse().ok()?;
-            return (v >= 0.0 && v.is_finite()).then(|| (v * mult).ceil() as u64);
-        }
-    }
-    let v: f64 = q.parse().ok()?;
-    (v >= 0.0 && v.is_finite()).then(|| v.ceil() as u64)
+    fleetlet_resources::quantity::units(q)
+        .ok()
+        .and_then(|v| u64::try_from(v).ok())
 }
 
 #[cfg(test)]
@@ -1783,7 +1736,7 @@ mod tests {
             })
         );
         assert_eq!(app.requests.cpu_millis, 500, "request defaults to limit");
-        assert_eq!(plan.requests.cpu_millis, 2000, "largest init request wins");
+        assert_eq!(plan.requests.cpu_milli, 2000, "largest init request wins");
         assert_eq!(app.env[1], EnvVar::Field("B".into(), FieldRef::Uid));
         match &app.readiness.as_ref().unwrap().action {
             ProbeAction::HttpGet { port, path, .. } => {
