@@ -8,6 +8,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::link::{DeviceState, LogStream, PodStatusMap};
+use crate::link_status::{LinkEvent, LinkTracker};
 use crate::podman::{ContainerRuntime, LogOptions, labels};
 use crate::store::DesiredStore;
 
@@ -25,6 +26,8 @@ pub struct AgentDeviceState<R> {
     pub statuses: watch::Receiver<PodStatusMap>,
     /// Runtime (for logs).
     pub rt: Arc<R>,
+    /// The link's state for the status file.
+    pub link: LinkTracker,
 }
 
 #[tonic::async_trait]
@@ -70,6 +73,10 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
 
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String> {
         container_logs(&*self.rt, &self.device, req).await
+    }
+
+    fn link_changed(&self, event: LinkEvent) {
+        self.link.record(event);
     }
 }
 
