@@ -312,6 +312,9 @@ mod tests {
         // Generation 7 but no snapshot file: no stored time rather than a wrong one.
         assert_eq!(r.generation_stored, None);
         let missing = report(&dir.path().join("nope")).unwrap_err().to_string();
-        assert!(missing.contains("status.json"), "{missing}");
+        assert!(
+            missing.contains("status.json") && missing.contains("has not run"),
+            "{missing}"
+        );
     }
 }

@@ -23,6 +23,16 @@ pub const FILE: &str = "status.json";
 /// Errors reading the status file.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusFileError {
+    /// There is no status file: the agent never ran with this state directory, or the
+    /// configuration points elsewhere.
+    #[error(
+        "no status file {path}: fleetlet-agent has not run with this state directory \
+         (check --config or --state-dir)"
+    )]
+    Missing {
+        /// File.
+        path: PathBuf,
+    },
     /// Missing or unreadable.
     #[error("status file {path}: {source}")]
     Read {
@@ -198,9 +208,12 @@ pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile 
 /// Read the status file of `state_dir`.
 pub fn read(state_dir: &Path) -> Result<StatusFile, StatusFileError> {
     let path = state_dir.join(FILE);
-    let text = std::fs::read(&path).map_err(|source| StatusFileError::Read {
-        path: path.clone(),
-        source,
+    let text = std::fs::read(&path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => StatusFileError::Missing { path: path.clone() },
+        _ => StatusFileError::Read {
+            path: path.clone(),
+            source,
+        },
     })?;
     serde_json::from_slice(&text).map_err(|e| StatusFileError::Parse {
         path,
