@@ -238,7 +238,11 @@ pub struct StatusSources {
     pub link: watch::Receiver<LinkStatus>,
 }
 
-/// Keep the status file current until `shutdown` (debounced: at most one write per second), and
+/// Shortest time between two writes of the status file: a burst of pod changes costs a few
+/// fsyncs a second on the device's storage, not one per change.
+const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Keep the status file current until `shutdown` (at most one write per [`MIN_WRITE_INTERVAL`]), and
 /// write it once more on the way out so it says the agent stopped.
 pub async fn keep_written(
     state_dir: PathBuf,
@@ -264,6 +268,9 @@ pub async fn keep_written(
                 last = Some(compared);
             }
         }
+        // At most one write per MIN_WRITE_INTERVAL, but the first change after a quiet spell is
+        // written at once: `status` right after a pod started shows it.
+        let next_write = tokio::time::Instant::now() + MIN_WRITE_INTERVAL;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = src.held.changed() => if r.is_err() { break },
@@ -272,7 +279,7 @@ pub async fn keep_written(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep_until(next_write) => {}
         }
     }
     // The link's task may not have said "stopped" yet: the file says it for it.
