@@ -82,6 +82,10 @@ pub async fn run(
         host_ip: node::node_ip(&cfg),
         statuses: status_tx,
         restored_restarts: statusfile::restored_restarts(&cfg.state_dir),
+        restored_start_times: statusfile::restored_start_times(&cfg.state_dir),
+        policy: cfg.policy.clone(),
+        allocatable: resources.allocatable,
+        seccomp_root: cfg.seccomp_root(),
     });
     let reconciler = Reconciler::new(
         ctx,

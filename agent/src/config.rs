@@ -68,6 +68,13 @@ pub struct AgentConfig {
     /// The link to fleetlet-hub; absent = run from local desired state only.
     #[serde(default)]
     pub hub: Option<LinkConfig>,
+    /// Directory of seccomp profiles that pods name as `Localhost` (default
+    /// `<state_dir>/seccomp`, as the kubelet's `<root-dir>/seccomp`).
+    #[serde(default)]
+    pub seccomp_profile_root: Option<PathBuf>,
+    /// What this device never runs, whatever the cluster allows.
+    #[serde(default)]
+    pub policy: crate::pod::policy::DevicePolicy,
 }
 
 /// Reservations subtracted from capacity to get allocatable.
@@ -109,11 +116,20 @@ impl Default for AgentConfig {
             max_pods: default_max_pods(),
             reserved: Reserved::default(),
             hub: None,
+            seccomp_profile_root: None,
+            policy: Default::default(),
         }
     }
 }
 
 impl AgentConfig {
+    /// Where Localhost seccomp profiles are looked up.
+    pub fn seccomp_root(&self) -> PathBuf {
+        self.seccomp_profile_root
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("seccomp"))
+    }
+
     /// Load `path`; a missing file is an error only when `required`.
     pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {

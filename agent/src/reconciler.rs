@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::pod::spec::{Resources, parse_pod};
-use crate::pod::worker::{Desire, PodContext, PodWorker};
+use crate::pod::spec::{PodPlan, Resources, parse_pod};
+use crate::pod::worker::{Desire, Planned, PodContext, PodWorker, Rejection};
 use crate::podman::{ContainerRuntime, labels};
 use crate::store::Held;
 
@@ -40,6 +40,9 @@ pub struct Reconciler<R> {
     /// A sweep for pods left in Podman is owed before the next periodic resync (the last pass
     /// ran a fallback snapshot, which removes nothing).
     sweep_due: bool,
+    /// Each desired pod parsed once (and checked against the device policy), kept while its
+    /// Pod JSON is the same: workers and admission read the plan, never the JSON.
+    plans: HashMap<String, (bytes::Bytes, Arc<Planned>)>,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -60,6 +63,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             admitted: BTreeSet::new(),
             last_generation: 0,
             sweep_due: false,
+            plans: HashMap::new(),
         }
     }
 
@@ -130,18 +134,33 @@ impl<R: ContainerRuntime> Reconciler<R> {
             order.push(uid.clone());
             desired.insert(uid, Arc::new(bundle.clone()));
         }
+        // Parse each pod once per version of its JSON.
+        self.plans.retain(|u, _| desired.contains_key(u));
+        for (uid, bundle) in &desired {
+            let fresh = match self.plans.get(uid) {
+                Some((json, _)) => *json != bundle.pod_json,
+                None => true,
+            };
+            if fresh {
+                let planned = plan_pod(&bundle.pod_json, &self.ctx.policy);
+                self.plans
+                    .insert(uid.clone(), (bundle.pod_json.clone(), Arc::new(planned)));
+            }
+        }
         // Admission, in snapshot order; pods admitted before stay admitted.
         self.admitted.retain(|u| desired.contains_key(u));
         let mut used = Resources::default();
         let mut count = 0usize;
         let mut verdicts = BTreeMap::new();
-        let requests = |b: &PodBundle| {
-            parse_pod(&b.pod_json)
-                .map(|p| p.requests)
+        let plans = &self.plans;
+        let requests = |uid: &str| {
+            plans
+                .get(uid)
+                .and_then(|(_, p)| p.as_ref().as_ref().ok().map(|p| p.requests))
                 .unwrap_or_default()
         };
         for uid in order.iter().filter(|u| self.admitted.contains(*u)) {
-            let r = requests(&desired[uid]);
+            let r = requests(uid);
             used.cpu_millis = used.cpu_millis.saturating_add(r.cpu_millis);
             used.memory_bytes = used.memory_bytes.saturating_add(r.memory_bytes);
             count += 1;
@@ -153,7 +172,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .cloned()
             .collect();
         for uid in &newcomers {
-            let r = requests(&desired[uid.as_str()]);
+            let r = requests(uid);
             let verdict = if count >= self.max_pods {
                 Err((
                     "OutOfpods".to_owned(),
@@ -190,8 +209,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
             verdicts.insert(uid.clone(), verdict);
         }
         for (uid, bundle) in &desired {
+            let plan = match self.plans.get(uid) {
+                Some((_, p)) => p.clone(),
+                None => Arc::new(plan_pod(&bundle.pod_json, &self.ctx.policy)),
+            };
             let desire = Desire::Run {
                 bundle: bundle.clone(),
+                plan,
                 admission: verdicts.remove(uid).unwrap_or(Ok(())),
             };
             self.set_desire(uid, desire, full, shutdown).await;
@@ -301,14 +325,30 @@ fn same_desire(a: &Desire, b: &Desire) -> bool {
             Desire::Run {
                 bundle: b1,
                 admission: a1,
+                ..
             },
             Desire::Run {
                 bundle: b2,
                 admission: a2,
+                ..
             },
         ) => b1 == b2 && a1 == a2,
         _ => false,
     }
+}
+
+/// Parse a pod and check it against the device policy: the plan every worker pass uses, or
+/// why the pod cannot run here.
+pub fn plan_pod(pod_json: &[u8], policy: &crate::pod::policy::DevicePolicy) -> Planned {
+    let plan: PodPlan = parse_pod(pod_json).map_err(|e| Rejection {
+        reason: "UnsupportedPodSpec".into(),
+        message: e.to_string(),
+    })?;
+    policy.check(&plan).map_err(|v| Rejection {
+        reason: v.reason.into(),
+        message: v.message,
+    })?;
+    Ok(Arc::new(plan))
 }
 
 /// The `metadata.uid` of a pod JSON.
@@ -370,5 +410,125 @@ async fn watch_events<R: ContainerRuntime>(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {},
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fleetlet_proto::v1::DesiredSnapshot;
+
+    use super::*;
+    use crate::pod::policy::DevicePolicy;
+    use crate::podman::fake::FakeRuntime;
+
+    const IMAGE: &str = "localhost/test/busybox:1";
+
+    fn bundle(uid: &str, cpu: &str) -> PodBundle {
+        PodBundle {
+            pod_json: serde_json::to_vec(&serde_json::json!({
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid},
+                "spec": {"containers": [{"name": "c", "image": IMAGE,
+                    "resources": {"requests": {"cpu": cpu}}}]}
+            }))
+            .unwrap()
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn held(generation: u64, pods: Vec<PodBundle>) -> Held {
+        Held::Known(Arc::new(DesiredSnapshot {
+            generation,
+            pods,
+            ..Default::default()
+        }))
+    }
+
+    async fn reconciler() -> (Reconciler<FakeRuntime>, FakeRuntime, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::with_image(IMAGE, "").await;
+        let ctx = Arc::new(PodContext {
+            rt: Arc::new(rt.clone()),
+            device: "dev-rec".into(),
+            state_dir: dir.path().to_owned(),
+            host_ip: "192.0.2.10".into(),
+            statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
+            restored_restarts: BTreeMap::new(),
+            restored_start_times: BTreeMap::new(),
+            policy: DevicePolicy::default(),
+            allocatable: Resources {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+            },
+            seccomp_root: dir.path().join("seccomp"),
+        });
+        let allocatable = ctx.allocatable;
+        (
+            Reconciler::new(ctx, allocatable, 10, Duration::from_secs(60)),
+            rt,
+            dir,
+        )
+    }
+
+    async fn phase(r: &Reconciler<FakeRuntime>, uid: &str) -> Option<(String, String)> {
+        for _ in 0..200 {
+            if let Some(e) = r.ctx.statuses.borrow().get(uid) {
+                let st: k8s_openapi::api::core::v1::PodStatus =
+                    serde_json::from_slice(&e.status_json).unwrap();
+                if let Some(p) = st.phase.filter(|p| p != "Pending") {
+                    return Some((p, st.reason.unwrap_or_default()));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn admits_in_order_parses_once_and_removes_what_is_no_longer_desired() {
+        let (mut r, rt, _dir) = reconciler().await;
+        let shutdown = CancellationToken::new();
+        let first = held(1, vec![bundle("a", "600m"), bundle("b", "600m")]);
+        r.sync(&first, true, &shutdown).await;
+        assert_eq!(
+            phase(&r, "a").await,
+            Some(("Running".into(), String::new()))
+        );
+        assert_eq!(
+            phase(&r, "b").await,
+            Some(("Failed".into(), "OutOfcpu".into()))
+        );
+        // The same JSON is not parsed again.
+        let before = r.plans["a"].1.clone();
+        r.sync(
+            &held(2, vec![bundle("a", "600m"), bundle("b", "600m")]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert!(Arc::ptr_eq(&before, &r.plans["a"].1));
+        // a goes; b stays refused (admission is decided once).
+        r.sync(&held(3, vec![bundle("b", "600m")]), false, &shutdown)
+            .await;
+        let mut removed = false;
+        for _ in 0..200 {
+            removed = r.ctx.statuses.borrow().get("a").is_some_and(|e| e.removed);
+            if removed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(removed, "a's removal was published");
+        assert!(
+            rt.state
+                .lock()
+                .await
+                .pods
+                .values()
+                .all(|p| !p.name.ends_with("-a"))
+        );
+        shutdown.cancel();
     }
 }

@@ -228,6 +228,22 @@ pub fn restored_restarts(state_dir: &Path) -> BTreeMap<String, BTreeMap<String, 
         .unwrap_or_default()
 }
 
+/// When each pod started on this device (its status' startTime), from a previous run: an
+/// agent restart does not restart the clock of activeDeadlineSeconds.
+pub fn restored_start_times(state_dir: &Path) -> BTreeMap<String, jiff::Timestamp> {
+    read(state_dir)
+        .map(|f| {
+            f.pods
+                .into_iter()
+                .filter_map(|p| {
+                    let t = p.status.get("startTime")?.as_str()?.parse().ok()?;
+                    Some((p.uid, t))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What the status file is written from.
 pub struct StatusSources {
     /// The held desired state.

@@ -485,12 +485,19 @@ async fn volumes_env_secrets_and_removal_with_grace_period() {
     assert!(!env.contains("MISSING_OK"));
     let token = vol_dir.join("sec/t/token");
     let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
+    // The kubelet's semantics: the file has the mode the pod asked for (a container running as
+    // another uid must read it); the device side is protected by the 0700 pods tree and by the
+    // volume being a tmpfs, so the secret never reaches the disk.
+    assert_eq!(mode, 0o644);
     assert_eq!(
-        mode & 0o007,
-        0,
-        "secret file must not be world-readable: {mode:o}"
+        std::fs::metadata(a.state.path().join("pods"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
     );
-    assert_eq!(mode, 0o640);
+    assert!(fleetlet_agent::pod::safefs::is_tmpfs(&vol_dir.join("sec")));
     assert_eq!(
         std::fs::metadata(vol_dir.join("cfg/greeting"))
             .unwrap()
@@ -654,4 +661,65 @@ async fn bridge_network_pods_report_their_ip_to_status_and_env() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), ip);
+}
+
+#[tokio::test]
+async fn termination_messages_and_active_deadline() {
+    let mut a = Agent::new("t-termmsg");
+    a.set_desired(
+        1,
+        vec![
+            bundle(
+                "uid-file",
+                "file",
+                json!({"hostNetwork": true, "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": IMAGE,
+                    "securityContext": {"runAsUser": 1000, "readOnlyRootFilesystem": true},
+                    "command": ["sh", "-c", "echo bye > /dev/termination-log; exit 2"]}]}),
+            ),
+            bundle(
+                "uid-logs",
+                "logs",
+                json!({"hostNetwork": true, "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": IMAGE,
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                    "command": ["sh", "-c", "echo first; echo oops; exit 1"]}]}),
+            ),
+            bundle(
+                "uid-deadline",
+                "deadline",
+                json!({"hostNetwork": true,
+                "activeDeadlineSeconds": 3, "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "image": IMAGE, "command": ["sleep", "3600"]}]}),
+            ),
+        ],
+    );
+    a.start();
+    let s = a
+        .wait_status("terminations", Duration::from_secs(60), |s| {
+            ["uid-file", "uid-logs", "uid-deadline"]
+                .iter()
+                .all(|u| pod(s, u).is_some_and(|p| p.phase == "Failed"))
+        })
+        .await;
+    let term = |uid: &str| {
+        pod(&s, uid).unwrap().status["containerStatuses"][0]["state"]["terminated"].clone()
+    };
+    assert_eq!(term("uid-file")["message"], "bye\n");
+    assert_eq!(term("uid-file")["exitCode"], 2);
+    let logs = term("uid-logs")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(logs.contains("oops"), "{logs:?}");
+    let deadline = &pod(&s, "uid-deadline").unwrap().status;
+    assert_eq!(deadline["reason"], "DeadlineExceeded");
+    assert!(
+        container_ids("t-termmsg", "uid-deadline")
+            .await
+            .values()
+            .next()
+            .is_some(),
+        "the container stays (stopped) until the pod is deleted"
+    );
 }

@@ -164,6 +164,7 @@ async fn podman_floor(id: &str) {
                 },
                 utsns: None,
                 portmappings: Vec::new(),
+                ..Default::default()
             })
             .await?;
             lap(0, &mut samples);

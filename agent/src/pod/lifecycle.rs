@@ -70,6 +70,9 @@ pub struct Termination {
     pub finished_at: Option<Timestamp>,
     /// Podman container id of that run.
     pub container_id: String,
+    /// The termination message (terminationMessagePath, or the log tail with
+    /// FallbackToLogsOnError).
+    pub message: Option<String>,
 }
 
 /// Where a container is.
@@ -327,6 +330,22 @@ impl ContainerLifecycle {
         }
     }
 
+    /// The container's spec changed (e.g. a new image) and its run `t` was killed to create it
+    /// anew: as for the kubelet, that counts as a restart, the killed run becomes the last state,
+    /// and no back-off applies.
+    pub fn replaced(&mut self, t: Termination) {
+        self.restart_count += 1;
+        self.counted_finish = t.finished_at;
+        self.last_termination = Some(t);
+        self.backoff_until = None;
+        self.ready = false;
+        self.started = false;
+        self.state = State::Waiting {
+            reason: WaitReason::ContainerCreating,
+            message: None,
+        };
+    }
+
     /// A restart is about to happen (the backoff elapsed): count it.
     pub fn restarting(&mut self) {
         self.restart_count += 1;
@@ -378,6 +397,7 @@ mod tests {
             started_at: Some(Timestamp::from_second(started).unwrap()),
             finished_at: Some(Timestamp::from_second(finished).unwrap()),
             container_id: "c".into(),
+            message: None,
         })
     }
 

@@ -1,9 +1,16 @@
 //! A Kubernetes pod on the device: its parsed spec, container lifecycles, volumes, probes,
 //! status, and the per-pod worker that reconciles it.
 
+pub mod atomic_writer;
+pub mod downward;
 pub mod lifecycle;
+pub mod policy;
 pub mod probe;
+pub mod safefs;
+pub mod sandbox;
+pub mod security;
 pub mod spec;
 pub mod status;
+pub mod subpath;
 pub mod volumes;
 pub mod worker;

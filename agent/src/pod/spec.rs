@@ -9,6 +9,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+pub use super::security::{PodSecurity, SecurityPlan};
+use super::security::{parse_container_security, parse_pod_security};
+
 /// A pod the agent cannot run as written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -19,11 +22,18 @@ pub struct SpecError {
     pub message: String,
 }
 
-fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError {
-        field: field.into(),
-        message: message.into(),
+impl SpecError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::new(field, message)
 }
 
 /// restartPolicy.
@@ -72,6 +82,8 @@ pub struct PodPlan {
     pub restart_policy: RestartPolicy,
     /// spec.terminationGracePeriodSeconds (default 30).
     pub grace_secs: u64,
+    /// spec.activeDeadlineSeconds.
+    pub active_deadline_secs: Option<u64>,
     /// spec.initContainers, in order.
     pub init_containers: Vec<ContainerPlan>,
     /// spec.containers.
@@ -80,6 +92,54 @@ pub struct PodPlan {
     pub volumes: Vec<VolumePlan>,
     /// Effective requests for admission (max of init, sum of app containers).
     pub requests: Resources,
+    /// metadata.labels (downward API).
+    pub labels: BTreeMap<String, String>,
+    /// metadata.annotations (downward API).
+    pub annotations: BTreeMap<String, String>,
+    /// spec.serviceAccountName (downward API).
+    pub service_account: String,
+    /// Pod-level securityContext settings that are not per container.
+    pub security: PodSecurity,
+    /// spec.shareProcessNamespace.
+    pub share_process_namespace: bool,
+    /// spec.hostname (the pod's own hostname when it has its own network).
+    pub hostname: Option<String>,
+    /// spec.hostAliases as Podman `hostadd` entries ("name:ip").
+    pub host_aliases: Vec<String>,
+    /// spec.dnsConfig.
+    pub dns: DnsPlan,
+}
+
+/// DNS settings of the pod (`dnsConfig`; `dnsPolicy: None` requires nameservers).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsPlan {
+    /// nameservers.
+    pub servers: Vec<String>,
+    /// searches.
+    pub searches: Vec<String>,
+    /// options as "name[:value]".
+    pub options: Vec<String>,
+}
+
+impl PodPlan {
+    /// Init containers, then app containers.
+    pub fn all_containers(&self) -> impl Iterator<Item = &ContainerPlan> {
+        self.init_containers.iter().chain(&self.containers)
+    }
+
+    /// The spec list and index of the `i`th container of [`PodPlan::all_containers`].
+    pub fn container_field(&self, i: usize) -> (&'static str, usize) {
+        if i < self.init_containers.len() {
+            ("initContainers", i)
+        } else {
+            ("containers", i - self.init_containers.len())
+        }
+    }
+
+    /// The container named `name`.
+    pub fn container(&self, name: &str) -> Option<&ContainerPlan> {
+        self.all_containers().find(|c| c.name == name)
+    }
 }
 
 /// CPU in millicores and memory in bytes.
@@ -124,6 +184,12 @@ pub struct ContainerPlan {
     pub readiness: Option<ProbePlan>,
     /// startupProbe.
     pub startup: Option<ProbePlan>,
+    /// Effective securityContext (pod level merged in).
+    pub security: SecurityPlan,
+    /// terminationMessagePath (None when empty: no termination log is mounted).
+    pub termination_message_path: Option<String>,
+    /// terminationMessagePolicy: FallbackToLogsOnError.
+    pub termination_message_from_logs: bool,
 }
 
 /// One environment variable source.
@@ -155,11 +221,38 @@ pub enum EnvVar {
     },
     /// Downward API field.
     Field(String, FieldRef),
+    /// Downward API resource of a container.
+    Resource(String, ResourceRef),
+}
+
+/// A `resourceFieldRef`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceRef {
+    /// Container whose resources are read.
+    pub container: String,
+    /// limits.cpu, limits.memory, requests.cpu, requests.memory.
+    pub resource: String,
+    /// divisor: millicores for CPU, bytes for memory (1 when unset).
+    pub divisor: u64,
 }
 
 /// Supported `fieldRef.fieldPath`s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldRef {
+    /// metadata.labels (volumes only): every label as `key="value"` lines.
+    Labels,
+    /// metadata.annotations (volumes only).
+    Annotations,
+    /// metadata.labels['key'].
+    Label(String),
+    /// metadata.annotations['key'].
+    Annotation(String),
+    /// spec.serviceAccountName.
+    ServiceAccountName,
+    /// status.podIPs.
+    PodIps,
+    /// status.hostIPs.
+    HostIps,
     /// metadata.name
     PodName,
     /// metadata.namespace
@@ -198,6 +291,8 @@ pub struct MountPlan {
     pub read_only: bool,
     /// subPath inside the volume.
     pub sub_path: Option<String>,
+    /// subPathExpr: a subPath with `$(VAR)` references to the container's environment.
+    pub sub_path_expr: Option<String>,
 }
 
 /// A container port.
@@ -220,6 +315,8 @@ pub enum VolumePlan {
         name: String,
         /// medium: Memory.
         memory: bool,
+        /// sizeLimit in bytes.
+        size_limit: Option<u64>,
     },
     /// hostPath.
     HostPath {
@@ -227,24 +324,97 @@ pub enum VolumePlan {
         name: String,
         /// Host path.
         path: String,
-        /// Create the directory when missing (DirectoryOrCreate).
-        create_dir: bool,
+        /// hostPath.type: what must be there (or be created).
+        kind: HostPathType,
     },
-    /// configMap or secret projected into files.
-    Files {
+    /// configMap, secret, downwardAPI or projected: files the agent writes (atomically) and
+    /// the containers only read.
+    Projected {
         /// Volume name.
         name: String,
+        /// Which kind of volume the spec named (for messages).
+        kind: &'static str,
+        /// Where the files come from, in order (later sources win on equal paths).
+        sources: Vec<Projection>,
+        /// defaultMode.
+        default_mode: u32,
+    },
+}
+
+/// hostPath.type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPathType {
+    /// "": no check.
+    Unchecked,
+    /// Created (0755) when missing.
+    DirectoryOrCreate,
+    /// Must be a directory.
+    Directory,
+    /// Created (empty, 0644) when missing.
+    FileOrCreate,
+    /// Must be a file.
+    File,
+    /// Must be a UNIX socket.
+    Socket,
+    /// Must be a character device.
+    CharDevice,
+    /// Must be a block device.
+    BlockDevice,
+}
+
+/// One source of a projected volume.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Projection {
+    /// Keys of a ConfigMap (`secret == false`) or a Secret.
+    Object {
         /// Secret (true) or ConfigMap (false).
         secret: bool,
         /// Object name.
         source: String,
         /// items (empty = all keys).
         items: Vec<KeyToPath>,
-        /// defaultMode.
-        default_mode: u32,
         /// optional: true.
         optional: bool,
     },
+    /// Downward API files.
+    Downward(Vec<DownwardFile>),
+}
+
+/// One downward API file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownwardFile {
+    /// Relative path.
+    pub path: String,
+    /// What it holds.
+    pub value: DownwardValue,
+    /// File mode (overrides defaultMode).
+    pub mode: Option<u32>,
+}
+
+/// What a downward API file holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DownwardValue {
+    /// A pod field.
+    Field(FieldRef),
+    /// A container resource.
+    Resource(ResourceRef),
+}
+
+impl VolumePlan {
+    /// Whether the agent writes this volume's files (and containers may only read them).
+    pub fn is_projected(&self) -> bool {
+        matches!(self, VolumePlan::Projected { .. })
+    }
+
+    /// Whether the volume holds Secret data or other data kept off the disk (kubelet: secret,
+    /// downwardAPI and projected volumes are memory-backed).
+    pub fn memory_backed(&self) -> bool {
+        match self {
+            VolumePlan::EmptyDir { memory, .. } => *memory,
+            VolumePlan::Projected { kind, .. } => *kind != "configMap",
+            VolumePlan::HostPath { .. } => false,
+        }
+    }
 }
 
 impl VolumePlan {
@@ -253,7 +423,7 @@ impl VolumePlan {
         match self {
             VolumePlan::EmptyDir { name, .. }
             | VolumePlan::HostPath { name, .. }
-            | VolumePlan::Files { name, .. } => name,
+            | VolumePlan::Projected { name, .. } => name,
         }
     }
 }
@@ -346,13 +516,28 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
             ));
         }
     };
+    refuse_pod_fields(&spec)?;
+    let host_network = spec.host_network.unwrap_or(false);
+    let security = parse_pod_security(spec.security_context.as_ref(), host_network)?;
     let mut volumes = Vec::new();
-    for (i, v) in spec.volumes.unwrap_or_default().iter().enumerate() {
-        volumes.push(parse_volume(&format!("spec.volumes[{i}]"), v)?);
+    for (i, v) in spec
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        volumes.push(parse_volume(&format!("spec.volumes[{i}]"), v, &spec)?);
     }
-    let volume_names: Vec<&str> = volumes.iter().map(VolumePlan::name).collect();
     let mut init_containers = Vec::new();
-    for (i, c) in spec.init_containers.unwrap_or_default().iter().enumerate() {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    for (i, c) in spec
+        .init_containers
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let field = format!("spec.initContainers[{i}]");
         if c.restart_policy.is_some() {
             return Err(err(
@@ -360,16 +545,16 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
                 "sidecar init containers are not supported",
             ));
         }
-        init_containers.push(parse_container(&field, c, &volume_names, true)?);
+        let mut plan = parse_container(&field, &spec, c, &volumes, true)?;
+        plan.security = parse_container_security(&field, &spec, Some(&annotations), c)?;
+        init_containers.push(plan);
     }
     let mut containers = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
-        containers.push(parse_container(
-            &format!("spec.containers[{i}]"),
-            c,
-            &volume_names,
-            false,
-        )?);
+        let field = format!("spec.containers[{i}]");
+        let mut plan = parse_container(&field, &spec, c, &volumes, false)?;
+        plan.security = parse_container_security(&field, &spec, Some(&annotations), c)?;
+        containers.push(plan);
     }
     if containers.is_empty() {
         return Err(err("spec.containers", "at least one container is required"));
@@ -383,7 +568,11 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
             ));
         }
     }
-    if spec.ephemeral_containers.is_some_and(|e| !e.is_empty()) {
+    if spec
+        .ephemeral_containers
+        .as_ref()
+        .is_some_and(|e| !e.is_empty())
+    {
         return Err(err("spec.ephemeralContainers", "not supported"));
     }
     if spec.host_pid == Some(true) {
@@ -406,54 +595,208 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
     });
     Ok(PodPlan {
         meta,
-        node_name: spec.node_name.unwrap_or_default(),
-        host_network: spec.host_network.unwrap_or(false),
+        node_name: spec.node_name.clone().unwrap_or_default(),
+        host_network,
         restart_policy,
         grace_secs: spec
             .termination_grace_period_seconds
             .map(|g| g.max(0) as u64)
             .unwrap_or(30),
+        active_deadline_secs: spec.active_deadline_seconds.map(|d| d.max(1) as u64),
         init_containers,
         containers,
         volumes,
         requests,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        annotations,
+        service_account: spec.service_account_name.clone().unwrap_or_default(),
+        security,
+        share_process_namespace: spec.share_process_namespace.unwrap_or(false),
+        hostname: spec.hostname.clone().filter(|h| !h.is_empty()),
+        host_aliases: host_aliases(&spec)?,
+        dns: dns(&spec)?,
     })
 }
 
-fn parse_volume(field: &str, v: &k8s::Volume) -> Result<VolumePlan, SpecError> {
+fn host_aliases(spec: &k8s::PodSpec) -> Result<Vec<String>, SpecError> {
+    let mut out = Vec::new();
+    for (i, a) in spec
+        .host_aliases
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        if a.ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(err(
+                format!("spec.hostAliases[{i}].ip"),
+                format!("{:?} is not an IP address", a.ip),
+            ));
+        }
+        for h in a.hostnames.as_deref().unwrap_or_default() {
+            if h.is_empty() || h.contains([':', ' ', '\n', '\t']) {
+                return Err(err(
+                    format!("spec.hostAliases[{i}].hostnames"),
+                    format!("{h:?} is not a host name"),
+                ));
+            }
+            out.push(format!("{h}:{}", a.ip));
+        }
+    }
+    Ok(out)
+}
+
+/// dnsPolicy and dnsConfig. The device has no cluster DNS, so ClusterFirst (the default) and
+/// ClusterFirstWithHostNet resolve as Default does (the device's resolv.conf); dnsConfig is
+/// applied on top as the kubelet does, and `None` takes only dnsConfig.
+fn dns(spec: &k8s::PodSpec) -> Result<DnsPlan, SpecError> {
+    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+    if !matches!(
+        policy,
+        "ClusterFirst" | "ClusterFirstWithHostNet" | "Default" | "None"
+    ) {
+        return Err(err("spec.dnsPolicy", format!("unknown value {policy:?}")));
+    }
+    let Some(c) = &spec.dns_config else {
+        if policy == "None" {
+            return Err(err("spec.dnsConfig", "required with dnsPolicy None"));
+        }
+        return Ok(DnsPlan::default());
+    };
+    let servers = c.nameservers.clone().unwrap_or_default();
+    for (i, s) in servers.iter().enumerate() {
+        if s.parse::<std::net::IpAddr>().is_err() {
+            return Err(err(
+                format!("spec.dnsConfig.nameservers[{i}]"),
+                format!("{s:?} is not an IP address"),
+            ));
+        }
+    }
+    if policy == "None" && servers.is_empty() {
+        return Err(err(
+            "spec.dnsConfig.nameservers",
+            "at least one is required with dnsPolicy None",
+        ));
+    }
+    Ok(DnsPlan {
+        servers,
+        searches: c.searches.clone().unwrap_or_default(),
+        options: c
+            .options
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|o| {
+                let name = o.name.clone()?;
+                Some(match &o.value {
+                    Some(v) => format!("{name}:{v}"),
+                    None => name,
+                })
+            })
+            .collect(),
+    })
+}
+
+/// PodSpec fields the agent cannot honour at all; each refused with its own reason.
+fn refuse_pod_fields(spec: &k8s::PodSpec) -> Result<(), SpecError> {
+    if spec.host_users == Some(false) {
+        return Err(err(
+            "spec.hostUsers",
+            "user namespaces are not supported on fleetlet devices",
+        ));
+    }
+    if let Some(rc) = spec.runtime_class_name.as_deref().filter(|r| !r.is_empty()) {
+        return Err(err(
+            "spec.runtimeClassName",
+            format!("runtime class {rc:?}: fleetlet devices have one runtime (Podman)"),
+        ));
+    }
+    if spec.resource_claims.as_ref().is_some_and(|r| !r.is_empty()) {
+        return Err(err(
+            "spec.resourceClaims",
+            "dynamic resource allocation is not supported on fleetlet devices",
+        ));
+    }
+    if spec.os.as_ref().is_some_and(|o| o.name != "linux") {
+        return Err(err("spec.os.name", "fleetlet devices run Linux"));
+    }
+    Ok(())
+}
+
+fn parse_volume(
+    field: &str,
+    v: &k8s::Volume,
+    spec: &k8s::PodSpec,
+) -> Result<VolumePlan, SpecError> {
     let name = v.name.clone();
     if let Some(e) = &v.empty_dir {
-        return Ok(VolumePlan::EmptyDir {
-            name,
-            memory: e.medium.as_deref() == Some("Memory"),
-        });
-    }
-    if let Some(h) = &v.host_path {
-        let create_dir = match h.type_.as_deref() {
-            None | Some("") | Some("Directory") | Some("File") | Some("Socket") => false,
-            Some("DirectoryOrCreate") => true,
-            Some(other) => {
+        let medium = e.medium.as_deref().unwrap_or("");
+        let memory = match medium {
+            "" => false,
+            "Memory" => true,
+            other => {
                 return Err(err(
-                    format!("{field}.hostPath.type"),
-                    format!("{other:?} is not supported"),
+                    format!("{field}.emptyDir.medium"),
+                    format!("{other:?} is not supported (\"\" or Memory)"),
                 ));
             }
         };
+        let size_limit = e
+            .size_limit
+            .as_ref()
+            .map(|q| {
+                parse_bytes(&q.0).ok_or_else(|| {
+                    err(
+                        format!("{field}.emptyDir.sizeLimit"),
+                        format!("invalid quantity {:?}", q.0),
+                    )
+                })
+            })
+            .transpose()?;
+        return Ok(VolumePlan::EmptyDir {
+            name,
+            memory,
+            size_limit,
+        });
+    }
+    if let Some(h) = &v.host_path {
+        let kind = match h.type_.as_deref() {
+            None | Some("") => HostPathType::Unchecked,
+            Some("DirectoryOrCreate") => HostPathType::DirectoryOrCreate,
+            Some("Directory") => HostPathType::Directory,
+            Some("FileOrCreate") => HostPathType::FileOrCreate,
+            Some("File") => HostPathType::File,
+            Some("Socket") => HostPathType::Socket,
+            Some("CharDevice") => HostPathType::CharDevice,
+            Some("BlockDevice") => HostPathType::BlockDevice,
+            Some(other) => {
+                return Err(err(
+                    format!("{field}.hostPath.type"),
+                    format!("unknown hostPath type {other:?}"),
+                ));
+            }
+        };
+        if !h.path.starts_with('/') {
+            return Err(err(format!("{field}.hostPath.path"), "must be absolute"));
+        }
         return Ok(VolumePlan::HostPath {
             name,
             path: h.path.clone(),
-            create_dir,
+            kind,
         });
     }
+    let default_mode = |f: &str, m: Option<i32>| mode(f, m).map(|m| m.unwrap_or(0o644));
     if let Some(c) = &v.config_map {
-        return Ok(VolumePlan::Files {
+        return Ok(VolumePlan::Projected {
             name,
-            secret: false,
-            source: c.name.clone(),
-            items: parse_items(&format!("{field}.configMap.items"), c.items.as_deref())?,
-            default_mode: mode(&format!("{field}.configMap.defaultMode"), c.default_mode)?
-                .unwrap_or(0o644),
-            optional: c.optional.unwrap_or(false),
+            kind: "configMap",
+            sources: vec![Projection::Object {
+                secret: false,
+                source: c.name.clone(),
+                items: parse_items(&format!("{field}.configMap.items"), c.items.as_deref())?,
+                optional: c.optional.unwrap_or(false),
+            }],
+            default_mode: default_mode(&format!("{field}.configMap.defaultMode"), c.default_mode)?,
         });
     }
     if let Some(s) = &v.secret {
@@ -461,22 +804,79 @@ fn parse_volume(field: &str, v: &k8s::Volume) -> Result<VolumePlan, SpecError> {
             .secret_name
             .clone()
             .ok_or_else(|| err(format!("{field}.secret.secretName"), "required"))?;
-        return Ok(VolumePlan::Files {
+        return Ok(VolumePlan::Projected {
             name,
-            secret: true,
-            source,
-            items: parse_items(&format!("{field}.secret.items"), s.items.as_deref())?,
-            default_mode: mode(&format!("{field}.secret.defaultMode"), s.default_mode)?
-                .unwrap_or(0o644),
-            optional: s.optional.unwrap_or(false),
+            kind: "secret",
+            sources: vec![Projection::Object {
+                secret: true,
+                source,
+                items: parse_items(&format!("{field}.secret.items"), s.items.as_deref())?,
+                optional: s.optional.unwrap_or(false),
+            }],
+            default_mode: default_mode(&format!("{field}.secret.defaultMode"), s.default_mode)?,
         });
     }
-    let kind = serde_json::to_value(v)
-        .ok()
-        .and_then(|j| {
-            j.as_object()
-                .and_then(|o| o.keys().find(|k| k.as_str() != "name").cloned())
-        })
+    if let Some(d) = &v.downward_api {
+        return Ok(VolumePlan::Projected {
+            name,
+            kind: "downwardAPI",
+            sources: vec![Projection::Downward(parse_downward_items(
+                &format!("{field}.downwardAPI.items"),
+                d.items.as_deref(),
+                spec,
+            )?)],
+            default_mode: default_mode(
+                &format!("{field}.downwardAPI.defaultMode"),
+                d.default_mode,
+            )?,
+        });
+    }
+    if let Some(p) = &v.projected {
+        let mut sources = Vec::new();
+        for (i, src) in p.sources.as_deref().unwrap_or_default().iter().enumerate() {
+            let f = format!("{field}.projected.sources[{i}]");
+            if let Some(c) = &src.config_map {
+                sources.push(Projection::Object {
+                    secret: false,
+                    source: c.name.clone(),
+                    items: parse_items(&format!("{f}.configMap.items"), c.items.as_deref())?,
+                    optional: c.optional.unwrap_or(false),
+                });
+            } else if let Some(s) = &src.secret {
+                sources.push(Projection::Object {
+                    secret: true,
+                    source: s.name.clone(),
+                    items: parse_items(&format!("{f}.secret.items"), s.items.as_deref())?,
+                    optional: s.optional.unwrap_or(false),
+                });
+            } else if let Some(d) = &src.downward_api {
+                sources.push(Projection::Downward(parse_downward_items(
+                    &format!("{f}.downwardAPI.items"),
+                    d.items.as_deref(),
+                    spec,
+                )?));
+            } else if src.service_account_token.is_some() {
+                return Err(err(
+                    format!("{f}.serviceAccountToken"),
+                    "ServiceAccount tokens are not issued to fleetlet devices (the device never talks to the Kubernetes API)",
+                ));
+            } else {
+                let kind = first_key(src).unwrap_or_else(|| "unknown".into());
+                return Err(err(
+                    format!("{f}.{kind}"),
+                    format!("{kind} projections are not supported on fleetlet devices"),
+                ));
+            }
+        }
+        return Ok(VolumePlan::Projected {
+            name,
+            kind: "projected",
+            sources,
+            default_mode: default_mode(&format!("{field}.projected.defaultMode"), p.default_mode)?,
+        });
+    }
+    let kind = first_key(v)
+        .filter(|k| k != "name")
         .unwrap_or_else(|| "unknown".into());
     Err(err(
         format!("{field}.{kind}"),
@@ -485,6 +885,174 @@ fn parse_volume(field: &str, v: &k8s::Volume) -> Result<VolumePlan, SpecError> {
             v.name
         ),
     ))
+}
+
+/// The first set field of a serialised object other than `name` (to name an unsupported kind).
+fn first_key(v: &impl serde::Serialize) -> Option<String> {
+    serde_json::to_value(v).ok().and_then(|j| {
+        j.as_object()
+            .and_then(|o| o.keys().find(|k| k.as_str() != "name").cloned())
+    })
+}
+
+fn parse_downward_items(
+    field: &str,
+    items: Option<&[k8s::DownwardAPIVolumeFile]>,
+    spec: &k8s::PodSpec,
+) -> Result<Vec<DownwardFile>, SpecError> {
+    let mut out = Vec::new();
+    for (i, it) in items.unwrap_or_default().iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        check_relative(&format!("{f}.path"), &it.path)?;
+        let value = match (&it.field_ref, &it.resource_field_ref) {
+            (Some(r), None) => {
+                let fr = parse_field_path(&format!("{f}.fieldRef.fieldPath"), &r.field_path)?;
+                // Volumes may only name metadata (status and spec fields are env-only).
+                if !matches!(
+                    fr,
+                    FieldRef::PodName
+                        | FieldRef::Namespace
+                        | FieldRef::Uid
+                        | FieldRef::Labels
+                        | FieldRef::Annotations
+                        | FieldRef::Label(_)
+                        | FieldRef::Annotation(_)
+                ) {
+                    return Err(err(
+                        format!("{f}.fieldRef.fieldPath"),
+                        format!("{:?} is not supported in a volume", r.field_path),
+                    ));
+                }
+                DownwardValue::Field(fr)
+            }
+            (None, Some(r)) => {
+                let container = r.container_name.clone().unwrap_or_default();
+                if container.is_empty() {
+                    return Err(err(
+                        format!("{f}.resourceFieldRef.containerName"),
+                        "required in a volume",
+                    ));
+                }
+                DownwardValue::Resource(parse_resource_ref(
+                    &format!("{f}.resourceFieldRef"),
+                    r,
+                    container,
+                    spec,
+                )?)
+            }
+            _ => {
+                return Err(err(f, "needs exactly one of fieldRef and resourceFieldRef"));
+            }
+        };
+        out.push(DownwardFile {
+            path: it.path.clone(),
+            value,
+            mode: mode(&format!("{f}.mode"), it.mode)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Parse a downward API field path (env and volumes share the syntax).
+fn parse_field_path(field: &str, path: &str) -> Result<FieldRef, SpecError> {
+    let subscript = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix("['"))
+            .and_then(|r| r.strip_suffix("']"))
+            .map(str::to_owned)
+    };
+    Ok(match path {
+        "metadata.name" => FieldRef::PodName,
+        "metadata.namespace" => FieldRef::Namespace,
+        "metadata.uid" => FieldRef::Uid,
+        "metadata.labels" => FieldRef::Labels,
+        "metadata.annotations" => FieldRef::Annotations,
+        "spec.nodeName" => FieldRef::NodeName,
+        "spec.serviceAccountName" => FieldRef::ServiceAccountName,
+        "status.podIP" => FieldRef::PodIp,
+        "status.podIPs" => FieldRef::PodIps,
+        "status.hostIP" => FieldRef::HostIp,
+        "status.hostIPs" => FieldRef::HostIps,
+        other => {
+            if let Some(k) = subscript("metadata.labels") {
+                FieldRef::Label(k)
+            } else if let Some(k) = subscript("metadata.annotations") {
+                FieldRef::Annotation(k)
+            } else {
+                return Err(err(field, format!("{other:?} is not supported")));
+            }
+        }
+    })
+}
+
+fn parse_resource_ref(
+    field: &str,
+    r: &k8s::ResourceFieldSelector,
+    container: String,
+    spec: &k8s::PodSpec,
+) -> Result<ResourceRef, SpecError> {
+    let cpu = match r.resource.as_str() {
+        "limits.cpu" | "requests.cpu" => true,
+        "limits.memory" | "requests.memory" => false,
+        other => {
+            return Err(err(
+                format!("{field}.resource"),
+                format!("{other:?} is not supported (cpu and memory limits and requests are)"),
+            ));
+        }
+    };
+    let known = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.as_deref().unwrap_or_default())
+        .any(|c| c.name == container);
+    if !known {
+        return Err(err(
+            format!("{field}.containerName"),
+            format!("no container named {container:?}"),
+        ));
+    }
+    let divisor = match &r.divisor {
+        None => {
+            if cpu {
+                1000
+            } else {
+                1
+            }
+        }
+        Some(q) => {
+            let v = if cpu {
+                parse_cpu(&q.0)
+            } else {
+                parse_bytes(&q.0)
+            };
+            match v {
+                Some(v) if v > 0 => v,
+                _ => {
+                    return Err(err(
+                        format!("{field}.divisor"),
+                        format!("invalid divisor {:?}", q.0),
+                    ));
+                }
+            }
+        }
+    };
+    Ok(ResourceRef {
+        container,
+        resource: r.resource.clone(),
+        divisor,
+    })
+}
+
+fn check_relative(field: &str, path: &str) -> Result<(), SpecError> {
+    if path.is_empty()
+        || path.starts_with('/')
+        || path.starts_with("..")
+        || path.split('/').any(|p| p == "..")
+    {
+        return Err(err(field, "must be relative and must not contain '..'"));
+    }
+    Ok(())
 }
 
 fn mode(field: &str, m: Option<i32>) -> Result<Option<u32>, SpecError> {
@@ -499,12 +1067,7 @@ fn parse_items(field: &str, items: Option<&[k8s::KeyToPath]>) -> Result<Vec<KeyT
     let mut out = Vec::new();
     for (i, it) in items.unwrap_or_default().iter().enumerate() {
         let f = format!("{field}[{i}]");
-        if it.path.starts_with('/') || it.path.split('/').any(|p| p == "..") {
-            return Err(err(
-                format!("{f}.path"),
-                "must be relative and must not contain '..'",
-            ));
-        }
+        check_relative(&format!("{f}.path"), &it.path)?;
         out.push(KeyToPath {
             key: it.key.clone(),
             path: it.path.clone(),
@@ -516,8 +1079,9 @@ fn parse_items(field: &str, items: Option<&[k8s::KeyToPath]>) -> Result<Vec<KeyT
 
 fn parse_container(
     field: &str,
+    spec: &k8s::PodSpec,
     c: &k8s::Container,
-    volumes: &[&str],
+    volumes: &[VolumePlan],
     init: bool,
 ) -> Result<ContainerPlan, SpecError> {
     let image = c
@@ -560,7 +1124,7 @@ fn parse_container(
     }
     let mut env = Vec::new();
     for (i, e) in c.env.as_deref().unwrap_or_default().iter().enumerate() {
-        env.push(parse_env(&format!("{field}.env[{i}]"), e)?);
+        env.push(parse_env(&format!("{field}.env[{i}]"), e, &c.name, spec)?);
     }
     let mut env_from = Vec::new();
     for (i, e) in c.env_from.as_deref().unwrap_or_default().iter().enumerate() {
@@ -593,26 +1157,56 @@ fn parse_container(
         .enumerate()
     {
         let f = format!("{field}.volumeMounts[{i}]");
-        if !volumes.contains(&m.name.as_str()) {
+        let Some(volume) = volumes.iter().find(|v| v.name() == m.name) else {
             return Err(err(
                 format!("{f}.name"),
                 format!("no volume named {:?}", m.name),
             ));
-        }
+        };
         if !m.mount_path.starts_with('/') {
             return Err(err(format!("{f}.mountPath"), "must be absolute"));
         }
         let sub_path = m.sub_path.clone().filter(|s| !s.is_empty());
-        if let Some(s) = &sub_path
-            && (s.starts_with('/') || s.split('/').any(|p| p == ".."))
+        let sub_path_expr = m.sub_path_expr.clone().filter(|s| !s.is_empty());
+        if sub_path.is_some() && sub_path_expr.is_some() {
+            return Err(err(
+                format!("{f}.subPathExpr"),
+                "subPath and subPathExpr are mutually exclusive",
+            ));
+        }
+        for (what, s) in [("subPath", &sub_path), ("subPathExpr", &sub_path_expr)] {
+            if let Some(s) = s
+                && (s.starts_with('/') || s.split('/').any(|p| p == ".."))
+            {
+                return Err(err(format!("{f}.{what}"), "must be relative without '..'"));
+            }
+        }
+        match m.mount_propagation.as_deref() {
+            None | Some("None") => {}
+            Some(other) => {
+                return Err(err(
+                    format!("{f}.mountPropagation"),
+                    format!("{other} propagation is not supported on fleetlet devices"),
+                ));
+            }
+        }
+        if m.recursive_read_only
+            .as_deref()
+            .is_some_and(|r| r == "Enabled")
         {
-            return Err(err(format!("{f}.subPath"), "must be relative without '..'"));
+            return Err(err(
+                format!("{f}.recursiveReadOnly"),
+                "recursive read-only mounts are not supported by Podman 4",
+            ));
         }
         mounts.push(MountPlan {
             volume: m.name.clone(),
             path: m.mount_path.clone(),
-            read_only: m.read_only.unwrap_or(false),
+            // The kubelet mounts the volumes it writes read-only, whatever the spec says: a
+            // writable one would let the container plant links for the agent's next refresh.
+            read_only: m.read_only.unwrap_or(false) || volume.is_projected(),
             sub_path,
+            sub_path_expr,
         });
     }
     let (requests, limits) = match &c.resources {
@@ -701,6 +1295,30 @@ fn parse_container(
         }
         parse_probe(&format!("{field}.{what}"), p, c).map(Some)
     };
+    if c.volume_devices.as_ref().is_some_and(|d| !d.is_empty()) {
+        return Err(err(
+            format!("{field}.volumeDevices"),
+            "raw block devices are not supported on fleetlet devices",
+        ));
+    }
+    if let Some(r) = &c.resources {
+        if r.claims.as_ref().is_some_and(|c| !c.is_empty()) {
+            return Err(err(
+                format!("{field}.resources.claims"),
+                "dynamic resource allocation is not supported on fleetlet devices",
+            ));
+        }
+        for (what, map) in [("limits", &r.limits), ("requests", &r.requests)] {
+            for name in map.iter().flat_map(|m| m.keys()) {
+                if !matches!(name.as_str(), "cpu" | "memory" | "ephemeral-storage") {
+                    return Err(err(
+                        format!("{field}.resources.{what}.{name}"),
+                        format!("{name} is not a resource fleetlet devices offer"),
+                    ));
+                }
+            }
+        }
+    }
     if c.lifecycle.is_some() {
         return Err(err(
             format!("{field}.lifecycle"),
@@ -729,7 +1347,36 @@ fn parse_container(
         liveness: probe(&c.liveness_probe, "livenessProbe")?,
         readiness: probe(&c.readiness_probe, "readinessProbe")?,
         startup: probe(&c.startup_probe, "startupProbe")?,
+        security: SecurityPlan::default(),
+        termination_message_path: termination_message_path(field, c)?,
+        termination_message_from_logs: match c.termination_message_policy.as_deref() {
+            None | Some("File") => false,
+            Some("FallbackToLogsOnError") => true,
+            Some(other) => {
+                return Err(err(
+                    format!("{field}.terminationMessagePolicy"),
+                    format!("unknown value {other:?}"),
+                ));
+            }
+        },
     })
+}
+
+fn termination_message_path(field: &str, c: &k8s::Container) -> Result<Option<String>, SpecError> {
+    let path = c
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
+    if path.is_empty() {
+        return Ok(None);
+    }
+    if !path.starts_with('/') || path.split('/').any(|p| p == "..") {
+        return Err(err(
+            format!("{field}.terminationMessagePath"),
+            "must be an absolute path without '..'",
+        ));
+    }
+    Ok(Some(path))
 }
 
 /// Linux refuses to start a process with any one argument or `NAME=value` environment string of
@@ -737,7 +1384,12 @@ fn parse_container(
 /// E2BIG, so such a pod is rejected up front with the field named.
 pub const MAX_EXEC_STRING: usize = 32 * 4096;
 
-fn parse_env(field: &str, e: &k8s::EnvVar) -> Result<EnvVar, SpecError> {
+fn parse_env(
+    field: &str,
+    e: &k8s::EnvVar,
+    container: &str,
+    spec: &k8s::PodSpec,
+) -> Result<EnvVar, SpecError> {
     let Some(from) = &e.value_from else {
         let len = e.name.len() + 1 + e.value.as_deref().map_or(0, str::len);
         if len >= MAX_EXEC_STRING {
@@ -770,25 +1422,37 @@ fn parse_env(field: &str, e: &k8s::EnvVar) -> Result<EnvVar, SpecError> {
         });
     }
     if let Some(f) = &from.field_ref {
-        let r = match f.field_path.as_str() {
-            "metadata.name" => FieldRef::PodName,
-            "metadata.namespace" => FieldRef::Namespace,
-            "metadata.uid" => FieldRef::Uid,
-            "spec.nodeName" => FieldRef::NodeName,
-            "status.podIP" => FieldRef::PodIp,
-            "status.hostIP" => FieldRef::HostIp,
-            other => {
-                return Err(err(
-                    format!("{field}.valueFrom.fieldRef.fieldPath"),
-                    format!("{other:?} is not supported"),
-                ));
-            }
-        };
+        let r = parse_field_path(
+            &format!("{field}.valueFrom.fieldRef.fieldPath"),
+            &f.field_path,
+        )?;
+        if matches!(r, FieldRef::Labels | FieldRef::Annotations) {
+            return Err(err(
+                format!("{field}.valueFrom.fieldRef.fieldPath"),
+                format!("{:?} is only supported in volumes", f.field_path),
+            ));
+        }
         return Ok(EnvVar::Field(e.name.clone(), r));
+    }
+    if let Some(r) = &from.resource_field_ref {
+        let container = r
+            .container_name
+            .clone()
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| container.to_owned());
+        return Ok(EnvVar::Resource(
+            e.name.clone(),
+            parse_resource_ref(
+                &format!("{field}.valueFrom.resourceFieldRef"),
+                r,
+                container,
+                spec,
+            )?,
+        ));
     }
     Err(err(
         format!("{field}.valueFrom"),
-        "only configMapKeyRef, secretKeyRef and fieldRef are supported",
+        "only configMapKeyRef, secretKeyRef, fieldRef and resourceFieldRef are supported",
     ))
 }
 

@@ -78,6 +78,7 @@ fn terminated(t: &Termination) -> k8s::ContainerStateTerminated {
         started_at: time(t.started_at),
         finished_at: time(t.finished_at),
         container_id: (!t.container_id.is_empty()).then(|| format!("podman://{}", t.container_id)),
+        message: t.message.clone(),
         ..Default::default()
     }
 }

@@ -14,11 +14,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::downward::{self, Addresses};
 use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Termination};
+use super::policy::DevicePolicy;
 use super::probe::{ProbeTracker, Verdict, run_probe};
-use super::spec::{ContainerPlan, EnvVar, FieldRef, PodPlan, PullPolicy, SpecError};
+use super::sandbox;
+use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources};
 use super::status::{ContainerView, PodView, failed_status, pod_status};
-use super::volumes::{self, Prepared};
+use super::volumes;
 use crate::podman::types::is_zero_time;
 use crate::podman::{
     ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, MemoryLimit, Mount, Namespace,
@@ -35,6 +38,8 @@ pub enum Desire {
     Run {
         /// The bundle.
         bundle: Arc<PodBundle>,
+        /// The bundle's pod, parsed once and checked against the device policy.
+        plan: Arc<Planned>,
         /// Admission verdict.
         admission: Result<(), (String, String)>,
     },
@@ -45,6 +50,18 @@ pub enum Desire {
         grace_secs: Option<u64>,
     },
 }
+
+/// Why a pod cannot run on this device: a pod status reason and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Status reason (`UnsupportedPodSpec`, `DevicePolicy`, `SysctlForbidden`).
+    pub reason: String,
+    /// What the user sees, naming the field.
+    pub message: String,
+}
+
+/// A desired pod after parsing: its plan, or why it is refused.
+pub type Planned = Result<Arc<PodPlan>, Rejection>;
 
 /// What every worker shares.
 pub struct PodContext<R> {
@@ -60,6 +77,14 @@ pub struct PodContext<R> {
     pub statuses: watch::Sender<StatusMap>,
     /// Restart counts restored from the status file (uid → container → count).
     pub restored_restarts: BTreeMap<String, BTreeMap<String, u32>>,
+    /// Pod start times restored from the status file (uid → startTime).
+    pub restored_start_times: BTreeMap<String, Timestamp>,
+    /// The device owner's policy.
+    pub policy: DevicePolicy,
+    /// Allocatable resources (the downward API reads unset limits as these).
+    pub allocatable: Resources,
+    /// Directory of Localhost seccomp profiles.
+    pub seccomp_root: PathBuf,
 }
 
 struct Slot {
@@ -88,6 +113,11 @@ pub struct PodWorker<R> {
     /// The Podman pod was there at the last look: its infra container in the container listing
     /// then proves it still is, without listing pods.
     pod_known: bool,
+    /// Why the pod ended on the device (reason, message): evicted for an emptyDir over its
+    /// sizeLimit, or past its activeDeadlineSeconds. Such a pod stays Failed.
+    ended: Option<(&'static str, String)>,
+    /// When disk-backed emptyDirs with a sizeLimit were last measured.
+    usage_checked: Option<Instant>,
 }
 
 /// The hostname of a pod with its own network, as the kubelet makes it: the pod name cut to 63
@@ -108,15 +138,22 @@ pub fn podman_pod_name(device: &str, uid: &str) -> String {
 impl<R: ContainerRuntime> PodWorker<R> {
     /// A worker for pod `uid`.
     pub fn new(ctx: Arc<PodContext<R>>, uid: String) -> Self {
+        let start_time = ctx
+            .restored_start_times
+            .get(&uid)
+            .copied()
+            .unwrap_or_else(Timestamp::now);
         Self {
             pod_name: podman_pod_name(&ctx.device, &uid),
             ctx,
             uid,
             slots: BTreeMap::new(),
-            start_time: Timestamp::now(),
+            start_time,
             pod_ip: String::new(),
             pod_ip_of: None,
             pod_known: false,
+            ended: None,
+            usage_checked: None,
         }
     }
 
@@ -138,7 +175,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         Duration::from_secs(5)
                     }
                 },
-                Desire::Run { bundle, admission } => self.reconcile(&bundle, admission).await,
+                Desire::Run {
+                    bundle,
+                    plan,
+                    admission,
+                } => self.reconcile(&bundle, &plan, admission).await,
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -177,20 +218,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
     async fn reconcile(
         &mut self,
         bundle: &PodBundle,
+        planned: &Planned,
         admission: Result<(), (String, String)>,
     ) -> Duration {
-        let plan = match super::spec::parse_pod(&bundle.pod_json) {
+        let plan = match planned {
             Ok(p) => p,
-            Err(SpecError { field, message }) => {
+            Err(Rejection { reason, message }) => {
                 let (ns, name) = pod_names(&bundle.pod_json);
-                let msg = format!("{field}: {message}");
-                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %msg, "pod rejected");
-                let st = failed_status(
-                    "UnsupportedPodSpec",
-                    &msg,
-                    &self.ctx.host_ip,
-                    self.start_time,
-                );
+                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod rejected");
+                let st = failed_status(reason, message, &self.ctx.host_ip, self.start_time);
                 self.publish(&ns, &name, &st, false);
                 return Duration::from_secs(3600);
             }
@@ -203,12 +239,38 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             return Duration::from_secs(3600);
         }
-        let requeue = match self.drive(&plan, bundle).await {
+        if self.ended.is_none() {
+            self.ended = self
+                .deadline_passed(plan)
+                .or_else(|| self.over_size_limit(plan).map(|why| ("Evicted", why)));
+            if let Some((reason, why)) = &self.ended {
+                warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %why, "stopping pod");
+            }
+        }
+        if let Some((reason, why)) = self.ended.clone() {
+            // The kubelet's eviction (an emptyDir over its sizeLimit) and its
+            // activeDeadlineSeconds: every container is killed at once and the pod is Failed.
+            let grace = (reason == "DeadlineExceeded")
+                .then_some(plan.grace_secs)
+                .or(Some(0));
+            if let Err(e) = self.stop_all(grace).await {
+                warn!(pod = %name, namespace = %ns, error = %e, "stopping the pod failed; retrying");
+                return Duration::from_secs(2);
+            }
+            let st = failed_status(reason, &why, &self.ctx.host_ip, self.start_time);
+            self.publish(&ns, &name, &st, false);
+            return Duration::from_secs(3600);
+        }
+        let requeue = match self.drive(plan, bundle).await {
             Ok(d) => d,
             Err(e) => {
                 warn!(pod = %name, namespace = %ns, error = %e, "reconcile failed; retrying");
                 Duration::from_secs(2)
             }
+        };
+        let requeue = match self.deadline_in(plan) {
+            Some(left) => requeue.min(left + Duration::from_millis(50)),
+            None => requeue,
         };
         // A container was just started and the next pass follows at once: publish what that
         // pass observes instead of a "ContainerCreating" status that is stale in milliseconds
@@ -216,7 +278,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if requeue.is_zero() {
             return requeue;
         }
-        let status = self.status(&plan);
+        let status = self.status(plan);
         if self.publish(&ns, &name, &status, false) {
             debug!(pod = %name, namespace = %ns, phase = status.phase.as_deref().unwrap_or_default(), "pod status changed");
         }
@@ -272,6 +334,64 @@ impl<R: ContainerRuntime> PodWorker<R> {
         pod_status(&v)
     }
 
+    /// Time left before activeDeadlineSeconds, counted from the pod's start on the device.
+    fn deadline_in(&self, plan: &PodPlan) -> Option<Duration> {
+        let deadline = plan.active_deadline_secs?;
+        let ran = Timestamp::now()
+            .duration_since(self.start_time)
+            .as_secs()
+            .max(0) as u64;
+        Some(Duration::from_secs(deadline.saturating_sub(ran)))
+    }
+
+    /// The kubelet's reason and message once activeDeadlineSeconds has passed.
+    fn deadline_passed(&self, plan: &PodPlan) -> Option<(&'static str, String)> {
+        self.deadline_in(plan).filter(|d| d.is_zero()).map(|_| {
+            (
+                "DeadlineExceeded",
+                "Pod was active on the node longer than the specified deadline".to_owned(),
+            )
+        })
+    }
+
+    /// The eviction message when a disk-backed emptyDir uses more than its sizeLimit (measured
+    /// at most every 10 s, like the kubelet's periodic check); `None` while within limits.
+    fn over_size_limit(&mut self, plan: &PodPlan) -> Option<String> {
+        let limited: Vec<(&str, u64)> = plan
+            .volumes
+            .iter()
+            .filter_map(|v| match v {
+                super::spec::VolumePlan::EmptyDir {
+                    name,
+                    memory: false,
+                    size_limit: Some(limit),
+                } => Some((name.as_str(), *limit)),
+                _ => None,
+            })
+            .collect();
+        if limited.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        if self
+            .usage_checked
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return None;
+        }
+        self.usage_checked = Some(now);
+        for (name, limit) in limited {
+            let dir = volumes::volume_dir(&self.ctx.state_dir, &self.uid, name);
+            let used = volumes::disk_usage(&dir);
+            if used > limit {
+                return Some(format!(
+                    "Usage of EmptyDir volume {name:?} exceeds the limit \"{limit}\". "
+                ));
+            }
+        }
+        None
+    }
+
     fn pod_labels(&self, plan: &PodPlan) -> BTreeMap<String, String> {
         BTreeMap::from([
             (labels::DEVICE.to_owned(), self.ctx.device.clone()),
@@ -291,16 +411,96 @@ impl<R: ContainerRuntime> PodWorker<R> {
         ]
     }
 
-    /// One level-triggered pass over the pod's containers.
+    /// One level-triggered pass over the pod: set up its sandbox (volumes, Podman pod, pod
+    /// IP), then for each container in order observe it and act on what was seen.
     async fn drive(
         &mut self,
         plan: &PodPlan,
         bundle: &PodBundle,
     ) -> Result<Duration, crate::podman::PodmanError> {
-        let rt = self.ctx.rt.clone();
         let now = Instant::now();
         // Volumes first: a missing ConfigMap/Secret keeps every container waiting, nothing runs.
-        let vols = volumes::prepare(&self.ctx.state_dir, plan, bundle);
+        let vols = volumes::prepare(
+            &self.ctx.state_dir,
+            plan,
+            bundle,
+            volumes::VolumeHost {
+                allocatable: self.ctx.allocatable,
+                addresses: Addresses {
+                    host_ip: &self.ctx.host_ip,
+                    pod_ip: &self.pod_ip,
+                },
+                host_path_prefixes: &self.ctx.policy.host_path_prefixes,
+            },
+        );
+        let existing = self.ensure_pod(plan).await?;
+        let restored = self
+            .ctx
+            .restored_restarts
+            .get(&self.uid)
+            .cloned()
+            .unwrap_or_default();
+        // Events and the periodic resync wake the worker; this is only a backstop.
+        let mut requeue = Duration::from_secs(300);
+        let mut inits_done = true;
+        let all: Vec<(bool, &ContainerPlan)> = plan
+            .init_containers
+            .iter()
+            .map(|c| (true, c))
+            .chain(plan.containers.iter().map(|c| (false, c)))
+            .collect();
+        for (is_init, c) in all {
+            if !is_init && !inits_done {
+                let slot = self.slot(&c.name, &restored);
+                if !matches!(slot.lc.state, State::Running { .. } | State::Terminated(_)) {
+                    slot.lc.state = State::Waiting {
+                        reason: super::lifecycle::WaitReason::PodInitializing,
+                        message: None,
+                    };
+                }
+                continue;
+            }
+            let hash = spec_hash(c);
+            let container_id = self
+                .observe_container(
+                    plan,
+                    c,
+                    is_init,
+                    &hash,
+                    existing.get(&c.name),
+                    &restored,
+                    now,
+                )
+                .await?;
+            let next = self
+                .act(
+                    plan,
+                    c,
+                    is_init,
+                    &hash,
+                    container_id,
+                    &vols,
+                    bundle,
+                    &restored,
+                    now,
+                )
+                .await;
+            requeue = requeue.min(next);
+            if is_init && !self.slot(&c.name, &restored).lc.succeeded() {
+                inits_done = false;
+            }
+        }
+        Ok(requeue)
+    }
+
+    /// Pod setup: the Podman pod exists (created when missing) and, for a pod with its own
+    /// network, its infra container runs and its IP is known. Returns container name → id of
+    /// the pod's containers as Podman lists them.
+    async fn ensure_pod(
+        &mut self,
+        plan: &PodPlan,
+    ) -> Result<BTreeMap<String, String>, crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
         // The Podman pod (infra container holds the shared namespaces). Once seen, its infra
         // container in the listing stands for it; a vanished pod is created again in this pass.
         let mut listed = if self.pod_known {
@@ -326,7 +526,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 rt.create_pod(&PodCreate {
                     name: self.pod_name.clone(),
                     labels: self.pod_labels(plan),
-                    hostname: (!plan.host_network).then(|| pod_hostname(&plan.meta.name)),
+                    hostname: (!plan.host_network)
+                        .then(|| pod_hostname(plan.hostname.as_deref().unwrap_or(&plan.meta.name))),
                     netns: Namespace {
                         nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
                     },
@@ -334,6 +535,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         nsmode: "host".into(),
                     }),
                     portmappings,
+                    shared_namespaces: if plan.share_process_namespace {
+                        ["ipc", "net", "uts", "pid"].map(String::from).to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    hostadd: plan.host_aliases.clone(),
+                    dns_server: plan.dns.servers.clone(),
+                    dns_search: plan.dns.searches.clone(),
+                    dns_option: plan.dns.options.clone(),
                 })
                 .await?;
                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
@@ -369,176 +579,192 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             self.pod_ip_of = Some((infra.id.clone(), if started { None } else { listed_run }));
         }
-        let existing: BTreeMap<String, String> = listed
+        Ok(listed
             .into_iter()
             .filter_map(|c| c.labels.get(labels::CONTAINER).cloned().map(|n| (n, c.id)))
-            .collect();
-        let restored = self
-            .ctx
-            .restored_restarts
-            .get(&self.uid)
-            .cloned()
-            .unwrap_or_default();
-        // Events and the periodic resync wake the worker; this is only a backstop.
-        let mut requeue = Duration::from_secs(300);
-        let mut inits_done = true;
-        let all: Vec<(bool, &ContainerPlan)> = plan
-            .init_containers
-            .iter()
-            .map(|c| (true, c))
-            .chain(plan.containers.iter().map(|c| (false, c)))
-            .collect();
-        for (is_init, c) in all {
-            if !is_init && !inits_done {
-                let slot = self.slot(&c.name, &restored);
-                if !matches!(slot.lc.state, State::Running { .. } | State::Terminated(_)) {
-                    slot.lc.state = State::Waiting {
-                        reason: super::lifecycle::WaitReason::PodInitializing,
-                        message: None,
-                    };
-                }
-                continue;
-            }
-            let hash = spec_hash(c);
-            // Observe.
-            let mut container_id = existing.get(&c.name).cloned();
-            let mut inspect = None;
-            if let Some(id) = &container_id {
-                inspect = rt.inspect_container(id).await?;
-                if let Some(i) = &inspect
-                    && i.config.labels.get(labels::SPEC_HASH) != Some(&hash)
-                {
-                    // The desired container changed (e.g. a new image): replace it.
-                    info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
-                    rt.stop_container(id, plan.grace_secs).await?;
-                    rt.remove_container(id).await?;
-                    inspect = None;
-                    container_id = None;
-                }
-            }
-            let obs = match &inspect {
-                None => Observation::Absent,
-                Some(i) => observe(i),
-            };
-            let slot = self.slot(&c.name, &restored);
-            if let Some(i) = &inspect {
-                slot.container_id = i.id.clone();
-                if slot.image_id.is_empty() {
-                    slot.image_id = i.image.clone();
-                }
-            }
-            let was_running = matches!(slot.lc.state, State::Running { .. });
-            let policy = plan.restart_policy;
-            let exit_code = match &obs {
-                Observation::Exited(t) => Some(t.exit_code),
-                _ => None,
-            };
-            let counted_before = slot.lc.counted_exit();
-            let new_run = match &obs {
-                Observation::Running { started_at } => {
-                    slot.run_started != *started_at || !was_running
-                }
-                _ => false,
-            };
-            if let Observation::Running { started_at } = &obs {
-                slot.run_started = *started_at;
-            }
-            slot.lc.observe(obs, policy, is_init, now);
-            if let Some(code) = exit_code
-                && slot.lc.counted_exit() != counted_before
+            .collect())
+    }
+
+    /// Observation: what Podman shows of container `c`, folded into its lifecycle. A container
+    /// whose spec changed is replaced (stopped and removed) here. Returns its id, if it exists.
+    #[allow(clippy::too_many_arguments)]
+    async fn observe_container(
+        &mut self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        is_init: bool,
+        hash: &str,
+        listed: Option<&String>,
+        restored: &BTreeMap<String, u32>,
+        now: Instant,
+    ) -> Result<Option<String>, crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        // Observe.
+        let mut container_id = listed.cloned();
+        let mut inspect = None;
+        if let Some(id) = &container_id {
+            inspect = rt.inspect_container(id).await?;
+            if let Some(i) = &inspect
+                && i.config.labels.get(labels::SPEC_HASH).map(String::as_str) != Some(hash)
             {
-                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = code, "container exited");
-            }
-            if new_run {
-                slot.startup = c.startup.as_ref().map(|p| ProbeTracker::new(p, now));
-                slot.readiness = c.readiness.as_ref().map(|p| ProbeTracker::new(p, now));
-                slot.liveness = c.liveness.as_ref().map(|p| ProbeTracker::new(p, now));
-                slot.lc.started = c.startup.is_none();
-                slot.lc.ready = c.startup.is_none() && c.readiness.is_none();
-            }
-            // Act.
-            let action = slot.lc.next_action(container_id.is_some(), now);
-            match action {
-                Action::WaitUntil(t) => {
-                    slot.lc.mark_pull_backoff(now);
-                    requeue = requeue
-                        .min(t.saturating_duration_since(now) + Duration::from_millis(50))
-                        .min(super::lifecycle::PULL_ERROR_SHOWN);
+                // The desired container changed (e.g. a new image): replace it.
+                info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
+                let was_run = !is_zero_time(&i.state.started_at);
+                rt.stop_container(id, plan.grace_secs).await?;
+                if was_run
+                    && let Some(after) = rt.inspect_container(id).await?
+                    && let Observation::Exited(t) = observe(&after)
+                {
+                    self.slot(&c.name, restored).lc.replaced(t);
                 }
-                Action::Done => {}
-                Action::Start | Action::Create => {
-                    let restarting = matches!(
-                        slot.lc.state,
-                        State::Waiting {
-                            reason: super::lifecycle::WaitReason::CrashLoopBackOff,
-                            ..
+                rt.remove_container(id).await?;
+                inspect = None;
+                container_id = None;
+            }
+        }
+        let mut obs = match &inspect {
+            None => Observation::Absent,
+            Some(i) => observe(i),
+        };
+        if let Observation::Exited(t) = &mut obs {
+            t.message = self.termination_message(c, t).await;
+        }
+        let slot = self.slot(&c.name, restored);
+        if let Some(i) = &inspect {
+            slot.container_id = i.id.clone();
+            if slot.image_id.is_empty() {
+                slot.image_id = i.image.clone();
+            }
+        }
+        let was_running = matches!(slot.lc.state, State::Running { .. });
+        let policy = plan.restart_policy;
+        let exit_code = match &obs {
+            Observation::Exited(t) => Some(t.exit_code),
+            _ => None,
+        };
+        let counted_before = slot.lc.counted_exit();
+        let new_run = match &obs {
+            Observation::Running { started_at } => slot.run_started != *started_at || !was_running,
+            _ => false,
+        };
+        if let Observation::Running { started_at } = &obs {
+            slot.run_started = *started_at;
+        }
+        slot.lc.observe(obs, policy, is_init, now);
+        if let Some(code) = exit_code
+            && slot.lc.counted_exit() != counted_before
+        {
+            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, exit_code = code, "container exited");
+        }
+        if new_run {
+            slot.startup = c.startup.as_ref().map(|p| ProbeTracker::new(p, now));
+            slot.readiness = c.readiness.as_ref().map(|p| ProbeTracker::new(p, now));
+            slot.liveness = c.liveness.as_ref().map(|p| ProbeTracker::new(p, now));
+            slot.lc.started = c.startup.is_none();
+            slot.lc.ready = c.startup.is_none() && c.readiness.is_none();
+        }
+        Ok(container_id)
+    }
+
+    /// Action: what the lifecycle asks for next (create, start, probe, wait). Returns when to
+    /// look again.
+    #[allow(clippy::too_many_arguments)]
+    async fn act(
+        &mut self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        is_init: bool,
+        hash: &str,
+        container_id: Option<String>,
+        vols: &Result<BTreeMap<String, PathBuf>, volumes::VolumeError>,
+        bundle: &PodBundle,
+        restored: &BTreeMap<String, u32>,
+        now: Instant,
+    ) -> Duration {
+        let rt = self.ctx.rt.clone();
+        let policy = plan.restart_policy;
+        let mut requeue = Duration::from_secs(300);
+        let slot = self.slot(&c.name, restored);
+        // Act.
+        let action = slot.lc.next_action(container_id.is_some(), now);
+        match action {
+            Action::WaitUntil(t) => {
+                slot.lc.mark_pull_backoff(now);
+                requeue = requeue
+                    .min(t.saturating_duration_since(now) + Duration::from_millis(50))
+                    .min(super::lifecycle::PULL_ERROR_SHOWN);
+            }
+            Action::Done => {}
+            Action::Start | Action::Create => {
+                let restarting = matches!(
+                    slot.lc.state,
+                    State::Waiting {
+                        reason: super::lifecycle::WaitReason::CrashLoopBackOff,
+                        ..
+                    }
+                );
+                // Volumes first: a missing ConfigMap/Secret keeps the container waiting.
+                let vols = match &vols {
+                    Ok(v) => v,
+                    Err(e) => {
+                        slot.lc.observe(
+                            Observation::ConfigError(e.to_string()),
+                            policy,
+                            is_init,
+                            now,
+                        );
+                        return requeue.min(Duration::from_secs(10));
+                    }
+                };
+                let made = match container_id {
+                    // A restart: pin its subPaths again (a reboot drops the pins, and the
+                    // kubelet resolves them anew for every run).
+                    Some(id) => self
+                        .repin(plan, c, vols, bundle)
+                        .map(|()| id)
+                        .map_err(Observation::ConfigError),
+                    None => self.create(plan, c, hash, vols, bundle).await,
+                };
+                let id = match made {
+                    Ok(id) => Some(id),
+                    Err(obs) => {
+                        let slot = self.slot(&c.name, restored);
+                        slot.lc.observe(obs, policy, is_init, now);
+                        requeue = requeue.min(Duration::from_secs(10));
+                        None
+                    }
+                };
+                let slot = self.slot(&c.name, restored);
+                if let Some(id) = id {
+                    slot.container_id = id.clone();
+                    if restarting {
+                        slot.lc.restarting();
+                    }
+                    match rt.start_container(&id).await {
+                        Ok(()) => {
+                            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
+                            // Look again right away: the next pass observes it running
+                            // and publishes that, without waiting for an event.
+                            requeue = Duration::ZERO;
                         }
-                    );
-                    let id = match container_id {
-                        Some(id) => Some(id),
-                        None => {
-                            let vols = match &vols {
-                                Ok(v) => v,
-                                Err(e) => {
-                                    slot.lc.observe(
-                                        Observation::ConfigError(e.to_string()),
-                                        policy,
-                                        is_init,
-                                        now,
-                                    );
-                                    requeue = requeue.min(Duration::from_secs(10));
-                                    if is_init {
-                                        inits_done = false;
-                                    }
-                                    continue;
-                                }
-                            };
-                            match self.create(plan, c, &hash, vols, bundle).await {
-                                Ok(id) => Some(id),
-                                Err(obs) => {
-                                    let slot = self.slot(&c.name, &restored);
-                                    slot.lc.observe(obs, policy, is_init, now);
-                                    requeue = requeue.min(Duration::from_secs(10));
-                                    None
-                                }
-                            }
-                        }
-                    };
-                    let slot = self.slot(&c.name, &restored);
-                    if let Some(id) = id {
-                        slot.container_id = id.clone();
-                        if restarting {
-                            slot.lc.restarting();
-                        }
-                        match rt.start_container(&id).await {
-                            Ok(()) => {
-                                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
-                                // Look again right away: the next pass observes it running
-                                // and publishes that, without waiting for an event.
-                                requeue = Duration::ZERO;
-                            }
-                            Err(e) => {
-                                slot.lc.observe(
-                                    Observation::RuntimeError(e.to_string()),
-                                    policy,
-                                    is_init,
-                                    now,
-                                );
-                                requeue = requeue.min(Duration::from_secs(10));
-                            }
+                        Err(e) => {
+                            slot.lc.observe(
+                                Observation::RuntimeError(e.to_string()),
+                                policy,
+                                is_init,
+                                now,
+                            );
+                            requeue = requeue.min(Duration::from_secs(10));
                         }
                     }
                 }
-                Action::Probe => {
-                    let next = self.probe(plan, c).await;
-                    requeue = requeue.min(next);
-                }
             }
-            if is_init && !self.slot(&c.name, &restored).lc.succeeded() {
-                inits_done = false;
+            Action::Probe => {
+                let next = self.probe(plan, c).await;
+                requeue = requeue.min(next);
             }
         }
-        Ok(requeue)
+        requeue
     }
 
     fn slot(&mut self, name: &str, restored: &BTreeMap<String, u32>) -> &mut Slot {
@@ -622,7 +848,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         plan: &PodPlan,
         c: &ContainerPlan,
         hash: &str,
-        vols: &BTreeMap<String, Prepared>,
+        vols: &BTreeMap<String, PathBuf>,
         bundle: &PodBundle,
     ) -> Result<String, Observation> {
         let rt = self.ctx.rt.clone();
@@ -651,46 +877,17 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     })?
             }
         };
-        let env = resolve_env(plan, c, bundle, &self.ctx.host_ip, &self.pod_ip)
+        let image_user = image
+            .config
+            .as_ref()
+            .map(|c| c.user.clone())
+            .unwrap_or_default();
+        let user = sandbox::user(plan, c, &image_user).map_err(Observation::ConfigError)?;
+        let env = resolve_env(plan, c, bundle, &*self.ctx, &self.pod_ip)
             .map_err(Observation::ConfigError)?;
-        let mut mounts = Vec::new();
-        for m in &c.mounts {
-            let mut options = vec!["rbind".to_owned()];
-            if m.read_only {
-                options.push("ro".into());
-            }
-            let (kind, source) = match vols.get(&m.volume) {
-                Some(Prepared::Bind(p)) => {
-                    let p = match &m.sub_path {
-                        Some(s) => {
-                            let p = p.join(s);
-                            if let Err(e) = std::fs::create_dir_all(&p) {
-                                return Err(Observation::ConfigError(format!("subPath {s}: {e}")));
-                            }
-                            p
-                        }
-                        None => p.clone(),
-                    };
-                    ("bind", p.to_string_lossy().into_owned())
-                }
-                Some(Prepared::Tmpfs) => {
-                    options = vec!["rw".into()];
-                    ("tmpfs", "tmpfs".to_owned())
-                }
-                None => {
-                    return Err(Observation::ConfigError(format!(
-                        "volume {} not prepared",
-                        m.volume
-                    )));
-                }
-            };
-            mounts.push(Mount {
-                destination: m.path.clone(),
-                source,
-                kind: kind.into(),
-                options,
-            });
-        }
+        let mounts = self
+            .mounts(c, vols, &env)
+            .map_err(Observation::ConfigError)?;
         let mut lbls = self.pod_labels(plan);
         lbls.insert(labels::CONTAINER.into(), c.name.clone());
         lbls.insert(labels::SPEC_HASH.into(), hash.to_owned());
@@ -703,7 +900,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 period: 100_000,
             }),
         });
-        let spec = ContainerCreate {
+        let mut spec = ContainerCreate {
             name: format!("{}-{}", self.pod_name, c.name),
             pod: self.pod_name.clone(),
             image: image.id.clone(),
@@ -721,7 +918,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
             stop_signal: 15,
             stop_timeout: plan.grace_secs,
             restart_policy: "no".into(),
+            user,
+            ..Default::default()
         };
+        sandbox::apply(plan, c, &self.ctx.seccomp_root, &mut spec)
+            .map_err(Observation::ConfigError)?;
         let id = rt
             .create_container(&spec)
             .await
@@ -736,13 +937,155 @@ impl<R: ContainerRuntime> PodWorker<R> {
         Ok(id)
     }
 
-    /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
-    /// the pod and its volumes. `grace_override` (the API's deletion grace) replaces each
-    /// container's own stop timeout, as a kubelet honours `kubectl delete --grace-period`.
-    async fn remove(
-        &mut self,
+    /// Pin the subPaths of an existing container again before it starts.
+    fn repin(
+        &self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        vols: &BTreeMap<String, PathBuf>,
+        bundle: &PodBundle,
+    ) -> Result<(), String> {
+        self.termination_log(c, true)?;
+        if c.mounts
+            .iter()
+            .all(|m| m.sub_path.is_none() && m.sub_path_expr.is_none())
+        {
+            return Ok(());
+        }
+        let env = resolve_env(plan, c, bundle, &*self.ctx, &self.pod_ip)?;
+        self.mounts(c, vols, &env).map(|_| ())
+    }
+
+    /// The container's mounts. subPaths are resolved inside their volume and pinned (see
+    /// [`super::subpath`]); volumes the agent writes are always read-only.
+    fn mounts(
+        &self,
+        c: &ContainerPlan,
+        vols: &BTreeMap<String, PathBuf>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, String> {
+        let pod_dir = volumes::pod_dir(&self.ctx.state_dir, &self.uid);
+        let mut mounts = Vec::new();
+        for (i, m) in c.mounts.iter().enumerate() {
+            let Some(root) = vols.get(&m.volume) else {
+                return Err(format!("volume {} not prepared", m.volume));
+            };
+            let sub = match (&m.sub_path, &m.sub_path_expr) {
+                (Some(s), _) => Some(s.clone()),
+                (None, Some(expr)) => Some(super::subpath::expand_expr(expr, env)?),
+                (None, None) => None,
+            };
+            let source = match sub.filter(|s| !s.is_empty()) {
+                Some(s) => super::subpath::prepare(root, &s, &pod_dir, &m.volume, &c.name, i)
+                    .map_err(|e| {
+                        format!(
+                            "failed to prepare subPath for volumeMount {:?} of container {:?}: {e}",
+                            m.volume, c.name
+                        )
+                    })?,
+                None => root.clone(),
+            };
+            let mut options = vec!["rbind".to_owned()];
+            if m.read_only {
+                options.push("ro".into());
+            }
+            mounts.push(Mount {
+                destination: m.path.clone(),
+                source: source.to_string_lossy().into_owned(),
+                kind: "bind".into(),
+                options,
+            });
+        }
+        if let Some(dest) = &c.termination_message_path {
+            let log = self.termination_log(c, true)?;
+            mounts.push(Mount {
+                destination: dest.clone(),
+                source: log.to_string_lossy().into_owned(),
+                kind: "bind".into(),
+                options: vec!["rbind".into(), "rw".into()],
+            });
+        }
+        Ok(mounts)
+    }
+
+    /// The host file bind-mounted at the container's terminationMessagePath
+    /// (`<pod_dir>/containers/<name>/termination-log`, writable by any uid of the container, in
+    /// the 0700 pods tree). `fresh` empties it for a new run.
+    fn termination_log(&self, c: &ContainerPlan, fresh: bool) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = volumes::pod_dir(&self.ctx.state_dir, &self.uid)
+            .join("containers")
+            .join(&c.name);
+        let path = dir.join("termination-log");
+        if c.termination_message_path.is_none() {
+            return Ok(path);
+        }
+        let err = |e: std::io::Error| format!("termination log {}: {e}", path.display());
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(fresh)
+            .open(&path)
+            .map_err(err)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o666))
+            .map_err(err)?;
+        Ok(path)
+    }
+
+    /// The message of a finished run: what the container wrote to its terminationMessagePath
+    /// (at most 4096 bytes, as the kubelet reads), or with FallbackToLogsOnError and a failed run
+    /// that wrote nothing, the tail of its log (80 lines, at most 2048 bytes).
+    async fn termination_message(&self, c: &ContainerPlan, t: &Termination) -> Option<String> {
+        const MAX_FILE: usize = 4096;
+        const MAX_LOG: usize = 2048;
+        let from_file = c.termination_message_path.as_ref().and_then(|_| {
+            let path = volumes::pod_dir(&self.ctx.state_dir, &self.uid)
+                .join("containers")
+                .join(&c.name)
+                .join("termination-log");
+            let fd = rustix::fs::open(
+                &path,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .ok()?;
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(std::fs::File::from(fd), MAX_FILE as u64),
+                &mut buf,
+            )
+            .ok()?;
+            (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
+        });
+        if from_file.is_some() || !c.termination_message_from_logs || t.exit_code == 0 {
+            return from_file;
+        }
+        let opts = crate::podman::LogOptions {
+            tail: Some(80),
+            ..Default::default()
+        };
+        let mut stream = self.ctx.rt.logs(&t.container_id, &opts).await.ok()?;
+        let mut buf = Vec::new();
+        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+            buf.extend_from_slice(&chunk);
+            if buf.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let start = buf.len().saturating_sub(MAX_LOG);
+        let text = String::from_utf8_lossy(&buf[start..]).into_owned();
+        (!text.is_empty()).then_some(text)
+    }
+
+    /// Stop every app and init container of the pod at once, each with the pod's grace period
+    /// (or `grace_override`, the API's deletion grace). Returns the containers (infra excluded).
+    async fn stop_all(
+        &self,
         grace_override: Option<u64>,
-    ) -> Result<(), crate::podman::PodmanError> {
+    ) -> Result<Vec<crate::podman::ContainerSummary>, crate::podman::PodmanError> {
         let rt = self.ctx.rt.clone();
         // The infra container carries the pod's labels too; it goes with the pod.
         let containers: Vec<_> = rt
@@ -773,6 +1116,18 @@ impl<R: ContainerRuntime> PodWorker<R> {
         for r in futures::future::join_all(stops).await {
             r?;
         }
+        Ok(containers)
+    }
+
+    /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
+    /// the pod and its volumes. `grace_override` (the API's deletion grace) replaces each
+    /// container's own stop timeout, as a kubelet honours `kubectl delete --grace-period`.
+    async fn remove(
+        &mut self,
+        grace_override: Option<u64>,
+    ) -> Result<(), crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        let containers = self.stop_all(grace_override).await?;
         for c in &containers {
             rt.remove_container(&c.id).await?;
         }
@@ -828,6 +1183,7 @@ fn observe(i: &ContainerInspect) -> Observation {
                 started_at: ts(&i.state.started_at),
                 finished_at: ts(&i.state.finished_at),
                 container_id: i.id.clone(),
+                message: None,
             })
         }
         "exited" | "stopped" if !i.state.error.is_empty() => {
@@ -849,13 +1205,17 @@ fn spec_hash(c: &ContainerPlan) -> String {
 }
 
 /// The container's environment: envFrom first, then env (later entries win), as Kubernetes does.
-fn resolve_env(
+fn resolve_env<R>(
     plan: &PodPlan,
     c: &ContainerPlan,
     bundle: &PodBundle,
-    host_ip: &str,
+    ctx: &PodContext<R>,
     pod_ip: &str,
 ) -> Result<BTreeMap<String, String>, String> {
+    let addresses = Addresses {
+        host_ip: &ctx.host_ip,
+        pod_ip,
+    };
     let mut env = BTreeMap::new();
     for from in &c.env_from {
         let kind = if from.config_map {
@@ -909,21 +1269,13 @@ fn resolve_env(
                 }
             }
             EnvVar::Field(k, f) => {
-                let v = match f {
-                    FieldRef::PodName => plan.meta.name.clone(),
-                    FieldRef::Namespace => plan.meta.namespace.clone(),
-                    FieldRef::Uid => plan.meta.uid.clone(),
-                    FieldRef::NodeName => plan.node_name.clone(),
-                    FieldRef::HostIp => host_ip.to_owned(),
-                    FieldRef::PodIp => {
-                        if plan.host_network {
-                            host_ip.to_owned()
-                        } else {
-                            pod_ip.to_owned()
-                        }
-                    }
-                };
-                env.insert(k.clone(), v);
+                env.insert(k.clone(), downward::field_value(plan, f, addresses));
+            }
+            EnvVar::Resource(k, r) => {
+                env.insert(
+                    k.clone(),
+                    downward::resource_value(plan, r, ctx.allocatable),
+                );
             }
         }
     }
@@ -931,7 +1283,7 @@ fn resolve_env(
 }
 
 /// Kubernetes' `$(VAR)` expansion of env values against earlier variables.
-fn expand(v: &str, env: &BTreeMap<String, String>) -> String {
+pub fn expand(v: &str, env: &BTreeMap<String, String>) -> String {
     let mut out = String::with_capacity(v.len());
     let mut rest = v;
     while let Some(i) = rest.find("$(") {
@@ -971,3 +1323,7 @@ mod tests {
         assert_eq!(pod_hostname(&"c".repeat(253)).len(), 63);
     }
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod sandbox_tests;

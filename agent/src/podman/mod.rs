@@ -1,6 +1,8 @@
 //! The container runtime boundary: the `ContainerRuntime` trait and its Podman implementation.
 
 mod client;
+#[cfg(test)]
+pub mod fake;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -94,7 +96,7 @@ impl PodmanError {
 }
 
 /// What `POST /libpod/pods/create` takes (a subset of Podman's PodSpecGenerator).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct PodCreate {
     /// Unique pod name.
     pub name: String,
@@ -113,10 +115,26 @@ pub struct PodCreate {
     /// Published ports (bridge network only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub portmappings: Vec<PortMapping>,
+    /// Namespaces the pod's containers share; unset = Podman's default (ipc, net, uts).
+    /// shareProcessNamespace adds pid.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_namespaces: Vec<String>,
+    /// Extra /etc/hosts entries ("name:ip"), shared by the pod's containers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hostadd: Vec<String>,
+    /// Name servers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_server: Vec<String>,
+    /// Search domains.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_search: Vec<String>,
+    /// resolv.conf options.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_option: Vec<String>,
 }
 
 /// A Podman namespace choice, e.g. `{"nsmode": "host"}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct Namespace {
     /// "host", "bridge", "private", ...
     pub nsmode: String,
@@ -182,6 +200,45 @@ pub struct ContainerCreate {
     pub stop_timeout: u64,
     /// Podman's own restart policy; always "no": the agent restarts containers itself.
     pub restart_policy: String,
+    /// "uid[:gid]" (or a user name of the image) to run as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Supplementary groups (numeric).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Capabilities added (`CAP_*`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities dropped (`CAP_*` or `ALL`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// All capabilities and devices, no confinement.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
+    /// Set no_new_privs on the process.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_new_privileges: bool,
+    /// Read-only root filesystem.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_only_filesystem: bool,
+    /// With a read-only root: no writable tmpfs on /tmp, /var/tmp and /run (Kubernetes gives none).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_write_tmpfs: bool,
+    /// seccomp profile file, or "unconfined"; empty for Podman's default profile.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub seccomp_profile_path: String,
+    /// AppArmor profile name; empty for the default.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub apparmor_profile: String,
+    /// SELinux label options.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub selinux_opts: Vec<String>,
+    /// Paths of /proc and /sys to leave unmasked (`ALL` for procMount: Unmasked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unmask: Vec<String>,
+    /// Namespaced sysctls.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctl: BTreeMap<String, String>,
 }
 
 /// A bind mount.

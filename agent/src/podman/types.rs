@@ -147,6 +147,18 @@ pub struct ImageInspect {
     /// Manifest digest, "sha256:...".
     #[serde(default)]
     pub digest: String,
+    /// The image's run configuration.
+    #[serde(default)]
+    pub config: Option<ImageConfig>,
+}
+
+/// `Config` of an image inspect, the parts the agent uses.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageConfig {
+    /// `USER` of the image ("", "1000", "app", "1000:1000").
+    #[serde(default)]
+    pub user: String,
 }
 
 /// `GET /libpod/containers/{id}/exec` inspect (`/exec/{id}/json`).

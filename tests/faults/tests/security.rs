@@ -368,15 +368,16 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         .join(&a_uid)
         .join("volumes/creds");
     collect_files(&volumes, &mut files);
-    // Never world-readable (group bits follow the pod's defaultMode, for a container's group),
-    // under a pods tree only root may enter.
+    // The files keep the pod's defaultMode (a container of another uid must read them, as in
+    // Kubernetes); on the device they sit on a tmpfs (never on the disk) under a pods tree only
+    // root may enter.
     let mode = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).map_or(0o777, |m| m.permissions().mode() & 0o777)
     };
     let pods_tree = mode(&rig.agent(&a).state_dir.join("pods"));
-    let private =
-        !files.is_empty() && pods_tree == 0o700 && files.iter().all(|f| mode(f) & 0o007 == 0);
+    let on_tmpfs = fleetlet_agent::pod::safefs::is_tmpfs(&volumes);
+    let private = !files.is_empty() && pods_tree == 0o700 && on_tmpfs;
     rig.kill_agent(&a);
     rig.kill_agent(&b);
     rig.stop_hub();
@@ -406,7 +407,7 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         _ => false,
     };
     println!(
-        "searched {} log files and journald ({journal_checked}) for the secret; leaks: {leaks:?}; secret files private: {private} ({} files, pods tree {pods_tree:o})",
+        "searched {} log files and journald ({journal_checked}) for the secret; leaks: {leaks:?}; secret files private: {private} ({} files, tmpfs {on_tmpfs}, pods tree {pods_tree:o})",
         logs.len(),
         files.len()
     );
@@ -417,7 +418,7 @@ async fn a_device_cannot_touch_another_devices_pods_and_no_secret_is_logged() {
         pods_lost: 0,
         pods_duplicated: 0,
         detail: format!(
-            "{} log files{} searched, leaks: {}; secret files not world-readable under a 0700 tree: {private}",
+            "{} log files{} searched, leaks: {}; secret files on tmpfs under a 0700 tree: {private}",
             logs.len(),
             if journal_checked { " + journald" } else { "" },
             if leaks.is_empty() {
@@ -444,4 +445,277 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
             out.push(p);
         }
     }
+}
+
+/// Regular files below `dir` on its own filesystem (other mounts such as tmpfs volumes are
+/// skipped), up to 4 MiB each, that contain `needle`.
+fn files_on_disk_containing(
+    dir: &Path,
+    needle: &[u8],
+    skip: &[std::path::PathBuf],
+    found: &mut Vec<String>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if skip.contains(&p) {
+            continue;
+        }
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.dev() != top.dev() {
+            continue;
+        }
+        if m.is_dir() {
+            files_on_disk_containing(&p, needle, skip, found);
+        } else if m.is_file()
+            && m.len() <= 4 << 20
+            && std::fs::read(&p).is_ok_and(|d| d.windows(needle.len()).any(|w| w == needle))
+        {
+            found.push(p.display().to_string());
+        }
+    }
+}
+
+/// `podman exec` of `script` in container `id`; its exit code.
+fn podman_exec(id: &str, script: &str) -> i32 {
+    let stack = fleetlet_test_support::Stack::shared().expect("local stack");
+    Command::new("podman")
+        .arg("--url")
+        .arg(format!("unix://{}", stack.podman_socket().display()))
+        .args(["exec", id, "sh", "-c", script])
+        .output()
+        .map(|o| o.status.code().unwrap_or(-1))
+        .unwrap_or(-1)
+}
+
+/// The first container's waiting reason and message of pod `name`, from the API server.
+async fn waiting(rig: &Rig, name: &str) -> Option<(String, String)> {
+    let pod = rig.pods.get_opt(name).await.ok().flatten()?;
+    let w = pod
+        .status?
+        .container_statuses?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .clone()?;
+    Some((w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn pods_of_a_restricted_namespace_cannot_escape_onto_the_device() {
+    let rig = Rig::start("fb-sbx", 1).await;
+    let device = rig.devices()[0].clone();
+    // Before the namespace is restricted: a privileged pod (privileged works as privileged) and
+    // a pod with a secret volume (its data never reaches the device's disk).
+    let marker = format!("fbsbx{}", random_hex());
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(rig.fleet.client.clone(), &rig.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "vault"},
+                "stringData": {"token": marker}}))
+            .expect("secret"),
+        )
+        .await
+        .expect("create secret");
+    let priv_uid = rig
+        .create_pod(json!({"metadata": {"name": "sbx-priv"}, "spec": {
+            "nodeName": device, "hostNetwork": true, "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "vault", "secret": {"secretName": "vault"}}],
+            "containers": [{"name": "c", "image": test_image(), "command": ["sleep", "3600"],
+                "securityContext": {"privileged": true},
+                "volumeMounts": [{"name": "vault", "mountPath": "/vault"}]}]}}))
+        .await;
+    assert!(
+        rig.wait_running(&["sbx-priv"], WAIT).await,
+        "{}",
+        rig.logs()
+    );
+    let priv_id = running(&device, &priv_uid)
+        .get("c")
+        .and_then(|ids| ids.first().cloned())
+        .expect("privileged container running");
+    // Every capability the device has (its bounding set; a machine may lack some).
+    let host_bnd = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let all_caps = podman_exec(
+        &priv_id,
+        &format!("grep -q '^CapEff:.*{host_bnd}$' /proc/self/status"),
+    ) == 0;
+    let state = rig.agent(&device).state_dir.clone();
+    // Read from the device side: an exec's command line would itself be stored by Podman.
+    let secret_seen = podman_exec(&priv_id, "test -s /vault/token") == 0
+        && std::fs::read_to_string(
+            state
+                .join("pods")
+                .join(&priv_uid)
+                .join("volumes/vault/token"),
+        )
+        .is_ok_and(|t| t == marker);
+    let skip = [
+        state.join("desired.snapshot"),
+        state.join("desired.snapshot.prev"),
+    ];
+    let mut on_disk = Vec::new();
+    files_on_disk_containing(&state, marker.as_bytes(), &skip, &mut on_disk);
+    files_on_disk_containing(
+        Path::new("/var/lib/containers"),
+        marker.as_bytes(),
+        &[],
+        &mut on_disk,
+    );
+    record(Outcome {
+        fault: "privileged pod; secret volume data on the device's disk".into(),
+        recovered: all_caps && secret_seen && on_disk.is_empty(),
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: duplicated(&device, &priv_uid),
+        detail: format!(
+            "privileged has every capability {all_caps}; secret readable in the pod {secret_seen}; found on disk outside the 0600 desired state: {on_disk:?}"
+        ),
+    });
+    assert!(
+        all_caps && secret_seen && on_disk.is_empty(),
+        "{on_disk:?}\n{}",
+        rig.logs()
+    );
+    // The namespace enforces Pod Security "restricted": everything below is what a user with
+    // only the right to create pods there can submit.
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(rig.fleet.client.clone());
+    namespaces
+        .patch(
+            &rig.ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest"}}})),
+        )
+        .await
+        .expect("label the namespace restricted");
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(rig.fleet.client.clone(), &rig.ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"k": "v"}}))
+            .expect("configmap"),
+    )
+    .await
+    .expect("create configmap");
+    let restricted = |name: &str, extra: serde_json::Value| {
+        let mut pod = json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": device,
+                "terminationGracePeriodSeconds": 1,
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 2000,
+                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "volumes": [{"name": "data", "emptyDir": {}},
+                            {"name": "cfg", "configMap": {"name": "cfg"}}],
+                "containers": [{
+                    "name": "c", "image": test_image(), "command": ["sleep", "3600"],
+                    "securityContext": {"allowPrivilegeEscalation": false,
+                        "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]
+                }]
+            }
+        });
+        if let (Some(spec), Some(extra)) = (pod["spec"].as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                spec.insert(k.clone(), v.clone());
+            }
+        }
+        pod
+    };
+
+    // 1. A restricted pod runs as the uid it asks for, with no capabilities and a read-only root.
+    let uid = rig.create_pod(restricted("sbx-ok", json!({}))).await;
+    assert!(rig.wait_running(&["sbx-ok"], WAIT).await, "{}", rig.logs());
+    let id = running(&device, &uid)
+        .get("c")
+        .and_then(|ids| ids.first().cloned())
+        .expect("container running");
+    let as_uid = podman_exec(&id, "test \"$(id -u)\" = 1000") == 0;
+    let no_caps = podman_exec(
+        &id,
+        "grep -q '^CapEff:.*0000000000000000$' /proc/self/status && grep -q '^CapBnd:.*0000000000000000$' /proc/self/status",
+    ) == 0;
+    let ro_root = podman_exec(&id, "touch /x") != 0;
+    let nnp = podman_exec(&id, "grep -q '^NoNewPrivs:.*1$' /proc/self/status") == 0;
+    // 2. Its configMap volume is read-only, so no link can be planted for the agent's refresh.
+    let cfg_ro = podman_exec(&id, "echo x > /cfg/new || ln -s / /cfg/..data_tmp") != 0;
+    record(Outcome {
+        fault: "restricted pod: uid, capabilities, root fs, configMap volume".into(),
+        recovered: as_uid && no_caps && ro_root && nnp && cfg_ro,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: duplicated(&device, &uid),
+        detail: format!(
+            "uid 1000 {as_uid}, no capabilities {no_caps}, read-only root {ro_root}, no_new_privs {nnp}, configMap read-only {cfg_ro}"
+        ),
+    });
+
+    // 3. An init container turns the subPath into a link to the device's root.
+    let escape_uid = rig
+        .create_pod(restricted(
+            "sbx-subpath",
+            json!({
+                "initContainers": [{"name": "plant", "image": test_image(),
+                    "command": ["sh", "-c", "ln -sfn / /data/escape"],
+                    "securityContext": {"allowPrivilegeEscalation": false,
+                        "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "containers": [{"name": "c", "image": test_image(), "command": ["sleep", "3600"],
+                    "securityContext": {"allowPrivilegeEscalation": false,
+                        "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/host", "subPath": "escape/etc"}]}]
+            }),
+        ))
+        .await;
+    let deadline = Instant::now() + WAIT;
+    let mut seen = None;
+    while Instant::now() < deadline {
+        if let Some((reason, message)) = waiting(&rig, "sbx-subpath").await
+            && reason == "CreateContainerConfigError"
+        {
+            seen = Some(message);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let refused = seen.as_deref().is_some_and(|m| m.contains("outside"));
+    let nothing_ran = !running(&device, &escape_uid).contains_key("c");
+    record(Outcome {
+        fault: "symlinked subPath to the device's root (restricted namespace)".into(),
+        recovered: refused && nothing_ran,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "CreateContainerConfigError: {}; container never created: {nothing_ran}",
+            seen.unwrap_or_else(|| "not seen".into())
+        ),
+    });
+    assert!(
+        as_uid && no_caps && ro_root && nnp && cfg_ro,
+        "{}",
+        rig.logs()
+    );
+    assert!(refused && nothing_ran, "{}", rig.logs());
 }

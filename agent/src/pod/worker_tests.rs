@@ -1,0 +1,352 @@
+//! The pod worker against the in-memory runtime: what each pod field becomes in the container
+//! spec, and what the pod's status says when the agent refuses. The same paths run against the
+//! real Podman in agent/tests/sandbox.rs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fleetlet_proto::v1::{ConfigMapData, PodBundle};
+use k8s_openapi::api::core::v1::PodStatus;
+use tokio::sync::watch;
+
+use super::*;
+use crate::pod::policy::DevicePolicy;
+use crate::podman::fake::FakeRuntime;
+use crate::reconciler::plan_pod;
+
+const IMAGE: &str = "localhost/test/busybox:1";
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    rt: FakeRuntime,
+    ctx: Arc<PodContext<FakeRuntime>>,
+}
+
+async fn rig(image_user: &str, policy: DevicePolicy) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::with_image(IMAGE, image_user).await;
+    let ctx = Arc::new(PodContext {
+        rt: Arc::new(rt.clone()),
+        device: "dev-unit".into(),
+        state_dir: dir.path().to_owned(),
+        host_ip: "192.0.2.10".into(),
+        statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
+        restored_restarts: BTreeMap::new(),
+        restored_start_times: BTreeMap::new(),
+        policy,
+        allocatable: Resources {
+            cpu_millis: 2000,
+            memory_bytes: 2 << 30,
+        },
+        seccomp_root: dir.path().join("seccomp"),
+    });
+    Rig { _dir: dir, rt, ctx }
+}
+
+fn bundle(spec: serde_json::Value) -> PodBundle {
+    PodBundle {
+        pod_json: serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "uid": "uid-1"},
+            "spec": spec
+        }))
+        .unwrap()
+        .into(),
+        config_maps: vec![ConfigMapData {
+            name: "cm".into(),
+            data: [("k".to_string(), "v".to_string())].into(),
+            binary_data: Default::default(),
+        }],
+        secrets: vec![],
+    }
+}
+
+/// Run worker passes for `b` (as the reconciler would hand it over) and return the status.
+async fn run(r: &Rig, b: &PodBundle) -> PodStatus {
+    let planned = plan_pod(&b.pod_json, &r.ctx.policy);
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    for _ in 0..3 {
+        w.reconcile(b, &planned, Ok(())).await;
+    }
+    let map = r.ctx.statuses.borrow().clone();
+    serde_json::from_slice(&map["uid-1"].status_json).unwrap()
+}
+
+fn waiting(st: &PodStatus) -> (String, String) {
+    let w = st.container_statuses.as_ref().unwrap()[0]
+        .state
+        .as_ref()
+        .unwrap()
+        .waiting
+        .clone()
+        .unwrap();
+    (w.reason.unwrap_or_default(), w.message.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn restricted_pod_runs_as_asked() {
+    let r = rig("", DevicePolicy::default()).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 3000,
+                "fsGroup": 2000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "volumes": [{"name": "cfg", "configMap": {"name": "cm"}}],
+            "containers": [{"name": "app", "image": IMAGE,
+                "volumeMounts": [{"name": "cfg", "mountPath": "/cfg", "readOnly": false}],
+                "securityContext": {"allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}}}]
+        })),
+    )
+    .await;
+    assert_eq!(st.phase.as_deref(), Some("Running"), "{st:?}");
+    let spec = r.rt.spec_of("app").await.unwrap();
+    assert_eq!(spec.user.as_deref(), Some("1000:3000"));
+    assert_eq!(spec.groups, vec!["2000"]);
+    assert_eq!(spec.cap_drop, vec!["ALL"]);
+    assert!(spec.cap_add.is_empty());
+    assert!(spec.no_new_privileges && spec.read_only_filesystem && !spec.privileged);
+    assert_eq!(spec.mounts[0].destination, "/cfg");
+    assert!(
+        spec.mounts[0].options.contains(&"ro".to_owned()),
+        "configMap mounts are read-only whatever readOnly says"
+    );
+}
+
+#[tokio::test]
+async fn run_as_non_root_with_a_root_image_is_a_config_error() {
+    let r = rig("", DevicePolicy::default()).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "securityContext": {"runAsNonRoot": true},
+            "containers": [{"name": "app", "image": IMAGE}]
+        })),
+    )
+    .await;
+    let (reason, message) = waiting(&st);
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert!(message.contains("image will run as root"), "{message}");
+    assert!(r.rt.spec_of("app").await.is_none(), "nothing created");
+}
+
+#[tokio::test]
+async fn a_subpath_out_of_its_volume_never_mounts() {
+    let r = rig("", DevicePolicy::default()).await;
+    // What an init container would have left in the emptyDir.
+    let vol = volumes::volume_dir(&r.ctx.state_dir, "uid-1", "data");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::os::unix::fs::symlink("/", vol.join("escape")).unwrap();
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [{"name": "app", "image": IMAGE,
+                "volumeMounts": [{"name": "data", "mountPath": "/host", "subPath": "escape/etc"}]}]
+        })),
+    )
+    .await;
+    let (reason, message) = waiting(&st);
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert!(
+        message.contains("failed to prepare subPath for volumeMount \"data\" of container \"app\""),
+        "{message}"
+    );
+    assert!(message.contains("resolves outside"), "{message}");
+    assert!(r.rt.spec_of("app").await.is_none(), "nothing created");
+}
+
+#[tokio::test]
+async fn device_policy_and_unsupported_fields_fail_the_pod_by_name() {
+    let strict = DevicePolicy {
+        allow_privileged: false,
+        ..DevicePolicy::default()
+    };
+    let r = rig("", strict).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "containers": [{"name": "app", "image": IMAGE,
+                "securityContext": {"privileged": true}}]
+        })),
+    )
+    .await;
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert_eq!(st.reason.as_deref(), Some("DevicePolicy"));
+    assert!(st.message.unwrap().contains("allow_privileged = false"));
+    assert!(r.rt.state.lock().await.pods.is_empty(), "nothing created");
+
+    let r = rig("", DevicePolicy::default()).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "volumes": [{"name": "t", "projected": {"sources": [
+                {"serviceAccountToken": {"path": "token"}}]}}],
+            "containers": [{"name": "app", "image": IMAGE}]
+        })),
+    )
+    .await;
+    assert_eq!(st.reason.as_deref(), Some("UnsupportedPodSpec"));
+    assert!(
+        st.message
+            .unwrap()
+            .starts_with("spec.volumes[0].projected.sources[0].serviceAccountToken")
+    );
+}
+
+#[tokio::test]
+async fn privileged_runs_privileged_and_sysctls_reach_the_container() {
+    let r = rig("", DevicePolicy::default()).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "securityContext": {"sysctls": [{"name": "net.ipv4.tcp_syncookies", "value": "0"}]},
+            "containers": [{"name": "app", "image": IMAGE,
+                "securityContext": {"privileged": true, "capabilities": {"drop": ["ALL"]}}}]
+        })),
+    )
+    .await;
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    let spec = r.rt.spec_of("app").await.unwrap();
+    assert!(spec.privileged);
+    assert!(spec.cap_drop.is_empty(), "privileged has every capability");
+    assert_eq!(spec.seccomp_profile_path, "unconfined");
+    assert_eq!(spec.sysctl["net.ipv4.tcp_syncookies"], "0");
+}
+
+#[tokio::test]
+async fn downward_env_and_resource_refs() {
+    let r = rig("1000", DevicePolicy::default()).await;
+    run(
+        &r,
+        &bundle(serde_json::json!({
+            "serviceAccountName": "sa",
+            "containers": [{"name": "app", "image": IMAGE,
+                "resources": {"limits": {"memory": "64Mi"}},
+                "env": [
+                    {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                    {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+                    {"name": "SA", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}}]}]
+        })),
+    )
+    .await;
+    let spec = r.rt.spec_of("app").await.unwrap();
+    assert_eq!(spec.env["MEM"], "64");
+    assert_eq!(spec.env["CPU"], "2", "no CPU limit: the node's allocatable");
+    assert_eq!(spec.env["SA"], "sa");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_dir_over_its_size_limit_evicts_the_pod() {
+    let r = rig("", DevicePolicy::default()).await;
+    let b = bundle(serde_json::json!({
+        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "64Ki"}}],
+        "containers": [{"name": "app", "image": IMAGE,
+            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}]
+    }));
+    let st = run(&r, &b).await;
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    // The container fills the volume.
+    let vol = volumes::volume_dir(&r.ctx.state_dir, "uid-1", "scratch");
+    std::fs::write(vol.join("fill"), vec![7u8; 256 << 10]).unwrap();
+    let planned = plan_pod(&b.pod_json, &r.ctx.policy);
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    w.reconcile(&b, &planned, Ok(())).await;
+    tokio::time::advance(std::time::Duration::from_secs(11)).await;
+    w.reconcile(&b, &planned, Ok(())).await;
+    let map = r.ctx.statuses.borrow().clone();
+    let st: PodStatus = serde_json::from_slice(&map["uid-1"].status_json).unwrap();
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert_eq!(st.reason.as_deref(), Some("Evicted"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("Usage of EmptyDir volume \"scratch\" exceeds the limit \"65536\". ")
+    );
+    let s = r.rt.state.lock().await;
+    assert!(
+        s.containers
+            .values()
+            .all(|c| c.infra || c.state != "running"),
+        "every container stopped"
+    );
+}
+
+#[tokio::test]
+async fn the_termination_message_is_what_the_container_wrote() {
+    let r = rig("", DevicePolicy::default()).await;
+    let b = bundle(serde_json::json!({
+        "restartPolicy": "Never",
+        "containers": [{"name": "app", "image": IMAGE}]
+    }));
+    let st = run(&r, &b).await;
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    let spec = r.rt.spec_of("app").await.unwrap();
+    let log = spec
+        .mounts
+        .iter()
+        .find(|m| m.destination == "/dev/termination-log")
+        .expect("termination log mounted");
+    std::fs::write(&log.source, "disk full").unwrap();
+    r.rt.exit("app", 3).await;
+    let st = run(&r, &b).await;
+    let t = st.container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!((t.exit_code, t.message.as_deref()), (3, Some("disk full")));
+}
+
+#[tokio::test]
+async fn active_deadline_fails_the_pod_like_the_kubelet() {
+    let mut r = rig("", DevicePolicy::default()).await;
+    Arc::get_mut(&mut r.ctx)
+        .unwrap()
+        .restored_start_times
+        .insert(
+            "uid-1".into(),
+            jiff::Timestamp::now() - jiff::SignedDuration::from_secs(120),
+        );
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "activeDeadlineSeconds": 60,
+            "containers": [{"name": "app", "image": IMAGE}]
+        })),
+    )
+    .await;
+    assert_eq!(st.phase.as_deref(), Some("Failed"));
+    assert_eq!(st.reason.as_deref(), Some("DeadlineExceeded"));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("Pod was active on the node longer than the specified deadline")
+    );
+}
+
+#[tokio::test]
+async fn an_image_change_is_a_restart_with_the_last_state() {
+    let r = rig("", DevicePolicy::default()).await;
+    r.rt.state
+        .lock()
+        .await
+        .images
+        .insert("localhost/test/busybox:2".into(), String::new());
+    let planned_for =
+        |image: &str| bundle(serde_json::json!({"containers": [{"name": "app", "image": image}]}));
+    let one = planned_for(IMAGE);
+    let two = planned_for("localhost/test/busybox:2");
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    for b in [&one, &one, &two, &two, &two] {
+        let planned = plan_pod(&b.pod_json, &r.ctx.policy);
+        w.reconcile(b, &planned, Ok(())).await;
+    }
+    let map = r.ctx.statuses.borrow().clone();
+    let st: PodStatus = serde_json::from_slice(&map["uid-1"].status_json).unwrap();
+    let cs = &st.container_statuses.unwrap()[0];
+    assert_eq!(cs.restart_count, 1);
+    assert_eq!(cs.image, "localhost/test/busybox:2");
+    assert!(cs.state.as_ref().unwrap().running.is_some());
+    let last = cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!(last.exit_code, 137);
+}
