@@ -123,6 +123,24 @@ impl Drop for DemoDown<'_> {
 
 const MARK: &str = "@@quickstart block ";
 
+/// Processes whose command line mentions `dir` (the demo's hub and agents name their
+/// configuration files there), as (pid, command line).
+fn processes_mentioning(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
 #[test]
 fn quickstart_commands_work_on_a_demo_of_their_own() {
     reap_orphans();
@@ -279,6 +297,12 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
             &format!("fleetlet_hub_device_capacity{{device=\"{p}-a1\",resource=\"cpu\"}}"),
             &format!("fleetlet_hub_device_snapshot_bytes{{device=\"{p}-a1\"}}"),
         ],
+    );
+    // `make demo-down` (the guide's last command) left none of the demo's processes running.
+    let left = processes_mentioning(&names.dir);
+    assert!(
+        left.is_empty(),
+        "processes of the demo survived make demo-down: {left:?}"
     );
     let deletion = find("--cascade=foreground");
     assert!(
