@@ -80,7 +80,7 @@ fn at(time: &str, now: Timestamp) -> String {
 pub fn render(r: &StatusReport, now: Timestamp) -> String {
     let f = &r.file;
     let mut out = String::new();
-    let _ = writeln!(out, "device:      {}", f.device);
+    let _ = writeln!(out, "device:        {}", f.device);
     let written = if f.written.is_empty() {
         "unknown".to_owned()
     } else {
@@ -90,14 +90,14 @@ pub fn render(r: &StatusReport, now: Timestamp) -> String {
         (Some(a), true) => {
             let _ = writeln!(
                 out,
-                "agent:       running (pid {}, version {})",
+                "agent:         running (pid {}, version {})",
                 a.pid, a.version
             );
         }
         _ => {
             let _ = writeln!(
                 out,
-                "agent:       NOT RUNNING; below is what it last recorded, at {written}"
+                "agent:         NOT RUNNING; below is what it last recorded, at {written}"
             );
         }
     }
@@ -120,33 +120,32 @@ pub fn render(r: &StatusReport, now: Timestamp) -> String {
             endpoint,
             last_error,
         }) => format!(
-            "DOWN since {}, retrying {endpoint}\n             last error: {last_error}",
+            "DOWN since {}, retrying {endpoint}\n               last error: {last_error}",
             at(since, now)
         ),
         Some(LinkStatus::Stopped { since }) => {
             format!("stopped with the agent at {}", at(since, now))
         }
     };
-    let _ = writeln!(out, "link:        {link}");
+    let _ = writeln!(out, "link:          {link}");
     let stored = r
         .generation_stored
         .as_deref()
         .map(|t| format!(", stored {}", at(t, now)))
         .unwrap_or_default();
-    let _ = writeln!(out, "generation:  {}{stored}", f.generation);
+    let _ = writeln!(out, "generation:    {}{stored}", f.generation);
     let desired = match (&f.desired_unknown, &f.desired_fallback) {
-        (Some(reason), _) => format!(
-            "UNKNOWN: the state on disk is unreadable ({reason}); pods are left as they are until \
-             the hub sends a snapshot"
-        ),
-        (None, Some(reason)) => format!(
-            "FALLBACK: running the previous good snapshot, the current file is unusable ({reason})"
-        ),
+        (Some(reason), _) => {
+            format!("UNKNOWN ({reason}); pods are left as they are until the hub sends a snapshot")
+        }
+        (None, Some(reason)) => {
+            format!("PREVIOUS GOOD SNAPSHOT, the current file is unusable ({reason})")
+        }
         (None, None) if f.generation == 0 => "none received yet".to_owned(),
         (None, None) => "current".to_owned(),
     };
-    let _ = writeln!(out, "desired:     {desired}");
-    let _ = writeln!(out, "pods:        {}", f.pods.len());
+    let _ = writeln!(out, "desired state: {desired}");
+    let _ = writeln!(out, "pods:          {}", f.pods.len());
     if !f.pods.is_empty() {
         let _ = writeln!(
             out,
@@ -229,20 +228,20 @@ mod tests {
         };
         let text = render(&r, now());
         assert!(
-            text.contains("agent:       running (pid 42, version 0.1.0)"),
+            text.contains("agent:         running (pid 42, version 0.1.0)"),
             "{text}"
         );
         assert!(
             text.contains(
-                "link:        connected to https://hub:7443 since 2026-12-06T13:55:00Z (5m 0s ago)"
+                "link:          connected to https://hub:7443 since 2026-12-06T13:55:00Z (5m 0s ago)"
             ),
             "{text}"
         );
         assert!(
-            text.contains("generation:  7, stored 2026-12-06T13:30:00Z (30m 0s ago)"),
+            text.contains("generation:    7, stored 2026-12-06T13:30:00Z (30m 0s ago)"),
             "{text}"
         );
-        assert!(text.contains("desired:     current"), "{text}");
+        assert!(text.contains("desired state: current"), "{text}");
         assert!(text.contains("ns                   web"), "{text}");
     }
 
@@ -260,7 +259,7 @@ mod tests {
             generation_stored: None,
         };
         let text = render(&r, now());
-        assert!(text.contains("agent:       NOT RUNNING"), "{text}");
+        assert!(text.contains("agent:         NOT RUNNING"), "{text}");
         assert!(
             text.contains("at 2026-12-06T13:59:00Z (1m 0s ago)"),
             "{text}"
@@ -273,7 +272,7 @@ mod tests {
             text.contains("last error: connecting to hub https://hub:7443: connection refused")
         );
         assert!(
-            text.contains("FALLBACK: running the previous good snapshot"),
+            text.contains("desired state: PREVIOUS GOOD SNAPSHOT, the current file is unusable"),
             "{text}"
         );
     }

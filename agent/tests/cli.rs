@@ -164,11 +164,11 @@ fn status_shows_the_link_down_with_its_error_and_a_stopped_agent() {
         .expect("status");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("agent:       running (pid "), "{text}");
-    assert!(text.contains("link:        DOWN since "), "{text}");
+    assert!(text.contains("agent:         running (pid "), "{text}");
+    assert!(text.contains("link:          DOWN since "), "{text}");
     assert!(text.contains("last error: "), "{text}");
-    assert!(text.contains("generation:  3, stored "), "{text}");
-    assert!(text.contains("desired:     current"), "{text}");
+    assert!(text.contains("generation:    3, stored "), "{text}");
+    assert!(text.contains("desired state: current"), "{text}");
 
     let log = a.stop();
     // Stopped cleanly: the file says so, and status does not take the dead pid for the agent.
@@ -192,7 +192,7 @@ fn status_shows_the_link_down_with_its_error_and_a_stopped_agent() {
             .stdout,
     )
     .into_owned();
-    assert!(text.contains("agent:       NOT RUNNING"), "{text}");
+    assert!(text.contains("agent:         NOT RUNNING"), "{text}");
 }
 
 #[test]

@@ -259,12 +259,12 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
     expect(
         "agent-demo-b1.toml status",
         &[
-            "agent:       running",
+            "agent:         running",
             &format!(
-                "link:        connected to https://127.0.0.1:{}",
+                "link:          connected to https://127.0.0.1:{}",
                 names.link_port
             ),
-            "desired:     current",
+            "desired state: current",
             "on-b1",
         ],
     );
@@ -285,8 +285,8 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
         "reason=DeviceDisconnected",
         &[
             "DeviceDisconnected",
-            "agent:       NOT RUNNING",
-            "link:        stopped with the agent",
+            "agent:         NOT RUNNING",
+            "link:          stopped with the agent",
         ],
     );
     expect("reason=DeviceReconnected", &["DeviceReconnected"]);
