@@ -1,11 +1,12 @@
 # Process identity for pidfiles (sourced by tests/env/daemons.sh and tests/demo/lib.sh).
 #
-# A pidfile line is `PID START EXE`: START is the process's start time (field 22 of
-# /proc/PID/stat, clock ticks since boot), which stays the same across exec and differs for a
-# recycled pid. The executable path alone cannot tell: after a rebuild, /proc/PID/exe reads
+# A pidfile holds `PID EXE` on its first line and the process's START time on its second: field
+# 22 of /proc/PID/stat, clock ticks since boot, which stays the same across exec and differs for
+# a recycled pid. The executable path alone cannot tell: after a rebuild, /proc/PID/exe reads
 # "PATH (deleted)" and a path comparison takes the live process for a stranger (it then survives
-# `make demo-down`/`env-down`). EXE is informational. Old pidfiles (`PID EXE`) are still read:
-# for them the executable is compared with and without the " (deleted)" suffix.
+# `make demo-down`/`env-down`). The first line is the old format, so scripts of older checkouts
+# sharing the stack still read these files; a file without the second line (written by them) is
+# checked by its executable, with or without the " (deleted)" suffix.
 
 # proc_start PID: prints the start time of PID (fails when there is no such process).
 proc_start() {
@@ -28,30 +29,29 @@ proc_alive() {
   case ${rest%% *} in Z | X | '') return 1 ;; esac
 }
 
-# pidfile_write FILE PID EXE: records PID with its start time.
+# pidfile_write FILE PID EXE: records PID, its executable and its start time.
 pidfile_write() {
   local file=$1 pid=$2 exe=$3 start
   start=$(proc_start "$pid") || start=0
-  printf '%s %s %s\n' "$pid" "$start" "$exe" > "$file"
+  printf '%s %s\n%s\n' "$pid" "$exe" "$start" > "$file"
 }
 
 # pidfile_pid FILE: prints the pid of FILE when that very process still runs (alive, same start
-# time; for an old-format file, same executable even if rebuilt). Fails otherwise.
+# time; for a file without a start time, same executable even if rebuilt). Fails otherwise.
 pidfile_pid() {
-  local file=$1 pid second exe actual
+  local file=$1 pid exe start='' actual
   [ -f "$file" ] || return 1
-  read -r pid second exe < "$file" || [ -n "${pid:-}" ] || return 1
-  case $pid in '' | *[!0-9]*) return 1 ;; esac
+  { read -r pid exe || [ -n "${pid:-}" ]; read -r start || true; } < "$file"
+  case ${pid:-} in '' | *[!0-9]*) return 1 ;; esac
   proc_alive "$pid" || return 1
-  case $second in
-    '' | *[!0-9]*)
-      # Old format `PID EXE`: EXE is "$second $exe".
-      exe=${second}${exe:+ $exe}
+  case $start in
+    '')
       actual=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
       [ "$actual" = "$exe" ] || [ "$actual" = "$exe (deleted)" ] || return 1
       ;;
+    *[!0-9]*) return 1 ;;
     *)
-      [ "$(proc_start "$pid" 2>/dev/null)" = "$second" ] || return 1
+      [ "$(proc_start "$pid" 2>/dev/null)" = "$start" ] || return 1
       ;;
   esac
   printf '%s\n' "$pid"

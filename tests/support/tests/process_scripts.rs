@@ -95,7 +95,7 @@ fn a_rebuilt_daemon_and_its_children_are_stopped() {
         &format!(
             "start_daemon fake {daemon} -c 'sleep 300 & echo $! > {child}; wait'\n\
              for i in $(seq 50); do [ -s {child} ] && break; sleep 0.1; done\n\
-             cut -d' ' -f1 \"$RUN_DIR/fake.pid\"",
+             head -n 1 \"$RUN_DIR/fake.pid\" | cut -d' ' -f1",
             daemon = daemon.display(),
             child = dir.join("child.pid").display(),
         ),
@@ -115,6 +115,10 @@ fn a_rebuilt_daemon_and_its_children_are_stopped() {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe link");
     assert!(exe.to_string_lossy().ends_with("(deleted)"), "{exe:?}");
 
+    // Scripts of older checkouts read the first line as before: `PID EXE`.
+    let pidfile = std::fs::read_to_string(dev.join("run/fake.pid")).expect("pidfile");
+    let first = pidfile.lines().next().unwrap_or_default();
+    assert_eq!(first, format!("{pid} {}", daemon.display()), "{pidfile}");
     let running = bash(&dev, "is_running fake && echo yes || echo no");
     assert_eq!(
         running.trim(),
@@ -140,7 +144,7 @@ fn a_pidfile_of_another_process_signals_nothing() {
     let _reap = Reap::new(&[pid]);
     std::fs::write(
         dev.join("run/recycled.pid"),
-        format!("{pid} 1 /usr/bin/other\n"),
+        format!("{pid} /usr/bin/other\n1\n"),
     )
     .expect("pidfile");
     std::fs::write(dev.join("run/old.pid"), format!("{pid} /usr/bin/other\n")).expect("pidfile");
@@ -174,7 +178,8 @@ fn an_old_format_pidfile_of_a_rebuilt_binary_is_still_recognised() {
     let mut old = Command::new(&bin).arg("300").spawn().expect("start");
     let pid = old.id();
     let _reap = Reap::new(&[pid]);
-    // Written by the scripts before this change: `PID EXE`, and the binary rebuilt since.
+    // Written by the scripts before start times were recorded: `PID EXE` alone, and the binary
+    // rebuilt since.
     std::fs::write(
         dev.join("run/old.pid"),
         format!("{pid} {}\n", bin.display()),
