@@ -216,6 +216,14 @@ impl Metrics {
         }
     }
 
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
     /// Records the capacity and allocatable a device reported (quantities that do not parse are
     /// left out).
     pub fn set_device_capacity(&self, device: &str, capacity: &fleetlet_proto::v1::Capacity) {
@@ -271,14 +279,6 @@ impl Metrics {
         self.device_snapshot_bytes.remove(&DeviceLabels {
             device: device.to_string(),
         });
-    }
-
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
     }
 }
 

@@ -261,7 +261,7 @@ pub async fn run_link(
         match attempt.await {
             Ok(client::SessionEnd::Shutdown) => break,
             Ok(client::SessionEnd::ClosedByHub) => {
-                tracing::info!(device, %endpoint, "hub closed the link");
+                tracing::info!(device, endpoint = %endpoint_cfg.endpoint, "hub closed the link");
                 state.link_changed(LinkEvent::Down {
                     endpoint,
                     error: "the hub closed the link".into(),
