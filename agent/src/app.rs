@@ -116,13 +116,13 @@ pub async fn run(
     )));
     if let Some(hub) = cfg.hub.clone() {
         let state: Arc<dyn link::DeviceState> = Arc::new(AgentDeviceState {
+            link: link_tracker,
             device: cfg.device_name.clone(),
             store: store.clone(),
             node_info: info,
             capacity,
             statuses: status_rx,
             rt: rt.clone(),
-            link: link_tracker,
         });
         info!(endpoint = %hub.endpoint, "starting link to hub");
         tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));

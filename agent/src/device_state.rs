@@ -14,6 +14,8 @@ use crate::store::DesiredStore;
 
 /// Device state backed by the real store and runtime.
 pub struct AgentDeviceState<R> {
+    /// The link's state for the status file.
+    pub link: LinkTracker,
     /// Device name.
     pub device: String,
     /// Desired store.
@@ -26,12 +28,14 @@ pub struct AgentDeviceState<R> {
     pub statuses: watch::Receiver<PodStatusMap>,
     /// Runtime (for logs).
     pub rt: Arc<R>,
-    /// The link's state for the status file.
-    pub link: LinkTracker,
 }
 
 #[tonic::async_trait]
 impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
+    fn link_changed(&self, event: LinkEvent) {
+        self.link.record(event);
+    }
+
     fn device_name(&self) -> String {
         self.device.clone()
     }
@@ -73,10 +77,6 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
 
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String> {
         container_logs(&*self.rt, &self.device, req).await
-    }
-
-    fn link_changed(&self, event: LinkEvent) {
-        self.link.record(event);
     }
 }
 

@@ -29,6 +29,8 @@ pub type LogStream = BoxStream<'static, Result<bytes::Bytes, String>>;
 /// handed to [`run_link`].
 #[tonic::async_trait]
 pub trait DeviceState: Send + Sync + 'static {
+    /// The link connected, failed or stopped (for `fleetlet-agent status`); ignored by default.
+    fn link_changed(&self, _event: crate::link_status::LinkEvent) {}
     /// The device name; must equal the name in the client certificate.
     fn device_name(&self) -> String;
     /// Generation of the desired snapshot held on disk (0 when none).
@@ -44,8 +46,6 @@ pub trait DeviceState: Send + Sync + 'static {
     fn pod_statuses(&self) -> watch::Receiver<PodStatusMap>;
     /// Stream a container's log for `kubectl logs`.
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String>;
-    /// The link connected, failed or stopped (for `fleetlet-agent status`); ignored by default.
-    fn link_changed(&self, _event: crate::link_status::LinkEvent) {}
 }
 
 /// The `[hub]` table of the agent's configuration: where the hub is and the device's TLS material.
