@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all demo demo-down build release test faults-summary unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check
+.PHONY: all demo demo-down demo-device-stop demo-device-start build release test faults-summary unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check
 
 all: build
 
@@ -13,6 +13,14 @@ demo: env-up
 ## demo-down: stop what `make demo` started (the local stack keeps running: make env-down)
 demo-down:
 	tests/demo/demo-down.sh
+
+## demo-device-stop: stop one demo device's agent, e.g. make demo-device-stop DEVICE=demo-a1
+demo-device-stop:
+	@tests/demo/device.sh stop "$(DEVICE)"
+
+## demo-device-start: start one demo device's agent again, e.g. make demo-device-start DEVICE=demo-a1
+demo-device-start:
+	@tests/demo/device.sh start "$(DEVICE)"
 
 ## build: debug build of every crate
 build:

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::device_state::AgentDeviceState;
+use crate::link_status::{LinkStatus, LinkTracker, now_rfc3339};
 use crate::pod::worker::{PodContext, StatusMap};
 use crate::podman::PodmanClient;
 use crate::reconciler::Reconciler;
@@ -93,6 +94,13 @@ pub async fn run(
         cfg.max_pods as usize,
         Duration::from_secs(cfg.resync_secs),
     );
+    let link_tracker = LinkTracker::new(match &cfg.hub {
+        None => LinkStatus::NotConfigured,
+        Some(hub) => LinkStatus::Connecting {
+            endpoint: hub.endpoint.clone(),
+            since: now_rfc3339(),
+        },
+    });
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(
         reconciler.run(store.subscribe(), shutdown.clone()),
@@ -100,12 +108,16 @@ pub async fn run(
     tasks.push(tokio::spawn(statusfile::keep_written(
         cfg.state_dir.clone(),
         cfg.device_name.clone(),
-        store.subscribe(),
-        status_rx.clone(),
+        statusfile::StatusSources {
+            held: store.subscribe(),
+            statuses: status_rx.clone(),
+            link: link_tracker.subscribe(),
+        },
         shutdown.clone(),
     )));
     if let Some(hub) = cfg.hub.clone() {
         let state: Arc<dyn link::DeviceState> = Arc::new(AgentDeviceState {
+            link: link_tracker,
             device: cfg.device_name.clone(),
             store: store.clone(),
             node_info: info,

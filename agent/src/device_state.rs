@@ -8,11 +8,14 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::link::{DeviceState, LogStream, PodStatusMap};
+use crate::link_status::{LinkEvent, LinkTracker};
 use crate::podman::{ContainerRuntime, LogOptions, labels};
 use crate::store::DesiredStore;
 
 /// Device state backed by the real store and runtime.
 pub struct AgentDeviceState<R> {
+    /// The link's state for the status file.
+    pub link: LinkTracker,
     /// Device name.
     pub device: String,
     /// Desired store.
@@ -29,6 +32,10 @@ pub struct AgentDeviceState<R> {
 
 #[tonic::async_trait]
 impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
+    fn link_changed(&self, event: LinkEvent) {
+        self.link.record(event);
+    }
+
     fn device_name(&self) -> String {
         self.device.clone()
     }

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fleetlet_agent::cli::{Cli, Command};
-use fleetlet_agent::{app, logging, statusfile};
+use fleetlet_agent::{app, logging, status};
+use fleetlet_proto::{errln, outln, stdio};
 use tokio_util::sync::CancellationToken;
 
 /// sysexits EX_USAGE/EX_CONFIG-style code for configuration errors.
@@ -16,49 +17,62 @@ fn main() -> ExitCode {
     let (path, cfg) = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("fleetlet-agent: {e}");
+            errln!("fleetlet-agent: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     match cli.command {
         Command::CheckConfig { .. } => match cfg.validate(&path) {
-            Ok(()) => {
-                println!("{}: ok (device {})", path.display(), cfg.device_name);
-                ExitCode::SUCCESS
-            }
+            Ok(()) => printed(outln!(
+                "{}: ok (device {})",
+                path.display(),
+                cfg.device_name
+            )),
             Err(e) => {
-                eprintln!("fleetlet-agent: {e}");
+                errln!("fleetlet-agent: {e}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Status { json, .. } => match statusfile::read(&cfg.state_dir) {
-            Ok(f) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&f).unwrap_or_default());
-                } else {
-                    print!("{}", statusfile::render(&f));
+        Command::Status { json, .. } => match status::report(&cfg.state_dir) {
+            Ok(r) if json => match serde_json::to_string_pretty(&r) {
+                Ok(text) => printed(outln!("{text}")),
+                Err(e) => {
+                    errln!("fleetlet-agent: encoding the status: {e}");
+                    ExitCode::from(1)
                 }
-                ExitCode::SUCCESS
-            }
+            },
+            Ok(r) => printed(stdio::out(&status::render(&r, jiff::Timestamp::now()))),
             Err(e) => {
-                eprintln!("fleetlet-agent: {e}");
+                errln!("fleetlet-agent: {e}");
                 ExitCode::from(1)
             }
         },
         Command::Run { desired_file, .. } => {
             if let Err(e) = cfg.validate(&path) {
-                eprintln!("fleetlet-agent: {e}");
+                errln!("fleetlet-agent: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            logging::init();
+            logging::init(&cfg.device_name);
             match run(cfg, app::RunOptions { desired_file }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "fleetlet-agent failed");
-                    eprintln!("fleetlet-agent: {e:#}");
+                    errln!("fleetlet-agent: {e:#}");
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// Exit code after printing to stdout: success, or 1 when stdout failed for another reason than a
+/// reader that went away.
+fn printed(result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            errln!("fleetlet-agent: writing to stdout: {e}");
+            ExitCode::from(1)
         }
     }
 }

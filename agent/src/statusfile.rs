@@ -1,6 +1,7 @@
 //! A small status file (`status.json` in the state directory) written atomically whenever pod
-//! statuses change: `fleetlet-agent status` reads it offline, and restart counts survive an agent
-//! restart through it.
+//! statuses, the held desired state or the link change: `fleetlet-agent status` reads it offline
+//! (see [`crate::status`]), and restart counts survive an agent restart through it. Its format is
+//! the documented `fleetlet-agent status --json` (docs/agent.md): fields are only ever added.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::fsutil;
+use crate::link_status::{LinkStatus, now_rfc3339};
 use crate::pod::worker::StatusMap;
 use crate::store::Held;
 
@@ -21,6 +23,16 @@ pub const FILE: &str = "status.json";
 /// Errors reading the status file.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusFileError {
+    /// There is no status file: the agent never ran with this state directory, or the
+    /// configuration points elsewhere.
+    #[error(
+        "no status file {path}: fleetlet-agent has not run with this state directory \
+         (check --config or --state-dir)"
+    )]
+    Missing {
+        /// File.
+        path: PathBuf,
+    },
     /// Missing or unreadable.
     #[error("status file {path}: {source}")]
     Read {
@@ -44,6 +56,16 @@ pub enum StatusFileError {
 pub struct StatusFile {
     /// Device name.
     pub device: String,
+    /// When the agent wrote this file (RFC 3339 UTC); it writes on every change, so on a quiet
+    /// device this is the time of the last change, not of the last check.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub written: String,
+    /// The agent process that writes the file, so a reader can tell whether it still runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentProcess>,
+    /// The link to the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkStatus>,
     /// Held desired generation.
     pub generation: u64,
     /// Why the desired state is unknown, if it is.
@@ -54,6 +76,60 @@ pub struct StatusFile {
     pub desired_fallback: Option<String>,
     /// Pods.
     pub pods: Vec<PodLine>,
+}
+
+/// The agent process writing the status file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentProcess {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22): with `boot_id` it tells
+    /// the writer from a later process that got the same pid.
+    pub start_ticks: u64,
+    /// The kernel's boot id when the agent started.
+    pub boot_id: String,
+    /// fleetlet-agent version.
+    pub version: String,
+}
+
+impl AgentProcess {
+    /// This process.
+    pub fn current() -> Self {
+        let pid = std::process::id();
+        Self {
+            pid,
+            start_ticks: start_ticks(pid).unwrap_or(0),
+            boot_id: boot_id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// Whether this very process still runs (same boot, pid and start time, not a zombie).
+    pub fn is_running(&self) -> bool {
+        self.pid != 0
+            && self.boot_id == boot_id()
+            && proc_stat_fields(self.pid).is_some_and(|f| {
+                !matches!(f.first().map(String::as_str), Some("Z" | "X"))
+                    && f.get(19).and_then(|t| t.parse::<u64>().ok()) == Some(self.start_ticks)
+            })
+    }
+}
+
+/// Fields 3.. of `/proc/<pid>/stat` (after the command name, which may hold spaces).
+fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn start_ticks(pid: u32) -> Option<u64> {
+    proc_stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// One pod.
@@ -81,7 +157,7 @@ pub struct PodLine {
     pub status: serde_json::Value,
 }
 
-/// Summarise statuses.
+/// Summarise statuses (`written`, `agent` and `link` are left for the writer to fill in).
 pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile {
     let pods = statuses
         .values()
@@ -113,6 +189,9 @@ pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile 
         .collect();
     StatusFile {
         device: device.to_owned(),
+        written: String::new(),
+        agent: None,
+        link: None,
         generation: held.generation(),
         desired_unknown: match held {
             Held::Unknown { reason } => Some(reason.clone()),
@@ -129,9 +208,12 @@ pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile 
 /// Read the status file of `state_dir`.
 pub fn read(state_dir: &Path) -> Result<StatusFile, StatusFileError> {
     let path = state_dir.join(FILE);
-    let text = std::fs::read(&path).map_err(|source| StatusFileError::Read {
-        path: path.clone(),
-        source,
+    let text = std::fs::read(&path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => StatusFileError::Missing { path: path.clone() },
+        _ => StatusFileError::Read {
+            path: path.clone(),
+            source,
+        },
     })?;
     serde_json::from_slice(&text).map_err(|e| StatusFileError::Parse {
         path,
@@ -162,76 +244,92 @@ pub fn restored_start_times(state_dir: &Path) -> BTreeMap<String, jiff::Timestam
         .unwrap_or_default()
 }
 
-/// Keep the status file current until `shutdown` (debounced: at most one write per second).
+/// What the status file is written from.
+pub struct StatusSources {
+    /// The held desired state.
+    pub held: watch::Receiver<Held>,
+    /// Pod statuses.
+    pub statuses: watch::Receiver<StatusMap>,
+    /// The link to the hub.
+    pub link: watch::Receiver<LinkStatus>,
+}
+
+/// Shortest time between two writes of the status file: a burst of pod changes costs a few
+/// fsyncs a second on the device's storage, not one per change.
+const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Keep the status file current until `shutdown` (at most one write per [`MIN_WRITE_INTERVAL`]), and
+/// write it once more on the way out so it says the agent stopped.
 pub async fn keep_written(
     state_dir: PathBuf,
     device: String,
-    mut held: watch::Receiver<Held>,
-    mut statuses: watch::Receiver<StatusMap>,
+    mut src: StatusSources,
     shutdown: CancellationToken,
 ) {
     let path = state_dir.join(FILE);
+    let agent = AgentProcess::current();
     let mut last = None;
     loop {
-        let file = summarise(
+        let mut file = summarise(
             &device,
-            &held.borrow_and_update(),
-            &statuses.borrow_and_update(),
+            &src.held.borrow_and_update(),
+            &src.statuses.borrow_and_update(),
         );
+        file.agent = Some(agent.clone());
+        file.link = Some(src.link.borrow_and_update().clone());
         if last.as_ref() != Some(&file) {
-            let data = serde_json::to_vec_pretty(&file).unwrap_or_default();
-            let p = path.clone();
-            match tokio::task::spawn_blocking(move || fsutil::atomic_write(&p, &data, 0o644)).await
-            {
-                Ok(Ok(())) => last = Some(file),
-                Ok(Err(e)) => {
-                    warn!(path = %path.display(), error = %e, "writing status file failed")
-                }
-                Err(e) => warn!(error = %e, "status writer task failed"),
+            let compared = file.clone();
+            file.written = now_rfc3339();
+            if write(&path, &file).await {
+                last = Some(compared);
             }
         }
+        // At most one write per MIN_WRITE_INTERVAL, but the first change after a quiet spell is
+        // written at once: `status` right after a pod started shows it.
+        let next_write = tokio::time::Instant::now() + MIN_WRITE_INTERVAL;
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = held.changed() => if r.is_err() { return },
-            r = statuses.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => break,
+            r = src.held.changed() => if r.is_err() { break },
+            r = src.statuses.changed() => if r.is_err() { break },
+            r = src.link.changed() => if r.is_err() { break },
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(next_write) => {}
+        }
     }
+    // The link's task may not have said "stopped" yet: the file says it for it.
+    let mut file = summarise(&device, &src.held.borrow(), &src.statuses.borrow());
+    file.agent = Some(agent);
+    file.link = Some(match src.link.borrow().clone() {
+        LinkStatus::NotConfigured => LinkStatus::NotConfigured,
+        _ => LinkStatus::Stopped {
+            since: now_rfc3339(),
+        },
+    });
+    file.written = now_rfc3339();
+    write(&path, &file).await;
 }
 
-/// Human-readable table for `fleetlet-agent status`.
-pub fn render(f: &StatusFile) -> String {
-    let mut out = format!("device: {}\ngeneration: {}\n", f.device, f.generation);
-    if let Some(r) = &f.desired_unknown {
-        out.push_str(&format!("desired state: UNKNOWN ({r})\n"));
+/// Writes `file` atomically; false (logged) when that failed.
+async fn write(path: &Path, file: &StatusFile) -> bool {
+    let data = match serde_json::to_vec_pretty(file) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "encoding the status file failed");
+            return false;
+        }
+    };
+    let p = path.to_owned();
+    match tokio::task::spawn_blocking(move || fsutil::atomic_write(&p, &data, 0o644)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            warn!(path = %path.display(), error = %e, "writing status file failed");
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "status writer task failed");
+            false
+        }
     }
-    if let Some(r) = &f.desired_fallback {
-        out.push_str(&format!(
-            "desired state: PREVIOUS GOOD SNAPSHOT, current file unusable ({r})\n"
-        ));
-    }
-    out.push_str(&format!("pods: {}\n", f.pods.len()));
-    if !f.pods.is_empty() {
-        out.push_str(&format!(
-            "{:<20} {:<32} {:<10} {:<6} {:<8} {}\n",
-            "NAMESPACE", "NAME", "PHASE", "READY", "RESTARTS", "UID"
-        ));
-    }
-    for p in &f.pods {
-        let phase = if p.reason.is_empty() {
-            p.phase.clone()
-        } else {
-            format!("{} ({})", p.phase, p.reason)
-        };
-        out.push_str(&format!(
-            "{:<20} {:<32} {:<10} {:<6} {:<8} {}\n",
-            p.namespace,
-            p.name,
-            phase,
-            format!("{}/{}", p.ready, p.containers),
-            p.restarts.values().sum::<u32>(),
-            p.uid
-        ));
-    }
-    out
 }

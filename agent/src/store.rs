@@ -174,6 +174,22 @@ impl DesiredStore {
     }
 }
 
+/// When the held snapshot was stored: the modification time of its file in `dir` (the previous
+/// good file when `fallback`; the previous file also when the current one is missing, as after a
+/// crash between `save`'s two renames). `None` on a device that never got a snapshot.
+pub fn stored_at(dir: &Path, fallback: bool) -> Option<std::time::SystemTime> {
+    let mtime = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    if fallback {
+        mtime(PREV)
+    } else {
+        mtime(FILE).or_else(|| mtime(PREV))
+    }
+}
+
 fn encode(s: &DesiredSnapshot) -> Vec<u8> {
     let payload = s.encode_to_vec();
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());

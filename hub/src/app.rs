@@ -86,13 +86,14 @@ pub fn start_controllers(
     tasks.spawn(writer.run(shutdown.clone()));
     tasks.spawn(relay.run(shutdown.clone()));
     tasks.spawn(node_manager.run(
-        inventory,
+        inventory.clone(),
         live.subscribe(),
         handles.counts.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(dispatch(
         events,
+        inventory,
         live,
         handles.inputs.clone(),
         metrics,
@@ -186,6 +187,7 @@ async fn forward<K, S>(
 /// Folds session events into the live device registry and hands them to the relay.
 async fn dispatch(
     mut events: mpsc::Receiver<SessionEvent>,
+    inventory: watch::Receiver<DeviceSet>,
     live: LiveRegistry,
     relay: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
@@ -196,9 +198,30 @@ async fn dispatch(
             () = shutdown.cancelled() => return,
             e = events.recv() => match e { Some(e) => e, None => return },
         };
+        // The fleet in the log lines lets an operator follow one fleet's devices.
+        let fleet = |device: &str| {
+            inventory
+                .borrow()
+                .get(device)
+                .and_then(|d| d.fleet.clone())
+                .unwrap_or_default()
+        };
         match &ev {
-            SessionEvent::Connected { device, .. } => tracing::info!(%device, "device connected"),
-            SessionEvent::Disconnected { device } => tracing::info!(%device, "device disconnected"),
+            SessionEvent::Connected { device, .. } => {
+                tracing::info!(%device, fleet = %fleet(device), "device connected");
+            }
+            SessionEvent::Disconnected { device } => {
+                tracing::info!(%device, fleet = %fleet(device), "device disconnected");
+                let last = live
+                    .subscribe()
+                    .borrow()
+                    .get(device)
+                    .and_then(|d| d.capacity.clone());
+                metrics.forget_device_capacity(device, last.as_ref());
+            }
+            SessionEvent::Capacity { device, capacity } => {
+                metrics.set_device_capacity(device, capacity);
+            }
             _ => {}
         }
         live.apply(&ev);

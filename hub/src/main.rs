@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             let cfg = match HubConfig::load(args.config.as_deref(), &args.overrides()) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("fleetlet-hub: {e}");
+                    fleetlet_proto::errln!("fleetlet-hub: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Command::Pki(args) => match fleetlet_hub::pki::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("fleetlet-hub pki: {error}");
+                fleetlet_proto::errln!("fleetlet-hub pki: {error}");
                 ExitCode::FAILURE
             }
         },

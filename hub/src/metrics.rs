@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -33,6 +33,32 @@ pub struct ApiLabels {
     pub op: String,
 }
 
+/// Labels of the API answers that are part of normal operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiCodeLabels {
+    /// What the request did, as in [`ApiLabels`].
+    pub op: String,
+    /// The HTTP status the API server answered: "404" or "409".
+    pub code: String,
+}
+
+/// Labels of per-device gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// Device (and Node) name.
+    pub device: String,
+}
+
+/// Labels of per-device resource gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceResourceLabels {
+    /// Device (and Node) name.
+    pub device: String,
+    /// Resource name as on the Node: "cpu" (cores), "memory" and "ephemeral-storage" (bytes),
+    /// "pods" (count).
+    pub resource: String,
+}
+
 /// Labels of the cached-objects gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -55,8 +81,18 @@ pub struct Metrics {
     pub relay_seconds: Histogram,
     /// Kubernetes API requests.
     pub api_requests: Family<ApiLabels, Counter>,
-    /// Kubernetes API requests that failed.
+    /// Kubernetes API requests that failed unexpectedly (not the 404/409 answers the hub
+    /// expects; those are in `api_not_found_or_conflict`).
     pub api_errors: Family<ApiLabels, Counter>,
+    /// Kubernetes API requests answered 404 or 409, which the hub handles as normal outcomes
+    /// (the object is already gone, a precondition or resourceVersion conflict).
+    pub api_not_found_or_conflict: Family<ApiCodeLabels, Counter>,
+    /// Resources a connected device reported, by device and resource.
+    pub device_capacity: Family<DeviceResourceLabels, Gauge<f64, AtomicU64>>,
+    /// Allocatable resources a connected device reported (capacity minus its reservations).
+    pub device_allocatable: Family<DeviceResourceLabels, Gauge<f64, AtomicU64>>,
+    /// Encoded size of the pods in each device's current desired snapshot, in bytes.
+    pub device_snapshot_bytes: Family<DeviceLabels, Gauge>,
     /// 1 while this replica holds the leader lease (or runs without election), else 0.
     pub leader: Gauge,
     /// ConfigMaps and Secrets held in memory (only those fleetlet pods reference).
@@ -98,8 +134,36 @@ impl Metrics {
         let api_errors = Family::<ApiLabels, Counter>::default();
         registry.register(
             "api_errors",
-            "Kubernetes API requests that failed",
+            "Kubernetes API requests that failed: no answer, 5xx, or a 4xx other than the 404/409 \
+             the hub expects (counted in api_not_found_or_conflict)",
             api_errors.clone(),
+        );
+        let api_not_found_or_conflict = Family::<ApiCodeLabels, Counter>::default();
+        registry.register(
+            "api_not_found_or_conflict",
+            "Kubernetes API requests answered 404 NotFound or 409 Conflict: normal outcomes for the \
+             hub (object already gone, UID precondition or resourceVersion conflict), not errors",
+            api_not_found_or_conflict.clone(),
+        );
+        let device_capacity = Family::<DeviceResourceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "device_capacity",
+            "Capacity a connected device reported: cpu in cores, memory and ephemeral-storage in \
+             bytes, pods",
+            device_capacity.clone(),
+        );
+        let device_allocatable = Family::<DeviceResourceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "device_allocatable",
+            "Allocatable resources a connected device reported (capacity minus its reservations)",
+            device_allocatable.clone(),
+        );
+        let device_snapshot_bytes = Family::<DeviceLabels, Gauge>::default();
+        registry.register(
+            "device_snapshot_bytes",
+            "Encoded size of the pods (with their ConfigMap and Secret data) in the device's \
+             current desired snapshot, uncompressed",
+            device_snapshot_bytes.clone(),
         );
         let leader = Gauge::default();
         registry.register(
@@ -124,15 +188,31 @@ impl Metrics {
             relay_seconds,
             api_requests,
             api_errors,
+            api_not_found_or_conflict,
+            device_capacity,
+            device_allocatable,
+            device_snapshot_bytes,
         }
     }
 
-    /// Counts one API request and, when it failed, one error.
-    pub fn api<T, E>(&self, op: &str, result: &Result<T, E>) {
+    /// Counts one API request and its outcome: a 404 or 409 answer as
+    /// `api_not_found_or_conflict{code}`, any other failure as `api_errors`.
+    pub fn api<T>(&self, op: &str, result: &Result<T, kube::Error>) {
         let labels = ApiLabels { op: op.to_string() };
         self.api_requests.get_or_create(&labels).inc();
-        if result.is_err() {
-            self.api_errors.get_or_create(&labels).inc();
+        let Err(error) = result else { return };
+        match crate::kubeutil::status_code(error) {
+            Some(code @ (404 | 409)) => {
+                self.api_not_found_or_conflict
+                    .get_or_create(&ApiCodeLabels {
+                        op: labels.op,
+                        code: code.to_string(),
+                    })
+                    .inc();
+            }
+            _ => {
+                self.api_errors.get_or_create(&labels).inc();
+            }
         }
     }
 
@@ -142,6 +222,63 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Records the capacity and allocatable a device reported (quantities that do not parse are
+    /// left out).
+    pub fn set_device_capacity(&self, device: &str, capacity: &fleetlet_proto::v1::Capacity) {
+        for (family, values) in [
+            (&self.device_capacity, &capacity.capacity),
+            (&self.device_allocatable, &capacity.allocatable),
+        ] {
+            for (resource, quantity) in values {
+                if let Ok(milli) = crate::quantity::parse_milli(quantity) {
+                    family
+                        .get_or_create(&DeviceResourceLabels {
+                            device: device.to_string(),
+                            resource: resource.clone(),
+                        })
+                        .set(milli as f64 / 1000.0);
+                }
+            }
+        }
+    }
+
+    /// Drops the capacity series of a device that disconnected (its figures are no longer
+    /// current; the Node keeps the last ones).
+    pub fn forget_device_capacity(
+        &self,
+        device: &str,
+        capacity: Option<&fleetlet_proto::v1::Capacity>,
+    ) {
+        let Some(capacity) = capacity else { return };
+        for (family, values) in [
+            (&self.device_capacity, &capacity.capacity),
+            (&self.device_allocatable, &capacity.allocatable),
+        ] {
+            for resource in values.keys() {
+                family.remove(&DeviceResourceLabels {
+                    device: device.to_string(),
+                    resource: resource.clone(),
+                });
+            }
+        }
+    }
+
+    /// Records the size of the pods in the snapshot just handed to `device`'s link.
+    pub fn set_snapshot_bytes(&self, device: &str, bytes: usize) {
+        self.device_snapshot_bytes
+            .get_or_create(&DeviceLabels {
+                device: device.to_string(),
+            })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Drops the snapshot-size series of a device the hub no longer serves.
+    pub fn forget_snapshot_bytes(&self, device: &str) {
+        self.device_snapshot_bytes.remove(&DeviceLabels {
+            device: device.to_string(),
+        });
     }
 }
 
@@ -270,7 +407,7 @@ mod tests {
                 phase: "Running".into(),
             })
             .set(2);
-        m.api::<(), ()>("apply_node", &Err(()));
+        m.api::<()>("apply_node", &Err(api_error(500)));
         m.pod_start_seconds.observe(0.3);
         let text = m.render();
         assert!(text.contains("fleetlet_hub_connected_devices 3"), "{text}");
@@ -286,6 +423,81 @@ mod tests {
             text.contains("fleetlet_hub_pod_start_seconds_count 1"),
             "{text}"
         );
+    }
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("x", "y")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn expected_not_found_and_conflict_answers_are_not_errors() {
+        let m = Metrics::new();
+        m.api::<()>("delete_pod", &Err(api_error(404)));
+        m.api::<()>("patch_pod_status", &Err(api_error(409)));
+        m.api::<()>("patch_pod_status", &Err(api_error(422)));
+        m.api("patch_pod_status", &Ok(()));
+        let text = m.render();
+        assert!(
+            text.contains(
+                "fleetlet_hub_api_not_found_or_conflict_total{op=\"delete_pod\",code=\"404\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fleetlet_hub_api_not_found_or_conflict_total{op=\"patch_pod_status\",code=\"409\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetlet_hub_api_errors_total{op=\"patch_pod_status\"} 1"),
+            "only the 422 is an error: {text}"
+        );
+        assert!(
+            !text.contains("fleetlet_hub_api_errors_total{op=\"delete_pod\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetlet_hub_api_requests_total{op=\"patch_pod_status\"} 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn device_capacity_and_snapshot_size_are_exported_and_forgotten() {
+        let m = Metrics::new();
+        let cap = fleetlet_proto::v1::Capacity {
+            capacity: [
+                ("cpu".to_string(), "2".to_string()),
+                ("memory".to_string(), "1Gi".to_string()),
+                ("pods".to_string(), "110".to_string()),
+                ("bogus".to_string(), "lots".to_string()),
+            ]
+            .into(),
+            allocatable: [("cpu".to_string(), "1500m".to_string())].into(),
+            ..Default::default()
+        };
+        m.set_device_capacity("dev-1", &cap);
+        m.set_snapshot_bytes("dev-1", 2048);
+        let text = m.render();
+        for line in [
+            "fleetlet_hub_device_capacity{device=\"dev-1\",resource=\"cpu\"} 2.0",
+            "fleetlet_hub_device_capacity{device=\"dev-1\",resource=\"memory\"} 1073741824.0",
+            "fleetlet_hub_device_capacity{device=\"dev-1\",resource=\"pods\"} 110.0",
+            "fleetlet_hub_device_allocatable{device=\"dev-1\",resource=\"cpu\"} 1.5",
+            "fleetlet_hub_device_snapshot_bytes{device=\"dev-1\"} 2048",
+        ] {
+            assert!(text.contains(line), "{line} missing: {text}");
+        }
+        assert!(!text.contains("bogus"), "{text}");
+        m.forget_device_capacity("dev-1", Some(&cap));
+        m.forget_snapshot_bytes("dev-1");
+        let text = m.render();
+        assert!(!text.contains("device=\"dev-1\""), "{text}");
     }
 
     #[test]

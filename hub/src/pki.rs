@@ -101,8 +101,12 @@ pub fn run(args: &PkiArgs) -> Result<(), PkiError> {
             issue_device(&args.dir, name, cn_prefix, validity)?
         }
     };
+    // The files are written; a reader that went away (`| head`) changes nothing about that.
     for path in written {
-        println!("wrote {}", path.display());
+        fleetlet_proto::outln!("wrote {}", path.display()).map_err(|source| PkiError::Io {
+            path: PathBuf::from("<stdout>"),
+            source,
+        })?;
     }
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! The fleetlet.v1 agent-hub contract: generated message types and the `DeviceLink` service.
 //!
 //! See `fleetlet/v1/link.proto` for what every message means and who sends it. Also the plumbing
-//! both ends of the link share: retry [`backoff`] and TLS material on disk ([`pem`]).
+//! both ends of the link share: retry [`backoff`], TLS material on disk ([`pem`]) and the command
+//! line tools' output that a closed pipe does not crash ([`stdio`]).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod pem;
+pub mod stdio;
 
 /// Generated code for the `fleetlet.v1` package.
 pub mod v1 {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo-down`: removes what `make demo` started — the demo Deployment and namespace, the hub
-# and agent processes, the demo Nodes and the demo's Podman pods (selected by the
-# io.fleetlet.device label) — and leaves the shared local stack running (`make env-down`).
+# and agent processes (by pidfile: pid and start time, so a rebuilt binary does not hide them),
+# the demo Nodes and the demo's Podman pods (selected by the io.fleetlet.device label) — and
+# leaves the shared local stack running (`make env-down`).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 load_env
@@ -16,7 +17,7 @@ fi
 for f in "$DEMO"/run/*.pid; do
     [[ -e $f ]] || continue
     say "stopping $(basename "$f" .pid)"
-    stop_pidfile "$f"
+    demo_stop "$(basename "$f" .pid)"
 done
 
 if "${KUBECTL[@]}" get namespace "$DEMO_NAMESPACE" > /dev/null 2>&1; then

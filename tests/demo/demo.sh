@@ -2,8 +2,9 @@
 # `make demo`: fleetlet end to end on this machine. Needs the local stack (`make env-up`, which
 # the Makefile target runs first). Builds the binaries, makes a development PKI, writes a static
 # inventory of three devices in two fleets, starts the hub and one agent per device (background
-# processes, pidfiles in target/demo/run, logs in target/demo/logs), applies
-# examples/demo-deployment.yaml and waits until its pods run. `make demo-down` undoes it.
+# processes, pidfiles in target/demo/run, logs in target/demo/logs and, for the agents, in the
+# journal), applies examples/demo-deployment.yaml and waits until its pods run. `make demo-down`
+# undoes it; `make demo-device-stop|demo-device-start DEVICE=...` stops and starts one agent.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 load_env
@@ -11,13 +12,17 @@ load_env
 # A demo that already runs is replaced: stop it and start from a clean slate.
 "$ROOT/tests/demo/demo-down.sh" > /dev/null
 
-say "building fleetlet-hub and fleetlet-agent (debug)"
-(cd "$ROOT" && ${CARGO:-cargo} build --quiet -p fleetlet-hub -p fleetlet-agent --bins)
-BIN=$(realpath "${CARGO_TARGET_DIR:-$ROOT/target}/debug")
-HUB=$BIN/fleetlet-hub
-AGENT=$BIN/fleetlet-agent
+if [[ -n ${FLEETLET_DEMO_BIN:-} ]]; then
+    say "using the binaries in $DEMO_BIN"
+    [[ -x $HUB && -x $AGENT ]] || { echo "make demo: $HUB or $AGENT missing" >&2; exit 1; }
+else
+    say "building fleetlet-hub and fleetlet-agent (debug)"
+    (cd "$ROOT" && ${CARGO:-cargo} build --quiet -p fleetlet-hub -p fleetlet-agent --bins)
+fi
 
 mkdir -p "$DEMO"/{run,logs,state}
+# A new demo, new log files (a device restarted with device.sh appends to its file).
+rm -f "$DEMO"/logs/*.log
 umask 077
 PKI=$DEMO/pki
 say "development PKI in ${PKI#"$ROOT"/}"
@@ -37,17 +42,26 @@ openssl x509 -req -in "$PKI/kubelet.csr" -CA "$FLEETLET_CLUSTER_CA_CERT" -CAkey 
     -extfile <(printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n') 2> /dev/null
 rm -f "$PKI/kubelet.csr"
 
+# A demo run by a test carries the test's owner labels to its Nodes (device labels become Node
+# labels), so a killed test's Nodes are found and removed by the next test run (tests/support).
+labels="{}"
+if [[ ${FLEETLET_TEST_OWNER:-} =~ ^([0-9]+):([0-9]+)$ ]]; then
+    labels="{ \"fleetlet.test/owner-pid\" = \"${BASH_REMATCH[1]}\", \"fleetlet.test/owner-start\" = \"${BASH_REMATCH[2]}\" }"
+fi
 cat > "$DEMO/devices.toml" <<TOML
 # The demo's static inventory: which devices exist and their fleets (Node label flightctl.io/fleet).
 [[device]]
-name = "demo-a1"
-fleet = "a"
+name = "${DEMO_DEVICES[0]}"
+fleet = "$DEMO_FLEET_A"
+labels = $labels
 [[device]]
-name = "demo-a2"
-fleet = "a"
+name = "${DEMO_DEVICES[1]}"
+fleet = "$DEMO_FLEET_A"
+labels = $labels
 [[device]]
-name = "demo-b1"
-fleet = "b"
+name = "${DEMO_DEVICES[2]}"
+fleet = "$DEMO_FLEET_B"
+labels = $labels
 TOML
 
 cat > "$DEMO/hub.toml" <<TOML
@@ -57,7 +71,7 @@ listen = "127.0.0.1:$DEMO_OPS_PORT"
 [inventory]
 static_file = "$DEMO/devices.toml"
 [nodes]
-instance = "demo"
+instance = "$DEMO_NAME"
 disconnect_grace_secs = 10
 [kubelet]
 listen = "127.0.0.1:$DEMO_KUBELET_PORT"
@@ -89,16 +103,6 @@ TOML
 done
 umask 022
 
-# start NAME EXE ARGS...: a background process in its own session that outlives make; the
-# pidfile records pid and executable so demo-down never signals a recycled pid. The agent would
-# log to journald when it runs; FLEETLET_AGENT_LOG=stderr keeps the demo's logs in files.
-start() {
-    local name=$1 exe=$2
-    shift 2
-    RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 FLEETLET_AGENT_LOG=stderr setsid "$exe" "$@" > "$DEMO/logs/$name.log" 2>&1 < /dev/null &
-    echo "$! $exe" > "$DEMO/run/$name.pid"
-}
-
 failed() {
     echo >&2
     echo "make demo failed: $*" >&2
@@ -121,33 +125,27 @@ for port in "$DEMO_LINK_PORT" "$DEMO_KUBELET_PORT" "$DEMO_OPS_PORT"; do
 done
 
 say "starting fleetlet-hub (link 127.0.0.1:$DEMO_LINK_PORT, kubelet API 127.0.0.1:$DEMO_KUBELET_PORT)"
-start hub "$HUB" run -c "$DEMO/hub.toml"
+demo_start hub "$HUB" run -c "$DEMO/hub.toml"
 for d in "${DEMO_DEVICES[@]}"; do
     say "starting fleetlet-agent for $d"
-    start "agent-$d" "$AGENT" --config "$DEMO/agent-$d.toml" run
+    demo_agent_start "$d"
 done
 
-say "waiting for the Nodes demo-a1, demo-a2, demo-b1 to be Ready (up to 90 s)"
+say "waiting for the Nodes ${DEMO_DEVICES[*]} to be Ready (up to 90 s)"
 for d in "${DEMO_DEVICES[@]}"; do
-    ok=
-    for ((i = 0; i < 90; i++)); do
-        ready=$("${KUBECTL[@]}" get node "$d" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2> /dev/null || true)
-        taints=$("${KUBECTL[@]}" get node "$d" -o 'jsonpath={.spec.taints[*].key}' 2> /dev/null || true)
-        if [[ $ready == True && $taints != *node.kubernetes.io/* ]]; then
-            ok=1
-            break
-        fi
-        for f in "$DEMO"/run/*.pid; do
-            read -r pid _ < "$f"
-            [[ -e /proc/$pid ]] || failed "$(basename "$f" .pid) exited (its log is below)"
-        done
-        sleep 1
-    done
-    [[ -n $ok ]] || failed "Node $d is not Ready after 90 s"
+    rc=0
+    demo_wait_node "$d" 90 || rc=$?
+    case $rc in
+        0) ;;
+        2) failed "$DEMO_EXITED exited (its log is below)" ;;
+        *) failed "Node $d is not Ready after 90 s" ;;
+    esac
 done
 
 say "applying ${DEMO_MANIFEST#"$ROOT"/}"
-"${KUBECTL[@]}" apply -f "$DEMO_MANIFEST"
+# With the default names this is the file as it is; a renamed demo gets its namespace and fleet.
+sed -e "s/fleetlet-demo\$/$DEMO_NAMESPACE/" -e "s/flightctl.io\/fleet: a\$/flightctl.io\/fleet: $DEMO_FLEET_A/" \
+    "$DEMO_MANIFEST" | "${KUBECTL[@]}" apply -f -
 say "waiting for its pods to be Running and Ready (up to 180 s)"
 "${KUBECTL[@]}" rollout status deployment/hello -n "$DEMO_NAMESPACE" --timeout=180s ||
     failed "deployment hello is not available after 180 s: $("${KUBECTL[@]}" get pods -n "$DEMO_NAMESPACE" -o wide 2>&1)"
@@ -161,21 +159,29 @@ for d in "${DEMO_DEVICES[@]}"; do
 done
 
 rel() { printf '%s' "${1#"$ROOT"/}"; }
+journal_hint="(the stack's journald is not running: agent logs are only in the files below)"
+if [[ -S $JOURNAL_SOCKET ]]; then
+    journal_hint="journalctl -t fleetlet-agent DEVICE=${DEMO_DEVICES[0]} -n 20   # an agent's log in the journal"
+fi
 cat <<TEXT
 
-fleetlet runs: the two pods of deployment "hello" are on fleet a's devices, none on demo-b1 (fleet b).
-Try more (from $ROOT):
+fleetlet runs: the two pods of deployment "hello" are on fleet $DEMO_FLEET_A's devices, none on ${DEMO_DEVICES[2]} (fleet $DEMO_FLEET_B).
+docs/quickstart.md walks through more (one device, a fleet, a pod too big, an update, a device
+offline and back, deletion). Try (from $ROOT):
 
   source target/dev/env
   kubectl() { "\$FLEETLET_KUBECTL" "\$@"; }   # kubectl of the local stack
   kubectl -n $DEMO_NAMESPACE logs deploy/hello                # logs, served by the hub from the device
-  kubectl -n $DEMO_NAMESPACE scale deploy/hello --replicas=3  # more pods, still only in fleet a
+  kubectl -n $DEMO_NAMESPACE scale deploy/hello --replicas=3  # more pods, still only in fleet $DEMO_FLEET_A
   kubectl -n $DEMO_NAMESPACE delete pod -l app=hello          # replaced by new ones
   kubectl -n $DEMO_NAMESPACE delete deploy/hello              # containers leave Podman
-  podman --url unix://\$FLEETLET_PODMAN_SOCKET ps --filter label=io.fleetlet.device=demo-a1
-  $(rel "$AGENT") --config $(rel "$DEMO")/agent-demo-a1.toml status
+  podman --url unix://\$FLEETLET_PODMAN_SOCKET ps --filter label=io.fleetlet.device=${DEMO_DEVICES[0]}
+  $(rel "$AGENT") --config $(rel "$DEMO")/agent-${DEMO_DEVICES[0]}.toml status
+  $journal_hint
+  make demo-device-stop DEVICE=${DEMO_DEVICES[0]}    # the device goes offline (its pods keep running)
+  make demo-device-start DEVICE=${DEMO_DEVICES[0]}   # and comes back
 
-Logs: $(rel "$DEMO")/logs/{hub,agent-demo-a1,agent-demo-a2,agent-demo-b1}.log
+Logs: $(rel "$DEMO")/logs/{hub,agent-${DEMO_DEVICES[0]},agent-${DEMO_DEVICES[1]},agent-${DEMO_DEVICES[2]}}.log
 Stop: make demo-down (hub, agents, demo Nodes, pods and namespace; the stack keeps running)
       make env-down  (then the local stack too)
 TEXT

@@ -3,21 +3,15 @@
 RUN_DIR=$FLEETLET_DEV_DIR/run
 LOG_DIR=$FLEETLET_DEV_DIR/logs
 
-# alive PID: the process exists and is not a zombie (PID 1 here may reap late).
-alive() {
-  local state
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
-}
+# shellcheck source=tests/env/proc.sh
+source "$(dirname "${BASH_SOURCE[0]}")/proc.sh"
 
-# is_running NAME: the pidfile names a live process running the recorded executable.
-is_running() {
-  local name=$1 pid exe
-  [ -f "$RUN_DIR/$name.pid" ] || return 1
-  read -r pid exe < "$RUN_DIR/$name.pid" || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-  [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$exe" ]
-}
+# alive PID: the process exists and is not a zombie (PID 1 here may reap late).
+alive() { proc_alive "$1"; }
+
+# is_running NAME: the pidfile names a live process, the very one that was started (same pid and
+# start time: a rebuilt binary or a recycled pid cannot fool it; see proc.sh).
+is_running() { pidfile_pid "$RUN_DIR/$1.pid" >/dev/null; }
 
 # start_daemon NAME COMMAND...: runs COMMAND in its own session, output appended to its log.
 start_daemon() {
@@ -34,30 +28,16 @@ start_daemon() {
   # Started from / so that no daemon (nor the conmon processes Podman forks) keeps a checkout's
   # directory as its working directory: a deleted one breaks container starts.
   (cd / && exec setsid "$@" >> "$LOG_DIR/$name.log" 2>&1 < /dev/null 8>&- 9>&-) &
-  echo "$! $exe" > "$RUN_DIR/$name.pid"
+  pidfile_write "$RUN_DIR/$name.pid" "$!" "$exe"
   log "started $name (pid $!), log $LOG_DIR/$name.log"
 }
 
-# stop_daemon NAME: SIGTERM, then SIGKILL after 15 s; removes the pidfile.
+# stop_daemon NAME: SIGTERM to the daemon's session (it was started with setsid, so helpers it
+# forked go too), then SIGKILL after 15 s; removes the pidfile.
 stop_daemon() {
-  local name=$1 pid exe i
-  if ! is_running "$name"; then
-    rm -f "$RUN_DIR/$name.pid"
-    return 0
-  fi
-  read -r pid exe < "$RUN_DIR/$name.pid"
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 150; i++)); do
-    alive "$pid" || break
-    sleep 0.1
-  done
-  if alive "$pid"; then
-    log "$name (pid $pid) ignored SIGTERM for 15 s; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do alive "$pid" || break; sleep 0.1; done
-  fi
-  rm -f "$RUN_DIR/$name.pid"
-  log "stopped $name (pid $pid)"
+  local name=$1 pid
+  pid=$(pidfile_stop "$RUN_DIR/$name.pid" 150)
+  [ -z "$pid" ] || log "stopped $name (pid $pid)"
 }
 
 # wait_until SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s until it succeeds.

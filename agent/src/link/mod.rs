@@ -29,6 +29,8 @@ pub type LogStream = BoxStream<'static, Result<bytes::Bytes, String>>;
 /// handed to [`run_link`].
 #[tonic::async_trait]
 pub trait DeviceState: Send + Sync + 'static {
+    /// The link connected, failed or stopped (for `fleetlet-agent status`); ignored by default.
+    fn link_changed(&self, _event: crate::link_status::LinkEvent) {}
     /// The device name; must equal the name in the client certificate.
     fn device_name(&self) -> String;
     /// Generation of the desired snapshot held on disk (0 when none).
@@ -136,6 +138,8 @@ impl LinkConfig {
 
 pub use fleetlet_proto::backoff::Backoff;
 
+use crate::link_status::LinkEvent;
+
 /// Why a connection attempt or session failed. All are retried with backoff by [`run_link`];
 /// `Tls` and `Endpoint` need an operator (or a rotation) to fix the files or configuration.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +241,10 @@ pub async fn run_link(
     let mut round_start = 0usize;
     while !shutdown.is_cancelled() {
         let endpoint_cfg = cfg.for_endpoint(&endpoints[current]);
+        let endpoint = endpoint_cfg.endpoint.clone();
+        state.link_changed(LinkEvent::Connecting {
+            endpoint: endpoint.clone(),
+        });
         let mut connected = false;
         let attempt = async {
             let target = client::Target::parse(&endpoint_cfg)?;
@@ -244,6 +252,9 @@ pub async fn run_link(
             client::run_session(&endpoint_cfg, &target, config, &state, &shutdown, || {
                 connected = true;
                 backoff.reset();
+                state.link_changed(LinkEvent::Connected {
+                    endpoint: endpoint.clone(),
+                });
             })
             .await
         };
@@ -251,8 +262,18 @@ pub async fn run_link(
             Ok(client::SessionEnd::Shutdown) => break,
             Ok(client::SessionEnd::ClosedByHub) => {
                 tracing::info!(device, endpoint = %endpoint_cfg.endpoint, "hub closed the link");
+                state.link_changed(LinkEvent::Down {
+                    endpoint,
+                    error: "the hub closed the link".into(),
+                });
             }
-            Err(error) => tracing::warn!(device, %error, "link to hub down"),
+            Err(error) => {
+                tracing::warn!(device, %error, "link to hub down");
+                state.link_changed(LinkEvent::Down {
+                    endpoint,
+                    error: error.to_string(),
+                });
+            }
         }
         if connected {
             // A session ran here: a new round starts from this endpoint's successor.
@@ -274,6 +295,7 @@ pub async fn run_link(
             () = tokio::time::sleep(delay) => {}
         }
     }
+    state.link_changed(LinkEvent::Stopped);
     tracing::info!(device, "link stopped");
 }
 

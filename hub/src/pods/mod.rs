@@ -838,6 +838,16 @@ impl PodRelay {
                 .cloned()
                 .collect()
         };
+        if self.all_dirty {
+            // Devices gone from the inventory (or disabled) keep no snapshot metric.
+            let metrics = &self.metrics;
+            self.last_sent.retain(|d, _| {
+                devices.contains(d) || {
+                    metrics.forget_snapshot_bytes(d);
+                    false
+                }
+            });
+        }
         self.all_dirty = false;
         self.dirty.clear();
         let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
@@ -957,6 +967,8 @@ impl PodRelay {
             return;
         }
         let count = bundles.len();
+        self.metrics
+            .set_snapshot_bytes(device, bundles.iter().map(Message::encoded_len).sum());
         let generation = self.sessions.set_desired(device, bundles, grace);
         tracing::debug!(%device, generation, pods = count, terminating = terminating.len(), "snapshot handed to the link");
         self.last_sent.insert(device.to_string(), hash);
