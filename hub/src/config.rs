@@ -110,6 +110,23 @@ pub struct NodesConfig {
     /// Value of the `fleetlet.io/managed-by` label on this hub's Nodes: a hub only ever deletes
     /// Nodes carrying its own value, so separate hub deployments can share a cluster.
     pub instance: String,
+    /// Taints on every fleetlet Node. Default: `virtual-kubelet.io/provider=fleetlet:NoSchedule`,
+    /// which keeps pods that do not ask for a device off devices. `[]` puts none (for clusters
+    /// where a mutating policy adds the tolerations, or that want every pod eligible).
+    pub taints: Vec<NodeTaint>,
+}
+
+/// A taint the hub puts on its Nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTaint {
+    /// Key.
+    pub key: String,
+    /// Value (may be empty).
+    #[serde(default)]
+    pub value: String,
+    /// NoSchedule, PreferNoSchedule or NoExecute.
+    pub effect: String,
 }
 
 impl Default for NodesConfig {
@@ -131,6 +148,11 @@ impl Default for NodesConfig {
             kubelet_version: "v1.36.0-fleetlet".to_string(),
             concurrency: 16,
             instance: "fleetlet-hub".to_string(),
+            taints: vec![NodeTaint {
+                key: crate::nodes::object::PROVIDER_TAINT_KEY.to_string(),
+                value: crate::nodes::object::PROVIDER_TAINT_VALUE.to_string(),
+                effect: "NoSchedule".to_string(),
+            }],
         }
     }
 }
@@ -305,6 +327,31 @@ impl HubConfig {
             reason,
         };
         let n = &self.nodes;
+        for (i, t) in n.taints.iter().enumerate() {
+            if !matches!(
+                t.effect.as_str(),
+                "NoSchedule" | "PreferNoSchedule" | "NoExecute"
+            ) {
+                return Err(invalid(
+                    &format!("nodes.taints[{i}].effect"),
+                    format!(
+                        "{:?} is not NoSchedule, PreferNoSchedule or NoExecute",
+                        t.effect
+                    ),
+                ));
+            }
+            let key_ok = !t.key.is_empty()
+                && t.key.len() <= 316
+                && t.key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+            if !key_ok {
+                return Err(invalid(
+                    &format!("nodes.taints[{i}].key"),
+                    format!("{:?} is not a valid taint key", t.key),
+                ));
+            }
+        }
         if n.lease_duration_secs == 0 || n.lease_renew_secs == 0 {
             return Err(invalid(
                 "nodes.lease_*",
@@ -444,6 +491,25 @@ mod tests {
     fn unknown_fields_are_rejected() {
         let err = HubConfig::parse("[nodes]\ndisconect_grace_secs = 5\n").expect_err("typo");
         assert!(err.to_string().contains("disconect_grace_secs"), "{err}");
+    }
+
+    #[test]
+    fn node_taints_are_configurable_and_checked() {
+        let none = HubConfig::parse("[nodes]\ntaints = []\n").expect("no taints");
+        assert!(none.nodes.taints.is_empty());
+        assert_eq!(
+            HubConfig::default().nodes.taints.len(),
+            1,
+            "the provider taint by default"
+        );
+        let mut cfg = HubConfig::parse(
+            "[inventory]\nstatic_file = \"/x\"\n[nodes]\ntaints = [{key = \"example.com/edge\", effect = \"NoExecute\"}]\n",
+        )
+        .expect("a taint");
+        cfg.validate().expect("valid");
+        cfg.nodes.taints[0].effect = "Sometimes".into();
+        let err = cfg.validate().expect_err("bad effect").to_string();
+        assert!(err.contains("nodes.taints[0].effect"), "{err}");
     }
 
     #[test]

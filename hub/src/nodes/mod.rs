@@ -817,7 +817,8 @@ impl NodeManager {
             .iter()
             .filter_map(|t| serde_json::to_value(t).ok())
             .collect();
-        let body = object::node_body(name, labels, &others);
+        let ours: Vec<Value> = self.cfg.taints.iter().map(object::taint_value).collect();
+        let body = object::node_body(name, labels, &others, &ours);
         let r = self
             .nodes
             .patch(

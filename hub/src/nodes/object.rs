@@ -104,18 +104,40 @@ pub fn provider_taint() -> Value {
     json!({"key": PROVIDER_TAINT_KEY, "value": PROVIDER_TAINT_VALUE, "effect": "NoSchedule"})
 }
 
+/// A configured taint as the API shows it.
+pub fn taint_value(t: &crate::config::NodeTaint) -> Value {
+    let mut v = json!({"key": t.key, "effect": t.effect});
+    if !t.value.is_empty() {
+        v["value"] = json!(t.value);
+    }
+    v
+}
+
 /// The apply body for the Node object (metadata and spec).
 ///
 /// `spec.taints` is an atomic list in Kubernetes: whoever applies it owns all of it. So the body
-/// carries the taints others (the node lifecycle controller) put there, plus ours, and the
-/// manager re-reads the Node before applying.
-pub fn node_body(name: &str, labels: &BTreeMap<String, String>, other_taints: &[Value]) -> Value {
+/// carries the taints others (the node lifecycle controller) put there, plus `ours` (the
+/// configured ones), and the manager re-reads the Node before applying. A taint with one of our
+/// keys, or the provider key (a configuration that dropped it), is ours to replace.
+pub fn node_body(
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    other_taints: &[Value],
+    ours: &[Value],
+) -> Value {
+    let our_key = |t: &Value| {
+        let key = t.get("key").and_then(Value::as_str);
+        key == Some(PROVIDER_TAINT_KEY)
+            || ours
+                .iter()
+                .any(|o| o.get("key").and_then(Value::as_str) == key)
+    };
     let mut taints: Vec<Value> = other_taints
         .iter()
-        .filter(|t| t.get("key").and_then(Value::as_str) != Some(PROVIDER_TAINT_KEY))
+        .filter(|t| !our_key(t))
         .cloned()
         .collect();
-    taints.push(provider_taint());
+    taints.extend(ours.iter().cloned());
     json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -348,11 +370,35 @@ mod tests {
             "dev-1",
             &BTreeMap::new(),
             &[foreign.clone(), provider_taint()],
+            &[provider_taint()],
         );
         let taints = body["spec"]["taints"].as_array().expect("taints");
         assert_eq!(taints.len(), 2);
         assert_eq!(taints[0], foreign);
         assert_eq!(taints[1], provider_taint());
+    }
+
+    #[test]
+    fn configured_taints_replace_the_provider_taint_or_remove_it() {
+        let foreign = json!({"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"});
+        let existing = [foreign.clone(), provider_taint()];
+        let none = node_body("dev-1", &BTreeMap::new(), &existing, &[]);
+        assert_eq!(none["spec"]["taints"], json!([foreign.clone()]));
+        let site = taint_value(&crate::config::NodeTaint {
+            key: "example.com/site".into(),
+            value: String::new(),
+            effect: "PreferNoSchedule".into(),
+        });
+        let custom = node_body(
+            "dev-1",
+            &BTreeMap::new(),
+            &existing,
+            std::slice::from_ref(&site),
+        );
+        assert_eq!(
+            custom["spec"]["taints"],
+            json!([foreign, {"key": "example.com/site", "effect": "PreferNoSchedule"}])
+        );
     }
 
     #[test]

@@ -457,6 +457,8 @@ pub struct HubSpec {
     pub identity_prefix: String,
     /// `[leader_election]` lease duration and retry period in seconds.
     pub leader_secs: (u32, u64),
+    /// `[nodes] taints` as a TOML value (e.g. `[]`); `None` keeps the hub's default.
+    pub node_taints: Option<String>,
 }
 
 impl HubSpec {
@@ -472,6 +474,7 @@ impl HubSpec {
             client_ca_file: None,
             identity_prefix: String::new(),
             leader_secs: (15, 2),
+            node_taints: None,
         }
     }
 }
@@ -554,6 +557,7 @@ listen = "127.0.0.1:{ops_port}"
 [nodes]
 instance = "{instance}"
 disconnect_grace_secs = {grace}
+{taints}
 [leader_election]
 enabled = true
 namespace = "fleetlet-system"
@@ -579,6 +583,11 @@ identity_prefix = "{prefix}"
                 dir = dir.display(),
                 instance = spec.instance,
                 grace = spec.disconnect_grace_secs,
+                taints = spec
+                    .node_taints
+                    .as_ref()
+                    .map(|t| format!("taints = {t}"))
+                    .unwrap_or_default(),
                 kubelet_cert = kubelet_cert.display(),
                 kubelet_key = kubelet_key.display(),
                 cluster_ca = pki.join("ca.crt").display(),
