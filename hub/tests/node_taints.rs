@@ -31,7 +31,7 @@ async fn configured_taints_replace_the_provider_taint() {
     spec.node_taints =
         Some(r#"[{key = "example.com/site", value = "lab", effect = "NoSchedule"}]"#.to_string());
     let setup = HubSetup::write(dir.path(), spec);
-    let mut hub = setup.spawn();
+    let hub = setup.spawn();
     let nodes: Api<Node> = Api::all(client().await);
     let got = wait_for("the Node with the configured taint", 60, || async {
         let n = nodes.get_opt(&device).await.ok().flatten()?;
