@@ -77,6 +77,7 @@ pub fn start_controllers(
         RelayConfig {
             debounce: cfg.debounce(),
             default_allocatable: cfg.nodes.default_capacity.clone(),
+            bundle_limits: cfg.pods.bundle_limits(),
         },
         inventory.clone(),
         live.subscribe(),

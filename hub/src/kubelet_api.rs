@@ -1,8 +1,14 @@
 //! The hub's kubelet API: an HTTPS endpoint the API server calls for `kubectl logs` on fleetlet
 //! nodes. Callers are authenticated like a kubelet does it — a client certificate signed by the
 //! cluster CA, or a bearer token checked with a TokenReview — and authorized with a
-//! SubjectAccessReview on `nodes/proxy` of the pod's node. The log itself comes from the device
-//! over its stream.
+//! SubjectAccessReview on `nodes/proxy`. The log itself comes from the device over its stream.
+//!
+//! Hardened like the kubelet's own endpoint: every request is authenticated and authorized
+//! before anything is looked up (an unauthorized caller learns nothing about which pods exist),
+//! the reviews are cached with the kubelet's TTLs, and TLS handshakes, request headers and the
+//! number of connections are bounded. `/healthz` is served on the operations port only.
+
+pub mod auth_cache;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -30,7 +36,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -286,12 +292,25 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// How long a client may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client may take to send a request's headers (also how long an idle keep-alive
+/// connection stays open).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections served at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 512;
+
 /// Serves the kubelet API.
 pub struct KubeletApi {
     client: kube::Client,
     sessions: Arc<dyn Sessions>,
     inventory: watch::Receiver<DeviceSet>,
     metrics: Arc<Metrics>,
+    /// TokenReview answers by salted token hash: the caller, or `None` when rejected.
+    tokens: auth_cache::TtlCache<[u8; 32], Option<Caller>>,
+    token_salt: [u8; 16],
+    /// SubjectAccessReview answers by caller and attributes.
+    decisions: auth_cache::TtlCache<String, bool>,
 }
 
 impl KubeletApi {
@@ -307,6 +326,9 @@ impl KubeletApi {
             sessions,
             inventory,
             metrics,
+            tokens: auth_cache::TtlCache::new(auth_cache::MAX_ENTRIES),
+            token_salt: rand::random(),
+            decisions: auth_cache::TtlCache::new(auth_cache::MAX_ENTRIES),
         }
     }
 
@@ -325,13 +347,24 @@ impl KubeletApi {
         shutdown: CancellationToken,
     ) {
         let acceptor = TlsAcceptor::from(tls);
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // A connection slot first: at the limit, new connections wait in the backlog.
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => return,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let (tcp, peer) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 a = listener.accept() => match a {
                     Ok(a) => a,
                     Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(%error, "accepting on the kubelet endpoint");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -340,10 +373,16 @@ impl KubeletApi {
             let this = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(error) => {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(error)) => {
                         tracing::debug!(%peer, %error, "kubelet endpoint TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "kubelet endpoint TLS handshake timed out; connection closed");
                         return;
                     }
                 };
@@ -359,6 +398,8 @@ impl KubeletApi {
                     async move { Ok::<_, Infallible>(this.handle(req, cert_caller).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(tls), service);
                 tokio::select! {
                     r = conn => if let Err(error) = r {
@@ -371,22 +412,12 @@ impl KubeletApi {
     }
 
     async fn handle(&self, req: Request<Incoming>, cert_caller: Option<Caller>) -> Response<Body> {
-        if req.uri().path() == "/healthz" {
-            return text(StatusCode::OK, "ok");
-        }
-        let Some(path) = parse_logs_path(req.uri().path()) else {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("{} is not served by fleetlet-hub", req.uri().path()),
-            );
-        };
-        if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
-        }
+        // Who, then whether they may, and only then what: every path, known or not, answers
+        // 401/403 to a caller without the right, as the kubelet does.
         let caller = match cert_caller {
             Some(c) => c,
             None => match bearer(&req) {
-                Some(token) => match self.token_review(token).await {
+                Some(token) => match self.authenticate(token).await {
                     Ok(Some(c)) => c,
                     Ok(None) => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
                     Err(error) => {
@@ -400,6 +431,37 @@ impl KubeletApi {
                 None => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
             },
         };
+        // The hub serves every fleetlet Node on one address, so a request does not say which
+        // Node it is for until its pod is looked up; the caller must therefore be allowed
+        // `nodes/proxy` on all nodes (as the API server's kubelet client is) before any lookup.
+        match self.authorize(&caller).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Forbidden (user={}, verb=get, resource=nodes, subresource=proxy)",
+                        caller.user
+                    ),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "SubjectAccessReview failed");
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "authorization unavailable",
+                );
+            }
+        }
+        let Some(path) = parse_logs_path(req.uri().path()) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("{} is not served by fleetlet-hub", req.uri().path()),
+            );
+        };
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+        }
         let mut log_req = match parse_log_query(req.uri().query()) {
             Ok(r) => r,
             Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
@@ -425,25 +487,6 @@ impl KubeletApi {
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
-        match self.authorize(&caller, &node).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "Forbidden (user={}, verb=get, resource=nodes, subresource=proxy)",
-                        caller.user
-                    ),
-                );
-            }
-            Err(error) => {
-                tracing::warn!(%error, "SubjectAccessReview failed");
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "authorization unavailable",
-                );
-            }
-        }
         if !self
             .inventory
             .borrow()
@@ -508,6 +551,19 @@ impl KubeletApi {
         }
     }
 
+    /// A TokenReview, answered from the cache when the same token was reviewed within
+    /// [`auth_cache::TOKEN_TTL`]. Errors are not cached.
+    async fn authenticate(&self, token: String) -> Result<Option<Caller>, kube::Error> {
+        let key = auth_cache::token_key(&self.token_salt, &token);
+        if let Some(cached) = self.tokens.get(&key) {
+            return Ok(cached);
+        }
+        let caller = self.token_review(token).await?;
+        self.tokens
+            .insert(key, caller.clone(), auth_cache::TOKEN_TTL);
+        Ok(caller)
+    }
+
     async fn token_review(&self, token: String) -> Result<Option<Caller>, kube::Error> {
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let review = TokenReview {
@@ -532,7 +588,27 @@ impl KubeletApi {
         }))
     }
 
-    async fn authorize(&self, caller: &Caller, node: &str) -> Result<bool, kube::Error> {
+    /// A SubjectAccessReview for `get nodes/proxy` on all nodes, answered from the cache within
+    /// [`auth_cache::ALLOWED_TTL`] / [`auth_cache::DENIED_TTL`]. Errors are not cached.
+    async fn authorize(&self, caller: &Caller) -> Result<bool, kube::Error> {
+        let key = format!(
+            "{:?}\0{:?}\0{:?}\0{:?}\0get nodes/proxy",
+            caller.user, caller.uid, caller.groups, caller.extra
+        );
+        if let Some(allowed) = self.decisions.get(&key) {
+            return Ok(allowed);
+        }
+        let allowed = self.subject_access_review(caller).await?;
+        let ttl = if allowed {
+            auth_cache::ALLOWED_TTL
+        } else {
+            auth_cache::DENIED_TTL
+        };
+        self.decisions.insert(key, allowed, ttl);
+        Ok(allowed)
+    }
+
+    async fn subject_access_review(&self, caller: &Caller) -> Result<bool, kube::Error> {
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -545,7 +621,6 @@ impl KubeletApi {
                     verb: Some("get".into()),
                     resource: Some("nodes".into()),
                     subresource: Some("proxy".into()),
-                    name: Some(node.to_string()),
                     ..Default::default()
                 }),
                 ..Default::default()

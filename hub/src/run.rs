@@ -87,7 +87,12 @@ pub fn identity(cfg: &HubConfig) -> String {
 
 /// Runs the hub until `shutdown` (or until leadership is lost).
 pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunError> {
-    let metrics = Arc::new(Metrics::new());
+    let sessions = DeviceSessions::new(SessionLimits::default());
+    let metrics = {
+        let mut m = Metrics::new();
+        m.register_link(&sessions.stats());
+        Arc::new(m)
+    };
     let ready = Readiness::default();
     let mut tasks = JoinSet::new();
     let ops = bind_ops(cfg.ops.listen).await?;
@@ -130,7 +135,6 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
     // device with UNAVAILABLE "not leader" (agents then try their next hub endpoint) and is not
     // ready, so a Service in front of the replicas sends devices only to the leader.
     let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
-    let sessions = DeviceSessions::new(SessionLimits::default());
     let events = sessions.subscribe();
     let link_result = Arc::new(tokio::sync::Mutex::new(None));
     if let Some(link_cfg) = cfg.link.clone() {

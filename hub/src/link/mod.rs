@@ -3,6 +3,7 @@
 //! [`DeviceSessions`] is the API the rest of the hub uses (set a device's desired pods, watch
 //! sessions and statuses, open log streams); [`serve`] runs the gRPC server that feeds it.
 
+pub mod budget;
 mod server;
 mod sessions;
 mod tls;
@@ -126,6 +127,9 @@ pub struct LinkServerConfig {
     /// reconnect storm (docs/link.md). Turn it on for links where bytes cost more than hub memory.
     #[serde(default)]
     pub compress_snapshots: bool,
+    /// What one device may send before its session is cut (`[link.device_budget]`).
+    #[serde(default)]
+    pub device_budget: budget::BudgetConfig,
 }
 
 fn default_keepalive_interval_secs() -> u64 {
@@ -169,6 +173,7 @@ impl LinkServerConfig {
             reload_interval_secs: default_reload_interval_secs(),
             expiry_warning_days: default_expiry_warning_days(),
             compress_snapshots: false,
+            device_budget: budget::BudgetConfig::default(),
         }
     }
 }

@@ -105,6 +105,7 @@ impl AsyncWrite for DeviceConn {
 struct SessionSettings {
     hello_timeout: Duration,
     stall_timeout: Duration,
+    budget: super::budget::BudgetConfig,
 }
 
 /// The `DeviceLink` service.
@@ -182,6 +183,7 @@ impl LinkServer {
             settings: Arc::new(SessionSettings {
                 hello_timeout: Duration::from_secs(config.hello_timeout_secs.max(1)),
                 stall_timeout: Duration::from_secs(config.stall_timeout_secs.max(1)),
+                budget: config.device_budget,
             }),
             shutdown: shutdown.clone(),
             leading: self.leading,
@@ -649,6 +651,7 @@ async fn run_inbound(
         rx.borrow_and_update().as_ref().map(|s| s.generation)
     };
     let mut stall = pending_snapshot(&s.slot, newest(&mut desired), s.settings.stall_timeout);
+    let mut budget = super::budget::Budget::new(&s.settings.budget);
     let end: Option<Status> = loop {
         let stall_at = stall.map(|(_, at)| at);
         let step = tokio::select! {
@@ -702,6 +705,23 @@ async fn run_inbound(
             }
             InboundStep::DesiredChanged(false) => {}
             InboundStep::Message(message) => {
+                // Log chunks are paced by their reader (bounded queues, HTTP/2 flow control)
+                // and count as messages only; everything else also counts its bytes.
+                let bytes = match &message.kind {
+                    Some(agent_message::Kind::LogChunk(_)) => 0,
+                    _ => prost::Message::encoded_len(message.as_ref()),
+                };
+                if let Err(over) = budget.charge(bytes) {
+                    s.sessions.stats().sessions_cut_over_budget.inc();
+                    tracing::error!(
+                        device,
+                        budget = %over,
+                        "device sent more than its input budget; session cut"
+                    );
+                    break Some(Status::resource_exhausted(format!(
+                        "device {device} sent {over}; session cut"
+                    )));
+                }
                 let handled = Box::pin(handle_message(
                     &s.sessions,
                     device,

@@ -100,6 +100,9 @@ pub struct LinkStats {
     pub log_requests_rejected: AtomicU64,
     /// Currently open sessions.
     pub sessions_open: AtomicU64,
+    /// Sessions cut because the device sent more than its budget (exported on `/metrics` as
+    /// `fleetlet_hub_device_sessions_cut_over_budget_total`).
+    pub sessions_cut_over_budget: prometheus_client::metrics::counter::Counter,
 }
 
 impl LinkStats {
