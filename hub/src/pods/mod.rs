@@ -13,6 +13,7 @@ pub mod kube_api;
 mod not_ready;
 pub mod referenced;
 pub mod refusal;
+pub mod sanitize;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -616,25 +617,36 @@ impl PodRelay {
                 }
                 // One pass over the cache to find the pods of this report by uid.
                 let uids: HashSet<&str> = report.pods.iter().map(|e| e.uid.as_str()).collect();
-                let by_uid: HashMap<String, (String, String, Option<String>, Option<String>)> =
-                    self.pods
-                        .items
-                        .values()
-                        .filter_map(|p| {
-                            let uid = p.metadata.uid.as_deref()?;
-                            uids.contains(uid).then(|| {
+                #[allow(clippy::type_complexity)]
+                let by_uid: HashMap<
+                    String,
+                    (
+                        String,
+                        String,
+                        Option<String>,
+                        Option<String>,
+                        sanitize::PodFacts,
+                    ),
+                > = self
+                    .pods
+                    .items
+                    .values()
+                    .filter_map(|p| {
+                        let uid = p.metadata.uid.as_deref()?;
+                        uids.contains(uid).then(|| {
+                            (
+                                uid.to_string(),
                                 (
-                                    uid.to_string(),
-                                    (
-                                        p.metadata.namespace.clone().unwrap_or_default(),
-                                        p.metadata.name.clone().unwrap_or_default(),
-                                        node_of(p),
-                                        scheduled_at(p),
-                                    ),
-                                )
-                            })
+                                    p.metadata.namespace.clone().unwrap_or_default(),
+                                    p.metadata.name.clone().unwrap_or_default(),
+                                    node_of(p),
+                                    scheduled_at(p),
+                                    sanitize::PodFacts::of(p),
+                                ),
+                            )
                         })
-                        .collect();
+                    })
+                    .collect();
                 let reported = self.reported.entry(device.clone()).or_default();
                 let mut check = Vec::new();
                 let mut early_of_device = if self.pods.synced && servable {
@@ -666,7 +678,7 @@ impl PodRelay {
                     }
                     let bound_here = by_uid
                         .get(&entry.uid)
-                        .is_some_and(|(_, _, node, _)| node.as_deref() == Some(device.as_str()));
+                        .is_some_and(|(_, _, node, _, _)| node.as_deref() == Some(device.as_str()));
                     if !bound_here {
                         // Dropped before anything is recorded: a device reporting UIDs that are
                         // not its pods (another device's, or made up) costs the hub nothing.
@@ -683,7 +695,8 @@ impl PodRelay {
                         continue;
                     }
                     reported.insert(entry.uid.clone(), false);
-                    let Some((namespace, name, _, scheduled)) = by_uid.get(&entry.uid) else {
+                    let Some((namespace, name, _, scheduled, facts)) = by_uid.get(&entry.uid)
+                    else {
                         continue;
                     };
                     if self.rejected.contains(&entry.uid) {
@@ -693,6 +706,21 @@ impl PodRelay {
                         Ok(v @ Value::Object(_)) => v,
                         _ => {
                             tracing::warn!(%device, pod = %name, %namespace, "device sent a pod status that is not a JSON object; ignored");
+                            continue;
+                        }
+                    };
+                    // Only what an agent may say, for containers the pod has.
+                    let status = match sanitize::sanitize(status, facts) {
+                        Ok((status, notes)) => {
+                            if !notes.is_empty() {
+                                tracing::warn!(%device, pod = %name, %namespace, dropped = %notes.join("; "), "device sent pod status fields it may not set; dropped");
+                                self.metrics.dropped("status_field", notes.len() as u64);
+                            }
+                            status
+                        }
+                        Err(refused) => {
+                            tracing::warn!(%device, pod = %name, %namespace, error = %refused, "device sent an impossible pod status; ignored");
+                            self.metrics.dropped("status_refused", 1);
                             continue;
                         }
                     };

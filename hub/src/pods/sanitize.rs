@@ -1,0 +1,278 @@
+//! What a device may write into its pods' status: only the PodStatus fields an agent produces,
+//! with values Kubernetes knows, for containers the pod has. A compromised device must not use
+//! its pods' status to steer the cluster (a `podIP` that Services then send traffic to, a
+//! `nominatedNodeName`, conditions other controllers act on).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Map, Value};
+
+/// Top-level PodStatus fields an agent writes; everything else a device sends is dropped.
+const AGENT_FIELDS: &[&str] = &[
+    "phase",
+    "conditions",
+    "message",
+    "reason",
+    "hostIP",
+    "hostIPs",
+    "podIP",
+    "podIPs",
+    "startTime",
+    "initContainerStatuses",
+    "containerStatuses",
+    "qosClass",
+];
+
+/// Pod condition types a kubelet owns.
+const KUBELET_CONDITIONS: &[&str] = &[
+    "PodScheduled",
+    "Initialized",
+    "ContainersReady",
+    "Ready",
+    "PodReadyToStartContainers",
+];
+
+/// What the hub knows of the pod a status is for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodFacts {
+    /// Names of its init containers.
+    pub init_containers: BTreeSet<String>,
+    /// Names of its app containers.
+    pub containers: BTreeSet<String>,
+    /// `spec.hostNetwork`.
+    pub host_network: bool,
+}
+
+impl PodFacts {
+    /// The facts of `pod`.
+    pub fn of(pod: &Pod) -> Self {
+        let spec = pod.spec.as_ref();
+        Self {
+            init_containers: spec
+                .and_then(|s| s.init_containers.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|c| c.name.clone())
+                .collect(),
+            containers: spec
+                .into_iter()
+                .flat_map(|s| s.containers.iter())
+                .map(|c| c.name.clone())
+                .collect(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        }
+    }
+}
+
+/// A status the hub refuses as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// `phase` is not one Kubernetes knows.
+    #[error("phase {0:?} is not a pod phase")]
+    Phase(String),
+    /// An IP field is not an address a pod can have.
+    #[error("{field} {value:?} is not an address a pod can have")]
+    Address {
+        /// The field.
+        field: &'static str,
+        /// What the device sent.
+        value: String,
+    },
+    /// A host-network pod's podIP differs from its hostIP.
+    #[error("podIP {pod_ip} of a hostNetwork pod differs from its hostIP {host_ip}")]
+    HostNetworkIp {
+        /// podIP.
+        pod_ip: String,
+        /// hostIP.
+        host_ip: String,
+    },
+}
+
+/// A usable unicast address (not unspecified, multicast or broadcast).
+fn unicast(value: &str) -> Option<IpAddr> {
+    let ip: IpAddr = value.parse().ok()?;
+    let usable = !ip.is_unspecified()
+        && !ip.is_multicast()
+        && !matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    usable.then_some(ip)
+}
+
+/// The address of a `{"ip": ...}` list entry.
+fn listed_ip(entry: &Value) -> Option<&str> {
+    entry.get("ip").and_then(Value::as_str)
+}
+
+/// Checks a single IP field and its list form; the list's first entry must be the single one.
+fn check_ips(
+    out: &Map<String, Value>,
+    single: &'static str,
+    list: &'static str,
+) -> Result<Option<IpAddr>, Refused> {
+    let bad = |field: &'static str, value: &str| Refused::Address {
+        field,
+        value: value.to_string(),
+    };
+    let one = match out.get(single).and_then(Value::as_str) {
+        Some(v) => Some(unicast(v).ok_or_else(|| bad(single, v))?),
+        None => None,
+    };
+    if let Some(entries) = out.get(list).and_then(Value::as_array) {
+        for (i, e) in entries.iter().enumerate() {
+            let v = listed_ip(e).unwrap_or_default();
+            let ip = unicast(v).ok_or_else(|| bad(list, v))?;
+            if i == 0 && one.is_some_and(|o| o != ip) {
+                return Err(bad(list, v));
+            }
+        }
+    }
+    Ok(one)
+}
+
+/// Keeps what an agent may say about a pod with `facts`; refuses a status whose phase or
+/// addresses cannot be true. Dropped parts are returned as notes for one log line.
+pub fn sanitize(status: Value, facts: &PodFacts) -> Result<(Value, Vec<String>), Refused> {
+    let Value::Object(map) = status else {
+        return Ok((Value::Object(Map::new()), vec!["not an object".into()]));
+    };
+    let mut notes = Vec::new();
+    let mut out = Map::new();
+    for (k, v) in map {
+        if AGENT_FIELDS.contains(&k.as_str()) {
+            out.insert(k, v);
+        } else {
+            notes.push(format!("field {k} dropped"));
+        }
+    }
+    if let Some(phase) = out.get("phase").and_then(Value::as_str)
+        && !matches!(
+            phase,
+            "Pending" | "Running" | "Succeeded" | "Failed" | "Unknown"
+        )
+    {
+        return Err(Refused::Phase(phase.to_string()));
+    }
+    if let Some(Value::Array(conditions)) = out.get_mut("conditions") {
+        conditions.retain(|c| {
+            let known = c
+                .get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| KUBELET_CONDITIONS.contains(&t))
+                && c.get("status")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| matches!(s, "True" | "False" | "Unknown"));
+            if !known {
+                notes.push(format!("condition {c} dropped"));
+            }
+            known
+        });
+    }
+    for (field, names) in [
+        ("initContainerStatuses", &facts.init_containers),
+        ("containerStatuses", &facts.containers),
+    ] {
+        if let Some(Value::Array(statuses)) = out.get_mut(field) {
+            statuses.retain(|s| {
+                let ok = s
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| names.contains(n));
+                if !ok {
+                    notes.push(format!("{field} entry for an unknown container dropped"));
+                }
+                ok
+            });
+        }
+    }
+    let host_ip = check_ips(&out, "hostIP", "hostIPs")?;
+    let pod_ip = check_ips(&out, "podIP", "podIPs")?;
+    if facts.host_network
+        && let (Some(p), Some(h)) = (pod_ip, host_ip)
+        && p != h
+    {
+        return Err(Refused::HostNetworkIp {
+            pod_ip: p.to_string(),
+            host_ip: h.to_string(),
+        });
+    }
+    Ok((Value::Object(out), notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn facts(host_network: bool) -> PodFacts {
+        PodFacts {
+            init_containers: ["init".to_string()].into_iter().collect(),
+            containers: ["app".to_string()].into_iter().collect(),
+            host_network,
+        }
+    }
+
+    #[test]
+    fn only_agent_fields_and_known_containers_and_conditions_pass() {
+        let (s, notes) = sanitize(
+            json!({
+                "phase": "Running",
+                "nominatedNodeName": "elsewhere",
+                "conditions": [
+                    {"type": "Ready", "status": "True"},
+                    {"type": "DisruptionTarget", "status": "True"},
+                    {"type": "Ready", "status": "Maybe"}
+                ],
+                "containerStatuses": [{"name": "app"}, {"name": "ghost"}],
+                "initContainerStatuses": [{"name": "init"}],
+                "podIP": "10.88.0.5", "podIPs": [{"ip": "10.88.0.5"}]
+            }),
+            &facts(false),
+        )
+        .expect("valid");
+        assert!(s.get("nominatedNodeName").is_none());
+        assert_eq!(
+            s["conditions"],
+            json!([{"type": "Ready", "status": "True"}])
+        );
+        assert_eq!(s["containerStatuses"], json!([{"name": "app"}]));
+        assert_eq!(s["initContainerStatuses"], json!([{"name": "init"}]));
+        assert_eq!(notes.len(), 4, "{notes:?}");
+    }
+
+    #[test]
+    fn impossible_phases_and_addresses_are_refused() {
+        assert_eq!(
+            sanitize(json!({"phase": "Hijacked"}), &facts(false)),
+            Err(Refused::Phase("Hijacked".into()))
+        );
+        for ip in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "not-an-ip", "::"] {
+            assert!(
+                sanitize(json!({"podIP": ip}), &facts(false)).is_err(),
+                "{ip}"
+            );
+        }
+        assert!(
+            sanitize(
+                json!({"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.2"}]}),
+                &facts(false)
+            )
+            .is_err(),
+            "the list must start with the single address"
+        );
+        assert!(matches!(
+            sanitize(
+                json!({"hostIP": "192.0.2.1", "podIP": "198.51.100.7"}),
+                &facts(true)
+            ),
+            Err(Refused::HostNetworkIp { .. })
+        ));
+        assert!(
+            sanitize(
+                json!({"hostIP": "192.0.2.1", "podIP": "192.0.2.1"}),
+                &facts(true)
+            )
+            .is_ok()
+        );
+    }
+}
