@@ -111,6 +111,16 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
     {
         (Some(path), _) => Arc::new(StaticInventory::load(path)?),
         (None, Some(fc)) => {
+            if fc
+                .token_file
+                .as_ref()
+                .is_some_and(|t| t.starts_with("/var/run/secrets/kubernetes.io/serviceaccount"))
+            {
+                tracing::warn!(
+                    token_file = ?fc.token_file,
+                    "the Flightctl inventory sends the hub's own Kubernetes ServiceAccount token to Flightctl, which can then read every Secret the hub can; give it a token of a ServiceAccount without Kubernetes rights (packaging/kubernetes: fleetlet-hub-flightctl)"
+                );
+            }
             let (inv, task) = FlightctlInventory::spawn(fc, shutdown.clone())?;
             flightctl_health = Some(inv.health());
             tasks.spawn(async move {
