@@ -292,13 +292,27 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// How long a client may take to complete its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long a client may take to send a request's headers (also how long an idle keep-alive
-/// connection stays open).
-pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Connections served at once; more wait in the kernel's backlog.
-pub const MAX_CONNECTIONS: usize = 512;
+/// Bounds on the endpoint's connections, so idle, slow or numerous clients cannot pin the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// How long a client may take to complete its TLS handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// How long a client may take to send a request's headers (also how long an idle
+    /// keep-alive connection stays open).
+    pub header_timeout: std::time::Duration,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: std::time::Duration::from_secs(10),
+            header_timeout: std::time::Duration::from_secs(10),
+            max_connections: 512,
+        }
+    }
+}
 
 /// Serves the kubelet API.
 pub struct KubeletApi {
@@ -311,6 +325,7 @@ pub struct KubeletApi {
     token_salt: [u8; 16],
     /// SubjectAccessReview answers by caller and attributes.
     decisions: auth_cache::TtlCache<String, bool>,
+    limits: ConnectionLimits,
 }
 
 impl KubeletApi {
@@ -329,7 +344,15 @@ impl KubeletApi {
             tokens: auth_cache::TtlCache::new(auth_cache::MAX_ENTRIES),
             token_salt: rand::random(),
             decisions: auth_cache::TtlCache::new(auth_cache::MAX_ENTRIES),
+            limits: ConnectionLimits::default(),
         }
+    }
+
+    /// The same endpoint with other connection bounds.
+    #[must_use]
+    pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Binds the listen address.
@@ -347,7 +370,8 @@ impl KubeletApi {
         shutdown: CancellationToken,
     ) {
         let acceptor = TlsAcceptor::from(tls);
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let limits = self.limits;
+        let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         loop {
             // A connection slot first: at the limit, new connections wait in the backlog.
             let permit = tokio::select! {
@@ -374,7 +398,8 @@ impl KubeletApi {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
+                    .await
                 {
                     Ok(Ok(t)) => t,
                     Ok(Err(error)) => {
@@ -399,7 +424,7 @@ impl KubeletApi {
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
+                    .header_read_timeout(limits.header_timeout)
                     .serve_connection(TokioIo::new(tls), service);
                 tokio::select! {
                     r = conn => if let Err(error) = r {
@@ -689,6 +714,128 @@ mod tests {
         assert_eq!(percent_decode("a%3Ab%2f"), "a:b/");
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    /// A kube client that is never called (nothing here reaches authentication).
+    fn idle_client() -> kube::Client {
+        let config = kube::Config::new("https://127.0.0.1:9".parse().expect("uri"));
+        kube::Client::try_from(config).expect("client")
+    }
+
+    struct NoSessions;
+    impl Sessions for NoSessions {
+        fn set_desired(
+            &self,
+            _device: &str,
+            _pods: Vec<fleetlet_proto::v1::PodBundle>,
+            _grace: std::collections::HashMap<String, u64>,
+        ) -> u64 {
+            0
+        }
+        fn is_connected(&self, _device: &str) -> bool {
+            false
+        }
+        fn open_logs(
+            &self,
+            _device: &str,
+            _req: LogRequest,
+        ) -> futures::future::BoxFuture<'static, Result<crate::sessions::LogStream, String>>
+        {
+            Box::pin(async { Err("no device".to_string()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_and_excess_connections_are_bounded() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let cert = params.self_signed(&key).expect("cert");
+        let dir = std::env::temp_dir().join(format!("fleetlet-kapi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("tls.crt"), cert.pem()).expect("cert file");
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("key file");
+        let cfg = KubeletConfig {
+            cert_file: Some(dir.join("tls.crt")),
+            key_file: Some(dir.join("tls.key")),
+            ..KubeletConfig::default()
+        };
+        let tls = tls_config(&cfg).expect("tls");
+        let listener = KubeletApi::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_inv_tx, inv_rx) = watch::channel(Arc::new(Default::default()));
+        let second = std::time::Duration::from_secs(1);
+        let api = Arc::new(
+            KubeletApi::new(
+                idle_client(),
+                Arc::new(NoSessions),
+                inv_rx,
+                Arc::new(Metrics::new()),
+            )
+            .with_limits(ConnectionLimits {
+                handshake_timeout: second,
+                header_timeout: second,
+                max_connections: 2,
+            }),
+        );
+        let shutdown = CancellationToken::new();
+        tokio::spawn(api.serve(listener, tls, shutdown.clone()));
+
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let client_cfg = Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let handshake = || {
+            let client_cfg = client_cfg.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                tokio_rustls::TlsConnector::from(client_cfg)
+                    .connect(
+                        rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+                        tcp,
+                    )
+                    .await
+            }
+        };
+        // Two connections that never handshake take both slots.
+        let idle = [
+            tokio::net::TcpStream::connect(addr).await.expect("idle 1"),
+            tokio::net::TcpStream::connect(addr).await.expect("idle 2"),
+        ];
+        let started = tokio::time::Instant::now();
+        let mut tls_conn = tokio::time::timeout(std::time::Duration::from_secs(10), handshake())
+            .await
+            .expect("handshake within the bound")
+            .expect("handshake");
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(800),
+            "a third connection waited for a slot: {waited:?}"
+        );
+        // The idle ones were closed by the handshake timeout.
+        for mut c in idle {
+            let mut buf = [0u8; 8];
+            let n = tokio::io::AsyncReadExt::read(&mut c, &mut buf).await;
+            assert!(matches!(n, Ok(0) | Err(_)), "closed: {n:?}");
+        }
+        // A TLS connection that sends no request is closed after the header timeout.
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut tls_conn, &mut buf),
+        )
+        .await
+        .expect("closed within the bound");
+        assert!(matches!(n, Ok(0) | Err(_)), "closed: {n:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
