@@ -29,7 +29,7 @@ use crate::labels::is_valid_node_name;
 use crate::metrics::Metrics;
 use crate::sessions::DeviceSet;
 use lease::LeaseKeeper;
-use object::{ConditionView, FIELD_MANAGER, MANAGED_LABEL, StatusInput};
+use object::{ConditionView, FIELD_MANAGER, LEADER_LEASE_ANNOTATION, MANAGED_LABEL, StatusInput};
 
 /// Pods per node name, published by the pod relay once its cache is synced.
 pub type PodCounts = Option<Arc<BTreeMap<String, usize>>>;
@@ -231,6 +231,9 @@ pub struct NodeManager {
     known: watch::Sender<Arc<BTreeSet<String>>>,
     unready: watch::Sender<UnreadyNodes>,
     flightctl: Option<watch::Receiver<HealthMap>>,
+    /// The leader-election Lease this hub leads on (`namespace/name`), when it elects.
+    leader_lease: Option<String>,
+    leases_api: kube::Client,
 }
 
 /// What one pass decided to do for one node.
@@ -281,7 +284,7 @@ impl NodeManager {
     ) -> Self {
         Self {
             nodes: Api::all(client.clone()),
-            leases: LeaseKeeper::new(client, cfg.lease_duration_secs),
+            leases: LeaseKeeper::new(client.clone(), cfg.lease_duration_secs),
             recorder,
             cfg,
             address,
@@ -292,7 +295,43 @@ impl NodeManager {
             known: watch::channel(Arc::new(BTreeSet::new())).0,
             unready: watch::channel(Arc::new(BTreeMap::new())).0,
             flightctl: None,
+            leader_lease: None,
+            leases_api: client,
         }
+    }
+
+    /// Marks every Node with the leader-election Lease this hub leads on, and stays off Nodes of
+    /// its instance that another hub applies while leading on another live Lease (two
+    /// deployments sharing one instance name).
+    #[must_use]
+    pub fn with_leader_lease(mut self, namespace: &str, name: &str) -> Self {
+        self.leader_lease = Some(format!("{namespace}/{name}"));
+        self
+    }
+
+    /// Whether the Lease `namespace/name` is held right now (by a live holder). A Lease the hub
+    /// cannot read counts as held: staying off is the safe side.
+    async fn lease_is_live(&self, lease: &str) -> bool {
+        let Some((namespace, name)) = lease.split_once('/') else {
+            return false;
+        };
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.leases_api.clone(), namespace);
+        let r = api.get_opt(name).await;
+        self.metrics.api("get_leader_lease", &r);
+        let spec = match r {
+            Ok(Some(l)) => l.spec.unwrap_or_default(),
+            Ok(None) => return false,
+            Err(_) => return true,
+        };
+        let holder = spec.holder_identity.unwrap_or_default();
+        let (Some(renewed), Some(secs)) = (spec.renew_time, spec.lease_duration_seconds) else {
+            return !holder.is_empty();
+        };
+        // Twice the duration: clock skew between the hubs must not make a live Lease look stale.
+        let until =
+            renewed.0 + std::time::Duration::from_secs(2 * u64::try_from(secs).unwrap_or(0));
+        !holder.is_empty() && until > Timestamp::now()
     }
 
     /// Adds Flightctl's view of every device: the `FlightctlDeviceHealthy` condition and its part
@@ -415,6 +454,18 @@ impl NodeManager {
             let Some(name) = node.metadata.name.clone() else {
                 continue;
             };
+            // A Node another hub of the same instance name applies (its Lease on it) is not
+            // taken as ours here: the pass checks that hub's Lease before applying to it.
+            let lease = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LEADER_LEASE_ANNOTATION));
+            if let (Some(ours), Some(theirs)) = (&self.leader_lease, lease)
+                && ours != theirs
+            {
+                continue;
+            }
             let entry = self
                 .state
                 .entry(name.clone())
@@ -961,7 +1012,11 @@ impl NodeManager {
         let current = self.nodes.get_opt(name).await;
         self.metrics.api("get_node", &current);
         let Some(current) = current? else {
-            let body = object::node_body(name, labels, &[]);
+            let mut body = object::node_body(name, labels, &[]);
+            if let Some(lease) = &self.leader_lease {
+                body["metadata"]["annotations"] =
+                    serde_json::json!({ LEADER_LEASE_ANNOTATION: lease });
+            }
             let node: Node = serde_json::from_value(body)
                 .map_err(|e| ApplyError::Api(kube::Error::SerdeError(e)))?;
             let r = self.nodes.create(&PostParams::default(), &node).await;
@@ -985,6 +1040,24 @@ impl NodeManager {
                 uid: current.metadata.uid.clone(),
             });
         }
+        let theirs = current
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LEADER_LEASE_ANNOTATION));
+        if let (Some(ours), Some(theirs)) = (&self.leader_lease, theirs)
+            && ours != theirs
+            && self.lease_is_live(theirs).await
+        {
+            return Err(ApplyError::NotOwned {
+                node: name.to_string(),
+                owner: format!(
+                    "another fleetlet-hub with instance {} leads on Lease {theirs} (this hub: {ours}); two hub deployments share one instance name",
+                    self.cfg.instance
+                ),
+                uid: current.metadata.uid.clone(),
+            });
+        }
         let others: Vec<Value> = current
             .spec
             .and_then(|s| s.taints)
@@ -993,6 +1066,9 @@ impl NodeManager {
             .filter_map(|t| serde_json::to_value(t).ok())
             .collect();
         let mut body = object::node_body(name, labels, &others);
+        if let Some(lease) = &self.leader_lease {
+            body["metadata"]["annotations"] = serde_json::json!({ LEADER_LEASE_ANNOTATION: lease });
+        }
         // The apply carries the UID it checked: if the Node was replaced since the GET, the API
         // server refuses it instead of taking the new one over.
         body["metadata"]["uid"] = serde_json::json!(current.metadata.uid);

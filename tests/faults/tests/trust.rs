@@ -649,3 +649,90 @@ async fn the_kubelet_endpoint_tells_an_unauthorized_caller_nothing_and_closes_id
         "idle connections closed"
     );
 }
+
+#[tokio::test]
+async fn a_second_hub_with_the_same_instance_name_stays_off_the_first_ones_nodes() {
+    let id = unique("tr-twin");
+    let dev = format!("{id}-d0");
+    let kube = client().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cleanup = Cleanup {
+        procs: Vec::new(),
+        devices: vec![dev.clone()],
+        lease: id.clone(),
+        _kube: KubeCleanup {
+            nodes: vec![dev.clone()],
+            namespace: None,
+        },
+    };
+    // Hub A leads on Lease <id>; hub B is a separate deployment with the same instance name and
+    // the same device in its inventory, leading on Lease <id>-twin.
+    let a = HubSetup::write(dir.path(), HubSpec::new(&id, &[(dev.clone(), id.clone())]));
+    let b = a.replica("twin");
+    let twin_lease = format!("{id}-twin");
+    let b_cfg = dir.path().join("twin.toml");
+    let text = std::fs::read_to_string(&b_cfg).expect("twin config");
+    std::fs::write(
+        &b_cfg,
+        text.replace(
+            &format!("name = \"{id}\""),
+            &format!("name = \"{twin_lease}\""),
+        ),
+    )
+    .expect("twin config");
+    cleanup.procs.push(a.spawn());
+    cleanup
+        .procs
+        .push(start_agent(dir.path(), &dev, a.ports.link));
+    let nodes: Api<Node> = Api::all(kube.clone());
+    wait_for("the Node Ready from hub A", 120, || async {
+        nodes
+            .get_opt(&dev)
+            .await
+            .ok()
+            .flatten()
+            .filter(harness::node_ready)
+    })
+    .await;
+    cleanup.procs.push(b.spawn());
+    let refused = wait_for("hub B reports the Node not its own", 60, || async {
+        (hub_metric(b.ports.ops, "nodes_not_owned").await == Some(1.0)).then_some(())
+    })
+    .await;
+    // Hub A keeps the Node: its Lease on it, Ready, heartbeats by A only.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let node = nodes.get(&dev).await.expect("node");
+    let annotated = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("fleetlet.io/leader-lease"))
+        .cloned();
+    let kept = annotated.as_deref() == Some(&format!("fleetlet-system/{id}"))
+        && harness::node_ready(&node);
+    let b_log = std::fs::read_to_string(b.log()).unwrap_or_default();
+    let logged = b_log
+        .lines()
+        .any(|l| l.contains("two hub deployments share one instance name") && l.contains(&dev));
+    kubectl_best_effort(&[
+        "-n",
+        "fleetlet-system",
+        "delete",
+        "lease",
+        &twin_lease,
+        "--ignore-not-found",
+    ]);
+    record(Outcome {
+        fault: "two hub deployments with the same instance name".into(),
+        recovered: kept && logged,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "the second hub saw the first one's live Lease on the Node and stayed off ({refused:?}, error logged {logged}); Node kept by the first: {kept} (lease annotation {annotated:?})"
+        ),
+    });
+    assert!(kept, "hub A keeps its Node: {node:?}");
+    assert!(logged, "hub B logs the shared instance name");
+    drop(cleanup);
+}
