@@ -73,6 +73,7 @@ pub async fn run(
     let resources = node::resources(&cfg, info.clone());
     let capacity = watch::Sender::new(resources.capacity.clone());
     let (status_tx, status_rx) = watch::channel::<StatusMap>(Arc::new(BTreeMap::new()));
+    let (not_served_tx, not_served_rx) = watch::channel::<Option<String>>(None);
 
     let ctx = Arc::new(PodContext {
         rt: rt.clone(),
@@ -97,6 +98,7 @@ pub async fn run(
         cfg.device_name.clone(),
         store.subscribe(),
         status_rx.clone(),
+        not_served_rx,
         shutdown.clone(),
     )));
     if let Some(hub) = cfg.hub.clone() {
@@ -107,6 +109,7 @@ pub async fn run(
             capacity,
             statuses: status_rx,
             rt: rt.clone(),
+            not_served: not_served_tx.clone(),
         });
         info!(endpoint = %hub.endpoint, "starting link to hub");
         tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));
@@ -124,6 +127,8 @@ pub async fn run(
     }
     info!(device = %cfg.device_name, "fleetlet-agent ready");
     shutdown.cancelled().await;
+    // Kept until here: the status file writer ends when its channels close.
+    drop(not_served_tx);
     info!("shutting down; pods keep running");
     // Draining has a deadline: a stuck Podman call must not keep the agent from exiting.
     let drain = futures::future::join_all(tasks);

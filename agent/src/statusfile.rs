@@ -52,6 +52,9 @@ pub struct StatusFile {
     /// Why the previous good desired snapshot is in use (the current file was corrupt), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_fallback: Option<String>,
+    /// Since when (RFC 3339) the hub refuses to serve this device, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_served_since: Option<String>,
     /// Pods.
     pub pods: Vec<PodLine>,
 }
@@ -82,7 +85,12 @@ pub struct PodLine {
 }
 
 /// Summarise statuses.
-pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile {
+pub fn summarise(
+    device: &str,
+    held: &Held,
+    statuses: &StatusMap,
+    not_served_since: Option<String>,
+) -> StatusFile {
     let pods = statuses
         .values()
         .map(|e| {
@@ -122,6 +130,7 @@ pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile 
             Held::Fallback { reason, .. } => Some(reason.clone()),
             Held::Known(_) | Held::Unknown { .. } => None,
         },
+        not_served_since,
         pods,
     }
 }
@@ -152,6 +161,7 @@ pub async fn keep_written(
     device: String,
     mut held: watch::Receiver<Held>,
     mut statuses: watch::Receiver<StatusMap>,
+    mut not_served: watch::Receiver<Option<String>>,
     shutdown: CancellationToken,
 ) {
     let path = state_dir.join(FILE);
@@ -161,6 +171,7 @@ pub async fn keep_written(
             &device,
             &held.borrow_and_update(),
             &statuses.borrow_and_update(),
+            not_served.borrow_and_update().clone(),
         );
         if last.as_ref() != Some(&file) {
             let data = serde_json::to_vec_pretty(&file).unwrap_or_default();
@@ -178,6 +189,7 @@ pub async fn keep_written(
             _ = shutdown.cancelled() => return,
             r = held.changed() => if r.is_err() { return },
             r = statuses.changed() => if r.is_err() { return },
+            r = not_served.changed() => if r.is_err() { return },
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -192,6 +204,11 @@ pub fn render(f: &StatusFile) -> String {
     if let Some(r) = &f.desired_fallback {
         out.push_str(&format!(
             "desired state: PREVIOUS GOOD SNAPSHOT, current file unusable ({r})\n"
+        ));
+    }
+    if let Some(since) = &f.not_served_since {
+        out.push_str(&format!(
+            "hub: NOT SERVED since {since} (the hub refuses this device: not in its inventory, or disabled; pods keep running unless remove_pods_when_not_served_secs is set)\n"
         ));
     }
     out.push_str(&format!("pods: {}\n", f.pods.len()));
@@ -218,4 +235,40 @@ pub fn render(f: &StatusFile) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_device_the_hub_does_not_serve_says_so() {
+        let f = summarise(
+            "edge-1",
+            &Held::Unknown {
+                reason: "none yet".into(),
+            },
+            &Arc::new(BTreeMap::new()),
+            Some("2026-12-06T13:00:00Z".into()),
+        );
+        let text = render(&f);
+        assert!(
+            text.contains("hub: NOT SERVED since 2026-12-06T13:00:00Z"),
+            "{text}"
+        );
+        let back: StatusFile =
+            serde_json::from_slice(&serde_json::to_vec(&f).expect("json")).expect("parse");
+        assert_eq!(back, f);
+        let served = summarise(
+            "edge-1",
+            &Held::Unknown {
+                reason: "none yet".into(),
+            },
+            &Arc::new(BTreeMap::new()),
+            None,
+        );
+        assert!(!render(&served).contains("NOT SERVED"));
+    }
 }

@@ -464,8 +464,8 @@ impl DeviceLink for LinkService {
             tracing::warn!(device, "link stream refused: device not in the inventory");
             return Err(reject(
                 &self.sessions,
-                Status::permission_denied(format!(
-                    "device {device} is not in the hub's inventory or is disabled"
+                fleetlet_proto::not_served(format!(
+                    "device {device} is not in the hub's inventory or is disabled: this hub does not serve it"
                 )),
             ));
         }
@@ -659,7 +659,11 @@ async fn run_inbound(
                 InboundStep::End(Some(Status::unavailable("hub is shutting down")))
             }
             () = s.handle.cancel.cancelled() => InboundStep::End(
-                s.handle.cut_reason().map(|(code, message)| Status::new(code, message)),
+                // Only a removal from the inventory cuts with PermissionDenied.
+                s.handle.cut_reason().map(|(code, message)| match code {
+                    Code::PermissionDenied => fleetlet_proto::not_served(message),
+                    _ => Status::new(code, message),
+                }),
             ),
             () = async {
                 match stall_at {
