@@ -38,6 +38,10 @@ fn shipped_hub_config_parses_and_validates() {
         link.identity_prefix, "fleetlet-",
         "Flightctl-issued device certificates carry CN fleetlet-<device>"
     );
+    assert!(
+        link.require_device_fingerprint,
+        "Flightctl-issued certificates carry the device fingerprint; the hub checks it"
+    );
 }
 
 #[test]

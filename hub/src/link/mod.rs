@@ -127,6 +127,11 @@ pub struct LinkServerConfig {
     /// reconnect storm (docs/link.md). Turn it on for links where bytes cost more than hub memory.
     #[serde(default)]
     pub compress_snapshots: bool,
+    /// Refuse client certificates without Flightctl's device-fingerprint extension (on with
+    /// Flightctl-issued device certificates). A certificate that carries the extension must
+    /// name the same device in it as in its identity either way.
+    #[serde(default)]
+    pub require_device_fingerprint: bool,
     /// What one device may send before its session is cut (`[link.device_budget]`).
     #[serde(default)]
     pub device_budget: budget::BudgetConfig,
@@ -173,6 +178,7 @@ impl LinkServerConfig {
             reload_interval_secs: default_reload_interval_secs(),
             expiry_warning_days: default_expiry_warning_days(),
             compress_snapshots: false,
+            require_device_fingerprint: false,
             device_budget: budget::BudgetConfig::default(),
         }
     }

@@ -25,7 +25,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tower_service::Service;
 
 use super::sessions::{DeviceSlot, Registered, SessionHandle};
-use super::tls::{ServerTls, device_identity};
+use super::tls::{ServerTls, device_identity_checked};
 use super::{DeviceSessions, LinkError, LinkServerConfig, SessionEvent};
 use crate::inventory::Inventory;
 
@@ -334,6 +334,7 @@ async fn accept_loop(
         let stats = Arc::clone(&stats);
         let source = config.identity_source;
         let prefix = config.identity_prefix.clone();
+        let require_fingerprint = config.require_device_fingerprint;
         let conn_server = Arc::clone(&server);
         let task = async move {
             // This task ends after the handshake: `ConnServer::spawn` serves the connection in a
@@ -358,7 +359,7 @@ async fn accept_loop(
                 .and_then(|chain| chain.first())
                 .map_or_else(
                     || Err("no client certificate".to_owned()),
-                    |leaf| device_identity(leaf, source, &prefix),
+                    |leaf| device_identity_checked(leaf, source, &prefix, require_fingerprint),
                 );
             conn_server.spawn(io, PeerIdentity(identity), peer);
         };
