@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use server::LinkServer;
 pub use sessions::{DeviceSessions, LinkStats, SessionEvent, SessionLimits};
-pub use tls::device_identity as identity_of;
+pub use tls::{device_identity as identity_of, flightctl_fingerprint};
 
 /// Errors of the link API and server.
 #[derive(Debug, Clone, thiserror::Error)]
