@@ -82,6 +82,7 @@ pub fn start_controllers(
             debounce: cfg.debounce(),
             default_allocatable: cfg.nodes.default_capacity.clone(),
             bundle_limits: cfg.pods.bundle_limits(),
+            device_ip_ranges: cfg.pods.ip_ranges().unwrap_or_default(),
         },
         inventory.clone(),
         live.subscribe(),

@@ -151,6 +151,11 @@ pub struct PodsConfig {
     /// Largest sum of one device's bundles, in bytes; pods that would go over it (newest
     /// first) fail with `PodBundleTooLarge`. Must stay below the link's message limit.
     pub max_snapshot_bytes: usize,
+    /// Address ranges (CIDR) devices may report as their pods' `podIP`/`hostIP`: the devices'
+    /// own networks and their pods' bridge networks. Empty (the default) accepts any unicast
+    /// address; set it so a compromised device cannot point its pods' Service endpoints at an
+    /// address outside them.
+    pub device_ip_ranges: Vec<String>,
 }
 
 impl Default for PodsConfig {
@@ -161,11 +166,20 @@ impl Default for PodsConfig {
             status_burst: 100,
             max_pod_bundle_bytes: 8 * 1024 * 1024,
             max_snapshot_bytes: 14 * 1024 * 1024,
+            device_ip_ranges: Vec::new(),
         }
     }
 }
 
 impl PodsConfig {
+    /// The parsed `device_ip_ranges`; the error names the bad entry.
+    pub fn ip_ranges(&self) -> Result<Vec<crate::pods::sanitize::IpRange>, String> {
+        self.device_ip_ranges
+            .iter()
+            .map(|r| crate::pods::sanitize::IpRange::parse(r))
+            .collect()
+    }
+
     /// The bundle limits the relay applies.
     pub fn bundle_limits(&self) -> crate::pods::refusal::BundleLimits {
         crate::pods::refusal::BundleLimits {
@@ -372,6 +386,8 @@ impl HubConfig {
         if p.status_burst == 0 {
             return Err(invalid("pods.status_burst", "must be positive".into()));
         }
+        p.ip_ranges()
+            .map_err(|reason| invalid("pods.device_ip_ranges", reason))?;
         // Room for the snapshot's own framing and the termination graces next to the bundles.
         let link_room = fleetlet_proto::MAX_MESSAGE_BYTES - 256 * 1024;
         if p.max_snapshot_bytes == 0 || p.max_snapshot_bytes > link_room {

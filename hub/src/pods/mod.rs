@@ -212,6 +212,8 @@ pub struct RelayConfig {
     pub default_allocatable: BTreeMap<String, String>,
     /// How large one pod's bundle and one device's snapshot may be.
     pub bundle_limits: refusal::BundleLimits,
+    /// Address ranges devices may report for themselves and their pods (empty: any unicast).
+    pub device_ip_ranges: Vec<sanitize::IpRange>,
 }
 
 /// The relay task.
@@ -710,7 +712,8 @@ impl PodRelay {
                         }
                     };
                     // Only what an agent may say, for containers the pod has.
-                    let status = match sanitize::sanitize(status, facts) {
+                    let status = match sanitize::sanitize(status, facts, &self.cfg.device_ip_ranges)
+                    {
                         Ok((status, notes)) => {
                             if !notes.is_empty() {
                                 tracing::warn!(%device, pod = %name, %namespace, dropped = %notes.join("; "), "device sent pod status fields it may not set; dropped");

@@ -34,6 +34,55 @@ const KUBELET_CONDITIONS: &[&str] = &[
     "PodReadyToStartContainers",
 ];
 
+/// An address range (`10.88.0.0/16`, `fd00::/8`, or one address) a device may report for its
+/// pods and itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    /// Parses `addr/prefix` or a single address; the error names what is wrong.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|e| format!("{s:?}: not an IP address: {e}"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Self { net, prefix })
+    }
+
+    /// Whether `ip` is in the range (never across address families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> (u128, u8) {
+            match ip {
+                IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+                IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        };
+        let ((net, width), (addr, other)) = (bits(self.net), bits(ip));
+        if width != other {
+            return false;
+        }
+        let shift = u32::from(width - self.prefix);
+        shift >= 128 || (net >> shift) == (addr >> shift)
+    }
+}
+
 /// What the hub knows of the pod a status is for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodFacts {
@@ -75,6 +124,16 @@ pub enum Refused {
     /// An IP field is not an address a pod can have.
     #[error("{field} {value:?} is not an address a pod can have")]
     Address {
+        /// The field.
+        field: &'static str,
+        /// What the device sent.
+        value: String,
+    },
+    /// An address outside the ranges devices may report (`[pods] device_ip_ranges`).
+    #[error(
+        "{field} {value:?} is outside the address ranges devices may report ([pods] device_ip_ranges)"
+    )]
+    OutsideAllowed {
         /// The field.
         field: &'static str,
         /// What the device sent.
@@ -131,8 +190,14 @@ fn check_ips(
 }
 
 /// Keeps what an agent may say about a pod with `facts`; refuses a status whose phase or
-/// addresses cannot be true. Dropped parts are returned as notes for one log line.
-pub fn sanitize(status: Value, facts: &PodFacts) -> Result<(Value, Vec<String>), Refused> {
+/// addresses cannot be true, or whose addresses lie outside `allowed` (when not empty: the
+/// address ranges the operator says devices and their pod networks use, so a device cannot point
+/// its pods' Service endpoints at any other address). Dropped parts are returned as notes.
+pub fn sanitize(
+    status: Value,
+    facts: &PodFacts,
+    allowed: &[IpRange],
+) -> Result<(Value, Vec<String>), Refused> {
     let Value::Object(map) = status else {
         return Ok((Value::Object(Map::new()), vec!["not an object".into()]));
     };
@@ -187,6 +252,27 @@ pub fn sanitize(status: Value, facts: &PodFacts) -> Result<(Value, Vec<String>),
     }
     let host_ip = check_ips(&out, "hostIP", "hostIPs")?;
     let pod_ip = check_ips(&out, "podIP", "podIPs")?;
+    if !allowed.is_empty() {
+        for (field, list) in [("hostIPs", "hostIP"), ("podIPs", "podIP")] {
+            let mut addrs: Vec<String> = out
+                .get(field)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| listed_ip(e).map(str::to_owned))
+                .collect();
+            addrs.extend(out.get(list).and_then(Value::as_str).map(str::to_owned));
+            for a in addrs {
+                let inside = unicast(&a).is_some_and(|ip| allowed.iter().any(|r| r.contains(ip)));
+                if !inside {
+                    return Err(Refused::OutsideAllowed {
+                        field: list,
+                        value: a,
+                    });
+                }
+            }
+        }
+    }
     if facts.host_network
         && let (Some(p), Some(h)) = (pod_ip, host_ip)
         && p != h
@@ -228,6 +314,7 @@ mod tests {
                 "podIP": "10.88.0.5", "podIPs": [{"ip": "10.88.0.5"}]
             }),
             &facts(false),
+            &[],
         )
         .expect("valid");
         assert!(s.get("nominatedNodeName").is_none());
@@ -243,19 +330,20 @@ mod tests {
     #[test]
     fn impossible_phases_and_addresses_are_refused() {
         assert_eq!(
-            sanitize(json!({"phase": "Hijacked"}), &facts(false)),
+            sanitize(json!({"phase": "Hijacked"}), &facts(false), &[]),
             Err(Refused::Phase("Hijacked".into()))
         );
         for ip in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "not-an-ip", "::"] {
             assert!(
-                sanitize(json!({"podIP": ip}), &facts(false)).is_err(),
+                sanitize(json!({"podIP": ip}), &facts(false), &[]).is_err(),
                 "{ip}"
             );
         }
         assert!(
             sanitize(
                 json!({"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.2"}]}),
-                &facts(false)
+                &facts(false),
+                &[]
             )
             .is_err(),
             "the list must start with the single address"
@@ -263,16 +351,50 @@ mod tests {
         assert!(matches!(
             sanitize(
                 json!({"hostIP": "192.0.2.1", "podIP": "198.51.100.7"}),
-                &facts(true)
+                &facts(true),
+                &[]
             ),
             Err(Refused::HostNetworkIp { .. })
         ));
         assert!(
             sanitize(
                 json!({"hostIP": "192.0.2.1", "podIP": "192.0.2.1"}),
-                &facts(true)
+                &facts(true),
+                &[]
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn addresses_outside_the_allowed_ranges_are_refused() {
+        let allowed = [
+            IpRange::parse("192.0.2.0/24").expect("range"),
+            IpRange::parse("10.88.0.0/16").expect("range"),
+        ];
+        let ok =
+            json!({"hostIP": "192.0.2.7", "podIP": "10.88.3.4", "podIPs": [{"ip": "10.88.3.4"}]});
+        assert!(sanitize(ok, &facts(false), &allowed).is_ok());
+        let steered = json!({"hostIP": "192.0.2.7", "podIP": "10.96.0.1"});
+        assert!(matches!(
+            sanitize(steered, &facts(false), &allowed),
+            Err(Refused::OutsideAllowed { field: "podIP", .. })
+        ));
+        assert!(IpRange::parse("10.0.0.0/33").is_err());
+        assert!(
+            IpRange::parse("fd00::/8")
+                .expect("v6")
+                .contains("fd12::1".parse().expect("ip"))
+        );
+        assert!(
+            !IpRange::parse("fd00::/8")
+                .expect("v6")
+                .contains("10.0.0.1".parse().expect("ip"))
+        );
+        assert!(
+            IpRange::parse("0.0.0.0/0")
+                .expect("all")
+                .contains("1.2.3.4".parse().expect("ip"))
         );
     }
 }

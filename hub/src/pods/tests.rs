@@ -154,6 +154,7 @@ fn harness() -> Harness {
                 per_pod: 64 * 1024,
                 per_snapshot: 96 * 1024,
             },
+            device_ip_ranges: Vec::new(),
         },
         inv_rx,
         live.subscribe(),
@@ -1018,4 +1019,34 @@ async fn a_pod_whose_bundle_cannot_fit_fails_alone() {
     let events = h.api.events.try_lock().expect("lock").clone();
     assert!(events.contains(&("huge".to_string(), refusal::BUNDLE_REASON.to_string())));
     assert!(events.contains(&("node/dev-a".to_string(), refusal::BUNDLE_REASON.to_string())));
+}
+
+#[tokio::test]
+async fn a_device_cannot_steer_its_pods_endpoints_outside_the_allowed_ranges() {
+    let mut h = harness();
+    h.relay.cfg.device_ip_ranges = vec![sanitize::IpRange::parse("10.88.0.0/16").expect("range")];
+    sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
+    let report = |status: &'static [u8]| SessionEvent::PodStatus {
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![PodStatusEntry {
+                status_json: bytes::Bytes::from_static(status),
+                ..running_entry("uid-p1")
+            }],
+        },
+    };
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","podIP":"10.96.0.10","podIPs":[{"ip":"10.96.0.10"}],"nominatedNodeName":"x"}"#,
+    )));
+    assert!(
+        h.status_rx.try_recv().is_err(),
+        "a podIP outside the ranges is never written"
+    );
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","podIP":"10.88.0.7","podIPs":[{"ip":"10.88.0.7"}],"nominatedNodeName":"x"}"#,
+    )));
+    let st = h.status_rx.try_recv().expect("status");
+    assert_eq!(st.status["podIP"], "10.88.0.7");
+    assert!(st.status.get("nominatedNodeName").is_none());
 }
