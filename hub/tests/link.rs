@@ -1042,6 +1042,19 @@ async fn a_removed_device_learns_it_is_not_served_and_removes_its_pods_only_when
         .await
         .expect("dev-1 served again")
         .expect("open");
+    let outcome = fleetlet_faults::Outcome {
+        fault: "removed device: told it is not served, pods only removed if configured".into(),
+        recovered: true,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "both devices got PERMISSION_DENIED + fleetlet-refusal: not-served; the one configured with 2 s emptied its desired set after {:.1} s, the default one kept its pods; served again once back in the inventory",
+            removed_after.as_secs_f64()
+        ),
+    };
+    println!("{outcome:?}");
+    fleetlet_faults::record(&outcome).unwrap();
     for (stop, task) in [(stop_one, task_one), (stop_two, task_two)] {
         stop.cancel();
         task.await.unwrap();
