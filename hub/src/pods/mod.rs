@@ -193,8 +193,9 @@ const FETCH_RETRY_TICKS: u32 = 5;
 /// Entries of one status report the relay looks at; a device runs far fewer pods.
 pub const MAX_REPORT_ENTRIES: usize = 2_048;
 
-/// Largest PodStatus JSON the relay accepts from a device (a real one is a few KiB).
-pub const MAX_STATUS_BYTES: usize = 64 * 1024;
+/// Largest PodStatus JSON the relay accepts from a device: a real one is a few KiB (about
+/// 350 bytes per container), and the API server would not store a pod much larger than this.
+pub const MAX_STATUS_BYTES: usize = 1024 * 1024;
 
 /// Upper bound of statuses kept while the pod cache has not synced yet (one per pod UID).
 const MAX_EARLY_STATUS: usize = 100_000;
