@@ -69,7 +69,16 @@ pub async fn run(
             "unknown".into()
         }
     };
-    let info = node::node_info(&runtime_version);
+    let mut info = node::node_info(&runtime_version);
+    // What the hub lets this device's pods claim as addresses.
+    info.addresses = vec![node::node_ip(&cfg)];
+    info.pod_networks = match rt.network_subnets("podman").await {
+        Ok(subnets) => subnets,
+        Err(e) => {
+            warn!(error = %e, "reading the pod network's subnets; not announced to the hub");
+            Vec::new()
+        }
+    };
     let resources = node::resources(&cfg, info.clone());
     let capacity = watch::Sender::new(resources.capacity.clone());
     let (status_tx, status_rx) = watch::channel::<StatusMap>(Arc::new(BTreeMap::new()));

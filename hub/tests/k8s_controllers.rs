@@ -134,6 +134,7 @@ impl Hub {
             boot_id: "boot-1".into(),
             container_runtime_version: "podman://4.3.1".into(),
             agent_version: "0.1.0".into(),
+            ..Default::default()
         };
         self.events
             .send(SessionEvent::Connected {

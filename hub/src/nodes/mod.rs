@@ -492,6 +492,8 @@ impl NodeManager {
                     boot_id: i.boot_id.clone(),
                     container_runtime_version: i.container_runtime_version.clone(),
                     agent_version: String::new(),
+                    addresses: Vec::new(),
+                    pod_networks: Vec::new(),
                 });
             }
             if entry.applied_status.is_none()

@@ -661,6 +661,13 @@ impl PodRelay {
                         .count()
                 };
                 let mut not_bound = 0u64;
+                let announced = self
+                    .live
+                    .borrow()
+                    .get(&device)
+                    .and_then(|l| l.info.as_ref())
+                    .map(sanitize::Announced::of)
+                    .unwrap_or_default();
                 for entry in report.pods {
                     if entry.status_json.len() > MAX_STATUS_BYTES {
                         tracing::warn!(%device, uid = %entry.uid, bytes = entry.status_json.len(), limit = MAX_STATUS_BYTES, "pod status larger than any real one; dropped");
@@ -713,8 +720,12 @@ impl PodRelay {
                         }
                     };
                     // Only what an agent may say, for containers the pod has.
-                    let status = match sanitize::sanitize(status, facts, &self.cfg.device_ip_ranges)
-                    {
+                    let status = match sanitize::sanitize(
+                        status,
+                        facts,
+                        &self.cfg.device_ip_ranges,
+                        &announced,
+                    ) {
                         Ok((status, notes)) => {
                             if !notes.is_empty() {
                                 tracing::warn!(%device, pod = %name, %namespace, dropped = %notes.join("; "), "device sent pod status fields it may not set; dropped");

@@ -83,6 +83,48 @@ impl IpRange {
     }
 }
 
+/// What a device announced about its addresses (in its hello and capacity reports): what its
+/// pods may report as `hostIP`, and the bridge network their `podIP`s come from. Empty parts
+/// are not checked (an agent that announces nothing, or cannot read its pod network).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Announced {
+    /// The device's own addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Its pods' bridge network(s).
+    pub pod_networks: Vec<IpRange>,
+}
+
+impl Announced {
+    /// What `info` announces; entries that do not parse are left out.
+    pub fn of(info: &fleetlet_proto::v1::NodeInfo) -> Self {
+        Self {
+            addresses: info
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            pod_networks: info
+                .pod_networks
+                .iter()
+                .filter_map(|n| IpRange::parse(n).ok())
+                .collect(),
+        }
+    }
+}
+
+/// The addresses of a single field and its list form.
+fn addresses_of(out: &Map<String, Value>, single: &str, list: &str) -> Vec<String> {
+    let mut addrs: Vec<String> = out
+        .get(list)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| listed_ip(e).map(str::to_owned))
+        .collect();
+    addrs.extend(out.get(single).and_then(Value::as_str).map(str::to_owned));
+    addrs
+}
+
 /// What the hub knows of the pod a status is for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodFacts {
@@ -134,6 +176,16 @@ pub enum Refused {
         "{field} {value:?} is outside the address ranges devices may report ([pods] device_ip_ranges)"
     )]
     OutsideAllowed {
+        /// The field.
+        field: &'static str,
+        /// What the device sent.
+        value: String,
+    },
+    /// An address the device did not announce as its own or as its pod network's.
+    #[error(
+        "{field} {value:?} is neither an address the device announced nor in the pod network it announced"
+    )]
+    NotAnnounced {
         /// The field.
         field: &'static str,
         /// What the device sent.
@@ -197,6 +249,7 @@ pub fn sanitize(
     status: Value,
     facts: &PodFacts,
     allowed: &[IpRange],
+    announced: &Announced,
 ) -> Result<(Value, Vec<String>), Refused> {
     let Value::Object(map) = status else {
         return Ok((Value::Object(Map::new()), vec!["not an object".into()]));
@@ -252,23 +305,38 @@ pub fn sanitize(
     }
     let host_ip = check_ips(&out, "hostIP", "hostIPs")?;
     let pod_ip = check_ips(&out, "podIP", "podIPs")?;
+    // What the device itself may claim: its own addresses, and its pod network for pods with
+    // their own network namespace.
+    let pod_may_use = |ip: IpAddr| {
+        if facts.host_network {
+            announced.addresses.is_empty() || announced.addresses.contains(&ip)
+        } else {
+            announced.pod_networks.is_empty()
+                || announced.pod_networks.iter().any(|r| r.contains(ip))
+        }
+    };
+    for (single, list) in [("hostIP", "hostIPs"), ("podIP", "podIPs")] {
+        for a in addresses_of(&out, single, list) {
+            let Some(ip) = unicast(&a) else { continue };
+            let claimable = if single == "hostIP" {
+                announced.addresses.is_empty() || announced.addresses.contains(&ip)
+            } else {
+                pod_may_use(ip)
+            };
+            if !claimable {
+                return Err(Refused::NotAnnounced {
+                    field: single,
+                    value: a,
+                });
+            }
+        }
+    }
     if !allowed.is_empty() {
-        for (field, list) in [("hostIPs", "hostIP"), ("podIPs", "podIP")] {
-            let mut addrs: Vec<String> = out
-                .get(field)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| listed_ip(e).map(str::to_owned))
-                .collect();
-            addrs.extend(out.get(list).and_then(Value::as_str).map(str::to_owned));
-            for a in addrs {
+        for (list, field) in [("hostIPs", "hostIP"), ("podIPs", "podIP")] {
+            for a in addresses_of(&out, field, list) {
                 let inside = unicast(&a).is_some_and(|ip| allowed.iter().any(|r| r.contains(ip)));
                 if !inside {
-                    return Err(Refused::OutsideAllowed {
-                        field: list,
-                        value: a,
-                    });
+                    return Err(Refused::OutsideAllowed { field, value: a });
                 }
             }
         }
@@ -315,6 +383,7 @@ mod tests {
             }),
             &facts(false),
             &[],
+            &Announced::default(),
         )
         .expect("valid");
         assert!(s.get("nominatedNodeName").is_none());
@@ -330,12 +399,23 @@ mod tests {
     #[test]
     fn impossible_phases_and_addresses_are_refused() {
         assert_eq!(
-            sanitize(json!({"phase": "Hijacked"}), &facts(false), &[]),
+            sanitize(
+                json!({"phase": "Hijacked"}),
+                &facts(false),
+                &[],
+                &Announced::default()
+            ),
             Err(Refused::Phase("Hijacked".into()))
         );
         for ip in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "not-an-ip", "::"] {
             assert!(
-                sanitize(json!({"podIP": ip}), &facts(false), &[]).is_err(),
+                sanitize(
+                    json!({"podIP": ip}),
+                    &facts(false),
+                    &[],
+                    &Announced::default()
+                )
+                .is_err(),
                 "{ip}"
             );
         }
@@ -343,7 +423,8 @@ mod tests {
             sanitize(
                 json!({"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.2"}]}),
                 &facts(false),
-                &[]
+                &[],
+                &Announced::default()
             )
             .is_err(),
             "the list must start with the single address"
@@ -352,7 +433,8 @@ mod tests {
             sanitize(
                 json!({"hostIP": "192.0.2.1", "podIP": "198.51.100.7"}),
                 &facts(true),
-                &[]
+                &[],
+                &Announced::default()
             ),
             Err(Refused::HostNetworkIp { .. })
         ));
@@ -360,7 +442,8 @@ mod tests {
             sanitize(
                 json!({"hostIP": "192.0.2.1", "podIP": "192.0.2.1"}),
                 &facts(true),
-                &[]
+                &[],
+                &Announced::default()
             )
             .is_ok()
         );
@@ -374,10 +457,10 @@ mod tests {
         ];
         let ok =
             json!({"hostIP": "192.0.2.7", "podIP": "10.88.3.4", "podIPs": [{"ip": "10.88.3.4"}]});
-        assert!(sanitize(ok, &facts(false), &allowed).is_ok());
+        assert!(sanitize(ok, &facts(false), &allowed, &Announced::default()).is_ok());
         let steered = json!({"hostIP": "192.0.2.7", "podIP": "10.96.0.1"});
         assert!(matches!(
-            sanitize(steered, &facts(false), &allowed),
+            sanitize(steered, &facts(false), &allowed, &Announced::default()),
             Err(Refused::OutsideAllowed { field: "podIP", .. })
         ));
         assert!(IpRange::parse("10.0.0.0/33").is_err());
@@ -396,5 +479,35 @@ mod tests {
                 .expect("all")
                 .contains("1.2.3.4".parse().expect("ip"))
         );
+    }
+
+    #[test]
+    fn a_device_may_claim_only_what_it_announced() {
+        let announced = Announced::of(&fleetlet_proto::v1::NodeInfo {
+            addresses: vec!["192.0.2.7".into()],
+            pod_networks: vec!["10.88.0.0/16".into()],
+            ..Default::default()
+        });
+        let bridge = |pod_ip: &str| json!({"hostIP": "192.0.2.7", "podIP": pod_ip});
+        assert!(sanitize(bridge("10.88.0.9"), &facts(false), &[], &announced).is_ok());
+        assert!(matches!(
+            sanitize(bridge("10.96.0.10"), &facts(false), &[], &announced),
+            Err(Refused::NotAnnounced { field: "podIP", .. })
+        ));
+        assert!(matches!(
+            sanitize(
+                json!({"hostIP": "192.0.2.99"}),
+                &facts(false),
+                &[],
+                &announced
+            ),
+            Err(Refused::NotAnnounced {
+                field: "hostIP",
+                ..
+            })
+        ));
+        // A host-network pod's podIP is the device's own address, not its pod network's.
+        let host = json!({"hostIP": "192.0.2.7", "podIP": "192.0.2.7"});
+        assert!(sanitize(host, &facts(true), &[], &announced).is_ok());
     }
 }

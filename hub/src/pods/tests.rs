@@ -1050,3 +1050,41 @@ async fn a_device_cannot_steer_its_pods_endpoints_outside_the_allowed_ranges() {
     assert_eq!(st.status["podIP"], "10.88.0.7");
     assert!(st.status.get("nominatedNodeName").is_none());
 }
+
+#[tokio::test]
+async fn a_device_may_only_claim_the_addresses_it_announced() {
+    let mut h = harness();
+    h.live.apply(&SessionEvent::Connected {
+        device: "dev-a".into(),
+        hello: fleetlet_proto::v1::Hello {
+            node_info: Some(fleetlet_proto::v1::NodeInfo {
+                addresses: vec!["192.0.2.7".into()],
+                pod_networks: vec!["10.88.0.0/16".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    });
+    sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
+    let report = |status: &'static [u8]| SessionEvent::PodStatus {
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![PodStatusEntry {
+                status_json: bytes::Bytes::from_static(status),
+                ..running_entry("uid-p1")
+            }],
+        },
+    };
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","hostIP":"192.0.2.7","podIP":"198.51.100.1"}"#,
+    )));
+    assert!(h.status_rx.try_recv().is_err(), "not its pod network");
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","hostIP":"192.0.2.7","podIP":"10.88.1.2"}"#,
+    )));
+    assert_eq!(
+        h.status_rx.try_recv().expect("status").status["podIP"],
+        "10.88.1.2"
+    );
+}

@@ -737,3 +737,83 @@ async fn a_second_hub_with_the_same_instance_name_stays_off_the_first_ones_nodes
     assert!(logged, "hub B logs the shared instance name");
     drop(cleanup);
 }
+
+#[tokio::test]
+async fn a_device_cannot_point_its_pods_at_addresses_it_does_not_have() {
+    let mut rig = Rig::start("tr-addr", 1).await;
+    let dev = rig.devices()[0].clone();
+    // A pod on the device's bridge network: its podIP is from the pod network the agent
+    // announced (Podman's default network).
+    let mut web = rig::sleeper("web", &dev);
+    web["spec"]["hostNetwork"] = json!(false);
+    let uid = rig.create_pod(web).await;
+    assert!(rig.wait_running(&["web"], WAIT).await, "{}", rig.logs());
+    let pod_ip = |rig: &Rig| {
+        let pods = rig.pods.clone();
+        async move {
+            pods.get("web")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|s| s.pod_ip)
+        }
+    };
+    let real_ip = wait_for("web's podIP", 60, || pod_ip(&rig)).await;
+    // The device's certificate now claims the pod moved to a cluster Service address.
+    rig.kill_agent(&dev);
+    let mut client = link_client(rig.dir(), &dev, rig.link_port()).await;
+    let forged = rig::message(agent_message::Kind::PodStatus(v1::PodStatusReport {
+        full: false,
+        pods: vec![v1::PodStatusEntry {
+            uid: uid.clone(),
+            namespace: rig.ns.clone(),
+            name: "web".into(),
+            status_json: Bytes::from(
+                json!({"phase": "Running", "podIP": "10.96.0.10", "podIPs": [{"ip": "10.96.0.10"}],
+                       "nominatedNodeName": "elsewhere"})
+                .to_string(),
+            ),
+            removed: false,
+        }],
+    }));
+    let verdict = rig::send_as(
+        &mut client,
+        vec![rig::hello(&dev), forged],
+        Duration::from_secs(3),
+    )
+    .await;
+    // Past the status writer's coalescing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = pod_ip(&rig).await;
+    let nominated = rig
+        .pods
+        .get("web")
+        .await
+        .ok()
+        .and_then(|p| p.status)
+        .and_then(|s| s.nominated_node_name);
+    let hub_log = std::fs::read_to_string(rig.hub_log()).unwrap_or_default();
+    let logged = hub_log.lines().any(|l| {
+        l.contains("impossible pod status") && l.contains("neither an address the device announced")
+    });
+    rig.start_agent(&dev);
+    let kept = after.as_deref() == Some(real_ip.as_str()) && nominated.is_none();
+    println!(
+        "forged podIP: hub said {verdict:?}; podIP {real_ip} -> {after:?}; nominatedNodeName {nominated:?}; logged {logged}"
+    );
+    record(Outcome {
+        fault: "device reports its pod at an address it does not have".into(),
+        recovered: kept && logged,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "bridge pod at {real_ip} (announced pod network); a status claiming 10.96.0.10 and a nominatedNodeName was not written (podIP now {after:?}), logged: {logged}"
+        ),
+    });
+    assert!(
+        kept,
+        "podIP {real_ip} -> {after:?}, nominated {nominated:?}"
+    );
+    assert!(logged, "the hub logs the refused status");
+}
