@@ -175,6 +175,7 @@ impl Hub {
     async fn report(&self, dev: &str, full: bool, pods: Vec<PodStatusEntry>) {
         self.events
             .send(SessionEvent::PodStatus {
+                inflight: Default::default(),
                 device: dev.into(),
                 report: PodStatusReport { full, pods },
             })
@@ -727,6 +728,7 @@ async fn simulate_devices(
             *mine = wanted;
             let _ = events
                 .send(SessionEvent::PodStatus {
+                    inflight: Default::default(),
                     device: dev.clone(),
                     report: PodStatusReport {
                         full: true,

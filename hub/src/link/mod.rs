@@ -19,7 +19,9 @@ use crate::inventory::Inventory;
 use serde::{Deserialize, Serialize};
 
 pub use server::LinkServer;
-pub use sessions::{DeviceSessions, LinkStats, SessionEvent, SessionLimits};
+pub use sessions::{
+    DeviceSessions, INFLIGHT_BYTES_PER_DEVICE, InFlight, LinkStats, SessionEvent, SessionLimits,
+};
 pub use tls::{device_identity as identity_of, flightctl_fingerprint};
 
 /// Errors of the link API and server.

@@ -820,10 +820,14 @@ async fn handle_message(
             Ok(())
         }
         Some(agent_message::Kind::PodStatus(report)) => {
+            let inflight = slot
+                .take_inflight(prost::Message::encoded_len(&report))
+                .await;
             sessions
                 .emit(SessionEvent::PodStatus {
                     device: device.to_owned(),
                     report,
+                    inflight,
                 })
                 .await;
             Ok(())

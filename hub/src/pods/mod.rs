@@ -543,6 +543,7 @@ impl PodRelay {
             self.session(SessionEvent::PodStatus {
                 device,
                 report: fleetlet_proto::v1::PodStatusReport { full: false, pods },
+                inflight: Default::default(),
             });
         }
     }
@@ -595,7 +596,9 @@ impl PodRelay {
 
     fn session(&mut self, ev: SessionEvent) {
         match ev {
-            SessionEvent::PodStatus { device, mut report } => {
+            SessionEvent::PodStatus {
+                device, mut report, ..
+            } => {
                 // A device is served once its Node is known to be ours. Until then (its Node not
                 // created yet, or held by someone else) its statuses wait like those that arrive
                 // before the pod cache synced, within the same bounds.

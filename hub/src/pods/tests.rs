@@ -338,6 +338,7 @@ async fn device_status_goes_to_the_status_writer_only_for_its_own_pods() {
         removed: false,
     };
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-b".into(),
         report: PodStatusReport {
             full: false,
@@ -349,6 +350,7 @@ async fn device_status_goes_to_the_status_writer_only_for_its_own_pods() {
         "dev-b may not report dev-a's pod"
     );
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: true,
@@ -375,6 +377,7 @@ async fn a_status_reported_before_the_pod_cache_synced_is_written_once_it_has() 
         removed: false,
     };
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: true,
@@ -430,6 +433,7 @@ async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
     );
     // Another device claiming the removal does not count: only dev-a can confirm its pod.
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-b".into(),
         report: PodStatusReport {
             full: false,
@@ -446,6 +450,7 @@ async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
         "dev-b may not confirm the removal of dev-a's pod"
     );
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: false,
@@ -550,6 +555,7 @@ mod properties {
                 }
                 for (device, full, pods) in reports {
                     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+                        inflight: Default::default(),
                         device: device.into(),
                         report: PodStatusReport { full, pods },
                     }));
@@ -629,6 +635,7 @@ async fn pods_of_a_disconnected_node_are_marked_not_ready_once_and_the_device_st
         hello: Default::default(),
     });
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: true,
@@ -836,6 +843,7 @@ async fn a_flood_of_reports_about_pods_not_bound_to_the_device_records_nothing()
             .map(|i| running_entry(&format!("made-up-{round}-{i}")))
             .collect();
         h.relay.handle(Input::Session(SessionEvent::PodStatus {
+            inflight: Default::default(),
             device: "dev-a".into(),
             report: PodStatusReport { full: false, pods },
         }));
@@ -860,6 +868,7 @@ async fn a_flood_of_reports_about_pods_not_bound_to_the_device_records_nothing()
     );
     // Its own pod still reports.
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: false,
@@ -876,12 +885,14 @@ async fn statuses_before_the_pod_cache_synced_are_bounded_per_device() {
         .map(|i| running_entry(&format!("early-{i}")))
         .collect();
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport { full: true, pods },
     }));
     assert_eq!(h.relay.early_status.len(), MAX_EARLY_STATUS_PER_DEVICE);
     // Another device still has room.
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-b".into(),
         report: PodStatusReport {
             full: true,
@@ -909,6 +920,7 @@ async fn a_device_whose_node_is_not_the_hubs_gets_nothing_and_writes_nothing() {
         "the other Node's pod must never reach the device"
     );
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-b".into(),
         report: PodStatusReport {
             full: true,
@@ -1027,6 +1039,7 @@ async fn a_device_cannot_steer_its_pods_endpoints_outside_the_allowed_ranges() {
     h.relay.cfg.device_ip_ranges = vec![sanitize::IpRange::parse("10.88.0.0/16").expect("range")];
     sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
     let report = |status: &'static [u8]| SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: false,
@@ -1067,6 +1080,7 @@ async fn a_device_may_only_claim_the_addresses_it_announced() {
     });
     sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
     let report = |status: &'static [u8]| SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: false,
