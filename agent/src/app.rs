@@ -70,10 +70,20 @@ pub async fn run(
             "unknown".into()
         }
     };
-    let info = node::node_info(&runtime_version);
+    let mut info = node::node_info(&runtime_version);
+    // What the hub lets this device's pods claim as addresses.
+    info.addresses = vec![node::node_ip(&cfg)];
+    info.pod_networks = match rt.network_subnets("podman").await {
+        Ok(subnets) => subnets,
+        Err(e) => {
+            warn!(error = %e, "reading the pod network's subnets; not announced to the hub");
+            Vec::new()
+        }
+    };
     let resources = node::resources(&cfg, info.clone());
     let capacity = watch::Sender::new(resources.capacity.clone());
     let (status_tx, status_rx) = watch::channel::<StatusMap>(Arc::new(BTreeMap::new()));
+    let (not_served_tx, not_served_rx) = watch::channel::<Option<String>>(None);
 
     let ctx = Arc::new(PodContext {
         rt: rt.clone(),
@@ -112,6 +122,7 @@ pub async fn run(
             held: store.subscribe(),
             statuses: status_rx.clone(),
             link: link_tracker.subscribe(),
+            not_served: not_served_rx,
         },
         shutdown.clone(),
     )));
@@ -124,6 +135,7 @@ pub async fn run(
             capacity,
             statuses: status_rx,
             rt: rt.clone(),
+            not_served: not_served_tx.clone(),
         });
         info!(endpoint = %hub.endpoint, "starting link to hub");
         tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));
@@ -141,6 +153,8 @@ pub async fn run(
     }
     info!(device = %cfg.device_name, "fleetlet-agent ready");
     shutdown.cancelled().await;
+    // Kept until here: the status file writer ends when its channels close.
+    drop(not_served_tx);
     info!("shutting down; pods keep running");
     // Draining has a deadline: a stuck Podman call must not keep the agent from exiting.
     let drain = futures::future::join_all(tasks);

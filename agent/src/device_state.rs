@@ -28,6 +28,8 @@ pub struct AgentDeviceState<R> {
     pub statuses: watch::Receiver<PodStatusMap>,
     /// Runtime (for logs).
     pub rt: Arc<R>,
+    /// Since when the hub refuses to serve the device, for the status file.
+    pub not_served: watch::Sender<Option<String>>,
 }
 
 #[tonic::async_trait]
@@ -77,6 +79,10 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
 
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String> {
         container_logs(&*self.rt, &self.device, req).await
+    }
+
+    fn set_not_served(&self, since: Option<String>) {
+        self.not_served.send_replace(since);
     }
 }
 

@@ -60,6 +60,8 @@ pub fn node_info(runtime_version: &str) -> NodeInfo {
         boot_id: boot_id(),
         container_runtime_version: format!("podman://{runtime_version}"),
         agent_version: AGENT_VERSION.into(),
+        addresses: Vec::new(),
+        pod_networks: Vec::new(),
     }
 }
 

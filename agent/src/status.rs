@@ -128,6 +128,13 @@ pub fn render(r: &StatusReport, now: Timestamp) -> String {
         }
     };
     let _ = writeln!(out, "link:          {link}");
+    if let Some(since) = &f.not_served_since {
+        let _ = writeln!(
+            out,
+            "hub:           NOT SERVED since {} (the hub refuses this device: not in its inventory, or disabled; pods keep running unless remove_pods_when_not_served_secs is set)",
+            at(since, now)
+        );
+    }
     let stored = r
         .generation_stored
         .as_deref()

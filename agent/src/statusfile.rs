@@ -74,6 +74,9 @@ pub struct StatusFile {
     /// Why the previous good desired snapshot is in use (the current file was corrupt), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_fallback: Option<String>,
+    /// Since when (RFC 3339) the hub refuses to serve this device, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_served_since: Option<String>,
     /// Pods.
     pub pods: Vec<PodLine>,
 }
@@ -158,7 +161,12 @@ pub struct PodLine {
 }
 
 /// Summarise statuses (`written`, `agent` and `link` are left for the writer to fill in).
-pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile {
+pub fn summarise(
+    device: &str,
+    held: &Held,
+    statuses: &StatusMap,
+    not_served_since: Option<String>,
+) -> StatusFile {
     let pods = statuses
         .values()
         .map(|e| {
@@ -201,6 +209,7 @@ pub fn summarise(device: &str, held: &Held, statuses: &StatusMap) -> StatusFile 
             Held::Fallback { reason, .. } => Some(reason.clone()),
             Held::Known(_) | Held::Unknown { .. } => None,
         },
+        not_served_since,
         pods,
     }
 }
@@ -252,6 +261,8 @@ pub struct StatusSources {
     pub statuses: watch::Receiver<StatusMap>,
     /// The link to the hub.
     pub link: watch::Receiver<LinkStatus>,
+    /// Since when the hub refuses this device as not served (`None`: it does not).
+    pub not_served: watch::Receiver<Option<String>>,
 }
 
 /// Shortest time between two writes of the status file: a burst of pod changes costs a few
@@ -274,6 +285,7 @@ pub async fn keep_written(
             &device,
             &src.held.borrow_and_update(),
             &src.statuses.borrow_and_update(),
+            src.not_served.borrow_and_update().clone(),
         );
         file.agent = Some(agent.clone());
         file.link = Some(src.link.borrow_and_update().clone());
@@ -292,6 +304,7 @@ pub async fn keep_written(
             r = src.held.changed() => if r.is_err() { break },
             r = src.statuses.changed() => if r.is_err() { break },
             r = src.link.changed() => if r.is_err() { break },
+            r = src.not_served.changed() => if r.is_err() { break },
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -299,7 +312,12 @@ pub async fn keep_written(
         }
     }
     // The link's task may not have said "stopped" yet: the file says it for it.
-    let mut file = summarise(&device, &src.held.borrow(), &src.statuses.borrow());
+    let mut file = summarise(
+        &device,
+        &src.held.borrow(),
+        &src.statuses.borrow(),
+        src.not_served.borrow().clone(),
+    );
     file.agent = Some(agent);
     file.link = Some(match src.link.borrow().clone() {
         LinkStatus::NotConfigured => LinkStatus::NotConfigured,
@@ -331,5 +349,47 @@ async fn write(path: &Path, file: &StatusFile) -> bool {
             warn!(error = %e, "status writer task failed");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_device_the_hub_does_not_serve_says_so() {
+        let f = summarise(
+            "edge-1",
+            &Held::Unknown {
+                reason: "none yet".into(),
+            },
+            &Arc::new(BTreeMap::new()),
+            Some("2026-12-06T13:00:00Z".into()),
+        );
+        let report = |file: &StatusFile| crate::status::StatusReport {
+            file: file.clone(),
+            agent_running: true,
+            generation_stored: None,
+        };
+        let now = jiff::Timestamp::now();
+        let text = crate::status::render(&report(&f), now);
+        assert!(
+            text.contains("NOT SERVED since 2026-12-06T13:00:00Z"),
+            "{text}"
+        );
+        let back: StatusFile =
+            serde_json::from_slice(&serde_json::to_vec(&f).expect("json")).expect("parse");
+        assert_eq!(back, f);
+        let served = summarise(
+            "edge-1",
+            &Held::Unknown {
+                reason: "none yet".into(),
+            },
+            &Arc::new(BTreeMap::new()),
+            None,
+        );
+        assert!(!crate::status::render(&report(&served), now).contains("NOT SERVED"));
     }
 }

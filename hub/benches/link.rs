@@ -153,7 +153,7 @@ async fn hub_child(args: &[String]) -> Result<(), BoxError> {
                 state.remove(&device);
                 (device, true)
             }
-            SessionEvent::PodStatus { device, report } if report.full => {
+            SessionEvent::PodStatus { device, report, .. } if report.full => {
                 if let Some(s) = state.get_mut(&device) {
                     s.0 = true;
                 }

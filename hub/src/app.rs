@@ -61,6 +61,10 @@ pub fn start_controllers(
     if let Some(health) = flightctl_health {
         node_manager = node_manager.with_flightctl_health(health);
     }
+    if cfg.leader_election.enabled {
+        node_manager = node_manager
+            .with_leader_lease(&cfg.leader_election.namespace, &cfg.leader_election.name);
+    }
     let known_nodes = node_manager.known_nodes();
     let unready_nodes = node_manager.unready_nodes();
     let (writer, status_tx) = StatusWriter::new(
@@ -77,6 +81,8 @@ pub fn start_controllers(
         RelayConfig {
             debounce: cfg.debounce(),
             default_allocatable: cfg.nodes.default_capacity.clone(),
+            bundle_limits: cfg.pods.bundle_limits(),
+            device_ip_ranges: cfg.pods.ip_ranges().unwrap_or_default(),
         },
         inventory.clone(),
         live.subscribe(),

@@ -167,6 +167,17 @@ pub struct PodsConfig {
     pub status_qps: f64,
     /// Status writes allowed in a burst.
     pub status_burst: u32,
+    /// Largest bundle (spec plus ConfigMap and Secret data) of one pod, in bytes; a larger pod
+    /// fails with `PodBundleTooLarge` instead of making its device's snapshot unsendable.
+    pub max_pod_bundle_bytes: usize,
+    /// Largest sum of one device's bundles, in bytes; pods that would go over it (newest
+    /// first) fail with `PodBundleTooLarge`. Must stay below the link's message limit.
+    pub max_snapshot_bytes: usize,
+    /// Address ranges (CIDR) devices may report as their pods' `podIP`/`hostIP`: the devices'
+    /// own networks and their pods' bridge networks. Empty (the default) accepts any unicast
+    /// address; set it so a compromised device cannot point its pods' Service endpoints at an
+    /// address outside them.
+    pub device_ip_ranges: Vec<String>,
 }
 
 impl Default for PodsConfig {
@@ -175,6 +186,27 @@ impl Default for PodsConfig {
             debounce_ms: 20,
             status_qps: 50.0,
             status_burst: 100,
+            max_pod_bundle_bytes: 8 * 1024 * 1024,
+            max_snapshot_bytes: 14 * 1024 * 1024,
+            device_ip_ranges: Vec::new(),
+        }
+    }
+}
+
+impl PodsConfig {
+    /// The parsed `device_ip_ranges`; the error names the bad entry.
+    pub fn ip_ranges(&self) -> Result<Vec<crate::pods::sanitize::IpRange>, String> {
+        self.device_ip_ranges
+            .iter()
+            .map(|r| crate::pods::sanitize::IpRange::parse(r))
+            .collect()
+    }
+
+    /// The bundle limits the relay applies.
+    pub fn bundle_limits(&self) -> crate::pods::refusal::BundleLimits {
+        crate::pods::refusal::BundleLimits {
+            per_pod: self.max_pod_bundle_bytes,
+            per_snapshot: self.max_snapshot_bytes,
         }
     }
 }
@@ -326,6 +358,11 @@ impl HubConfig {
             field: field.to_string(),
             reason,
         };
+        if let Some(link) = &self.link {
+            link.device_budget
+                .check()
+                .map_err(|reason| invalid("link.device_budget", reason))?;
+        }
         let n = &self.nodes;
         for (i, t) in n.taints.iter().enumerate() {
             if !matches!(
@@ -395,6 +432,29 @@ impl HubConfig {
         }
         if p.status_burst == 0 {
             return Err(invalid("pods.status_burst", "must be positive".into()));
+        }
+        p.ip_ranges()
+            .map_err(|reason| invalid("pods.device_ip_ranges", reason))?;
+        // Room for the snapshot's own framing and the termination graces next to the bundles.
+        let link_room = fleetlet_proto::MAX_MESSAGE_BYTES - 256 * 1024;
+        if p.max_snapshot_bytes == 0 || p.max_snapshot_bytes > link_room {
+            return Err(invalid(
+                "pods.max_snapshot_bytes",
+                format!(
+                    "{} must be positive and at most {link_room} (the link's message limit of {} bytes, less room for framing)",
+                    p.max_snapshot_bytes,
+                    fleetlet_proto::MAX_MESSAGE_BYTES
+                ),
+            ));
+        }
+        if p.max_pod_bundle_bytes == 0 || p.max_pod_bundle_bytes > p.max_snapshot_bytes {
+            return Err(invalid(
+                "pods.max_pod_bundle_bytes",
+                format!(
+                    "{} must be positive and at most pods.max_snapshot_bytes ({})",
+                    p.max_pod_bundle_bytes, p.max_snapshot_bytes
+                ),
+            ));
         }
         let k = &self.kubelet;
         if k.listen.is_some() && (k.cert_file.is_none() || k.key_file.is_none()) {

@@ -1,8 +1,14 @@
 //! The hub's kubelet API: an HTTPS endpoint the API server calls for `kubectl logs` on fleetlet
 //! nodes. Callers are authenticated like a kubelet does it — a client certificate signed by the
 //! cluster CA, or a bearer token checked with a TokenReview — and authorized with a
-//! SubjectAccessReview on `nodes/proxy` of the pod's node. The log itself comes from the device
-//! over its stream.
+//! SubjectAccessReview on `nodes/proxy`. The log itself comes from the device over its stream.
+//!
+//! Hardened like the kubelet's own endpoint: every request is authenticated and authorized
+//! before anything is looked up (an unauthorized caller learns nothing about which pods exist),
+//! the reviews are cached with the kubelet's TTLs, and TLS handshakes, request headers and the
+//! number of connections are bounded. `/healthz` is served on the operations port only.
+
+pub mod auth_cache;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -30,7 +36,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -286,12 +292,40 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// Bounds on the endpoint's connections, so idle, slow or numerous clients cannot pin the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// How long a client may take to complete its TLS handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// How long a client may take to send a request's headers (also how long an idle
+    /// keep-alive connection stays open).
+    pub header_timeout: std::time::Duration,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: std::time::Duration::from_secs(10),
+            header_timeout: std::time::Duration::from_secs(10),
+            max_connections: 512,
+        }
+    }
+}
+
 /// Serves the kubelet API.
 pub struct KubeletApi {
     client: kube::Client,
     sessions: Arc<dyn Sessions>,
     inventory: watch::Receiver<DeviceSet>,
     metrics: Arc<Metrics>,
+    /// TokenReview answers by salted token hash: the caller, or `None` when rejected.
+    tokens: auth_cache::TtlCache<[u8; 32], Option<Caller>>,
+    token_salt: [u8; 16],
+    /// SubjectAccessReview answers by caller and attributes.
+    decisions: auth_cache::TtlCache<String, bool>,
+    limits: ConnectionLimits,
 }
 
 impl KubeletApi {
@@ -307,7 +341,18 @@ impl KubeletApi {
             sessions,
             inventory,
             metrics,
+            tokens: auth_cache::TtlCache::new(auth_cache::MAX_ENTRIES),
+            token_salt: rand::random(),
+            decisions: auth_cache::TtlCache::new(auth_cache::MAX_ENTRIES),
+            limits: ConnectionLimits::default(),
         }
+    }
+
+    /// The same endpoint with other connection bounds.
+    #[must_use]
+    pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Binds the listen address.
@@ -325,13 +370,25 @@ impl KubeletApi {
         shutdown: CancellationToken,
     ) {
         let acceptor = TlsAcceptor::from(tls);
+        let limits = self.limits;
+        let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         loop {
+            // A connection slot first: at the limit, new connections wait in the backlog.
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => return,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let (tcp, peer) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 a = listener.accept() => match a {
                     Ok(a) => a,
                     Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(%error, "accepting on the kubelet endpoint");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -340,10 +397,17 @@ impl KubeletApi {
             let this = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(error) => {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(error)) => {
                         tracing::debug!(%peer, %error, "kubelet endpoint TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "kubelet endpoint TLS handshake timed out; connection closed");
                         return;
                     }
                 };
@@ -359,6 +423,8 @@ impl KubeletApi {
                     async move { Ok::<_, Infallible>(this.handle(req, cert_caller).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
                     .serve_connection(TokioIo::new(tls), service);
                 tokio::select! {
                     r = conn => if let Err(error) = r {
@@ -371,22 +437,12 @@ impl KubeletApi {
     }
 
     async fn handle(&self, req: Request<Incoming>, cert_caller: Option<Caller>) -> Response<Body> {
-        if req.uri().path() == "/healthz" {
-            return text(StatusCode::OK, "ok");
-        }
-        let Some(path) = parse_logs_path(req.uri().path()) else {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("{} is not served by fleetlet-hub", req.uri().path()),
-            );
-        };
-        if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
-        }
+        // Who, then whether they may, and only then what: every path, known or not, answers
+        // 401/403 to a caller without the right, as the kubelet does.
         let caller = match cert_caller {
             Some(c) => c,
             None => match bearer(&req) {
-                Some(token) => match self.token_review(token).await {
+                Some(token) => match self.authenticate(token).await {
                     Ok(Some(c)) => c,
                     Ok(None) => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
                     Err(error) => {
@@ -400,6 +456,37 @@ impl KubeletApi {
                 None => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
             },
         };
+        // The hub serves every fleetlet Node on one address, so a request does not say which
+        // Node it is for until its pod is looked up; the caller must therefore be allowed
+        // `nodes/proxy` on all nodes (as the API server's kubelet client is) before any lookup.
+        match self.authorize(&caller).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Forbidden (user={}, verb=get, resource=nodes, subresource=proxy)",
+                        caller.user
+                    ),
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "SubjectAccessReview failed");
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "authorization unavailable",
+                );
+            }
+        }
+        let Some(path) = parse_logs_path(req.uri().path()) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("{} is not served by fleetlet-hub", req.uri().path()),
+            );
+        };
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+        }
         let mut log_req = match parse_log_query(req.uri().query()) {
             Ok(r) => r,
             Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
@@ -425,25 +512,6 @@ impl KubeletApi {
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
-        match self.authorize(&caller, &node).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "Forbidden (user={}, verb=get, resource=nodes, subresource=proxy)",
-                        caller.user
-                    ),
-                );
-            }
-            Err(error) => {
-                tracing::warn!(%error, "SubjectAccessReview failed");
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "authorization unavailable",
-                );
-            }
-        }
         if !self
             .inventory
             .borrow()
@@ -508,6 +576,19 @@ impl KubeletApi {
         }
     }
 
+    /// A TokenReview, answered from the cache when the same token was reviewed within
+    /// [`auth_cache::TOKEN_TTL`]. Errors are not cached.
+    async fn authenticate(&self, token: String) -> Result<Option<Caller>, kube::Error> {
+        let key = auth_cache::token_key(&self.token_salt, &token);
+        if let Some(cached) = self.tokens.get(&key) {
+            return Ok(cached);
+        }
+        let caller = self.token_review(token).await?;
+        self.tokens
+            .insert(key, caller.clone(), auth_cache::TOKEN_TTL);
+        Ok(caller)
+    }
+
     async fn token_review(&self, token: String) -> Result<Option<Caller>, kube::Error> {
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let review = TokenReview {
@@ -532,7 +613,27 @@ impl KubeletApi {
         }))
     }
 
-    async fn authorize(&self, caller: &Caller, node: &str) -> Result<bool, kube::Error> {
+    /// A SubjectAccessReview for `get nodes/proxy` on all nodes, answered from the cache within
+    /// [`auth_cache::ALLOWED_TTL`] / [`auth_cache::DENIED_TTL`]. Errors are not cached.
+    async fn authorize(&self, caller: &Caller) -> Result<bool, kube::Error> {
+        let key = format!(
+            "{:?}\0{:?}\0{:?}\0{:?}\0get nodes/proxy",
+            caller.user, caller.uid, caller.groups, caller.extra
+        );
+        if let Some(allowed) = self.decisions.get(&key) {
+            return Ok(allowed);
+        }
+        let allowed = self.subject_access_review(caller).await?;
+        let ttl = if allowed {
+            auth_cache::ALLOWED_TTL
+        } else {
+            auth_cache::DENIED_TTL
+        };
+        self.decisions.insert(key, allowed, ttl);
+        Ok(allowed)
+    }
+
+    async fn subject_access_review(&self, caller: &Caller) -> Result<bool, kube::Error> {
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -545,7 +646,6 @@ impl KubeletApi {
                     verb: Some("get".into()),
                     resource: Some("nodes".into()),
                     subresource: Some("proxy".into()),
-                    name: Some(node.to_string()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -614,6 +714,128 @@ mod tests {
         assert_eq!(percent_decode("a%3Ab%2f"), "a:b/");
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    /// A kube client that is never called (nothing here reaches authentication).
+    fn idle_client() -> kube::Client {
+        let config = kube::Config::new("https://127.0.0.1:9".parse().expect("uri"));
+        kube::Client::try_from(config).expect("client")
+    }
+
+    struct NoSessions;
+    impl Sessions for NoSessions {
+        fn set_desired(
+            &self,
+            _device: &str,
+            _pods: Vec<fleetlet_proto::v1::PodBundle>,
+            _grace: std::collections::HashMap<String, u64>,
+        ) -> u64 {
+            0
+        }
+        fn is_connected(&self, _device: &str) -> bool {
+            false
+        }
+        fn open_logs(
+            &self,
+            _device: &str,
+            _req: LogRequest,
+        ) -> futures::future::BoxFuture<'static, Result<crate::sessions::LogStream, String>>
+        {
+            Box::pin(async { Err("no device".to_string()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_and_excess_connections_are_bounded() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let cert = params.self_signed(&key).expect("cert");
+        let dir = std::env::temp_dir().join(format!("fleetlet-kapi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("tls.crt"), cert.pem()).expect("cert file");
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("key file");
+        let cfg = KubeletConfig {
+            cert_file: Some(dir.join("tls.crt")),
+            key_file: Some(dir.join("tls.key")),
+            ..KubeletConfig::default()
+        };
+        let tls = tls_config(&cfg).expect("tls");
+        let listener = KubeletApi::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_inv_tx, inv_rx) = watch::channel(Arc::new(Default::default()));
+        let second = std::time::Duration::from_secs(1);
+        let api = Arc::new(
+            KubeletApi::new(
+                idle_client(),
+                Arc::new(NoSessions),
+                inv_rx,
+                Arc::new(Metrics::new()),
+            )
+            .with_limits(ConnectionLimits {
+                handshake_timeout: second,
+                header_timeout: second,
+                max_connections: 2,
+            }),
+        );
+        let shutdown = CancellationToken::new();
+        tokio::spawn(api.serve(listener, tls, shutdown.clone()));
+
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let client_cfg = Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let handshake = || {
+            let client_cfg = client_cfg.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                tokio_rustls::TlsConnector::from(client_cfg)
+                    .connect(
+                        rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+                        tcp,
+                    )
+                    .await
+            }
+        };
+        // Two connections that never handshake take both slots.
+        let idle = [
+            tokio::net::TcpStream::connect(addr).await.expect("idle 1"),
+            tokio::net::TcpStream::connect(addr).await.expect("idle 2"),
+        ];
+        let started = tokio::time::Instant::now();
+        let mut tls_conn = tokio::time::timeout(std::time::Duration::from_secs(10), handshake())
+            .await
+            .expect("handshake within the bound")
+            .expect("handshake");
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(800),
+            "a third connection waited for a slot: {waited:?}"
+        );
+        // The idle ones were closed by the handshake timeout.
+        for mut c in idle {
+            let mut buf = [0u8; 8];
+            let n = tokio::io::AsyncReadExt::read(&mut c, &mut buf).await;
+            assert!(matches!(n, Ok(0) | Err(_)), "closed: {n:?}");
+        }
+        // A TLS connection that sends no request is closed after the header timeout.
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut tls_conn, &mut buf),
+        )
+        .await
+        .expect("closed within the bound");
+        assert!(matches!(n, Ok(0) | Err(_)), "closed: {n:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

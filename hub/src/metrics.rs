@@ -66,6 +66,13 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// Labels of counters broken down by a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why, as a short snake_case word (never a device or pod name: bounded cardinality).
+    pub reason: String,
+}
+
 /// Every metric the hub exports.
 pub struct Metrics {
     registry: Registry,
@@ -97,6 +104,13 @@ pub struct Metrics {
     pub leader: Gauge,
     /// ConfigMaps and Secrets held in memory (only those fleetlet pods reference).
     pub cached_objects: Family<KindLabels, Gauge>,
+    /// Inventory devices not served because a Node of their name exists that this hub does
+    /// not own (a real kubelet's, another controller's or another hub instance's).
+    pub nodes_not_owned: Gauge,
+    /// Entries of device reports dropped before anything was recorded, by reason.
+    pub device_input_dropped: Family<ReasonLabels, Counter>,
+    /// Pods the hub refused to relay to a device, by reason.
+    pub pods_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -177,9 +191,30 @@ impl Metrics {
             "ConfigMaps and Secrets held in memory: only those pods on fleetlet nodes reference",
             cached_objects.clone(),
         );
+        let nodes_not_owned = Gauge::default();
+        registry.register(
+            "nodes_not_owned",
+            "Inventory devices not served: a Node of their name exists that this hub does not own",
+            nodes_not_owned.clone(),
+        );
+        let device_input_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "device_input_dropped",
+            "Entries of device reports dropped before anything was recorded",
+            device_input_dropped.clone(),
+        );
+        let pods_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "pods_refused",
+            "Pods the hub refused to relay to a device",
+            pods_refused.clone(),
+        );
         Self {
             registry,
             leader,
+            nodes_not_owned,
+            device_input_dropped,
+            pods_refused,
             cached_objects,
             connected_devices,
             nodes,
@@ -214,6 +249,33 @@ impl Metrics {
                 self.api_errors.get_or_create(&labels).inc();
             }
         }
+    }
+
+    /// Exports the link's counters kept by the link itself.
+    pub fn register_link(&mut self, stats: &crate::link::LinkStats) {
+        self.registry.register(
+            "device_sessions_cut_over_budget",
+            "Device sessions cut because the device sent more than its input budget",
+            stats.sessions_cut_over_budget.clone(),
+        );
+    }
+
+    /// Counts `n` dropped device-report entries under `reason`.
+    pub fn dropped(&self, reason: &str, n: u64) {
+        self.device_input_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts one pod refused under `reason`.
+    pub fn refused(&self, reason: &str) {
+        self.pods_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

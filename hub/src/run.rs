@@ -87,7 +87,12 @@ pub fn identity(cfg: &HubConfig) -> String {
 
 /// Runs the hub until `shutdown` (or until leadership is lost).
 pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunError> {
-    let metrics = Arc::new(Metrics::new());
+    let sessions = DeviceSessions::new(SessionLimits::default());
+    let metrics = {
+        let mut m = Metrics::new();
+        m.register_link(&sessions.stats());
+        Arc::new(m)
+    };
     let ready = Readiness::default();
     let mut tasks = JoinSet::new();
     let ops = bind_ops(cfg.ops.listen).await?;
@@ -106,6 +111,16 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
     {
         (Some(path), _) => Arc::new(StaticInventory::load(path)?),
         (None, Some(fc)) => {
+            if fc
+                .token_file
+                .as_ref()
+                .is_some_and(|t| t.starts_with("/var/run/secrets/kubernetes.io/serviceaccount"))
+            {
+                tracing::warn!(
+                    token_file = ?fc.token_file,
+                    "the Flightctl inventory sends the hub's own Kubernetes ServiceAccount token to Flightctl, which can then read every Secret the hub can; give it a token of a ServiceAccount without Kubernetes rights (packaging/kubernetes: fleetlet-hub-flightctl)"
+                );
+            }
             let (inv, task) = FlightctlInventory::spawn(fc, shutdown.clone())?;
             flightctl_health = Some(inv.health());
             tasks.spawn(async move {
@@ -130,7 +145,6 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
     // device with UNAVAILABLE "not leader" (agents then try their next hub endpoint) and is not
     // ready, so a Service in front of the replicas sends devices only to the leader.
     let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
-    let sessions = DeviceSessions::new(SessionLimits::default());
     let events = sessions.subscribe();
     let link_result = Arc::new(tokio::sync::Mutex::new(None));
     if let Some(link_cfg) = cfg.link.clone() {

@@ -112,6 +112,12 @@ async fn a_flightctl_enrolled_device_runs_pods_and_its_node_follows_flightctl() 
             .and_then(|c| c.as_str().ok())
             .expect("CN");
         assert_eq!(cn, format!("fleetlet-{dev}"));
+        // Flightctl's signer also writes the device fingerprint (its name) into its extension,
+        // which the hub checks against the CN.
+        assert_eq!(
+            fleetlet_hub::link::flightctl_fingerprint(&x509).expect("extension readable"),
+            Some(dev.clone())
+        );
     }
 
     // Fleets, and labels: A also carries labels a Node cannot take as they are.

@@ -134,6 +134,7 @@ impl Hub {
             boot_id: "boot-1".into(),
             container_runtime_version: "podman://4.3.1".into(),
             agent_version: "0.1.0".into(),
+            ..Default::default()
         };
         self.events
             .send(SessionEvent::Connected {
@@ -174,6 +175,7 @@ impl Hub {
     async fn report(&self, dev: &str, full: bool, pods: Vec<PodStatusEntry>) {
         self.events
             .send(SessionEvent::PodStatus {
+                inflight: Default::default(),
                 device: dev.into(),
                 report: PodStatusReport { full, pods },
             })
@@ -726,6 +728,7 @@ async fn simulate_devices(
             *mine = wanted;
             let _ = events
                 .send(SessionEvent::PodStatus {
+                    inflight: Default::default(),
                     device: dev.clone(),
                     report: PodStatusReport {
                         full: true,

@@ -291,7 +291,8 @@ async fn kubectl_logs_reach_the_device_through_the_api_server_and_tokens_are_che
     crbs.create(&PostParams::default(), &crb)
         .await
         .expect("create crb");
-    let body = wait_for("authorized direct logs", 30, || async {
+    // The denial above is cached for 30 s, as a kubelet caches it.
+    let body = wait_for("authorized direct logs", 60, || async {
         let (code, body) = direct_get(s.addr, &path, Some(&token)).await;
         (code == 200).then_some(body)
     })

@@ -582,7 +582,7 @@ async fn misuse_is_refused_with_a_clear_error_while_others_keep_working() {
         .unwrap_err();
     println!("not in inventory: {err}");
     assert!(
-        matches!(&err, LinkClientError::Rejected { code: tonic::Code::PermissionDenied, message, .. } if message.contains("stranger") && message.contains("inventory")),
+        matches!(&err, LinkClientError::NotServed { message, .. } if message.contains("stranger") && message.contains("inventory")),
         "{err}"
     );
 
@@ -978,5 +978,86 @@ async fn compressed_snapshots_arrive_intact_when_enabled() {
     assert_eq!(last.pods[1].pod_json, pod("a").pod_json);
     stop.cancel();
     task.await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_removed_device_learns_it_is_not_served_and_removes_its_pods_only_when_configured() {
+    let pki = Pki::new(&["dev-1", "dev-2"]);
+    let inventory = Arc::new(StaticInventory::new([device("dev-1"), device("dev-2")]));
+    let mut hub = Hub::start(
+        pki.server_config("127.0.0.1:0".parse().unwrap()),
+        Arc::clone(&inventory) as Arc<dyn Inventory>,
+    )
+    .await;
+    // dev-1 removes its pods after 2 s of refusal; dev-2 keeps the default (never).
+    let (one, two) = (
+        MemoryDeviceState::new("dev-1"),
+        MemoryDeviceState::new("dev-2"),
+    );
+    let mut cfg_one = pki.link_config("dev-1", hub.addr);
+    cfg_one.remove_pods_when_not_served_secs = Some(2);
+    let (stop_one, task_one) = start_agent(cfg_one, Arc::clone(&one));
+    let (stop_two, task_two) = start_agent(pki.link_config("dev-2", hub.addr), Arc::clone(&two));
+    for _ in 0..2 {
+        hub.event("connected", |e| matches!(e, SessionEvent::Connected { .. }))
+            .await;
+    }
+    let g1 = hub.sessions.set_desired("dev-1", vec![pod("a")]);
+    let g2 = hub.sessions.set_desired("dev-2", vec![pod("b")]);
+    wait_applied(&one, g1).await;
+    wait_applied(&two, g2).await;
+
+    let removed = tokio::time::Instant::now();
+    inventory.replace([]);
+    let mut not_served = one.not_served();
+    tokio::time::timeout(WAIT, not_served.wait_for(Option::is_some))
+        .await
+        .expect("dev-1 learns it is not served")
+        .expect("open");
+    let mut rx = two.not_served();
+    tokio::time::timeout(WAIT, rx.wait_for(Option::is_some))
+        .await
+        .expect("dev-2 learns it is not served")
+        .expect("open");
+    // dev-1 empties its desired set once the refusal lasted 2 s; dev-2 never does.
+    wait_until("dev-1 removed its pods", || {
+        one.snapshots().last().is_some_and(|s| s.pods.is_empty())
+    })
+    .await;
+    let removed_after = removed.elapsed();
+    assert!(
+        removed_after >= Duration::from_secs(2),
+        "not before the configured time: {removed_after:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        two.snapshots().iter().all(|s| !s.pods.is_empty()),
+        "by default the pods keep running"
+    );
+    // Back in the inventory: served again, the refusal is cleared.
+    inventory.replace([device("dev-1"), device("dev-2")]);
+    let mut not_served = one.not_served();
+    tokio::time::timeout(WAIT, not_served.wait_for(Option::is_none))
+        .await
+        .expect("dev-1 served again")
+        .expect("open");
+    let outcome = fleetlet_faults::Outcome {
+        fault: "removed device: told it is not served, pods only removed if configured".into(),
+        recovered: true,
+        converge_secs: None,
+        pods_lost: 0,
+        pods_duplicated: 0,
+        detail: format!(
+            "both devices got PERMISSION_DENIED + fleetlet-refusal: not-served; the one configured with 2 s emptied its desired set after {:.1} s, the default one kept its pods; served again once back in the inventory",
+            removed_after.as_secs_f64()
+        ),
+    };
+    println!("{outcome:?}");
+    fleetlet_faults::record(&outcome).unwrap();
+    for (stop, task) in [(stop_one, task_one), (stop_two, task_two)] {
+        stop.cancel();
+        task.await.unwrap();
+    }
     hub.stop().await;
 }

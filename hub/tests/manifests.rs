@@ -38,6 +38,10 @@ fn shipped_hub_config_parses_and_validates() {
         link.identity_prefix, "fleetlet-",
         "Flightctl-issued device certificates carry CN fleetlet-<device>"
     );
+    assert!(
+        link.require_device_fingerprint,
+        "Flightctl-issued certificates carry the device fingerprint; the hub checks it"
+    );
 }
 
 #[test]
@@ -46,4 +50,26 @@ fn shipped_inventory_parses() {
     let text = configmap_block(yaml, "devices.toml");
     let parsed: toml::Value = toml::from_str(&text).expect("devices.toml is TOML");
     assert!(parsed.get("device").is_none(), "ships with no devices");
+}
+
+#[test]
+fn the_flightctl_inventory_never_gets_the_hubs_kubernetes_token() {
+    let yaml = include_str!("../../packaging/kubernetes/20-config.yaml");
+    let cfg = HubConfig::parse(&configmap_block(yaml, "hub.toml")).expect("parses");
+    let token = cfg
+        .inventory
+        .flightctl
+        .and_then(|f| f.token_file)
+        .expect("a Flightctl token file");
+    assert!(
+        !token.starts_with("/var/run/secrets/kubernetes.io/serviceaccount"),
+        "the hub's own ServiceAccount token would reach Flightctl: {}",
+        token.display()
+    );
+    let deployment = include_str!("../../packaging/kubernetes/40-deployment.yaml");
+    assert!(deployment.contains("mountPath: /etc/fleetlet/flightctl-token"));
+    assert!(deployment.contains("secretName: fleetlet-hub-flightctl-token"));
+    assert!(token.starts_with("/etc/fleetlet/flightctl-token/"));
+    let rbac = include_str!("../../packaging/kubernetes/flightctl/hub-rbac.yaml");
+    assert!(rbac.contains("name: fleetlet-hub-flightctl\n"), "{rbac}");
 }

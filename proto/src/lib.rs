@@ -15,6 +15,33 @@ pub mod v1 {
     tonic::include_proto!("fleetlet.v1");
 }
 
+/// gRPC metadata key by which the hub says why it refuses a device (see [`not_served`]).
+pub const REFUSAL_METADATA: &str = "fleetlet-refusal";
+
+/// Value of [`REFUSAL_METADATA`] when the hub does not serve the device at all: it is not (or no
+/// longer) in the hub's inventory, or disabled there. Not a transient error: an agent reports it
+/// as such and, if configured to, eventually stops the pods it ran for that hub.
+pub const NOT_SERVED: &str = "not-served";
+
+/// The status the hub ends a stream with when it does not serve the device.
+pub fn not_served(message: impl Into<String>) -> tonic::Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        REFUSAL_METADATA,
+        tonic::metadata::MetadataValue::from_static(NOT_SERVED),
+    );
+    tonic::Status::with_metadata(tonic::Code::PermissionDenied, message, metadata)
+}
+
+/// Whether `status` is the hub's [`not_served`] refusal.
+pub fn is_not_served(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::PermissionDenied
+        && status
+            .metadata()
+            .get(REFUSAL_METADATA)
+            .is_some_and(|v| v == NOT_SERVED)
+}
+
 /// Upper bound on one decoded message, in bytes. A snapshot bigger than this is a bug or an
 /// attack either way; both sides reject it with a clear status instead of allocating.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

@@ -187,10 +187,16 @@ pub(crate) async fn run_session(
     send(&tx, agent_message::Kind::Hello(hello)).await?;
     let response = tokio::select! {
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        response = client.connect(tokio_stream_from(rx)) => response.map_err(|status| LinkClientError::Rejected {
-            endpoint: cfg.endpoint.clone(),
-            code: status.code(),
-            message: status_text(&status),
+        response = client.connect(tokio_stream_from(rx)) => response.map_err(|status| {
+            if fleetlet_proto::is_not_served(&status) {
+                LinkClientError::NotServed { endpoint: cfg.endpoint.clone(), message: status_text(&status) }
+            } else {
+                LinkClientError::Rejected {
+                    endpoint: cfg.endpoint.clone(),
+                    code: status.code(),
+                    message: status_text(&status),
+                }
+            }
         })?,
     };
     let mut inbound = response.into_inner();
@@ -222,6 +228,12 @@ pub(crate) async fn run_session(
                     handle_hub_message(state, &device, &tx, &mut logs, &mut pending, &session_end, message).await?;
                 }
                 Ok(None) => return Ok(SessionEnd::ClosedByHub),
+                Err(status) if fleetlet_proto::is_not_served(&status) => {
+                    return Err(LinkClientError::NotServed {
+                        endpoint: cfg.endpoint.clone(),
+                        message: status_text(&status),
+                    });
+                }
                 Err(status) => return Err(LinkClientError::Stream {
                     endpoint: cfg.endpoint.clone(),
                     code: status.code(),

@@ -20,6 +20,7 @@ pub struct MemoryDeviceState {
     pods: watch::Sender<PodStatusMap>,
     log_text: RwLock<Vec<u8>>,
     applied: watch::Sender<u64>,
+    not_served: watch::Sender<Option<String>>,
 }
 
 impl MemoryDeviceState {
@@ -33,7 +34,13 @@ impl MemoryDeviceState {
             pods: watch::Sender::new(Arc::new(BTreeMap::new())),
             log_text: RwLock::new(Vec::new()),
             applied: watch::Sender::new(0),
+            not_served: watch::Sender::new(None),
         })
+    }
+
+    /// Since when the hub refuses to serve the device, as the link last recorded it.
+    pub fn not_served(&self) -> watch::Receiver<Option<String>> {
+        self.not_served.subscribe()
     }
 
     /// Every snapshot stored so far, oldest first.
@@ -92,6 +99,10 @@ impl DeviceState for MemoryDeviceState {
         self.held.store(generation, Ordering::Release);
         self.applied.send_replace(generation);
         Ok(true)
+    }
+
+    fn set_not_served(&self, since: Option<String>) {
+        self.not_served.send_replace(since);
     }
 
     fn hello_info(&self) -> v1::NodeInfo {

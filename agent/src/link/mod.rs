@@ -46,6 +46,18 @@ pub trait DeviceState: Send + Sync + 'static {
     fn pod_statuses(&self) -> watch::Receiver<PodStatusMap>;
     /// Stream a container's log for `kubectl logs`.
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String>;
+    /// Records since when (RFC 3339) the hub refuses to serve this device, `None` once it
+    /// serves it again (shown by `fleetlet-agent status`).
+    fn set_not_served(&self, _since: Option<String>) {}
+    /// Stops and removes every pod the device runs for the hub (their secrets go with them):
+    /// an empty desired set, stored like a snapshot from the hub.
+    async fn remove_all_pods(&self) -> Result<(), String> {
+        let empty = v1::DesiredSnapshot {
+            generation: self.held_generation().saturating_add(1),
+            ..Default::default()
+        };
+        self.apply_snapshot(empty).await.map(|_| ())
+    }
 }
 
 /// The `[hub]` table of the agent's configuration: where the hub is and the device's TLS material.
@@ -77,6 +89,12 @@ pub struct LinkConfig {
     /// How long to wait for a keepalive ping's answer before the link counts as dead, in seconds.
     #[serde(default = "default_keepalive_timeout_secs")]
     pub keepalive_timeout_secs: u64,
+    /// When the hub has refused to serve this device (removed from its inventory, or disabled)
+    /// for this many seconds without a break, stop and remove the pods it ran for the hub and
+    /// wipe their secrets. Unset (the default) keeps them running: an inventory mistake must not
+    /// wipe a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_pods_when_not_served_secs: Option<u64>,
 }
 
 fn default_max_backoff_secs() -> u64 {
@@ -109,6 +127,7 @@ impl LinkConfig {
             server_name: None,
             keepalive_interval_secs: default_keepalive_interval_secs(),
             keepalive_timeout_secs: default_keepalive_timeout_secs(),
+            remove_pods_when_not_served_secs: None,
         }
     }
 
@@ -191,6 +210,21 @@ pub enum LinkClientError {
     /// The outbound half of the stream closed under us.
     #[error("link stream closed")]
     StreamClosed,
+    /// The hub does not serve this device: it is not (or no longer) in the hub's inventory, or
+    /// disabled there. Retried like the others, but reported as such.
+    #[error("hub {endpoint} does not serve this device: {message}")]
+    NotServed {
+        /// The hub endpoint.
+        endpoint: String,
+        /// The hub's explanation.
+        message: String,
+    },
+}
+
+/// What the link remembers of the hub's refusal to serve the device.
+struct Refusal {
+    since: tokio::time::Instant,
+    pods_removed: bool,
 }
 
 /// Connect once and run one session until it ends; the error says why it could not connect or
@@ -209,6 +243,14 @@ pub async fn run_link_once(
     let config = tls.current()?;
     client::run_session(cfg, &target, config, &state, shutdown, || {}).await?;
     Ok(())
+}
+
+/// The current wall-clock time as RFC 3339 (seconds).
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
 /// Delay before the first retry is drawn from `[0, RECONNECT_BASE)`, doubling per failure.
@@ -236,6 +278,7 @@ pub async fn run_link(
         cfg.key_file.clone(),
     );
     let endpoints = cfg.endpoints();
+    let mut refusal: Option<Refusal> = None;
     // Where the current round of attempts started; a full round without success backs off.
     let mut current = 0usize;
     let mut round_start = 0usize;
@@ -255,10 +298,15 @@ pub async fn run_link(
                 state.link_changed(LinkEvent::Connected {
                     endpoint: endpoint.clone(),
                 });
+                if refusal.take().is_some() {
+                    tracing::info!(device, endpoint = %endpoint_cfg.endpoint, "the hub serves this device again");
+                    state.set_not_served(None);
+                }
             })
             .await
         };
-        match attempt.await {
+        let result = attempt.await;
+        match result {
             Ok(client::SessionEnd::Shutdown) => break,
             Ok(client::SessionEnd::ClosedByHub) => {
                 tracing::info!(device, endpoint = %endpoint_cfg.endpoint, "hub closed the link");
@@ -266,6 +314,40 @@ pub async fn run_link(
                     endpoint,
                     error: "the hub closed the link".into(),
                 });
+            }
+            Err(error @ LinkClientError::NotServed { .. }) => {
+                state.link_changed(LinkEvent::Down {
+                    endpoint,
+                    error: error.to_string(),
+                });
+                let r = refusal.get_or_insert_with(|| {
+                    tracing::error!(
+                        device,
+                        %error,
+                        "the hub does not serve this device (not in its inventory, or disabled); its pods keep running"
+                    );
+                    state.set_not_served(Some(now_rfc3339()));
+                    Refusal {
+                        since: tokio::time::Instant::now(),
+                        pods_removed: false,
+                    }
+                });
+                if let Some(limit) = cfg.remove_pods_when_not_served_secs
+                    && !r.pods_removed
+                    && r.since.elapsed() >= Duration::from_secs(limit)
+                {
+                    tracing::warn!(
+                        device,
+                        refused_for_secs = r.since.elapsed().as_secs(),
+                        "the hub has refused this device longer than remove_pods_when_not_served_secs; stopping and removing its pods"
+                    );
+                    match state.remove_all_pods().await {
+                        Ok(()) => r.pods_removed = true,
+                        Err(error) => {
+                            tracing::error!(device, %error, "removing the pods of a device the hub no longer serves")
+                        }
+                    }
+                }
             }
             Err(error) => {
                 tracing::warn!(device, %error, "link to hub down");

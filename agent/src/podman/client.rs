@@ -184,6 +184,23 @@ impl PodmanClient {
         parse(path, &bytes)
     }
 
+    /// The subnets (CIDR) of Podman network `name`, e.g. `["10.88.0.0/16"]` for "podman".
+    pub async fn network_subnets(&self, name: &str) -> Result<Vec<String>, PodmanError> {
+        #[derive(serde::Deserialize)]
+        struct Subnet {
+            subnet: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Network {
+            #[serde(default)]
+            subnets: Vec<Subnet>,
+        }
+        let n: Network = self
+            .get_json(&format!("/networks/{}/json", enc(name)))
+            .await?;
+        Ok(n.subnets.into_iter().map(|s| s.subnet).collect())
+    }
+
     /// Podman's version ("4.3.1").
     pub async fn version(&self) -> Result<String, PodmanError> {
         Ok(self.get_json::<VersionResponse>("/version").await?.version)

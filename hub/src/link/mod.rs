@@ -3,6 +3,7 @@
 //! [`DeviceSessions`] is the API the rest of the hub uses (set a device's desired pods, watch
 //! sessions and statuses, open log streams); [`serve`] runs the gRPC server that feeds it.
 
+pub mod budget;
 mod server;
 mod sessions;
 mod tls;
@@ -18,8 +19,10 @@ use crate::inventory::Inventory;
 use serde::{Deserialize, Serialize};
 
 pub use server::LinkServer;
-pub use sessions::{DeviceSessions, LinkStats, SessionEvent, SessionLimits};
-pub use tls::device_identity as identity_of;
+pub use sessions::{
+    DeviceSessions, INFLIGHT_BYTES_PER_DEVICE, InFlight, LinkStats, SessionEvent, SessionLimits,
+};
+pub use tls::{device_identity as identity_of, flightctl_fingerprint};
 
 /// Errors of the link API and server.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -126,6 +129,14 @@ pub struct LinkServerConfig {
     /// reconnect storm (docs/link.md). Turn it on for links where bytes cost more than hub memory.
     #[serde(default)]
     pub compress_snapshots: bool,
+    /// Refuse client certificates without Flightctl's device-fingerprint extension (on with
+    /// Flightctl-issued device certificates). A certificate that carries the extension must
+    /// name the same device in it as in its identity either way.
+    #[serde(default)]
+    pub require_device_fingerprint: bool,
+    /// What one device may send before its session is cut (`[link.device_budget]`).
+    #[serde(default)]
+    pub device_budget: budget::BudgetConfig,
 }
 
 fn default_keepalive_interval_secs() -> u64 {
@@ -169,6 +180,8 @@ impl LinkServerConfig {
             reload_interval_secs: default_reload_interval_secs(),
             expiry_warning_days: default_expiry_warning_days(),
             compress_snapshots: false,
+            require_device_fingerprint: false,
+            device_budget: budget::BudgetConfig::default(),
         }
     }
 }

@@ -25,7 +25,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tower_service::Service;
 
 use super::sessions::{DeviceSlot, Registered, SessionHandle};
-use super::tls::{ServerTls, device_identity};
+use super::tls::{ServerTls, device_identity_checked};
 use super::{DeviceSessions, LinkError, LinkServerConfig, SessionEvent};
 use crate::inventory::Inventory;
 
@@ -105,6 +105,7 @@ impl AsyncWrite for DeviceConn {
 struct SessionSettings {
     hello_timeout: Duration,
     stall_timeout: Duration,
+    budget: super::budget::BudgetConfig,
 }
 
 /// The `DeviceLink` service.
@@ -182,6 +183,7 @@ impl LinkServer {
             settings: Arc::new(SessionSettings {
                 hello_timeout: Duration::from_secs(config.hello_timeout_secs.max(1)),
                 stall_timeout: Duration::from_secs(config.stall_timeout_secs.max(1)),
+                budget: config.device_budget,
             }),
             shutdown: shutdown.clone(),
             leading: self.leading,
@@ -332,6 +334,7 @@ async fn accept_loop(
         let stats = Arc::clone(&stats);
         let source = config.identity_source;
         let prefix = config.identity_prefix.clone();
+        let require_fingerprint = config.require_device_fingerprint;
         let conn_server = Arc::clone(&server);
         let task = async move {
             // This task ends after the handshake: `ConnServer::spawn` serves the connection in a
@@ -356,7 +359,7 @@ async fn accept_loop(
                 .and_then(|chain| chain.first())
                 .map_or_else(
                     || Err("no client certificate".to_owned()),
-                    |leaf| device_identity(leaf, source, &prefix),
+                    |leaf| device_identity_checked(leaf, source, &prefix, require_fingerprint),
                 );
             conn_server.spawn(io, PeerIdentity(identity), peer);
         };
@@ -462,8 +465,8 @@ impl DeviceLink for LinkService {
             tracing::warn!(device, "link stream refused: device not in the inventory");
             return Err(reject(
                 &self.sessions,
-                Status::permission_denied(format!(
-                    "device {device} is not in the hub's inventory or is disabled"
+                fleetlet_proto::not_served(format!(
+                    "device {device} is not in the hub's inventory or is disabled: this hub does not serve it"
                 )),
             ));
         }
@@ -649,6 +652,7 @@ async fn run_inbound(
         rx.borrow_and_update().as_ref().map(|s| s.generation)
     };
     let mut stall = pending_snapshot(&s.slot, newest(&mut desired), s.settings.stall_timeout);
+    let mut budget = super::budget::Budget::new(&s.settings.budget);
     let end: Option<Status> = loop {
         let stall_at = stall.map(|(_, at)| at);
         let step = tokio::select! {
@@ -656,7 +660,11 @@ async fn run_inbound(
                 InboundStep::End(Some(Status::unavailable("hub is shutting down")))
             }
             () = s.handle.cancel.cancelled() => InboundStep::End(
-                s.handle.cut_reason().map(|(code, message)| Status::new(code, message)),
+                // Only a removal from the inventory cuts with PermissionDenied.
+                s.handle.cut_reason().map(|(code, message)| match code {
+                    Code::PermissionDenied => fleetlet_proto::not_served(message),
+                    _ => Status::new(code, message),
+                }),
             ),
             () = async {
                 match stall_at {
@@ -702,6 +710,23 @@ async fn run_inbound(
             }
             InboundStep::DesiredChanged(false) => {}
             InboundStep::Message(message) => {
+                // Log chunks are paced by their reader (bounded queues, HTTP/2 flow control)
+                // and count as messages only; everything else also counts its bytes.
+                let bytes = match &message.kind {
+                    Some(agent_message::Kind::LogChunk(_)) => 0,
+                    _ => prost::Message::encoded_len(message.as_ref()),
+                };
+                if let Err(over) = budget.charge(bytes) {
+                    s.sessions.stats().sessions_cut_over_budget.inc();
+                    tracing::error!(
+                        device,
+                        budget = %over,
+                        "device sent more than its input budget; session cut"
+                    );
+                    break Some(Status::resource_exhausted(format!(
+                        "device {device} sent {over}; session cut"
+                    )));
+                }
                 let handled = Box::pin(handle_message(
                     &s.sessions,
                     device,
@@ -795,10 +820,14 @@ async fn handle_message(
             Ok(())
         }
         Some(agent_message::Kind::PodStatus(report)) => {
+            let inflight = slot
+                .take_inflight(prost::Message::encoded_len(&report))
+                .await;
             sessions
                 .emit(SessionEvent::PodStatus {
                     device: device.to_owned(),
                     report,
+                    inflight,
                 })
                 .await;
             Ok(())

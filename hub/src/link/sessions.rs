@@ -45,6 +45,9 @@ pub enum SessionEvent {
         device: String,
         /// The report.
         report: v1::PodStatusReport,
+        /// The report's share of its device's in-flight byte budget, released when the last
+        /// holder of the event drops it.
+        inflight: InFlight,
     },
     /// The device persisted (or rejected) a snapshot.
     Acked {
@@ -55,6 +58,22 @@ pub enum SessionEvent {
         /// Why the device rejected the snapshot as a whole; `None` when accepted.
         error: Option<String>,
     },
+}
+
+/// Bytes of status reports one device may have queued in the hub (received, not yet processed
+/// by every subscriber): two messages of the link's maximum size. Past it, the device's stream
+/// waits (HTTP/2 flow control then pushes back to the device) until the hub has caught up.
+pub const INFLIGHT_BYTES_PER_DEVICE: usize = 2 * fleetlet_proto::MAX_MESSAGE_BYTES;
+
+/// A share of a device's in-flight byte budget held by a queued event.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Option<Arc<tokio::sync::OwnedSemaphorePermit>>);
+
+impl InFlight {
+    /// Bytes of the budget this share holds (0 for events made outside the link).
+    pub fn bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |p| p.num_permits())
+    }
 }
 
 /// Limits that keep one device from costing the hub unbounded memory.
@@ -100,6 +119,9 @@ pub struct LinkStats {
     pub log_requests_rejected: AtomicU64,
     /// Currently open sessions.
     pub sessions_open: AtomicU64,
+    /// Sessions cut because the device sent more than its budget (exported on `/metrics` as
+    /// `fleetlet_hub_device_sessions_cut_over_budget_total`).
+    pub sessions_cut_over_budget: prometheus_client::metrics::counter::Counter,
 }
 
 impl LinkStats {
@@ -137,6 +159,63 @@ pub(crate) struct DeviceSlot {
     /// successor's start.
     order: tokio::sync::Mutex<()>,
     session: RwLock<Option<SessionHandle>>,
+    /// Bytes of this device's status reports queued in the hub ([`INFLIGHT_BYTES_PER_DEVICE`]).
+    inflight: Arc<tokio::sync::Semaphore>,
+}
+
+impl DeviceSlot {
+    /// Takes `bytes` of the device's in-flight budget, waiting while it is used up.
+    pub(crate) async fn take_inflight(&self, bytes: usize) -> InFlight {
+        let n = u32::try_from(bytes.min(INFLIGHT_BYTES_PER_DEVICE)).unwrap_or(u32::MAX);
+        InFlight(
+            Arc::clone(&self.inflight)
+                .acquire_many_owned(n)
+                .await
+                .ok()
+                .map(Arc::new),
+        )
+    }
+}
+
+#[cfg(test)]
+mod inflight_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_device_waits_once_its_queued_reports_fill_its_byte_budget() {
+        let sessions = DeviceSessions::default();
+        let slot = sessions.slot("dev");
+        let first = slot.take_inflight(INFLIGHT_BYTES_PER_DEVICE - 10).await;
+        assert_eq!(first.bytes(), INFLIGHT_BYTES_PER_DEVICE - 10);
+        // Another report of 1 KiB does not fit until the first one is processed (dropped).
+        let waiting = tokio::spawn({
+            let slot = Arc::clone(&slot);
+            async move { slot.take_inflight(1024).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "over budget: the device's stream waits"
+        );
+        let copy = first.clone();
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "still held by another subscriber's copy"
+        );
+        drop(copy);
+        let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("released")
+            .expect("task");
+        assert_eq!(second.bytes(), 1024);
+        // Another device's budget is its own.
+        assert_eq!(
+            sessions.slot("other").take_inflight(1024).await.bytes(),
+            1024
+        );
+    }
 }
 
 /// The live session of a device.
@@ -271,6 +350,7 @@ impl DeviceSessions {
                 sent: AtomicU64::new(0),
                 order: tokio::sync::Mutex::new(()),
                 session: RwLock::new(None),
+                inflight: Arc::new(tokio::sync::Semaphore::new(INFLIGHT_BYTES_PER_DEVICE)),
             })
         }))
     }

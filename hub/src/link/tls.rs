@@ -36,7 +36,54 @@ fn pem_error(e: pem::PemError) -> LinkError {
     }
 }
 
-/// The device name from a verified client certificate, or why there is none.
+/// OID of Flightctl's device-fingerprint certificate extension (`OIDDeviceFingerprint` in
+/// flightctl's internal/crypto/signer): its device signers put the device's fingerprint, which
+/// is the device's name in Flightctl, there as an ASN.1 string.
+const FLIGHTCTL_FINGERPRINT_OID: &str = "1.3.6.1.4.1.99999.1.3";
+
+/// The Flightctl device fingerprint a certificate carries, if it carries one.
+pub fn flightctl_fingerprint(parsed: &X509Certificate<'_>) -> Result<Option<String>, String> {
+    let Some(ext) = parsed
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == FLIGHTCTL_FINGERPRINT_OID)
+    else {
+        return Ok(None);
+    };
+    let (_, value) = x509_parser::der_parser::parse_der(ext.value).map_err(|e| {
+        format!("client certificate's Flightctl device fingerprint extension is not DER: {e}")
+    })?;
+    let text = value.as_str().map_err(|e| {
+        format!("client certificate's Flightctl device fingerprint extension is not a string: {e}")
+    })?;
+    Ok(Some(text.to_owned()))
+}
+
+/// The device name from a verified client certificate, or why there is none. A certificate
+/// carrying Flightctl's device-fingerprint extension must name the same device in its identity
+/// (CN or URI) and in the extension; with `require_fingerprint` the extension must be there.
+pub fn device_identity_checked(
+    cert: &CertificateDer<'_>,
+    source: IdentitySource,
+    prefix: &str,
+    require_fingerprint: bool,
+) -> Result<String, String> {
+    let name = device_identity(cert, source, prefix)?;
+    let (_, parsed) = X509Certificate::from_der(cert)
+        .map_err(|e| format!("client certificate is not valid X.509: {e}"))?;
+    match flightctl_fingerprint(&parsed)? {
+        Some(fingerprint) if fingerprint == name => Ok(name),
+        Some(fingerprint) => Err(format!(
+            "client certificate names device {name:?} but its Flightctl device fingerprint is {fingerprint:?}"
+        )),
+        None if require_fingerprint => Err(format!(
+            "client certificate for device {name:?} carries no Flightctl device fingerprint ({FLIGHTCTL_FINGERPRINT_OID}), which this hub requires"
+        )),
+        None => Ok(name),
+    }
+}
+
+/// The device name from a verified client certificate's identity field, or why there is none.
 pub fn device_identity(
     cert: &CertificateDer<'_>,
     source: IdentitySource,
@@ -202,6 +249,44 @@ mod tests {
         let two_weeks = Duration::from_secs(14 * 86_400);
         assert_eq!(warn_expiry(Path::new("soon.pem"), &soon, two_weeks), 1);
         assert_eq!(warn_expiry(Path::new("later.pem"), &later, two_weeks), 0);
+    }
+
+    /// A self-signed certificate with CN `cn` and, if given, Flightctl's fingerprint extension.
+    fn flightctl_cert(cn: &str, fingerprint: Option<&str>) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if let Some(f) = fingerprint {
+            // ASN.1 PrintableString, as Go's asn1.Marshal writes a printable string.
+            let mut value = vec![0x13, u8::try_from(f.len()).unwrap()];
+            value.extend_from_slice(f.as_bytes());
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 99999, 1, 3],
+                    value,
+                ));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn flightctl_fingerprint_must_name_the_device() {
+        let cn = IdentitySource::CommonName;
+        let good = flightctl_cert("fleetlet-abcdef0123456789", Some("abcdef0123456789"));
+        assert_eq!(
+            device_identity_checked(&good, cn, "fleetlet-", true).unwrap(),
+            "abcdef0123456789"
+        );
+        let forged = flightctl_cert("fleetlet-victim000000000000", Some("abcdef0123456789"));
+        let err = device_identity_checked(&forged, cn, "fleetlet-", false).unwrap_err();
+        assert!(err.contains("fingerprint is \"abcdef0123456789\""), "{err}");
+        let bare = flightctl_cert("fleetlet-abcdef0123456789", None);
+        assert!(device_identity_checked(&bare, cn, "fleetlet-", false).is_ok());
+        let err = device_identity_checked(&bare, cn, "fleetlet-", true).unwrap_err();
+        assert!(err.contains("no Flightctl device fingerprint"), "{err}");
     }
 
     #[test]

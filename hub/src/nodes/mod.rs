@@ -14,7 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -24,12 +24,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodesConfig;
 use crate::devices::LiveSet;
 use crate::inventory::flightctl::HealthMap;
-use crate::kubeutil::{is_not_found, time_string};
+use crate::kubeutil::{is_not_found, status_code, time_string};
 use crate::labels::is_valid_node_name;
 use crate::metrics::Metrics;
 use crate::sessions::DeviceSet;
 use lease::LeaseKeeper;
-use object::{ConditionView, FIELD_MANAGER, MANAGED_LABEL, StatusInput};
+use object::{ConditionView, FIELD_MANAGER, LEADER_LEASE_ANNOTATION, MANAGED_LABEL, StatusInput};
 
 /// Pods per node name, published by the pod relay once its cache is synced.
 pub type PodCounts = Option<Arc<BTreeMap<String, usize>>>;
@@ -135,6 +135,40 @@ pub enum NodeError {
     List(#[source] kube::Error),
 }
 
+/// Why a Node could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The API call failed; retried on the next pass.
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    /// A Node of the device's name exists and this hub does not own it (it lacks our
+    /// `fleetlet.io/managed-by` instance). Not retryable: the hub leaves that Node alone and
+    /// does not serve the device until the Node is gone or the name is changed (re-checked on
+    /// every resync).
+    #[error("node {node} exists and is not owned by this hub ({owner}); the device is not served")]
+    NotOwned {
+        /// Node name.
+        node: String,
+        /// Who holds it, as far as the Node says.
+        owner: String,
+        /// The Node's UID, for the Event about it.
+        uid: Option<String>,
+    },
+}
+
+/// Who a Node belongs to, as far as its `fleetlet.io/managed-by` label says.
+pub fn node_owner(node: &Node) -> String {
+    match node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_LABEL))
+    {
+        Some(instance) => format!("{MANAGED_LABEL}={instance}"),
+        None => format!("no {MANAGED_LABEL} label: a kubelet's or another controller's"),
+    }
+}
+
 /// Per-node memory of what was applied.
 struct NodeState {
     uid: Option<String>,
@@ -154,6 +188,9 @@ struct NodeState {
     flightctl_condition: Option<(String, String)>,
     /// The label issues last reported, so each is logged once, not on every pass.
     label_issues: Vec<String>,
+    /// A Node of this name exists that the hub does not own: who holds it, and when that was
+    /// last checked. The device is not served while this is set.
+    not_owned: Option<(String, Instant)>,
     /// Status and reason of the Ready condition as last written to (or read from) the API.
     applied_ready: Option<(String, String)>,
 }
@@ -175,6 +212,7 @@ impl NodeState {
             flightctl_condition: None,
             label_issues: Vec::new(),
             applied_ready: None,
+            not_owned: None,
         }
     }
 }
@@ -193,6 +231,9 @@ pub struct NodeManager {
     known: watch::Sender<Arc<BTreeSet<String>>>,
     unready: watch::Sender<UnreadyNodes>,
     flightctl: Option<watch::Receiver<HealthMap>>,
+    /// The leader-election Lease this hub leads on (`namespace/name`), when it elects.
+    leader_lease: Option<String>,
+    leases_api: kube::Client,
 }
 
 /// What one pass decided to do for one node.
@@ -211,6 +252,8 @@ struct Plan {
     event: Option<NodeEvent>,
     delete: bool,
     uid: Option<String>,
+    /// Who held the Node when it was last found not owned (announced only on a change).
+    not_owned: Option<String>,
 }
 
 /// What came of a plan.
@@ -222,7 +265,12 @@ struct Outcome {
     ready_applied: Option<(String, String)>,
     lease_renewed: bool,
     deleted: bool,
+    /// The Node turned out not to be ours: who holds it.
+    not_owned: Option<String>,
 }
+
+/// How often a device whose Node name is taken by a Node the hub does not own is checked again.
+const NOT_OWNED_RECHECK: Duration = Duration::from_secs(60);
 
 impl NodeManager {
     /// A manager writing through `client`.
@@ -236,7 +284,7 @@ impl NodeManager {
     ) -> Self {
         Self {
             nodes: Api::all(client.clone()),
-            leases: LeaseKeeper::new(client, cfg.lease_duration_secs),
+            leases: LeaseKeeper::new(client.clone(), cfg.lease_duration_secs),
             recorder,
             cfg,
             address,
@@ -247,7 +295,43 @@ impl NodeManager {
             known: watch::channel(Arc::new(BTreeSet::new())).0,
             unready: watch::channel(Arc::new(BTreeMap::new())).0,
             flightctl: None,
+            leader_lease: None,
+            leases_api: client,
         }
+    }
+
+    /// Marks every Node with the leader-election Lease this hub leads on, and stays off Nodes of
+    /// its instance that another hub applies while leading on another live Lease (two
+    /// deployments sharing one instance name).
+    #[must_use]
+    pub fn with_leader_lease(mut self, namespace: &str, name: &str) -> Self {
+        self.leader_lease = Some(format!("{namespace}/{name}"));
+        self
+    }
+
+    /// Whether the Lease `namespace/name` is held right now (by a live holder). A Lease the hub
+    /// cannot read counts as held: staying off is the safe side.
+    async fn lease_is_live(&self, lease: &str) -> bool {
+        let Some((namespace, name)) = lease.split_once('/') else {
+            return false;
+        };
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.leases_api.clone(), namespace);
+        let r = api.get_opt(name).await;
+        self.metrics.api("get_leader_lease", &r);
+        let spec = match r {
+            Ok(Some(l)) => l.spec.unwrap_or_default(),
+            Ok(None) => return false,
+            Err(_) => return true,
+        };
+        let holder = spec.holder_identity.unwrap_or_default();
+        let (Some(renewed), Some(secs)) = (spec.renew_time, spec.lease_duration_seconds) else {
+            return !holder.is_empty();
+        };
+        // Twice the duration: clock skew between the hubs must not make a live Lease look stale.
+        let until =
+            renewed.0 + std::time::Duration::from_secs(2 * u64::try_from(secs).unwrap_or(0));
+        !holder.is_empty() && until > Timestamp::now()
     }
 
     /// Adds Flightctl's view of every device: the `FlightctlDeviceHealthy` condition and its part
@@ -295,8 +379,16 @@ impl NodeManager {
         });
     }
 
+    /// Only Nodes the hub created or found carrying its instance label are published: the relay
+    /// serves a device only once its Node is known to be ours, so a device whose name collides
+    /// with someone else's Node never gets that Node's pods (or their Secrets).
     fn publish_known(&self) {
-        let names: BTreeSet<String> = self.state.keys().cloned().collect();
+        let names: BTreeSet<String> = self
+            .state
+            .iter()
+            .filter(|(_, st)| st.uid.is_some() && st.not_owned.is_none())
+            .map(|(name, _)| name.clone())
+            .collect();
         self.known.send_if_modified(|cur| {
             if **cur == names {
                 false
@@ -362,6 +454,18 @@ impl NodeManager {
             let Some(name) = node.metadata.name.clone() else {
                 continue;
             };
+            // A Node another hub of the same instance name applies (its Lease on it) is not
+            // taken as ours here: the pass checks that hub's Lease before applying to it.
+            let lease = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LEADER_LEASE_ANNOTATION));
+            if let (Some(ours), Some(theirs)) = (&self.leader_lease, lease)
+                && ours != theirs
+            {
+                continue;
+            }
             let entry = self
                 .state
                 .entry(name.clone())
@@ -388,6 +492,8 @@ impl NodeManager {
                     boot_id: i.boot_id.clone(),
                     container_runtime_version: i.container_runtime_version.clone(),
                     agent_version: String::new(),
+                    addresses: Vec::new(),
+                    pod_networks: Vec::new(),
                 });
             }
             if entry.applied_status.is_none()
@@ -442,6 +548,15 @@ impl NodeManager {
                 .entry(dev.name.clone())
                 .or_insert_with(|| NodeState::new(Readiness::not_connected(&wall), now));
             st.deleted = false;
+            // Someone else's Node: leave it exactly as it is; look again now and then.
+            let not_owned = match &st.not_owned {
+                Some((_, at)) if now.duration_since(*at) < NOT_OWNED_RECHECK => continue,
+                Some((owner, _)) => Some(owner.clone()),
+                None => None,
+            };
+            if not_owned.is_some() {
+                st.applied_labels = None;
+            }
             if let Some(info) = ld.and_then(|l| l.info.clone()) {
                 st.last_info = Some(info);
             }
@@ -569,13 +684,20 @@ impl NodeManager {
                     event,
                     delete: false,
                     uid: st.uid.clone(),
+                    not_owned,
                 });
             }
         }
         // Nodes of devices that left the inventory (or were disabled): delete once no pod is
         // bound to them any more. Pods are only known once the relay has synced.
+        let mut forget = Vec::new();
         for (name, st) in &self.state {
             if wanted.contains(name) || st.deleted {
+                continue;
+            }
+            if st.not_owned.is_some() || st.uid.is_none() {
+                // Never ours (or never created): nothing to delete, only to forget.
+                forget.push(name.clone());
                 continue;
             }
             let pods_left = pod_counts.map(|c| c.get(name).copied().unwrap_or(0));
@@ -591,9 +713,14 @@ impl NodeManager {
                     event: None,
                     delete: true,
                     uid: st.uid.clone(),
+                    not_owned: None,
                 });
             }
         }
+        for name in forget {
+            self.state.remove(&name);
+        }
+        self.count_not_owned();
         if plans.is_empty() {
             return;
         }
@@ -610,6 +737,7 @@ impl NodeManager {
             if o.uid.is_some() {
                 st.uid = o.uid;
             }
+            let applied = o.labels_applied.is_some();
             if let Some(l) = o.labels_applied {
                 st.applied_labels = Some(l);
             }
@@ -626,7 +754,16 @@ impl NodeManager {
             if o.deleted {
                 st.deleted = true;
             }
+            match o.not_owned {
+                Some(owner) => {
+                    st.not_owned = Some((owner, now));
+                    st.uid = None;
+                }
+                None if applied => st.not_owned = None,
+                None => {}
+            }
         }
+        self.count_not_owned();
         self.state.retain(|_, s| !s.deleted);
         let count = self.state.len();
         self.metrics
@@ -643,14 +780,28 @@ impl NodeManager {
             ready_applied: None,
             lease_renewed: false,
             deleted: false,
+            not_owned: None,
         };
         let name = plan.name.as_str();
         if plan.delete {
-            let r = self.nodes.delete(name, &DeleteParams::default()).await;
+            // The UID precondition: a Node someone else created under the same name after ours
+            // went away is never deleted.
+            let params = DeleteParams {
+                preconditions: plan.uid.clone().map(|uid| kube::api::Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            let r = self.nodes.delete(name, &params).await;
             self.metrics.api("delete_node", &r);
             match r {
                 Ok(_) => out.deleted = true,
                 Err(e) if is_not_found(&e) => out.deleted = true,
+                Err(e) if status_code(&e) == Some(409) => {
+                    tracing::warn!(node = name, error = %e, "the node was replaced by one this hub did not create; left alone");
+                    out.deleted = true;
+                }
                 Err(error) => {
                     tracing::warn!(node = name, %error, "deleting the node of a departed device")
                 }
@@ -678,6 +829,18 @@ impl NodeManager {
                     uid = applied_uid;
                     out.uid.clone_from(&uid);
                     out.labels_applied = Some(labels);
+                }
+                Err(ApplyError::NotOwned {
+                    owner,
+                    uid: node_uid,
+                    ..
+                }) => {
+                    if plan.not_owned.as_deref() != Some(owner.as_str()) {
+                        self.announce_not_owned(name, node_uid.as_deref(), &owner)
+                            .await;
+                    }
+                    out.not_owned = Some(owner);
+                    return out;
                 }
                 Err(error) => {
                     tracing::warn!(node = name, %error, "applying node");
@@ -803,22 +966,115 @@ impl NodeManager {
         }
     }
 
+    /// Tells the operator, the Node's Events and `/metrics` that a device is not served because
+    /// its Node name is taken (the metric is the `nodes_not_owned` gauge).
+    async fn announce_not_owned(&self, name: &str, uid: Option<&str>, owner: &str) {
+        tracing::error!(
+            device = name,
+            node = name,
+            owner,
+            instance = %self.cfg.instance,
+            "a Node named like the device exists and is not owned by this hub; the device is not served and the Node is left alone"
+        );
+        self.publish(
+            name,
+            uid,
+            EventType::Warning,
+            "NodeNameConflict",
+            format!(
+                "inventory device {name} is not served by fleetlet-hub instance {}: this Node is not owned by it ({owner})",
+                self.cfg.instance
+            ),
+            "NodeOwnership",
+        )
+        .await;
+    }
+
+    fn count_not_owned(&self) {
+        let n = self
+            .state
+            .values()
+            .filter(|s| s.not_owned.is_some())
+            .count();
+        self.metrics
+            .nodes_not_owned
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// Applies labels and taints, keeping taints others set (the list is atomic). Returns the uid.
+    ///
+    /// Only a Node this hub owns is applied to: a missing Node is created (a create fails if
+    /// someone else created one meanwhile, where an apply would take it over), and an existing
+    /// Node without this hub's instance label is refused with [`ApplyError::NotOwned`].
     async fn apply_node(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<Option<String>, kube::Error> {
+    ) -> Result<Option<String>, ApplyError> {
         let current = self.nodes.get_opt(name).await;
         self.metrics.api("get_node", &current);
-        let others: Vec<Value> = current?
-            .and_then(|n| n.spec.and_then(|s| s.taints))
+        let ours: Vec<Value> = self.cfg.taints.iter().map(object::taint_value).collect();
+        let Some(current) = current? else {
+            let mut body = object::node_body(name, labels, &[], &ours);
+            if let Some(lease) = &self.leader_lease {
+                body["metadata"]["annotations"] =
+                    serde_json::json!({ LEADER_LEASE_ANNOTATION: lease });
+            }
+            let node: Node = serde_json::from_value(body)
+                .map_err(|e| ApplyError::Api(kube::Error::SerdeError(e)))?;
+            let r = self.nodes.create(&PostParams::default(), &node).await;
+            self.metrics.api("create_node", &r);
+            return match r {
+                Ok(created) => Ok(created.metadata.uid),
+                // Created by someone else since the GET: the next pass looks at whose it is.
+                Err(e) => Err(ApplyError::Api(e)),
+            };
+        };
+        let owned = current
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_LABEL))
+            .is_some_and(|v| *v == self.cfg.instance);
+        if !owned {
+            return Err(ApplyError::NotOwned {
+                node: name.to_string(),
+                owner: node_owner(&current),
+                uid: current.metadata.uid.clone(),
+            });
+        }
+        let theirs = current
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LEADER_LEASE_ANNOTATION));
+        if let (Some(ours), Some(theirs)) = (&self.leader_lease, theirs)
+            && ours != theirs
+            && self.lease_is_live(theirs).await
+        {
+            return Err(ApplyError::NotOwned {
+                node: name.to_string(),
+                owner: format!(
+                    "another fleetlet-hub with instance {} leads on Lease {theirs} (this hub: {ours}); two hub deployments share one instance name",
+                    self.cfg.instance
+                ),
+                uid: current.metadata.uid.clone(),
+            });
+        }
+        let others: Vec<Value> = current
+            .spec
+            .and_then(|s| s.taints)
             .unwrap_or_default()
             .iter()
             .filter_map(|t| serde_json::to_value(t).ok())
             .collect();
-        let ours: Vec<Value> = self.cfg.taints.iter().map(object::taint_value).collect();
-        let body = object::node_body(name, labels, &others, &ours);
+        let mut body = object::node_body(name, labels, &others, &ours);
+        if let Some(lease) = &self.leader_lease {
+            body["metadata"]["annotations"] = serde_json::json!({ LEADER_LEASE_ANNOTATION: lease });
+        }
+        // The apply carries the UID it checked: if the Node was replaced since the GET, the API
+        // server refuses it instead of taking the new one over.
+        body["metadata"]["uid"] = serde_json::json!(current.metadata.uid);
         let r = self
             .nodes
             .patch(

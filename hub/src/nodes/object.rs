@@ -14,6 +14,11 @@ use crate::sessions::DeviceRecord;
 pub const FLEET_LABEL: &str = "flightctl.io/fleet";
 /// Label marking Nodes this hub owns, so it finds them again after a restart.
 pub const MANAGED_LABEL: &str = "fleetlet.io/managed-by";
+/// Annotation naming the leader-election Lease (`namespace/name`) of the hub that applies the
+/// Node: two hub deployments configured with the same instance name lead on different Leases,
+/// so the second one finds the first one's live Lease here and stays off instead of fighting
+/// over the Nodes.
+pub const LEADER_LEASE_ANNOTATION: &str = "fleetlet.io/leader-lease";
 /// The taint keeping ordinary pods off fleetlet nodes.
 pub const PROVIDER_TAINT_KEY: &str = "virtual-kubelet.io/provider";
 /// Value of the provider taint.

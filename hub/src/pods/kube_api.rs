@@ -92,6 +92,35 @@ impl PodApi for KubePodApi {
         })
     }
 
+    fn node_event(
+        &self,
+        node: &str,
+        action: &str,
+        reason: &str,
+        message: &str,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let recorder = self.recorder.clone();
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(node.to_string()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_string(),
+            note: Some(truncate_note(message)),
+            action: action.to_string(),
+            secondary: None,
+        };
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let r = recorder.publish(&event, &reference).await;
+            metrics.api("create_event", &r);
+            r.map_err(|e| e.to_string())
+        })
+    }
+
     fn pod_event(
         &self,
         pod: &Pod,
@@ -104,7 +133,7 @@ impl PodApi for KubePodApi {
         let event = Event {
             type_: EventType::Warning,
             reason: reason.to_string(),
-            note: Some(message.to_string()),
+            note: Some(truncate_note(message)),
             action: action.to_string(),
             secondary: None,
         };
@@ -115,4 +144,18 @@ impl PodApi for KubePodApi {
             r.map_err(|e| e.to_string())
         })
     }
+}
+
+/// An Event's note is limited to 1 KiB by the API server; longer ones are cut at a character
+/// boundary with a marker.
+fn truncate_note(message: &str) -> String {
+    const LIMIT: usize = 1000;
+    if message.len() <= LIMIT {
+        return message.to_string();
+    }
+    let mut end = LIMIT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} ...", &message[..end])
 }

@@ -12,6 +12,8 @@ pub mod bundle;
 pub mod kube_api;
 mod not_ready;
 pub mod referenced;
+pub mod refusal;
+pub mod sanitize;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -58,6 +60,14 @@ pub trait PodApi: Send + Sync + 'static {
         namespace: &str,
         name: &str,
     ) -> BoxFuture<'static, Result<Option<Fetched>, String>>;
+    /// Publishes a Warning event about Node `node`; `action` is what the hub was doing.
+    fn node_event(
+        &self,
+        node: &str,
+        action: &str,
+        reason: &str,
+        message: &str,
+    ) -> BoxFuture<'static, Result<(), String>>;
     /// Publishes a Warning event about the pod; `action` is what the hub was doing.
     fn pod_event(
         &self,
@@ -180,8 +190,19 @@ impl<K: kube::Resource> Cache<K> {
 /// Relay ticks (2 s) between retries of failed GETs.
 const FETCH_RETRY_TICKS: u32 = 5;
 
+/// Entries of one status report the relay looks at; a device runs far fewer pods.
+pub const MAX_REPORT_ENTRIES: usize = 2_048;
+
+/// Largest PodStatus JSON the relay accepts from a device: a real one is a few KiB (about
+/// 350 bytes per container), and the API server would not store a pod much larger than this.
+pub const MAX_STATUS_BYTES: usize = 1024 * 1024;
+
 /// Upper bound of statuses kept while the pod cache has not synced yet (one per pod UID).
 const MAX_EARLY_STATUS: usize = 100_000;
+
+/// Upper bound of those statuses per device: far more pods than a device runs, far fewer than
+/// a device inventing UIDs could send.
+const MAX_EARLY_STATUS_PER_DEVICE: usize = 1_000;
 
 /// Tunables of the relay.
 #[derive(Debug, Clone)]
@@ -190,6 +211,10 @@ pub struct RelayConfig {
     pub debounce: Duration,
     /// Allocatable assumed before a device reports one.
     pub default_allocatable: BTreeMap<String, String>,
+    /// How large one pod's bundle and one device's snapshot may be.
+    pub bundle_limits: refusal::BundleLimits,
+    /// Address ranges devices may report for themselves and their pods (empty: any unicast).
+    pub device_ip_ranges: Vec<sanitize::IpRange>,
 }
 
 /// The relay task.
@@ -346,6 +371,12 @@ impl PodRelay {
                     if r.is_err() { return; }
                     self.counts_stale = true;
                     self.rebuild_refs();
+                    // A device becomes servable once its Node is known to be ours.
+                    self.all_dirty = true;
+                    self.schedule();
+                    if self.pods.synced {
+                        self.replay_early_status();
+                    }
                 }
                 r = self.unready.changed() => {
                     if r.is_err() { return; }
@@ -361,9 +392,12 @@ impl PodRelay {
         self.pods.synced && self.config_maps.synced && self.secrets.synced
     }
 
-    /// True when `node` is a fleetlet node (in the inventory or still kept by the node manager).
+    /// True when `node` is a Node this hub owns (the node manager created it or found it
+    /// carrying its instance label). A device whose name collides with a Node the hub does not
+    /// own is in the inventory but not here: its pods are never relayed, its reports never
+    /// written, that Node's pods never deleted.
     fn is_ours(&self, node: &str) -> bool {
-        self.inventory.borrow().contains_key(node) || self.known_nodes.borrow().contains(node)
+        self.known_nodes.borrow().contains(node)
     }
 
     fn device_enabled(&self, node: &str) -> bool {
@@ -509,6 +543,7 @@ impl PodRelay {
             self.session(SessionEvent::PodStatus {
                 device,
                 report: fleetlet_proto::v1::PodStatusReport { full: false, pods },
+                inflight: Default::default(),
             });
         }
     }
@@ -561,7 +596,26 @@ impl PodRelay {
 
     fn session(&mut self, ev: SessionEvent) {
         match ev {
-            SessionEvent::PodStatus { device, report } => {
+            SessionEvent::PodStatus {
+                device, mut report, ..
+            } => {
+                // A device is served once its Node is known to be ours. Until then (its Node not
+                // created yet, or held by someone else) its statuses wait like those that arrive
+                // before the pod cache synced, within the same bounds.
+                let servable = self.is_ours(&device);
+                if self.pods.synced && !servable && !self.device_enabled(&device) {
+                    self.metrics
+                        .dropped("device_not_served", report.pods.len() as u64);
+                    return;
+                }
+                if report.pods.len() > MAX_REPORT_ENTRIES {
+                    tracing::warn!(%device, entries = report.pods.len(), limit = MAX_REPORT_ENTRIES, "pod status report with too many entries; the rest dropped");
+                    self.metrics.dropped(
+                        "report_too_many_entries",
+                        (report.pods.len() - MAX_REPORT_ENTRIES) as u64,
+                    );
+                    report.pods.truncate(MAX_REPORT_ENTRIES);
+                }
                 if report.full {
                     let held = self.acked.get(&device).copied().unwrap_or(0);
                     self.full_report_gen.insert(device.clone(), held);
@@ -569,64 +623,122 @@ impl PodRelay {
                 }
                 // One pass over the cache to find the pods of this report by uid.
                 let uids: HashSet<&str> = report.pods.iter().map(|e| e.uid.as_str()).collect();
-                let by_uid: HashMap<String, (String, String, Option<String>, Option<String>)> =
-                    self.pods
-                        .items
-                        .values()
-                        .filter_map(|p| {
-                            let uid = p.metadata.uid.as_deref()?;
-                            uids.contains(uid).then(|| {
+                #[allow(clippy::type_complexity)]
+                let by_uid: HashMap<
+                    String,
+                    (
+                        String,
+                        String,
+                        Option<String>,
+                        Option<String>,
+                        sanitize::PodFacts,
+                    ),
+                > = self
+                    .pods
+                    .items
+                    .values()
+                    .filter_map(|p| {
+                        let uid = p.metadata.uid.as_deref()?;
+                        uids.contains(uid).then(|| {
+                            (
+                                uid.to_string(),
                                 (
-                                    uid.to_string(),
-                                    (
-                                        p.metadata.namespace.clone().unwrap_or_default(),
-                                        p.metadata.name.clone().unwrap_or_default(),
-                                        node_of(p),
-                                        scheduled_at(p),
-                                    ),
-                                )
-                            })
+                                    p.metadata.namespace.clone().unwrap_or_default(),
+                                    p.metadata.name.clone().unwrap_or_default(),
+                                    node_of(p),
+                                    scheduled_at(p),
+                                    sanitize::PodFacts::of(p),
+                                ),
+                            )
                         })
-                        .collect();
+                    })
+                    .collect();
                 let reported = self.reported.entry(device.clone()).or_default();
                 let mut check = Vec::new();
+                let mut early_of_device = if self.pods.synced && servable {
+                    0
+                } else {
+                    self.early_status
+                        .values()
+                        .filter(|(d, _)| *d == device)
+                        .count()
+                };
+                let mut not_bound = 0u64;
+                let announced = self
+                    .live
+                    .borrow()
+                    .get(&device)
+                    .and_then(|l| l.info.as_ref())
+                    .map(sanitize::Announced::of)
+                    .unwrap_or_default();
                 for entry in report.pods {
-                    if !self.pods.synced && !by_uid.contains_key(&entry.uid) {
-                        if self.early_status.len() < MAX_EARLY_STATUS {
+                    if entry.status_json.len() > MAX_STATUS_BYTES {
+                        tracing::warn!(%device, uid = %entry.uid, bytes = entry.status_json.len(), limit = MAX_STATUS_BYTES, "pod status larger than any real one; dropped");
+                        self.metrics.dropped("status_too_large", 1);
+                        continue;
+                    }
+                    if (!self.pods.synced && !by_uid.contains_key(&entry.uid)) || !servable {
+                        if self.early_status.len() < MAX_EARLY_STATUS
+                            && early_of_device < MAX_EARLY_STATUS_PER_DEVICE
+                        {
+                            early_of_device += 1;
                             self.early_status
                                 .insert(entry.uid.clone(), (device.clone(), entry));
+                        } else {
+                            self.metrics.dropped("early_status_full", 1);
                         }
                         continue;
                     }
                     let bound_here = by_uid
                         .get(&entry.uid)
-                        .is_some_and(|(_, _, node, _)| node.as_deref() == Some(device.as_str()));
+                        .is_some_and(|(_, _, node, _, _)| node.as_deref() == Some(device.as_str()));
+                    if !bound_here {
+                        // Dropped before anything is recorded: a device reporting UIDs that are
+                        // not its pods (another device's, or made up) costs the hub nothing.
+                        not_bound += 1;
+                        continue;
+                    }
                     if entry.removed {
-                        // Only the pod's own device may confirm its removal: a removal claimed
-                        // by another device would let it force-delete that device's running pod.
-                        if !bound_here {
-                            if by_uid.contains_key(&entry.uid) {
-                                tracing::warn!(%device, uid = %entry.uid, "removal reported for a pod not bound to this device; ignored");
-                            }
-                            continue;
-                        }
+                        // Only the pod's own device may confirm its removal (checked above): a
+                        // removal claimed by another device would let it force-delete that
+                        // device's running pod.
                         reported.insert(entry.uid.clone(), true);
                         self.confirmed_removed.insert(entry.uid.clone());
                         check.push(entry.uid);
                         continue;
                     }
                     reported.insert(entry.uid.clone(), false);
-                    let Some((namespace, name, _, scheduled)) = by_uid.get(&entry.uid) else {
+                    let Some((namespace, name, _, scheduled, facts)) = by_uid.get(&entry.uid)
+                    else {
                         continue;
                     };
-                    if !bound_here || self.rejected.contains(&entry.uid) {
-                        tracing::warn!(%device, uid = %entry.uid, "status for a pod not bound to this device; ignored");
+                    if self.rejected.contains(&entry.uid) {
                         continue;
                     }
                     let status: Value = match serde_json::from_slice(&entry.status_json) {
                         Ok(v @ Value::Object(_)) => v,
                         _ => {
                             tracing::warn!(%device, pod = %name, %namespace, "device sent a pod status that is not a JSON object; ignored");
+                            continue;
+                        }
+                    };
+                    // Only what an agent may say, for containers the pod has.
+                    let status = match sanitize::sanitize(
+                        status,
+                        facts,
+                        &self.cfg.device_ip_ranges,
+                        &announced,
+                    ) {
+                        Ok((status, notes)) => {
+                            if !notes.is_empty() {
+                                tracing::warn!(%device, pod = %name, %namespace, dropped = %notes.join("; "), "device sent pod status fields it may not set; dropped");
+                                self.metrics.dropped("status_field", notes.len() as u64);
+                            }
+                            status
+                        }
+                        Err(refused) => {
+                            tracing::warn!(%device, pod = %name, %namespace, error = %refused, "device sent an impossible pod status; ignored");
+                            self.metrics.dropped("status_refused", 1);
                             continue;
                         }
                     };
@@ -659,6 +771,11 @@ impl PodRelay {
                             tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; status dropped until the next report")
                         }
                     }
+                }
+                if not_bound > 0 {
+                    // One line per report, not per entry: a flood must not flood the log too.
+                    tracing::warn!(%device, entries = not_bound, "status report entries for pods not bound to this device; dropped");
+                    self.metrics.dropped("pod_not_bound", not_bound);
                 }
                 for uid in check {
                     self.check_deletion(&uid);
@@ -825,16 +942,18 @@ impl PodRelay {
             return;
         }
         let inventory = self.inventory.borrow().clone();
+        let owned = self.known_nodes.borrow().clone();
+        // Only devices whose Node the hub owns get a snapshot (see `is_ours`).
         let devices: BTreeSet<String> = if self.all_dirty {
             inventory
                 .values()
-                .filter(|d| d.enabled)
+                .filter(|d| d.enabled && owned.contains(&d.name))
                 .map(|d| d.name.clone())
                 .collect()
         } else {
             self.dirty
                 .iter()
-                .filter(|d| inventory.get(*d).is_some_and(|x| x.enabled))
+                .filter(|d| inventory.get(*d).is_some_and(|x| x.enabled) && owned.contains(*d))
                 .cloned()
                 .collect()
         };
@@ -918,11 +1037,21 @@ impl PodRelay {
             })
             .collect();
         self.pending_admission.remove(device);
+        let mut snapshot_bytes = 0usize;
         for pod in pods {
             let Some(uid) = pod.metadata.uid.clone() else {
                 continue;
             };
             if self.rejected.contains(&uid) || is_admission_failure(pod) {
+                continue;
+            }
+            if pod.metadata.deletion_timestamp.is_none()
+                && let Some(refusal) = refusal::daemonset(pod)
+            {
+                // Refused before its bundle is built: neither its spec nor its Secrets leave
+                // the hub.
+                self.metrics.refused("daemonset_not_for_devices");
+                self.reject(pod, &uid, &refusal);
                 continue;
             }
             if pod.metadata.deletion_timestamp.is_some() {
@@ -956,11 +1085,39 @@ impl PodRelay {
                     }
                 }
             }
-            bundles.push(bundle::build(
-                pod,
-                &self.config_maps.items,
-                &self.secrets.items,
-            ));
+            let bundle = bundle::build(pod, &self.config_maps.items, &self.secrets.items);
+            match refusal::bundle_size(&bundle, snapshot_bytes, self.cfg.bundle_limits) {
+                Ok(size) => snapshot_bytes += size,
+                Err(refusal) => {
+                    // One pod that cannot fit fails alone; the device keeps getting the others.
+                    self.metrics.refused("bundle_too_large");
+                    self.reject(pod, &uid, &refusal);
+                    if let Some(req) = self.admitted.remove(&uid)
+                        && let Some(i) = admitted_here.iter().position(|r| *r == req)
+                    {
+                        admitted_here.remove(i);
+                    }
+                    let node_event = self.api.node_event(
+                        device,
+                        "Relay",
+                        refusal::BUNDLE_REASON,
+                        &format!(
+                            "pod {}/{}: {}",
+                            pod.metadata.namespace.as_deref().unwrap_or_default(),
+                            pod.metadata.name.as_deref().unwrap_or_default(),
+                            refusal.message
+                        ),
+                    );
+                    let device = device.to_string();
+                    tokio::spawn(async move {
+                        if let Err(error) = node_event.await {
+                            tracing::warn!(node = %device, %error, "publishing node event");
+                        }
+                    });
+                    continue;
+                }
+            }
+            bundles.push(bundle);
         }
         let hash = snapshot_hash(&bundles, &grace);
         if self.last_sent.get(device) == Some(&hash) {
@@ -985,7 +1142,7 @@ impl PodRelay {
     fn reject(&mut self, pod: &Pod, uid: &str, rejection: &admission::Rejection) {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
-        tracing::info!(pod = %name, namespace = %ns, reason = %rejection.reason, "pod rejected at admission");
+        tracing::warn!(pod = %name, namespace = %ns, reason = %rejection.reason, message = %rejection.message, "pod rejected at admission");
         self.rejected.insert(uid.to_string());
         let update = StatusUpdate {
             uid: uid.to_string(),
@@ -1047,11 +1204,15 @@ fn is_terminal(p: &Pod) -> bool {
     )
 }
 
-/// A pod this hub (or a previous replica) failed at admission.
+/// A pod this hub (or a previous replica) failed at admission or refused to relay.
 fn is_admission_failure(p: &Pod) -> bool {
     p.status.as_ref().is_some_and(|s| {
         s.phase.as_deref() == Some("Failed")
-            && s.reason.as_deref().is_some_and(|r| r.starts_with("OutOf"))
+            && s.reason.as_deref().is_some_and(|r| {
+                r.starts_with("OutOf")
+                    || r == refusal::DAEMONSET_REASON
+                    || r == refusal::BUNDLE_REASON
+            })
     })
 }
 

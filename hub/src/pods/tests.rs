@@ -75,6 +75,19 @@ impl PodApi for FakeApi {
         let found = self.objects.try_lock().expect("lock").get(&r).cloned();
         Box::pin(async move { Ok(found) })
     }
+    fn node_event(
+        &self,
+        node: &str,
+        _action: &str,
+        reason: &str,
+        _message: &str,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        self.events
+            .try_lock()
+            .expect("lock")
+            .push((format!("node/{node}"), reason.to_string()));
+        Box::pin(async { Ok(()) })
+    }
     fn pod_event(
         &self,
         pod: &Pod,
@@ -97,7 +110,7 @@ struct Harness {
     status_rx: mpsc::Receiver<StatusUpdate>,
     live: LiveRegistry,
     _inv_tx: watch::Sender<DeviceSet>,
-    _known_tx: watch::Sender<Arc<BTreeSet<String>>>,
+    known_tx: watch::Sender<Arc<BTreeSet<String>>>,
     unready_tx: watch::Sender<crate::nodes::UnreadyNodes>,
 }
 
@@ -117,7 +130,10 @@ fn harness() -> Harness {
         })
         .collect();
     let (inv_tx, inv_rx) = watch::channel(Arc::new(inv));
-    let (known_tx, known_rx) = watch::channel(Arc::new(BTreeSet::new()));
+    // Both devices' Nodes are the hub's own (the node manager publishes only those).
+    let (known_tx, known_rx) = watch::channel(Arc::new(
+        ["dev-a", "dev-b"].into_iter().map(String::from).collect(),
+    ));
     let (unready_tx, unready_rx) = watch::channel(Arc::new(BTreeMap::new()));
     let live = LiveRegistry::new();
     let sessions = Arc::new(FakeSessions::default());
@@ -134,6 +150,11 @@ fn harness() -> Harness {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            bundle_limits: refusal::BundleLimits {
+                per_pod: 64 * 1024,
+                per_snapshot: 96 * 1024,
+            },
+            device_ip_ranges: Vec::new(),
         },
         inv_rx,
         live.subscribe(),
@@ -147,7 +168,7 @@ fn harness() -> Harness {
         status_rx,
         live,
         _inv_tx: inv_tx,
-        _known_tx: known_tx,
+        known_tx,
         unready_tx,
     }
 }
@@ -317,6 +338,7 @@ async fn device_status_goes_to_the_status_writer_only_for_its_own_pods() {
         removed: false,
     };
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-b".into(),
         report: PodStatusReport {
             full: false,
@@ -328,6 +350,7 @@ async fn device_status_goes_to_the_status_writer_only_for_its_own_pods() {
         "dev-b may not report dev-a's pod"
     );
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: true,
@@ -354,6 +377,7 @@ async fn a_status_reported_before_the_pod_cache_synced_is_written_once_it_has() 
         removed: false,
     };
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: true,
@@ -409,6 +433,7 @@ async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
     );
     // Another device claiming the removal does not count: only dev-a can confirm its pod.
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-b".into(),
         report: PodStatusReport {
             full: false,
@@ -425,6 +450,7 @@ async fn deletion_waits_for_the_device_then_deletes_with_the_uid() {
         "dev-b may not confirm the removal of dev-a's pod"
     );
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: false,
@@ -529,6 +555,7 @@ mod properties {
                 }
                 for (device, full, pods) in reports {
                     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+                        inflight: Default::default(),
                         device: device.into(),
                         report: PodStatusReport { full, pods },
                     }));
@@ -608,6 +635,7 @@ async fn pods_of_a_disconnected_node_are_marked_not_ready_once_and_the_device_st
         hello: Default::default(),
     });
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
         device: "dev-a".into(),
         report: PodStatusReport {
             full: true,
@@ -793,4 +821,284 @@ async fn a_pod_that_arrives_before_the_config_map_and_secret_lists_goes_out_once
     );
     h.relay.flush();
     assert_eq!(uids(&sent_to(&h, "dev-a")[0]), ["uid-early"]);
+}
+
+fn running_entry(uid: &str) -> PodStatusEntry {
+    PodStatusEntry {
+        uid: uid.into(),
+        namespace: "ns".into(),
+        name: "x".into(),
+        status_json: bytes::Bytes::from_static(br#"{"phase":"Running"}"#),
+        removed: false,
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_reports_about_pods_not_bound_to_the_device_records_nothing() {
+    let mut h = harness();
+    sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
+    // 100 reports of 2,048 made-up UIDs each (and one more than a report may carry).
+    for round in 0..100 {
+        let pods = (0..=MAX_REPORT_ENTRIES)
+            .map(|i| running_entry(&format!("made-up-{round}-{i}")))
+            .collect();
+        h.relay.handle(Input::Session(SessionEvent::PodStatus {
+            inflight: Default::default(),
+            device: "dev-a".into(),
+            report: PodStatusReport { full: false, pods },
+        }));
+    }
+    assert!(
+        h.relay.reported.get("dev-a").is_none_or(HashMap::is_empty),
+        "nothing is kept about UIDs that are not the device's pods"
+    );
+    assert!(h.relay.early_status.is_empty());
+    assert!(h.status_rx.try_recv().is_err());
+    let metrics = h.relay.metrics.render();
+    assert!(
+        metrics
+            .contains("fleetlet_hub_device_input_dropped_total{reason=\"pod_not_bound\"} 204800"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "fleetlet_hub_device_input_dropped_total{reason=\"report_too_many_entries\"} 100"
+        ),
+        "{metrics}"
+    );
+    // Its own pod still reports.
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![running_entry("uid-p1")],
+        },
+    }));
+    assert_eq!(h.status_rx.try_recv().expect("status").uid, "uid-p1");
+}
+
+#[tokio::test]
+async fn statuses_before_the_pod_cache_synced_are_bounded_per_device() {
+    let mut h = harness();
+    let pods = (0..MAX_EARLY_STATUS_PER_DEVICE + 500)
+        .map(|i| running_entry(&format!("early-{i}")))
+        .collect();
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-a".into(),
+        report: PodStatusReport { full: true, pods },
+    }));
+    assert_eq!(h.relay.early_status.len(), MAX_EARLY_STATUS_PER_DEVICE);
+    // Another device still has room.
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-b".into(),
+        report: PodStatusReport {
+            full: true,
+            pods: vec![running_entry("early-b")],
+        },
+    }));
+    assert!(h.relay.early_status.contains_key("early-b"));
+}
+
+#[tokio::test]
+async fn a_device_whose_node_is_not_the_hubs_gets_nothing_and_writes_nothing() {
+    let mut h = harness();
+    // dev-b's name is taken by a Node the hub does not own: the node manager never publishes it.
+    h.known_tx
+        .send_replace(Arc::new(["dev-a".to_string()].into_iter().collect()));
+    sync(
+        &mut h,
+        vec![pod("p1", "dev-a", "100m"), pod("kubelets", "dev-b", "100m")],
+        vec![config_map("v1")],
+    );
+    h.relay.flush();
+    assert_eq!(uids(&sent_to(&h, "dev-a")[0]), ["uid-p1"]);
+    assert!(
+        sent_to(&h, "dev-b").is_empty(),
+        "the other Node's pod must never reach the device"
+    );
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-b".into(),
+        report: PodStatusReport {
+            full: true,
+            pods: vec![PodStatusEntry {
+                removed: true,
+                ..running_entry("uid-kubelets")
+            }],
+        },
+    }));
+    assert!(h.status_rx.try_recv().is_err(), "no status written");
+    tokio::task::yield_now().await;
+    assert!(h.api.deleted.try_lock().expect("lock").is_empty());
+}
+
+fn daemonset_pod(name: &str, node: &str, node_selector: Value, annotations: Value) -> Pod {
+    let mut p = pod(name, node, "10m");
+    p.metadata.owner_references = Some(vec![
+        serde_json::from_value(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "name": name, "uid": format!("ds-{name}"), "controller": true}))
+        .expect("owner"),
+    ]);
+    p.metadata.annotations = serde_json::from_value(annotations).expect("annotations");
+    if let Some(spec) = p.spec.as_mut() {
+        spec.node_selector = serde_json::from_value(node_selector).expect("selector");
+    }
+    p
+}
+
+#[tokio::test]
+async fn daemonset_pods_reach_devices_only_when_their_daemonset_targets_fleetlet_nodes() {
+    let mut h = harness();
+    sync(
+        &mut h,
+        vec![
+            daemonset_pod(
+                "kube-proxy",
+                "dev-a",
+                json!({"kubernetes.io/os": "linux"}),
+                json!({}),
+            ),
+            daemonset_pod(
+                "fleet-agent",
+                "dev-a",
+                json!({"flightctl.io/fleet": "a"}),
+                json!({}),
+            ),
+            daemonset_pod(
+                "opted-in",
+                "dev-a",
+                json!({}),
+                json!({"fleetlet.io/run-on-devices": "true"}),
+            ),
+        ],
+        vec![config_map("v1")],
+    );
+    h.relay.flush();
+    let mut sent = uids(&sent_to(&h, "dev-a")[0]);
+    sent.sort();
+    assert_eq!(sent, ["uid-fleet-agent", "uid-opted-in"]);
+    let st = h.status_rx.try_recv().expect("refusal status");
+    assert_eq!(
+        (
+            st.name.as_str(),
+            st.status["phase"].as_str(),
+            st.status["reason"].as_str()
+        ),
+        (
+            "kube-proxy",
+            Some("Failed"),
+            Some(refusal::DAEMONSET_REASON)
+        )
+    );
+    tokio::task::yield_now().await;
+    assert!(h.api.events.try_lock().expect("lock").contains(&(
+        "kube-proxy".to_string(),
+        refusal::DAEMONSET_REASON.to_string()
+    )));
+}
+
+#[tokio::test]
+async fn a_pod_whose_bundle_cannot_fit_fails_alone() {
+    let mut h = harness();
+    let big: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "big", "namespace": "ns"},
+        "data": {"k": "x".repeat(100 * 1024)}
+    }))
+    .expect("cm");
+    let mut huge = pod("huge", "dev-a", "10m");
+    if let Some(spec) = huge.spec.as_mut() {
+        spec.volumes = Some(vec![
+            serde_json::from_value(json!({"name": "big", "configMap": {"name": "big"}}))
+                .expect("volume"),
+        ]);
+    }
+    sync(
+        &mut h,
+        vec![pod("small", "dev-a", "10m"), huge],
+        vec![config_map("v1"), big],
+    );
+    h.relay.flush();
+    assert_eq!(uids(&sent_to(&h, "dev-a")[0]), ["uid-small"]);
+    let st = h.status_rx.try_recv().expect("refusal status");
+    assert_eq!(st.name, "huge");
+    assert_eq!(st.status["reason"], refusal::BUNDLE_REASON);
+    let message = st.status["message"].as_str().unwrap_or_default();
+    assert!(message.contains("ConfigMap big"), "{message}");
+    tokio::task::yield_now().await;
+    let events = h.api.events.try_lock().expect("lock").clone();
+    assert!(events.contains(&("huge".to_string(), refusal::BUNDLE_REASON.to_string())));
+    assert!(events.contains(&("node/dev-a".to_string(), refusal::BUNDLE_REASON.to_string())));
+}
+
+#[tokio::test]
+async fn a_device_cannot_steer_its_pods_endpoints_outside_the_allowed_ranges() {
+    let mut h = harness();
+    h.relay.cfg.device_ip_ranges = vec![sanitize::IpRange::parse("10.88.0.0/16").expect("range")];
+    sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
+    let report = |status: &'static [u8]| SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![PodStatusEntry {
+                status_json: bytes::Bytes::from_static(status),
+                ..running_entry("uid-p1")
+            }],
+        },
+    };
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","podIP":"10.96.0.10","podIPs":[{"ip":"10.96.0.10"}],"nominatedNodeName":"x"}"#,
+    )));
+    assert!(
+        h.status_rx.try_recv().is_err(),
+        "a podIP outside the ranges is never written"
+    );
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","podIP":"10.88.0.7","podIPs":[{"ip":"10.88.0.7"}],"nominatedNodeName":"x"}"#,
+    )));
+    let st = h.status_rx.try_recv().expect("status");
+    assert_eq!(st.status["podIP"], "10.88.0.7");
+    assert!(st.status.get("nominatedNodeName").is_none());
+}
+
+#[tokio::test]
+async fn a_device_may_only_claim_the_addresses_it_announced() {
+    let mut h = harness();
+    h.live.apply(&SessionEvent::Connected {
+        device: "dev-a".into(),
+        hello: fleetlet_proto::v1::Hello {
+            node_info: Some(fleetlet_proto::v1::NodeInfo {
+                addresses: vec!["192.0.2.7".into()],
+                pod_networks: vec!["10.88.0.0/16".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    });
+    sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
+    let report = |status: &'static [u8]| SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-a".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![PodStatusEntry {
+                status_json: bytes::Bytes::from_static(status),
+                ..running_entry("uid-p1")
+            }],
+        },
+    };
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","hostIP":"192.0.2.7","podIP":"198.51.100.1"}"#,
+    )));
+    assert!(h.status_rx.try_recv().is_err(), "not its pod network");
+    h.relay.handle(Input::Session(report(
+        br#"{"phase":"Running","hostIP":"192.0.2.7","podIP":"10.88.1.2"}"#,
+    )));
+    assert_eq!(
+        h.status_rx.try_recv().expect("status").status["podIP"],
+        "10.88.1.2"
+    );
 }

@@ -344,7 +344,8 @@ pub async fn report_status(env: &Env, certs: &DeviceCerts, device: &str, report:
 }
 
 /// The hub's identity in Flightctl as an installation sets it up: the shipped namespace and RBAC
-/// (ServiceAccount `fleetlet-system/fleetlet-hub`) and the shipped Flightctl role and binding
+/// (ServiceAccount `fleetlet-system/fleetlet-hub-flightctl`, the hub's Flightctl-only identity)
+/// and the shipped Flightctl role and binding
 /// (`packaging/kubernetes/flightctl/hub-rbac.yaml`: get/list devices, devices/lastseen, fleets
 /// in Flightctl's RBAC namespace) applied for real; writes a token of that ServiceAccount to
 /// `dir/flightctl-hub.token` (0600). The test then runs the hub with exactly the shipped rights.
@@ -366,7 +367,7 @@ pub fn hub_token_file(dir: &Path) -> PathBuf {
         "fleetlet-system",
         "create",
         "token",
-        "fleetlet-hub",
+        "fleetlet-hub-flightctl",
         "--duration=2h",
     ]);
     let file = dir.join("flightctl-hub.token");

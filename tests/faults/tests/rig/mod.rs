@@ -4,8 +4,15 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
+
+use fleetlet_proto::v1::{self, agent_message, device_link_client::DeviceLinkClient};
+use fleetlet_test_support::harness::dev_dir;
+use futures::StreamExt;
+use tokio::time::Instant;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use fleetlet_faults::fixture::Fleet;
 use fleetlet_test_support::harness::{self, AgentSetup};
@@ -254,4 +261,146 @@ pub fn duplicated(device: &str, uid: &str) -> u32 {
 /// Records an outcome for the suite's table (and prints it).
 pub fn record(outcome: fleetlet_faults::Outcome) {
     fleetlet_faults::fixture::record_outcome(&outcome);
+}
+
+/// A gRPC client of the hub's link holding `device`'s certificate from the rig's PKI.
+pub async fn link_client(dir: &Path, device: &str, port: u16) -> DeviceLinkClient<Channel> {
+    let read = |name: String| std::fs::read(dir.join(name)).expect("PKI file");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("link-ca.crt".into())))
+        .identity(Identity::from_pem(
+            read(format!("{device}.crt")),
+            read(format!("{device}.key")),
+        ))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect to the hub's link");
+    DeviceLinkClient::new(channel)
+}
+
+pub fn message(kind: agent_message::Kind) -> v1::AgentMessage {
+    v1::AgentMessage { kind: Some(kind) }
+}
+
+pub fn hello(name: &str) -> v1::AgentMessage {
+    message(agent_message::Kind::Hello(v1::Hello {
+        device_name: name.into(),
+        ..Default::default()
+    }))
+}
+
+/// Opens a stream, sends `messages` (and keeps the stream open); returns the hub's verdict: the
+/// error status it ended the stream with, or `None` while it keeps the stream (bounded wait).
+pub async fn send_as(
+    client: &mut DeviceLinkClient<Channel>,
+    messages: Vec<v1::AgentMessage>,
+    wait: Duration,
+) -> Option<tonic::Status> {
+    let outbound = futures::stream::iter(messages).chain(futures::stream::pending());
+    let response = match client.connect(outbound).await {
+        Ok(r) => r,
+        Err(status) => return Some(status),
+    };
+    let mut inbound = response.into_inner();
+    let deadline = Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Err(_) => return None,
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return Some(tonic::Status::ok("closed")),
+            Ok(Err(status)) => return Some(status),
+        }
+    }
+}
+
+/// 16 random bytes as hex, from the kernel.
+pub fn random_hex() -> String {
+    let mut bytes = [0u8; 16];
+    let mut f = std::fs::File::open("/dev/urandom").expect("urandom");
+    std::io::Read::read_exact(&mut f, &mut bytes).expect("random bytes");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// HTTP status of a GET to the hub's kubelet endpoint (curl, trusting the cluster CA).
+pub fn kubelet_get(port: u16, path: &str, token: Option<&str>) -> u16 {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "20",
+    ])
+    .arg("--cacert")
+    .arg(dev_dir().join("pki/ca.crt"))
+    .arg(format!("https://127.0.0.1:{port}{path}"));
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    let out = cmd.output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The `[kubelet] listen` port of the rig's hub config.
+pub fn kubelet_port(rig: &Rig) -> u16 {
+    let cfg = std::fs::read_to_string(rig.dir().join("hub.toml")).expect("hub.toml");
+    let section = cfg.split("[kubelet]").nth(1).expect("[kubelet] table");
+    let listen = section
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .expect("kubelet listen");
+    listen
+        .trim_end_matches('"')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("kubelet port")
+}
+
+/// (HTTP status, body) of a GET to the hub's kubelet endpoint (curl, trusting the cluster CA).
+pub fn kubelet_get_body(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", "--max-time", "20"])
+        .arg("--cacert")
+        .arg(dev_dir().join("pki/ca.crt"))
+        .arg(format!("https://127.0.0.1:{port}{path}"));
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    let out = cmd.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Seconds a TLS connection to the kubelet endpoint that completes its handshake and then sends
+/// nothing stays open (`openssl s_client`, which exits when the server closes); `None` when it
+/// is still open after 30 s.
+pub async fn silent_tls_connection_lifetime(port: u16) -> Option<f64> {
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(dev_dir().join("pki/ca.crt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl s_client");
+    match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+        Ok(_) => Some(started.elapsed().as_secs_f64()),
+        Err(_) => None,
+    }
 }
