@@ -961,3 +961,57 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
     cleanup(&hub.client, &ns, &[&a1, &a2, &b1]).await;
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_node_the_hub_does_not_own_survives_its_device_leaving_the_inventory() {
+    let instance = unique("it-foreign");
+    let (taken, ours) = (format!("{instance}-kubelet"), format!("{instance}-d1"));
+    let _cleanup = KubeCleanup {
+        nodes: vec![taken.clone(), ours.clone()],
+        namespace: None,
+    };
+    let client = client().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": taken}})).expect("node");
+    let created = nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("create the foreign Node");
+    let hub = start_hub(
+        &instance,
+        vec![device(&taken, "fleet-a"), device(&ours, "fleet-a")],
+    )
+    .await;
+    hub.connect(&taken, "1").await;
+    hub.connect(&ours, "1").await;
+    wait_for("NodeNameConflict event", 30, || {
+        node_event(&hub.client, &taken, "NodeNameConflict")
+    })
+    .await;
+    wait_for("our Node applied", 30, || async {
+        nodes.get_opt(&ours).await.ok().flatten()
+    })
+    .await;
+    // Both devices leave the inventory: ours is deleted, the foreign one stays.
+    hub.inventory.send_replace(Arc::new(BTreeMap::new()));
+    wait_for("our Node deleted", 30, || async {
+        matches!(nodes.get_opt(&ours).await, Ok(None)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = nodes
+        .get(&taken)
+        .await
+        .expect("the foreign Node is still there");
+    assert_eq!(still.metadata.uid, created.metadata.uid);
+    assert!(
+        !still
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|m| m.manager.as_deref() == Some("fleetlet")),
+        "the hub never wrote to it"
+    );
+    hub.stop().await;
+}

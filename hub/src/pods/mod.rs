@@ -204,6 +204,12 @@ const MAX_EARLY_STATUS: usize = 100_000;
 /// a device inventing UIDs could send.
 const MAX_EARLY_STATUS_PER_DEVICE: usize = 1_000;
 
+/// Bytes of those statuses per device (a real status is a few KiB).
+const MAX_EARLY_BYTES_PER_DEVICE: usize = 8 * 1024 * 1024;
+
+/// Bytes of those statuses, all devices together.
+const MAX_EARLY_BYTES: usize = 256 * 1024 * 1024;
+
 /// Tunables of the relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -255,10 +261,15 @@ pub struct PodRelay {
     excluded_in: HashMap<String, u64>,
     started_observed: HashSet<String>,
     /// Reports (statuses, removals) that arrived before the pod cache's first sync (a restarted
-    /// hub accepts devices while it still lists pods), uid → (device, entry); replayed once the
-    /// cache has synced. A device sends a status again only when it changes, so dropping these
-    /// would leave the API's status stale for good.
-    early_status: HashMap<String, (String, fleetlet_proto::v1::PodStatusEntry)>,
+    /// hub accepts devices while it still lists pods, or the device's Node is not known to be
+    /// ours yet), device → uid → entry; replayed once the cache has synced. A device sends a
+    /// status again only when it changes, so dropping these would leave the API's status stale
+    /// for good. Kept per device so one device's reports can never replace another's.
+    early_status: HashMap<String, HashMap<String, fleetlet_proto::v1::PodStatusEntry>>,
+    /// Entries and status bytes in `early_status`: all devices together, and per device.
+    early_total: usize,
+    early_bytes: usize,
+    early_device_bytes: HashMap<String, usize>,
     last_sent: HashMap<String, u64>,
     sent_at: HashMap<String, Vec<(u64, Instant)>>,
     pending_admission: BTreeSet<String>,
@@ -325,6 +336,9 @@ impl PodRelay {
                 excluded_in: HashMap::new(),
                 started_observed: HashSet::new(),
                 early_status: HashMap::new(),
+                early_total: 0,
+                early_bytes: 0,
+                early_device_bytes: HashMap::new(),
                 last_sent: HashMap::new(),
                 sent_at: HashMap::new(),
                 pending_admission: BTreeSet::new(),
@@ -533,12 +547,12 @@ impl PodRelay {
 
     /// Relays the statuses that arrived before the pod cache synced (see `early_status`).
     fn replay_early_status(&mut self) {
-        let mut by_device: HashMap<String, Vec<fleetlet_proto::v1::PodStatusEntry>> =
-            HashMap::new();
-        for (_, (device, entry)) in self.early_status.drain() {
-            by_device.entry(device).or_default().push(entry);
-        }
-        for (device, pods) in by_device {
+        self.early_total = 0;
+        self.early_bytes = 0;
+        self.early_device_bytes.clear();
+        let stashed: Vec<_> = self.early_status.drain().collect();
+        for (device, entries) in stashed {
+            let pods: Vec<_> = entries.into_values().collect();
             tracing::debug!(%device, pods = pods.len(), "relaying statuses that arrived before the pod cache synced");
             self.session(SessionEvent::PodStatus {
                 device,
@@ -655,14 +669,6 @@ impl PodRelay {
                     .collect();
                 let reported = self.reported.entry(device.clone()).or_default();
                 let mut check = Vec::new();
-                let mut early_of_device = if self.pods.synced && servable {
-                    0
-                } else {
-                    self.early_status
-                        .values()
-                        .filter(|(d, _)| *d == device)
-                        .count()
-                };
                 let mut not_bound = 0u64;
                 let announced = self
                     .live
@@ -678,12 +684,23 @@ impl PodRelay {
                         continue;
                     }
                     if (!self.pods.synced && !by_uid.contains_key(&entry.uid)) || !servable {
-                        if self.early_status.len() < MAX_EARLY_STATUS
-                            && early_of_device < MAX_EARLY_STATUS_PER_DEVICE
-                        {
-                            early_of_device += 1;
-                            self.early_status
-                                .insert(entry.uid.clone(), (device.clone(), entry));
+                        let held = self.early_status.entry(device.clone()).or_default();
+                        let device_bytes =
+                            self.early_device_bytes.entry(device.clone()).or_default();
+                        let size = entry.status_json.len();
+                        let old = held.get(&entry.uid).map(|e| e.status_json.len());
+                        let fits = self.early_total + usize::from(old.is_none())
+                            <= MAX_EARLY_STATUS
+                            && held.len() + usize::from(old.is_none())
+                                <= MAX_EARLY_STATUS_PER_DEVICE
+                            && *device_bytes - old.unwrap_or(0) + size
+                                <= MAX_EARLY_BYTES_PER_DEVICE
+                            && self.early_bytes - old.unwrap_or(0) + size <= MAX_EARLY_BYTES;
+                        if fits {
+                            self.early_total += usize::from(old.is_none());
+                            *device_bytes = *device_bytes - old.unwrap_or(0) + size;
+                            self.early_bytes = self.early_bytes - old.unwrap_or(0) + size;
+                            held.insert(entry.uid.clone(), entry);
                         } else {
                             self.metrics.dropped("early_status_full", 1);
                         }

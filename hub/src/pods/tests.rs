@@ -889,7 +889,11 @@ async fn statuses_before_the_pod_cache_synced_are_bounded_per_device() {
         device: "dev-a".into(),
         report: PodStatusReport { full: true, pods },
     }));
-    assert_eq!(h.relay.early_status.len(), MAX_EARLY_STATUS_PER_DEVICE);
+    assert_eq!(
+        h.relay.early_status["dev-a"].len(),
+        MAX_EARLY_STATUS_PER_DEVICE
+    );
+    assert_eq!(h.relay.early_total, MAX_EARLY_STATUS_PER_DEVICE);
     // Another device still has room.
     h.relay.handle(Input::Session(SessionEvent::PodStatus {
         inflight: Default::default(),
@@ -899,7 +903,17 @@ async fn statuses_before_the_pod_cache_synced_are_bounded_per_device() {
             pods: vec![running_entry("early-b")],
         },
     }));
-    assert!(h.relay.early_status.contains_key("early-b"));
+    assert!(h.relay.early_status["dev-b"].contains_key("early-b"));
+    // dev-b reporting dev-a's UIDs before the sync replaces nothing of dev-a's.
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-b".into(),
+        report: PodStatusReport {
+            full: false,
+            pods: vec![running_entry("early-0")],
+        },
+    }));
+    assert!(h.relay.early_status["dev-a"].contains_key("early-0"));
 }
 
 #[tokio::test]
@@ -1101,4 +1115,31 @@ async fn a_device_may_only_claim_the_addresses_it_announced() {
         h.status_rx.try_recv().expect("status").status["podIP"],
         "10.88.1.2"
     );
+}
+
+#[tokio::test]
+async fn statuses_kept_before_the_sync_are_bounded_in_bytes_per_device() {
+    let mut h = harness();
+    let big = bytes::Bytes::from(format!(
+        r#"{{"phase":"Running","message":"{}"}}"#,
+        "x".repeat(512 * 1024)
+    ));
+    let pods = (0..100)
+        .map(|i| PodStatusEntry {
+            status_json: big.clone(),
+            ..running_entry(&format!("big-{i}"))
+        })
+        .collect();
+    h.relay.handle(Input::Session(SessionEvent::PodStatus {
+        inflight: Default::default(),
+        device: "dev-a".into(),
+        report: PodStatusReport { full: true, pods },
+    }));
+    let held: usize = h.relay.early_status["dev-a"]
+        .values()
+        .map(|e| e.status_json.len())
+        .sum();
+    assert!(held <= MAX_EARLY_BYTES_PER_DEVICE, "{held}");
+    assert!(h.relay.early_status["dev-a"].len() < 100);
+    assert_eq!(h.relay.early_device_bytes["dev-a"], held);
 }
