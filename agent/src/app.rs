@@ -85,6 +85,7 @@ pub async fn run(
     let (status_tx, status_rx) = watch::channel::<StatusMap>(Arc::new(BTreeMap::new()));
     let (not_served_tx, not_served_rx) = watch::channel::<Option<String>>(None);
 
+    let reconcile_stats = Arc::new(crate::reconcile_stats::ReconcileStats::default());
     let ctx = Arc::new(PodContext {
         rt: rt.clone(),
         device: cfg.device_name.clone(),
@@ -97,6 +98,7 @@ pub async fn run(
         allocatable: resources.allocatable,
         seccomp_root: cfg.seccomp_root(),
         pulled_images: crate::pod::pulled_images::PulledImages::load(&cfg.state_dir),
+        reconcile_stats: reconcile_stats.clone(),
     });
     let reconciler = Reconciler::new(
         ctx,
@@ -136,6 +138,7 @@ pub async fn run(
             statuses: status_rx,
             rt: rt.clone(),
             not_served: not_served_tx.clone(),
+            reconcile_stats: reconcile_stats.clone(),
         });
         info!(endpoint = %hub.endpoint, "starting link to hub");
         tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));

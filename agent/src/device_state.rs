@@ -30,6 +30,8 @@ pub struct AgentDeviceState<R> {
     pub rt: Arc<R>,
     /// Since when the hub refuses to serve the device, for the status file.
     pub not_served: watch::Sender<Option<String>>,
+    /// The pod workers' reconcile passes.
+    pub reconcile_stats: Arc<crate::reconcile_stats::ReconcileStats>,
 }
 
 #[tonic::async_trait]
@@ -40,6 +42,10 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
 
     fn device_name(&self) -> String {
         self.device.clone()
+    }
+
+    fn reconcile_stats(&self) -> Option<Arc<crate::reconcile_stats::ReconcileStats>> {
+        Some(self.reconcile_stats.clone())
     }
 
     fn held_generation(&self) -> u64 {

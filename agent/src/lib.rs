@@ -14,6 +14,7 @@ pub mod node;
 pub mod notify;
 pub mod pod;
 pub mod podman;
+pub mod reconcile_stats;
 pub mod reconciler;
 pub mod registry_auth;
 pub mod status;

@@ -224,9 +224,13 @@ async fn dispatch(
                     .get(device)
                     .and_then(|d| d.capacity.clone());
                 metrics.forget_device_capacity(device, last.as_ref());
+                metrics.forget_device_reconcile(device);
             }
             SessionEvent::Capacity { device, capacity } => {
                 metrics.set_device_capacity(device, capacity);
+            }
+            SessionEvent::Stats { device, stats } => {
+                metrics.set_device_reconcile(device, stats);
             }
             _ => {}
         }

@@ -91,7 +91,9 @@ impl LiveRegistry {
                     entry.capacity = Some(capacity.clone());
                     true
                 }
-                SessionEvent::PodStatus { .. } | SessionEvent::Acked { .. } => false,
+                SessionEvent::PodStatus { .. }
+                | SessionEvent::Acked { .. }
+                | SessionEvent::Stats { .. } => false,
             }
         });
     }

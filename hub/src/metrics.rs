@@ -100,6 +100,12 @@ pub struct Metrics {
     pub device_allocatable: Family<DeviceResourceLabels, Gauge<f64, AtomicU64>>,
     /// Encoded size of the pods in each device's current desired snapshot, in bytes.
     pub device_snapshot_bytes: Family<DeviceLabels, Gauge>,
+    /// Reconcile passes the device's agent ran since it started (as it reported).
+    pub device_reconcile_passes: Family<DeviceLabels, Gauge>,
+    /// Their total duration in seconds.
+    pub device_reconcile_seconds_sum: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
+    /// The longest pass in the device's last report interval, in seconds.
+    pub device_reconcile_seconds_max: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
     /// 1 while this replica holds the leader lease (or runs without election), else 0.
     pub leader: Gauge,
     /// ConfigMaps and Secrets held in memory (only those fleetlet pods reference).
@@ -179,6 +185,25 @@ impl Metrics {
              current desired snapshot, uncompressed",
             device_snapshot_bytes.clone(),
         );
+        let device_reconcile_passes = Family::<DeviceLabels, Gauge>::default();
+        registry.register(
+            "device_reconcile_passes",
+            "Reconcile passes (one pod compared with Podman and acted on) the device's agent ran \
+             since it started, as it reported (at most once a minute)",
+            device_reconcile_passes.clone(),
+        );
+        let device_reconcile_seconds_sum = Family::<DeviceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "device_reconcile_seconds_sum",
+            "Total duration of those passes; with device_reconcile_passes, the mean pass time",
+            device_reconcile_seconds_sum.clone(),
+        );
+        let device_reconcile_seconds_max = Family::<DeviceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "device_reconcile_seconds_max",
+            "The longest reconcile pass in the device's last report interval",
+            device_reconcile_seconds_max.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -227,7 +252,36 @@ impl Metrics {
             device_capacity,
             device_allocatable,
             device_snapshot_bytes,
+            device_reconcile_passes,
+            device_reconcile_seconds_sum,
+            device_reconcile_seconds_max,
         }
+    }
+
+    /// Records a device's reconcile figures.
+    pub fn set_device_reconcile(&self, device: &str, stats: &fleetlet_proto::v1::AgentStats) {
+        let labels = DeviceLabels {
+            device: device.to_string(),
+        };
+        self.device_reconcile_passes
+            .get_or_create(&labels)
+            .set(i64::try_from(stats.reconcile_passes).unwrap_or(i64::MAX));
+        self.device_reconcile_seconds_sum
+            .get_or_create(&labels)
+            .set(stats.reconcile_seconds_sum.max(0.0));
+        self.device_reconcile_seconds_max
+            .get_or_create(&labels)
+            .set(stats.reconcile_seconds_max.max(0.0));
+    }
+
+    /// Drops the reconcile series of a device that disconnected.
+    pub fn forget_device_reconcile(&self, device: &str) {
+        let labels = DeviceLabels {
+            device: device.to_string(),
+        };
+        self.device_reconcile_passes.remove(&labels);
+        self.device_reconcile_seconds_sum.remove(&labels);
+        self.device_reconcile_seconds_max.remove(&labels);
     }
 
     /// Counts one API request and its outcome: a 404 or 409 answer as
@@ -245,7 +299,10 @@ impl Metrics {
                     })
                     .inc();
             }
-            _ => {
+            code => {
+                // One line per unexpected API failure, with the operation as a field, so an
+                // operator can filter by `op` (the call site logs what it was doing for whom).
+                tracing::warn!(op = %labels.op, code = ?code, %error, "Kubernetes API request failed");
                 self.api_errors.get_or_create(&labels).inc();
             }
         }

@@ -340,6 +340,20 @@ async fn pods_of_a_disconnected_device_turn_not_ready_and_ready_again_on_reconne
     .await;
     let before = uid_containers(&uid);
     assert!(before.len() == 1 && before[0].1 == "running", "{before:?}");
+    // The agent reports its reconcile passes; the hub exports them per device.
+    let passes = format!("device_reconcile_passes{{device=\"{}\"}}", s.dev);
+    let seconds = format!("device_reconcile_seconds_sum{{device=\"{}\"}}", s.dev);
+    let ops = s.ports.ops;
+    let (n, secs) = wait_for("the device's reconcile figures on /metrics", 30, || async {
+        let n = hub_metric(ops, &passes).await?;
+        let secs = hub_metric(ops, &seconds).await?;
+        (n > 0.0 && secs > 0.0).then_some((n, secs))
+    })
+    .await;
+    eprintln!(
+        "reconcile passes {n}, total {secs:.4} s, mean {:.2} ms",
+        secs / n * 1000.0
+    );
 
     // The agent dies (SIGKILL): its container stays with Podman.
     s.agent.take();

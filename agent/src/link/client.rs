@@ -215,8 +215,26 @@ pub(crate) async fn run_session(
     let mut pending: Option<PendingSnapshot> = None;
     let session_end = CancellationToken::new();
     let _stop_logs = session_end.clone().drop_guard();
+    // Reconcile figures go out at most once a minute, and only when passes happened.
+    let stats = state.reconcile_stats();
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(cfg.stats_interval_secs.max(1)));
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stats_sent: Option<u64> = None;
     loop {
         tokio::select! {
+            _ = stats_tick.tick(), if stats.is_some() => {
+                if let Some(stats) = &stats
+                    && stats_sent != Some(stats.passes())
+                {
+                    let r = stats.take();
+                    stats_sent = Some(r.passes);
+                    send(&tx, agent_message::Kind::Stats(v1::AgentStats {
+                        reconcile_passes: r.passes,
+                        reconcile_seconds_sum: r.seconds_sum,
+                        reconcile_seconds_max: r.seconds_max,
+                    })).await?;
+                }
+            }
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             () = sleep_until(pending.as_ref().map(|p| p.next)) => {
                 if let Some(p) = pending.take() {

@@ -33,6 +33,10 @@ pub trait DeviceState: Send + Sync + 'static {
     fn link_changed(&self, _event: crate::link_status::LinkEvent) {}
     /// The device name; must equal the name in the client certificate.
     fn device_name(&self) -> String;
+    /// Counters of the agent's reconcile passes, reported to the hub; none by default.
+    fn reconcile_stats(&self) -> Option<std::sync::Arc<crate::reconcile_stats::ReconcileStats>> {
+        None
+    }
     /// Generation of the desired snapshot held on disk (0 when none).
     fn held_generation(&self) -> u64;
     /// Persist the snapshot atomically, THEN return. `Ok(false)` when it is not newer than the
@@ -95,6 +99,13 @@ pub struct LinkConfig {
     /// wipe a fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_pods_when_not_served_secs: Option<u64>,
+    /// Seconds between reports of the agent's reconcile figures (sent only when they changed).
+    #[serde(default = "default_stats_interval_secs")]
+    pub stats_interval_secs: u64,
+}
+
+fn default_stats_interval_secs() -> u64 {
+    60
 }
 
 fn default_max_backoff_secs() -> u64 {
@@ -128,6 +139,7 @@ impl LinkConfig {
             keepalive_interval_secs: default_keepalive_interval_secs(),
             keepalive_timeout_secs: default_keepalive_timeout_secs(),
             remove_pods_when_not_served_secs: None,
+            stats_interval_secs: default_stats_interval_secs(),
         }
     }
 

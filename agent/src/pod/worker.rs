@@ -87,6 +87,8 @@ pub struct PodContext<R> {
     pub seccomp_root: PathBuf,
     /// Which credentials pulled each image.
     pub pulled_images: super::pulled_images::PulledImages,
+    /// Duration of every reconcile pass, for the hub's metrics.
+    pub reconcile_stats: Arc<crate::reconcile_stats::ReconcileStats>,
 }
 
 struct Slot {
@@ -175,6 +177,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
     ) {
         loop {
             let current = desire.borrow_and_update().clone();
+            let pass = Instant::now();
             let requeue = match current {
                 Desire::Remove { grace_secs } => match self.remove(grace_secs).await {
                     Ok(()) => return,
@@ -189,6 +192,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     admission,
                 } => self.reconcile(&bundle, &plan, admission).await,
             };
+            self.ctx.reconcile_stats.record(pass.elapsed());
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = desire.changed() => if r.is_err() { return },

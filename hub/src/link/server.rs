@@ -832,6 +832,15 @@ async fn handle_message(
                 .await;
             Ok(())
         }
+        Some(agent_message::Kind::Stats(stats)) => {
+            sessions
+                .emit(SessionEvent::Stats {
+                    device: device.to_owned(),
+                    stats,
+                })
+                .await;
+            Ok(())
+        }
         Some(agent_message::Kind::LogChunk(chunk)) => {
             sessions.route_log_chunk(device, handle, chunk).await;
             Ok(())

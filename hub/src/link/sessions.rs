@@ -39,6 +39,13 @@ pub enum SessionEvent {
         /// The report.
         capacity: v1::Capacity,
     },
+    /// The device reported its reconcile figures.
+    Stats {
+        /// Device name.
+        device: String,
+        /// The report.
+        stats: v1::AgentStats,
+    },
     /// The device reported pod statuses (`report.full` after every reconnect).
     PodStatus {
         /// Device name.

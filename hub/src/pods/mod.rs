@@ -823,7 +823,8 @@ impl PodRelay {
             }
             SessionEvent::Connected { .. }
             | SessionEvent::Disconnected { .. }
-            | SessionEvent::Capacity { .. } => {}
+            | SessionEvent::Capacity { .. }
+            | SessionEvent::Stats { .. } => {}
         }
     }
 

@@ -737,6 +737,7 @@ ca_file = "{dir}/link-ca.crt"
 cert_file = "{cert}"
 key_file = "{key}"
 reconnect_max_backoff_secs = 2
+stats_interval_secs = 1
 fallback_endpoints = [{fallback}]
 {keepalive}"#,
                 cert = cert.display(),
