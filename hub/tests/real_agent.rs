@@ -363,6 +363,11 @@ async fn pods_of_a_disconnected_device_turn_not_ready_and_ready_again_on_reconne
         (st == "Unknown" && reason == "DeviceDisconnected").then_some(())
     })
     .await;
+    assert_eq!(
+        hub_metric(ops, &passes).await,
+        None,
+        "a disconnected device's reconcile figures are dropped"
+    );
     let not_ready_since = wait_for("pod Ready=False", 60, || async {
         let (st, since) = pod_condition(&pods.get("steady").await.ok()?, "Ready")?;
         (st == "False").then_some(since)
