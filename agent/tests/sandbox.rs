@@ -14,6 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
+use fleetlet_test_support::disk::files_on_disk_containing;
 use serde_json::json;
 use support::{Agent, IMAGE, bundle, container_ids, pod, podman};
 
@@ -361,38 +362,6 @@ fn host_capability_bounding_set() -> String {
         .to_owned()
 }
 
-/// Every regular file below `dir` on the same filesystem (tmpfs and other mounts skipped), up
-/// to 4 MiB each: whether any contains `needle`.
-fn files_containing(dir: &Path, needle: &[u8], skip: &[&Path], found: &mut Vec<String>) {
-    let Ok(top) = std::fs::symlink_metadata(dir) else {
-        return;
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if skip.iter().any(|s| p == *s) {
-            continue;
-        }
-        let Ok(m) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if m.dev() != top.dev() {
-            continue;
-        }
-        if m.is_dir() {
-            files_containing(&p, needle, skip, found);
-        } else if m.is_file()
-            && m.len() <= 4 << 20
-            && let Ok(data) = std::fs::read(&p)
-            && data.windows(needle.len()).any(|w| w == needle)
-        {
-            found.push(p.display().to_string());
-        }
-    }
-}
-
 #[tokio::test]
 async fn secret_volumes_never_reach_the_disk() {
     let mut a = Agent::new("t-sbx-secret");
@@ -435,20 +404,18 @@ async fn secret_volumes_never_reach_the_disk() {
     let desired = state.join("desired.snapshot");
     let mode = std::fs::metadata(&desired).unwrap().mode() & 0o777;
     assert_eq!(mode, 0o600, "desired state must be 0600");
-    let mut found = Vec::new();
     // The desired state (0600) is where the secret is allowed; the test's desired.json is the
     // input a hub would have sent.
     let skip = [
-        desired.as_path(),
-        &state.join("desired.snapshot.prev"),
-        &state.join("desired.json"),
+        desired.clone(),
+        state.join("desired.snapshot.prev"),
+        state.join("desired.json"),
     ];
-    files_containing(state, marker.as_bytes(), &skip, &mut found);
-    files_containing(
+    let mut found = files_on_disk_containing(state, marker.as_bytes(), &skip);
+    found.extend(files_on_disk_containing(
         Path::new("/var/lib/containers"),
         marker.as_bytes(),
         &[],
-        &mut found,
-    );
+    ));
     assert!(found.is_empty(), "secret data on disk: {found:?}");
 }

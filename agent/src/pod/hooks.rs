@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::probe::http_get_status;
+use super::probe::HttpGetAction;
 use crate::podman::ContainerRuntime;
 
 /// What a hook does.
@@ -14,16 +14,7 @@ pub enum HookAction {
     /// Run a command in the container.
     Exec(Vec<String>),
     /// HTTP GET; any status from 200 to 399 is success.
-    HttpGet {
-        /// Host (default: the pod's address).
-        host: Option<String>,
-        /// Port.
-        port: u16,
-        /// Path.
-        path: String,
-        /// Headers.
-        headers: Vec<(String, String)>,
-    },
+    HttpGet(HttpGetAction),
     /// Sleep this long.
     Sleep(Duration),
 }
@@ -52,17 +43,9 @@ pub async fn run_hook<R: ContainerRuntime>(
                 "Exec lifecycle hook ({cmd:?}) for Container {container:?} failed - error: {e}"
             )),
         },
-        HookAction::HttpGet {
-            host,
-            port,
-            path,
-            headers,
-        } => {
-            let host = host.as_deref().unwrap_or(default_host);
-            let result = tokio::time::timeout(timeout, http_get_status(host, *port, path, headers))
-                .await
-                .unwrap_or_else(|_| Err("timed out".into()));
-            match result {
+        HookAction::HttpGet(get) => {
+            let path = &get.path;
+            match get.status(default_host, timeout).await {
                 Ok(code) if (200..400).contains(&code) => Ok(()),
                 Ok(code) => Err(format!(
                     "HTTP lifecycle hook ({path}) for Container {container:?} failed - error: HTTP status {code}"

@@ -27,22 +27,37 @@ pub async fn run_probe<R: ContainerRuntime>(
                 Ok(Ok(_))
             )
         }
-        ProbeAction::HttpGet {
-            host,
-            port,
-            path,
-            headers,
-        } => {
-            let host = host.as_deref().unwrap_or(default_host);
-            tokio::time::timeout(probe.timeout, http_get(host, *port, path, headers))
-                .await
-                .unwrap_or(false)
-        }
+        ProbeAction::HttpGet(get) => matches!(
+            get.status(default_host, probe.timeout).await,
+            Ok(code) if (200..400).contains(&code)
+        ),
     }
 }
 
-async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> bool {
-    matches!(http_get_status(host, port, path, headers).await, Ok(code) if (200..400).contains(&code))
+/// The HTTP GET of a probe or a lifecycle hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpGetAction {
+    /// Host (default: the pod's address).
+    pub host: Option<String>,
+    /// Port.
+    pub port: u16,
+    /// Path.
+    pub path: String,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpGetAction {
+    /// One GET bounded by `timeout`: the response status, or what went wrong.
+    pub async fn status(&self, default_host: &str, timeout: Duration) -> Result<u16, String> {
+        let host = self.host.as_deref().unwrap_or(default_host);
+        tokio::time::timeout(
+            timeout,
+            http_get_status(host, self.port, &self.path, &self.headers),
+        )
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+    }
 }
 
 /// One HTTP GET; the response status, or what went wrong.
@@ -199,19 +214,19 @@ mod tests {
         let mut p = plan(1, 1);
         p.action = ProbeAction::TcpSocket { host: None, port };
         assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
-        p.action = ProbeAction::HttpGet {
+        p.action = ProbeAction::HttpGet(HttpGetAction {
             host: None,
             port,
             path: "/ok".into(),
             headers: vec![],
-        };
+        });
         assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
-        p.action = ProbeAction::HttpGet {
+        p.action = ProbeAction::HttpGet(HttpGetAction {
             host: None,
             port,
             path: "/bad".into(),
             headers: vec![],
-        };
+        });
         assert!(!run_probe(&rt, "", "127.0.0.1", &p).await);
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let closed_port = closed.local_addr().unwrap().port();

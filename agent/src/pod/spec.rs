@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use super::hooks::HookAction;
+pub use super::probe::HttpGetAction;
 pub use super::security::{PodSecurity, SecurityPlan};
 use super::security::{parse_container_security, parse_pod_security};
 
@@ -477,16 +478,7 @@ pub enum ProbeAction {
     /// Run a command in the container; exit 0 = success.
     Exec(Vec<String>),
     /// HTTP GET; 200-399 = success.
-    HttpGet {
-        /// Host (default: pod IP).
-        host: Option<String>,
-        /// Port.
-        port: u16,
-        /// Path.
-        path: String,
-        /// "HTTP" or "HTTPS" (HTTPS is rejected at parse time).
-        headers: Vec<(String, String)>,
-    },
+    HttpGet(HttpGetAction),
     /// TCP connect.
     TcpSocket {
         /// Host (default: pod IP).
@@ -1417,65 +1409,37 @@ fn parse_lifecycle(field: &str, c: &k8s::Container) -> Result<Lifecycle, SpecErr
     let Some(l) = &c.lifecycle else {
         return Ok((None, None, 15));
     };
-    let hook = |what: &str,
-                h: &Option<k8s::LifecycleHandler>|
-     -> Result<Option<HookAction>, SpecError> {
-        let Some(h) = h else { return Ok(None) };
-        let f = format!("{field}.lifecycle.{what}");
-        if let Some(e) = &h.exec {
-            let cmd = e.command.clone().unwrap_or_default();
-            if cmd.is_empty() {
-                return Err(err(format!("{f}.exec.command"), "required"));
+    let hook =
+        |what: &str, h: &Option<k8s::LifecycleHandler>| -> Result<Option<HookAction>, SpecError> {
+            let Some(h) = h else { return Ok(None) };
+            let f = format!("{field}.lifecycle.{what}");
+            if let Some(e) = &h.exec {
+                let cmd = e.command.clone().unwrap_or_default();
+                if cmd.is_empty() {
+                    return Err(err(format!("{f}.exec.command"), "required"));
+                }
+                return Ok(Some(HookAction::Exec(cmd)));
             }
-            return Ok(Some(HookAction::Exec(cmd)));
-        }
-        if let Some(g) = &h.http_get {
-            if g.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-                return Err(err(format!("{f}.httpGet.scheme"), "only HTTP is supported"));
+            if let Some(g) = &h.http_get {
+                return Ok(Some(HookAction::HttpGet(parse_http_get(
+                    &format!("{f}.httpGet"),
+                    g,
+                    c,
+                )?)));
             }
-            let port = match &g.port {
-                IntOrString::Int(n) => u16::try_from(*n)
-                    .map_err(|_| err(format!("{f}.httpGet.port"), format!("{n} is not a port")))?,
-                IntOrString::String(name) => c
-                    .ports
-                    .as_deref()
-                    .unwrap_or_default()
-                    .iter()
-                    .find(|p| p.name.as_deref() == Some(name.as_str()))
-                    .and_then(|p| u16::try_from(p.container_port).ok())
-                    .ok_or_else(|| {
-                        err(
-                            format!("{f}.httpGet.port"),
-                            format!("no container port named {name:?}"),
-                        )
-                    })?,
-            };
-            return Ok(Some(HookAction::HttpGet {
-                host: g.host.clone().filter(|h| !h.is_empty()),
-                port,
-                path: g.path.clone().unwrap_or_else(|| "/".into()),
-                headers: g
-                    .http_headers
-                    .as_deref()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|h| (h.name.clone(), h.value.clone()))
-                    .collect(),
-            }));
-        }
-        if let Some(s) = &h.sleep {
-            return Ok(Some(HookAction::Sleep(Duration::from_secs(
-                s.seconds.max(0) as u64,
-            ))));
-        }
-        if h.tcp_socket.is_some() {
-            return Err(err(
-                format!("{f}.tcpSocket"),
-                "tcpSocket is not a lifecycle handler (the kubelet does not run it either)",
-            ));
-        }
-        Err(err(f, "needs exec, httpGet or sleep"))
-    };
+            if let Some(s) = &h.sleep {
+                return Ok(Some(HookAction::Sleep(Duration::from_secs(
+                    s.seconds.max(0) as u64,
+                ))));
+            }
+            if h.tcp_socket.is_some() {
+                return Err(err(
+                    format!("{f}.tcpSocket"),
+                    "tcpSocket is not a lifecycle handler (the kubelet does not run it either)",
+                ));
+            }
+            Err(err(f, "needs exec, httpGet or sleep"))
+        };
     let stop_signal = match &l.stop_signal {
         None => 15,
         Some(name) => super::hooks::signal_number(name).ok_or_else(|| {
@@ -1586,25 +1550,51 @@ fn parse_env(
     ))
 }
 
+/// The HTTP GET of a probe or hook (HTTP only).
+fn parse_http_get(
+    field: &str,
+    g: &k8s::HTTPGetAction,
+    c: &k8s::Container,
+) -> Result<HttpGetAction, SpecError> {
+    if g.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+        return Err(err(format!("{field}.scheme"), "only HTTP is supported"));
+    }
+    Ok(HttpGetAction {
+        host: g.host.clone().filter(|h| !h.is_empty()),
+        port: resolve_port(&format!("{field}.port"), &g.port, c)?,
+        path: g.path.clone().unwrap_or_else(|| "/".into()),
+        headers: g
+            .http_headers
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect(),
+    })
+}
+
+/// A probe's or hook's port: a number, or the name of one of the container's ports.
+fn resolve_port(field: &str, port: &IntOrString, c: &k8s::Container) -> Result<u16, SpecError> {
+    match port {
+        IntOrString::Int(n) => {
+            u16::try_from(*n).map_err(|_| err(field, format!("{n} is not a port")))
+        }
+        IntOrString::String(name) => c
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .ok_or_else(|| err(field, format!("no container port named {name:?}"))),
+    }
+}
+
 fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbePlan, SpecError> {
     let secs = |v: Option<i32>, default: u64| {
         Duration::from_secs(v.map(|v| v.max(0) as u64).unwrap_or(default))
     };
-    let resolve_port = |f: &str, port: &IntOrString| -> Result<u16, SpecError> {
-        match port {
-            IntOrString::Int(n) => {
-                u16::try_from(*n).map_err(|_| err(f, format!("{n} is not a port")))
-            }
-            IntOrString::String(name) => c
-                .ports
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .find(|p| p.name.as_deref() == Some(name.as_str()))
-                .and_then(|p| u16::try_from(p.container_port).ok())
-                .ok_or_else(|| err(f, format!("no container port named {name:?}"))),
-        }
-    };
+    let resolve_port = |f: &str, port: &IntOrString| resolve_port(f, port, c);
     let action = if let Some(e) = &p.exec {
         let cmd = e.command.clone().unwrap_or_default();
         if cmd.is_empty() {
@@ -1612,24 +1602,7 @@ fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbeP
         }
         ProbeAction::Exec(cmd)
     } else if let Some(h) = &p.http_get {
-        if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-            return Err(err(
-                format!("{field}.httpGet.scheme"),
-                "only HTTP is supported",
-            ));
-        }
-        ProbeAction::HttpGet {
-            host: h.host.clone().filter(|h| !h.is_empty()),
-            port: resolve_port(&format!("{field}.httpGet.port"), &h.port)?,
-            path: h.path.clone().unwrap_or_else(|| "/".into()),
-            headers: h
-                .http_headers
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect(),
-        }
+        ProbeAction::HttpGet(parse_http_get(&format!("{field}.httpGet"), h, c)?)
     } else if let Some(t) = &p.tcp_socket {
         ProbeAction::TcpSocket {
             host: t.host.clone().filter(|h| !h.is_empty()),
@@ -1739,8 +1712,8 @@ mod tests {
         assert_eq!(plan.requests.cpu_milli, 2000, "largest init request wins");
         assert_eq!(app.env[1], EnvVar::Field("B".into(), FieldRef::Uid));
         match &app.readiness.as_ref().unwrap().action {
-            ProbeAction::HttpGet { port, path, .. } => {
-                assert_eq!((*port, path.as_str()), (8080, "/ok"))
+            ProbeAction::HttpGet(get) => {
+                assert_eq!((get.port, get.path.as_str()), (8080, "/ok"))
             }
             other => panic!("{other:?}"),
         }

@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleetlet_faults::Outcome;
 use fleetlet_proto::v1::{self, agent_message};
+use fleetlet_test_support::disk::files_on_disk_containing;
 use futures::{AsyncBufReadExt, StreamExt};
 use kube::api::{DeleteParams, LogParams, PostParams};
 use serde_json::json;
@@ -343,43 +344,6 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// Regular files below `dir` on its own filesystem (other mounts such as tmpfs volumes are
-/// skipped), up to 4 MiB each, that contain `needle`.
-fn files_on_disk_containing(
-    dir: &Path,
-    needle: &[u8],
-    skip: &[std::path::PathBuf],
-    found: &mut Vec<String>,
-) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(top) = std::fs::symlink_metadata(dir) else {
-        return;
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if skip.contains(&p) {
-            continue;
-        }
-        let Ok(m) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if m.dev() != top.dev() {
-            continue;
-        }
-        if m.is_dir() {
-            files_on_disk_containing(&p, needle, skip, found);
-        } else if m.is_file()
-            && m.len() <= 4 << 20
-            && std::fs::read(&p).is_ok_and(|d| d.windows(needle.len()).any(|w| w == needle))
-        {
-            found.push(p.display().to_string());
-        }
-    }
-}
-
 /// `podman exec` of `script` in container `id`; its exit code.
 fn podman_exec(id: &str, script: &str) -> i32 {
     let stack = fleetlet_test_support::Stack::shared().expect("local stack");
@@ -468,14 +432,12 @@ async fn pods_of_a_restricted_namespace_cannot_escape_onto_the_device() {
         state.join("desired.snapshot"),
         state.join("desired.snapshot.prev"),
     ];
-    let mut on_disk = Vec::new();
-    files_on_disk_containing(&state, marker.as_bytes(), &skip, &mut on_disk);
-    files_on_disk_containing(
+    let mut on_disk = files_on_disk_containing(&state, marker.as_bytes(), &skip);
+    on_disk.extend(files_on_disk_containing(
         Path::new("/var/lib/containers"),
         marker.as_bytes(),
         &[],
-        &mut on_disk,
-    );
+    ));
     record(Outcome {
         fault: "privileged pod; secret volume data on the device's disk".into(),
         recovered: all_caps && secret_seen && on_disk.is_empty(),

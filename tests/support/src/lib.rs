@@ -6,6 +6,7 @@
 //! it is not up: run `make env-up`.
 #![forbid(unsafe_code)]
 
+pub mod disk;
 pub mod harness;
 mod logs;
 pub mod orphans;
