@@ -84,7 +84,11 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
     }
 
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String> {
-        container_logs(&*self.rt, &self.device, req).await
+        let previous = req
+            .previous
+            .then(|| previous_run(&self.statuses.borrow(), &req.pod_uid, &req.container))
+            .flatten();
+        container_logs(&*self.rt, &self.device, req, previous).await
     }
 
     fn set_not_served(&self, since: Option<String>) {
@@ -122,10 +126,33 @@ pub fn set_storage_condition(
 }
 
 /// The log of container `req.container` of pod `req.pod_uid` on `device`.
+/// When the previous run of container `name` of pod `uid` started and finished (Unix seconds),
+/// from its published status (`lastState.terminated`).
+pub fn previous_run(statuses: &PodStatusMap, uid: &str, name: &str) -> Option<(i64, i64)> {
+    let entry = statuses.get(uid)?;
+    let status: k8s_openapi::api::core::v1::PodStatus =
+        serde_json::from_slice(&entry.status_json).ok()?;
+    let t = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)?
+        .last_state
+        .as_ref()?
+        .terminated
+        .clone()?;
+    Some((t.started_at?.0.as_second(), t.finished_at?.0.as_second()))
+}
+
+/// The log of a pod's container. With `req.previous`, `previous` is the time window of the
+/// container's previous run: the agent restarts a container in place, so its log holds every
+/// run, and the previous one is the part written between that run's start and finish.
 pub async fn container_logs<R: ContainerRuntime>(
     rt: &R,
     device: &str,
     req: v1::LogRequest,
+    previous: Option<(i64, i64)>,
 ) -> Result<LogStream, String> {
     let filter = [
         format!("{}={device}", labels::DEVICE),
@@ -142,17 +169,26 @@ pub async fn container_logs<R: ContainerRuntime>(
             req.container, req.pod_uid
         ));
     };
-    if req.previous {
-        // The agent restarts a container in place, so its log already holds previous runs.
-        return Err("previous=true is not supported: the log includes earlier runs".into());
-    }
     let now = jiff::Timestamp::now().as_second();
-    let opts = LogOptions {
+    let mut opts = LogOptions {
         follow: req.follow,
         tail: req.tail_lines,
         since_unix: req.since_unix.or(req.since_seconds.map(|s| now - s)),
+        until_unix: None,
         timestamps: req.timestamps,
     };
+    if req.previous {
+        // The kubelet's wording when there is no previous instance.
+        let Some((started, finished)) = previous else {
+            return Err(format!(
+                "previous terminated container {:?} in pod {:?} not found",
+                req.container, req.pod_uid
+            ));
+        };
+        opts.follow = false;
+        opts.since_unix = Some(opts.since_unix.map_or(started, |s| s.max(started)));
+        opts.until_unix = Some(finished);
+    }
     let stream = rt.logs(&c.id, &opts).await.map_err(|e| e.to_string())?;
     let stream = stream.map(|r| r.map_err(|e| e.to_string()));
     Ok(match req.limit_bytes {

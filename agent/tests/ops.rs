@@ -209,7 +209,7 @@ async fn container_logs_stream_for_the_link() {
             container: "talk".into(),
             ..Default::default()
         };
-        let mut s = container_logs(&p, "t-logs", req).await.unwrap();
+        let mut s = container_logs(&p, "t-logs", req, None).await.unwrap();
         text.clear();
         while let Some(chunk) = s.next().await {
             text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
@@ -223,7 +223,7 @@ async fn container_logs_stream_for_the_link() {
         tail_lines: Some(1),
         ..Default::default()
     };
-    let mut s = container_logs(&p, "t-logs", req).await.unwrap();
+    let mut s = container_logs(&p, "t-logs", req, None).await.unwrap();
     let mut tail = String::new();
     while let Some(chunk) = s.next().await {
         tail.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
@@ -235,9 +235,86 @@ async fn container_logs_stream_for_the_link() {
         container: "talk".into(),
         ..Default::default()
     };
-    let err = container_logs(&p, "t-other-device", req)
+    let err = container_logs(&p, "t-other-device", req, None)
         .await
         .err()
         .unwrap();
     assert!(err.contains("not found"), "{err}");
+}
+
+#[tokio::test]
+async fn previous_logs_are_the_previous_runs_part_of_the_log() {
+    let mut a = Agent::new("t-prevlogs");
+    let uid = "uid-prevlogs";
+    a.set_desired(
+        1,
+        vec![bundle(
+            uid,
+            "prev",
+            json!({"hostNetwork": true, "terminationGracePeriodSeconds": 1,
+                   "containers": [{"name": "c", "image": IMAGE,
+                     "command": ["sh", "-c", "echo run-$(cat /proc/uptime); sleep 2; exit 1"]}]}),
+        )],
+    );
+    a.start();
+    let s = a
+        .wait_status("restarted once", Duration::from_secs(60), |s| {
+            pod(s, uid).is_some_and(|p| {
+                p.restarts.get("c").copied().unwrap_or(0) >= 1
+                    && p.status["containerStatuses"][0]["state"]["running"].is_object()
+            })
+        })
+        .await;
+    let last = &pod(&s, uid).unwrap().status["containerStatuses"][0]["lastState"]["terminated"];
+    let secs = |k: &str| {
+        last[k]
+            .as_str()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(|t| t.as_second())
+            .unwrap()
+    };
+    let window = (secs("startedAt"), secs("finishedAt"));
+    let read = |previous: Option<(i64, i64)>| async move {
+        let req = LogRequest {
+            pod_uid: uid.into(),
+            container: "c".into(),
+            previous: previous.is_some(),
+            ..Default::default()
+        };
+        let mut s = container_logs(&podman(), "t-prevlogs", req, previous)
+            .await
+            .unwrap();
+        let mut text = String::new();
+        while let Some(chunk) = s.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        text
+    };
+    // Wait for the current run's line, then compare.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut all = read(None).await;
+    while all.matches("run-").count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "log: {all:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        all = read(None).await;
+    }
+    let previous = read(Some(window)).await;
+    assert_eq!(
+        previous.matches("run-").count(),
+        1,
+        "previous: {previous:?} all: {all:?}"
+    );
+    assert!(all.starts_with(previous.trim_end()), "{previous:?} {all:?}");
+    // Without a previous run, the kubelet's error.
+    let req = LogRequest {
+        pod_uid: uid.into(),
+        container: "c".into(),
+        previous: true,
+        ..Default::default()
+    };
+    let err = container_logs(&podman(), "t-prevlogs", req, None)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("previous terminated container"), "{err}");
 }

@@ -218,6 +218,23 @@ async fn kubectl_logs_follow_tail_since_container_and_offline() {
     let _ = follow.kill();
     let _ = follow.wait();
 
+    // --previous: the run before the last restart (the agent restarts a container in place; the
+    // previous run is its part of the log).
+    s.run_pod(
+        "crash",
+        json!({"containers": [{"name": "c", "image": "localhost/fleetlet-test/busybox:1",
+            "command": ["sh", "-c", "echo run-$(cat /proc/uptime); sleep 1; exit 1"]}]}),
+    )
+    .await;
+    let previous = wait_for("kubectl logs --previous after a restart", 60, || async {
+        let (ok, out, _) = kubectl(&["-n", &ns, "logs", "crash", "--previous"]);
+        (ok && out.matches("run-").count() == 1).then_some(out)
+    })
+    .await;
+    let (_, all, _) = kubectl(&["-n", &ns, "logs", "crash"]);
+    println!("--previous: {previous:?}; whole log: {all:?}");
+    assert!(all.starts_with(previous.trim_end()), "{previous:?} {all:?}");
+
     // -f ends by itself when the container exits.
     s.run_pod(
         "short",

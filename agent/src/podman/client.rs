@@ -430,6 +430,9 @@ impl PodmanClient {
         if let Some(s) = opts.since_unix {
             path.push_str(&format!("&since={s}"));
         }
+        if let Some(u) = opts.until_unix {
+            path.push_str(&format!("&until={u}"));
+        }
         let resp = self.send(Method::GET, &path, None, &[]).await?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();

@@ -293,6 +293,8 @@ pub struct LogOptions {
     pub tail: Option<i64>,
     /// Lines at or after this Unix time.
     pub since_unix: Option<i64>,
+    /// Lines at or before this Unix time.
+    pub until_unix: Option<i64>,
     /// Prefix timestamps.
     pub timestamps: bool,
 }
