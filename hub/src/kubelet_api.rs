@@ -79,14 +79,7 @@ fn read_certs(
         path: path.to_path_buf(),
         reason,
     };
-    let data = std::fs::read(path).map_err(|e| pem(e.to_string()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem("no PEM certificate in the file".into()));
-    }
-    Ok(certs)
+    fleetlet_proto::pem::load_certs(path).map_err(|e| pem(e.message))
 }
 
 /// The TLS configuration: serving certificate, and client certificates from the cluster CA
@@ -98,19 +91,11 @@ pub fn tls_config(cfg: &KubeletConfig) -> Result<Arc<rustls::ServerConfig>, Kube
         ));
     };
     let certs = read_certs(cert_file, "certificate")?;
-    let key_data = std::fs::read(key_file).map_err(|e| KubeletApiError::Pem {
+    let key = fleetlet_proto::pem::load_key(key_file).map_err(|e| KubeletApiError::Pem {
         what: "private key",
         path: key_file.clone(),
-        reason: e.to_string(),
+        reason: e.message,
     })?;
-    let key = rustls_pemfile::private_key(&mut key_data.as_slice())
-        .map_err(|e| e.to_string())
-        .and_then(|k| k.ok_or_else(|| "no PEM private key in the file".to_string()))
-        .map_err(|reason| KubeletApiError::Pem {
-            what: "private key",
-            path: key_file.clone(),
-            reason,
-        })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

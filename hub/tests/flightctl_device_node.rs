@@ -100,10 +100,10 @@ async fn a_flightctl_enrolled_device_runs_pods_and_its_node_follows_flightctl() 
     let certs_b: DeviceCerts = device_certs(&dev_b, &d.join("certs-b"));
     for (dev, certs) in [(&dev_a, &certs_a), (&dev_b, &certs_b)] {
         let pem = std::fs::read(&certs.cert).expect("device cert");
-        let der = rustls_pemfile::certs(&mut pem.as_slice())
-            .next()
-            .expect("a certificate")
-            .expect("PEM");
+        let der = {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("a PEM certificate")
+        };
         let (_, x509) = x509_parser::parse_x509_certificate(&der).expect("X.509");
         let cn = x509
             .subject()

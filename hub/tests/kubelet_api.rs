@@ -159,9 +159,8 @@ async fn setup(instance: &str, dev: &str) -> Setup {
 /// GET over TLS straight to the hub's kubelet endpoint, trusting the cluster CA.
 async fn direct_get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(dev_dir().join("pki").join("ca.crt")).expect("ca");
-    for c in rustls_pemfile::certs(&mut ca.as_slice()) {
-        roots.add(c.expect("pem")).expect("root");
+    for c in fleetlet_proto::pem::load_certs(&dev_dir().join("pki").join("ca.crt")).expect("ca") {
+        roots.add(c).expect("root");
     }
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

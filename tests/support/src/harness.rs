@@ -107,10 +107,10 @@ pub fn issue_kubelet_cert(dir: &Path) -> (PathBuf, PathBuf) {
     );
     let ca_key = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&out.stdout)).expect("CA key");
     // The issuer is described by the CA's subject; the signature is made with its key.
-    let ca_der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
-        .next()
-        .expect("CA pem")
-        .expect("CA pem");
+    let ca_der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA pem")
+    };
     let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).expect("CA cert");
     let ca_cn = ca_x509
         .subject()

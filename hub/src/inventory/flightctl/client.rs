@@ -135,13 +135,10 @@ impl std::fmt::Debug for FlightctlClient {
 
 /// Reads PEM certificates from `path` into a root store.
 fn load_roots(path: &Path) -> Result<rustls::RootCertStore, FlightctlError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| FlightctlError::Config(format!("reading CA file {}: {e}", path.display())))?;
+    let certs = fleetlet_proto::pem::load_certs(path)
+        .map_err(|e| FlightctlError::Config(format!("CA file {e}")))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| {
-            FlightctlError::Config(format!("parsing CA file {}: {e}", path.display()))
-        })?;
+    for cert in certs {
         roots.add(cert).map_err(|e| {
             FlightctlError::Config(format!(
                 "CA file {}: unusable certificate: {e}",
