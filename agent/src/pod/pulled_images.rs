@@ -58,12 +58,14 @@ pub fn fingerprint(registry: &str, auth: &RegistryAuth) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The registry host of an image reference ("docker.io" when it names none).
+/// The registry host of an image reference ("docker.io" when it names none), as the keyring
+/// normalises it.
 pub fn registry_of(image: &str) -> String {
-    match image.split_once('/') {
-        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first.to_owned(),
-        _ => "docker.io".to_owned(),
-    }
+    crate::registry_auth::normalized_repository(image)
+        .split('/')
+        .next()
+        .unwrap_or("docker.io")
+        .to_owned()
 }
 
 impl PulledImages {

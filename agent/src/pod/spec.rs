@@ -1442,7 +1442,7 @@ fn parse_lifecycle(field: &str, c: &k8s::Container) -> Result<Lifecycle, SpecErr
         };
     let stop_signal = match &l.stop_signal {
         None => 15,
-        Some(name) => super::hooks::signal_number(name).ok_or_else(|| {
+        Some(name) => crate::podman::types::signal_number(name).ok_or_else(|| {
             err(
                 format!("{field}.lifecycle.stopSignal"),
                 format!("unknown signal {name:?}"),

@@ -257,25 +257,46 @@ fn stop_signal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error>
     })
 }
 
-/// Number of a signal given as "SIGTERM", "TERM" or "15".
+/// Number of a signal given as "SIGTERM", "TERM", "15" or a realtime one ("SIGRTMIN+2",
+/// "SIGRTMAX-1"); Linux numbering.
 pub fn signal_number(name: &str) -> Option<u32> {
+    const NAMES: [&str; 31] = [
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+    ];
     let n = name.trim();
     if let Ok(v) = n.parse::<u32>() {
         return Some(v);
     }
     let n = n.strip_prefix("SIG").unwrap_or(n);
-    Some(match n {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "KILL" => 9,
-        "USR1" => 10,
-        "USR2" => 12,
-        "TERM" => 15,
-        "STOP" => 19,
-        "WINCH" => 28,
-        _ => return None,
-    })
+    if let Some(i) = NAMES.iter().position(|s| *s == n) {
+        return Some(i as u32 + 1);
+    }
+    let realtime = |base: i64, offset: &str, sign: i64| -> Option<u32> {
+        let k: i64 = if offset.is_empty() {
+            0
+        } else {
+            offset.parse().ok()?
+        };
+        let v = base + sign * k;
+        (34..=64).contains(&v).then_some(v as u32)
+    };
+    if let Some(rest) = n.strip_prefix("RTMIN") {
+        return match rest.strip_prefix('+') {
+            Some(k) => realtime(34, k, 1),
+            None if rest.is_empty() => Some(34),
+            None => None,
+        };
+    }
+    if let Some(rest) = n.strip_prefix("RTMAX") {
+        return match rest.strip_prefix('-') {
+            Some(k) => realtime(64, k, -1),
+            None if rest.is_empty() => Some(64),
+            None => None,
+        };
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -341,6 +362,11 @@ mod tests {
         assert_eq!(signal_number("SIGKILL"), Some(9));
         assert_eq!(signal_number("TERM"), Some(15));
         assert_eq!(signal_number("2"), Some(2));
+        assert_eq!(signal_number("SIGUSR1"), Some(10));
+        assert_eq!(signal_number("SIGRTMIN"), Some(34));
+        assert_eq!(signal_number("SIGRTMIN+2"), Some(36));
+        assert_eq!(signal_number("SIGRTMAX-1"), Some(63));
+        assert_eq!(signal_number("SIGNOPE"), None);
         assert_eq!(signal_number("SIGNOPE"), None);
     }
 
