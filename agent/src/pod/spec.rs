@@ -683,6 +683,27 @@ fn dns(spec: &k8s::PodSpec) -> Result<DnsPlan, SpecError> {
             ));
         }
     }
+    // Each entry becomes a line or word of the pod's resolv.conf: nothing that could start
+    // another line or word.
+    let plain = |v: &str| !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c.is_control());
+    for (i, d) in c.searches.iter().flatten().enumerate() {
+        if !plain(d) {
+            return Err(err(
+                format!("spec.dnsConfig.searches[{i}]"),
+                format!("{d:?} is not a domain name"),
+            ));
+        }
+    }
+    for (i, o) in c.options.iter().flatten().enumerate() {
+        let ok = o.name.as_deref().is_some_and(plain)
+            && o.value.as_deref().is_none_or(|v| v.is_empty() || plain(v));
+        if !ok {
+            return Err(err(
+                format!("spec.dnsConfig.options[{i}]"),
+                "option names and values may not be empty or contain spaces or control characters",
+            ));
+        }
+    }
     if policy == "None" && servers.is_empty() {
         return Err(err(
             "spec.dnsConfig.nameservers",
@@ -1752,6 +1773,29 @@ mod tests {
         .unwrap();
         assert_eq!(plan.containers[0].pull_policy, PullPolicy::Always);
         assert_eq!(plan.containers[1].pull_policy, PullPolicy::Always);
+    }
+
+    #[test]
+    fn dns_entries_cannot_inject_resolv_conf_lines() {
+        let e = parse_pod(&pod(serde_json::json!({
+            "dnsConfig": {"searches": ["ok.example", "evil\nnameserver 6.6.6.6"]},
+            "containers": [{"name": "a", "image": "i:1"}]
+        })))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.dnsConfig.searches[1]");
+        let e = parse_pod(&pod(serde_json::json!({
+            "dnsConfig": {"options": [{"name": "ndots", "value": "2 rotate"}]},
+            "containers": [{"name": "a", "image": "i:1"}]
+        })))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.dnsConfig.options[0]");
+        let plan = parse_pod(&pod(serde_json::json!({
+            "dnsConfig": {"nameservers": ["192.0.2.53"], "searches": ["a.example"],
+                "options": [{"name": "ndots", "value": "2"}, {"name": "edns0"}]},
+            "containers": [{"name": "a", "image": "i:1"}]
+        })))
+        .unwrap();
+        assert_eq!(plan.dns.options, vec!["ndots:2", "edns0"]);
     }
 
     #[test]
