@@ -33,7 +33,7 @@ const DATA: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
 
 /// One file of the payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FileContent {
     /// Bytes.
     pub data: Vec<u8>,

@@ -82,12 +82,15 @@ pub fn volume_dir(state_dir: &Path, uid: &str, volume: &str) -> PathBuf {
 }
 
 /// Create (or refresh) every volume of `plan`; idempotent. Returns the host path to bind for
-/// each volume.
+/// each volume. `written` remembers, per written volume, a fingerprint of what it last got: the
+/// worker calls this on every pass (probes included), and a volume whose payload did not change
+/// is not read back and compared again as long as it is still there.
 pub fn prepare(
     state_dir: &Path,
     plan: &PodPlan,
     bundle: &PodBundle,
     host: VolumeHost<'_>,
+    written: &mut BTreeMap<String, u64>,
 ) -> Result<BTreeMap<String, PathBuf>, VolumeError> {
     let pods = state_dir.join("pods");
     let mut out = BTreeMap::new();
@@ -167,6 +170,21 @@ pub fn prepare(
                 ..
             } => {
                 let payload = payload(&name, kind, sources, *default_mode, plan, bundle, host)?;
+                let fingerprint = {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (&payload, fs_group).hash(&mut h);
+                    h.finish()
+                };
+                let present = if v.memory_backed() {
+                    safefs::is_tmpfs(&dir)
+                } else {
+                    std::fs::symlink_metadata(dir.join("..data")).is_ok()
+                };
+                if present && written.get(&name) == Some(&fingerprint) {
+                    out.insert(name, dir);
+                    continue;
+                }
                 if v.memory_backed() {
                     // Sized for what the agent writes, with room for an update beside it.
                     let bytes: usize = payload.values().map(|f| f.data.len() + 4096).sum();
@@ -193,6 +211,7 @@ pub fn prepare(
                         source,
                     }
                 })?;
+                written.insert(name.clone(), fingerprint);
                 out.insert(name, dir);
             }
         }
@@ -572,7 +591,7 @@ mod tests {
         };
         // downwardAPI volumes are tmpfs mounts: only root can mount, so this unit test covers
         // the configMap part where it cannot.
-        match prepare(d.path(), &plan, &bundle, host()) {
+        match prepare(d.path(), &plan, &bundle, host(), &mut BTreeMap::new()) {
             Ok(v) => {
                 let c = &v["c"];
                 assert_eq!(std::fs::read_to_string(c.join("sub/x")).unwrap(), "A");

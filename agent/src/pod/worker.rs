@@ -119,6 +119,8 @@ pub struct PodWorker<R> {
     pod_known: bool,
     /// Every init container of the pod has succeeded or (a sidecar) started once.
     sidecars_started: bool,
+    /// What each written volume last got (see [`volumes::prepare`]).
+    written_volumes: BTreeMap<String, u64>,
     /// The pod's plan as last seen (preStop hooks run at removal, when no plan comes with it).
     last_plan: Option<Arc<PodPlan>>,
     /// Why the pod ended on the device (reason, message): evicted for an emptyDir over its
@@ -162,6 +164,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             pod_known: false,
             ended: None,
             last_plan: None,
+            written_volumes: BTreeMap::new(),
             sidecars_started: false,
             usage_checked: None,
         }
@@ -449,6 +452,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 },
                 host_path_prefixes: &self.ctx.policy.host_path_prefixes,
             },
+            &mut self.written_volumes,
         );
         let existing = self.ensure_pod(plan).await?;
         let restored = self
