@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all demo demo-down demo-device-stop demo-device-start build release test faults-summary unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check
+.PHONY: all demo demo-down demo-device-stop demo-device-start build release test faults-summary unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check conformance
 
 all: build
 
@@ -107,6 +107,11 @@ pod-start-bench: env-up
 ## hub-scale-bench: real hub process, 500 simulated devices in 10 fleets over real gRPC/mTLS, real API server
 hub-scale-bench: env-up
 	source target/dev/env && $(CARGO) bench -p fleetlet-hub --bench hub_scale
+
+## conformance: the upstream e2e suite's node tests (sig-node Conformance/NodeConformance, node-local
+## storage) against two fleetlet Nodes; builds e2e.test, ginkgo and agnhost once per machine
+conformance: env-up
+	tests/conformance/run.sh
 
 ## bench: every benchmark, one after the other
 bench: env-up

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Provides the images the e2e tests run, in the local stack's Podman store, under the registry
+# that tests/conformance/repo-list.yaml gives the suite (there is no registry to pull from):
+#   agnhost:2.63.0   the static agnhost built by build.sh, with Debian's static busybox for a shell
+#   busybox:1.37.0-1 Debian's static busybox (the stack's test image, re-tagged)
+# Usage: images.sh BIN_DIR (from build.sh). Idempotent: an image whose agnhost is unchanged stays.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=tests/env/lib.sh
+source "$here/../env/lib.sh"
+bin=${1:?usage: images.sh BIN_DIR}
+: "${FLEETLET_PODMAN_SOCKET:?source target/dev/env first}"
+podman=(podman --url "unix://$FLEETLET_PODMAN_SOCKET")
+registry=$(awk '$1 == "promoterE2eRegistry:" { print $2 }' "$here/repo-list.yaml")
+[ -n "$registry" ] || die "no promoterE2eRegistry in $here/repo-list.yaml"
+
+busybox=/bin/busybox
+file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
+  die "$busybox is not statically linked (apt-get install busybox-static)"
+
+# rootfs DIR: busybox and its applet links.
+rootfs() {
+  local root=$1 applet
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,proc,sys,dev}
+  chmod 1777 "$root/tmp"
+  install -m 0755 "$busybox" "$root/bin/busybox"
+  for applet in $("$busybox" --list-full); do
+    [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
+  printf 'root:x:0:\nnobody:x:65534:\n' > "$root/etc/group"
+}
+
+# import NAME TAR CHANGES...: imports TAR as NAME unless NAME carries the same content label.
+import() {
+  local name=$1 tar=$2 sum have
+  shift 2
+  sum=$(sha256sum "$tar" | cut -c1-16)
+  have=$("${podman[@]}" image inspect --format '{{index .Labels "io.fleetlet.e2e-content"}}' "$name" 2>/dev/null || true)
+  if [ "$have" = "$sum" ]; then
+    log "image $name is up to date"
+    return
+  fi
+  local args=()
+  for c in "$@"; do args+=(--change "$c"); done
+  "${podman[@]}" import "${args[@]}" --change "LABEL io.fleetlet.e2e-content=$sum" "$tar" "$name" > /dev/null
+  log "imported $name"
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+rootfs "$work/agnhost"
+install -m 0755 "$bin/agnhost" "$work/agnhost/agnhost"
+# Deterministic archives: same inputs, same checksum, no re-import.
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/agnhost" -cf "$work/agnhost.tar" .
+import "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
+
+rootfs "$work/busybox"
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/busybox" -cf "$work/busybox.tar" .
+import "$registry/busybox:1.37.0-1" "$work/busybox.tar" 'CMD ["sh"]'

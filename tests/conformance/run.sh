@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# `make conformance`: runs the upstream Kubernetes e2e suite's node tests against fleetlet Nodes.
+#
+# Builds e2e.test, ginkgo and agnhost from tests/conformance/go.mod (build.sh, cached), provides
+# the images the tests run (images.sh), then starts a hub of its own and two agents (devices
+# conf-1 and conf-2, untainted so that the suite's pods land on them) and runs the node-level
+# [Conformance]/[NodeConformance] tests of sig-node and the node-local storage tests.
+#
+# The API server reaches the hub's kubelet endpoint (logs, exec, port-forward, proxy) on a
+# routable address: the host end of a veth pair into a network namespace of the run, addressed
+# from 198.18.0.0/15 (the benchmarking range the fault suite uses too), never loopback, which the
+# API server refuses to proxy to.
+#
+# Environment: CONFORMANCE_FOCUS / CONFORMANCE_SKIP (ginkgo regexps) replace the default
+# selection; CONFORMANCE_PROCS (default 4) parallel ginkgo processes; CONFORMANCE_DIR (default
+# target/conformance); FLEETLET_CONFORMANCE_BIN (prebuilt fleetlet binaries: no cargo build);
+# CONFORMANCE_NAME (default conf) names devices, hub instance and netns, so runs never collide.
+# Prints the counts and the tests that did not pass; exit status 1 when any failed.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$here/../.." && pwd)
+# shellcheck source=tests/env/proc.sh
+source "$ROOT/tests/env/proc.sh"
+log() { printf '[conformance %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[ -f "$ROOT/target/dev/env" ] || die "target/dev/env missing: run make env-up"
+# shellcheck disable=SC1091
+source "$ROOT/target/dev/env"
+kubectl=("$FLEETLET_KUBECTL" --kubeconfig "$KUBECONFIG")
+
+name=${CONFORMANCE_NAME:-conf}
+# It also names the veth pair (15 bytes at most for the kernel): 9 characters at most.
+[[ $name =~ ^[a-z0-9]([a-z0-9-]{0,7}[a-z0-9])?$ ]] || die "CONFORMANCE_NAME must be a DNS label of at most 9 characters"
+dir=${CONFORMANCE_DIR:-$ROOT/target/conformance}
+case $dir in /*) ;; *) dir=$PWD/$dir ;; esac
+procs=${CONFORMANCE_PROCS:-4}
+devices=("$name-1" "$name-2")
+link_port=${CONFORMANCE_LINK_PORT:-17643}
+kubelet_port=${CONFORMANCE_KUBELET_PORT:-17650}
+ops_port=${CONFORMANCE_OPS_PORT:-17680}
+
+default_focus='\[sig-node\].*(\[Conformance\]|\[NodeConformance\])|\[sig-storage\] (ConfigMap|Secrets|Projected (configMap|secret|downwardAPI|combined)|Downward API volume|EmptyDir volumes) '
+# Serial and disruptive tests restart or reconfigure the node and its kubelet, which fleetlet's
+# devices are not; flaky ones are excluded upstream too.
+default_skip='\[Serial\]|\[Disruptive\]|\[Flaky\]'
+focus=${CONFORMANCE_FOCUS:-$default_focus}
+skip=${CONFORMANCE_SKIP:-$default_skip}
+
+bin=$("$here/build.sh")
+"$here/images.sh" "$bin"
+
+if [[ -n ${FLEETLET_CONFORMANCE_BIN:-} ]]; then
+  fbin=$FLEETLET_CONFORMANCE_BIN
+else
+  log "building fleetlet-hub and fleetlet-agent (debug)"
+  (cd "$ROOT" && ${CARGO:-cargo} build --quiet -p fleetlet-hub -p fleetlet-agent --bins)
+  fbin=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+fi
+
+mkdir -p "$dir"/{run,logs,state,report}
+rm -rf "$dir"/report/* "$dir"/logs/*.log
+
+# ---- teardown: processes, Nodes, netns; also what a killed earlier run left behind ----
+netns=fleetlet-$name
+host_if=flc-$name
+cleanup() {
+  local p
+  for p in "$dir"/run/*.pid; do
+    [ -e "$p" ] && pidfile_stop "$p" 50 > /dev/null 2>&1 || true
+  done
+  "${kubectl[@]}" delete node "${devices[@]}" --ignore-not-found --wait=false > /dev/null 2>&1 || true
+  ip link del "$host_if" 2> /dev/null || true
+  ip netns del "$netns" 2> /dev/null || true
+}
+cleanup
+trap cleanup EXIT
+
+# ---- a routable address for the hub's kubelet endpoint ----
+# One /30 of 198.19.255.0/24 not held by another interface (the fault suite uses the low blocks).
+used=$(ip -4 -o addr show | awk '{ print $4 }')
+hub_ip=
+for b in $(seq 0 63); do
+  cand=198.19.255.$((b * 4 + 1))
+  grep -q "^$cand/" <<< "$used" || { hub_ip=$cand; peer_ip=198.19.255.$((b * 4 + 2)); break; }
+done
+[ -n "$hub_ip" ] || die "no free /30 in 198.19.255.0/24"
+ip netns add "$netns"
+ip link add "$host_if" type veth peer name "${host_if}-p"
+ip link set "${host_if}-p" netns "$netns"
+ip addr add "$hub_ip/30" dev "$host_if"
+ip link set "$host_if" up
+ip -n "$netns" addr add "$peer_ip/30" dev "${host_if}-p"
+ip -n "$netns" link set "${host_if}-p" up
+ip -n "$netns" link set lo up
+log "hub kubelet endpoint on $hub_ip:$kubelet_port ($host_if, peer in netns $netns)"
+
+# ---- PKI: link CA and certificates; kubelet serving certificate from the cluster CA ----
+umask 077
+pki=$dir/pki
+[ -f "$pki/ca.pem" ] || "$fbin/fleetlet-hub" pki --dir "$pki" init > /dev/null
+"$fbin/fleetlet-hub" pki --dir "$pki" issue-server --name 127.0.0.1 --name localhost > /dev/null
+for d in "${devices[@]}"; do "$fbin/fleetlet-hub" pki --dir "$pki" issue-device "$d" > /dev/null; done
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=fleetlet-$name-kubelet" \
+  -keyout "$pki/kubelet-key.pem" -out "$pki/kubelet.csr" 2> /dev/null
+openssl x509 -req -in "$pki/kubelet.csr" -CA "$FLEETLET_CLUSTER_CA_CERT" -CAkey "$FLEETLET_CLUSTER_CA_KEY" \
+  -set_serial "0x$(openssl rand -hex 16)" -days 2 -out "$pki/kubelet.pem" \
+  -extfile <(printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n' "$hub_ip") 2> /dev/null
+rm -f "$pki/kubelet.csr"
+
+{
+  echo "# The conformance run's devices: untainted Nodes the e2e suite schedules onto."
+  for d in "${devices[@]}"; do printf '[[device]]\nname = "%s"\nfleet = "%s"\n' "$d" "$name"; done
+} > "$dir/devices.toml"
+cat > "$dir/hub.toml" <<TOML
+kubeconfig = "$KUBECONFIG"
+[ops]
+listen = "127.0.0.1:$ops_port"
+[inventory]
+static_file = "$dir/devices.toml"
+[nodes]
+instance = "fleetlet-$name"
+disconnect_grace_secs = 30
+taints = []
+[kubelet]
+listen = "$hub_ip:$kubelet_port"
+advertise_address = "$hub_ip"
+cert_file = "$pki/kubelet.pem"
+key_file = "$pki/kubelet-key.pem"
+client_ca_file = "$FLEETLET_CLUSTER_CA_CERT"
+[link]
+listen = "127.0.0.1:$link_port"
+client_ca_file = "$pki/ca.pem"
+cert_file = "$pki/hub.pem"
+key_file = "$pki/hub-key.pem"
+TOML
+for d in "${devices[@]}"; do
+  mkdir -p "$dir/state/$d"
+  cat > "$dir/agent-$d.toml" <<TOML
+device_name = "$d"
+state_dir = "$dir/state/$d"
+podman_socket = "$FLEETLET_PODMAN_SOCKET"
+resync_secs = 5
+node_ip = "$hub_ip"
+[hub]
+endpoint = "https://127.0.0.1:$link_port"
+ca_file = "$pki/ca.pem"
+cert_file = "$pki/devices/$d.pem"
+key_file = "$pki/devices/$d-key.pem"
+reconnect_max_backoff_secs = 2
+TOML
+done
+umask 022
+
+start() {
+  local n=$1 exe=$2
+  shift 2
+  (cd / && RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 exec setsid "$exe" "$@" >> "$dir/logs/$n.log" 2>&1 < /dev/null) &
+  pidfile_write "$dir/run/$n.pid" "$!" "$exe"
+}
+start hub "$fbin/fleetlet-hub" run -c "$dir/hub.toml"
+for d in "${devices[@]}"; do start "agent-$d" "$fbin/fleetlet-agent" --config "$dir/agent-$d.toml" run; done
+for d in "${devices[@]}"; do
+  "${kubectl[@]}" wait --for=condition=Ready "node/$d" --timeout=120s > /dev/null 2>&1 ||
+    { sleep 5; "${kubectl[@]}" wait --for=condition=Ready "node/$d" --timeout=60s; } ||
+    die "Node $d is not Ready (logs in $dir/logs)"
+done
+log "Nodes ${devices[*]} are Ready"
+
+# ---- the suite ----
+export KUBE_TEST_REPO_LIST=$here/repo-list.yaml
+args=(
+  --kubeconfig="$KUBECONFIG"
+  --provider=skeleton
+  --report-dir="$dir/report"
+  # Other tests' fleetlet Nodes (tainted) and NotReady leftovers must not hold the suite.
+  --allowed-not-ready-nodes=-1
+  --non-blocking-taints=virtual-kubelet.io/provider,node-role.kubernetes.io/control-plane
+  --minStartupPods=-1
+  --e2e-verify-service-account=false
+  --node-os-distro=debian
+  --dump-logs-on-failure=false
+)
+log "running e2e.test ($procs processes): focus '$focus', skip '$skip'"
+rc=0
+"$bin/ginkgo" --procs="$procs" --no-color --timeout=3h --focus="$focus" --skip="$skip" \
+  --junit-report=junit.xml --output-dir="$dir/report" "$bin/e2e.test" -- "${args[@]}" \
+  > "$dir/logs/e2e.log" 2>&1 || rc=$?
+
+# ---- counts and the tests that did not pass ----
+junit=$dir/report/junit.xml
+[ -f "$junit" ] || { tail -n 40 "$dir/logs/e2e.log" >&2; die "no JUnit report (e2e.test exit $rc); log: $dir/logs/e2e.log"; }
+python3 - "$junit" "$focus" "$skip" <<'PY'
+import re, sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+focus, skip = re.compile(sys.argv[2]), re.compile(sys.argv[3])
+passed, failed, skipped = [], [], []
+for tc in root.iter("testcase"):
+    name = tc.get("name", "")
+    if name.startswith("[SynchronizedBeforeSuite]") or name.startswith("[SynchronizedAfterSuite]") \
+            or name.startswith("[ReportAfterSuite]") or name.startswith("[BeforeSuite]") \
+            or name.startswith("[AfterSuite]"):
+        if tc.find("failure") is not None or tc.find("error") is not None:
+            failed.append(name)
+        continue
+    # Specs outside the selection are reported as skipped too; they are not counted.
+    if not focus.search(name) or skip.search(name):
+        continue
+    if tc.find("skipped") is not None or tc.get("status") == "skipped":
+        skipped.append(name)
+    elif tc.find("failure") is not None or tc.find("error") is not None:
+        failed.append(name)
+    else:
+        passed.append(name)
+print(f"conformance: {len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped")
+for n in sorted(failed):
+    print(f"  FAILED {n}")
+PY
+log "full log: $dir/logs/e2e.log; JUnit: $junit"
+exit "$rc"
