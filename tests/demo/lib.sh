@@ -12,7 +12,15 @@ case $DEMO in /*) ;; *) DEMO=$PWD/$DEMO ;; esac
 DEMO_NAME=${FLEETLET_DEMO_NAME:-demo}
 DEMO_FLEET_A=${FLEETLET_DEMO_FLEET_A:-a}
 DEMO_FLEET_B=${FLEETLET_DEMO_FLEET_B:-b}
-DEMO_DEVICES=("$DEMO_NAME-a1" "$DEMO_NAME-a2" "$DEMO_NAME-b1")
+# Flightctl names an enrolled device by its fingerprint, and its device-svc-client signer takes
+# the fingerprint from the certificate's common name after its last "-" and requires at least 16
+# characters: device (and Node) names are long and have dots where the demo's name has hyphens.
+DEMO_DEVICE_BASE=${DEMO_NAME//-/.}.edge.device
+DEMO_DEVICES=("$DEMO_DEVICE_BASE.a1" "$DEMO_DEVICE_BASE.a2" "$DEMO_DEVICE_BASE.b1")
+# Flightctl labels of the demo's devices: which demo a device belongs to (the hub's
+# enabled_selector) and its fleet (the selector of the Flightctl Fleets a and b).
+DEMO_LABEL=fleetlet.io/demo
+DEMO_FLEET_LABEL=fleetlet.io/demo-fleet
 DEMO_NAMESPACE=fleetlet-$DEMO_NAME
 DEMO_MANIFEST=$ROOT/examples/demo-deployment.yaml
 if [[ ! $DEMO_NAME =~ ^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$ || ! $DEMO_FLEET_A =~ ^[a-z0-9-]+$ || ! $DEMO_FLEET_B =~ ^[a-z0-9-]+$ ]]; then
@@ -32,6 +40,22 @@ AGENT=$DEMO_BIN/fleetlet-agent
 JOURNAL_SOCKET=/run/systemd/journal/socket
 
 say() { printf '==> %s\n' "$*"; }
+
+# fc_api METHOD PATH [CURL ARGS...]: a request to the stack's Flightctl API as flightctl-admin
+# (body type FC_CONTENT_TYPE, default application/json).
+fc_api() {
+    local method=$1 path=$2
+    shift 2
+    curl -sS --fail-with-body --max-time 30 --cacert "$FLIGHTCTL_CA_FILE" \
+        -H "Authorization: Bearer $(cat "$FLIGHTCTL_ADMIN_TOKEN_FILE")" -H "Content-Type: ${FC_CONTENT_TYPE:-application/json}" \
+        -X "$method" "$FLIGHTCTL_API_URL$path" "$@"
+}
+
+# The flightctl CLI of the stack, logged in as flightctl-admin.
+flightctl_cli() { "$FLIGHTCTL_BIN_DIR/flightctl" --config-dir "$FLIGHTCTL_CLI_CONFIG_DIR" "$@"; }
+
+# demo_fleet_of DEVICE: the demo fleet a device starts in (a1, a2: fleet a; b1: fleet b).
+demo_fleet_of() { [[ $1 == *.b1 ]] && echo "$DEMO_FLEET_B" || echo "$DEMO_FLEET_A"; }
 
 # The stack's environment (KUBECONFIG, FLEETLET_KUBECTL, FLEETLET_PODMAN_SOCKET, ...).
 load_env() {
