@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::Method;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -240,13 +242,11 @@ fn containers(device: &str) -> String {
 }
 
 /// Removes the device's Podman containers on drop.
-struct Containers(Arc<std::sync::Mutex<Option<String>>>);
+struct Containers(String);
 
 impl Drop for Containers {
     fn drop(&mut self) {
-        if let Some(d) = self.0.lock().ok().and_then(|d| d.clone()) {
-            remove_device_containers(&d);
-        }
+        remove_device_containers(&self.0);
     }
 }
 
@@ -271,8 +271,6 @@ async fn the_real_flightctl_agent_delivers_fleetlet_config_and_certificate() {
         objects: vec![("fleets".into(), run.clone())],
         csr_prefixes: vec![format!("enroll-{run}-")],
     };
-    let device_cell = Arc::new(std::sync::Mutex::new(None));
-    let _containers = Containers(device_cell.clone());
 
     // The hub: Flightctl inventory (devices of this run), Flightctl's signer CA for the link.
     let hub_token = hub_token_file(d);
@@ -361,7 +359,7 @@ last_seen_interval_secs = 5"#,
         enrollment_id(&root)
     })
     .await;
-    *device_cell.lock().expect("lock") = Some(device.clone());
+    let _containers = Containers(device.clone());
     for kind in ["devices", "enrollmentrequests"] {
         flightctl_cleanup
             .objects
