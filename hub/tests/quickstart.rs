@@ -347,6 +347,29 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
         left.is_empty(),
         "processes of the demo survived make demo-down: {left:?}"
     );
+    // ... and none of its devices, enrollment requests or Fleets in Flightctl (the enrolled
+    // flightctl-agent's device included).
+    let listing = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -e; source target/dev/env; f() {{ \"$FLIGHTCTL_BIN_DIR/flightctl\" --config-dir \"$FLIGHTCTL_CLI_CONFIG_DIR\" \"$@\"; }}; \
+             f get devices -l fleetlet.io/demo={p}; f get fleets -l fleetlet.io/demo={p}; \
+             f get enrollmentrequests | grep -F 'fleetlet.io/demo={p},' || true"
+        ))
+        .current_dir(repo())
+        .output()
+        .expect("flightctl CLI");
+    let left_in_flightctl = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(
+        listing.status.success(),
+        "flightctl get: {left_in_flightctl}"
+    );
+    assert!(
+        left_in_flightctl
+            .lines()
+            .all(|l| l.starts_with("NAME") || l.trim().is_empty()),
+        "Flightctl objects of the demo survived make demo-down:\n{left_in_flightctl}"
+    );
     let deletion = find("--cascade=foreground");
     assert!(
         deletion.contains("No resources found"),

@@ -26,7 +26,8 @@ if "${KUBECTL[@]}" get namespace "$DEMO_NAMESPACE" > /dev/null 2>&1; then
     "${KUBECTL[@]}" delete pod --all -n "$DEMO_NAMESPACE" --force --grace-period=0 > /dev/null 2>&1 || true
     "${KUBECTL[@]}" delete namespace "$DEMO_NAMESPACE" --timeout=120s
 fi
-for d in "${DEMO_DEVICES[@]}"; do
+fa_device=$(demo_fa_device)
+for d in "${DEMO_DEVICES[@]}" ${fa_device:+"$fa_device"}; do
     "${KUBECTL[@]}" delete node "$d" --ignore-not-found
     filter="label=io.fleetlet.device=$d"
     for id in $("${PODMAN[@]}" pod ps -q --filter "$filter"); do
@@ -50,14 +51,23 @@ fc_delete() {
 # `flightctl certificate request -n enroll-DEVICE` names its request enroll-DEVICE-<random>.
 csrs=$(fc_api GET /api/v1/certificatesigningrequests 2> /dev/null |
     python3 -c 'import json,sys; print("\n".join(i["metadata"]["name"] for i in json.load(sys.stdin).get("items") or []))' 2> /dev/null || true)
-for d in "${DEMO_DEVICES[@]}"; do
+for d in "${DEMO_DEVICES[@]}" ${fa_device:+"$fa_device"}; do
     fc_delete "/api/v1/devices/$d"
     fc_delete "/api/v1/enrollmentrequests/$d"
     fc_delete "/api/v1/certificatesigningrequests/fleetlet-$d"
+    # The flightctl-agent names its requests after the device (management and fleetlet certificates).
     while read -r csr; do
-        [[ $csr == "enroll-$d-"* ]] && fc_delete "/api/v1/certificatesigningrequests/$csr"
+        if [[ $csr == "enroll-$d-"* || $csr == *"$d"* ]]; then
+            fc_delete "/api/v1/certificatesigningrequests/$csr"
+        fi
     done <<< "$csrs"
 done
+while read -r csr; do
+    if [[ $csr == "enroll-$DEMO_NAME-flightctl-agent-"* ]]; then
+        fc_delete "/api/v1/certificatesigningrequests/$csr"
+    fi
+done <<< "$csrs"
+rm -rf "$DEMO_FA"
 for fleet in "$DEMO_FLEET_A" "$DEMO_FLEET_B"; do
     owner=$(fc_api GET "/api/v1/fleets/$fleet" 2> /dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["metadata"].get("labels",{}).get(sys.argv[1],""))' "$DEMO_LABEL" 2> /dev/null || true)

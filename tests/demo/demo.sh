@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: fleetlet end to end on this machine, with the stack's Flightctl as the inventory.
+# A fourth device runs the real flightctl-agent, which enrolls it and delivers fleetlet-agent's
+# configuration and link certificate from Flightctl Fleet b's template.
 # Needs the local stack (`make env-up`, which the Makefile target runs first). Builds the binaries,
 # creates the Flightctl Fleets a and b, enrolls three devices in Flightctl (enrollment requests
 # approved with their fleet label) and obtains each one's fleetlet link certificate from
@@ -44,12 +46,18 @@ rm -f "$PKI/kubelet.csr"
 
 # The Flightctl Fleets: a device joins the fleet whose selector its labels match (Flightctl's fleet
 # controller sets the device's owner, which the hub turns into the Node label flightctl.io/fleet).
+# Fleet b's template also carries fleetlet-agent's configuration for a device that runs the real
+# flightctl-agent: agent.toml (hub endpoint, CA, certificate, device policy), the hub's CA, a
+# certificate drop-in (the flightctl-agent gets the link certificate from Flightctl's
+# device-svc-client signer) and after-updating hooks. Paths inside agent.toml lie below that
+# device's test root (FLIGHTCTL_TEST_ROOT_DIR); on a real device they are the plain paths.
 for fleet in "$DEMO_FLEET_A" "$DEMO_FLEET_B"; do
     say "creating Flightctl Fleet $fleet (devices labelled $DEMO_FLEET_LABEL=$fleet)"
-    fc_api POST /api/v1/fleets -d "$(python3 -c 'import json,sys; print(json.dumps({"apiVersion":"flightctl.io/v1beta1","kind":"Fleet",
-  "metadata":{"name":sys.argv[1],"labels":{sys.argv[3]:sys.argv[4]}},
-  "spec":{"selector":{"matchLabels":{sys.argv[2]:sys.argv[1]}},"template":{"spec":{}}}}))' \
-        "$fleet" "$DEMO_FLEET_LABEL" "$DEMO_LABEL" "$DEMO_NAME")" > /dev/null
+    with_config=
+    [[ $fleet == "$DEMO_FLEET_B" ]] && with_config=1
+    fc_api POST /api/v1/fleets -d "$(FLEET=$fleet WITH_CONFIG=$with_config FA_ROOT=$DEMO_FA_ROOT \
+        FLEET_LABEL=$DEMO_FLEET_LABEL DEMO_LABEL=$DEMO_LABEL DEMO_NAME=$DEMO_NAME HUB_CA=$PKI/ca.pem \
+        LINK_PORT=$DEMO_LINK_PORT PODMAN_SOCKET=$FLEETLET_PODMAN_SOCKET python3 "$ROOT/tests/demo/fleet-json.py")" > /dev/null
 done
 
 # A demo run by a test carries the test's owner labels to its Nodes (device labels become Node
@@ -60,8 +68,12 @@ if [[ ${FLEETLET_TEST_OWNER:-} =~ ^([0-9]+):([0-9]+)$ ]]; then
 fi
 for d in "${DEMO_DEVICES[@]}"; do
     say "enrolling $d in Flightctl (fleet $(demo_fleet_of "$d")) and getting its link certificate from Flightctl's signer"
-    "$ROOT/tests/env/flightctl/device-cert.sh" "$d" "$DEMO/flightctl/$d" \
-        "$DEMO_LABEL=$DEMO_NAME,$DEMO_FLEET_LABEL=$(demo_fleet_of "$d")$owner_labels" > /dev/null
+    if ! "$ROOT/tests/env/flightctl/device-cert.sh" "$d" "$DEMO/flightctl/$d" \
+        "$DEMO_LABEL=$DEMO_NAME,$DEMO_FLEET_LABEL=$(demo_fleet_of "$d")$owner_labels" > /dev/null 2> "$DEMO/logs/enroll-$d.log"; then
+        cat "$DEMO/logs/enroll-$d.log" >&2
+        echo "make demo: enrolling $d in Flightctl failed" >&2
+        exit 1
+    fi
 done
 
 cat > "$DEMO/hub.toml" <<TOML
@@ -140,6 +152,50 @@ for d in "${DEMO_DEVICES[@]}"; do
     demo_agent_start "$d"
 done
 
+# A fourth device, managed by the real flightctl-agent (built from Flightctl's Go module by env-up):
+# it enrolls on its own, the demo approves it into fleet b, and everything fleetlet-agent needs —
+# its configuration and its link certificate — comes through Flightctl. It runs as root with
+# Flightctl's FLIGHTCTL_TEST_ROOT_DIR: all it writes lies below target/demo/flightctl-agent/root
+# (proc and sys are links to the real ones: it reads the default route there).
+[[ -x ${FLIGHTCTL_DEVICE_BIN_DIR:-}/flightctl-agent ]] ||
+    failed "flightctl-agent missing (FLIGHTCTL_DEVICE_BIN_DIR=${FLIGHTCTL_DEVICE_BIN_DIR:-unset}): run make env-up"
+say "starting the real flightctl-agent for a fourth device (its files below ${DEMO_FA_ROOT#"$ROOT"/})"
+rm -rf "$DEMO_FA"
+mkdir -p "$DEMO_FA_ROOT"/{etc/flightctl,var/lib/flightctl,run}
+ln -s /proc "$DEMO_FA_ROOT/proc"
+ln -s /sys "$DEMO_FA_ROOT/sys"
+(
+    umask 077
+    # Its enrollment (bootstrap) certificate, embedded in its configuration.
+    flightctl_cli certificate request -n "enroll-$DEMO_NAME-flightctl-agent" -o embedded -d "$DEMO_FA" 2> /dev/null
+    printf 'spec-fetch-interval: 2s\nstatus-update-interval: 5s\n'
+) > "$DEMO_FA_ROOT/etc/flightctl/config.yaml" || failed "no enrollment certificate from Flightctl"
+(
+    export FLIGHTCTL_TEST_ROOT_DIR=$DEMO_FA_ROOT
+    demo_start flightctl-agent "$FLIGHTCTL_DEVICE_BIN_DIR/flightctl-agent" --config /etc/flightctl/config.yaml
+)
+fa_device=
+for ((i = 0; i < 60; i++)); do
+    fa_device=$(demo_fa_device)
+    [[ -n $fa_device ]] && break
+    sleep 1
+done
+[[ -n $fa_device ]] || failed "the flightctl-agent did not ask to enroll within 60 s"
+echo "$fa_device" > "$DEMO_FA/device-name"
+say "approving the flightctl-agent's enrollment request $fa_device into fleet $DEMO_FLEET_B"
+approval=$(python3 -c 'import json,sys
+labels = {sys.argv[1]: sys.argv[2], sys.argv[3]: sys.argv[4]}
+for kv in filter(None, sys.argv[5].split(",")):
+    k, _, v = kv.partition("="); labels[k] = v
+print(json.dumps({"approved": True, "labels": labels}))' "$DEMO_LABEL" "$DEMO_NAME" "$DEMO_FLEET_LABEL" "$DEMO_FLEET_B" "${owner_labels#,}")
+for ((i = 0; i < 30; i++)); do
+    fc_api PUT "/api/v1/enrollmentrequests/$fa_device/approval" -d "$approval" > /dev/null 2>&1 && break
+    sleep 1
+done
+say "starting fleetlet-agent for $fa_device once the flightctl-agent delivered its configuration and certificate"
+demo_start "agent-flightctl-managed" "$ROOT/tests/demo/supervise.sh" "$DEMO_FA_ROOT/etc/fleetlet/agent.toml" \
+    "$DEMO_FA_ROOT/etc/fleetlet/certs/device.crt" "$DEMO_FA_ROOT/run/fleetlet-agent.pid" "$AGENT"
+
 say "waiting for the Nodes ${DEMO_DEVICES[*]} to be Ready (up to 90 s)"
 for d in "${DEMO_DEVICES[@]}"; do
     rc=0
@@ -150,6 +206,15 @@ for d in "${DEMO_DEVICES[@]}"; do
         *) failed "Node $d is not Ready after 90 s" ;;
     esac
 done
+
+say "waiting for the Node $fa_device of the flightctl-agent's device to be Ready (up to 180 s)"
+rc=0
+demo_wait_node "$fa_device" 180 || rc=$?
+case $rc in
+    0) ;;
+    2) failed "$DEMO_EXITED exited (its log is below)" ;;
+    *) failed "Node $fa_device is not Ready after 180 s" ;;
+esac
 
 say "applying ${DEMO_MANIFEST#"$ROOT"/}"
 # With the default names this is the file as it is; a renamed demo gets its namespace and fleet.
@@ -181,6 +246,8 @@ fi
 cat <<TEXT
 
 fleetlet runs: the two pods of deployment "hello" are on fleet $DEMO_FLEET_A's devices, none on ${DEMO_DEVICES[2]} (fleet $DEMO_FLEET_B).
+$fa_device (fleet $DEMO_FLEET_B) runs the real flightctl-agent, which enrolled it and delivered
+fleetlet-agent's configuration and link certificate from Flightctl (files below $(rel "$DEMO_FA_ROOT")).
 docs/quickstart.md walks through more (one device, a fleet, a pod too big, an update, a device
 offline and back, deletion). Try (from $ROOT):
 
@@ -196,9 +263,10 @@ offline and back, deletion). Try (from $ROOT):
   make demo-device-stop DEVICE=${DEMO_DEVICES[0]}    # the device goes offline (its pods keep running)
   make demo-device-start DEVICE=${DEMO_DEVICES[0]}   # and comes back
   make demo-device-fleet DEVICE=${DEMO_DEVICES[2]} FLEET=$DEMO_FLEET_A   # relabel in Flightctl: its Node moves to fleet $DEMO_FLEET_A
-  $(rel "$FLIGHTCTL_BIN_DIR")/flightctl --config-dir $FLIGHTCTL_CLI_CONFIG_DIR get devices -l $DEMO_LABEL=$DEMO_NAME
+  $FLIGHTCTL_BIN_DIR/flightctl --config-dir $FLIGHTCTL_CLI_CONFIG_DIR get devices -l $DEMO_LABEL=$DEMO_NAME
+  find $(rel "$DEMO_FA_ROOT")/etc/fleetlet -type f   # what the flightctl-agent delivered to $fa_device
 
-Logs: $(rel "$DEMO")/logs/{hub,agent-${DEMO_DEVICES[0]},agent-${DEMO_DEVICES[1]},agent-${DEMO_DEVICES[2]}}.log
+Logs: $(rel "$DEMO")/logs/{hub,agent-${DEMO_DEVICES[0]},agent-${DEMO_DEVICES[1]},agent-${DEMO_DEVICES[2]},flightctl-agent,agent-flightctl-managed}.log
 Stop: make demo-down (hub, agents, demo Nodes, pods and namespace; the stack keeps running)
       make env-down  (then the local stack too)
 TEXT

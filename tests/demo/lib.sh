@@ -31,6 +31,10 @@ fi
 DEMO_LINK_PORT=${FLEETLET_DEMO_LINK_PORT:-17443}
 DEMO_KUBELET_PORT=${FLEETLET_DEMO_KUBELET_PORT:-17450}
 DEMO_OPS_PORT=${FLEETLET_DEMO_OPS_PORT:-17480}
+# The device managed by the real flightctl-agent (its name is its key's fingerprint, known once
+# it asked to enroll: demo_fa_device); its test root holds everything it writes.
+DEMO_FA=$DEMO/flightctl-agent
+DEMO_FA_ROOT=$DEMO_FA/root
 # The binaries demo.sh builds (or finds in FLEETLET_DEMO_BIN).
 DEMO_BIN=${FLEETLET_DEMO_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug}
 HUB=$DEMO_BIN/fleetlet-hub
@@ -53,6 +57,16 @@ fc_api() {
 
 # The flightctl CLI of the stack, logged in as flightctl-admin.
 flightctl_cli() { "$FLIGHTCTL_BIN_DIR/flightctl" --config-dir "$FLIGHTCTL_CLI_CONFIG_DIR" "$@"; }
+
+# demo_fa_device: the name of the flightctl-agent's device, once it asked to enroll: recorded by
+# demo.sh, else the enrollment id in its banner (which the agent rewrites once enrolled).
+demo_fa_device() {
+    if [[ -s $DEMO_FA/device-name ]]; then
+        cat "$DEMO_FA/device-name"
+        return
+    fi
+    sed -n 's#.*/enroll/\([A-Za-z0-9]*\).*#\1#p' "$DEMO_FA_ROOT/etc/issue.d/flightctl-banner.issue" 2> /dev/null | head -n 1 || true
+}
 
 # demo_fleet_of DEVICE: the demo fleet a device starts in (a1, a2: fleet a; b1: fleet b).
 demo_fleet_of() { [[ $1 == *.b1 ]] && echo "$DEMO_FLEET_B" || echo "$DEMO_FLEET_A"; }
