@@ -2,11 +2,12 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all demo demo-down demo-device-stop demo-device-start build release test faults-summary unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check conformance
+.PHONY: all demo demo-down demo-device-stop demo-device-start demo-device-fleet build release test faults-summary unit-test lint fmt env-up env-down env-reset clean agent-bench hub-bench link-bench flightctl-bench pod-start-bench hub-scale-bench bench faults package package-check conformance
 
 all: build
 
-## demo: fleetlet end to end: the local stack, a hub and three agents, a Deployment on fleet a
+## demo: fleetlet end to end: the local stack, three devices enrolled in its Flightctl (fleets a and b),
+## a hub on the Flightctl inventory and three agents, a Deployment on fleet a
 demo: env-up
 	tests/demo/demo.sh
 
@@ -14,13 +15,18 @@ demo: env-up
 demo-down:
 	tests/demo/demo-down.sh
 
-## demo-device-stop: stop one demo device's agent, e.g. make demo-device-stop DEVICE=demo-a1
+## demo-device-stop: stop one demo device's agent, e.g. make demo-device-stop DEVICE=demo.edge.device.a1
 demo-device-stop:
 	@tests/demo/device.sh stop "$(DEVICE)"
 
-## demo-device-start: start one demo device's agent again, e.g. make demo-device-start DEVICE=demo-a1
+## demo-device-start: start one demo device's agent again, e.g. make demo-device-start DEVICE=demo.edge.device.a1
 demo-device-start:
 	@tests/demo/device.sh start "$(DEVICE)"
+
+## demo-device-fleet: relabel a demo device in Flightctl, its Node follows, e.g.
+## make demo-device-fleet DEVICE=demo.edge.device.b1 FLEET=a
+demo-device-fleet:
+	@tests/demo/device.sh fleet "$(DEVICE)" "$(FLEET)"
 
 ## build: debug build of every crate
 build:

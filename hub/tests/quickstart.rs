@@ -65,6 +65,10 @@ impl Names {
     fn map(&self, code: &str) -> String {
         let p = &self.prefix;
         [
+            ("demo.edge.device.", format!("{}.", self.device_base())),
+            ("fleetlet.io/demo=demo", format!("fleetlet.io/demo={p}")),
+            (" FLEET=a", format!(" FLEET={p}-a")),
+            (" FLEET=b", format!(" FLEET={p}-b")),
             ("target/demo/", format!("{}/", self.dir.display())),
             ("target/debug/", format!("{}/", self.bin.display())),
             (
@@ -72,13 +76,21 @@ impl Names {
                 format!("fleetlet.io/managed-by={p}"),
             ),
             ("fleetlet-demo", format!("fleetlet-{p}")),
-            ("demo-a1", format!("{p}-a1")),
-            ("demo-a2", format!("{p}-a2")),
-            ("demo-b1", format!("{p}-b1")),
             ("127.0.0.1:17480", format!("127.0.0.1:{}", self.ops_port)),
         ]
         .iter()
         .fold(code.to_owned(), |c, (from, to)| c.replace(from, to))
+    }
+
+    /// What tests/demo/lib.sh puts before the device names: the demo's name with dots for its
+    /// hyphens (Flightctl's signer reads a device's fingerprint after the last "-").
+    fn device_base(&self) -> String {
+        format!("{}.edge.device", self.prefix.replace('-', "."))
+    }
+
+    /// The name of one of the demo's devices (and its Node), e.g. `device("a1")`.
+    fn device(&self, which: &str) -> String {
+        format!("{}.{which}", self.device_base())
     }
 
     fn env(&self, cmd: &mut Command) {
@@ -201,22 +213,23 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
         }
     }
     let report = || {
-        let demo_logs: String = ["hub", "agent-a1", "agent-b1"]
-            .iter()
-            .map(|n| {
-                let file = names
-                    .dir
-                    .join("logs")
-                    .join(n.replace("agent-", &format!("agent-{}-", names.prefix)) + ".log");
-                let text = std::fs::read_to_string(&file).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                format!(
-                    "----- {} (last lines) -----\n{}\n",
-                    file.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect();
+        let demo_logs: String = [
+            "hub".to_owned(),
+            format!("agent-{}", names.device("a1")),
+            format!("agent-{}", names.device("b1")),
+        ]
+        .iter()
+        .map(|n| {
+            let file = names.dir.join("logs").join(format!("{n}.log"));
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            format!(
+                "----- {} (last lines) -----\n{}\n",
+                file.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect();
         format!("----- quickstart run -----\n{output}\n{demo_logs}")
     };
     let failed_at = at.map_or("before the first block".into(), |i| {
@@ -248,16 +261,40 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
         }
     };
     expect(
-        "kubectl get node demo-a1 -o jsonpath='{.spec.taints}",
+        "kubectl get node demo.edge.device.a1 -o jsonpath='{.spec.taints}",
         &["virtual-kubelet.io/provider", "fleetlet", "NoSchedule"],
+    );
+    // Flightctl's view: the three devices in their Flightctl Fleets.
+    expect(
+        "flightctl get devices -l fleetlet.io/demo=demo",
+        &[
+            &names.device("a1"),
+            &names.device("b1"),
+            &format!("Fleet/{p}-a"),
+            &format!("Fleet/{p}-b"),
+            &format!("fleetlet.io/demo-fleet={p}-a"),
+        ],
+    );
+    // Relabelled in Flightctl, b1's Node moved to fleet a and back to b.
+    let relabel = find("make demo-device-fleet DEVICE=demo.edge.device.b1 FLEET=a");
+    let fleets: Vec<&str> = relabel
+        .lines()
+        .filter(|l| l.starts_with(&names.device("b1")) && l.contains(" Ready "))
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(
+        fleets,
+        [format!("{p}-a"), format!("{p}-b")],
+        "Node fleets after relabelling: {relabel}\n{}",
+        report()
     );
     expect("name: no-toleration", &["untolerated taint"]);
     expect(
         "name: on-b1",
-        &["hello from the one device", &format!("{p}-b1")],
+        &["hello from the one device", &names.device("b1")],
     );
     expect(
-        "agent-demo-b1.toml status",
+        "agent-demo.edge.device.b1.toml status",
         &[
             "agent:         running",
             &format!(
@@ -275,7 +312,7 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
     assert!(
         hello
             .iter()
-            .all(|l| l.ends_with(&format!("{p}-a1")) || l.ends_with(&format!("{p}-a2"))),
+            .all(|l| l.ends_with(&names.device("a1")) || l.ends_with(&names.device("a2"))),
         "a hello pod outside fleet a: {fleet}"
     );
     expect("name: too-big\n", &["Insufficient cpu"]);
@@ -294,8 +331,14 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
         "journalctl -t fleetlet-agent",
         &[
             "fleetlet-agent[",
-            &format!("fleetlet_hub_device_capacity{{device=\"{p}-a1\",resource=\"cpu\"}}"),
-            &format!("fleetlet_hub_device_snapshot_bytes{{device=\"{p}-a1\"}}"),
+            &format!(
+                "fleetlet_hub_device_capacity{{device=\"{}\",resource=\"cpu\"}}",
+                names.device("a1")
+            ),
+            &format!(
+                "fleetlet_hub_device_snapshot_bytes{{device=\"{}\"}}",
+                names.device("a1")
+            ),
         ],
     );
     // `make demo-down` (the guide's last command) left none of the demo's processes running.
@@ -304,13 +347,36 @@ fn quickstart_commands_work_on_a_demo_of_their_own() {
         left.is_empty(),
         "processes of the demo survived make demo-down: {left:?}"
     );
+    // ... and none of its devices, enrollment requests or Fleets in Flightctl (the enrolled
+    // flightctl-agent's device included).
+    let listing = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -e; source target/dev/env; f() {{ \"$FLIGHTCTL_BIN_DIR/flightctl\" --config-dir \"$FLIGHTCTL_CLI_CONFIG_DIR\" \"$@\"; }}; \
+             f get devices -l fleetlet.io/demo={p}; f get fleets -l fleetlet.io/demo={p}; \
+             f get enrollmentrequests | grep -F 'fleetlet.io/demo={p},' || true"
+        ))
+        .current_dir(repo())
+        .output()
+        .expect("flightctl CLI");
+    let left_in_flightctl = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(
+        listing.status.success(),
+        "flightctl get: {left_in_flightctl}"
+    );
+    assert!(
+        left_in_flightctl
+            .lines()
+            .all(|l| l.starts_with("NAME") || l.trim().is_empty()),
+        "Flightctl objects of the demo survived make demo-down:\n{left_in_flightctl}"
+    );
     let deletion = find("--cascade=foreground");
     assert!(
         deletion.contains("No resources found"),
         "pods left after deletion: {deletion}"
     );
     assert!(
-        !deletion.contains(&format!("fleetlet-{p}-a1-")),
+        !deletion.contains(&format!("fleetlet-{}-", names.device("a1"))),
         "containers left on the device after deletion: {deletion}"
     );
 }

@@ -12,7 +12,15 @@ case $DEMO in /*) ;; *) DEMO=$PWD/$DEMO ;; esac
 DEMO_NAME=${FLEETLET_DEMO_NAME:-demo}
 DEMO_FLEET_A=${FLEETLET_DEMO_FLEET_A:-a}
 DEMO_FLEET_B=${FLEETLET_DEMO_FLEET_B:-b}
-DEMO_DEVICES=("$DEMO_NAME-a1" "$DEMO_NAME-a2" "$DEMO_NAME-b1")
+# Flightctl names an enrolled device by its fingerprint, and its device-svc-client signer takes
+# the fingerprint from the certificate's common name after its last "-" and requires at least 16
+# characters: device (and Node) names are long and have dots where the demo's name has hyphens.
+DEMO_DEVICE_BASE=${DEMO_NAME//-/.}.edge.device
+DEMO_DEVICES=("$DEMO_DEVICE_BASE.a1" "$DEMO_DEVICE_BASE.a2" "$DEMO_DEVICE_BASE.b1")
+# Flightctl labels of the demo's devices: which demo a device belongs to (the hub's
+# enabled_selector) and its fleet (the selector of the Flightctl Fleets a and b).
+DEMO_LABEL=fleetlet.io/demo
+DEMO_FLEET_LABEL=fleetlet.io/demo-fleet
 DEMO_NAMESPACE=fleetlet-$DEMO_NAME
 DEMO_MANIFEST=$ROOT/examples/demo-deployment.yaml
 if [[ ! $DEMO_NAME =~ ^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$ || ! $DEMO_FLEET_A =~ ^[a-z0-9-]+$ || ! $DEMO_FLEET_B =~ ^[a-z0-9-]+$ ]]; then
@@ -23,6 +31,10 @@ fi
 DEMO_LINK_PORT=${FLEETLET_DEMO_LINK_PORT:-17443}
 DEMO_KUBELET_PORT=${FLEETLET_DEMO_KUBELET_PORT:-17450}
 DEMO_OPS_PORT=${FLEETLET_DEMO_OPS_PORT:-17480}
+# The device managed by the real flightctl-agent (its name is its key's fingerprint, known once
+# it asked to enroll: demo_fa_device); its test root holds everything it writes.
+DEMO_FA=$DEMO/flightctl-agent
+DEMO_FA_ROOT=$DEMO_FA/root
 # The binaries demo.sh builds (or finds in FLEETLET_DEMO_BIN).
 DEMO_BIN=${FLEETLET_DEMO_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug}
 HUB=$DEMO_BIN/fleetlet-hub
@@ -32,6 +44,32 @@ AGENT=$DEMO_BIN/fleetlet-agent
 JOURNAL_SOCKET=/run/systemd/journal/socket
 
 say() { printf '==> %s\n' "$*"; }
+
+# fc_api METHOD PATH [CURL ARGS...]: a request to the stack's Flightctl API as flightctl-admin
+# (body type FC_CONTENT_TYPE, default application/json).
+fc_api() {
+    local method=$1 path=$2
+    shift 2
+    curl -sS --fail-with-body --max-time 30 --cacert "$FLIGHTCTL_CA_FILE" \
+        -H "Authorization: Bearer $(cat "$FLIGHTCTL_ADMIN_TOKEN_FILE")" -H "Content-Type: ${FC_CONTENT_TYPE:-application/json}" \
+        -X "$method" "$FLIGHTCTL_API_URL$path" "$@"
+}
+
+# The flightctl CLI of the stack, logged in as flightctl-admin.
+flightctl_cli() { "$FLIGHTCTL_BIN_DIR/flightctl" --config-dir "$FLIGHTCTL_CLI_CONFIG_DIR" "$@"; }
+
+# demo_fa_device: the name of the flightctl-agent's device, once it asked to enroll: recorded by
+# demo.sh, else the enrollment id in its banner (which the agent rewrites once enrolled).
+demo_fa_device() {
+    if [[ -s $DEMO_FA/device-name ]]; then
+        cat "$DEMO_FA/device-name"
+        return
+    fi
+    sed -n 's#.*/enroll/\([A-Za-z0-9]*\).*#\1#p' "$DEMO_FA_ROOT/etc/issue.d/flightctl-banner.issue" 2> /dev/null | head -n 1 || true
+}
+
+# demo_fleet_of DEVICE: the demo fleet a device starts in (a1, a2: fleet a; b1: fleet b).
+demo_fleet_of() { [[ $1 == *.b1 ]] && echo "$DEMO_FLEET_B" || echo "$DEMO_FLEET_A"; }
 
 # The stack's environment (KUBECONFIG, FLEETLET_KUBECTL, FLEETLET_PODMAN_SOCKET, ...).
 load_env() {

@@ -213,6 +213,9 @@ up_flightctl() {
   command -v redis-server >/dev/null || die "redis-server is not installed (apt-get install redis-server)"
   bin=$("$ENV_SRC_DIR/flightctl/build.sh")
   FLIGHTCTL_BIN=$bin
+  # The device side of the same release: the real flightctl-agent and Flightctl's device simulator
+  # (run by tests, never as a daemon of the stack).
+  FLIGHTCTL_DEVICE_BIN=$("$ENV_SRC_DIR/flightctl/agent/build.sh")
   pgbin=$(postgres_bin_dir)
   mkdir -p "$FLIGHTCTL_DIR"
   # PostgreSQL's unprivileged user must traverse this directory to reach its data; everything
@@ -321,6 +324,7 @@ flightctl_env_lines() {
   echo "export FLIGHTCTL_VIEWER_TOKEN_FILE=$FLIGHTCTL_DIR/viewer.token"
   echo "export FLIGHTCTL_RBAC_NAMESPACE=$FLIGHTCTL_NS"
   echo "export FLIGHTCTL_BIN_DIR=$FLIGHTCTL_BIN"
+  echo "export FLIGHTCTL_DEVICE_BIN_DIR=$FLIGHTCTL_DEVICE_BIN"
   echo "export FLIGHTCTL_CLI_CONFIG_DIR=$FLIGHTCTL_DIR/cli"
   echo "export FLIGHTCTL_VERSION=$(flightctl_version)"
 }

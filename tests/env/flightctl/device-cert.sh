@@ -6,12 +6,14 @@
 #   3. the device's management certificate from the approved request,
 #   4. a CSR with common name fleetlet-DEVICE, posted with the management certificate on the agent
 #      endpoint (the signer auto-approves it), and its certificate.
-#   usage: tests/env/flightctl/device-cert.sh DEVICE OUTDIR   (needs `make env-up`; DEVICE >= 16 chars)
+#   usage: tests/env/flightctl/device-cert.sh DEVICE OUTDIR [LABELS]
+#   (needs `make env-up`; DEVICE >= 16 chars; LABELS: k=v,k=v given to the device at approval)
 # Writes OUTDIR/fleetlet.crt and OUTDIR/fleetlet.key (0600), plus the intermediate files. The
 # certificate verifies against $FLIGHTCTL_SIGNER_CA_FILE.
 set -euo pipefail
 device=${1:?usage: device-cert.sh DEVICE OUTDIR}
 out=${2:?usage: device-cert.sh DEVICE OUTDIR}
+labels=${3:-}
 [ ${#device} -ge 16 ] || { echo "device name must have at least 16 characters (a Flightctl fingerprint)" >&2; exit 64; }
 env_file=${FLEETLET_DEV_DIR:-/var/tmp/fleetlet-dev}/env
 # shellcheck disable=SC1090
@@ -35,8 +37,15 @@ python3 -c 'import json,sys; print(json.dumps({"apiVersion":"v1beta1","kind":"En
   "metadata":{"name":sys.argv[1]},"spec":{"csr":open("device.csr").read()}}))' "$device" > er.json
 api --cert "enroll-$device.crt" --key "enroll-$device.key" -X POST \
   "$FLIGHTCTL_AGENT_URL/api/v1/enrollmentrequests" -d @er.json >/dev/null
+python3 -c 'import json,sys
+labels={}
+for kv in filter(None, sys.argv[1].split(",")):
+    k, sep, v = kv.partition("=")
+    if not sep or not k: sys.exit("label %r is not k=v" % kv)
+    labels[k] = v
+print(json.dumps({"approved": True, "labels": labels}))' "$labels" > approval.json
 api -H "Authorization: Bearer $(cat "$FLIGHTCTL_ADMIN_TOKEN_FILE")" -X PUT \
-  "$FLIGHTCTL_API_URL/api/v1/enrollmentrequests/$device/approval" -d '{"approved":true}' >/dev/null
+  "$FLIGHTCTL_API_URL/api/v1/enrollmentrequests/$device/approval" -d @approval.json >/dev/null
 # 3. The management certificate, once issued.
 for _ in $(seq 1 50); do
   api --cert "enroll-$device.crt" --key "enroll-$device.key" \
