@@ -1056,14 +1056,11 @@ fn parse_resource_ref(
             format!("no container named {container:?}"),
         ));
     }
+    // Unset and zero mean 1 (one core, one byte), as the kubelet's ExtractContainerResourceValue
+    // has it: clients that serialize an empty Quantity send "0".
+    let unit = if cpu { 1000 } else { 1 };
     let divisor = match &r.divisor {
-        None => {
-            if cpu {
-                1000
-            } else {
-                1
-            }
-        }
+        None => unit,
         Some(q) => {
             let v = if cpu {
                 parse_cpu(&q.0)
@@ -1071,8 +1068,9 @@ fn parse_resource_ref(
                 parse_bytes(&q.0)
             };
             match v {
-                Some(v) if v > 0 => v,
-                _ => {
+                Some(0) => unit,
+                Some(v) => v,
+                None => {
                     return Err(err(
                         format!("{field}.divisor"),
                         format!("invalid divisor {:?}", q.0),
@@ -1687,6 +1685,29 @@ mod tests {
             "env": [{"name": "A", "value": fits}]}]})
             ))
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_zero_or_absent_divisor_means_one_unit_and_a_bad_one_is_refused() {
+        let env = |divisor: serde_json::Value| {
+            let mut r = serde_json::json!({"resource": "limits.cpu"});
+            if !divisor.is_null() {
+                r["divisor"] = divisor;
+            }
+            parse_pod(&pod(
+                serde_json::json!({"containers": [{"name": "c", "image": "i",
+                "env": [{"name": "CPU", "valueFrom": {"resourceFieldRef": r}}]}]}),
+            ))
+        };
+        // The e2e suite's pods carry `divisor: "0"` (a zero Quantity serialized).
+        assert!(env(serde_json::json!("0")).is_ok());
+        assert!(env(serde_json::Value::Null).is_ok());
+        assert!(env(serde_json::json!("1m")).is_ok());
+        let e = env(serde_json::json!("-1")).unwrap_err();
+        assert_eq!(
+            e.field,
+            "spec.containers[0].env[0].valueFrom.resourceFieldRef.divisor"
         );
     }
 
