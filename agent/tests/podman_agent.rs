@@ -628,7 +628,9 @@ async fn corrupt_desired_state_is_reported_and_pods_are_left_alone() {
 
 #[tokio::test]
 async fn bridge_network_pods_report_their_ip_to_status_and_env() {
-    // No traffic goes to the pod's address: the test only reads it back.
+    // The only traffic to the pod's address is the readiness probe, into the pod's own network
+    // namespace (created by this test through Podman): the prober uses the pod IP, as the
+    // kubelet's does, not the node's address.
     let mut a = Agent::new("t-bridge");
     let uid = "uid-bridge";
     a.set_desired(
@@ -637,16 +639,25 @@ async fn bridge_network_pods_report_their_ip_to_status_and_env() {
             "terminationGracePeriodSeconds": 1,
             "volumes": [{"name": "out", "emptyDir": {}}],
             "containers": [{"name": "c", "image": IMAGE,
-                "command": ["sh", "-c", "echo $POD_IP > /out/ip; trap 'exit 0' TERM; while true; do sleep 1; done"],
+                "command": ["sh", "-c", "echo $POD_IP > /out/ip; echo ok > /out/ok; exec httpd -f -p 8080 -h /out"],
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                "readinessProbe": {"httpGet": {"path": "/ok", "port": 8080}, "periodSeconds": 1},
                 "volumeMounts": [{"name": "out", "mountPath": "/out"}]}]
         }))],
     );
     a.start();
     let s = a
-        .wait_status("running with a pod IP", Duration::from_secs(60), |s| {
-            pod(s, uid).is_some_and(|p| p.phase == "Running" && p.status["podIP"].is_string())
-        })
+        .wait_status(
+            "running and ready with a pod IP",
+            Duration::from_secs(60),
+            |s| {
+                pod(s, uid).is_some_and(|p| {
+                    p.phase == "Running"
+                        && p.status["podIP"].is_string()
+                        && p.status["containerStatuses"][0]["ready"] == true
+                })
+            },
+        )
         .await;
     let ip = pod(&s, uid).unwrap().status["podIP"]
         .as_str()

@@ -795,7 +795,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                                 // Other management of the container waits for the hook, as in
                                 // the kubelet; a failure kills it and the restart policy decides.
                                 let timeout = Duration::from_secs(plan.grace_secs.max(30));
-                                let host = self.hook_host(plan);
+                                let host = self.pod_address(plan);
                                 if let Err(e) =
                                     super::hooks::run_hook(&*rt, &c.name, &id, &host, hook, timeout)
                                         .await
@@ -846,12 +846,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
     /// Run due probes of a running container; returns when the next one is due.
     async fn probe(&mut self, plan: &PodPlan, c: &ContainerPlan) -> Duration {
         let rt = self.ctx.rt.clone();
-        let host = if plan.host_network {
-            "127.0.0.1"
-        } else {
-            self.ctx.host_ip.as_str()
-        }
-        .to_owned();
+        let host = self.pod_address(plan);
         let now = Instant::now();
         let Some(slot) = self.slots.get_mut(&c.name) else {
             return Duration::from_secs(30);
@@ -1196,8 +1191,9 @@ impl<R: ContainerRuntime> PodWorker<R> {
         }
     }
 
-    /// Where hooks without a host go: the pod's address (loopback with the host network).
-    fn hook_host(&self, plan: &PodPlan) -> String {
+    /// Where probes and hooks without a host go: the pod's IP, as the kubelet's prober and
+    /// handler runner use it (loopback with the host network: the device's own address).
+    fn pod_address(&self, plan: &PodPlan) -> String {
         if plan.host_network || self.pod_ip.is_empty() {
             "127.0.0.1".into()
         } else {
@@ -1222,7 +1218,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             && grace_secs > 0
         {
             let started = Instant::now();
-            let host = self.hook_host(plan);
+            let host = self.pod_address(plan);
             if let Err(e) = super::hooks::run_hook(&**rt, &c.name, id, &host, hook, grace).await {
                 warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPreStopHook", message = %e, "preStop hook failed");
             }
