@@ -12,7 +12,7 @@
 //! | seccompProfile | `seccomp_profile_path`: "" (Podman's default profile), "unconfined", or a file under the profile root |
 //! | procMount: Unmasked | `unmask` = ALL |
 //! | sysctls | `sysctl` |
-//! | appArmorProfile, seLinuxOptions | `apparmor_profile`, `selinux_opts` (refused at parse time where the device lacks them) |
+//! | appArmorProfile, seLinuxOptions | `apparmor_profile`, `selinux_opts` (AppArmor refused at parse time where the device lacks it; SELinux options ignored there, as CRI runtimes do) |
 
 use std::path::Path;
 

@@ -1155,20 +1155,20 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if from_file.is_some() || !c.termination_message_from_logs || t.exit_code == 0 {
             return from_file;
         }
-        let opts = crate::podman::LogOptions {
-            tail: Some(80),
-            ..Default::default()
-        };
+        // The whole log, keeping only its tail: Podman 4.3's `tail` drops a last line that has
+        // no newline yet (`echo -n DONE; false` would read as nothing), which is exactly what a
+        // failing container often writes last. Bounded in time; the log of a finished
+        // container does not grow.
+        let opts = crate::podman::LogOptions::default();
         let mut stream = self.ctx.rt.logs(&t.container_id, &opts).await.ok()?;
-        let mut buf = Vec::new();
-        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-            buf.extend_from_slice(&chunk);
-            if buf.len() > 64 * 1024 {
-                break;
+        let mut tail = LogTail::new(80, MAX_LOG);
+        let read = async {
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+                tail.push(&chunk);
             }
-        }
-        let start = buf.len().saturating_sub(MAX_LOG);
-        let text = String::from_utf8_lossy(&buf[start..]).into_owned();
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+        let text = String::from_utf8_lossy(&tail.into_bytes()).into_owned();
         (!text.is_empty()).then_some(text)
     }
 
@@ -1542,3 +1542,61 @@ mod tests {
 #[cfg(test)]
 #[path = "worker_tests.rs"]
 mod sandbox_tests;
+
+/// The last `lines` lines of a log, at most `bytes` bytes, kept while it streams by.
+struct LogTail {
+    buf: std::collections::VecDeque<u8>,
+    lines: usize,
+    bytes: usize,
+}
+
+impl LogTail {
+    fn new(lines: usize, bytes: usize) -> Self {
+        Self {
+            buf: std::collections::VecDeque::new(),
+            lines,
+            bytes,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        let keep = &chunk[chunk.len().saturating_sub(self.bytes)..];
+        self.buf.extend(keep);
+        let over = self.buf.len().saturating_sub(self.bytes);
+        self.buf.drain(..over);
+    }
+
+    /// The tail: the last `lines` lines (a last line without newline counts) of what is kept.
+    fn into_bytes(self) -> Vec<u8> {
+        let v: Vec<u8> = self.buf.into();
+        let body = v.strip_suffix(b"\n").unwrap_or(&v);
+        let start = body
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(self.lines.saturating_sub(1))
+            .map_or(0, |(i, _)| i + 1);
+        v[start..].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod log_tail_tests {
+    use super::LogTail;
+
+    #[test]
+    fn keeps_the_last_lines_and_bytes_including_an_unterminated_last_line() {
+        let mut t = LogTail::new(2, 100);
+        t.push(b"a\nb\n");
+        t.push(b"c\nDONE");
+        assert_eq!(t.into_bytes(), b"c\nDONE");
+        let mut t = LogTail::new(2, 100);
+        t.push(b"a\nb\nc\n");
+        assert_eq!(t.into_bytes(), b"b\nc\n");
+        let mut t = LogTail::new(80, 4);
+        t.push(b"0123456789");
+        assert_eq!(t.into_bytes(), b"6789");
+        assert!(LogTail::new(80, 10).into_bytes().is_empty());
+    }
+}
