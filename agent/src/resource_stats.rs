@@ -422,9 +422,11 @@ mod tests {
                 labels.insert(labels::POD_NAMESPACE.to_string(), "ns".to_string());
                 labels.insert(labels::POD_NAME.to_string(), "web".to_string());
                 labels.insert(labels::CONTAINER.to_string(), format!("c-{id}"));
-                let mut spec = crate::podman::ContainerCreate::default();
-                spec.name = id.to_string();
-                spec.image = "busybox:1".to_string();
+                let spec = crate::podman::ContainerCreate {
+                    name: id.to_string(),
+                    image: "busybox:1".to_string(),
+                    ..Default::default()
+                };
                 s.containers.insert(
                     id.to_string(),
                     FakeContainer {

@@ -202,7 +202,7 @@ async fn node_ports_serve_stats_metrics_and_pods_through_the_api_server() {
 
     // /stats/summary through the API server: the pod with a CPU rate and a working set.
     let summary: Value = wait_for("the pod's CPU rate in /stats/summary", 60, || async {
-        let (ok, out, err) = raw(&dev, "/stats/summary");
+        let (ok, out, _) = raw(&dev, "/stats/summary");
         let v: Value = serde_json::from_str(&out).ok().filter(|_| ok)?;
         let pod = v["pods"]
             .as_array()?

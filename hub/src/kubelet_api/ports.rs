@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 use tokio::sync::watch;
@@ -109,7 +109,7 @@ pub type PortMap = Arc<BTreeMap<String, u16>>;
 #[derive(Debug)]
 pub struct NodePorts {
     range: PortRange,
-    assigned: Mutex<BTreeMap<String, u16>>,
+    assigned: RwLock<BTreeMap<String, u16>>,
     served: watch::Sender<PortMap>,
 }
 
@@ -118,7 +118,7 @@ impl NodePorts {
     pub fn new(range: PortRange) -> Self {
         Self {
             range,
-            assigned: Mutex::new(BTreeMap::new()),
+            assigned: RwLock::new(BTreeMap::new()),
             served: watch::channel(Arc::new(BTreeMap::new())).0,
         }
     }
@@ -131,7 +131,7 @@ impl NodePorts {
     /// The node's port: the one it has, else `preferred` when it is in the range and free, else
     /// the lowest free port.
     pub fn assign(&self, node: &str, preferred: Option<u16>) -> Result<u16, PortsExhausted> {
-        let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut assigned = self.assigned.write().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = assigned.get(node) {
             return Ok(*p);
         }
@@ -152,7 +152,7 @@ impl NodePorts {
     /// The node's port, if it has one.
     pub fn get(&self, node: &str) -> Option<u16> {
         self.assigned
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(node)
             .copied()
@@ -161,7 +161,7 @@ impl NodePorts {
     /// Releases the ports of nodes not in `kept` (their Nodes are gone), and serves the ports of
     /// the nodes in `served` (devices in the inventory) only.
     pub fn sync(&self, kept: &BTreeSet<String>, served: &BTreeSet<String>) {
-        let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut assigned = self.assigned.write().unwrap_or_else(|e| e.into_inner());
         assigned.retain(|n, _| kept.contains(n));
         let map: BTreeMap<String, u16> = assigned
             .iter()

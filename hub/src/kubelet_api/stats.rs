@@ -129,7 +129,7 @@ fn container_working_set(c: &ContainerResourceStats) -> Option<u64> {
 /// `/stats/summary` for `node`; `only_cpu_and_memory` as the kubelet's query parameter.
 pub fn summary(node: &str, f: &DeviceFigures, only_cpu_and_memory: bool) -> Value {
     let v = View::new(f);
-    let n: NodeResourceStats = v.stats.node.clone().unwrap_or_default();
+    let n: NodeResourceStats = v.stats.node.unwrap_or_default();
     let mut node_v = json!({
         "nodeName": node,
         "startTime": time(n.start_unix),
@@ -215,13 +215,15 @@ pub fn go_float(v: f64) -> String {
     s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
 }
 
+/// One sample: label pairs (sorted by name), value, timestamp in ms.
+type MetricSample = (Vec<(&'static str, String)>, f64, Option<i64>);
+
 /// One family of the resource metrics.
 struct Family {
     name: &'static str,
     help: &'static str,
     kind: &'static str,
-    /// (sorted label pairs, value, timestamp in ms).
-    samples: Vec<(Vec<(&'static str, String)>, f64, Option<i64>)>,
+    samples: Vec<MetricSample>,
 }
 
 fn label_value(v: &str) -> String {
