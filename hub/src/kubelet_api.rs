@@ -1018,6 +1018,50 @@ mod tests {
     }
 
     #[test]
+    fn node_paths_map_to_the_kubelets_subresources() {
+        let attrs = |m: &Method, p: &str, n: Option<&str>| request_attributes(m, p, n);
+        let on = Some("dev-1");
+        let a = attrs(&Method::GET, "/stats/summary", on);
+        assert_eq!(
+            (a.verb, a.subresources.clone(), a.node.as_deref()),
+            ("get", vec!["stats"], Some("dev-1"))
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/metrics/resource", on).subresources,
+            ["metrics"]
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/pods", on).subresources,
+            ["pods", "proxy"]
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/runningpods/", on).subresources,
+            ["pods", "proxy"]
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/containerLogs/a/b/c", on).subresources,
+            ["proxy"]
+        );
+        assert_eq!(attrs(&Method::GET, "/statsx", on).subresources, ["proxy"]);
+        assert_eq!(attrs(&Method::POST, "/exec/a/b/c", on).verb, "create");
+        // The shared port: get nodes/proxy on all nodes, whatever the path.
+        let shared = attrs(&Method::GET, "/stats/summary", None);
+        assert_eq!((shared.subresources, shared.node), (vec!["proxy"], None));
+        assert_eq!(
+            NodeRoute::of("/stats/summary/"),
+            Some(NodeRoute::StatsSummary)
+        );
+        assert_eq!(NodeRoute::of("/runningpods"), Some(NodeRoute::RunningPods));
+        assert_eq!(NodeRoute::of("/stats"), None);
+        assert_eq!(
+            query_flag(Some("only_cpu_and_memory=true"), "only_cpu_and_memory"),
+            Ok(true)
+        );
+        assert_eq!(query_flag(None, "only_cpu_and_memory"), Ok(false));
+        assert!(query_flag(Some("only_cpu_and_memory=yes"), "only_cpu_and_memory").is_err());
+    }
+
+    #[test]
     fn percent_decoding() {
         assert_eq!(percent_decode("a%3Ab%2f"), "a:b/");
         assert_eq!(percent_decode("100%"), "100%");
