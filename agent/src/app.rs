@@ -128,6 +128,18 @@ pub async fn run(
         },
         shutdown.clone(),
     )));
+    let resource_stats = (cfg.stats.interval_secs > 0 && cfg.hub.is_some()).then(|| {
+        let (tx, rx) = watch::channel(None);
+        tasks.push(tokio::spawn(crate::resource_stats::run(
+            rt.clone(),
+            cfg.device_name.clone(),
+            crate::resource_stats::HostPaths::host(&cfg.state_dir),
+            cfg.stats.interval_secs,
+            tx,
+            shutdown.clone(),
+        )));
+        rx
+    });
     if let Some(hub) = cfg.hub.clone() {
         let state: Arc<dyn link::DeviceState> = Arc::new(AgentDeviceState {
             link: link_tracker,
@@ -139,6 +151,7 @@ pub async fn run(
             rt: rt.clone(),
             not_served: not_served_tx.clone(),
             reconcile_stats: reconcile_stats.clone(),
+            resource_stats,
         });
         info!(endpoint = %hub.endpoint, "starting link to hub");
         tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));

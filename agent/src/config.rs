@@ -75,6 +75,9 @@ pub struct AgentConfig {
     /// What this device never runs, whatever the cluster allows.
     #[serde(default)]
     pub policy: crate::pod::policy::DevicePolicy,
+    /// Resource figures sent to the hub (`/stats/summary`, `kubectl top`).
+    #[serde(default)]
+    pub stats: crate::resource_stats::StatsConfig,
 }
 
 /// Reservations subtracted from capacity to get allocatable.
@@ -118,6 +121,7 @@ impl Default for AgentConfig {
             hub: None,
             seccomp_profile_root: None,
             policy: Default::default(),
+            stats: Default::default(),
         }
     }
 }
@@ -174,6 +178,12 @@ impl AgentConfig {
         }
         if self.resync_secs == 0 {
             return Err(invalid("resync_secs", "must be at least 1"));
+        }
+        if self.stats.interval_secs > crate::resource_stats::MAX_INTERVAL_SECS {
+            return Err(invalid(
+                "stats.interval_secs",
+                "at most 3600 (0 turns resource figures off)",
+            ));
         }
         if let Some(hub) = &self.hub
             && let Err(e) = hub.validate_endpoints()

@@ -32,6 +32,8 @@ pub struct AgentDeviceState<R> {
     pub not_served: watch::Sender<Option<String>>,
     /// The pod workers' reconcile passes.
     pub reconcile_stats: Arc<crate::reconcile_stats::ReconcileStats>,
+    /// The latest resource figures (none when `[stats] interval_secs = 0`).
+    pub resource_stats: Option<crate::resource_stats::Latest>,
 }
 
 #[tonic::async_trait]
@@ -46,6 +48,10 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
 
     fn reconcile_stats(&self) -> Option<Arc<crate::reconcile_stats::ReconcileStats>> {
         Some(self.reconcile_stats.clone())
+    }
+
+    fn resource_stats(&self) -> Option<crate::resource_stats::Latest> {
+        self.resource_stats.clone()
     }
 
     fn held_generation(&self) -> u64 {

@@ -17,6 +17,7 @@ pub mod podman;
 pub mod reconcile_stats;
 pub mod reconciler;
 pub mod registry_auth;
+pub mod resource_stats;
 pub mod status;
 pub mod statusfile;
 pub mod store;

@@ -5,14 +5,19 @@
 //! Per run it prints:
 //! - time to connect all devices (hello, full status resync and snapshot ack for every device);
 //! - hub RSS per connected idle device ((RSS after connect and settle − RSS before) / devices);
-//! - idle link traffic per device (bytes the hub process read + wrote during an idle window,
-//!   from /proc/<pid>/io: everything on its sockets, TLS and HTTP/2 keepalive included);
+//! - idle link traffic per device (bytes sent and received on the hub's link port during an idle
+//!   window, summed over its TCP connections from the kernel's `tcp_info` (`ss -ti`): TLS
+//!   records and HTTP/2 frames, keepalives included; TCP/IP headers not);
 //! - reconnect storm: the hub is SIGKILLed and restarted on the same port with a new desired
 //!   generation for every device; time from restart until every device is connected, has
 //!   resent its full status and has acknowledged the new snapshot.
 //!
+//! - idle link traffic per device with resource figures on: every device sends a `ResourceStats`
+//!   reading every `--stats-interval-secs` (15, the agent's default) describing `--stats-pods`
+//!   pods of one container (5), measured over the same idle window.
+//!
 //! Then the medians over all runs. Options: `--devices N` (2000), `--runs R` (3),
-//! `--idle-secs S` (60).
+//! `--idle-secs S` (60), `--stats-interval-secs` (15), `--stats-pods` (5).
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -271,15 +276,25 @@ impl HubProcess {
     }
 
     /// Bytes the process has read and written through syscalls (sockets, here).
-    fn io_bytes(&self) -> Result<u64, BoxError> {
-        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid))?;
-        let mut total = 0;
-        for line in io.lines() {
-            if let Some(v) = line
-                .strip_prefix("rchar: ")
-                .or_else(|| line.strip_prefix("wchar: "))
+    /// TCP payload bytes sent plus received so far on every established connection of the
+    /// hub's link `port` (the kernel's per-socket counters, `ss -ti`). /proc/<pid>/io cannot
+    /// tell: it counts read()/write() calls only, and sockets are read with recv().
+    fn link_bytes(port: u16) -> Result<u64, BoxError> {
+        let out = std::process::Command::new("ss")
+            .args(["-Htin", "state", "established"])
+            .arg(format!("( sport = :{port} )"))
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("ss: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut total = 0u64;
+        for word in text.split_whitespace() {
+            if let Some(v) = word
+                .strip_prefix("bytes_sent:")
+                .or_else(|| word.strip_prefix("bytes_received:"))
             {
-                total += v.trim().parse::<u64>()?;
+                total += v.parse::<u64>()?;
             }
         }
         Ok(total)
@@ -297,6 +312,8 @@ struct RunFigures {
     rss_per_device_kib: f64,
     idle_bits_per_s: f64,
     idle_bytes_per_min: f64,
+    stats_bytes_per_min: f64,
+    stats_message_bytes: usize,
     storm_connected_s: f64,
     storm_synced_s: f64,
 }
@@ -305,6 +322,10 @@ async fn orchestrate(args: &[String]) -> Result<(), BoxError> {
     let devices = usize::try_from(option(args, "--devices", 2000)?)?;
     let runs = option(args, "--runs", 3)?;
     let idle_secs = option(args, "--idle-secs", 60)?;
+    let stats = StatsLoad {
+        interval: Duration::from_secs(option(args, "--stats-interval-secs", 15)?.max(1)),
+        pods: usize::try_from(option(args, "--stats-pods", 5)?)?,
+    };
     let (soft, hard) = fd_limits();
     println!(
         "link bench: {devices} devices, {runs} runs, idle window {idle_secs}s, fd limit {soft}/{hard}, {} cpus",
@@ -332,13 +353,21 @@ async fn orchestrate(args: &[String]) -> Result<(), BoxError> {
 
     let mut all = Vec::new();
     for run in 1..=runs {
-        let figures = one_run(pki_dir.path(), devices, Duration::from_secs(idle_secs)).await?;
+        let figures = one_run(
+            pki_dir.path(),
+            devices,
+            Duration::from_secs(idle_secs),
+            stats,
+        )
+        .await?;
         println!(
-            "run {run}: connect {:.2}s | hub RSS/device {:.1} KiB | idle {:.0} B/device/min = {:.4} kbit/s | storm: all connected {:.2}s, all resynced {:.2}s",
+            "run {run}: connect {:.2}s | hub RSS/device {:.1} KiB | idle {:.0} B/device/min = {:.4} kbit/s | with stats {:.0} B/device/min ({} B readings) | storm: all connected {:.2}s, all resynced {:.2}s",
             figures.connect_s,
             figures.rss_per_device_kib,
             figures.idle_bytes_per_min,
             figures.idle_bits_per_s / 1000.0,
+            figures.stats_bytes_per_min,
+            figures.stats_message_bytes,
             figures.storm_connected_s,
             figures.storm_synced_s
         );
@@ -364,6 +393,14 @@ async fn orchestrate(args: &[String]) -> Result<(), BoxError> {
         median(|f| f.idle_bits_per_s) / 1000.0
     );
     println!(
+        "idle traffic per device, stats on:  {:.0} B/min = {:.4} kbit/s (a reading of {} pods every {} s: {} B encoded)",
+        median(|f| f.stats_bytes_per_min),
+        median(|f| f.stats_bytes_per_min) * 8.0 / 60.0 / 1000.0,
+        stats.pods,
+        stats.interval.as_secs(),
+        all.first().map_or(0, |f| f.stats_message_bytes),
+    );
+    println!(
         "reconnect storm, all connected:     {:.2} s",
         median(|f| f.storm_connected_s)
     );
@@ -374,7 +411,72 @@ async fn orchestrate(args: &[String]) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn one_run(dir: &Path, devices: usize, idle: Duration) -> Result<RunFigures, BoxError> {
+/// The resource figures each simulated device sends in the stats window.
+#[derive(Debug, Clone, Copy)]
+struct StatsLoad {
+    interval: Duration,
+    pods: usize,
+}
+
+/// A reading as an agent with `pods` one-container pods sends it (field sizes as real: UIDs,
+/// 64-hex container ids, image references; counters large, as after days of uptime).
+fn reading(device: &str, pods: usize, seq: u64) -> v1::ResourceStats {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    v1::ResourceStats {
+        timestamp_unix_nanos: now,
+        interval_secs: 15,
+        node: Some(v1::NodeResourceStats {
+            start_unix: 1_767_000_000,
+            cpu_usage_core_nanos: 86_400_000_000_000 + seq * 1_000_000_007,
+            memory_usage_bytes: 1_900_000_000 + seq * 4096,
+            memory_working_set_bytes: 900_000_000 + seq * 4096,
+            memory_rss_bytes: 400_000_000,
+            memory_available_bytes: 3_000_000_000,
+            fs: Some(v1::FsStats {
+                capacity_bytes: 64_000_000_000,
+                available_bytes: 40_000_000_000,
+                used_bytes: 24_000_000_000,
+                inodes: 4_000_000,
+                inodes_free: 3_500_000,
+            }),
+            image_fs: None,
+        }),
+        pods: (0..pods)
+            .map(|p| v1::PodResourceStats {
+                uid: format!("{:08x}-1b2c-4d5e-8f90-{:012x}", p, seq % 7),
+                namespace: "production".into(),
+                name: format!("{device}-app-{p}"),
+                start_unix: 1_767_000_100,
+                containers: vec![v1::ContainerResourceStats {
+                    name: "app".into(),
+                    id: format!("{:064x}", p as u64 * 7919 + 1),
+                    image: "registry.example.com/team/app:1.2.3".into(),
+                    start_unix: 1_767_000_100,
+                    cpu_usage_core_nanos: 9_000_000_000_000 + seq * 150_000_000,
+                    memory_usage_bytes: 120_000_000 + seq * 512,
+                    memory_working_set_bytes: Some(80_000_000 + seq * 512),
+                    memory_rss_bytes: Some(60_000_000),
+                }],
+                interfaces: vec![v1::InterfaceStats {
+                    name: "eth0".into(),
+                    rx_bytes: 5_000_000_000 + seq * 10_000,
+                    rx_errors: 0,
+                    tx_bytes: 3_000_000_000 + seq * 8_000,
+                    tx_errors: 0,
+                }],
+            })
+            .collect(),
+    }
+}
+
+async fn one_run(
+    dir: &Path,
+    devices: usize,
+    idle: Duration,
+    stats: StatsLoad,
+) -> Result<RunFigures, BoxError> {
     let mut figures = RunFigures::default();
     let (mut hub, port) = HubProcess::spawn(dir, 0, devices).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -382,10 +484,12 @@ async fn one_run(dir: &Path, devices: usize, idle: Duration) -> Result<RunFigure
 
     let stop = CancellationToken::new();
     let mut tasks = Vec::with_capacity(devices);
+    let mut states = Vec::with_capacity(devices);
     let started = Instant::now();
     for i in 0..devices {
         let name = device_name(i);
         let state = MemoryDeviceState::new(name.clone());
+        states.push((name.clone(), state.clone()));
         state.set_capacity(v1::Capacity {
             capacity: [
                 ("cpu".to_owned(), "2".to_owned()),
@@ -420,12 +524,42 @@ async fn one_run(dir: &Path, devices: usize, idle: Duration) -> Result<RunFigure
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_after = hub.rss_kib()?;
     figures.rss_per_device_kib = rss_after.saturating_sub(rss_before) as f64 / devices as f64;
-    let io_before = hub.io_bytes()?;
+    let io_before = HubProcess::link_bytes(port)?;
     tokio::time::sleep(idle).await;
-    let io_after = hub.io_bytes()?;
+    let io_after = HubProcess::link_bytes(port)?;
     let bytes_per_device = io_after.saturating_sub(io_before) as f64 / devices as f64;
     figures.idle_bytes_per_min = bytes_per_device * 60.0 / idle.as_secs_f64();
     figures.idle_bits_per_s = bytes_per_device * 8.0 / idle.as_secs_f64();
+
+    // The same window with resource figures on: a new reading per device every interval,
+    // the devices' first readings spread over the interval as real agents' would be.
+    figures.stats_message_bytes = prost::Message::encoded_len(&reading("d", stats.pods, 0));
+    let feeder = {
+        let states = states.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let step = stats.interval / u32::try_from(states.len().max(1)).unwrap_or(u32::MAX);
+            let mut seq = 0u64;
+            loop {
+                for (name, state) in &states {
+                    state.set_resource_stats(reading(name, stats.pods, seq));
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(step) => {}
+                    }
+                }
+                seq += 1;
+            }
+        })
+    };
+    // One interval for every device to be on its cadence, then the window.
+    tokio::time::sleep(stats.interval).await;
+    let io_before = HubProcess::link_bytes(port)?;
+    tokio::time::sleep(idle).await;
+    let io_after = HubProcess::link_bytes(port)?;
+    feeder.abort();
+    let bytes_per_device = io_after.saturating_sub(io_before) as f64 / devices as f64;
+    figures.stats_bytes_per_min = bytes_per_device * 60.0 / idle.as_secs_f64();
 
     // Reconnect storm: the hub dies with every connection and comes back with new snapshots.
     hub.kill().await?;

@@ -42,6 +42,37 @@ pub fn start_controllers(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> watch::Receiver<PodCounts> {
+    start_controllers_with_ports(
+        tasks,
+        client,
+        cfg,
+        identity,
+        sessions,
+        events,
+        inventory,
+        flightctl_health,
+        metrics,
+        None,
+        shutdown,
+    )
+}
+
+/// [`start_controllers`] with each Node's own kubelet port taken from `node_ports` (see
+/// [`crate::kubelet_api::ports`]).
+#[allow(clippy::too_many_arguments)]
+pub fn start_controllers_with_ports(
+    tasks: &mut JoinSet<()>,
+    client: kube::Client,
+    cfg: &HubConfig,
+    identity: &str,
+    sessions: Arc<dyn Sessions>,
+    events: mpsc::Receiver<SessionEvent>,
+    inventory: watch::Receiver<DeviceSet>,
+    flightctl_health: Option<watch::Receiver<HealthMap>>,
+    metrics: Arc<Metrics>,
+    node_ports: Option<Arc<crate::kubelet_api::ports::NodePorts>>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<PodCounts> {
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -60,6 +91,9 @@ pub fn start_controllers(
     );
     if let Some(health) = flightctl_health {
         node_manager = node_manager.with_flightctl_health(health);
+    }
+    if let Some(ports) = node_ports {
+        node_manager = node_manager.with_node_ports(ports);
     }
     if cfg.leader_election.enabled {
         node_manager = node_manager

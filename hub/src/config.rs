@@ -228,6 +228,13 @@ pub struct KubeletConfig {
     /// CA that signs client certificates (the cluster CA, which signs the API server's
     /// kubelet client certificate).
     pub client_ca_file: Option<PathBuf>,
+    /// Ports (`"10300-10999"`) from which each fleetlet Node gets a kubelet port of its own,
+    /// published in its daemonEndpoints and listened on at the listen address's IP: how
+    /// `/stats/summary`, `/metrics/resource`, `/pods` and `/runningpods/` (which name no node)
+    /// reach the right device. Absent: every Node advertises the shared port, which serves
+    /// `/containerLogs` only. At most 4096 ports; a Node that finds none free is reported and
+    /// advertises the shared port.
+    pub node_ports: Option<crate::kubelet_api::ports::PortRange>,
 }
 
 impl Default for KubeletConfig {
@@ -239,6 +246,7 @@ impl Default for KubeletConfig {
             cert_file: None,
             key_file: None,
             client_ca_file: None,
+            node_ports: None,
         }
     }
 }
@@ -463,6 +471,28 @@ impl HubConfig {
                 "listen requires cert_file and key_file".into(),
             ));
         }
+        if let Some(range) = k.node_ports {
+            let Some(listen) = k.listen else {
+                return Err(invalid(
+                    "kubelet.node_ports",
+                    "needs kubelet.listen (the address the Nodes' ports are opened on)".into(),
+                ));
+            };
+            for (what, port) in [
+                ("listen", Some(listen.port())),
+                ("advertise_port", k.advertise_port),
+            ] {
+                if let Some(port) = port.filter(|p| range.contains(*p)) {
+                    return Err(invalid(
+                        "kubelet.node_ports",
+                        format!(
+                            "{}-{} holds kubelet.{what}'s port {port}",
+                            range.first, range.last
+                        ),
+                    ));
+                }
+            }
+        }
         let l = &self.leader_election;
         if l.enabled {
             if l.lease_duration_secs == 0
@@ -570,6 +600,39 @@ mod tests {
         cfg.nodes.taints[0].effect = "Sometimes".into();
         let err = cfg.validate().expect_err("bad effect").to_string();
         assert!(err.contains("nodes.taints[0].effect"), "{err}");
+    }
+
+    #[test]
+    fn node_ports_parse_and_are_checked() {
+        let base =
+            "[inventory]\nstatic_file = \"/x\"\n[kubelet]\ncert_file = \"/c\"\nkey_file = \"/k\"\n";
+        let cfg = HubConfig::parse(&format!(
+            "{base}listen = \"127.0.0.1:10250\"\nnode_ports = \"10300-10999\"\n"
+        ))
+        .expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.kubelet.node_ports.map(|r| r.len()), Some(700));
+        let err = HubConfig::parse(&format!("{base}node_ports = \"10999-10300\"\n"))
+            .expect_err("reversed")
+            .to_string();
+        assert!(err.contains("node_ports") || err.contains("above"), "{err}");
+        let err = HubConfig::parse(&format!("{base}node_ports = \"10300-10400\"\n"))
+            .expect("parses")
+            .validate()
+            .expect_err("no listen")
+            .to_string();
+        assert!(
+            err.contains("kubelet.node_ports") && err.contains("listen"),
+            "{err}"
+        );
+        let err = HubConfig::parse(&format!(
+            "{base}listen = \"127.0.0.1:10350\"\nnode_ports = \"10300-10400\"\n"
+        ))
+        .expect("parses")
+        .validate()
+        .expect_err("overlap")
+        .to_string();
+        assert!(err.contains("10350"), "{err}");
     }
 
     #[test]

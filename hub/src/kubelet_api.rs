@@ -9,6 +9,8 @@
 //! number of connections are bounded. `/healthz` is served on the operations port only.
 
 pub mod auth_cache;
+pub mod ports;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -311,6 +313,8 @@ pub struct KubeletApi {
     /// SubjectAccessReview answers by caller and attributes.
     decisions: auth_cache::TtlCache<String, bool>,
     limits: ConnectionLimits,
+    /// The devices' resource figures (`/stats/summary`, `/metrics/resource`, `/runningpods/`).
+    figures: Arc<crate::node_stats::StatsStore>,
 }
 
 impl KubeletApi {
@@ -330,7 +334,16 @@ impl KubeletApi {
             token_salt: rand::random(),
             decisions: auth_cache::TtlCache::new(auth_cache::MAX_ENTRIES),
             limits: ConnectionLimits::default(),
+            figures: Arc::default(),
         }
+    }
+
+    /// The same endpoint serving the devices' resource figures from `figures` (the link's
+    /// [`crate::link::DeviceSessions::resource_stats`]).
+    #[must_use]
+    pub fn with_figures(mut self, figures: Arc<crate::node_stats::StatsStore>) -> Self {
+        self.figures = figures;
+        self
     }
 
     /// The same endpoint with other connection bounds.
@@ -347,11 +360,84 @@ impl KubeletApi {
             .map_err(|source| KubeletApiError::Bind { addr, source })
     }
 
-    /// Accepts connections until `shutdown`.
+    /// Accepts connections on the shared port until `shutdown`: requests that name their pod
+    /// (`/containerLogs`) only.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) {
+        self.serve_for(listener, tls, None, shutdown).await;
+    }
+
+    /// Listens on every Node's own port (see [`ports`]) until `shutdown`: a listener is opened
+    /// when a port is published and closed when it is withdrawn (the device left the
+    /// inventory). A port that cannot be bound is logged and tried again every 10 s. The figures
+    /// of devices that left the inventory are dropped here too.
+    pub async fn serve_node_ports(
+        self: Arc<Self>,
+        ip: std::net::IpAddr,
+        mut ports: watch::Receiver<ports::PortMap>,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) {
+        let mut open: BTreeMap<String, (u16, CancellationToken)> = BTreeMap::new();
+        let mut inventory = self.inventory.clone();
+        let mut retry = tokio::time::interval(std::time::Duration::from_secs(10));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wanted = ports.borrow_and_update().clone();
+            open.retain(|node, (port, stop)| {
+                let keep = wanted.get(node) == Some(port);
+                if !keep {
+                    tracing::info!(%node, port = *port, "kubelet port of node closed");
+                    stop.cancel();
+                }
+                keep
+            });
+            for (node, port) in wanted.iter() {
+                if open.contains_key(node) {
+                    continue;
+                }
+                let addr = SocketAddr::new(ip, *port);
+                match Self::bind(addr).await {
+                    Ok(listener) => {
+                        tracing::info!(%node, %addr, "kubelet port of node listening");
+                        let stop = shutdown.child_token();
+                        open.insert(node.clone(), (*port, stop.clone()));
+                        tokio::spawn(self.clone().serve_for(
+                            listener,
+                            tls.clone(),
+                            Some(Arc::from(node.as_str())),
+                            stop,
+                        ));
+                    }
+                    Err(error) => {
+                        tracing::error!(%node, %error, "kubelet port of node not served; retrying in 10 s");
+                    }
+                }
+            }
+            {
+                let inv = inventory.borrow_and_update();
+                self.figures
+                    .retain(|d| inv.get(d).is_some_and(|r| r.enabled));
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = ports.changed() => if r.is_err() { return },
+                r = inventory.changed() => if r.is_err() { return },
+                _ = retry.tick(), if open.len() < wanted.len() => {}
+            }
+        }
+    }
+
+    /// Accepts connections until `shutdown`; `node` is the Node the port belongs to.
+    async fn serve_for(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        node: Option<Arc<str>>,
         shutdown: CancellationToken,
     ) {
         let acceptor = TlsAcceptor::from(tls);
@@ -381,6 +467,7 @@ impl KubeletApi {
             let acceptor = acceptor.clone();
             let this = self.clone();
             let shutdown = shutdown.clone();
+            let node = node.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
@@ -405,7 +492,10 @@ impl KubeletApi {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let this = this.clone();
                     let cert_caller = cert_caller.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req, cert_caller).await) }
+                    let node = node.clone();
+                    async move {
+                        Ok::<_, Infallible>(this.handle(req, cert_caller, node.as_deref()).await)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -421,7 +511,12 @@ impl KubeletApi {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, cert_caller: Option<Caller>) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        cert_caller: Option<Caller>,
+        node: Option<&str>,
+    ) -> Response<Body> {
         // Who, then whether they may, and only then what: every path, known or not, answers
         // 401/403 to a caller without the right, as the kubelet does.
         let caller = match cert_caller {
@@ -441,17 +536,22 @@ impl KubeletApi {
                 None => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
             },
         };
-        // The hub serves every fleetlet Node on one address, so a request does not say which
-        // Node it is for until its pod is looked up; the caller must therefore be allowed
-        // `nodes/proxy` on all nodes (as the API server's kubelet client is) before any lookup.
-        match self.authorize(&caller).await {
+        // On a Node's own port the request is for that Node and is authorized as the kubelet
+        // does it: the subresource its path maps to, on that Node. The shared port serves
+        // every Node, so a request there does not say which Node it is for until its pod is
+        // looked up; the caller must then be allowed `nodes/proxy` on all nodes (as the API
+        // server's kubelet client is) before any lookup.
+        let attrs = request_attributes(req.method(), req.uri().path(), node);
+        match self.authorize(&caller, &attrs).await {
             Ok(true) => {}
             Ok(false) => {
                 return text(
                     StatusCode::FORBIDDEN,
                     format!(
-                        "Forbidden (user={}, verb=get, resource=nodes, subresource=proxy)",
-                        caller.user
+                        "Forbidden (user={}, verb={}, resource=nodes, subresource(s)=[{}])",
+                        caller.user,
+                        attrs.verb,
+                        attrs.subresources.join(" ")
                     ),
                 );
             }
@@ -462,6 +562,21 @@ impl KubeletApi {
                     "authorization unavailable",
                 );
             }
+        }
+        if let Some(route) = NodeRoute::of(req.uri().path()) {
+            let Some(node) = node else {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "{} names no node; fleetlet-hub serves it on each Node's own kubelet port (its status.daemonEndpoints; [kubelet] node_ports), not on the shared port",
+                        req.uri().path()
+                    ),
+                );
+            };
+            if req.method() != Method::GET {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+            }
+            return self.node_request(node, route, req.uri().query()).await;
         }
         let Some(path) = parse_logs_path(req.uri().path()) else {
             return text(
@@ -492,16 +607,18 @@ impl KubeletApi {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the pod");
             }
         };
+        let on_port = node;
         let node = pod
             .spec
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
-        if !self
-            .inventory
-            .borrow()
-            .get(&node)
-            .is_some_and(|d| d.enabled)
+        if on_port.is_some_and(|n| n != node)
+            || !self
+                .inventory
+                .borrow()
+                .get(&node)
+                .is_some_and(|d| d.enabled)
         {
             return text(
                 StatusCode::NOT_FOUND,
@@ -598,27 +715,44 @@ impl KubeletApi {
         }))
     }
 
-    /// A SubjectAccessReview for `get nodes/proxy` on all nodes, answered from the cache within
-    /// [`auth_cache::ALLOWED_TTL`] / [`auth_cache::DENIED_TTL`]. Errors are not cached.
-    async fn authorize(&self, caller: &Caller) -> Result<bool, kube::Error> {
-        let key = format!(
-            "{:?}\0{:?}\0{:?}\0{:?}\0get nodes/proxy",
-            caller.user, caller.uid, caller.groups, caller.extra
-        );
-        if let Some(allowed) = self.decisions.get(&key) {
-            return Ok(allowed);
+    /// Whether `caller` may do what `attrs` describe: a SubjectAccessReview per subresource
+    /// until one allows (as the kubelet tries `pods` then `proxy`), each answered from the cache
+    /// within [`auth_cache::ALLOWED_TTL`] / [`auth_cache::DENIED_TTL`]. Errors are not cached.
+    async fn authorize(&self, caller: &Caller, attrs: &Attributes) -> Result<bool, kube::Error> {
+        for sub in &attrs.subresources {
+            let key = format!(
+                "{:?}\0{:?}\0{:?}\0{:?}\0{} nodes/{sub} {:?}",
+                caller.user, caller.uid, caller.groups, caller.extra, attrs.verb, attrs.node
+            );
+            let allowed = match self.decisions.get(&key) {
+                Some(allowed) => allowed,
+                None => {
+                    let allowed = self
+                        .subject_access_review(caller, attrs.verb, sub, attrs.node.as_deref())
+                        .await?;
+                    let ttl = if allowed {
+                        auth_cache::ALLOWED_TTL
+                    } else {
+                        auth_cache::DENIED_TTL
+                    };
+                    self.decisions.insert(key, allowed, ttl);
+                    allowed
+                }
+            };
+            if allowed {
+                return Ok(true);
+            }
         }
-        let allowed = self.subject_access_review(caller).await?;
-        let ttl = if allowed {
-            auth_cache::ALLOWED_TTL
-        } else {
-            auth_cache::DENIED_TTL
-        };
-        self.decisions.insert(key, allowed, ttl);
-        Ok(allowed)
+        Ok(false)
     }
 
-    async fn subject_access_review(&self, caller: &Caller) -> Result<bool, kube::Error> {
+    async fn subject_access_review(
+        &self,
+        caller: &Caller,
+        verb: &str,
+        subresource: &str,
+        node: Option<&str>,
+    ) -> Result<bool, kube::Error> {
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -628,9 +762,11 @@ impl KubeletApi {
                 extra: (!caller.extra.is_empty())
                     .then(|| caller.extra.clone().into_iter().collect()),
                 resource_attributes: Some(ResourceAttributes {
-                    verb: Some("get".into()),
+                    verb: Some(verb.into()),
+                    version: Some("v1".into()),
                     resource: Some("nodes".into()),
-                    subresource: Some("proxy".into()),
+                    subresource: Some(subresource.into()),
+                    name: node.map(str::to_string),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -641,6 +777,193 @@ impl KubeletApi {
         self.metrics.api("create_subjectaccessreview", &r);
         Ok(r?.status.is_some_and(|s| s.allowed))
     }
+
+    /// Serves a request that concerns the whole Node (`node` is the port's Node).
+    async fn node_request(
+        &self,
+        node: &str,
+        route: NodeRoute,
+        query: Option<&str>,
+    ) -> Response<Body> {
+        if !self.inventory.borrow().get(node).is_some_and(|d| d.enabled) {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("node {node} is not a fleetlet device in the inventory"),
+            );
+        }
+        let figures = self.figures.get(node);
+        let connected = self.sessions.is_connected(node);
+        let now = tokio::time::Instant::now();
+        let fresh = figures
+            .as_ref()
+            .filter(|f| crate::node_stats::StatsStore::fresh(f, connected, now));
+        let unavailable = || {
+            let why = match (&figures, connected) {
+                (_, false) => "is offline (not connected to fleetlet-hub)",
+                (None, true) => "has not reported resource figures yet",
+                (Some(_), true) => "has not reported resource figures recently",
+            };
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("device {node} {why}; its figures are not served as current"),
+            )
+        };
+        match route {
+            NodeRoute::StatsSummary => {
+                let only = match query_flag(query, "only_cpu_and_memory") {
+                    Ok(v) => v,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+                };
+                match fresh {
+                    Some(f) => json_response(&stats::summary(node, f, only)),
+                    None => unavailable(),
+                }
+            }
+            NodeRoute::MetricsResource => {
+                let mut r = text(StatusCode::OK, stats::resource_metrics(fresh));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            NodeRoute::RunningPods => match fresh {
+                Some(f) => json_response(&stats::running_pods(f)),
+                None => unavailable(),
+            },
+            NodeRoute::Pods => {
+                let pods: Api<Pod> = Api::all(self.client.clone());
+                let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+                let r = pods.list(&lp).await;
+                self.metrics.api("list_node_pods", &r);
+                match r {
+                    Ok(list) => {
+                        let items = list
+                            .items
+                            .into_iter()
+                            .filter_map(|mut p| {
+                                p.metadata.managed_fields = None;
+                                let mut v = serde_json::to_value(p).ok()?;
+                                if let Some(o) = v.as_object_mut() {
+                                    o.remove("kind");
+                                    o.remove("apiVersion");
+                                }
+                                Some(v)
+                            })
+                            .collect();
+                        json_response(&stats::pod_list(items))
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, %node, "listing the node's pods");
+                        text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "cannot list the node's pods",
+                        )
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The paths that concern a whole Node, served on the Node's own port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRoute {
+    /// `/stats/summary`.
+    StatsSummary,
+    /// `/metrics/resource`.
+    MetricsResource,
+    /// `/pods`.
+    Pods,
+    /// `/runningpods/`.
+    RunningPods,
+}
+
+impl NodeRoute {
+    /// The route of `path`, if it is one of them.
+    pub fn of(path: &str) -> Option<Self> {
+        match path.trim_end_matches('/') {
+            "/stats/summary" => Some(Self::StatsSummary),
+            "/metrics/resource" => Some(Self::MetricsResource),
+            "/pods" => Some(Self::Pods),
+            "/runningpods" => Some(Self::RunningPods),
+            _ => None,
+        }
+    }
+}
+
+/// What a request asks, for authorization: the kubelet's mapping of paths to `nodes`
+/// subresources (pkg/kubelet/server/auth.go, with fine-grained authorization).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attributes {
+    /// API verb from the HTTP method.
+    pub verb: &'static str,
+    /// Subresources tried in turn; any one allowing is enough.
+    pub subresources: Vec<&'static str>,
+    /// The Node (none on the shared port: all nodes).
+    pub node: Option<String>,
+}
+
+/// The authorization attributes of a request on `node`'s port (or the shared port).
+pub fn request_attributes(method: &Method, path: &str, node: Option<&str>) -> Attributes {
+    let verb = match *method {
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "get",
+    };
+    let Some(node) = node else {
+        return Attributes {
+            verb: "get",
+            subresources: vec!["proxy"],
+            node: None,
+        };
+    };
+    let sub = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
+    let subresources = if sub("/pods") || sub("/runningpods") {
+        vec!["pods", "proxy"]
+    } else if sub("/stats") {
+        vec!["stats"]
+    } else if sub("/metrics") {
+        vec!["metrics"]
+    } else if sub("/logs") {
+        vec!["log"]
+    } else {
+        vec!["proxy"]
+    };
+    Attributes {
+        verb,
+        subresources,
+        node: Some(node.to_string()),
+    }
+}
+
+/// A boolean query parameter (`true`, `1`, empty: true); absent is false.
+fn query_flag(query: Option<&str>, name: &str) -> Result<bool, QueryError> {
+    for pair in query.unwrap_or_default().split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            return match percent_decode(v).as_str() {
+                "" | "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                other => Err(QueryError {
+                    name: name.to_string(),
+                    value: other.to_string(),
+                }),
+            };
+        }
+    }
+    Ok(false)
+}
+
+fn json_response(v: &serde_json::Value) -> Response<Body> {
+    let mut r = text(StatusCode::OK, v.to_string());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<String> {
@@ -692,6 +1015,50 @@ mod tests {
         let e = parse_log_query(Some("tailLines=ten")).expect_err("not a number");
         assert_eq!(e.name, "tailLines");
         assert!(parse_log_query(Some("follow=maybe")).is_err());
+    }
+
+    #[test]
+    fn node_paths_map_to_the_kubelets_subresources() {
+        let attrs = |m: &Method, p: &str, n: Option<&str>| request_attributes(m, p, n);
+        let on = Some("dev-1");
+        let a = attrs(&Method::GET, "/stats/summary", on);
+        assert_eq!(
+            (a.verb, a.subresources.clone(), a.node.as_deref()),
+            ("get", vec!["stats"], Some("dev-1"))
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/metrics/resource", on).subresources,
+            ["metrics"]
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/pods", on).subresources,
+            ["pods", "proxy"]
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/runningpods/", on).subresources,
+            ["pods", "proxy"]
+        );
+        assert_eq!(
+            attrs(&Method::GET, "/containerLogs/a/b/c", on).subresources,
+            ["proxy"]
+        );
+        assert_eq!(attrs(&Method::GET, "/statsx", on).subresources, ["proxy"]);
+        assert_eq!(attrs(&Method::POST, "/exec/a/b/c", on).verb, "create");
+        // The shared port: get nodes/proxy on all nodes, whatever the path.
+        let shared = attrs(&Method::GET, "/stats/summary", None);
+        assert_eq!((shared.subresources, shared.node), (vec!["proxy"], None));
+        assert_eq!(
+            NodeRoute::of("/stats/summary/"),
+            Some(NodeRoute::StatsSummary)
+        );
+        assert_eq!(NodeRoute::of("/runningpods"), Some(NodeRoute::RunningPods));
+        assert_eq!(NodeRoute::of("/stats"), None);
+        assert_eq!(
+            query_flag(Some("only_cpu_and_memory=true"), "only_cpu_and_memory"),
+            Ok(true)
+        );
+        assert_eq!(query_flag(None, "only_cpu_and_memory"), Ok(false));
+        assert!(query_flag(Some("only_cpu_and_memory=yes"), "only_cpu_and_memory").is_err());
     }
 
     #[test]

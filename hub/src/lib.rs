@@ -12,6 +12,7 @@ pub mod labels;
 pub mod leader;
 pub mod link;
 pub mod metrics;
+pub mod node_stats;
 pub mod nodes;
 pub mod pki;
 pub mod pods;

@@ -8,7 +8,7 @@ use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::start_controllers;
+use crate::app::start_controllers_with_ports;
 use crate::config::HubConfig;
 use crate::inventory::flightctl::{FlightctlInventory, FlightctlInventoryError};
 use crate::inventory::{Inventory, StaticInventory, StaticInventoryError};
@@ -183,7 +183,12 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
     leading_tx.send_replace(true);
 
     let dyn_sessions: Arc<dyn Sessions> = Arc::new(sessions.clone());
-    let synced = start_controllers(
+    let node_ports = cfg
+        .kubelet
+        .node_ports
+        .filter(|_| kubelet_tls.is_some())
+        .map(|range| Arc::new(crate::kubelet_api::ports::NodePorts::new(range)));
+    let synced = start_controllers_with_ports(
         &mut tasks,
         client.clone(),
         &cfg,
@@ -193,17 +198,35 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
         inventory.devices(),
         flightctl_health,
         metrics.clone(),
+        node_ports.clone(),
         shutdown.clone(),
     );
     if let (Some(addr), Some(tls)) = (cfg.kubelet.listen, kubelet_tls) {
         let listener = KubeletApi::bind(addr).await?;
         tracing::info!(%addr, "kubelet API listening");
-        let api = Arc::new(KubeletApi::new(
-            client.clone(),
-            dyn_sessions,
-            inventory.devices(),
-            metrics.clone(),
-        ));
+        let api = Arc::new(
+            KubeletApi::new(
+                client.clone(),
+                dyn_sessions,
+                inventory.devices(),
+                metrics.clone(),
+            )
+            .with_figures(sessions.resource_stats()),
+        );
+        if let Some(ports) = &node_ports {
+            let range = ports.range();
+            tracing::info!(
+                first = range.first,
+                last = range.last,
+                "kubelet ports of nodes"
+            );
+            tasks.spawn(api.clone().serve_node_ports(
+                addr.ip(),
+                ports.subscribe(),
+                tls.clone(),
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(api.serve(listener, tls, shutdown.clone()));
     }
     {

@@ -8,12 +8,14 @@ source "$ENV_SRC_DIR/daemons.sh"
 source "$ENV_SRC_DIR/journald.sh"
 source "$ENV_SRC_DIR/podman.sh"
 source "$ENV_SRC_DIR/k8s.sh"
+source "$ENV_SRC_DIR/metrics-server.sh"
 source "$ENV_SRC_DIR/flightctl.sh"
 
 [ -d "$FLEETLET_DEV_DIR" ] || exit 0
 exec 8>"$FLEETLET_DEV_DIR/up.lock"
 flock 8
 down_flightctl
+down_metrics_server
 down_k8s
 down_podman
 down_journald

@@ -10,6 +10,14 @@ SCHEDULER_PORT=${FLEETLET_SCHEDULER_PORT:-20259}
 APISERVER_URL=https://127.0.0.1:$APISERVER_PORT
 SA_ISSUER=https://kubernetes.default.svc.cluster.local
 SERVICE_CIDR=10.0.0.0/24
+# The address aggregated API servers (metrics-server) listen on: the root end of a veth whose
+# other end is in the namespace fleetlet-stack, a /30 at the top of 198.18.0.0/15 (the
+# benchmarking range; no real network). The API server accepts it as an endpoint address (it
+# refuses loopback ones) and it never leaves this machine.
+STACK_NETNS=fleetlet-stack
+STACK_IF=flstack0
+STACK_IP=198.19.255.253
+STACK_PEER_IP=198.19.255.254
 
 etcd_healthy() { curl -sf --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
 apiserver_ready() {
@@ -19,11 +27,31 @@ apiserver_ready() {
 # The components' own serving certificates are self-signed: only liveness is checked here.
 component_healthy() { [ "$(curl -sfk --max-time 2 "https://127.0.0.1:$1/healthz")" = ok ]; }
 
+# The stack's veth pair (idempotent; metrics-server listens on its root end).
+stack_net_up() {
+  ip netns list | grep -qw "$STACK_NETNS" || ip netns add "$STACK_NETNS"
+  if ! ip link show "$STACK_IF" >/dev/null 2>&1; then
+    ip link add "$STACK_IF" type veth peer name flstack1
+    ip link set flstack1 netns "$STACK_NETNS"
+    ip -n "$STACK_NETNS" addr add "$STACK_PEER_IP/30" dev flstack1
+    ip -n "$STACK_NETNS" link set flstack1 up
+    ip -n "$STACK_NETNS" link set lo up
+  fi
+  ip -4 addr show dev "$STACK_IF" | grep -q " $STACK_IP/" || ip addr add "$STACK_IP/30" dev "$STACK_IF"
+  ip link set "$STACK_IF" up
+}
+
+stack_net_down() {
+  ip link del "$STACK_IF" 2>/dev/null || true
+  ip netns del "$STACK_NETNS" 2>/dev/null || true
+}
+
 up_k8s() {
   local bin
   bin=$("$ENV_SRC_DIR/build-k8s.sh")
   K8S_BIN=$bin
   make_pki
+  make_aggregation_pki "$STACK_IP"
   mkdir -p "$K8S_DIR"
   chmod 0700 "$K8S_DIR"
   write_kubeconfig "$K8S_DIR/kubeconfig" admin "$APISERVER_URL"
@@ -41,22 +69,39 @@ up_k8s() {
     wait_until 60 etcd etcd_healthy || { tail_log etcd; die "etcd did not become healthy"; }
   fi
 
-  if ! { is_running kube-apiserver && apiserver_ready; }; then
-    stop_daemon kube-apiserver
-    start_daemon kube-apiserver "$bin/kube-apiserver" \
-      --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
-      --tls-cert-file "$PKI_DIR/apiserver.crt" --tls-private-key-file "$PKI_DIR/apiserver.key" \
-      --client-ca-file "$PKI_DIR/ca.crt" \
-      --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
-      --service-account-issuer "$SA_ISSUER" --api-audiences "$SA_ISSUER" \
-      --service-account-key-file "$PKI_DIR/sa.pub" \
-      --service-account-signing-key-file "$PKI_DIR/sa.key" \
-      --service-cluster-ip-range "$SERVICE_CIDR" --endpoint-reconciler-type none \
-      --kubelet-client-certificate "$PKI_DIR/apiserver-kubelet-client.crt" \
-      --kubelet-client-key "$PKI_DIR/apiserver-kubelet-client.key" \
-      --kubelet-certificate-authority "$PKI_DIR/ca.crt" \
+  local apiserver_flags=(
+      --etcd-servers "http://127.0.0.1:$ETCD_PORT"
+      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT"
+      --tls-cert-file "$PKI_DIR/apiserver.crt" --tls-private-key-file "$PKI_DIR/apiserver.key"
+      --client-ca-file "$PKI_DIR/ca.crt"
+      --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+      --service-account-issuer "$SA_ISSUER" --api-audiences "$SA_ISSUER"
+      --service-account-key-file "$PKI_DIR/sa.pub"
+      --service-account-signing-key-file "$PKI_DIR/sa.key"
+      --service-cluster-ip-range "$SERVICE_CIDR" --endpoint-reconciler-type none
+      --kubelet-client-certificate "$PKI_DIR/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$PKI_DIR/apiserver-kubelet-client.key"
+      --kubelet-certificate-authority "$PKI_DIR/ca.crt"
+      # The aggregation layer (metrics.k8s.io from metrics-server): front-proxy client
+      # certificate, request-header authentication, and routing to the endpoint address (no
+      # kube-proxy, so no Service IP is routable).
+      --requestheader-client-ca-file "$PKI_DIR/front-proxy-ca.crt"
+      --requestheader-allowed-names front-proxy-client
+      --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group
+      --requestheader-extra-headers-prefix X-Remote-Extra-
+      --proxy-client-cert-file "$PKI_DIR/front-proxy-client.crt"
+      --proxy-client-key-file "$PKI_DIR/front-proxy-client.key"
+      --enable-aggregator-routing=true
       --allow-privileged=true --profiling=false --v=1
+  )
+  # A running API server started with other flags (an older checkout) is restarted.
+  local flags_sum
+  flags_sum=$(printf '%s\n' "$bin" "${apiserver_flags[@]}" | sha256sum | cut -c1-16)
+  if ! { is_running kube-apiserver && apiserver_ready &&
+    [ "$(cat "$K8S_DIR/kube-apiserver.flags" 2>/dev/null)" = "$flags_sum" ]; }; then
+    stop_daemon kube-apiserver
+    start_daemon kube-apiserver "$bin/kube-apiserver" "${apiserver_flags[@]}"
+    echo "$flags_sum" > "$K8S_DIR/kube-apiserver.flags"
     wait_until 120 kube-apiserver apiserver_ready || { tail_log kube-apiserver; die "kube-apiserver did not become ready"; }
     # The API server calls the kubelet API (logs, exec) as kube-apiserver-kubelet-client.
     if ! "$bin/kubectl" --kubeconfig "$K8S_DIR/kubeconfig" get clusterrolebinding \

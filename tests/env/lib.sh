@@ -20,3 +20,6 @@ bin_dir() {
   hash=$(cat "$ENV_SRC_DIR/k8s/go.mod" "$ENV_SRC_DIR/k8s/go.sum" | sha256sum | cut -c1-10)
   echo "$FLEETLET_CACHE_DIR/k8s-$(k8s_version)-etcd-$(etcd_version)-$hash/bin"
 }
+
+# metrics-server, built from its Go module (tests/env/build-metrics-server.sh).
+METRICS_SERVER_VERSION=${FLEETLET_METRICS_SERVER_VERSION:-v0.8.0}

@@ -68,3 +68,30 @@ current-context: $user@fleetlet-dev
 KUBECONFIG
   mv -f "$tmp" "$file"
 }
+
+# The aggregation layer's PKI (made once, also on a stack whose PKI predates it): a front-proxy
+# CA and the API server's client certificate towards aggregated API servers (metrics-server),
+# and metrics-server's own serving and client certificates from the cluster CA.
+make_aggregation_pki() {
+  local ip=$1
+  if [ -f "$PKI_DIR/aggregation-complete-$ip" ]; then return 0; fi
+  log "creating the aggregation layer's PKI in $PKI_DIR"
+  new_key "$PKI_DIR/front-proxy-ca.key"
+  openssl req -x509 -new -key "$PKI_DIR/front-proxy-ca.key" -subj "/CN=fleetlet-dev-front-proxy-ca" \
+    -days 3650 -sha256 -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" -out "$PKI_DIR/front-proxy-ca.crt"
+  new_key "$PKI_DIR/front-proxy-client.key"
+  openssl req -new -key "$PKI_DIR/front-proxy-client.key" -subj "/CN=front-proxy-client" \
+    -out "$PKI_DIR/front-proxy-client.csr"
+  printf '%b\n' "$client_ext" > "$PKI_DIR/front-proxy-client.ext"
+  openssl x509 -req -in "$PKI_DIR/front-proxy-client.csr" -CA "$PKI_DIR/front-proxy-ca.crt" \
+    -CAkey "$PKI_DIR/front-proxy-ca.key" -CAcreateserial -days 3650 -sha256 \
+    -extfile "$PKI_DIR/front-proxy-client.ext" -out "$PKI_DIR/front-proxy-client.crt" 2>/dev/null
+  rm -f "$PKI_DIR/front-proxy-client.csr" "$PKI_DIR/front-proxy-client.ext" "$PKI_DIR/front-proxy-ca.srl"
+  sign metrics-server-serving "/CN=metrics-server" \
+    "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:$ip,DNS:metrics-server.kube-system.svc"
+  # metrics-server's identity towards the API server and the kubelets (the hub).
+  sign metrics-server "/CN=system:metrics-server" "$client_ext"
+  rm -f "$PKI_DIR/ca.srl" "$PKI_DIR"/aggregation-complete-*
+  touch "$PKI_DIR/aggregation-complete-$ip"
+}

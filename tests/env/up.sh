@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Brings up the local stack (or reuses the running one) and writes OUT_DIR/env and
 # OUT_DIR/kubeconfig for a checkout.
-#   usage: tests/env/up.sh [--out DIR] [COMPONENT...]   components: journald podman k8s flightctl (default all)
+#   usage: tests/env/up.sh [--out DIR] [COMPONENT...]   components: journald podman k8s metrics flightctl (default all)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$ENV_SRC_DIR/daemons.sh"
 source "$ENV_SRC_DIR/journald.sh"
 source "$ENV_SRC_DIR/podman.sh"
 source "$ENV_SRC_DIR/k8s.sh"
+source "$ENV_SRC_DIR/metrics-server.sh"
 source "$ENV_SRC_DIR/flightctl.sh"
 
 out=""
@@ -15,11 +16,11 @@ components=()
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=$2; shift 2 ;;
-    journald | podman | k8s | flightctl) components+=("$1"); shift ;;
-    *) die "unknown argument $1 (usage: up.sh [--out DIR] [journald|podman|k8s|flightctl]...)" ;;
+    journald | podman | k8s | metrics | flightctl) components+=("$1"); shift ;;
+    *) die "unknown argument $1 (usage: up.sh [--out DIR] [journald|podman|k8s|metrics|flightctl]...)" ;;
   esac
 done
-[ ${#components[@]} -gt 0 ] || components=(journald podman k8s flightctl)
+[ ${#components[@]} -gt 0 ] || components=(journald podman k8s metrics flightctl)
 
 mkdir -p "$FLEETLET_DEV_DIR"
 chmod 0755 "$FLEETLET_DEV_DIR"
@@ -32,7 +33,9 @@ if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
   export PATH=/usr/local/go/bin:$PATH
 fi
 "$ENV_SRC_DIR/install-deps.sh"
-for c in "${components[@]}"; do "up_$c"; done
+for c in "${components[@]}"; do
+  case $c in metrics) up_metrics_server ;; *) "up_$c" ;; esac
+done
 
 write_env() {
   local dir=$1 f

@@ -220,8 +220,27 @@ pub(crate) async fn run_session(
     let mut stats_tick = tokio::time::interval(Duration::from_secs(cfg.stats_interval_secs.max(1)));
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stats_sent: Option<u64> = None;
+    // Resource figures: each new reading once (one message per `[stats]` interval); the one
+    // taken while disconnected goes out first.
+    let mut figures = state.resource_stats();
+    let first = figures.as_mut().and_then(|f| f.borrow_and_update().clone());
+    if let Some(r) = first {
+        send(&tx, agent_message::Kind::ResourceStats((*r).clone())).await?;
+    }
     loop {
         tokio::select! {
+            changed = async { figures.as_mut()?.changed().await.ok() }, if figures.is_some() => {
+                let latest = match (changed, figures.as_mut()) {
+                    (Some(()), Some(f)) => f.borrow_and_update().clone(),
+                    _ => {
+                        figures = None;
+                        None
+                    }
+                };
+                if let Some(r) = latest {
+                    send(&tx, agent_message::Kind::ResourceStats((*r).clone())).await?;
+                }
+            }
             _ = stats_tick.tick(), if stats.is_some() => {
                 if let Some(stats) = &stats
                     && stats_sent != Some(stats.passes())

@@ -21,6 +21,7 @@ pub struct MemoryDeviceState {
     log_text: RwLock<Vec<u8>>,
     applied: watch::Sender<u64>,
     not_served: watch::Sender<Option<String>>,
+    resource_stats: watch::Sender<Option<Arc<v1::ResourceStats>>>,
 }
 
 impl MemoryDeviceState {
@@ -35,7 +36,13 @@ impl MemoryDeviceState {
             log_text: RwLock::new(Vec::new()),
             applied: watch::Sender::new(0),
             not_served: watch::Sender::new(None),
+            resource_stats: watch::Sender::new(None),
         })
+    }
+
+    /// Publishes a resource reading (the link sends each new one once).
+    pub fn set_resource_stats(&self, stats: v1::ResourceStats) {
+        self.resource_stats.send_replace(Some(Arc::new(stats)));
     }
 
     /// Since when the hub refuses to serve the device, as the link last recorded it.
@@ -81,6 +88,10 @@ impl MemoryDeviceState {
 impl DeviceState for MemoryDeviceState {
     fn device_name(&self) -> String {
         self.name.clone()
+    }
+
+    fn resource_stats(&self) -> Option<crate::resource_stats::Latest> {
+        Some(self.resource_stats.subscribe())
     }
 
     fn held_generation(&self) -> u64 {

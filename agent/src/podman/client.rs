@@ -21,8 +21,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use super::types::{
-    ContainerInspect, ContainerSummary, ErrorBody, Event, ExecInspect, IdResponse, ImageInspect,
-    PullReport, VersionResponse,
+    ContainerInspect, ContainerStats, ContainerSummary, ErrorBody, Event, ExecInspect, IdResponse,
+    ImageInspect, PullReport, VersionResponse,
 };
 use super::{ContainerCreate, LogOptions, PodCreate, PodSummary, PodmanError};
 use crate::registry_auth::RegistryAuth;
@@ -217,6 +217,29 @@ impl PodmanClient {
     }
 
     /// Inspect a container; `None` when it does not exist.
+    /// `GET /libpod/containers/stats?stream=false` for `ids`: one reading, no streaming.
+    pub async fn container_stats(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<ContainerStats>, PodmanError> {
+        #[derive(serde::Deserialize)]
+        struct Report {
+            #[serde(rename = "Stats", default)]
+            stats: Option<Vec<ContainerStats>>,
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query: String = ids
+            .iter()
+            .map(|id| format!("&containers={}", enc(id)))
+            .collect();
+        let r: Report = self
+            .get_json(&format!("/containers/stats?stream=false{query}"))
+            .await?;
+        Ok(r.stats.unwrap_or_default())
+    }
+
     pub async fn inspect_container(
         &self,
         id: &str,

@@ -11,8 +11,8 @@ use futures::stream::BoxStream;
 use tokio::sync::Mutex;
 
 use super::{
-    ContainerCreate, ContainerInspect, ContainerRuntime, ContainerSummary, Event, ImageInspect,
-    LogOptions, PodCreate, PodSummary, PodmanError, RtResult,
+    ContainerCreate, ContainerInspect, ContainerRuntime, ContainerStats, ContainerSummary, Event,
+    ImageInspect, LogOptions, PodCreate, PodSummary, PodmanError, RtResult,
 };
 
 /// One container in the fake.
@@ -47,6 +47,9 @@ pub struct FakeState {
     pub images: BTreeMap<String, String>,
     /// Pulls done.
     pub pulls: Vec<String>,
+    /// CPU and memory counters by container id, as `container_stats` reports them (running
+    /// containers without an entry read zero).
+    pub stats: BTreeMap<String, ContainerStats>,
     next: u64,
     clock: i64,
 }
@@ -134,6 +137,22 @@ impl ContainerRuntime for FakeRuntime {
                 state: c.state.clone(),
                 is_infra: c.infra,
                 started_at: c.started,
+                pid: 0,
+                image: c.spec.image.clone(),
+            })
+            .collect())
+    }
+
+    async fn container_stats(&self, ids: &[String]) -> RtResult<Vec<ContainerStats>> {
+        let s = self.state.lock().await;
+        Ok(ids
+            .iter()
+            .filter(|id| s.containers.get(*id).is_some_and(|c| c.state == "running"))
+            .map(|id| {
+                s.stats.get(id).cloned().unwrap_or(ContainerStats {
+                    id: id.clone(),
+                    ..Default::default()
+                })
             })
             .collect())
     }

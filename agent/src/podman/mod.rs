@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use client::PodmanClient;
 
 use crate::registry_auth::RegistryAuth;
-pub use types::{ContainerInspect, ContainerSummary, Event, ImageInspect};
+pub use types::{ContainerInspect, ContainerStats, ContainerSummary, Event, ImageInspect};
 
 /// Label keys on every Podman object the agent creates.
 pub mod labels {
@@ -371,11 +371,20 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
         opts: &LogOptions,
     ) -> impl Future<Output = RtResult<BoxStream<'static, RtResult<Bytes>>>> + Send;
+    /// One reading of the CPU and memory counters of running containers `ids` (missing or
+    /// stopped ones are left out).
+    fn container_stats(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = RtResult<Vec<ContainerStats>>> + Send;
 }
 
 impl ContainerRuntime for PodmanClient {
     async fn version(&self) -> RtResult<String> {
         PodmanClient::version(self).await
+    }
+    async fn container_stats(&self, ids: &[String]) -> RtResult<Vec<ContainerStats>> {
+        PodmanClient::container_stats(self, ids).await
     }
     async fn list_containers(&self, labels: &[String]) -> RtResult<Vec<ContainerSummary>> {
         PodmanClient::list_containers(self, labels).await

@@ -30,6 +30,26 @@ pub struct ContainerSummary {
     /// Start of the current (or last) run, Unix seconds (0 when never started).
     #[serde(default)]
     pub started_at: i64,
+    /// Process id of the running container (0 when not running).
+    #[serde(default)]
+    pub pid: i64,
+    /// Image reference it was created from.
+    #[serde(default)]
+    pub image: String,
+}
+
+/// One entry of `GET /libpod/containers/stats?stream=false`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ContainerStats {
+    /// Container id.
+    #[serde(rename = "ContainerID", default)]
+    pub id: String,
+    /// CPU time used since the container started, nanoseconds.
+    #[serde(rename = "CPUNano", default)]
+    pub cpu_nanos: u64,
+    /// Memory charged to the container's cgroup, bytes (page cache included).
+    #[serde(rename = "MemUsage", default)]
+    pub mem_usage: u64,
 }
 
 /// `GET /libpod/containers/{id}/json`, the parts the agent uses.
@@ -115,6 +135,10 @@ pub struct ContainerState {
     /// RFC 3339; "0001-01-01T00:00:00Z" when never finished.
     #[serde(default)]
     pub finished_at: String,
+    /// The container's cgroup, relative to the cgroup root (and, on cgroup v1, to each
+    /// controller's hierarchy).
+    #[serde(default)]
+    pub cgroup_path: String,
 }
 
 /// `Config` of a container inspect.

@@ -841,6 +841,13 @@ async fn handle_message(
                 .await;
             Ok(())
         }
+        Some(agent_message::Kind::ResourceStats(stats)) => {
+            // Figures only feed the kubelet API: a bad report is dropped, the session goes on.
+            if let Err(error) = sessions.resource_stats().record(device, stats) {
+                tracing::warn!(device, %error, "resource report dropped");
+            }
+            Ok(())
+        }
         Some(agent_message::Kind::LogChunk(chunk)) => {
             sessions.route_log_chunk(device, handle, chunk).await;
             Ok(())

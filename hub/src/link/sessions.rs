@@ -151,6 +151,8 @@ struct Inner {
     next_log_request: AtomicU64,
     limits: SessionLimits,
     stats: Arc<LinkStats>,
+    /// The devices' latest resource figures.
+    resource_stats: Arc<crate::node_stats::StatsStore>,
 }
 
 /// Everything the hub keeps about one device, connected or not.
@@ -336,6 +338,7 @@ impl DeviceSessions {
                 next_log_request: AtomicU64::new(1),
                 limits,
                 stats: Arc::new(LinkStats::default()),
+                resource_stats: Arc::default(),
             }),
         }
     }
@@ -343,6 +346,11 @@ impl DeviceSessions {
     /// Counters about the link.
     pub fn stats(&self) -> Arc<LinkStats> {
         Arc::clone(&self.inner.stats)
+    }
+
+    /// The devices' latest resource figures (`ResourceStats` reports).
+    pub fn resource_stats(&self) -> Arc<crate::node_stats::StatsStore> {
+        Arc::clone(&self.inner.resource_stats)
     }
 
     pub(crate) fn slot(&self, device: &str) -> Arc<DeviceSlot> {

@@ -234,6 +234,10 @@ pub struct NodeManager {
     /// The leader-election Lease this hub leads on (`namespace/name`), when it elects.
     leader_lease: Option<String>,
     leases_api: kube::Client,
+    /// Each Node's own kubelet port (`[kubelet] node_ports`), when configured.
+    node_ports: Option<Arc<crate::kubelet_api::ports::NodePorts>>,
+    /// Nodes already reported as getting no port of their own.
+    portless: BTreeSet<String>,
 }
 
 /// What one pass decided to do for one node.
@@ -297,6 +301,41 @@ impl NodeManager {
             flightctl: None,
             leader_lease: None,
             leases_api: client,
+            node_ports: None,
+            portless: BTreeSet::new(),
+        }
+    }
+
+    /// Gives every Node a kubelet port of its own from `ports` (kept across restarts: read back
+    /// from the Node's daemonEndpoints) instead of the shared one.
+    #[must_use]
+    pub fn with_node_ports(mut self, ports: Arc<crate::kubelet_api::ports::NodePorts>) -> Self {
+        self.node_ports = Some(ports);
+        self
+    }
+
+    /// The kubelet port `node` advertises: its own, or the shared one (without a range, or with
+    /// the range exhausted, which is reported once per node).
+    fn kubelet_port(
+        ports: Option<&crate::kubelet_api::ports::NodePorts>,
+        portless: &mut BTreeSet<String>,
+        shared: u16,
+        node: &str,
+    ) -> u16 {
+        let Some(ports) = ports else {
+            return shared;
+        };
+        match ports.assign(node, None) {
+            Ok(p) => {
+                portless.remove(node);
+                p
+            }
+            Err(e) => {
+                if portless.insert(node.to_string()) {
+                    tracing::error!(error = %e, "node advertises the shared kubelet port: its stats, metrics and pods are not served");
+                }
+                shared
+            }
         }
     }
 
@@ -473,6 +512,16 @@ impl NodeManager {
             entry.uid.clone_from(&node.metadata.uid);
             entry.deleted = false;
             let status = node.status.unwrap_or_default();
+            if let Some(ports) = &self.node_ports {
+                let advertised = status
+                    .daemon_endpoints
+                    .as_ref()
+                    .and_then(|d| d.kubelet_endpoint.as_ref())
+                    .and_then(|e| u16::try_from(e.port).ok());
+                if let Err(e) = ports.assign(&name, advertised) {
+                    tracing::error!(error = %e, "node keeps no kubelet port of its own");
+                }
+            }
             if entry.last_capacity.is_none()
                 && let (Some(c), Some(a)) = (&status.capacity, &status.allocatable)
             {
@@ -642,6 +691,12 @@ impl NodeManager {
                 conditions.push(flightctl::condition(h, &since, true));
                 compared.push(flightctl::condition(h, &since, false));
             }
+            let port = Self::kubelet_port(
+                self.node_ports.as_deref(),
+                &mut self.portless,
+                self.port,
+                &dev.name,
+            );
             let input = StatusInput {
                 name: &dev.name,
                 capacity: &capacity,
@@ -650,7 +705,7 @@ impl NodeManager {
                 kubelet_version: &self.cfg.kubelet_version,
                 conditions: &compared,
                 address: self.address,
-                port: self.port,
+                port,
                 heartbeat: "",
             };
             // Compare without the heartbeat and lastSeen: only a change or the refresh interval
@@ -721,6 +776,7 @@ impl NodeManager {
             self.state.remove(&name);
         }
         self.count_not_owned();
+        self.sync_ports(&wanted);
         if plans.is_empty() {
             return;
         }
@@ -765,10 +821,27 @@ impl NodeManager {
         }
         self.count_not_owned();
         self.state.retain(|_, s| !s.deleted);
+        self.sync_ports(&wanted);
         let count = self.state.len();
         self.metrics
             .nodes
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Ports stay with their Nodes until the Nodes are gone, and are served while the devices
+    /// are in the inventory (and the Node is ours).
+    fn sync_ports(&self, wanted: &BTreeSet<String>) {
+        let Some(ports) = &self.node_ports else {
+            return;
+        };
+        let kept: BTreeSet<String> = self.state.keys().cloned().collect();
+        let served: BTreeSet<String> = self
+            .state
+            .iter()
+            .filter(|(n, st)| wanted.contains(*n) && st.not_owned.is_none() && st.uid.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        ports.sync(&kept, &served);
     }
 
     async fn execute(&self, plan: Plan, heartbeat: &str) -> Outcome {

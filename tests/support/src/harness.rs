@@ -91,6 +91,11 @@ pub async fn create_namespace(client: &kube::Client, ns: &str) {
 /// A serving certificate for 127.0.0.1 signed by the stack's cluster CA (the API server checks
 /// kubelet serving certificates against it: --kubelet-certificate-authority).
 pub fn issue_kubelet_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    issue_kubelet_cert_for(dir, &[])
+}
+
+/// [`issue_kubelet_cert`] naming `extra` addresses too.
+pub fn issue_kubelet_cert_for(dir: &Path, extra: &[IpAddr]) -> (PathBuf, PathBuf) {
     let pki = dev_dir().join("pki");
     let ca_pem = std::fs::read_to_string(pki.join("ca.crt")).expect("cluster CA");
     // The stack's CA key is SEC1 (openssl ecparam); rcgen reads PKCS#8, which `openssl pkey` writes.
@@ -126,7 +131,9 @@ pub fn issue_kubelet_cert(dir: &Path) -> (PathBuf, PathBuf) {
         .push(rcgen::DnType::CommonName, ca_cn);
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    let mut sans = vec!["127.0.0.1".to_string()];
+    sans.extend(extra.iter().map(ToString::to_string));
+    let mut params = rcgen::CertificateParams::new(sans).expect("params");
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "fleetlet-hub-kubelet");
@@ -459,6 +466,11 @@ pub struct HubSpec {
     pub leader_secs: (u32, u64),
     /// `[nodes] taints` as a TOML value (e.g. `[]`); `None` keeps the hub's default.
     pub node_taints: Option<String>,
+    /// `[kubelet] node_ports` (first, last): each Node gets a kubelet port of its own.
+    pub kubelet_node_ports: Option<(u16, u16)>,
+    /// Address the kubelet endpoint listens on and Nodes advertise (127.0.0.1 when `None`).
+    /// The API server proxies `nodes/proxy` only to non-loopback Node addresses.
+    pub kubelet_ip: Option<IpAddr>,
 }
 
 impl HubSpec {
@@ -475,8 +487,37 @@ impl HubSpec {
             identity_prefix: String::new(),
             leader_secs: (15, 2),
             node_taints: None,
+            kubelet_node_ports: None,
+            kubelet_ip: None,
         }
     }
+}
+
+/// `n` consecutive ports free on 127.0.0.1 right now, below the ephemeral range (so the kernel
+/// does not hand them out to other tests' connections meanwhile); `None` after 100 tries.
+pub fn free_port_range(n: u16) -> Option<(u16, u16)> {
+    for _ in 0..100 {
+        let first = 20_000 + rand_below(12_000 - n);
+        let held: Vec<TcpListener> = (first..first + n)
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return Some((first, first + n - 1));
+        }
+    }
+    None
+}
+
+fn rand_below(n: u16) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    u16::try_from(h.finish() % u64::from(n.max(1))).unwrap_or(0)
 }
 
 /// A hub whose PKI, inventory and config are written and can be (re)started any number of times
@@ -499,7 +540,7 @@ impl HubSetup {
         reap_orphans();
         let names: Vec<&str> = spec.devices.iter().map(|(n, _)| n.as_str()).collect();
         link_pki_for(dir, &names, &[spec.link_ip]);
-        issue_kubelet_cert(dir);
+        issue_kubelet_cert_for(dir, spec.kubelet_ip.as_slice());
         // The owner labels reach the Nodes as device labels (see `orphans`).
         let owner: Vec<String> = owner_labels()
             .iter()
@@ -566,10 +607,12 @@ identity = "{name}"
 lease_duration_secs = {lease_secs}
 retry_secs = {retry_secs}
 [kubelet]
-listen = "127.0.0.1:{kubelet_port}"
+listen = "{kubelet_ip}:{kubelet_port}"
+advertise_address = "{kubelet_ip}"
 cert_file = "{kubelet_cert}"
 key_file = "{kubelet_key}"
 client_ca_file = "{cluster_ca}"
+{node_ports}
 [link]
 listen = "{link_addr}"
 client_ca_file = "{client_ca}"
@@ -590,6 +633,11 @@ identity_prefix = "{prefix}"
                     .unwrap_or_default(),
                 kubelet_cert = kubelet_cert.display(),
                 kubelet_key = kubelet_key.display(),
+                kubelet_ip = spec.kubelet_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                node_ports = spec
+                    .kubelet_node_ports
+                    .map(|(a, b)| format!("node_ports = \"{a}-{b}\""))
+                    .unwrap_or_default(),
                 cluster_ca = pki.join("ca.crt").display(),
                 link_addr = std::net::SocketAddr::new(spec.link_ip, link_port),
                 lease_secs = spec.leader_secs.0,
@@ -672,6 +720,8 @@ pub struct AgentSpec {
     /// Client certificate and key (e.g. issued by Flightctl); `None` uses `<device>.{crt,key}`
     /// from the test PKI.
     pub cert: Option<(PathBuf, PathBuf)>,
+    /// `[stats] interval_secs`; `None` keeps the agent's default (15 s).
+    pub stats_interval_secs: Option<u64>,
 }
 
 impl AgentSpec {
@@ -685,6 +735,7 @@ impl AgentSpec {
             keepalive_secs: None,
             netns: None,
             cert: None,
+            stats_interval_secs: None,
         }
     }
 }
@@ -739,7 +790,11 @@ key_file = "{key}"
 reconnect_max_backoff_secs = 2
 stats_interval_secs = 1
 fallback_endpoints = [{fallback}]
-{keepalive}"#,
+{keepalive}{stats}"#,
+                stats = spec
+                    .stats_interval_secs
+                    .map(|i| format!("\n[stats]\ninterval_secs = {i}\n"))
+                    .unwrap_or_default(),
                 cert = cert.display(),
                 key = key.display(),
                 state = state.display(),

@@ -9,6 +9,7 @@
 pub mod disk;
 pub mod harness;
 mod logs;
+pub mod netns;
 pub mod orphans;
 mod podman;
 pub mod registry;
