@@ -125,6 +125,8 @@ taints = []
 [kubelet]
 listen = "$hub_ip:$kubelet_port"
 advertise_address = "$hub_ip"
+# A port per Node (stats, /pods): free, as nothing else listens on this run's own address.
+node_ports = "$((kubelet_port + 1))-$((kubelet_port + 8))"
 cert_file = "$pki/kubelet.pem"
 key_file = "$pki/kubelet-key.pem"
 client_ca_file = "$FLEETLET_CLUSTER_CA_CERT"
