@@ -449,6 +449,8 @@ async fn volumes_env_secrets_and_removal_with_grace_period() {
         st["initContainerStatuses"][1]["state"]["terminated"]["reason"],
         "Completed"
     );
+    // A completed init container is ready, as the kubelet reports it.
+    assert_eq!(st["initContainerStatuses"][1]["ready"], true);
     let init = st["conditions"]
         .as_array()
         .unwrap()

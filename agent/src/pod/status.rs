@@ -135,6 +135,18 @@ fn container_status(c: &ContainerView<'_>) -> k8s::ContainerStatus {
     }
 }
 
+/// An init container's status: one that is not a sidecar is ready once it completed (exit 0),
+/// as the kubelet's prober manager marks it.
+fn init_container_status(c: &ContainerView<'_>) -> k8s::ContainerStatus {
+    let mut s = container_status(c);
+    if !c.sidecar
+        && let State::Terminated(t) = &c.lifecycle.state
+    {
+        s.ready = t.exit_code == 0;
+    }
+    s
+}
+
 fn condition(kind: &str, ok: bool, reason: Option<&str>, since: Timestamp) -> k8s::PodCondition {
     k8s::PodCondition {
         type_: kind.into(),
@@ -192,7 +204,7 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
         }])
         .filter(|_| !v.pod_ip.is_empty()),
         start_time: Some(Time(v.start_time)),
-        init_container_statuses: Some(v.init.iter().map(container_status).collect())
+        init_container_statuses: Some(v.init.iter().map(init_container_status).collect())
             .filter(|s: &Vec<_>| !s.is_empty()),
         container_statuses: Some(v.app.iter().map(container_status).collect()),
         qos_class: Some(qos(v.plan).into()),
