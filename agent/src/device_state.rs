@@ -32,6 +32,8 @@ pub struct AgentDeviceState<R> {
     pub not_served: watch::Sender<Option<String>>,
     /// The pod workers' reconcile passes.
     pub reconcile_stats: Arc<crate::reconcile_stats::ReconcileStats>,
+    /// Events about the pods, for the hub.
+    pub events: crate::events::EventRecorder,
 }
 
 #[tonic::async_trait]
@@ -46,6 +48,10 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
 
     fn reconcile_stats(&self) -> Option<Arc<crate::reconcile_stats::ReconcileStats>> {
         Some(self.reconcile_stats.clone())
+    }
+
+    fn events(&self) -> Option<crate::events::EventRecorder> {
+        Some(self.events.clone())
     }
 
     fn held_generation(&self) -> u64 {

@@ -73,6 +73,13 @@ pub fn start_controllers(
         cfg.pods.status_burst,
         metrics.clone(),
     );
+    let (event_writer, event_tx) = crate::events::EventWriter::new(
+        client.clone(),
+        cfg.pods.event_qps,
+        cfg.pods.event_burst,
+        metrics.clone(),
+    );
+    tasks.spawn(event_writer.run(shutdown.clone()));
     let (relay, handles) = PodRelay::new(
         sessions,
         Arc::new(KubePodApi::new(client.clone(), recorder, metrics.clone())),
@@ -89,6 +96,7 @@ pub fn start_controllers(
         known_nodes,
         unready_nodes,
     );
+    let relay = relay.with_event_sink(event_tx);
     tasks.spawn(writer.run(shutdown.clone()));
     tasks.spawn(relay.run(shutdown.clone()));
     tasks.spawn(node_manager.run(
@@ -240,7 +248,7 @@ async fn dispatch(
             .set(i64::try_from(live.connected_count()).unwrap_or(i64::MAX));
         if matches!(
             ev,
-            SessionEvent::PodStatus { .. } | SessionEvent::Acked { .. }
+            SessionEvent::PodStatus { .. } | SessionEvent::Acked { .. } | SessionEvent::Events { .. }
         ) && relay.send(Input::Session(ev)).await.is_err()
         {
             return;

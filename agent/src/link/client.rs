@@ -220,8 +220,27 @@ pub(crate) async fn run_session(
     let mut stats_tick = tokio::time::interval(Duration::from_secs(cfg.stats_interval_secs.max(1)));
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stats_sent: Option<u64> = None;
+    // Events not acknowledged by the previous session's hub go out again (the hub knows a
+    // repeat by its id and count).
+    let events = state.events();
+    if let Some(events) = &events {
+        events.reconnected();
+    }
     loop {
         tokio::select! {
+            () = async {
+                match &events {
+                    Some(events) => events.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(events) = &events {
+                    while let Some(batch) = events.take_batch() {
+                        tracing::debug!(device, seq = batch.seq, events = batch.events.len(), "sending events");
+                        send(&tx, agent_message::Kind::Events(batch)).await?;
+                    }
+                }
+            }
             _ = stats_tick.tick(), if stats.is_some() => {
                 if let Some(stats) = &stats
                     && stats_sent != Some(stats.passes())
@@ -428,6 +447,12 @@ async fn handle_hub_message(
                 previous.cancel();
             }
             tokio::spawn(stream_logs(Arc::clone(state), request, tx.clone(), token));
+            Ok(())
+        }
+        Some(hub_message::Kind::EventAck(ack)) => {
+            if let Some(events) = state.events() {
+                events.ack(ack.epoch, ack.seq);
+            }
             Ok(())
         }
         Some(hub_message::Kind::LogCancel(cancel)) => {

@@ -37,6 +37,10 @@ pub trait DeviceState: Send + Sync + 'static {
     fn reconcile_stats(&self) -> Option<std::sync::Arc<crate::reconcile_stats::ReconcileStats>> {
         None
     }
+    /// Events about the device's pods to send to the hub; none by default.
+    fn events(&self) -> Option<crate::events::EventRecorder> {
+        None
+    }
     /// Generation of the desired snapshot held on disk (0 when none).
     fn held_generation(&self) -> u64;
     /// Persist the snapshot atomically, THEN return. `Ok(false)` when it is not newer than the

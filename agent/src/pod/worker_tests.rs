@@ -41,6 +41,7 @@ async fn rig(image_user: &str, policy: DevicePolicy) -> Rig {
         seccomp_root: dir.path().join("seccomp"),
         pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
         reconcile_stats: Default::default(),
+        events: Default::default(),
     });
     Rig { _dir: dir, rt, ctx }
 }

@@ -279,6 +279,10 @@ pub struct PodRelay {
     deleting: HashSet<String>,
     done_tx: mpsc::Sender<Input>,
     counts_stale: bool,
+    /// Where verified device Events go (the [`crate::events::EventWriter`]); `None` drops them.
+    event_sink: Option<mpsc::Sender<crate::events::DeviceEventWrite>>,
+    /// Per device, the event epoch and drop count it last reported.
+    device_events_dropped: HashMap<String, (u64, u64)>,
 }
 
 /// The handles `run` wires: where watch and session events go.
@@ -348,12 +352,99 @@ impl PodRelay {
                 deleting: HashSet::new(),
                 done_tx: tx.clone(),
                 counts_stale: true,
+                event_sink: None,
+                device_events_dropped: HashMap::new(),
             },
             RelayHandles {
                 inputs: tx,
                 counts: counts_rx,
             },
         )
+    }
+
+    /// Sends the Events devices report about their own pods to `sink` (after the trust check).
+    pub fn with_event_sink(mut self, sink: mpsc::Sender<crate::events::DeviceEventWrite>) -> Self {
+        self.event_sink = Some(sink);
+        self
+    }
+
+    /// Device Events: each must be about a pod bound to the reporting device's own Node, and is
+    /// written with that pod's namespace, name and uid from the API (never the device's word), so
+    /// a device cannot write Events about other devices' pods or into other namespaces. The
+    /// device's own drop count becomes a Warning on its Node and a metric.
+    fn device_events(&mut self, device: String, batch: fleetlet_proto::v1::EventBatch) {
+        let total = batch.events.len() as u64;
+        if !self.pods.synced || !self.is_ours(&device) {
+            self.metrics.device_event("not_bound", total);
+            return;
+        }
+        let (epoch, seen) = self
+            .device_events_dropped
+            .get(&device)
+            .copied()
+            .unwrap_or((batch.epoch, 0));
+        let seen = if epoch == batch.epoch { seen } else { 0 };
+        if batch.dropped_total > seen {
+            let newly = batch.dropped_total - seen;
+            self.metrics.device_event("dropped_on_device", newly);
+            tracing::warn!(%device, dropped = newly, "device dropped Events while its link was down");
+            let api = self.api.clone();
+            let node = device.clone();
+            let message = format!(
+                "device {device} dropped {newly} pod Events (its buffer of unsent Events was full; {} since its agent started)",
+                batch.dropped_total
+            );
+            tokio::spawn(async move {
+                if let Err(error) = api
+                    .node_event(&node, "RecordEvents", "EventsDropped", &message)
+                    .await
+                {
+                    tracing::warn!(node, %error, "publishing the EventsDropped event failed");
+                }
+            });
+        }
+        self.device_events_dropped
+            .insert(device.clone(), (batch.epoch, batch.dropped_total.max(seen)));
+        let Some(sink) = self.event_sink.clone() else {
+            return;
+        };
+        let mut not_bound = 0u64;
+        let mut invalid = 0u64;
+        for event in batch.events {
+            let Some(pod) = self.pod_by_uid(&event.pod_uid) else {
+                not_bound += 1;
+                continue;
+            };
+            if node_of(pod).as_deref() != Some(device.as_str()) {
+                not_bound += 1;
+                continue;
+            }
+            if let Err(why) = crate::events::check(&event) {
+                tracing::debug!(%device, why, "device Event refused");
+                invalid += 1;
+                continue;
+            }
+            let write = crate::events::DeviceEventWrite {
+                node: device.clone(),
+                epoch: batch.epoch,
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                pod_name: pod.metadata.name.clone().unwrap_or_default(),
+                pod_uid: event.pod_uid.clone(),
+                event,
+            };
+            if sink.try_send(write).is_err() {
+                self.metrics.device_event("dropped_queue_full", 1);
+            }
+        }
+        if not_bound > 0 {
+            // One line per batch: a flood must not flood the log too.
+            tracing::warn!(%device, events = not_bound, "Events about pods not bound to this device; dropped");
+            self.metrics.device_event("not_bound", not_bound);
+        }
+        if invalid > 0 {
+            tracing::warn!(%device, events = invalid, "invalid Events from the device; dropped");
+            self.metrics.device_event("invalid", invalid);
+        }
     }
 
     /// Runs until `shutdown`.
@@ -821,6 +912,7 @@ impl PodRelay {
                     list.retain(|(g, _)| *g > generation);
                 }
             }
+            SessionEvent::Events { device, batch } => self.device_events(device, batch),
             SessionEvent::Connected { .. }
             | SessionEvent::Disconnected { .. }
             | SessionEvent::Capacity { .. }
