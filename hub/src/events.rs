@@ -165,10 +165,34 @@ impl EventQueue {
         }
     }
 
+    /// Queues `w` again after [`Self::done`] recorded an older count for it (its series still
+    /// needs writing).
+    pub fn admit_again(&mut self, w: DeviceEventWrite) {
+        let key = key_of(&w);
+        if let Some(done) = self.written.get_mut(&key) {
+            done.count = 1;
+        }
+        self.admit(w);
+    }
+
     /// The Event object of `w` is gone (deleted, expired): the next write creates it anew.
     pub fn forget(&mut self, w: &DeviceEventWrite) {
         self.written.remove(&key_of(w));
     }
+}
+
+/// Whether `found` is the Event `ours` would create (same pod, place, reason and message).
+fn same_event(found: &Event, ours: &Event) -> bool {
+    let place = |e: &Event| {
+        e.regarding
+            .as_ref()
+            .map(|r| (r.uid.clone(), r.field_path.clone()))
+    };
+    found.reason == ours.reason
+        && found.note == ours.note
+        && found.type_ == ours.type_
+        && found.reporting_instance == ours.reporting_instance
+        && place(found) == place(ours)
 }
 
 /// The events.k8s.io/v1 name client-go gives an Event: `<regarding name>.<hex nanoseconds>`.
@@ -364,7 +388,23 @@ impl EventWriter {
                     self.queue.done(&w, name, Instant::now());
                     return;
                 }
-                Err(e) if status_code(&e) == Some(409) => nanos += 1,
+                Err(e) if status_code(&e) == Some(409) => {
+                    // The same Event written by an earlier run of the hub (it forgot what it
+                    // wrote) carries the same name: update that one. Another Event of the pod
+                    // in the same microsecond: the next nanosecond.
+                    let existing = api.get(&name).await;
+                    self.metrics.api("get_event", &existing);
+                    if existing.is_ok_and(|found| same_event(&found, &event)) {
+                        self.queue.done(&w, name.clone(), Instant::now());
+                        if w.event.count >= 2 {
+                            self.queue.admit_again(w);
+                        } else {
+                            self.metrics.device_event("duplicate", 1);
+                        }
+                        return;
+                    }
+                    nanos += 1;
+                }
                 Err(error) => {
                     tracing::warn!(node = %w.node, namespace = %w.namespace, pod = %w.pod_name, reason = %w.event.reason, %error, "creating an Event failed; dropped");
                     self.metrics.device_event("api_error", 1);

@@ -283,7 +283,14 @@ pub struct PodRelay {
     event_sink: Option<mpsc::Sender<crate::events::DeviceEventWrite>>,
     /// Per device, the event epoch and drop count it last reported.
     device_events_dropped: HashMap<String, (u64, u64)>,
+    /// Event batches that arrived before the pod cache synced or the device's Node was known
+    /// to be ours (a restarted hub accepts devices while it still lists pods; the device was
+    /// told they were taken), replayed then; at most [`MAX_EARLY_EVENT_BATCHES`].
+    early_events: VecDeque<(String, fleetlet_proto::v1::EventBatch)>,
 }
+
+/// Event batches held until the pod cache synced, all devices together (the oldest go first).
+const MAX_EARLY_EVENT_BATCHES: usize = 1024;
 
 /// The handles `run` wires: where watch and session events go.
 pub struct RelayHandles {
@@ -354,6 +361,7 @@ impl PodRelay {
                 counts_stale: true,
                 event_sink: None,
                 device_events_dropped: HashMap::new(),
+                early_events: VecDeque::new(),
             },
             RelayHandles {
                 inputs: tx,
@@ -375,7 +383,17 @@ impl PodRelay {
     fn device_events(&mut self, device: String, batch: fleetlet_proto::v1::EventBatch) {
         let total = batch.events.len() as u64;
         if !self.pods.synced || !self.is_ours(&device) {
-            self.metrics.device_event("not_bound", total);
+            if self.pods.synced && !self.device_enabled(&device) {
+                self.metrics.device_event("not_bound", total);
+                return;
+            }
+            if self.early_events.len() >= MAX_EARLY_EVENT_BATCHES
+                && let Some((_, oldest)) = self.early_events.pop_front()
+            {
+                self.metrics
+                    .device_event("dropped_queue_full", oldest.events.len() as u64);
+            }
+            self.early_events.push_back((device, batch));
             return;
         }
         let (epoch, seen) = self
@@ -641,6 +659,10 @@ impl PodRelay {
         self.early_total = 0;
         self.early_bytes = 0;
         self.early_device_bytes.clear();
+        let held: Vec<_> = self.early_events.drain(..).collect();
+        for (device, batch) in held {
+            self.device_events(device, batch);
+        }
         let stashed: Vec<_> = self.early_status.drain().collect();
         for (device, entries) in stashed {
             let pods: Vec<_> = entries.into_values().collect();
