@@ -181,18 +181,27 @@ impl EventQueue {
     }
 }
 
-/// Whether `found` is the Event `ours` would create (same pod, place, reason and message).
-fn same_event(found: &Event, ours: &Event) -> bool {
-    let place = |e: &Event| {
-        e.regarding
-            .as_ref()
-            .map(|r| (r.uid.clone(), r.field_path.clone()))
-    };
-    found.reason == ours.reason
-        && found.note == ours.note
-        && found.type_ == ours.type_
-        && found.reporting_instance == ours.reporting_instance
-        && place(found) == place(ours)
+/// The timestamp in an Event's name: its first occurrence in nanoseconds, the sub-microsecond
+/// digits (which the device's clock does not have) taken from a hash of what the Event says. Two
+/// Events of one pod in the same microsecond so get different names, and the same Event always
+/// gets the same name: a restarted hub that writes it again finds it (409) and updates it
+/// instead of making a second object.
+pub fn event_nanos(w: &DeviceEventWrite) -> i128 {
+    // FNV-1a: stable across hub versions and runs, unlike std's RandomState.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        w.node.as_str(),
+        w.event.field_path.as_str(),
+        w.event.r#type.as_str(),
+        w.event.reason.as_str(),
+        w.event.message.as_str(),
+    ] {
+        for b in part.bytes().chain([0]) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    i128::from(w.event.first_micros) * 1000 + i128::from(hash % 1000)
 }
 
 /// The events.k8s.io/v1 name client-go gives an Event: `<regarding name>.<hex nanoseconds>`.
@@ -374,45 +383,30 @@ impl EventWriter {
                 }
             }
         }
-        // Nanoseconds of the first occurrence; one more on a name collision (two Events of one
-        // pod in the same microsecond).
-        let mut nanos = i128::from(w.event.first_micros) * 1000;
-        for _ in 0..3 {
-            let name = event_name(&w.pod_name, nanos);
-            let event = new_event(&w, &name);
-            let r = api.create(&PostParams::default(), &event).await;
-            self.metrics.api("create_event", &r);
-            match r {
-                Ok(_) => {
-                    self.metrics.device_event("created", 1);
-                    self.queue.done(&w, name, Instant::now());
-                    return;
-                }
-                Err(e) if status_code(&e) == Some(409) => {
-                    // The same Event written by an earlier run of the hub (it forgot what it
-                    // wrote) carries the same name: update that one. Another Event of the pod
-                    // in the same microsecond: the next nanosecond.
-                    let existing = api.get(&name).await;
-                    self.metrics.api("get_event", &existing);
-                    if existing.is_ok_and(|found| same_event(&found, &event)) {
-                        self.queue.done(&w, name.clone(), Instant::now());
-                        if w.event.count >= 2 {
-                            self.queue.admit_again(w);
-                        } else {
-                            self.metrics.device_event("duplicate", 1);
-                        }
-                        return;
-                    }
-                    nanos += 1;
-                }
-                Err(error) => {
-                    tracing::warn!(node = %w.node, namespace = %w.namespace, pod = %w.pod_name, reason = %w.event.reason, %error, "creating an Event failed; dropped");
-                    self.metrics.device_event("api_error", 1);
-                    return;
+        let name = event_name(&w.pod_name, event_nanos(&w));
+        let event = new_event(&w, &name);
+        let r = api.create(&PostParams::default(), &event).await;
+        self.metrics.api("create_event", &r);
+        match r {
+            Ok(_) => {
+                self.metrics.device_event("created", 1);
+                self.queue.done(&w, name, Instant::now());
+            }
+            Err(e) if status_code(&e) == Some(409) => {
+                // The same Event, written by an earlier run of the hub that forgot it (the
+                // name follows from the Event's pod, first time and content): update its series.
+                self.queue.done(&w, name, Instant::now());
+                if w.event.count >= 2 {
+                    self.queue.admit_again(w);
+                } else {
+                    self.metrics.device_event("duplicate", 1);
                 }
             }
+            Err(error) => {
+                tracing::warn!(node = %w.node, namespace = %w.namespace, pod = %w.pod_name, reason = %w.event.reason, %error, "creating an Event failed; dropped");
+                self.metrics.device_event("api_error", 1);
+            }
         }
-        self.metrics.device_event("api_error", 1);
     }
 }
 
