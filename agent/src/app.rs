@@ -86,7 +86,7 @@ pub async fn run(
     let (not_served_tx, not_served_rx) = watch::channel::<Option<String>>(None);
 
     let reconcile_stats = Arc::new(crate::reconcile_stats::ReconcileStats::default());
-    let events = crate::events::EventRecorder::new();
+    let events = crate::events::EventRecorder::new().with_buffer(cfg.events_buffer);
     let ctx = Arc::new(PodContext {
         rt: rt.clone(),
         device: cfg.device_name.clone(),

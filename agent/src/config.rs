@@ -75,6 +75,14 @@ pub struct AgentConfig {
     /// What this device never runs, whatever the cluster allows.
     #[serde(default)]
     pub policy: crate::pod::policy::DevicePolicy,
+    /// Pod Events kept for the hub while the link is down; past it the oldest is dropped (and
+    /// the drop counted and reported to the hub).
+    #[serde(default = "default_events_buffer")]
+    pub events_buffer: usize,
+}
+
+fn default_events_buffer() -> usize {
+    crate::events::MAX_PENDING
 }
 
 /// Reservations subtracted from capacity to get allocatable.
@@ -118,6 +126,7 @@ impl Default for AgentConfig {
             hub: None,
             seccomp_profile_root: None,
             policy: Default::default(),
+            events_buffer: default_events_buffer(),
         }
     }
 }
@@ -174,6 +183,9 @@ impl AgentConfig {
         }
         if self.resync_secs == 0 {
             return Err(invalid("resync_secs", "must be at least 1"));
+        }
+        if self.events_buffer == 0 {
+            return Err(invalid("events_buffer", "must be at least 1"));
         }
         if let Some(hub) = &self.hub
             && let Err(e) = hub.validate_endpoints()

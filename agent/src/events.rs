@@ -36,7 +36,7 @@ pub const AGGREGATE_WINDOW: Duration = Duration::from_secs(600);
 pub const SPAM_BURST: f64 = 25.0;
 /// One more Event per pod and type may be sent after this long.
 pub const SPAM_REFILL: Duration = Duration::from_secs(300);
-/// Events waiting for the hub; past this the oldest is dropped.
+/// Events waiting for the hub by default (`events_buffer`); past it the oldest is dropped.
 pub const MAX_PENDING: usize = 512;
 /// Events remembered for aggregation (client-go's LRU size).
 pub const MAX_REMEMBERED: usize = 4096;
@@ -125,6 +125,8 @@ struct Bucket {
 #[derive(Debug)]
 struct Correlator {
     epoch: u64,
+    /// Pending events kept at most.
+    max_pending: usize,
     next_id: u64,
     next_seq: u64,
     /// Order of pending events, for dropping the oldest.
@@ -143,6 +145,7 @@ impl Correlator {
     fn new(epoch: u64) -> Self {
         Self {
             epoch,
+            max_pending: MAX_PENDING,
             next_id: 1,
             next_seq: 1,
             next_pending: 0,
@@ -269,7 +272,7 @@ impl Correlator {
     /// remembered ones within [`MAX_REMEMBERED`] (forgetting the least recent settled ones).
     fn bound(&mut self) {
         let pending = self.entries.values().filter(|e| e.pending()).count();
-        if pending > MAX_PENDING {
+        if pending > self.max_pending {
             let mut order: Vec<(u64, Key)> = self
                 .entries
                 .iter()
@@ -277,7 +280,7 @@ impl Correlator {
                 .map(|(k, e)| (e.pending_since, k.clone()))
                 .collect();
             order.sort_by_key(|(since, _)| *since);
-            for (_, key) in order.into_iter().take(pending - MAX_PENDING) {
+            for (_, key) in order.into_iter().take(pending - self.max_pending) {
                 if let Some(e) = self.entries.remove(&key) {
                     self.dropped_total += u64::from(e.released - e.acked);
                 }
@@ -455,6 +458,12 @@ impl EventRecorder {
             inner: Arc::new(RwLock::new(Correlator::new(epoch))),
             ready: Arc::new(Notify::new()),
         }
+    }
+
+    /// Keeps at most `n` (at least 1) Events waiting for the hub.
+    pub fn with_buffer(self, n: usize) -> Self {
+        self.lock().max_pending = n.max(1);
+        self
     }
 
     fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Correlator> {

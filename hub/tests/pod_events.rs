@@ -392,3 +392,64 @@ async fn events_made_while_the_hub_is_away_arrive_when_it_returns() {
     assert_eq!(started, 1, "the same Event object, updated");
     assert_eq!(after.metadata.name, first.metadata.name);
 }
+
+/// A device whose Event buffer overflows while the hub is away drops the oldest Events and
+/// says how many: a Warning on its Node and a count on the hub's `/metrics`.
+#[tokio::test]
+async fn an_overflowing_device_buffer_drops_the_oldest_and_reports_the_count() {
+    let mut fleet = Fleet::start(
+        "evdrop",
+        1,
+        |_| {},
+        |a| a.extra_config = "events_buffer = 2".into(),
+    )
+    .await;
+    let d0 = fleet.devices[0].clone();
+    let events: Api<Event> = Api::namespaced(fleet.client.clone(), &fleet.id);
+    let mut uids = Vec::new();
+    for name in ["c1", "c2"] {
+        uids.push(
+            create_pod(
+                &fleet,
+                &d0,
+                name,
+                json!({"containers": [{"name": "app", "image": IMAGE, "command": ["sh", "-c", "exit 1"]}]}),
+            )
+            .await,
+        );
+    }
+    for uid in &uids {
+        wait_event(&events, uid, "Started", "Started", |_| true).await;
+    }
+    fleet.kill_hub();
+    // Two crash loops make six kinds of Events meanwhile (BackOff, Created, Started each);
+    // the device keeps two.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    fleet.restart_hub();
+    let ops = fleet.hub.ports.ops;
+    let dropped = wait_for("the device's drop count on /metrics", 90, || async {
+        let n = hub_metric(ops, "device_events_total{reason=\"dropped_on_device\"}").await?;
+        (n > 0.0).then_some(n)
+    })
+    .await;
+    let all: Api<Event> = Api::all(fleet.client.clone());
+    let warning = wait_for("an EventsDropped Warning on the Node", 60, || async {
+        all.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                reason(e) == "EventsDropped"
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(d0.as_str())
+            })
+    })
+    .await;
+    println!("dropped on the device: {dropped}; Node Warning: {}", note(&warning));
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(note(&warning).contains("dropped"), "{}", note(&warning));
+    // What the device kept arrived.
+    for uid in &uids {
+        println!("  {}", summary(&events_of(&events, uid).await));
+    }
+}

@@ -672,6 +672,8 @@ pub struct AgentSpec {
     /// Client certificate and key (e.g. issued by Flightctl); `None` uses `<device>.{crt,key}`
     /// from the test PKI.
     pub cert: Option<(PathBuf, PathBuf)>,
+    /// More top-level lines of the agent's config (e.g. `events_buffer = 4`).
+    pub extra_config: String,
 }
 
 impl AgentSpec {
@@ -685,6 +687,7 @@ impl AgentSpec {
             keepalive_secs: None,
             netns: None,
             cert: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -731,6 +734,7 @@ state_dir = "{state}"
 podman_socket = "{sock}"
 resync_secs = 5
 node_ip = "127.0.0.1"
+{extra}
 [hub]
 endpoint = "{endpoint}"
 ca_file = "{dir}/link-ca.crt"
@@ -746,6 +750,7 @@ fallback_endpoints = [{fallback}]
                 sock = spec.podman_socket.display(),
                 endpoint = spec.endpoint,
                 dir = dir.display(),
+                extra = spec.extra_config,
             ),
         )
         .expect("agent config");
