@@ -161,13 +161,10 @@ impl Correlator {
 
     /// A token for one more sent Event about `uid` of type `kind`.
     fn take_token(&mut self, uid: &str, kind: EventType, now: i64) -> bool {
-        let bucket = self
-            .spam
-            .entry((uid.to_owned(), kind))
-            .or_insert(Bucket {
-                tokens: SPAM_BURST,
-                at_micros: now,
-            });
+        let bucket = self.spam.entry((uid.to_owned(), kind)).or_insert(Bucket {
+            tokens: SPAM_BURST,
+            at_micros: now,
+        });
         let elapsed = (now - bucket.at_micros).max(0) as f64 / 1e6;
         bucket.tokens = (bucket.tokens + elapsed / SPAM_REFILL.as_secs_f64()).min(SPAM_BURST);
         bucket.at_micros = now;
@@ -198,13 +195,10 @@ impl Correlator {
             reason: reason.to_owned(),
         };
         let window = i64::try_from(AGGREGATE_WINDOW.as_micros()).unwrap_or(i64::MAX);
-        let similar = self
-            .similar
-            .entry(similar_key)
-            .or_insert_with(|| Similar {
-                since_micros: now,
-                messages: HashSet::new(),
-            });
+        let similar = self.similar.entry(similar_key).or_insert_with(|| Similar {
+            since_micros: now,
+            messages: HashSet::new(),
+        });
         if now - similar.since_micros > window {
             similar.since_micros = now;
             similar.messages.clear();
@@ -719,7 +713,9 @@ mod tests {
         let b = batch(&r);
         assert_eq!(b.dropped_total, 10);
         assert!(
-            b.events.iter().all(|e| e.pod_uid != "u0" && e.pod_uid != "u9"),
+            b.events
+                .iter()
+                .all(|e| e.pod_uid != "u0" && e.pod_uid != "u9"),
             "the oldest went"
         );
         assert!(b.events.iter().any(|e| e.pod_uid == "u10"));

@@ -248,7 +248,9 @@ async fn dispatch(
             .set(i64::try_from(live.connected_count()).unwrap_or(i64::MAX));
         if matches!(
             ev,
-            SessionEvent::PodStatus { .. } | SessionEvent::Acked { .. } | SessionEvent::Events { .. }
+            SessionEvent::PodStatus { .. }
+                | SessionEvent::Acked { .. }
+                | SessionEvent::Events { .. }
         ) && relay.send(Input::Session(ev)).await.is_err()
         {
             return;

@@ -123,7 +123,7 @@ impl EventQueue {
     }
 
     /// The next Event to write, and the name of its Event object if one was created before.
-    pub fn next(&mut self) -> Option<(DeviceEventWrite, Option<String>)> {
+    pub fn pop(&mut self) -> Option<(DeviceEventWrite, Option<String>)> {
         let key = self.order.pop_front()?;
         let w = self.pending.remove(&key)?;
         let name = self.written.get(&key).map(|d| d.name.clone());
@@ -218,7 +218,8 @@ fn micro_time(micros: i64) -> Option<MicroTime> {
 /// The Event object for the first write of `w` under `name`.
 pub fn new_event(w: &DeviceEventWrite, name: &str) -> Event {
     let e = &w.event;
-    let first = micro_time(e.first_micros).or_else(|| Some(MicroTime(k8s_openapi::jiff::Timestamp::now())));
+    let first =
+        micro_time(e.first_micros).or_else(|| Some(MicroTime(k8s_openapi::jiff::Timestamp::now())));
     Event {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -267,7 +268,10 @@ pub fn check(e: &DeviceEvent) -> Result<(), String> {
         return Err(format!("reason {:?} is not a CamelCase word", e.reason));
     }
     if e.message.len() > 1024 {
-        return Err(format!("message of {} bytes is over 1 KiB", e.message.len()));
+        return Err(format!(
+            "message of {} bytes is over 1 KiB",
+            e.message.len()
+        ));
     }
     if e.field_path.len() > 512 {
         return Err("fieldPath is over 512 bytes".into());
@@ -333,16 +337,15 @@ impl EventWriter {
                     None => return,
                 },
                 () = async {
-                    match wait {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => {}
+                    if let Some(at) = wait {
+                        tokio::time::sleep_until(at).await;
                     }
                 }, if ready => {
                     wait = None;
                     match self.bucket.try_take() {
                         Err(d) => wait = Some(Instant::now() + d),
                         Ok(()) => {
-                            if let Some((w, name)) = self.queue.next() {
+                            if let Some((w, name)) = self.queue.pop() {
                                 self.write(w, name).await;
                             }
                         }
@@ -442,7 +445,7 @@ mod tests {
         assert_eq!(q.admit(write("d", 1, 3)), Admit::Queued);
         assert_eq!(q.admit(write("d", 1, 2)), Admit::Queued);
         assert_eq!(q.len(), 1, "one Event, its newest count");
-        let (w, name) = q.next().expect("queued");
+        let (w, name) = q.pop().expect("queued");
         assert_eq!((w.event.count, name), (3, None));
         q.done(&w, "web-0.abc".into(), Instant::now());
         // The device sends the same batch again after a reconnect.
@@ -450,11 +453,11 @@ mod tests {
         assert_eq!(q.admit(write("d", 1, 2)), Admit::Duplicate);
         // A later occurrence updates the same Event object.
         assert_eq!(q.admit(write("d", 1, 4)), Admit::Queued);
-        let (w, name) = q.next().expect("queued");
+        let (w, name) = q.pop().expect("queued");
         assert_eq!((w.event.count, name.as_deref()), (4, Some("web-0.abc")));
         // Another device's id 1 is another Event.
         assert_eq!(q.admit(write("e", 1, 1)), Admit::Queued);
-        assert_eq!(q.next().map(|(_, n)| n), Some(None));
+        assert_eq!(q.pop().map(|(_, n)| n), Some(None));
     }
 
     #[tokio::test(start_paused = true)]
@@ -465,13 +468,16 @@ mod tests {
         }
         assert_eq!(q.len(), MAX_QUEUE);
         assert_eq!(q.dropped, 5);
-        assert_eq!(q.next().map(|(w, _)| w.event.id), Some(5));
+        assert_eq!(q.pop().map(|(w, _)| w.event.id), Some(5));
     }
 
     #[test]
     fn events_look_like_client_gos() {
         let w = write("dev-1", 1, 5);
-        assert_eq!(event_name("web-0", 1_700_000_000_000_000_000), "web-0.17979cfe362a0000");
+        assert_eq!(
+            event_name("web-0", 1_700_000_000_000_000_000),
+            "web-0.17979cfe362a0000"
+        );
         let e = new_event(&w, "web-0.1");
         assert_eq!(e.reporting_instance.as_deref(), Some("dev-1"));
         assert_eq!(e.reporting_controller.as_deref(), Some("kubelet"));
@@ -481,7 +487,10 @@ mod tests {
         let s = e.series.expect("series");
         assert_eq!(s.count, 5);
         let single = new_event(&write("d", 2, 1), "x");
-        assert!(single.series.is_none(), "the API wants a series count of at least 2");
+        assert!(
+            single.series.is_none(),
+            "the API wants a series count of at least 2"
+        );
     }
 
     #[test]

@@ -42,9 +42,7 @@ async fn events_of(events: &Api<Event>, uid: &str) -> Vec<Event> {
         .map(|l| {
             l.items
                 .into_iter()
-                .filter(|e| {
-                    e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid)
-                })
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid))
                 .collect()
         })
         .unwrap_or_default()
@@ -218,7 +216,9 @@ async fn a_pods_life_shows_the_kubelets_events() {
     .await;
     assert_eq!(
         note(&unhealthy),
-        format!("Readiness probe failed: dial tcp 127.0.0.1:{closed_port}: connect: connection refused")
+        format!(
+            "Readiness probe failed: dial tcp 127.0.0.1:{closed_port}: connect: connection refused"
+        )
     );
     assert_eq!(unhealthy.type_.as_deref(), Some("Warning"));
 
@@ -260,9 +260,13 @@ async fn a_pods_life_shows_the_kubelets_events() {
         note(e) == "Pulling image \"localhost/fleetlet-test/nonexistent:1\""
     })
     .await;
-    wait_event(&events, &pullfail, "pullfail Failed to pull", "Failed", |e| {
-        note(e).starts_with("Failed to pull image \"localhost/fleetlet-test/nonexistent:1\": ")
-    })
+    wait_event(
+        &events,
+        &pullfail,
+        "pullfail Failed to pull",
+        "Failed",
+        |e| note(e).starts_with("Failed to pull image \"localhost/fleetlet-test/nonexistent:1\": "),
+    )
     .await;
     wait_event(&events, &pullfail, "pullfail ErrImagePull", "Failed", |e| {
         note(e) == "Error: ErrImagePull"
@@ -274,9 +278,20 @@ async fn a_pods_life_shows_the_kubelets_events() {
     .await;
 
     // A field the agent does not support: a Warning with the status's reason.
-    let unsupported = wait_event(&events, &refused, "UnsupportedPodSpec", "UnsupportedPodSpec", |_| true).await;
+    let unsupported = wait_event(
+        &events,
+        &refused,
+        "UnsupportedPodSpec",
+        "UnsupportedPodSpec",
+        |_| true,
+    )
+    .await;
     assert_eq!(unsupported.type_.as_deref(), Some("Warning"));
-    assert!(note(&unsupported).contains("serviceAccountToken"), "{}", note(&unsupported));
+    assert!(
+        note(&unsupported).contains("serviceAccountToken"),
+        "{}",
+        note(&unsupported)
+    );
 
     // kubectl shows them like a kubelet's.
     let (_, table, _) = kubectl(&[
@@ -288,8 +303,18 @@ async fn a_pods_life_shows_the_kubelets_events() {
         "involvedObject.name=crash",
     ]);
     println!("kubectl get events (crash):\n{table}");
-    assert!(table.contains("BackOff") && table.contains("Started"), "{table}");
-    for (name, uid) in [("web", &web), ("crash", &crash), ("nocm", &nocm), ("noenv", &noenv), ("pullfail", &pullfail), ("refused", &refused)] {
+    assert!(
+        table.contains("BackOff") && table.contains("Started"),
+        "{table}"
+    );
+    for (name, uid) in [
+        ("web", &web),
+        ("crash", &crash),
+        ("nocm", &nocm),
+        ("noenv", &noenv),
+        ("pullfail", &pullfail),
+        ("refused", &refused),
+    ] {
         println!("{name}:\n  {}", summary(&events_of(&events, uid).await));
     }
 
@@ -320,7 +345,10 @@ async fn a_pods_life_shows_the_kubelets_events() {
             kind: Some(agent_message::Kind::Events(v1::EventBatch {
                 epoch: 1,
                 seq: 1,
-                events: vec![forged(1, &web), forged(2, "00000000-0000-0000-0000-000000000000")],
+                events: vec![
+                    forged(1, &web),
+                    forged(2, "00000000-0000-0000-0000-000000000000"),
+                ],
                 dropped_total: 0,
             })),
         },
@@ -378,9 +406,13 @@ async fn events_made_while_the_hub_is_away_arrive_when_it_returns() {
     // The container keeps crashing and restarting (back-off 10 s, then 20 s) meanwhile.
     tokio::time::sleep(Duration::from_secs(35)).await;
     fleet.restart_hub();
-    let after = wait_event(&events, &crash, "Started counted past the cut", "Started", |e| {
-        count(e) > before + 1
-    })
+    let after = wait_event(
+        &events,
+        &crash,
+        "Started counted past the cut",
+        "Started",
+        |e| count(e) > before + 1,
+    )
     .await;
     let list = events_of(&events, &crash).await;
     let started = list.iter().filter(|e| reason(e) == "Started").count();
@@ -445,7 +477,10 @@ async fn an_overflowing_device_buffer_drops_the_oldest_and_reports_the_count() {
             })
     })
     .await;
-    println!("dropped on the device: {dropped}; Node Warning: {}", note(&warning));
+    println!(
+        "dropped on the device: {dropped}; Node Warning: {}",
+        note(&warning)
+    );
     assert_eq!(warning.type_.as_deref(), Some("Warning"));
     assert!(note(&warning).contains("dropped"), "{}", note(&warning));
     // What the device kept arrived.

@@ -18,11 +18,11 @@ use super::downward::{self, Addresses};
 use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Termination};
 use super::policy::DevicePolicy;
 use super::probe::{ProbeTracker, Verdict, probe_output};
-use crate::events::{EventType, container_field_path, go_duration, pod_desc};
 use super::sandbox;
 use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources, RestartPolicy};
 use super::status::{ContainerView, PodView, failed_status, pod_status};
 use super::volumes;
+use crate::events::{EventType, container_field_path, go_duration, pod_desc};
 use crate::podman::types::is_zero_time;
 use crate::podman::{
     ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, MemoryLimit, Mount, Namespace,
@@ -1035,7 +1035,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
         };
         let startup_due = match (&c.startup, self.slots.get(&c.name)) {
-            (Some(p), Some(s)) if !s.lc.started && s.startup.as_ref().is_some_and(|t| t.due_in(now).is_zero()) => Some(attempt("Startup", p).await),
+            (Some(p), Some(s))
+                if !s.lc.started && s.startup.as_ref().is_some_and(|t| t.due_in(now).is_zero()) =>
+            {
+                Some(attempt("Startup", p).await)
+            }
             _ => None,
         };
         let Some(slot) = self.slots.get_mut(&c.name) else {
@@ -1166,10 +1170,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if c.pull_policy == PullPolicy::Never && !(present.is_some() && verified) {
             never_pull();
         }
-        if c.pull_policy != PullPolicy::Always
-            && present.is_some()
-            && verified
-        {
+        if c.pull_policy != PullPolicy::Always && present.is_some() && verified {
             self.container_event(
                 plan,
                 &c.name,
