@@ -318,6 +318,17 @@ async fn a_pods_life_shows_the_kubelets_events() {
         println!("{name}:\n  {}", summary(&events_of(&events, uid).await));
     }
 
+    // Deleting a pod stops its containers: Killing, as the kubelet says it.
+    fleet
+        .pods()
+        .delete("web", &Default::default())
+        .await
+        .expect("delete web");
+    wait_event(&events, &web, "web Killing", "Killing", |e| {
+        note(e) == "Stopping container app" && field_path(e) == "spec.containers{app}"
+    })
+    .await;
+
     // Device d1 claims Events about d0's pod and about a made-up one: refused, nothing written.
     fleet.kill_agent(1);
     let ops = fleet.hub.ports.ops;

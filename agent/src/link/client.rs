@@ -226,6 +226,10 @@ pub(crate) async fn run_session(
     if let Some(events) = &events {
         events.reconnected();
     }
+    let mut events_dropped_logged = events.as_ref().map_or(0, |e| e.counts().dropped);
+    if events_dropped_logged > 0 {
+        tracing::warn!(device, dropped_total = events_dropped_logged, "pod Events dropped while the hub could not take them (events_buffer full); the hub is told the count");
+    }
     loop {
         tokio::select! {
             () = async {
@@ -236,6 +240,10 @@ pub(crate) async fn run_session(
             } => {
                 if let Some(events) = &events {
                     while let Some(batch) = events.take_batch() {
+                        if batch.dropped_total > events_dropped_logged {
+                            tracing::warn!(device, dropped_total = batch.dropped_total, "pod Events dropped while the hub could not take them (events_buffer full); the hub is told the count");
+                            events_dropped_logged = batch.dropped_total;
+                        }
                         tracing::debug!(device, seq = batch.seq, events = batch.events.len(), "sending events");
                         send(&tx, agent_message::Kind::Events(batch)).await?;
                     }
