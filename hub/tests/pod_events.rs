@@ -147,6 +147,16 @@ async fn a_pods_life_shows_the_kubelets_events() {
         json!({"containers": [{"name": "app", "image": IMAGE, "command": ["sh", "-c", "exit 1"]}]}),
     )
     .await;
+    let live = create_pod(
+        &fleet,
+        &d0,
+        "live",
+        json!({"containers": [{"name": "app", "image": IMAGE,
+            "command": ["sh", "-c", "exec sleep 3600"],
+            "livenessProbe": {"tcpSocket": {"host": "127.0.0.1", "port": closed_port},
+                              "periodSeconds": 1, "failureThreshold": 2}}]}),
+    )
+    .await;
     let nocm = create_pod(
         &fleet,
         &d0,
@@ -221,6 +231,16 @@ async fn a_pods_life_shows_the_kubelets_events() {
         )
     );
     assert_eq!(unhealthy.type_.as_deref(), Some("Warning"));
+
+    // A failing liveness probe: Unhealthy, then the kubelet's Killing.
+    wait_event(&events, &live, "live Unhealthy", "Unhealthy", |e| {
+        note(e).starts_with("Liveness probe failed: dial tcp 127.0.0.1:")
+    })
+    .await;
+    wait_event(&events, &live, "live Killing", "Killing", |e| {
+        note(e) == "Container app failed liveness probe, will be restarted"
+    })
+    .await;
 
     // The crash loop: BackOff aggregated into one Event object whose series counts.
     let backoff = wait_event(&events, &crash, "crash BackOff x2", "BackOff", |e| {
@@ -310,6 +330,7 @@ async fn a_pods_life_shows_the_kubelets_events() {
     for (name, uid) in [
         ("web", &web),
         ("crash", &crash),
+        ("live", &live),
         ("nocm", &nocm),
         ("noenv", &noenv),
         ("pullfail", &pullfail),

@@ -128,7 +128,10 @@ async fn a_pod_pulls_its_private_image_with_the_pull_secret_the_hub_relays() {
         .and_then(|rest| rest.split_once(" including waiting). Image size: "))
         .and_then(|(_, size)| size.strip_suffix(" bytes."))
         .and_then(|size| size.parse().ok());
-    assert!(size.is_some_and(|s| s > 0), "the kubelet's Pulled message: {pulled}");
+    assert!(
+        size.is_some_and(|s| s > 0),
+        "the kubelet's Pulled message: {pulled}"
+    );
     let (reason, message) = wait_for("the pod without it failing to pull", 60, || async {
         let w = waiting(&pods.get("anonymous").await.ok()?)?;
         (w.0 == "ErrImagePull" || w.0 == "ImagePullBackOff").then_some(w)

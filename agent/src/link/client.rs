@@ -228,7 +228,11 @@ pub(crate) async fn run_session(
     }
     let mut events_dropped_logged = events.as_ref().map_or(0, |e| e.counts().dropped);
     if events_dropped_logged > 0 {
-        tracing::warn!(device, dropped_total = events_dropped_logged, "pod Events dropped while the hub could not take them (events_buffer full); the hub is told the count");
+        tracing::warn!(
+            device,
+            dropped_total = events_dropped_logged,
+            "pod Events dropped while the hub could not take them (events_buffer full); the hub is told the count"
+        );
     }
     loop {
         tokio::select! {
