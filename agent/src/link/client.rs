@@ -29,6 +29,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// First and longest wait before storing a snapshot again that the device failed to store.
 const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Pod Events recorded within this long after the first go out as one batch.
+const EVENT_BATCH_DELAY: Duration = Duration::from_millis(100);
 
 /// A snapshot the device could not store (full or failing state directory). The hub sends a
 /// generation once per session, so the link retries it with backoff and acknowledges it when
@@ -226,6 +228,7 @@ pub(crate) async fn run_session(
     if let Some(events) = &events {
         events.reconnected();
     }
+    let mut events_due: Option<tokio::time::Instant> = None;
     let mut events_dropped_logged = events.as_ref().map_or(0, |e| e.counts().dropped);
     if events_dropped_logged > 0 {
         tracing::warn!(
@@ -241,7 +244,12 @@ pub(crate) async fn run_session(
                     Some(events) => events.changed().await,
                     None => std::future::pending().await,
                 }
-            } => {
+            }, if events_due.is_none() => {
+                // What a pass records comes in a burst (Pulled, Created, Started): one batch.
+                events_due = Some(tokio::time::Instant::now() + EVENT_BATCH_DELAY);
+            }
+            () = sleep_until(events_due) => {
+                events_due = None;
                 if let Some(events) = &events {
                     while let Some(batch) = events.take_batch() {
                         if batch.dropped_total > events_dropped_logged {

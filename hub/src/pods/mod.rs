@@ -426,17 +426,36 @@ impl PodRelay {
         let Some(sink) = self.event_sink.clone() else {
             return;
         };
+        // One pass over the cache for the whole batch (not one per Event).
+        let uids: HashSet<&str> = batch.events.iter().map(|e| e.pod_uid.as_str()).collect();
+        let bound: HashMap<String, (String, String)> = self
+            .pods
+            .items
+            .values()
+            .filter(|p| {
+                p.metadata
+                    .uid
+                    .as_deref()
+                    .is_some_and(|uid| uids.contains(uid))
+                    && node_of(p).as_deref() == Some(device.as_str())
+            })
+            .filter_map(|p| {
+                Some((
+                    p.metadata.uid.clone()?,
+                    (
+                        p.metadata.namespace.clone().unwrap_or_default(),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    ),
+                ))
+            })
+            .collect();
         let mut not_bound = 0u64;
         let mut invalid = 0u64;
         for event in batch.events {
-            let Some(pod) = self.pod_by_uid(&event.pod_uid) else {
+            let Some((namespace, pod_name)) = bound.get(&event.pod_uid) else {
                 not_bound += 1;
                 continue;
             };
-            if node_of(pod).as_deref() != Some(device.as_str()) {
-                not_bound += 1;
-                continue;
-            }
             if let Err(why) = crate::events::check(&event) {
                 tracing::debug!(%device, why, "device Event refused");
                 invalid += 1;
@@ -445,8 +464,8 @@ impl PodRelay {
             let write = crate::events::DeviceEventWrite {
                 node: device.clone(),
                 epoch: batch.epoch,
-                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-                pod_name: pod.metadata.name.clone().unwrap_or_default(),
+                namespace: namespace.clone(),
+                pod_name: pod_name.clone(),
                 pod_uid: event.pod_uid.clone(),
                 event,
             };
