@@ -281,13 +281,29 @@ pub struct PodRelay {
     counts_stale: bool,
     /// Where verified device Events go (the [`crate::events::EventWriter`]); `None` drops them.
     event_sink: Option<mpsc::Sender<crate::events::DeviceEventWrite>>,
-    /// Per device, the event epoch and drop count it last reported.
-    device_events_dropped: HashMap<String, (u64, u64)>,
+    /// Per device, what it said about Events it dropped.
+    device_events_dropped: HashMap<String, DeviceDrops>,
     /// Event batches that arrived before the pod cache synced or the device's Node was known
     /// to be ours (a restarted hub accepts devices while it still lists pods; the device was
     /// told they were taken), replayed then; at most [`MAX_EARLY_EVENT_BATCHES`].
     early_events: VecDeque<(String, fleetlet_proto::v1::EventBatch)>,
 }
+
+/// A device's reports of the Events it dropped (its buffer was full).
+#[derive(Debug, Clone, Copy)]
+struct DeviceDrops {
+    /// The agent run the count belongs to.
+    epoch: u64,
+    /// The count it last reported.
+    seen: u64,
+    /// Drops not yet told in a Node Warning.
+    untold: u64,
+    /// When the last Node Warning went out.
+    told_at: Option<Instant>,
+}
+
+/// At most one `EventsDropped` Warning per Node in this long (the metric counts every drop).
+const DROPS_TOLD_EVERY: Duration = Duration::from_secs(60);
 
 /// Event batches held until the pod cache synced, all devices together (the oldest go first).
 const MAX_EARLY_EVENT_BATCHES: usize = 1024;
@@ -396,22 +412,36 @@ impl PodRelay {
             self.early_events.push_back((device, batch));
             return;
         }
-        let (epoch, seen) = self
+        let mut drops = self
             .device_events_dropped
             .get(&device)
             .copied()
-            .unwrap_or((batch.epoch, 0));
-        let seen = if epoch == batch.epoch { seen } else { 0 };
-        if batch.dropped_total > seen {
-            let newly = batch.dropped_total - seen;
+            .filter(|d| d.epoch == batch.epoch)
+            .unwrap_or(DeviceDrops {
+                epoch: batch.epoch,
+                seen: 0,
+                untold: 0,
+                told_at: None,
+            });
+        if batch.dropped_total > drops.seen {
+            let newly = batch.dropped_total - drops.seen;
+            drops.seen = batch.dropped_total;
+            drops.untold += newly;
             self.metrics.device_event("dropped_on_device", newly);
-            tracing::warn!(%device, dropped = newly, "device dropped Events while its link was down");
+            tracing::warn!(%device, dropped = newly, "device dropped Events (its buffer was full)");
+        }
+        let due = drops
+            .told_at
+            .is_none_or(|at| at.elapsed() >= DROPS_TOLD_EVERY);
+        if drops.untold > 0 && due {
             let api = self.api.clone();
             let node = device.clone();
             let message = format!(
-                "device {device} dropped {newly} pod Events (its buffer of unsent Events was full; {} since its agent started)",
-                batch.dropped_total
+                "device {device} dropped {} pod Events (its buffer of unsent Events was full; {} since its agent started)",
+                drops.untold, batch.dropped_total
             );
+            drops.untold = 0;
+            drops.told_at = Some(Instant::now());
             tokio::spawn(async move {
                 if let Err(error) = api
                     .node_event(&node, "RecordEvents", "EventsDropped", &message)
@@ -421,8 +451,7 @@ impl PodRelay {
                 }
             });
         }
-        self.device_events_dropped
-            .insert(device.clone(), (batch.epoch, batch.dropped_total.max(seen)));
+        self.device_events_dropped.insert(device.clone(), drops);
         let Some(sink) = self.event_sink.clone() else {
             return;
         };
