@@ -87,6 +87,14 @@ pub async fn run(
 
     let reconcile_stats = Arc::new(crate::reconcile_stats::ReconcileStats::default());
     let events = crate::events::EventRecorder::new().with_buffer(cfg.events_buffer);
+    // The kubelet's first Event about its Node; sent once the link is up.
+    events.record(
+        "",
+        "",
+        crate::events::EventType::Normal,
+        "Starting",
+        "Starting fleetlet-agent.",
+    );
     let ctx = Arc::new(PodContext {
         rt: rt.clone(),
         device: cfg.device_name.clone(),

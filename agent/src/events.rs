@@ -469,7 +469,7 @@ impl EventRecorder {
     }
 
     /// Records one occurrence of an Event about pod `uid` (at `field_path`, e.g.
-    /// `spec.containers{app}`, or "" for the pod).
+    /// `spec.containers{app}`, or "" for the pod); `uid` "" means the device's own Node.
     pub fn record(
         &self,
         uid: &str,

@@ -45,18 +45,32 @@ pub const MAX_QUEUE: usize = 4096;
 /// written are forgotten first, and a forgotten one that repeats makes a new Event object.
 pub const MAX_REMEMBERED: usize = 65_536;
 
-/// One device Event about a pod that the relay verified is bound to `node`.
+/// What a device Event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Regarding {
+    /// A pod bound to the device's Node.
+    Pod,
+    /// The device's Node itself.
+    Node,
+}
+
+/// Namespace of Events about Nodes (cluster-scoped), as the kubelet writes them.
+pub const NODE_EVENTS_NAMESPACE: &str = "default";
+
+/// One device Event about a pod that the relay verified is bound to `node`, or about `node`.
 #[derive(Debug, Clone)]
 pub struct DeviceEventWrite {
+    /// What the Event is about.
+    pub regarding: Regarding,
     /// The device's Node (the reportingInstance).
     pub node: String,
     /// The device's event epoch (one agent run).
     pub epoch: u64,
-    /// Pod namespace, from the API.
+    /// Pod namespace, from the API (`default` for the Node).
     pub namespace: String,
-    /// Pod name, from the API.
+    /// Pod name, from the API (the Node's name for the Node).
     pub pod_name: String,
-    /// Pod uid, from the API.
+    /// Pod uid, from the API (the Node's name for the Node, as the kubelet's node reference).
     pub pod_uid: String,
     /// What the device reported.
     pub event: DeviceEvent,
@@ -237,8 +251,14 @@ pub fn new_event(w: &DeviceEventWrite, name: &str) -> Event {
         type_: Some(e.r#type.clone()),
         regarding: Some(ObjectReference {
             api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            namespace: Some(w.namespace.clone()),
+            kind: Some(
+                match w.regarding {
+                    Regarding::Pod => "Pod",
+                    Regarding::Node => "Node",
+                }
+                .into(),
+            ),
+            namespace: (w.regarding == Regarding::Pod).then(|| w.namespace.clone()),
             name: Some(w.pod_name.clone()),
             uid: Some(w.pod_uid.clone()),
             field_path: (!e.field_path.is_empty()).then(|| e.field_path.clone()),
@@ -419,6 +439,7 @@ mod tests {
 
     fn write(node: &str, id: u64, count: u32) -> DeviceEventWrite {
         DeviceEventWrite {
+            regarding: Regarding::Pod,
             node: node.into(),
             epoch: 1,
             namespace: "ns".into(),

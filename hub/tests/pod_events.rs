@@ -350,6 +350,28 @@ async fn a_pods_life_shows_the_kubelets_events() {
     })
     .await;
 
+    // The agent's start is an Event on its Node, in `default` like the kubelet's.
+    let node_events: Api<Event> = Api::namespaced(fleet.client.clone(), "default");
+    let starting = wait_for("a Starting Event on the Node", 60, || async {
+        node_events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                reason(e) == "Starting"
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(d0.as_str())
+            })
+    })
+    .await;
+    assert_eq!(note(&starting), "Starting fleetlet-agent.");
+    assert_eq!(
+        starting.regarding.as_ref().and_then(|r| r.kind.as_deref()),
+        Some("Node")
+    );
+    assert_eq!(starting.reporting_instance.as_deref(), Some(d0.as_str()));
+
     // Device d1 claims Events about d0's pod and about a made-up one: refused, nothing written.
     fleet.kill_agent(1);
     let ops = fleet.hub.ports.ops;

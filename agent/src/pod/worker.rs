@@ -189,6 +189,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     Ok(()) => return,
                     Err(e) => {
                         warn!(pod_uid = %self.uid, error = %e, "removing pod failed; retrying");
+                        self.event(
+                            "",
+                            EventType::Warning,
+                            "FailedKillPod",
+                            &format!("error killing pod: {e}"),
+                        );
                         Duration::from_secs(5)
                     }
                 },
@@ -619,29 +625,40 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         }
                     }
                 }
-                rt.create_pod(&PodCreate {
-                    name: self.pod_name.clone(),
-                    labels: self.pod_labels(plan),
-                    hostname: (!plan.host_network)
-                        .then(|| pod_hostname(plan.hostname.as_deref().unwrap_or(&plan.meta.name))),
-                    netns: Namespace {
-                        nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
-                    },
-                    utsns: plan.host_network.then(|| Namespace {
-                        nsmode: "host".into(),
-                    }),
-                    portmappings,
-                    shared_namespaces: if plan.share_process_namespace {
-                        ["ipc", "net", "uts", "pid"].map(String::from).to_vec()
-                    } else {
-                        Vec::new()
-                    },
-                    hostadd: plan.host_aliases.clone(),
-                    dns_server: plan.dns.servers.clone(),
-                    dns_search: plan.dns.searches.clone(),
-                    dns_option: plan.dns.options.clone(),
-                })
-                .await?;
+                let created = rt
+                    .create_pod(&PodCreate {
+                        name: self.pod_name.clone(),
+                        labels: self.pod_labels(plan),
+                        hostname: (!plan.host_network).then(|| {
+                            pod_hostname(plan.hostname.as_deref().unwrap_or(&plan.meta.name))
+                        }),
+                        netns: Namespace {
+                            nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
+                        },
+                        utsns: plan.host_network.then(|| Namespace {
+                            nsmode: "host".into(),
+                        }),
+                        portmappings,
+                        shared_namespaces: if plan.share_process_namespace {
+                            ["ipc", "net", "uts", "pid"].map(String::from).to_vec()
+                        } else {
+                            Vec::new()
+                        },
+                        hostadd: plan.host_aliases.clone(),
+                        dns_server: plan.dns.servers.clone(),
+                        dns_search: plan.dns.searches.clone(),
+                        dns_option: plan.dns.options.clone(),
+                    })
+                    .await;
+                if let Err(e) = &created {
+                    self.event(
+                        "",
+                        EventType::Warning,
+                        "FailedCreatePodSandBox",
+                        &format!("Failed to create pod sandbox: {e}"),
+                    );
+                }
+                created?;
                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
             }
             listed = rt.list_containers(&self.filter()).await?;
@@ -656,7 +673,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
             // containers, which must stay under the restart policy's control.
             let mut started = false;
             if infra.state != "running" && listed.iter().all(|c| c.is_infra) {
-                rt.start_pod(&self.pod_name).await?;
+                if let Err(e) = rt.start_pod(&self.pod_name).await {
+                    self.event(
+                        "",
+                        EventType::Warning,
+                        "FailedCreatePodSandBox",
+                        &format!("Failed to create pod sandbox: {e}"),
+                    );
+                    return Err(e);
+                }
                 started = true;
             }
             let listed_run = (infra.state == "running").then_some(infra.started_at);

@@ -480,7 +480,29 @@ impl PodRelay {
             .collect();
         let mut not_bound = 0u64;
         let mut invalid = 0u64;
-        for event in batch.events {
+        for mut event in batch.events {
+            if event.pod_uid.is_empty() {
+                event.field_path.clear();
+                // About the device's own Node: that much any device may say.
+                if let Err(why) = crate::events::check(&event) {
+                    tracing::debug!(%device, why, "device Event refused");
+                    invalid += 1;
+                    continue;
+                }
+                let write = crate::events::DeviceEventWrite {
+                    regarding: crate::events::Regarding::Node,
+                    node: device.clone(),
+                    epoch: batch.epoch,
+                    namespace: crate::events::NODE_EVENTS_NAMESPACE.into(),
+                    pod_name: device.clone(),
+                    pod_uid: device.clone(),
+                    event,
+                };
+                if sink.try_send(write).is_err() {
+                    self.metrics.device_event("dropped_queue_full", 1);
+                }
+                continue;
+            }
             let Some((namespace, pod_name)) = bound.get(&event.pod_uid) else {
                 not_bound += 1;
                 continue;
@@ -491,6 +513,7 @@ impl PodRelay {
                 continue;
             }
             let write = crate::events::DeviceEventWrite {
+                regarding: crate::events::Regarding::Pod,
                 node: device.clone(),
                 epoch: batch.epoch,
                 namespace: namespace.clone(),

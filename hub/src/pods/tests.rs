@@ -1210,7 +1210,21 @@ async fn device_events_are_written_only_for_the_devices_own_pods_and_wait_for_th
         (w.pod_name.as_str(), w.event.reason.as_str()),
         ("p2", "Started")
     );
-    // A drop count from the device becomes a Warning on its Node, once per increase.
+    // An Event without a pod is about the reporting device's own Node, whatever it claims.
+    let mut starting = device_event(5, "", "Starting");
+    starting.field_path = "spec.containers{x}".into();
+    h.relay.handle(batch("dev-b", vec![starting]));
+    let w = rx.try_recv().expect("dev-b's Node");
+    assert_eq!(
+        (
+            w.regarding,
+            w.pod_name.as_str(),
+            w.namespace.as_str(),
+            w.event.field_path.as_str()
+        ),
+        (crate::events::Regarding::Node, "dev-b", "default", "")
+    );
+    // A drop count from the device becomes a Warning on its Node.
     h.relay.handle(Input::Session(SessionEvent::Events {
         device: "dev-a".into(),
         batch: fleetlet_proto::v1::EventBatch {
