@@ -74,6 +74,8 @@ pub struct DeviceEventWrite {
     pub pod_uid: String,
     /// What the device reported.
     pub event: DeviceEvent,
+    /// Failed writes so far.
+    pub attempts: u8,
 }
 
 type Key = (String, u64, u64);
@@ -400,8 +402,7 @@ impl EventWriter {
                     self.queue.forget(&w);
                 }
                 Err(error) => {
-                    tracing::warn!(node = %w.node, namespace = %w.namespace, pod = %w.pod_name, %error, "updating an Event's series failed; dropped");
-                    self.metrics.device_event("api_error", 1);
+                    self.failed(w, &error, "updating an Event's series failed");
                     return;
                 }
             }
@@ -425,13 +426,28 @@ impl EventWriter {
                     self.metrics.device_event("duplicate", 1);
                 }
             }
-            Err(error) => {
-                tracing::warn!(node = %w.node, namespace = %w.namespace, pod = %w.pod_name, reason = %w.event.reason, %error, "creating an Event failed; dropped");
-                self.metrics.device_event("api_error", 1);
-            }
+            Err(error) => self.failed(w, &error, "creating an Event failed"),
         }
     }
+
+    /// A write that failed: one the API server refused (4xx) is dropped; one it did not answer
+    /// or failed on (5xx, 429, a transport error) goes to the back of the queue, at most
+    /// [`MAX_ATTEMPTS`] times in all, as client-go keeps Events while the server is away.
+    fn failed(&mut self, mut w: DeviceEventWrite, error: &kube::Error, what: &str) {
+        let transient = status_code(error).is_none_or(|c| c == 429 || c >= 500);
+        w.attempts = w.attempts.saturating_add(1);
+        if transient && w.attempts < MAX_ATTEMPTS {
+            tracing::debug!(node = %w.node, pod = %w.pod_name, %error, attempts = w.attempts, "{what}; trying again");
+            self.queue.admit(w);
+            return;
+        }
+        tracing::warn!(node = %w.node, namespace = %w.namespace, pod = %w.pod_name, reason = %w.event.reason, %error, "{what}; dropped");
+        self.metrics.device_event("api_error", 1);
+    }
 }
+
+/// Writes of one Event tried at most (client-go's maxTriesPerEvent).
+pub const MAX_ATTEMPTS: u8 = 12;
 
 #[cfg(test)]
 mod tests {
@@ -456,6 +472,7 @@ mod tests {
                 first_micros: 1_700_000_000_000_000,
                 last_micros: 1_700_000_060_000_000,
             },
+            attempts: 0,
         }
     }
 

@@ -307,6 +307,8 @@ const DROPS_TOLD_EVERY: Duration = Duration::from_secs(60);
 
 /// Event batches held until the pod cache synced, all devices together (the oldest go first).
 const MAX_EARLY_EVENT_BATCHES: usize = 1024;
+/// The same per device (a batch is at most 64 Events of at most 1 KiB each: 512 KiB a device).
+const MAX_EARLY_EVENT_BATCHES_PER_DEVICE: usize = 8;
 
 /// The handles `run` wires: where watch and session events go.
 pub struct RelayHandles {
@@ -403,11 +405,21 @@ impl PodRelay {
                 self.metrics.device_event("not_bound", total);
                 return;
             }
-            if self.early_events.len() >= MAX_EARLY_EVENT_BATCHES
-                && let Some((_, oldest)) = self.early_events.pop_front()
-            {
+            let mine = self
+                .early_events
+                .iter()
+                .filter(|(d, _)| *d == device)
+                .count();
+            let oldest = if mine >= MAX_EARLY_EVENT_BATCHES_PER_DEVICE {
+                self.early_events.iter().position(|(d, _)| *d == device)
+            } else if self.early_events.len() >= MAX_EARLY_EVENT_BATCHES {
+                Some(0)
+            } else {
+                None
+            };
+            if let Some((_, dropped)) = oldest.and_then(|i| self.early_events.remove(i)) {
                 self.metrics
-                    .device_event("dropped_queue_full", oldest.events.len() as u64);
+                    .device_event("dropped_queue_full", dropped.events.len() as u64);
             }
             self.early_events.push_back((device, batch));
             return;
@@ -497,6 +509,7 @@ impl PodRelay {
                     pod_name: device.clone(),
                     pod_uid: device.clone(),
                     event,
+                    attempts: 0,
                 };
                 if sink.try_send(write).is_err() {
                     self.metrics.device_event("dropped_queue_full", 1);
@@ -520,6 +533,7 @@ impl PodRelay {
                 pod_name: pod_name.clone(),
                 pod_uid: event.pod_uid.clone(),
                 event,
+                attempts: 0,
             };
             if sink.try_send(write).is_err() {
                 self.metrics.device_event("dropped_queue_full", 1);
