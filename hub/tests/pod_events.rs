@@ -327,6 +327,18 @@ async fn a_pods_life_shows_the_kubelets_events() {
         table.contains("BackOff") && table.contains("Started"),
         "{table}"
     );
+    let (_, described, _) = kubectl(&["describe", "pod", "crash", "-n", &fleet.id]);
+    let events_part = described
+        .split_once("Events:")
+        .map(|(_, e)| e.to_owned())
+        .unwrap_or_default();
+    println!("kubectl describe pod crash, Events:{events_part}");
+    assert!(
+        events_part
+            .lines()
+            .any(|l| l.contains("BackOff") && l.contains("kubelet")),
+        "describe shows the Events from the kubelet: {events_part}"
+    );
     for (name, uid) in [
         ("web", &web),
         ("crash", &crash),
