@@ -86,6 +86,15 @@ pub async fn run(
     let (not_served_tx, not_served_rx) = watch::channel::<Option<String>>(None);
 
     let reconcile_stats = Arc::new(crate::reconcile_stats::ReconcileStats::default());
+    let events = crate::events::EventRecorder::new().with_buffer(cfg.events_buffer);
+    // The kubelet's first Event about its Node; sent once the link is up.
+    events.record(
+        "",
+        "",
+        crate::events::EventType::Normal,
+        "Starting",
+        "Starting fleetlet-agent.",
+    );
     let ctx = Arc::new(PodContext {
         rt: rt.clone(),
         device: cfg.device_name.clone(),
@@ -99,6 +108,7 @@ pub async fn run(
         seccomp_root: cfg.seccomp_root(),
         pulled_images: crate::pod::pulled_images::PulledImages::load(&cfg.state_dir),
         reconcile_stats: reconcile_stats.clone(),
+        events: events.clone(),
     });
     let reconciler = Reconciler::new(
         ctx,
@@ -152,6 +162,7 @@ pub async fn run(
             not_served: not_served_tx.clone(),
             reconcile_stats: reconcile_stats.clone(),
             resource_stats,
+            events: events.clone(),
         });
         info!(endpoint = %hub.endpoint, "starting link to hub");
         tasks.push(tokio::spawn(link::run_link(hub, state, shutdown.clone())));

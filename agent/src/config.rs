@@ -78,6 +78,14 @@ pub struct AgentConfig {
     /// Resource figures sent to the hub (`/stats/summary`, `kubectl top`).
     #[serde(default)]
     pub stats: crate::resource_stats::StatsConfig,
+    /// Pod Events kept for the hub while the link is down; past it the oldest is dropped (and
+    /// the drop counted and reported to the hub).
+    #[serde(default = "default_events_buffer")]
+    pub events_buffer: usize,
+}
+
+fn default_events_buffer() -> usize {
+    crate::events::MAX_PENDING
 }
 
 /// Reservations subtracted from capacity to get allocatable.
@@ -122,6 +130,7 @@ impl Default for AgentConfig {
             seccomp_profile_root: None,
             policy: Default::default(),
             stats: Default::default(),
+            events_buffer: default_events_buffer(),
         }
     }
 }
@@ -184,6 +193,9 @@ impl AgentConfig {
                 "stats.interval_secs",
                 "at most 3600 (0 turns resource figures off)",
             ));
+        }
+        if self.events_buffer == 0 {
+            return Err(invalid("events_buffer", "must be at least 1"));
         }
         if let Some(hub) = &self.hub
             && let Err(e) = hub.validate_endpoints()

@@ -34,6 +34,8 @@ pub struct AgentDeviceState<R> {
     pub reconcile_stats: Arc<crate::reconcile_stats::ReconcileStats>,
     /// The latest resource figures (none when `[stats] interval_secs = 0`).
     pub resource_stats: Option<crate::resource_stats::Latest>,
+    /// Events about the pods, for the hub.
+    pub events: crate::events::EventRecorder,
 }
 
 #[tonic::async_trait]
@@ -52,6 +54,10 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
 
     fn resource_stats(&self) -> Option<crate::resource_stats::Latest> {
         self.resource_stats.clone()
+    }
+
+    fn events(&self) -> Option<crate::events::EventRecorder> {
+        Some(self.events.clone())
     }
 
     fn held_generation(&self) -> u64 {

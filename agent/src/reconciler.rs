@@ -445,6 +445,7 @@ mod tests {
             seccomp_root: dir.path().join("seccomp"),
             pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
             reconcile_stats: Default::default(),
+            events: Default::default(),
         });
         let allocatable = ctx.allocatable;
         (

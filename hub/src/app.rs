@@ -107,6 +107,13 @@ pub fn start_controllers_with_ports(
         cfg.pods.status_burst,
         metrics.clone(),
     );
+    let (event_writer, event_tx) = crate::events::EventWriter::new(
+        client.clone(),
+        cfg.pods.event_qps,
+        cfg.pods.event_burst,
+        metrics.clone(),
+    );
+    tasks.spawn(event_writer.run(shutdown.clone()));
     let (relay, handles) = PodRelay::new(
         sessions,
         Arc::new(KubePodApi::new(client.clone(), recorder, metrics.clone())),
@@ -123,6 +130,7 @@ pub fn start_controllers_with_ports(
         known_nodes,
         unready_nodes,
     );
+    let relay = relay.with_event_sink(event_tx);
     tasks.spawn(writer.run(shutdown.clone()));
     tasks.spawn(relay.run(shutdown.clone()));
     tasks.spawn(node_manager.run(
@@ -274,7 +282,9 @@ async fn dispatch(
             .set(i64::try_from(live.connected_count()).unwrap_or(i64::MAX));
         if matches!(
             ev,
-            SessionEvent::PodStatus { .. } | SessionEvent::Acked { .. }
+            SessionEvent::PodStatus { .. }
+                | SessionEvent::Acked { .. }
+                | SessionEvent::Events { .. }
         ) && relay.send(Input::Session(ev)).await.is_err()
         {
             return;

@@ -167,6 +167,11 @@ pub struct PodsConfig {
     pub status_qps: f64,
     /// Status writes allowed in a burst.
     pub status_burst: u32,
+    /// Sustained writes per second of the Events devices report about their pods, all devices
+    /// together (creates and series updates).
+    pub event_qps: f64,
+    /// Event writes allowed in a burst.
+    pub event_burst: u32,
     /// Largest bundle (spec plus ConfigMap and Secret data) of one pod, in bytes; a larger pod
     /// fails with `PodBundleTooLarge` instead of making its device's snapshot unsendable.
     pub max_pod_bundle_bytes: usize,
@@ -186,6 +191,8 @@ impl Default for PodsConfig {
             debounce_ms: 20,
             status_qps: 50.0,
             status_burst: 100,
+            event_qps: 20.0,
+            event_burst: 100,
             max_pod_bundle_bytes: 8 * 1024 * 1024,
             max_snapshot_bytes: 14 * 1024 * 1024,
             device_ip_ranges: Vec::new(),
@@ -440,6 +447,15 @@ impl HubConfig {
         }
         if p.status_burst == 0 {
             return Err(invalid("pods.status_burst", "must be positive".into()));
+        }
+        if !(p.event_qps.is_finite() && p.event_qps > 0.0) {
+            return Err(invalid(
+                "pods.event_qps",
+                format!("{} is not a positive rate", p.event_qps),
+            ));
+        }
+        if p.event_burst == 0 {
+            return Err(invalid("pods.event_burst", "must be positive".into()));
         }
         p.ip_ranges()
             .map_err(|reason| invalid("pods.device_ip_ranges", reason))?;

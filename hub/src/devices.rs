@@ -93,6 +93,7 @@ impl LiveRegistry {
                 }
                 SessionEvent::PodStatus { .. }
                 | SessionEvent::Acked { .. }
+                | SessionEvent::Events { .. }
                 | SessionEvent::Stats { .. } => false,
             }
         });

@@ -5,6 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod events;
 pub mod inventory;
 pub mod kubelet_api;
 pub mod kubeutil;

@@ -115,6 +115,8 @@ pub struct Metrics {
     pub nodes_not_owned: Gauge,
     /// Entries of device reports dropped before anything was recorded, by reason.
     pub device_input_dropped: Family<ReasonLabels, Counter>,
+    /// Device Events by outcome (`reason` label).
+    pub device_events: Family<ReasonLabels, Counter>,
     /// Pods the hub refused to relay to a device, by reason.
     pub pods_refused: Family<ReasonLabels, Counter>,
 }
@@ -228,6 +230,12 @@ impl Metrics {
             "Entries of device reports dropped before anything was recorded",
             device_input_dropped.clone(),
         );
+        let device_events = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "device_events",
+            "Events devices reported about their pods, by what became of them (reason: created, series_updated, duplicate, not_bound, invalid, dropped_queue_full, dropped_on_device, api_error)",
+            device_events.clone(),
+        );
         let pods_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "pods_refused",
@@ -239,6 +247,7 @@ impl Metrics {
             leader,
             nodes_not_owned,
             device_input_dropped,
+            device_events,
             pods_refused,
             cached_objects,
             connected_devices,
@@ -315,6 +324,15 @@ impl Metrics {
             "Device sessions cut because the device sent more than its input budget",
             stats.sessions_cut_over_budget.clone(),
         );
+    }
+
+    /// Counts `n` device Events with `outcome`.
+    pub fn device_event(&self, outcome: &str, n: u64) {
+        self.device_events
+            .get_or_create(&ReasonLabels {
+                reason: outcome.to_string(),
+            })
+            .inc_by(n);
     }
 
     /// Counts `n` dropped device-report entries under `reason`.

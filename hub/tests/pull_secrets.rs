@@ -109,6 +109,29 @@ async fn a_pod_pulls_its_private_image_with_the_pull_secret_the_hub_relays() {
         (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(())
     })
     .await;
+    // The device's kubelet-like Events: Pulling, then Pulled with the pull's duration and the
+    // image's size.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &id);
+    let pulled = wait_for("a Pulled Event with the pull's figures", 60, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find_map(|e| {
+            let about = e.regarding.as_ref()?.name.as_deref() == Some("private");
+            let note = e.note.clone()?;
+            (about && e.reason.as_deref() == Some("Pulled")).then_some(note)
+        })
+    })
+    .await;
+    println!("Pulled: {pulled}");
+    let prefix = format!("Successfully pulled image \"{image}\" in ");
+    let size: Option<u64> = pulled
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.split_once(" including waiting). Image size: "))
+        .and_then(|(_, size)| size.strip_suffix(" bytes."))
+        .and_then(|size| size.parse().ok());
+    assert!(
+        size.is_some_and(|s| s > 0),
+        "the kubelet's Pulled message: {pulled}"
+    );
     let (reason, message) = wait_for("the pod without it failing to pull", 60, || async {
         let w = waiting(&pods.get("anonymous").await.ok()?)?;
         (w.0 == "ErrImagePull" || w.0 == "ImagePullBackOff").then_some(w)

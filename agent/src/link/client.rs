@@ -29,6 +29,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// First and longest wait before storing a snapshot again that the device failed to store.
 const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Pod Events recorded within this long after the first go out as one batch.
+const EVENT_BATCH_DELAY: Duration = Duration::from_millis(100);
 
 /// A snapshot the device could not store (full or failing state directory). The hub sends a
 /// generation once per session, so the link retries it with backoff and acknowledges it when
@@ -227,6 +229,21 @@ pub(crate) async fn run_session(
     if let Some(r) = first {
         send(&tx, agent_message::Kind::ResourceStats((*r).clone())).await?;
     }
+    // Events not acknowledged by the previous session's hub go out again (the hub knows a
+    // repeat by its id and count).
+    let events = state.events();
+    if let Some(events) = &events {
+        events.reconnected();
+    }
+    let mut events_due: Option<tokio::time::Instant> = None;
+    let mut events_dropped_logged = events.as_ref().map_or(0, |e| e.counts().dropped);
+    if events_dropped_logged > 0 {
+        tracing::warn!(
+            device,
+            dropped_total = events_dropped_logged,
+            "pod Events dropped while the hub could not take them (events_buffer full); the hub is told the count"
+        );
+    }
     loop {
         tokio::select! {
             changed = async { figures.as_mut()?.changed().await.ok() }, if figures.is_some() => {
@@ -239,6 +256,28 @@ pub(crate) async fn run_session(
                 };
                 if let Some(r) = latest {
                     send(&tx, agent_message::Kind::ResourceStats((*r).clone())).await?;
+                }
+            }
+            () = async {
+                match &events {
+                    Some(events) => events.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if events_due.is_none() => {
+                // What a pass records comes in a burst (Pulled, Created, Started): one batch.
+                events_due = Some(tokio::time::Instant::now() + EVENT_BATCH_DELAY);
+            }
+            () = sleep_until(events_due) => {
+                events_due = None;
+                if let Some(events) = &events {
+                    while let Some(batch) = events.take_batch() {
+                        if batch.dropped_total > events_dropped_logged {
+                            tracing::warn!(device, dropped_total = batch.dropped_total, "pod Events dropped while the hub could not take them (events_buffer full); the hub is told the count");
+                            events_dropped_logged = batch.dropped_total;
+                        }
+                        tracing::debug!(device, seq = batch.seq, events = batch.events.len(), "sending events");
+                        send(&tx, agent_message::Kind::Events(batch)).await?;
+                    }
                 }
             }
             _ = stats_tick.tick(), if stats.is_some() => {
@@ -447,6 +486,12 @@ async fn handle_hub_message(
                 previous.cancel();
             }
             tokio::spawn(stream_logs(Arc::clone(state), request, tx.clone(), token));
+            Ok(())
+        }
+        Some(hub_message::Kind::EventAck(ack)) => {
+            if let Some(events) = state.events() {
+                events.ack(ack.epoch, ack.seq);
+            }
             Ok(())
         }
         Some(hub_message::Kind::LogCancel(cancel)) => {

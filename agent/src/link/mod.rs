@@ -41,6 +41,10 @@ pub trait DeviceState: Send + Sync + 'static {
     fn resource_stats(&self) -> Option<crate::resource_stats::Latest> {
         None
     }
+    /// Events about the device's pods to send to the hub; none by default.
+    fn events(&self) -> Option<crate::events::EventRecorder> {
+        None
+    }
     /// Generation of the desired snapshot held on disk (0 when none).
     fn held_generation(&self) -> u64;
     /// Persist the snapshot atomically, THEN return. `Ok(false)` when it is not newer than the

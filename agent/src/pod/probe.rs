@@ -18,20 +18,56 @@ pub async fn run_probe<R: ContainerRuntime>(
     default_host: &str,
     probe: &ProbePlan,
 ) -> bool {
+    probe_output(rt, container_id, default_host, probe)
+        .await
+        .is_ok()
+}
+
+/// Run one probe attempt; on failure, what the kubelet's prober puts after "probe failed: "
+/// in its Unhealthy Event (`HTTP probe failed with statuscode: 500`, `dial tcp
+/// 127.0.0.1:80: connect: connection refused`). An exec probe's output is not captured by the
+/// agent; its exit code stands in for it.
+pub async fn probe_output<R: ContainerRuntime>(
+    rt: &R,
+    container_id: &str,
+    default_host: &str,
+    probe: &ProbePlan,
+) -> Result<(), String> {
     match &probe.action {
-        ProbeAction::Exec(cmd) => matches!(rt.exec(container_id, cmd, probe.timeout).await, Ok(0)),
+        ProbeAction::Exec(cmd) => match rt.exec(container_id, cmd, probe.timeout).await {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(format!("command {cmd:?} exited with {code}")),
+            Err(e) => Err(e.to_string()),
+        },
         ProbeAction::TcpSocket { host, port } => {
             let host = host.as_deref().unwrap_or(default_host);
-            matches!(
-                tokio::time::timeout(probe.timeout, TcpStream::connect((host, *port))).await,
-                Ok(Ok(_))
-            )
+            match tokio::time::timeout(probe.timeout, TcpStream::connect((host, *port))).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(dial_error(host, *port, &e)),
+                Err(_) => Err(format!("dial tcp {host}:{port}: i/o timeout")),
+            }
         }
-        ProbeAction::HttpGet(get) => matches!(
-            get.status(default_host, probe.timeout).await,
-            Ok(code) if (200..400).contains(&code)
-        ),
+        ProbeAction::HttpGet(get) => match get.status(default_host, probe.timeout).await {
+            Ok(code) if (200..400).contains(&code) => Ok(()),
+            Ok(code) => Err(format!("HTTP probe failed with statuscode: {code}")),
+            Err(e) => Err(format!(
+                "Get \"http://{}:{}{}\": {e}",
+                get.host.as_deref().unwrap_or(default_host),
+                get.port,
+                get.path
+            )),
+        },
     }
+}
+
+/// A failed connect in Go's words (`dial tcp 127.0.0.1:80: connect: connection refused`).
+fn dial_error(host: &str, port: u16, e: &std::io::Error) -> String {
+    let what = match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect: connection refused".to_owned(),
+        std::io::ErrorKind::TimedOut => "i/o timeout".to_owned(),
+        _ => e.to_string(),
+    };
+    format!("dial tcp {host}:{port}: {what}")
 }
 
 /// The HTTP GET of a probe or a lifecycle hook.
@@ -69,7 +105,7 @@ pub async fn http_get_status(
 ) -> Result<u16, String> {
     let stream = TcpStream::connect((host, port))
         .await
-        .map_err(|e| format!("dial tcp {host}:{port}: {e}"))?;
+        .map_err(|e| dial_error(host, port, &e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;

@@ -17,11 +17,12 @@ use tracing::{debug, info, warn};
 use super::downward::{self, Addresses};
 use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Termination};
 use super::policy::DevicePolicy;
-use super::probe::{ProbeTracker, Verdict, run_probe};
+use super::probe::{ProbeTracker, Verdict, probe_output};
 use super::sandbox;
 use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources, RestartPolicy};
 use super::status::{ContainerView, PodView, failed_status, pod_status};
 use super::volumes;
+use crate::events::{EventType, container_field_path, go_duration, pod_desc};
 use crate::podman::types::is_zero_time;
 use crate::podman::{
     ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, MemoryLimit, Mount, Namespace,
@@ -89,6 +90,8 @@ pub struct PodContext<R> {
     pub pulled_images: super::pulled_images::PulledImages,
     /// Duration of every reconcile pass, for the hub's metrics.
     pub reconcile_stats: Arc<crate::reconcile_stats::ReconcileStats>,
+    /// Kubernetes Events about the pods, sent to the hub by the link.
+    pub events: crate::events::EventRecorder,
 }
 
 struct Slot {
@@ -186,6 +189,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     Ok(()) => return,
                     Err(e) => {
                         warn!(pod_uid = %self.uid, error = %e, "removing pod failed; retrying");
+                        self.event(
+                            "",
+                            EventType::Warning,
+                            "FailedKillPod",
+                            &format!("error killing pod: {e}"),
+                        );
                         Duration::from_secs(5)
                     }
                 },
@@ -203,6 +212,26 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 _ = tokio::time::sleep(requeue) => {},
             }
         }
+    }
+
+    /// Records an Event about this pod (`field_path` "" for the pod itself).
+    fn event(&self, field_path: &str, kind: EventType, reason: &str, message: &str) {
+        self.ctx
+            .events
+            .record(&self.uid, field_path, kind, reason, message);
+    }
+
+    /// Records an Event about container `name` of the pod.
+    fn container_event(
+        &self,
+        plan: &PodPlan,
+        name: &str,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) {
+        let init = plan.init_containers.iter().any(|c| c.name == name);
+        self.event(&container_field_path(init, name), kind, reason, message);
     }
 
     /// Publish the pod's status; true when it changed.
@@ -245,7 +274,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 let (ns, name) = pod_names(&bundle.pod_json);
                 warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod rejected");
                 let st = failed_status(reason, message, &self.ctx.host_ip, self.start_time);
-                self.publish(&ns, &name, &st, false);
+                if self.publish(&ns, &name, &st, false) {
+                    // The kubelet's Warning for a pod it refuses, with the status's reason.
+                    self.event("", EventType::Warning, reason, message);
+                }
                 return Duration::from_secs(3600);
             }
         };
@@ -254,6 +286,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             let st = failed_status(&reason, &message, &self.ctx.host_ip, self.start_time);
             if self.publish(&ns, &name, &st, false) {
                 warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod not admitted");
+                self.event("", EventType::Warning, &reason, &message);
             }
             return Duration::from_secs(3600);
         }
@@ -263,6 +296,14 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 .or_else(|| self.over_size_limit(plan).map(|why| ("Evicted", why)));
             if let Some((reason, why)) = &self.ended {
                 warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %why, "stopping pod");
+                // The kubelet's active-deadline handler records a Normal event, its eviction
+                // manager a Warning.
+                let kind = if *reason == "DeadlineExceeded" {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                };
+                self.event("", kind, reason, why);
             }
         }
         if let Some((reason, why)) = self.ended.clone() {
@@ -454,6 +495,20 @@ impl<R: ContainerRuntime> PodWorker<R> {
             },
             &mut self.written_volumes,
         );
+        if let Err(e) = &vols {
+            // The kubelet's volume manager: `MountVolume.SetUp failed for volume "v" : why`.
+            let (volume, why) = match e {
+                volumes::VolumeError::Missing { volume, message } => (volume, message.clone()),
+                volumes::VolumeError::Io { volume, source, .. } => (volume, source.to_string()),
+                volumes::VolumeError::Write { volume, source } => (volume, source.to_string()),
+            };
+            self.event(
+                "",
+                EventType::Warning,
+                "FailedMount",
+                &format!("MountVolume.SetUp failed for volume {volume:?} : {why}"),
+            );
+        }
         let existing = self.ensure_pod(plan).await?;
         let restored = self
             .ctx
@@ -570,29 +625,40 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         }
                     }
                 }
-                rt.create_pod(&PodCreate {
-                    name: self.pod_name.clone(),
-                    labels: self.pod_labels(plan),
-                    hostname: (!plan.host_network)
-                        .then(|| pod_hostname(plan.hostname.as_deref().unwrap_or(&plan.meta.name))),
-                    netns: Namespace {
-                        nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
-                    },
-                    utsns: plan.host_network.then(|| Namespace {
-                        nsmode: "host".into(),
-                    }),
-                    portmappings,
-                    shared_namespaces: if plan.share_process_namespace {
-                        ["ipc", "net", "uts", "pid"].map(String::from).to_vec()
-                    } else {
-                        Vec::new()
-                    },
-                    hostadd: plan.host_aliases.clone(),
-                    dns_server: plan.dns.servers.clone(),
-                    dns_search: plan.dns.searches.clone(),
-                    dns_option: plan.dns.options.clone(),
-                })
-                .await?;
+                let created = rt
+                    .create_pod(&PodCreate {
+                        name: self.pod_name.clone(),
+                        labels: self.pod_labels(plan),
+                        hostname: (!plan.host_network).then(|| {
+                            pod_hostname(plan.hostname.as_deref().unwrap_or(&plan.meta.name))
+                        }),
+                        netns: Namespace {
+                            nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
+                        },
+                        utsns: plan.host_network.then(|| Namespace {
+                            nsmode: "host".into(),
+                        }),
+                        portmappings,
+                        shared_namespaces: if plan.share_process_namespace {
+                            ["ipc", "net", "uts", "pid"].map(String::from).to_vec()
+                        } else {
+                            Vec::new()
+                        },
+                        hostadd: plan.host_aliases.clone(),
+                        dns_server: plan.dns.servers.clone(),
+                        dns_search: plan.dns.searches.clone(),
+                        dns_option: plan.dns.options.clone(),
+                    })
+                    .await;
+                if let Err(e) = &created {
+                    self.event(
+                        "",
+                        EventType::Warning,
+                        "FailedCreatePodSandBox",
+                        &format!("Failed to create pod sandbox: {e}"),
+                    );
+                }
+                created?;
                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
             }
             listed = rt.list_containers(&self.filter()).await?;
@@ -607,7 +673,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
             // containers, which must stay under the restart policy's control.
             let mut started = false;
             if infra.state != "running" && listed.iter().all(|c| c.is_infra) {
-                rt.start_pod(&self.pod_name).await?;
+                if let Err(e) = rt.start_pod(&self.pod_name).await {
+                    self.event(
+                        "",
+                        EventType::Warning,
+                        "FailedCreatePodSandBox",
+                        &format!("Failed to create pod sandbox: {e}"),
+                    );
+                    return Err(e);
+                }
                 started = true;
             }
             let listed_run = (infra.state == "running").then_some(infra.started_at);
@@ -657,7 +731,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 // The desired container changed (e.g. a new image): replace it.
                 info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
                 let was_run = !is_zero_time(&i.state.started_at);
-                self.stop_with_hook(plan, Some(c), id, plan.grace_secs)
+                let why = i
+                    .state
+                    .running
+                    .then(|| format!("Container {} definition changed, will be restarted", c.name));
+                self.stop_with_hook(plan, Some(c), id, plan.grace_secs, why.as_deref())
                     .await?;
                 if was_run
                     && let Some(after) = rt.inspect_container(id).await?
@@ -738,6 +816,41 @@ impl<R: ContainerRuntime> PodWorker<R> {
         match action {
             Action::WaitUntil(t) => {
                 slot.lc.mark_pull_backoff(now);
+                let waiting = match &slot.lc.state {
+                    State::Waiting { reason, .. } => Some(reason.clone()),
+                    _ => None,
+                };
+                // What the kubelet records on every sync while a container backs off.
+                match waiting {
+                    Some(super::lifecycle::WaitReason::CrashLoopBackOff) => self.container_event(
+                        plan,
+                        &c.name,
+                        EventType::Warning,
+                        "BackOff",
+                        &format!(
+                            "Back-off restarting failed container {} in pod {}",
+                            c.name,
+                            pod_desc(&plan.meta.name, &plan.meta.namespace, &self.uid)
+                        ),
+                    ),
+                    Some(super::lifecycle::WaitReason::ImagePullBackOff) => {
+                        self.container_event(
+                            plan,
+                            &c.name,
+                            EventType::Normal,
+                            "BackOff",
+                            &format!("Back-off pulling image {:?}", c.image),
+                        );
+                        self.container_event(
+                            plan,
+                            &c.name,
+                            EventType::Warning,
+                            "Failed",
+                            "Error: ImagePullBackOff",
+                        );
+                    }
+                    _ => {}
+                }
                 requeue = requeue
                     .min(t.saturating_duration_since(now) + Duration::from_millis(50))
                     .min(super::lifecycle::PULL_ERROR_SHOWN);
@@ -776,6 +889,24 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 let id = match made {
                     Ok(id) => Some(id),
                     Err(obs) => {
+                        // The kubelet's `Error: ...` Warning of a container it could not make.
+                        let why = match &obs {
+                            Observation::PullFailed(_) => Some("ErrImagePull".to_owned()),
+                            Observation::NeverPull(_) => Some("ErrImageNeverPull".to_owned()),
+                            Observation::ConfigError(m) | Observation::RuntimeError(m) => {
+                                Some(m.clone())
+                            }
+                            _ => None,
+                        };
+                        if let Some(why) = why {
+                            self.container_event(
+                                plan,
+                                &c.name,
+                                EventType::Warning,
+                                "Failed",
+                                &format!("Error: {why}"),
+                            );
+                        }
                         let slot = self.slot(&c.name, restored);
                         slot.lc.observe(obs, policy, is_init, now);
                         requeue = requeue.min(Duration::from_secs(10));
@@ -788,9 +919,25 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     if restarting {
                         slot.lc.restarting();
                     }
+                    // The kubelet makes a new container for every run and records Created for
+                    // each; the agent restarts in place and records the same.
+                    self.container_event(
+                        plan,
+                        &c.name,
+                        EventType::Normal,
+                        "Created",
+                        "Container created",
+                    );
                     match rt.start_container(&id).await {
                         Ok(()) => {
                             info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "container started");
+                            self.container_event(
+                                plan,
+                                &c.name,
+                                EventType::Normal,
+                                "Started",
+                                "Container started",
+                            );
                             if let Some(hook) = &c.post_start {
                                 // Other management of the container waits for the hook, as in
                                 // the kubelet; a failure kills it and the restart policy decides.
@@ -801,6 +948,22 @@ impl<R: ContainerRuntime> PodWorker<R> {
                                         .await
                                 {
                                     warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPostStartHook", message = %e, "postStart hook failed; killing the container");
+                                    // Without the hook's output, as the kubelet (it may hold
+                                    // secrets).
+                                    self.container_event(
+                                        plan,
+                                        &c.name,
+                                        EventType::Warning,
+                                        "FailedPostStartHook",
+                                        "PostStartHook failed",
+                                    );
+                                    self.container_event(
+                                        plan,
+                                        &c.name,
+                                        EventType::Normal,
+                                        "Killing",
+                                        "FailedPostStartHook",
+                                    );
                                     if let Err(e) = rt.stop_container(&id, plan.grace_secs).await {
                                         warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping container failed");
                                     }
@@ -811,6 +974,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
                             requeue = Duration::ZERO;
                         }
                         Err(e) => {
+                            let why = e.to_string().replace(&id, &c.name);
+                            self.container_event(
+                                plan,
+                                &c.name,
+                                EventType::Warning,
+                                "Failed",
+                                &format!("Error: {why}"),
+                            );
+                            let slot = self.slot(&c.name, restored);
                             slot.lc.observe(
                                 Observation::RuntimeError(e.to_string()),
                                 policy,
@@ -848,6 +1020,48 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let rt = self.ctx.rt.clone();
         let host = self.pod_address(plan);
         let now = Instant::now();
+        // Every failed attempt is an Unhealthy Warning, as the kubelet's prober records it.
+        let events = self.ctx.events.clone();
+        let init = plan.init_containers.iter().any(|i| i.name == c.name);
+        let field_path = container_field_path(init, &c.name);
+        let uid = self.uid.clone();
+        let container_id = self
+            .slots
+            .get(&c.name)
+            .map(|s| s.container_id.clone())
+            .unwrap_or_default();
+        let attempt = |kind: &'static str, p: &'_ super::spec::ProbePlan| {
+            let rt = rt.clone();
+            let events = events.clone();
+            let field_path = field_path.clone();
+            let uid = uid.clone();
+            let id = container_id.clone();
+            let host = host.clone();
+            let p = p.clone();
+            async move {
+                match probe_output(&*rt, &id, &host, &p).await {
+                    Ok(()) => true,
+                    Err(output) => {
+                        events.record(
+                            &uid,
+                            &field_path,
+                            EventType::Warning,
+                            "Unhealthy",
+                            &format!("{kind} probe failed: {output}"),
+                        );
+                        false
+                    }
+                }
+            }
+        };
+        let startup_due = match (&c.startup, self.slots.get(&c.name)) {
+            (Some(p), Some(s))
+                if !s.lc.started && s.startup.as_ref().is_some_and(|t| t.due_in(now).is_zero()) =>
+            {
+                Some(attempt("Startup", p).await)
+            }
+            _ => None,
+        };
         let Some(slot) = self.slots.get_mut(&c.name) else {
             return Duration::from_secs(30);
         };
@@ -857,20 +1071,42 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if let (Some(p), Some(t)) = (&c.startup, &mut slot.startup)
             && !slot.lc.started
         {
-            if t.due_in(now).is_zero() {
-                let ok = run_probe(&*rt, &id, &host, p).await;
+            if let Some(ok) = startup_due {
                 match t.record(p, ok, Instant::now()) {
                     Verdict::Passed => slot.lc.started = true,
-                    Verdict::Failed => kill = Some("startup probe failed"),
+                    Verdict::Failed => kill = Some("startup"),
                     Verdict::Unchanged => {}
                 }
             }
             next = next.min(t.due_in(Instant::now()));
         }
+        let started = slot.lc.started;
+        let readiness_due = slot
+            .readiness
+            .as_ref()
+            .is_some_and(|t| t.due_in(now).is_zero());
+        let liveness_due = slot
+            .liveness
+            .as_ref()
+            .is_some_and(|t| t.due_in(now).is_zero());
+        let readiness_ok = match &c.readiness {
+            Some(p) if started && kill.is_none() && readiness_due => {
+                Some(attempt("Readiness", p).await)
+            }
+            _ => None,
+        };
+        let liveness_ok = match &c.liveness {
+            Some(p) if started && kill.is_none() && liveness_due => {
+                Some(attempt("Liveness", p).await)
+            }
+            _ => None,
+        };
+        let Some(slot) = self.slots.get_mut(&c.name) else {
+            return Duration::from_secs(30);
+        };
         if slot.lc.started && kill.is_none() {
             if let (Some(p), Some(t)) = (&c.readiness, &mut slot.readiness) {
-                if t.due_in(now).is_zero() {
-                    let ok = run_probe(&*rt, &id, &host, p).await;
+                if let Some(ok) = readiness_ok {
                     t.record(p, ok, Instant::now());
                     slot.lc.ready = t.passing;
                 }
@@ -879,24 +1115,31 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 slot.lc.ready = true;
             }
             if let (Some(p), Some(t)) = (&c.liveness, &mut slot.liveness) {
-                if t.due_in(now).is_zero() {
-                    let ok = run_probe(&*rt, &id, &host, p).await;
-                    if t.record(p, ok, Instant::now()) == Verdict::Failed {
-                        kill = Some("liveness probe failed");
-                    }
+                if let Some(ok) = liveness_ok
+                    && t.record(p, ok, Instant::now()) == Verdict::Failed
+                {
+                    kill = Some("liveness");
                 }
                 next = next.min(t.due_in(Instant::now()));
             }
         }
-        if let Some(why) = kill {
-            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = why, "restarting container");
+        if let Some(probe) = kill {
+            info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = probe, "restarting container");
             slot.lc.ready = false;
             let grace = [&c.liveness, &c.startup]
                 .into_iter()
                 .flatten()
                 .find_map(|p| p.termination_grace)
                 .unwrap_or(plan.grace_secs);
-            if let Err(e) = self.stop_with_hook(plan, Some(c), &id, grace).await {
+            // The kubelet's message; the container restarts unless the policy says Never.
+            let mut why = format!("Container {} failed {probe} probe", c.name);
+            if restart_policy(plan, c, &self.slots) != RestartPolicy::Never {
+                why.push_str(", will be restarted");
+            }
+            if let Err(e) = self
+                .stop_with_hook(plan, Some(c), &id, grace, Some(&why))
+                .await
+            {
                 warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping container failed");
             }
             return Duration::from_millis(100);
@@ -930,6 +1173,35 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             _ => false,
         };
+        let never_pull = || {
+            // The kubelet says the same whether the image is absent or present but not for
+            // this pod's credentials, so as not to reveal it.
+            self.container_event(
+                plan,
+                &c.name,
+                EventType::Warning,
+                "ErrImageNeverPull",
+                &format!(
+                    "Container image {:?} is not present with pull policy of Never",
+                    c.image
+                ),
+            );
+        };
+        if c.pull_policy == PullPolicy::Never && !(present.is_some() && verified) {
+            never_pull();
+        }
+        if c.pull_policy != PullPolicy::Always && present.is_some() && verified {
+            self.container_event(
+                plan,
+                &c.name,
+                EventType::Normal,
+                "Pulled",
+                &format!(
+                    "Container image {:?} already present on machine and can be accessed by the pod",
+                    c.image
+                ),
+            );
+        }
         let image = match (c.pull_policy, present) {
             (PullPolicy::Never, None) => {
                 return Err(Observation::NeverPull(format!(
@@ -946,10 +1218,30 @@ impl<R: ContainerRuntime> PodWorker<R> {
             (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) if verified => i,
             (PullPolicy::Always | PullPolicy::IfNotPresent, _) => {
                 info!(pod = %plan.meta.name, container = %c.name, image = %c.image, "pulling image");
+                self.container_event(
+                    plan,
+                    &c.name,
+                    EventType::Normal,
+                    "Pulling",
+                    &format!("Pulling image {:?}", c.image),
+                );
+                let pull_started = Instant::now();
                 let credential =
-                    super::pull_secrets::pull_image(&*rt, &plan.meta, &c.image, bundle)
-                        .await
-                        .map_err(|e| Observation::PullFailed(e.to_string()))?;
+                    match super::pull_secrets::pull_image(&*rt, &plan.meta, &c.image, bundle).await
+                    {
+                        Ok(credential) => credential,
+                        Err(e) => {
+                            self.container_event(
+                                plan,
+                                &c.name,
+                                EventType::Warning,
+                                "Failed",
+                                &format!("Failed to pull image {:?}: {e}", c.image),
+                            );
+                            return Err(Observation::PullFailed(e.to_string()));
+                        }
+                    };
+                let pulled_in = pull_started.elapsed();
                 let image = rt
                     .inspect_image(&c.image)
                     .await
@@ -960,6 +1252,19 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 if let Err(e) = self.ctx.pulled_images.record(&image.id, credential).await {
                     warn!(pod = %plan.meta.name, image = %c.image, error = %e, "recording the image pull failed");
                 }
+                // The agent pulls one image at a time per pod and does not queue pulls, so the
+                // pull and the time including waiting are the same.
+                let took = go_duration(pulled_in);
+                self.container_event(
+                    plan,
+                    &c.name,
+                    EventType::Normal,
+                    "Pulled",
+                    &format!(
+                        "Successfully pulled image {:?} in {took} ({took} including waiting). Image size: {} bytes.",
+                        c.image, image.size
+                    ),
+                );
                 image
             }
             (PullPolicy::Never, Some(i)) => i,
@@ -1183,7 +1488,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
             info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "app containers finished; stopping sidecar");
             if let Err(e) = self
-                .stop_with_hook(plan, Some(c), &slot.container_id, plan.grace_secs)
+                .stop_with_hook(plan, Some(c), &slot.container_id, plan.grace_secs, Some(""))
                 .await
             {
                 warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping sidecar failed");
@@ -1210,9 +1515,18 @@ impl<R: ContainerRuntime> PodWorker<R> {
         c: Option<&ContainerPlan>,
         id: &str,
         grace_secs: u64,
+        why: Option<&str>,
     ) -> Result<(), crate::podman::PodmanError> {
         let rt = &self.ctx.rt;
         let mut grace = Duration::from_secs(grace_secs);
+        if let (Some(c), Some(why)) = (c, why) {
+            let message = if why.is_empty() {
+                format!("Stopping container {}", c.name)
+            } else {
+                why.to_owned()
+            };
+            self.container_event(plan, &c.name, EventType::Normal, "Killing", &message);
+        }
         if let Some(c) = c
             && let Some(hook) = &c.pre_stop
             && grace_secs > 0
@@ -1221,6 +1535,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
             let host = self.pod_address(plan);
             if let Err(e) = super::hooks::run_hook(&**rt, &c.name, id, &host, hook, grace).await {
                 warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPreStopHook", message = %e, "preStop hook failed");
+                self.container_event(
+                    plan,
+                    &c.name,
+                    EventType::Warning,
+                    "FailedPreStopHook",
+                    "PreStopHook failed",
+                );
             }
             grace = grace
                 .saturating_sub(started.elapsed())
@@ -1296,7 +1617,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 debug!(container = %id, grace_secs = grace, "stopping container");
                 match &plan {
                     Some(plan) => {
-                        self.stop_with_hook(plan, plan.container(&name), &id, grace)
+                        self.stop_with_hook(plan, plan.container(&name), &id, grace, Some(""))
                             .await
                     }
                     None => rt.stop_container(&id, grace).await,

@@ -41,6 +41,7 @@ async fn rig(image_user: &str, policy: DevicePolicy) -> Rig {
         seccomp_root: dir.path().join("seccomp"),
         pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
         reconcile_stats: Default::default(),
+        events: Default::default(),
     });
     Rig { _dir: dir, rt, ctx }
 }
@@ -414,5 +415,104 @@ async fn sidecars_start_in_order_keep_running_and_end_with_the_pod() {
         Some("Succeeded"),
         "{}",
         serde_json::to_string_pretty(&st).unwrap()
+    );
+}
+
+/// What the worker records, in order, with the kubelet's reasons and fieldPaths.
+fn recorded(r: &Rig) -> Vec<(String, String, String, String, u32)> {
+    let mut out = Vec::new();
+    while let Some(b) = r.ctx.events.take_batch() {
+        for e in &b.events {
+            out.push((
+                e.r#type.clone(),
+                e.reason.clone(),
+                e.field_path.clone(),
+                e.message.clone(),
+                e.count,
+            ));
+        }
+        r.ctx.events.ack(b.epoch, b.seq);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_pod_start_and_a_refusal_record_the_kubelets_events() {
+    let r = rig("", DevicePolicy::default()).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "initContainers": [{"name": "init", "image": IMAGE}],
+            "containers": [{"name": "app", "image": IMAGE}]
+        })),
+    )
+    .await;
+    let events = recorded(&r);
+    let reasons: Vec<(&str, &str)> = events
+        .iter()
+        .map(|(_, reason, path, _, _)| (reason.as_str(), path.as_str()))
+        .collect();
+    assert!(
+        reasons.starts_with(&[
+            ("Pulled", "spec.initContainers{init}"),
+            ("Created", "spec.initContainers{init}"),
+            ("Started", "spec.initContainers{init}"),
+        ]),
+        "{events:?} (status {st:?})"
+    );
+    let (kind, _, _, message, count) = &events[0];
+    assert_eq!(kind, "Normal");
+    assert_eq!(
+        message,
+        &format!(
+            "Container image \"{IMAGE}\" already present on machine and can be accessed by the pod"
+        )
+    );
+    assert_eq!(*count, 1);
+
+    // A pod the agent refuses: one Warning with the status's reason, not one per pass.
+    let r = rig("", DevicePolicy::default()).await;
+    run(
+        &r,
+        &bundle(serde_json::json!({
+            "volumes": [{"name": "t", "projected": {"sources": [
+                {"serviceAccountToken": {"path": "token"}}]}}],
+            "containers": [{"name": "app", "image": IMAGE}]
+        })),
+    )
+    .await;
+    let events = recorded(&r);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (kind, reason, path, message, count) = &events[0];
+    assert_eq!(
+        (kind.as_str(), reason.as_str(), path.as_str(), *count),
+        ("Warning", "UnsupportedPodSpec", "", 1)
+    );
+    assert!(message.contains("serviceAccountToken"), "{message}");
+
+    // An image that is absent with pullPolicy Never.
+    let r = rig("", DevicePolicy::default()).await;
+    run(
+        &r,
+        &bundle(serde_json::json!({
+            "containers": [{"name": "app", "image": "localhost/absent:1", "imagePullPolicy": "Never"}]
+        })),
+    )
+    .await;
+    let events = recorded(&r);
+    let first_two: Vec<(&str, &str)> = events
+        .iter()
+        .take(2)
+        .map(|(_, reason, _, message, _)| (reason.as_str(), message.as_str()))
+        .collect();
+    assert_eq!(
+        first_two,
+        [
+            (
+                "ErrImageNeverPull",
+                "Container image \"localhost/absent:1\" is not present with pull policy of Never"
+            ),
+            ("Failed", "Error: ErrImageNeverPull"),
+        ]
     );
 }

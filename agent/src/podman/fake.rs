@@ -184,6 +184,7 @@ impl ContainerRuntime for FakeRuntime {
             id: format!("id-{reference}"),
             digest: String::new(),
             config: Some(super::types::ImageConfig { user: user.clone() }),
+            size: 0,
         }))
     }
 

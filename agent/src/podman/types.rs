@@ -174,6 +174,9 @@ pub struct ImageInspect {
     /// The image's run configuration.
     #[serde(default)]
     pub config: Option<ImageConfig>,
+    /// Size in bytes (the kubelet's Pulled Event names it).
+    #[serde(default)]
+    pub size: u64,
 }
 
 /// `Config` of an image inspect, the parts the agent uses.

@@ -852,6 +852,22 @@ async fn handle_message(
             sessions.route_log_chunk(device, handle, chunk).await;
             Ok(())
         }
+        Some(agent_message::Kind::Events(batch)) => {
+            let (epoch, seq) = (batch.epoch, batch.seq);
+            sessions
+                .emit(SessionEvent::Events {
+                    device: device.to_owned(),
+                    batch,
+                })
+                .await;
+            // Taken: the relay checks and writes it from here. If the control queue is full the
+            // ack is skipped; the device sends the batch again after its next reconnect and the
+            // writer drops what it already wrote.
+            handle.push_control(v1::HubMessage {
+                kind: Some(hub_message::Kind::EventAck(v1::EventAck { epoch, seq })),
+            });
+            Ok(())
+        }
         None => Err(Status::invalid_argument(format!(
             "device {device} sent an empty message"
         ))),

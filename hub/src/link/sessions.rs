@@ -56,6 +56,13 @@ pub enum SessionEvent {
         /// holder of the event drops it.
         inflight: InFlight,
     },
+    /// The device reported Events about its pods.
+    Events {
+        /// Device name.
+        device: String,
+        /// The batch (acknowledged to the device once handed on).
+        batch: v1::EventBatch,
+    },
     /// The device persisted (or rejected) a snapshot.
     Acked {
         /// Device name.

@@ -1143,3 +1143,103 @@ async fn statuses_kept_before_the_sync_are_bounded_in_bytes_per_device() {
     assert!(h.relay.early_status["dev-a"].len() < 100);
     assert_eq!(h.relay.early_device_bytes["dev-a"], held);
 }
+
+fn device_event(id: u64, uid: &str, reason: &str) -> fleetlet_proto::v1::DeviceEvent {
+    fleetlet_proto::v1::DeviceEvent {
+        id,
+        pod_uid: uid.into(),
+        field_path: "spec.containers{c}".into(),
+        r#type: "Normal".into(),
+        reason: reason.into(),
+        message: "Container started".into(),
+        count: 1,
+        first_micros: 1,
+        last_micros: 1,
+    }
+}
+
+#[tokio::test]
+async fn device_events_are_written_only_for_the_devices_own_pods_and_wait_for_the_cache() {
+    let mut h = harness();
+    let (tx, mut rx) = mpsc::channel(16);
+    h.relay = h.relay.with_event_sink(tx);
+    let batch = |device: &str, events| {
+        Input::Session(SessionEvent::Events {
+            device: device.into(),
+            batch: fleetlet_proto::v1::EventBatch {
+                epoch: 7,
+                seq: 1,
+                events,
+                dropped_total: 0,
+            },
+        })
+    };
+    // Before the pod cache synced: held, checked once it has.
+    h.relay
+        .handle(batch("dev-a", vec![device_event(1, "uid-p1", "Pulled")]));
+    assert!(rx.try_recv().is_err());
+    sync(
+        &mut h,
+        vec![pod("p1", "dev-a", "100m"), pod("p2", "dev-b", "100m")],
+        vec![],
+    );
+    let w = rx.try_recv().expect("the held batch, written");
+    assert_eq!(
+        (
+            w.node.as_str(),
+            w.namespace.as_str(),
+            w.pod_name.as_str(),
+            w.epoch
+        ),
+        ("dev-a", "ns", "p1", 7)
+    );
+    // dev-b claims dev-a's pod and a made-up one; with a bad one of its own pod.
+    h.relay.handle(batch(
+        "dev-b",
+        vec![
+            device_event(1, "uid-p1", "Forged"),
+            device_event(2, "uid-nope", "Forged"),
+            device_event(3, "uid-p2", "Not a reason"),
+        ],
+    ));
+    assert!(rx.try_recv().is_err(), "nothing of dev-b's claims written");
+    h.relay
+        .handle(batch("dev-b", vec![device_event(4, "uid-p2", "Started")]));
+    let w = rx.try_recv().expect("dev-b's own pod");
+    assert_eq!(
+        (w.pod_name.as_str(), w.event.reason.as_str()),
+        ("p2", "Started")
+    );
+    // An Event without a pod is about the reporting device's own Node, whatever it claims.
+    let mut starting = device_event(5, "", "Starting");
+    starting.field_path = "spec.containers{x}".into();
+    h.relay.handle(batch("dev-b", vec![starting]));
+    let w = rx.try_recv().expect("dev-b's Node");
+    assert_eq!(
+        (
+            w.regarding,
+            w.pod_name.as_str(),
+            w.namespace.as_str(),
+            w.event.field_path.as_str()
+        ),
+        (crate::events::Regarding::Node, "dev-b", "default", "")
+    );
+    // A drop count from the device becomes a Warning on its Node.
+    h.relay.handle(Input::Session(SessionEvent::Events {
+        device: "dev-a".into(),
+        batch: fleetlet_proto::v1::EventBatch {
+            epoch: 7,
+            seq: 2,
+            events: vec![],
+            dropped_total: 5,
+        },
+    }));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let node_events = h.api.events.try_lock().expect("lock").clone();
+    assert!(
+        node_events
+            .iter()
+            .any(|(node, reason)| node == "node/dev-a" && reason == "EventsDropped"),
+        "{node_events:?}"
+    );
+}

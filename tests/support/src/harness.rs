@@ -722,6 +722,8 @@ pub struct AgentSpec {
     pub cert: Option<(PathBuf, PathBuf)>,
     /// `[stats] interval_secs`; `None` keeps the agent's default (15 s).
     pub stats_interval_secs: Option<u64>,
+    /// More top-level lines of the agent's config (e.g. `events_buffer = 4`).
+    pub extra_config: String,
 }
 
 impl AgentSpec {
@@ -736,6 +738,7 @@ impl AgentSpec {
             netns: None,
             cert: None,
             stats_interval_secs: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -782,6 +785,7 @@ state_dir = "{state}"
 podman_socket = "{sock}"
 resync_secs = 5
 node_ip = "127.0.0.1"
+{extra}
 [hub]
 endpoint = "{endpoint}"
 ca_file = "{dir}/link-ca.crt"
@@ -801,6 +805,7 @@ fallback_endpoints = [{fallback}]
                 sock = spec.podman_socket.display(),
                 endpoint = spec.endpoint,
                 dir = dir.display(),
+                extra = spec.extra_config,
             ),
         )
         .expect("agent config");
