@@ -13,7 +13,8 @@
 #
 # Environment: CONFORMANCE_FOCUS / CONFORMANCE_SKIP (ginkgo regexps) replace the default
 # selection; CONFORMANCE_PROCS (default 4) parallel ginkgo processes; CONFORMANCE_DIR (default
-# target/conformance); FLEETLET_CONFORMANCE_BIN (prebuilt fleetlet binaries: no cargo build);
+# target/conformance); CONFORMANCE_TIMEOUT (default 3h: then the suite stops, reports what ran
+# and counts the rest as not run); FLEETLET_CONFORMANCE_BIN (prebuilt fleetlet binaries: no cargo build);
 # CONFORMANCE_NAME (default conf) names devices, hub instance and netns, so runs never collide.
 # Prints the counts and the tests that did not pass; exit status 1 when any failed.
 set -euo pipefail
@@ -74,6 +75,8 @@ cleanup() {
   ip netns del "$netns" 2> /dev/null || true
 }
 cleanup
+# Fresh devices: a killed run's agent state (pods of deleted namespaces) does not carry over.
+rm -rf "$dir/state"
 trap cleanup EXIT
 
 # ---- a routable address for the hub's kubelet endpoint ----
@@ -185,7 +188,7 @@ args=(
 )
 log "running e2e.test ($procs processes): focus '$focus', skip '$skip'"
 rc=0
-"$bin/ginkgo" --procs="$procs" --no-color --timeout=3h --focus="$focus" --skip="$skip" \
+"$bin/ginkgo" --procs="$procs" --no-color --timeout="${CONFORMANCE_TIMEOUT:-3h}" --focus="$focus" --skip="$skip" \
   --junit-report=junit.xml --output-dir="$dir/report" "$bin/e2e.test" -- "${args[@]}" \
   > "$dir/logs/e2e.log" 2>&1 || rc=$?
 
@@ -196,7 +199,7 @@ python3 - "$junit" "$focus" "$skip" <<'PY'
 import re, sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 focus, skip = re.compile(sys.argv[2]), re.compile(sys.argv[3])
-passed, failed, skipped = [], [], []
+passed, failed, skipped, not_run = [], [], [], []
 for tc in root.iter("testcase"):
     name = tc.get("name", "")
     if name.startswith("[SynchronizedBeforeSuite]") or name.startswith("[SynchronizedAfterSuite]") \
@@ -208,13 +211,17 @@ for tc in root.iter("testcase"):
     # Specs outside the selection are reported as skipped too; they are not counted.
     if not focus.search(name) or skip.search(name):
         continue
-    if tc.find("skipped") is not None or tc.get("status") == "skipped":
+    sk = tc.find("skipped")
+    if sk is not None and "interrupt" in (sk.get("message", "") + (sk.text or "")).lower():
+        not_run.append(name)
+    elif tc.find("skipped") is not None or tc.get("status") == "skipped":
         skipped.append(name)
     elif tc.find("failure") is not None or tc.find("error") is not None:
         failed.append(name)
     else:
         passed.append(name)
-print(f"conformance: {len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped")
+print(f"conformance: {len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped"
+      + (f", {len(not_run)} not run (suite timeout)" if not_run else ""))
 for n in sorted(failed):
     print(f"  FAILED {n}")
 PY
