@@ -320,9 +320,19 @@ fn same_desire(a: &Desire, b: &Desire) -> bool {
 /// Parse a pod and check it against the device policy: the plan every worker pass uses, or
 /// why the pod cannot run here.
 pub fn plan_pod(pod_json: &[u8], policy: &crate::pod::policy::DevicePolicy) -> Planned {
-    let plan: PodPlan = parse_pod(pod_json).map_err(|e| Rejection {
-        reason: "UnsupportedPodSpec".into(),
-        message: e.to_string(),
+    let plan: PodPlan = parse_pod(pod_json).map_err(|e| {
+        if e.field == crate::pod::spec::OS_FIELD {
+            // The kubelet's admission refusal, reason and words as in its predicate.
+            Rejection {
+                reason: "PodOSNotSupported".into(),
+                message: "Failed to admit pod as the OS field doesn't match node OS".into(),
+            }
+        } else {
+            Rejection {
+                reason: "UnsupportedPodSpec".into(),
+                message: e.to_string(),
+            }
+        }
     })?;
     policy.check(&plan).map_err(|v| Rejection {
         reason: v.reason.into(),
@@ -416,6 +426,21 @@ mod tests {
             .into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_pod_for_another_os_is_refused_as_the_kubelet_admits_it() {
+        let pod = serde_json::to_vec(&serde_json::json!({
+            "metadata": {"name": "w", "namespace": "ns", "uid": "w"},
+            "spec": {"os": {"name": "windows"}, "containers": [{"name": "c", "image": IMAGE}]}
+        }))
+        .unwrap();
+        let r = plan_pod(&pod, &DevicePolicy::default()).unwrap_err();
+        assert_eq!(r.reason, "PodOSNotSupported");
+        assert_eq!(
+            r.message,
+            "Failed to admit pod as the OS field doesn't match node OS"
+        );
     }
 
     fn held(generation: u64, pods: Vec<PodBundle>) -> Held {

@@ -85,24 +85,55 @@ pub struct HttpGetAction {
 
 impl HttpGetAction {
     /// One GET bounded by `timeout`: the response status, or what went wrong.
+    ///
+    /// Redirects to the same host are followed (at most 10), as the kubelet's prober follows
+    /// them; a redirect elsewhere is not, and its 3xx status counts (a success).
     pub async fn status(&self, default_host: &str, timeout: Duration) -> Result<u16, String> {
         let host = self.host.as_deref().unwrap_or(default_host);
-        tokio::time::timeout(
-            timeout,
-            http_get_status(host, self.port, &self.path, &self.headers),
-        )
-        .await
-        .unwrap_or_else(|_| Err("timed out".into()))
+        let follow = async {
+            let (mut port, mut path) = (self.port, self.path.clone());
+            for _ in 0..=MAX_REDIRECTS {
+                let (code, location) = http_get(host, port, &path, &self.headers).await?;
+                let next = location
+                    .filter(|_| (300..400).contains(&code))
+                    .and_then(|l| same_host_redirect(host, port, &l));
+                match next {
+                    Some((p, target)) => (port, path) = (p, target),
+                    None => return Ok(code),
+                }
+            }
+            Err(format!("stopped after {MAX_REDIRECTS} redirects"))
+        };
+        tokio::time::timeout(timeout, follow)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()))
     }
 }
 
-/// One HTTP GET; the response status, or what went wrong.
-pub async fn http_get_status(
+/// Redirects a probe follows, as Go's HTTP client (and so the kubelet) does.
+const MAX_REDIRECTS: usize = 10;
+
+/// Where a redirect `location` from `host:port` leads when it stays on `host` (plain HTTP):
+/// the port and the path with its query. `None` for another host or scheme.
+fn same_host_redirect(host: &str, port: u16, location: &str) -> Option<(u16, String)> {
+    if location.starts_with('/') && !location.starts_with("//") {
+        return Some((port, location.to_owned()));
+    }
+    let uri: http::Uri = location.parse().ok()?;
+    if uri.scheme_str() != Some("http") || uri.host()? != host.trim_matches(['[', ']']) {
+        return None;
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    Some((uri.port_u16().unwrap_or(80), path))
+}
+
+/// One HTTP GET; the response status and its Location header, or what went wrong.
+async fn http_get(
     host: &str,
     port: u16,
     path: &str,
     headers: &[(String, String)],
-) -> Result<u16, String> {
+) -> Result<(u16, Option<String>), String> {
     let stream = TcpStream::connect((host, port))
         .await
         .map_err(|e| dial_error(host, port, &e))?;
@@ -122,7 +153,14 @@ pub async fn http_get_status(
     sender
         .send_request(req)
         .await
-        .map(|resp| resp.status().as_u16())
+        .map(|resp| {
+            let location = resp
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (resp.status().as_u16(), location)
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -185,6 +223,39 @@ impl ProbeTracker {
     /// Time until due (zero when overdue).
     pub fn due_in(&self, now: Instant) -> Duration {
         self.next_due.saturating_duration_since(now)
+    }
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::same_host_redirect;
+
+    #[test]
+    fn only_redirects_to_the_same_host_are_followed() {
+        assert_eq!(
+            same_host_redirect("10.88.0.5", 8080, "/healthz?x=1"),
+            Some((8080, "/healthz?x=1".into()))
+        );
+        assert_eq!(
+            same_host_redirect("10.88.0.5", 8080, "http://10.88.0.5:9090/a"),
+            Some((9090, "/a".into()))
+        );
+        assert_eq!(
+            same_host_redirect("10.88.0.5", 8080, "http://10.88.0.5"),
+            Some((80, "/".into()))
+        );
+        assert_eq!(
+            same_host_redirect("10.88.0.5", 8080, "http://example.com/"),
+            None
+        );
+        assert_eq!(
+            same_host_redirect("10.88.0.5", 8080, "https://10.88.0.5/"),
+            None
+        );
+        assert_eq!(
+            same_host_redirect("10.88.0.5", 8080, "//example.com/x"),
+            None
+        );
     }
 }
 

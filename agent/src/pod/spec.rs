@@ -14,6 +14,9 @@ pub use super::probe::HttpGetAction;
 pub use super::security::{PodSecurity, SecurityPlan};
 use super::security::{parse_container_security, parse_pod_security};
 
+/// The field of a pod's OS, refused (as PodOSNotSupported) unless it is Linux.
+pub const OS_FIELD: &str = "spec.os.name";
+
 /// A pod the agent cannot run as written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -762,7 +765,7 @@ fn refuse_pod_fields(spec: &k8s::PodSpec) -> Result<(), SpecError> {
         ));
     }
     if spec.os.as_ref().is_some_and(|o| o.name != "linux") {
-        return Err(err("spec.os.name", "fleetlet devices run Linux"));
+        return Err(err(OS_FIELD, "fleetlet devices run Linux"));
     }
     Ok(())
 }

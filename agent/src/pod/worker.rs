@@ -131,6 +131,9 @@ pub struct PodWorker<R> {
     ended: Option<(&'static str, String)>,
     /// When disk-backed emptyDirs with a sizeLimit were last measured.
     usage_checked: Option<Instant>,
+    /// Each pod condition's status as last reported and since when (its lastTransitionTime),
+    /// kept as the kubelet's status manager keeps it: the time moves only when the status does.
+    condition_since: std::sync::Mutex<BTreeMap<String, (String, Timestamp)>>,
 }
 
 /// The hostname of a pod with its own network, as the kubelet makes it: the pod name cut to 63
@@ -170,6 +173,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             written_volumes: BTreeMap::new(),
             sidecars_started: false,
             usage_checked: None,
+            condition_since: std::sync::Mutex::default(),
         }
     }
 
@@ -392,7 +396,30 @@ impl<R: ContainerRuntime> PodWorker<R> {
             pod_ip,
             start_time: self.start_time,
         };
-        pod_status(&v)
+        let mut status = pod_status(&v);
+        self.stamp_transitions(&mut status);
+        status
+    }
+
+    /// Sets each condition's lastTransitionTime to when its status last changed (now, when it
+    /// just did), so Ready says when the pod became ready, not when it started.
+    fn stamp_transitions(&self, status: &mut k8s_openapi::api::core::v1::PodStatus) {
+        let mut since = self
+            .condition_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Timestamp::now();
+        for c in status.conditions.iter_mut().flatten() {
+            let entry = since
+                .entry(c.type_.clone())
+                .or_insert_with(|| (c.status.clone(), now));
+            if entry.0 != c.status {
+                *entry = (c.status.clone(), now);
+            }
+            c.last_transition_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                entry.1,
+            ));
+        }
     }
 
     /// Time left before activeDeadlineSeconds, counted from the pod's start on the device.
