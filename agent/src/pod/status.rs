@@ -68,17 +68,37 @@ pub fn phase(v: &PodView<'_>) -> &'static str {
     if any_up { "Running" } else { "Pending" }
 }
 
-/// Initialized: every regular init container succeeded and every sidecar started (or ended
-/// with the pod).
-fn initialized(v: &PodView<'_>) -> bool {
-    v.init.iter().all(|c| {
-        if c.sidecar {
-            c.lifecycle.finished()
-                || c.lifecycle.started && matches!(c.lifecycle.state, State::Running { .. })
-        } else {
-            c.lifecycle.succeeded()
-        }
-    })
+/// The init containers that keep the pod from being Initialized: a regular one until it
+/// succeeded, a sidecar until it started (or ended with the pod).
+fn incomplete_init<'a>(v: &'a PodView<'_>) -> Vec<&'a str> {
+    v.init
+        .iter()
+        .filter(|c| {
+            !if c.sidecar {
+                c.lifecycle.finished()
+                    || c.lifecycle.started && matches!(c.lifecycle.state, State::Running { .. })
+            } else {
+                c.lifecycle.succeeded()
+            }
+        })
+        .map(|c| c.name)
+        .collect()
+}
+
+/// The containers whose readiness counts and are not ready: sidecars, then app containers.
+fn unready<'a>(v: &'a PodView<'_>) -> Vec<&'a str> {
+    v.init
+        .iter()
+        .filter(|c| c.sidecar)
+        .chain(v.app.iter())
+        .filter(|c| !c.lifecycle.ready)
+        .map(|c| c.name)
+        .collect()
+}
+
+/// A list of names as Go's `%s` prints a `[]string`: `[a b]`.
+fn go_list(names: &[&str]) -> String {
+    format!("[{}]", names.join(" "))
 }
 
 fn time(t: Option<Timestamp>) -> Option<Time> {
@@ -147,13 +167,20 @@ fn init_container_status(c: &ContainerView<'_>) -> k8s::ContainerStatus {
     s
 }
 
-fn condition(kind: &str, ok: bool, reason: Option<&str>, since: Timestamp) -> k8s::PodCondition {
+fn condition(
+    kind: &str,
+    ok: bool,
+    reason: Option<&str>,
+    message: Option<String>,
+    since: Timestamp,
+) -> k8s::PodCondition {
     k8s::PodCondition {
         type_: kind.into(),
         status: if ok { "True" } else { "False" }.into(),
         reason: (!ok)
             .then(|| reason.unwrap_or_default().to_owned())
             .filter(|r| !r.is_empty()),
+        message: message.filter(|_| !ok),
         last_transition_time: Some(Time(since)),
         ..Default::default()
     }
@@ -162,36 +189,54 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, since: Timestamp) -> k8
 /// The Kubernetes PodStatus.
 pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
     let phase = phase(v);
-    let initialized = initialized(v);
+    let incomplete = incomplete_init(v);
     // Sidecars' readiness counts, as in the kubelet.
-    let containers_ready = v
-        .app
-        .iter()
-        .chain(v.init.iter().filter(|c| c.sidecar))
-        .all(|c| c.lifecycle.ready);
+    let unready = unready(v);
     let since = v.start_time;
-    let not_ready_reason = if phase == "Succeeded" || phase == "Failed" {
-        "PodCompleted"
+    let terminal = phase == "Succeeded" || phase == "Failed";
+    // The kubelet's reasons and messages (pkg/kubelet/status/generate.go): a finished pod's
+    // containers are not ready because it completed; otherwise the names say which.
+    let (ready_reason, ready_message) = if terminal {
+        ("PodCompleted", None)
     } else {
-        "ContainersNotReady"
+        (
+            "ContainersNotReady",
+            Some(format!(
+                "containers with unready status: {}",
+                go_list(&unready)
+            )),
+        )
     };
+    let containers_ready = unready.is_empty() && !terminal;
+    let init_message = format!(
+        "containers with incomplete status: {}",
+        go_list(&incomplete)
+    );
     k8s::PodStatus {
         phase: Some(phase.into()),
         conditions: Some(vec![
-            condition("PodScheduled", true, None, since),
+            condition("PodScheduled", true, None, None, since),
             condition(
                 "Initialized",
-                initialized,
+                incomplete.is_empty(),
                 Some("ContainersNotInitialized"),
+                Some(init_message),
                 since,
             ),
             condition(
                 "ContainersReady",
                 containers_ready,
-                Some(not_ready_reason),
+                Some(ready_reason),
+                ready_message.clone(),
                 since,
             ),
-            condition("Ready", containers_ready, Some(not_ready_reason), since),
+            condition(
+                "Ready",
+                containers_ready,
+                Some(ready_reason),
+                ready_message,
+                since,
+            ),
         ]),
         host_ip: Some(v.host_ip.to_owned()).filter(|s| !s.is_empty()),
         host_ips: Some(vec![k8s::HostIP {
@@ -220,7 +265,7 @@ pub fn failed_status(reason: &str, message: &str, host_ip: &str, now: Timestamp)
         message: Some(message.into()),
         host_ip: Some(host_ip.to_owned()).filter(|s| !s.is_empty()),
         start_time: Some(Time(now)),
-        conditions: Some(vec![condition("PodScheduled", true, None, now)]),
+        conditions: Some(vec![condition("PodScheduled", true, None, None, now)]),
         ..Default::default()
     }
 }
