@@ -2,6 +2,7 @@
 # Provides the images the e2e tests run, in the local stack's Podman store, under the registry
 # that tests/conformance/repo-list.yaml gives the suite (there is no registry to pull from):
 #   agnhost:2.63.0   the static agnhost built by build.sh, with Debian's static busybox for a shell
+#                    and the machine's bash (with its libraries)
 #   busybox:1.37.0-1 Debian's static busybox (the stack's test image, re-tagged)
 # Usage: images.sh BIN_DIR (from build.sh). Idempotent: an image whose agnhost is unchanged stays.
 set -euo pipefail
@@ -52,6 +53,17 @@ trap 'rm -rf "$work"' EXIT
 
 rootfs "$work/agnhost"
 install -m 0755 "$bin/agnhost" "$work/agnhost/agnhost"
+# The upstream agnhost image has bash, and tests run `/bin/bash -c ...` in it: the machine's bash
+# with the shared libraries it links (the image has no libc of its own).
+with_libs() {
+  local root=$1 exe=$2 lib
+  install -D -m 0755 "$(readlink -f "$exe")" "$root$exe"
+  for lib in $(ldd "$exe" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+    install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+  done
+}
+rm -f "$work/agnhost/bin/bash"
+with_libs "$work/agnhost" /bin/bash
 # Deterministic archives: same inputs, same checksum, no re-import.
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/agnhost" -cf "$work/agnhost.tar" .
 import "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
