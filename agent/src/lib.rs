@@ -20,3 +20,4 @@ pub mod registry_auth;
 pub mod status;
 pub mod statusfile;
 pub mod store;
+pub mod stream_sessions;

@@ -228,6 +228,9 @@ pub struct KubeletConfig {
     /// CA that signs client certificates (the cluster CA, which signs the API server's
     /// kubelet client certificate).
     pub client_ca_file: Option<PathBuf>,
+    /// `kubectl exec`/`attach`/`port-forward` connections open at once per device (each
+    /// port-forward connection counts); more are refused with a message saying so.
+    pub max_streams_per_device: usize,
 }
 
 impl Default for KubeletConfig {
@@ -239,6 +242,7 @@ impl Default for KubeletConfig {
             cert_file: None,
             key_file: None,
             client_ca_file: None,
+            max_streams_per_device: 16,
         }
     }
 }

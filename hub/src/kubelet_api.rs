@@ -9,6 +9,7 @@
 //! number of connections are bounded. `/healthz` is served on the operations port only.
 
 pub mod auth_cache;
+pub mod streaming;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -277,6 +278,12 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
+fn empty_body() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
 /// Bounds on the endpoint's connections, so idle, slow or numerous clients cannot pin the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
@@ -410,7 +417,9 @@ impl KubeletApi {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(limits.header_timeout)
-                    .serve_connection(TokioIo::new(tls), service);
+                    .serve_connection(TokioIo::new(tls), service)
+                    // exec, attach and port-forward switch the connection to SPDY.
+                    .with_upgrades();
                 tokio::select! {
                     r = conn => if let Err(error) = r {
                         tracing::debug!(%peer, %error, "kubelet endpoint connection ended");
@@ -462,6 +471,9 @@ impl KubeletApi {
                     "authorization unavailable",
                 );
             }
+        }
+        if let Some(path) = streaming::parse_stream_path(req.uri().path()) {
+            return self.handle_stream(req, path, &caller).await;
         }
         let Some(path) = parse_logs_path(req.uri().path()) else {
             return text(

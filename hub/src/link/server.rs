@@ -714,6 +714,12 @@ async fn run_inbound(
                 // and count as messages only; everything else also counts its bytes.
                 let bytes = match &message.kind {
                     Some(agent_message::Kind::LogChunk(_)) => 0,
+                    // Stream output is paced by the stream's window.
+                    Some(
+                        agent_message::Kind::StreamData(_)
+                        | agent_message::Kind::StreamWindow(_)
+                        | agent_message::Kind::StreamEnd(_),
+                    ) => 0,
                     _ => prost::Message::encoded_len(message.as_ref()),
                 };
                 if let Err(over) = budget.charge(bytes) {
@@ -843,6 +849,14 @@ async fn handle_message(
         }
         Some(agent_message::Kind::LogChunk(chunk)) => {
             sessions.route_log_chunk(device, handle, chunk).await;
+            Ok(())
+        }
+        Some(
+            kind @ (agent_message::Kind::StreamData(_)
+            | agent_message::Kind::StreamWindow(_)
+            | agent_message::Kind::StreamEnd(_)),
+        ) => {
+            super::streams::route(handle, kind);
             Ok(())
         }
         None => Err(Status::invalid_argument(format!(
