@@ -137,6 +137,8 @@ async fn exec<R: ContainerRuntime>(
         attach_stdin: open.stdin,
         attach_stdout: open.stdout,
         attach_stderr: open.stderr && !open.tty,
+        width: open.width,
+        height: open.height,
     };
     let session = rt
         .exec_session(&id, &spec)

@@ -453,13 +453,16 @@ impl KubeletApi {
         // The hub serves every fleetlet Node on one address, so a request does not say which
         // Node it is for until its pod is looked up; the caller must therefore be allowed
         // `nodes/proxy` on all nodes (as the API server's kubelet client is) before any lookup.
-        match self.authorize(&caller).await {
+        // The verb follows the method, as the kubelet maps it: exec, attach and port-forward
+        // (POST) need `create nodes/proxy`, logs (GET) `get`.
+        let verb = request_verb(req.method());
+        match self.authorize(&caller, verb).await {
             Ok(true) => {}
             Ok(false) => {
                 return text(
                     StatusCode::FORBIDDEN,
                     format!(
-                        "Forbidden (user={}, verb=get, resource=nodes, subresource=proxy)",
+                        "Forbidden (user={}, verb={verb}, resource=nodes, subresource=proxy)",
                         caller.user
                     ),
                 );
@@ -610,17 +613,17 @@ impl KubeletApi {
         }))
     }
 
-    /// A SubjectAccessReview for `get nodes/proxy` on all nodes, answered from the cache within
+    /// A SubjectAccessReview for `<verb> nodes/proxy` on all nodes, answered from the cache within
     /// [`auth_cache::ALLOWED_TTL`] / [`auth_cache::DENIED_TTL`]. Errors are not cached.
-    async fn authorize(&self, caller: &Caller) -> Result<bool, kube::Error> {
+    async fn authorize(&self, caller: &Caller, verb: &str) -> Result<bool, kube::Error> {
         let key = format!(
-            "{:?}\0{:?}\0{:?}\0{:?}\0get nodes/proxy",
+            "{:?}\0{:?}\0{:?}\0{:?}\0{verb} nodes/proxy",
             caller.user, caller.uid, caller.groups, caller.extra
         );
         if let Some(allowed) = self.decisions.get(&key) {
             return Ok(allowed);
         }
-        let allowed = self.subject_access_review(caller).await?;
+        let allowed = self.subject_access_review(caller, verb).await?;
         let ttl = if allowed {
             auth_cache::ALLOWED_TTL
         } else {
@@ -630,7 +633,11 @@ impl KubeletApi {
         Ok(allowed)
     }
 
-    async fn subject_access_review(&self, caller: &Caller) -> Result<bool, kube::Error> {
+    async fn subject_access_review(
+        &self,
+        caller: &Caller,
+        verb: &str,
+    ) -> Result<bool, kube::Error> {
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -640,7 +647,7 @@ impl KubeletApi {
                 extra: (!caller.extra.is_empty())
                     .then(|| caller.extra.clone().into_iter().collect()),
                 resource_attributes: Some(ResourceAttributes {
-                    verb: Some("get".into()),
+                    verb: Some(verb.into()),
                     resource: Some("nodes".into()),
                     subresource: Some("proxy".into()),
                     ..Default::default()
@@ -652,6 +659,17 @@ impl KubeletApi {
         let r = api.create(&PostParams::default(), &review).await;
         self.metrics.api("create_subjectaccessreview", &r);
         Ok(r?.status.is_some_and(|s| s.allowed))
+    }
+}
+
+/// The authorization verb of a request's method, as the kubelet maps it.
+fn request_verb(method: &Method) -> &'static str {
+    match *method {
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "get",
     }
 }
 

@@ -313,10 +313,34 @@ async fn kubectl_exec_attach_and_port_forward_through_the_hub() {
 
     // The stream limit: STREAM_LIMIT sessions open, one more is refused with a clear message.
     let holders: Vec<_> = (0..STREAM_LIMIT)
-        .map(|_| kubectl_spawn(&["-n", &ns, "exec", "web", "-c", "app", "--", "sleep", "60"]))
+        .map(|_| {
+            let mut h = kubectl_spawn(&[
+                "-n",
+                &ns,
+                "exec",
+                "web",
+                "-c",
+                "app",
+                "--",
+                "sh",
+                "-c",
+                "echo held; sleep 60",
+            ]);
+            let rx = lines(h.stdout.take().expect("stdout"));
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(30)).as_deref(),
+                Ok("held"),
+                "a session within the limit opens"
+            );
+            h
+        })
         .collect();
     let refused = wait_for("an exec over the limit is refused", 60, || async {
         let (ok, _, err) = kubectl(&["-n", &ns, "exec", "web", "-c", "app", "--", "true"]);
+        println!(
+            "exec while {STREAM_LIMIT} sessions are open: ok={ok} {}",
+            err.trim()
+        );
         (!ok && err.contains("at most")).then_some(err)
     })
     .await;

@@ -135,9 +135,12 @@ fn message(kind: agent_message::Kind) -> v1::AgentMessage {
     v1::AgentMessage { kind: Some(kind) }
 }
 
+/// How long a TTY session waits for the client's terminal size before it starts.
+const FIRST_SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run(
     state: Arc<dyn DeviceState>,
-    open: v1::StreamOpen,
+    mut open: v1::StreamOpen,
     mut input: mpsc::UnboundedReceiver<HubInput>,
     credit: Arc<Semaphore>,
     tx: mpsc::Sender<v1::AgentMessage>,
@@ -151,6 +154,26 @@ async fn run(
             error,
         }))
     };
+    // A TTY starts with the client's size: the first resize usually follows the open at once.
+    let mut early = Vec::new();
+    if open.tty && open.width == 0 {
+        let deadline = tokio::time::sleep(FIRST_SIZE_WAIT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => break,
+                () = cancel.cancelled() => return,
+                i = input.recv() => match i {
+                    Some(HubInput::Resize(w, h)) => {
+                        (open.width, open.height) = (w, h);
+                        break;
+                    }
+                    Some(other) => early.push(other),
+                    None => return,
+                },
+            }
+        }
+    }
     let io = tokio::select! {
         () = cancel.cancelled() => return,
         io = state.open_stream(open.clone()) => io,
@@ -174,6 +197,17 @@ async fn run(
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_input(sink, stdin_rx, tx.clone(), id));
     let mut reader = tokio::spawn(relay_output(output, credit, tx.clone(), id));
+    for i in early {
+        match i {
+            HubInput::Data(d) => {
+                let _ = stdin_tx.send(Some(d));
+            }
+            HubInput::Eof => {
+                let _ = stdin_tx.send(None);
+            }
+            HubInput::Resize(..) => {}
+        }
+    }
     let result = loop {
         tokio::select! {
             () = cancel.cancelled() => {

@@ -391,13 +391,20 @@ impl PodmanClient {
         struct ExecStart {
             detach: bool,
             tty: bool,
+            #[serde(rename = "h", skip_serializing_if = "Option::is_none")]
+            height: Option<u32>,
+            #[serde(rename = "w", skip_serializing_if = "Option::is_none")]
+            width: Option<u32>,
         }
         let created: IdResponse = self
             .post_json(&format!("/containers/{}/exec", enc(id)), spec)
             .await?;
+        let sized = spec.tty && spec.width > 0 && spec.height > 0;
         let body = serde_json::to_vec(&ExecStart {
             detach: false,
             tty: spec.tty,
+            height: sized.then_some(spec.height),
+            width: sized.then_some(spec.width),
         })
         .unwrap_or_default();
         let path = format!("{API}/exec/{}/start", enc(&created.id));

@@ -37,6 +37,12 @@ pub struct ExecSpec {
     pub attach_stdout: bool,
     /// Attach stderr.
     pub attach_stderr: bool,
+    /// The TTY's initial width (0: Podman's default).
+    #[serde(skip)]
+    pub width: u32,
+    /// The TTY's initial height.
+    #[serde(skip)]
+    pub height: u32,
 }
 
 /// Which streams `attach` connects.

@@ -140,6 +140,8 @@ pub struct StreamInput {
 pub struct StreamOutput {
     shared: Arc<StreamShared>,
     events: mpsc::UnboundedReceiver<StreamEvent>,
+    /// `End` was handed out.
+    done: bool,
     _guard: Arc<Guard>,
 }
 
@@ -222,9 +224,14 @@ impl StreamInput {
 impl StreamOutput {
     /// The next thing the device sent; `None` after `End`.
     pub async fn next(&mut self) -> Option<StreamEvent> {
+        if self.done {
+            return None;
+        }
         let event = self.events.recv().await?;
-        if let StreamEvent::Data { data, .. } = &event {
-            self.consumed(data.len());
+        match &event {
+            StreamEvent::Data { data, .. } => self.consumed(data.len()),
+            StreamEvent::End { .. } => self.done = true,
+            StreamEvent::Eof { .. } => {}
         }
         Some(event)
     }
@@ -306,6 +313,7 @@ pub(crate) fn open(
         StreamOutput {
             shared,
             events: rx,
+            done: false,
             _guard: guard,
         },
     ))

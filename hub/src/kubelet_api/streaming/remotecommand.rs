@@ -134,7 +134,7 @@ pub(super) async fn serve(
         let event = tokio::select! {
             () = conn.closed.cancelled() => {
                 // The user went away: dropping the stream closes the session on the device.
-                tracing::debug!(stream = input.id(), "client closed the connection; device session closed");
+                tracing::info!(stream = input.id(), "client closed the connection; device session closed");
                 pumps.abort_all();
                 return;
             }
@@ -174,6 +174,12 @@ pub(super) async fn serve(
         }
     };
     pumps.abort_all();
+    tracing::info!(
+        stream = input.id(),
+        ?exit_code,
+        error = error.as_deref().unwrap_or(""),
+        "streaming session ended"
+    );
     for (open, id) in [(stdout_open, ch.stdout), (stderr_open, ch.stderr)] {
         if open && let Some(id) = id {
             writer.data(id, Bytes::new(), true).await;
@@ -221,7 +227,7 @@ pub(super) fn status_message(version: u8, exit_code: Option<i32>, error: Option<
         Some((None, message)) => json!({
             "metadata": {},
             "status": "Failure",
-            "message": format!("Internal error occurred: {message}"),
+            "message": message,
             "reason": "InternalError",
             "details": {"causes": [{"message": message}]},
             "code": 500,
