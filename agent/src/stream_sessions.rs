@@ -298,3 +298,91 @@ fn connect_in_netns(pid: i64, port: u16) -> Result<std::net::TcpStream, String> 
         .join()
         .map_err(|_| "the port-forward thread failed".to_string())?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::podman::fake::FakeRuntime;
+    use crate::podman::{ContainerCreate, PodCreate};
+    use tokio::io::AsyncWriteExt;
+
+    async fn running(rt: &FakeRuntime, device: &str, uid: &str, name: &str) {
+        rt.create_pod(&PodCreate {
+            name: "p".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("pod");
+        let labels = [
+            (labels::DEVICE, device),
+            (labels::POD_UID, uid),
+            (labels::CONTAINER, name),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let id = rt
+            .create_container(&ContainerCreate {
+                name: format!("p-{name}"),
+                pod: "p".into(),
+                labels,
+                ..Default::default()
+            })
+            .await
+            .expect("container");
+        rt.start_container(&id).await.expect("start");
+    }
+
+    fn exec_open(command: &[&str]) -> v1::StreamOpen {
+        v1::StreamOpen {
+            kind: v1::StreamKind::Exec as i32,
+            pod_uid: "uid-1".into(),
+            container: "app".into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn exec_relays_stdin_and_output_and_reports_the_exit_code() {
+        let rt = Arc::new(FakeRuntime::default());
+        running(&rt, "dev", "uid-1", "app").await;
+        let mut io = open_stream(&rt, "dev", exec_open(&["exit", "7"]))
+            .await
+            .expect("exec");
+        let mut input = io.input.take().expect("stdin attached");
+        input.write_all(b"typed\n").await.expect("stdin");
+        input.shutdown().await.expect("eof");
+        let mut out = Vec::new();
+        while let Some(item) = io.output.next().await {
+            let (channel, data) = item.expect("output");
+            assert_eq!(channel, v1::StreamChannel::Stdout);
+            out.extend_from_slice(&data);
+        }
+        assert_eq!(out, b"exit 7\ntyped\n");
+        assert_eq!(io.control.finish().await, Ok(Some(7)));
+    }
+
+    #[tokio::test]
+    async fn unknown_or_stopped_containers_are_refused_with_a_message() {
+        let rt = Arc::new(FakeRuntime::default());
+        let err = open_stream(&rt, "dev", exec_open(&["sh"]))
+            .await
+            .err()
+            .expect("no such container");
+        assert!(err.contains("\"app\" of pod uid-1 not found"), "{err}");
+        let mut open = exec_open(&[]);
+        running(&rt, "dev", "uid-1", "app").await;
+        let err = open_stream(&rt, "dev", open.clone())
+            .await
+            .err()
+            .expect("no command");
+        assert!(err.contains("no command"), "{err}");
+        open.kind = v1::StreamKind::PortForward as i32;
+        open.port = 0;
+        let err = open_stream(&rt, "dev", open).await.err().expect("port 0");
+        assert!(err.contains("invalid port"), "{err}");
+    }
+}

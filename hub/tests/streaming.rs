@@ -6,7 +6,9 @@
 
 use std::io::{BufRead, Read, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;

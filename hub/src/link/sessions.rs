@@ -250,7 +250,7 @@ pub(crate) struct SessionShared {
     control_ready: Notify,
     control_limit: usize,
     /// Open exec/attach/port-forward streams.
-    streams: std::sync::Mutex<super::streams::StreamMap>,
+    streams: RwLock<super::streams::StreamMap>,
 }
 
 impl SessionHandle {
@@ -264,7 +264,7 @@ impl SessionHandle {
                 control: RwLock::new(VecDeque::new()),
                 control_ready: Notify::new(),
                 control_limit,
-                streams: std::sync::Mutex::new(HashMap::new()),
+                streams: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -310,11 +310,8 @@ impl SessionHandle {
     }
 
     /// The session's open streams.
-    pub(crate) fn streams(&self) -> std::sync::MutexGuard<'_, super::streams::StreamMap> {
-        self.shared
-            .streams
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub(crate) fn streams(&self) -> std::sync::RwLockWriteGuard<'_, super::streams::StreamMap> {
+        write(&self.shared.streams)
     }
 
     /// The next queued control message, waiting for one.

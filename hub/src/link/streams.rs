@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use fleetlet_proto::v1;
@@ -57,7 +57,7 @@ pub(crate) struct StreamShared {
     /// Bytes of input the hub may still send.
     input_credit: Semaphore,
     events: mpsc::UnboundedSender<StreamEvent>,
-    counters: Mutex<Counters>,
+    counters: RwLock<Counters>,
     /// Set once the stream ended (either side); no StreamEnd goes to the device after it.
     ended: AtomicBool,
 }
@@ -242,7 +242,7 @@ impl StreamOutput {
             let mut c = self
                 .shared
                 .counters
-                .lock()
+                .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             c.consumed += bytes as u64;
             let grant = (c.consumed + u64::from(OUTPUT_WINDOW)).saturating_sub(c.granted);
@@ -280,7 +280,7 @@ pub(crate) fn open(
         session: session.clone(),
         input_credit: Semaphore::new(fleetlet_proto::STREAM_INPUT_WINDOW as usize),
         events: tx,
-        counters: Mutex::new(Counters {
+        counters: RwLock::new(Counters {
             granted: u64::from(OUTPUT_WINDOW),
             ..Counters::default()
         }),
@@ -341,7 +341,7 @@ pub(crate) fn route(session: &SessionHandle, message: v1::agent_message::Kind) {
                 let over = {
                     let mut c = shared
                         .counters
-                        .lock()
+                        .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     c.received += d.data.len() as u64;
                     c.received > c.granted

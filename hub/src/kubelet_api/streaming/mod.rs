@@ -273,6 +273,11 @@ impl KubeletApi {
                     Err(e) => return self.stream_refused(&node, e),
                 }
             }
+            // Port-forward opens one device stream per forwarded connection, later; an offline
+            // device is refused now all the same.
+            _ if !self.sessions.is_connected(&node) => {
+                return self.stream_refused(&node, String::new());
+            }
             _ => None,
         };
         tracing::info!(

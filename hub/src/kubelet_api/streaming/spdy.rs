@@ -636,12 +636,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let mut encoder = HeaderEncoder::new();
     let mut buf = BytesMut::new();
     loop {
+        // Queued frames first: a GOAWAY queued as the connection closes still goes out.
         let out = tokio::select! {
-            () = closed.cancelled() => break,
+            biased;
             out = rx.recv() => match out {
                 Some(out) => out,
                 None => break,
             },
+            () = closed.cancelled() => break,
         };
         let mut go_away = false;
         let frame = match out {
@@ -807,6 +809,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn the_dictionary_is_spdy3s() {
@@ -916,6 +919,111 @@ mod tests {
         assert!(HeaderDecoder::new().decode(b"not zlib at all").is_err());
         assert!(parse_header_block(&[0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(parse_header_block(&[0, 0, 0, 1, 0, 0, 0, 9, b'a']).is_err());
+    }
+
+    /// Reads frames from `io` until `want` matches one (bounded).
+    async fn read_until(
+        io: &mut tokio::io::DuplexStream,
+        buf: &mut BytesMut,
+        want: impl Fn(&RawFrame) -> bool,
+    ) -> Vec<RawFrame> {
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            while let Ok(Some((frame, used))) = parse_frame(buf) {
+                buf.advance(used);
+                let done = want(&frame);
+                seen.push(frame);
+                if done {
+                    return seen;
+                }
+            }
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), io.read_buf(buf))
+                .await
+                .expect("an answer")
+                .expect("read");
+            if n == 0 {
+                break;
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_served_connection_replies_answers_pings_and_ends_on_garbage() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut conn = serve(server, "test".into());
+        let mut enc = HeaderEncoder::new();
+        let mut out = BytesMut::new();
+        encode_frame(
+            &RawFrame::SynStream {
+                stream_id: 1,
+                associated_to: 0,
+                priority: 0,
+                flags: 0,
+                headers: enc.encode(&vec![("streamtype".into(), "stdin".into())]),
+            },
+            &mut out,
+        );
+        encode_frame(
+            &RawFrame::Data {
+                stream_id: 1,
+                flags: FLAG_FIN,
+                data: Bytes::from_static(b"input"),
+            },
+            &mut out,
+        );
+        encode_frame(&RawFrame::Ping(7), &mut out);
+        client.write_all(&out).await.expect("write");
+        let mut stream = conn.incoming.recv().await.expect("a stream");
+        assert_eq!(header(&stream.headers, "streamType"), Some("stdin"));
+        assert_eq!(stream.data.recv().await.as_deref(), Some(&b"input"[..]));
+        assert_eq!(stream.data.recv().await, None, "FIN ends the stream's data");
+        assert!(conn.writer.reply(1).await);
+        assert!(conn.writer.data(1, Bytes::from_static(b"out"), true).await);
+        let mut buf = BytesMut::new();
+        let frames = read_until(&mut client, &mut buf, |f| {
+            matches!(f, RawFrame::Data { .. })
+        })
+        .await;
+        assert!(frames.contains(&RawFrame::Ping(7)), "{frames:?}");
+        let reply = frames
+            .iter()
+            .find_map(|f| match f {
+                RawFrame::SynReply {
+                    stream_id: 1,
+                    headers,
+                    ..
+                } => Some(headers.clone()),
+                _ => None,
+            })
+            .expect("SYN_REPLY");
+        assert!(
+            HeaderDecoder::new()
+                .decode(&reply)
+                .expect("headers")
+                .is_empty()
+        );
+        assert!(frames.contains(&RawFrame::Data {
+            stream_id: 1,
+            flags: FLAG_FIN,
+            data: Bytes::from_static(b"out"),
+        }));
+        // A SPDY/2 frame: GOAWAY and the end of the connection, no panic.
+        client
+            .write_all(&[0x80, 0x02, 0x00, 0x06, 0, 0, 0, 4, 0, 0, 0, 1])
+            .await
+            .expect("write");
+        let frames = read_until(&mut client, &mut buf, |f| {
+            matches!(f, RawFrame::GoAway { .. })
+        })
+        .await;
+        assert!(
+            matches!(frames.last(), Some(RawFrame::GoAway { .. })),
+            "{frames:?}"
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed.cancelled())
+            .await
+            .expect("closed");
     }
 
     proptest! {
