@@ -313,6 +313,38 @@ async fn kubectl_exec_attach_and_port_forward_through_the_hub() {
     let _ = forward.kill();
     let _ = forward.wait();
 
+    // A port nothing listens on: the connection fails and kubectl says why.
+    let mut closed = kubectl_spawn(&["-n", &ns, "port-forward", "pod/web", ":9"]);
+    let rx = lines(closed.stdout.take().expect("stdout"));
+    let errors = lines(closed.stderr.take().expect("stderr"));
+    let port: u16 = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "port-forward did not start");
+            if let Ok(line) = rx.recv_timeout(Duration::from_secs(1))
+                && let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:")
+            {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port");
+            }
+        }
+    };
+    let _ = http_get(port);
+    let said = (0..30)
+        .filter_map(|_| errors.recv_timeout(Duration::from_secs(1)).ok())
+        .find(|l| l.contains("error forwarding port 9"));
+    let _ = closed.kill();
+    let _ = closed.wait();
+    println!("port-forward to a closed port: {said:?}");
+    let said = said.expect("kubectl reports the failed connection");
+    assert!(
+        said.contains("connecting to localhost:9 in the pod"),
+        "{said}"
+    );
+
     // The stream limit: STREAM_LIMIT sessions open, one more is refused with a clear message.
     let holders: Vec<_> = (0..STREAM_LIMIT)
         .map(|_| {
