@@ -26,6 +26,7 @@ const STREAM_LIMIT: usize = 3;
 
 struct Setup {
     dev: String,
+    kubelet_port: u16,
     ns: String,
     client: kube::Client,
     agent: Option<Proc>,
@@ -77,6 +78,7 @@ impl Setup {
         create_namespace(&client, &id).await;
         Self {
             dev,
+            kubelet_port: ports.kubelet,
             ns: id,
             client,
             agent: Some(agent),
@@ -391,6 +393,34 @@ async fn kubectl_exec_attach_and_port_forward_through_the_hub() {
     })
     .await;
 
+    // A client calling the kubelet endpoint directly over a websocket (v5.channel.k8s.io).
+    let messages = direct_websocket_exec(
+        s.kubelet_port,
+        &format!(
+            "/exec/{ns}/web/app?command=sh&command=-c&command=cat%3B%20echo%20err%20%3E%262%3B%20exit%202&input=1&output=1&error=1"
+        ),
+        b"over a websocket\n",
+    )
+    .await;
+    let channel = |c: u8| -> Vec<u8> {
+        messages
+            .iter()
+            .filter(|m| m.first() == Some(&c))
+            .flat_map(|m| m[1..].to_vec())
+            .collect()
+    };
+    println!(
+        "websocket exec: stdout {:?}, stderr {:?}, status {}",
+        String::from_utf8_lossy(&channel(1)),
+        String::from_utf8_lossy(&channel(2)),
+        String::from_utf8_lossy(&channel(3))
+    );
+    assert_eq!(channel(1), b"over a websocket\n");
+    assert_eq!(channel(2), b"err\n");
+    let status: Value = serde_json::from_slice(&channel(3)).expect("status");
+    assert_eq!(status["reason"], "NonZeroExitCode");
+    assert_eq!(status["details"]["causes"][0]["message"], "2");
+
     // The device's link drops mid-exec: the session ends with a message saying so.
     let mut long = kubectl_spawn(&[
         "-n",
@@ -431,4 +461,112 @@ fn http_get(port: u16) -> String {
     let mut response = String::new();
     let _ = conn.read_to_string(&mut response);
     response
+}
+
+/// exec over a websocket straight to the hub's kubelet endpoint, authenticated with the API
+/// server's kubelet client certificate: sends `stdin` and v5's CLOSE of stdin, returns every
+/// binary message until the server closes.
+async fn direct_websocket_exec(port: u16, path: &str, stdin: &[u8]) -> Vec<Vec<u8>> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = common::dev_dir().join("pki");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in fleetlet_proto::pem::load_certs(&pki.join("ca.crt")).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let certs =
+        fleetlet_proto::pem::load_certs(&pki.join("apiserver-kubelet-client.crt")).expect("cert");
+    let key =
+        fleetlet_proto::pem::load_key(&pki.join("apiserver-kubelet-client.key")).expect("key");
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .expect("client cert");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name =
+        rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await.expect("request");
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut chunk))
+            .await
+            .expect("response")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before the response: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: v5.channel.k8s.io"),
+        "{head}"
+    );
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    let mut rest = buf[head_end + 4..].to_vec();
+    let masked = |payload: &[u8]| {
+        let mask = [1u8, 2, 3, 4];
+        let mut f = vec![0x82, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    };
+    let mut first = vec![0u8];
+    first.extend_from_slice(stdin);
+    tls.write_all(&masked(&first)).await.expect("stdin");
+    tls.write_all(&masked(&[255, 0]))
+        .await
+        .expect("close stdin");
+    let mut messages = Vec::new();
+    for _ in 0..200 {
+        while rest.len() >= 2 {
+            let (len, at) = match rest[1] & 0x7f {
+                126 if rest.len() >= 4 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            if rest.len() < at + len {
+                break;
+            }
+            let opcode = rest[0] & 0x0f;
+            let payload = rest[at..at + len].to_vec();
+            rest.drain(..at + len);
+            match opcode {
+                2 => messages.push(payload),
+                8 => return messages,
+                _ => {}
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut chunk))
+            .await
+            .expect("frames")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    messages
 }

@@ -23,6 +23,8 @@ pub use server::LinkServer;
 pub use sessions::{
     DeviceSessions, INFLIGHT_BYTES_PER_DEVICE, InFlight, LinkStats, SessionEvent, SessionLimits,
 };
+#[cfg(test)]
+pub(crate) use streams::route as route_stream_message;
 pub use streams::{OUTPUT_WINDOW, StreamEvent, StreamInput, StreamOutput};
 pub use tls::{device_identity as identity_of, flightctl_fingerprint};
 

@@ -12,6 +12,7 @@ pub mod dictionary;
 mod portforward;
 mod remotecommand;
 pub mod spdy;
+pub mod websocket;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -153,11 +154,11 @@ pub fn negotiate(client: &[String], server: &[&str]) -> Option<String> {
         .cloned()
 }
 
-/// The protocol versions the client offers, from every `X-Stream-Protocol-Version` header
-/// (each may hold a comma-separated list).
-fn offered_protocols(req: &Request<Incoming>) -> Vec<String> {
+/// The protocols the client offers, from every `name` header (`X-Stream-Protocol-Version` for
+/// SPDY, `Sec-WebSocket-Protocol` for websockets; each may hold a comma-separated list).
+fn header_list(req: &Request<Incoming>, name: &str) -> Vec<String> {
     req.headers()
-        .get_all("x-stream-protocol-version")
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -217,23 +218,37 @@ impl KubeletApi {
             Ok(found) => found,
             Err(response) => return response,
         };
-        if is_websocket(&req) {
+        let websocket = is_websocket(&req);
+        if websocket && path.endpoint == Endpoint::PortForward {
             return text(
                 StatusCode::BAD_REQUEST,
-                "websocket streaming is not served by fleetlet-hub yet; use SPDY/3.1 (what the API server speaks to kubelets)",
+                "port-forward over websocket is not served by fleetlet-hub; use SPDY/3.1 (what the API server speaks to kubelets)",
             );
         }
-        if !is_spdy_upgrade(&req) {
+        let ws_key = req
+            .headers()
+            .get("sec-websocket-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if websocket && ws_key.is_none() {
+            return text(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is required");
+        }
+        if !websocket && !is_spdy_upgrade(&req) {
             return text(
                 StatusCode::BAD_REQUEST,
-                "Upgrade request required (Connection: Upgrade, Upgrade: SPDY/3.1)",
+                "Upgrade request required (Connection: Upgrade, Upgrade: SPDY/3.1 or websocket)",
             );
         }
         let server = match path.endpoint {
+            _ if websocket => websocket::PROTOCOLS,
             Endpoint::PortForward => PORTFORWARD_PROTOCOLS,
             _ => REMOTECOMMAND_PROTOCOLS,
         };
-        let offered = offered_protocols(&req);
+        let offered = if websocket {
+            header_list(&req, "sec-websocket-protocol")
+        } else {
+            header_list(&req, "x-stream-protocol-version")
+        };
         let Some(protocol) = negotiate(&offered, server) else {
             let mut r = text(
                 StatusCode::FORBIDDEN,
@@ -304,6 +319,12 @@ impl KubeletApi {
                     return;
                 }
             };
+            if websocket {
+                if let (Some(session), Some(q)) = (session, query_for_task) {
+                    websocket::serve(TokioIo::new(upgraded), &protocol_for_task, q, session).await;
+                }
+                return;
+            }
             let conn = spdy::serve(TokioIo::new(upgraded), peer);
             match (endpoint, session, query_for_task) {
                 (Endpoint::PortForward, _, _) => {
@@ -322,6 +343,21 @@ impl KubeletApi {
             http::header::CONNECTION,
             http::HeaderValue::from_static("Upgrade"),
         );
+        if let Some(key) = ws_key.filter(|_| websocket) {
+            h.insert(
+                http::header::UPGRADE,
+                http::HeaderValue::from_static("websocket"),
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&websocket::accept_key(&key)) {
+                h.insert("sec-websocket-accept", v);
+            }
+            if let Ok(v) = http::HeaderValue::from_str(&protocol)
+                && !protocol.is_empty()
+            {
+                h.insert("sec-websocket-protocol", v);
+            }
+            return r;
+        }
         h.insert(
             http::header::UPGRADE,
             http::HeaderValue::from_static("SPDY/3.1"),

@@ -238,7 +238,7 @@ pub(super) fn status_message(version: u8, exit_code: Option<i32>, error: Option<
 
 /// The terminal sizes complete in `buf` (a stream of JSON objects `{"Width":..,"Height":..}`),
 /// removed from it; a malformed object is skipped.
-fn drain_sizes(buf: &mut BytesMut) -> Vec<(u32, u32)> {
+pub(super) fn drain_sizes(buf: &mut BytesMut) -> Vec<(u32, u32)> {
     #[derive(serde::Deserialize)]
     struct Size {
         #[serde(rename = "Width", default)]
