@@ -394,12 +394,13 @@ async fn kubectl_exec_attach_and_port_forward_through_the_hub() {
     .await;
 
     // A client calling the kubelet endpoint directly over a websocket (v5.channel.k8s.io).
-    let messages = direct_websocket_exec(
+    let messages = direct_websocket(
         s.kubelet_port,
         &format!(
             "/exec/{ns}/web/app?command=sh&command=-c&command=cat%3B%20echo%20err%20%3E%262%3B%20exit%202&input=1&output=1&error=1"
         ),
-        b"over a websocket\n",
+        "v5.channel.k8s.io",
+        &[b"\x00over a websocket\n".to_vec(), vec![255, 0]],
     )
     .await;
     let channel = |c: u8| -> Vec<u8> {
@@ -420,6 +421,26 @@ async fn kubectl_exec_attach_and_port_forward_through_the_hub() {
     let status: Value = serde_json::from_slice(&channel(3)).expect("status");
     assert_eq!(status["reason"], "NonZeroExitCode");
     assert_eq!(status["details"]["causes"][0]["message"], "2");
+
+    // port-forward over a websocket (v4.channel.k8s.io): channel 0 data, 1 errors, each
+    // starting with the port.
+    let messages = direct_websocket(
+        s.kubelet_port,
+        &format!("/portForward/{ns}/web?port=8080"),
+        "v4.channel.k8s.io",
+        &[b"\x00GET /index.html HTTP/1.0\r\nHost: pod\r\n\r\n".to_vec()],
+    )
+    .await;
+    assert!(messages.contains(&vec![0, 0x90, 0x1f]), "{messages:?}");
+    assert!(messages.contains(&vec![1, 0x90, 0x1f]), "{messages:?}");
+    let data: Vec<u8> = messages
+        .iter()
+        .filter(|m| m.first() == Some(&0))
+        .flat_map(|m| m[1..].to_vec())
+        .collect();
+    let data = String::from_utf8_lossy(&data);
+    println!("websocket port-forward: {:?}", data.lines().last());
+    assert!(data.contains("hello-from-the-pod"), "{data}");
 
     // The device's link drops mid-exec: the session ends with a message saying so.
     let mut long = kubectl_spawn(&[
@@ -463,10 +484,10 @@ fn http_get(port: u16) -> String {
     response
 }
 
-/// exec over a websocket straight to the hub's kubelet endpoint, authenticated with the API
-/// server's kubelet client certificate: sends `stdin` and v5's CLOSE of stdin, returns every
+/// A websocket straight to the hub's kubelet endpoint, authenticated with the API server's
+/// kubelet client certificate, speaking `protocol`: sends the `send` messages, returns every
 /// binary message until the server closes.
-async fn direct_websocket_exec(port: u16, path: &str, stdin: &[u8]) -> Vec<Vec<u8>> {
+async fn direct_websocket(port: u16, path: &str, protocol: &str, send: &[Vec<u8>]) -> Vec<Vec<u8>> {
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = common::dev_dir().join("pki");
@@ -496,7 +517,7 @@ async fn direct_websocket_exec(port: u16, path: &str, stdin: &[u8]) -> Vec<Vec<u
         .await
         .expect("tls");
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n"
     );
     tls.write_all(request.as_bytes()).await.expect("request");
     let mut buf = Vec::new();
@@ -520,7 +541,7 @@ async fn direct_websocket_exec(port: u16, path: &str, stdin: &[u8]) -> Vec<Vec<u
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
         head.to_ascii_lowercase()
-            .contains("sec-websocket-protocol: v5.channel.k8s.io"),
+            .contains(&format!("sec-websocket-protocol: {protocol}")),
         "{head}"
     );
     assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
@@ -532,12 +553,10 @@ async fn direct_websocket_exec(port: u16, path: &str, stdin: &[u8]) -> Vec<Vec<u
         f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         f
     };
-    let mut first = vec![0u8];
-    first.extend_from_slice(stdin);
-    tls.write_all(&masked(&first)).await.expect("stdin");
-    tls.write_all(&masked(&[255, 0]))
-        .await
-        .expect("close stdin");
+    for message in send {
+        assert!(message.len() < 126, "short messages only");
+        tls.write_all(&masked(message)).await.expect("send");
+    }
     let mut messages = Vec::new();
     for _ in 0..200 {
         while rest.len() >= 2 {

@@ -219,12 +219,14 @@ impl KubeletApi {
             Err(response) => return response,
         };
         let websocket = is_websocket(&req);
-        if websocket && path.endpoint == Endpoint::PortForward {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "port-forward over websocket is not served by fleetlet-hub; use SPDY/3.1 (what the API server speaks to kubelets)",
-            );
-        }
+        let ws_ports = if websocket && path.endpoint == Endpoint::PortForward {
+            match websocket::parse_ports(req.uri().query()) {
+                Ok(p) => Some(p),
+                Err(e) => return text(StatusCode::BAD_REQUEST, e),
+            }
+        } else {
+            None
+        };
         let ws_key = req
             .headers()
             .get("sec-websocket-key")
@@ -240,6 +242,7 @@ impl KubeletApi {
             );
         }
         let server = match path.endpoint {
+            Endpoint::PortForward if websocket => websocket::PORTFORWARD_PROTOCOLS,
             _ if websocket => websocket::PROTOCOLS,
             Endpoint::PortForward => PORTFORWARD_PROTOCOLS,
             _ => REMOTECOMMAND_PROTOCOLS,
@@ -319,6 +322,17 @@ impl KubeletApi {
                     return;
                 }
             };
+            if let Some(ports) = ws_ports {
+                websocket::serve_portforward(
+                    TokioIo::new(upgraded),
+                    ports,
+                    sessions,
+                    node,
+                    pod_uid,
+                )
+                .await;
+                return;
+            }
             if websocket {
                 if let (Some(session), Some(q)) = (session, query_for_task) {
                     websocket::serve(TokioIo::new(upgraded), &protocol_for_task, q, session).await;

@@ -151,6 +151,169 @@ enum Out {
     Close(u16),
 }
 
+/// The websocket protocols of port-forward ("" is the kubelet's binary default).
+pub const PORTFORWARD_PROTOCOLS: &[&str] = &["v4.channel.k8s.io"];
+
+/// A served websocket: complete client messages in, frames out, and whether it is gone.
+struct Conn {
+    messages: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Out>,
+    closed: CancellationToken,
+}
+
+fn start<IO>(io: IO) -> Conn
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (read, write) = tokio::io::split(io);
+    let (out_tx, out_rx) = mpsc::channel::<Out>(64);
+    let (msg_tx, messages) = mpsc::channel::<Bytes>(16);
+    let closed = CancellationToken::new();
+    tokio::spawn(write_loop(write, out_rx, closed.clone()));
+    tokio::spawn(read_loop(read, msg_tx, out_tx.clone(), closed.clone()));
+    Conn {
+        messages,
+        out: out_tx,
+        closed,
+    }
+}
+
+fn channel_message(channel: u8, data: &[u8]) -> Out {
+    let mut m = BytesMut::with_capacity(data.len() + 1);
+    m.put_u8(channel);
+    m.put_slice(data);
+    Out::Binary(m.freeze())
+}
+
+/// The ports of a websocket port-forward request (`port=` repeated or comma-separated).
+pub fn parse_ports(query: Option<&str>) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for pair in query.unwrap_or_default().split('&') {
+        let Some(value) = pair.strip_prefix("port=") else {
+            continue;
+        };
+        if value.is_empty() {
+            return Err("query parameter \"port\" cannot be empty".into());
+        }
+        for p in value.split(',') {
+            let port: u16 = p
+                .parse()
+                .map_err(|_| format!("unable to parse {value:?} as a port"))?;
+            if port == 0 {
+                return Err(format!("port {value:?} must be > 0"));
+            }
+            ports.push(port);
+        }
+    }
+    if ports.is_empty() {
+        return Err("query parameter \"port\" is required".into());
+    }
+    if ports.len() > 64 {
+        return Err("at most 64 ports at once".into());
+    }
+    Ok(ports)
+}
+
+/// Serves a port-forward over an upgraded websocket: per port `i`, channel `2i` carries the
+/// data and `2i+1` errors, each starting with the port (2 bytes, little endian) as the kubelet
+/// sends it; each port is one connection, one stream on the device's link.
+pub(super) async fn serve_portforward<IO>(
+    io: IO,
+    ports: Vec<u16>,
+    sessions: std::sync::Arc<dyn crate::sessions::Sessions>,
+    device: String,
+    pod_uid: String,
+) where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Conn {
+        mut messages,
+        out,
+        closed,
+    } = start(io);
+    let mut inputs = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, port) in ports.iter().copied().enumerate() {
+        let (data_ch, error_ch) = ((2 * i) as u8, (2 * i + 1) as u8);
+        let _ = out
+            .send(channel_message(data_ch, &port.to_le_bytes()))
+            .await;
+        let _ = out
+            .send(channel_message(error_ch, &port.to_le_bytes()))
+            .await;
+        let open = fleetlet_proto::v1::StreamOpen {
+            kind: fleetlet_proto::v1::StreamKind::PortForward as i32,
+            pod_uid: pod_uid.clone(),
+            port: u32::from(port),
+            ..Default::default()
+        };
+        let pod = pod_uid.clone();
+        let fail = move |message: String| {
+            channel_message(
+                error_ch,
+                format!("error forwarding port {port} to pod {pod}: {message}").as_bytes(),
+            )
+        };
+        match sessions.open_stream(&device, open).await {
+            Ok((input, mut output)) => {
+                inputs.push(Some(input));
+                let out = out.clone();
+                let fail = fail.clone();
+                tasks.spawn(async move {
+                    while let Some(event) = output.next().await {
+                        match event {
+                            StreamEvent::Data { data, .. } => {
+                                for chunk in data.chunks(32 * 1024) {
+                                    if out.send(channel_message(data_ch, chunk)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            StreamEvent::Eof { .. } => {}
+                            StreamEvent::End { error: Some(e), .. } => {
+                                let _ = out.send(fail(e)).await;
+                                return;
+                            }
+                            StreamEvent::End { .. } => return,
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                inputs.push(None);
+                let _ = out.send(fail(e)).await;
+            }
+        }
+    }
+    let pump = tokio::spawn(async move {
+        while let Some(message) = messages.recv().await {
+            let Some((&channel, _)) = message.split_first() else {
+                continue;
+            };
+            let i = usize::from(channel / 2);
+            if channel % 2 == 0
+                && let Some(Some(input)) = inputs.get(i)
+                && message.len() > 1
+                && input
+                    .send(StreamChannel::Stdin, message.slice(1..))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // Over once every connection ended (or the client went away).
+    tokio::select! {
+        () = closed.cancelled() => {}
+        () = async { while tasks.join_next().await.is_some() {} } => {
+            let _ = out.send(Out::Close(1000)).await;
+        }
+    }
+    pump.abort();
+    tasks.abort_all();
+}
+
 /// Serves exec or attach on an upgraded websocket connection.
 pub(super) async fn serve<IO>(io: IO, protocol: &str, q: RemoteCommandQuery, stream: DeviceStream)
 where
@@ -161,12 +324,11 @@ where
         "v4.channel.k8s.io" => 4,
         _ => 1,
     };
-    let (read, write) = tokio::io::split(io);
-    let (out_tx, out_rx) = mpsc::channel::<Out>(64);
-    let (msg_tx, mut messages) = mpsc::channel::<Bytes>(16);
-    let closed = CancellationToken::new();
-    tokio::spawn(write_loop(write, out_rx, closed.clone()));
-    tokio::spawn(read_loop(read, msg_tx, out_tx.clone(), closed.clone()));
+    let Conn {
+        mut messages,
+        out: out_tx,
+        closed,
+    } = start(io);
     let (input, mut output) = stream;
     // Client → device: stdin, resizes, v5's CLOSE of stdin.
     let pump = {
@@ -203,12 +365,7 @@ where
             }
         })
     };
-    let send = |channel: u8, data: &[u8]| {
-        let mut m = BytesMut::with_capacity(data.len() + 1);
-        m.put_u8(channel);
-        m.put_slice(data);
-        out_tx.send(Out::Binary(m.freeze()))
-    };
+    let send = |channel: u8, data: &[u8]| out_tx.send(channel_message(channel, data));
     let (exit_code, error) = loop {
         let event = tokio::select! {
             () = closed.cancelled() => {
@@ -384,6 +541,18 @@ mod tests {
         out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         out
+    }
+
+    #[test]
+    fn port_forward_ports_parse_like_the_kubelets() {
+        assert_eq!(
+            parse_ports(Some("port=80&port=443,8080")),
+            Ok(vec![80, 443, 8080])
+        );
+        assert!(parse_ports(Some("port=")).is_err());
+        assert!(parse_ports(Some("port=0")).is_err());
+        assert!(parse_ports(Some("port=http")).is_err());
+        assert!(parse_ports(None).is_err());
     }
 
     #[test]
