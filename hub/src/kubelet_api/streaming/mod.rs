@@ -6,7 +6,8 @@
 //! websocket (`streamtunnel.go`), so the hub serves SPDY: the upgrade handshake negotiates a
 //! protocol version from `X-Stream-Protocol-Version`, then the client opens one SPDY stream per
 //! channel (`streamType` header). Each exec/attach session, and each port-forward connection,
-//! is one stream on the device's link (`crate::link::StreamInput`/`StreamOutput`).
+//! is one stream on the device's link (`crate::link::StreamInput`/`StreamOutput`). Clients that
+//! call the endpoint directly may use websockets instead (`websocket.rs`).
 
 pub mod dictionary;
 mod portforward;
