@@ -103,6 +103,10 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
         container_logs(&*self.rt, &self.device, req, previous).await
     }
 
+    async fn open_stream(&self, open: v1::StreamOpen) -> Result<crate::link::StreamIo, String> {
+        crate::stream_sessions::open_stream(&self.rt, &self.device, open).await
+    }
+
     fn set_not_served(&self, since: Option<String>) {
         self.not_served.send_replace(since);
     }

@@ -22,3 +22,4 @@ pub mod resource_stats;
 pub mod status;
 pub mod statusfile;
 pub mod store;
+pub mod stream_sessions;

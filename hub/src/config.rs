@@ -242,6 +242,9 @@ pub struct KubeletConfig {
     /// `/containerLogs` only. At most 4096 ports; a Node that finds none free is reported and
     /// advertises the shared port.
     pub node_ports: Option<crate::kubelet_api::ports::PortRange>,
+    /// `kubectl exec`/`attach`/`port-forward` connections open at once per device (each
+    /// port-forward connection counts); more are refused with a message saying so.
+    pub max_streams_per_device: usize,
 }
 
 impl Default for KubeletConfig {
@@ -254,6 +257,7 @@ impl Default for KubeletConfig {
             key_file: None,
             client_ca_file: None,
             node_ports: None,
+            max_streams_per_device: 16,
         }
     }
 }

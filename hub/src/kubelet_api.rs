@@ -11,6 +11,7 @@
 pub mod auth_cache;
 pub mod ports;
 pub mod stats;
+pub mod streaming;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -279,6 +280,12 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
+fn empty_body() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
 /// Bounds on the endpoint's connections, so idle, slow or numerous clients cannot pin the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
@@ -500,7 +507,9 @@ impl KubeletApi {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(limits.header_timeout)
-                    .serve_connection(TokioIo::new(tls), service);
+                    .serve_connection(TokioIo::new(tls), service)
+                    // exec, attach and port-forward switch the connection to SPDY.
+                    .with_upgrades();
                 tokio::select! {
                     r = conn => if let Err(error) = r {
                         tracing::debug!(%peer, %error, "kubelet endpoint connection ended");
@@ -562,6 +571,9 @@ impl KubeletApi {
                     "authorization unavailable",
                 );
             }
+        }
+        if let Some(path) = streaming::parse_stream_path(req.uri().path()) {
+            return self.handle_stream(req, path, &caller).await;
         }
         if let Some(route) = NodeRoute::of(req.uri().path()) {
             let Some(node) = node else {
@@ -913,9 +925,11 @@ pub fn request_attributes(method: &Method, path: &str, node: Option<&str>) -> At
         Method::DELETE => "delete",
         _ => "get",
     };
+    // The shared port: every Node's, so `nodes/proxy` on all of them, with the method's verb
+    // (exec, attach and port-forward are POSTs: `create`, as the kubelet maps them).
     let Some(node) = node else {
         return Attributes {
-            verb: "get",
+            verb,
             subresources: vec!["proxy"],
             node: None,
         };

@@ -87,7 +87,10 @@ pub fn identity(cfg: &HubConfig) -> String {
 
 /// Runs the hub until `shutdown` (or until leadership is lost).
 pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunError> {
-    let sessions = DeviceSessions::new(SessionLimits::default());
+    let sessions = DeviceSessions::new(SessionLimits {
+        max_streams_per_device: cfg.kubelet.max_streams_per_device.max(1),
+        ..SessionLimits::default()
+    });
     let metrics = {
         let mut m = Metrics::new();
         m.register_link(&sessions.stats());

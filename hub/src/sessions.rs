@@ -32,7 +32,21 @@ pub trait Sessions: Send + Sync + 'static {
         device: &str,
         req: LogRequest,
     ) -> BoxFuture<'static, Result<LogStream, String>>;
+    /// Opens an exec, attach or port-forward stream on the device's link; an error (for the
+    /// user) when it is offline, at its stream limit or its link is congested.
+    fn open_stream(
+        &self,
+        device: &str,
+        open: fleetlet_proto::v1::StreamOpen,
+    ) -> BoxFuture<'static, Result<DeviceStream, String>> {
+        let _ = open;
+        let device = device.to_string();
+        Box::pin(async move { Err(format!("streams to device {device} are not supported here")) })
+    }
 }
+
+/// The two halves of a stream opened with [`Sessions::open_stream`].
+pub type DeviceStream = (crate::link::StreamInput, crate::link::StreamOutput);
 
 pub use crate::inventory::InventoryDevice as DeviceRecord;
 pub use crate::link::SessionEvent;
@@ -67,6 +81,20 @@ impl Sessions for crate::link::DeviceSessions {
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(stream.map(|chunk| chunk.map_err(|e| e.to_string())).boxed())
+        })
+    }
+
+    fn open_stream(
+        &self,
+        device: &str,
+        open: fleetlet_proto::v1::StreamOpen,
+    ) -> BoxFuture<'static, Result<DeviceStream, String>> {
+        let this = self.clone();
+        let device = device.to_string();
+        Box::pin(async move {
+            crate::link::DeviceSessions::open_stream(&this, &device, open)
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 }

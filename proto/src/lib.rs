@@ -42,6 +42,12 @@ pub fn is_not_served(status: &tonic::Status) -> bool {
             .is_some_and(|v| v == NOT_SERVED)
 }
 
+/// Bytes of input the hub may send on a stream before the device grants more (`StreamWindow`).
+pub const STREAM_INPUT_WINDOW: u32 = 256 * 1024;
+
+/// Most bytes one `StreamData` message carries; larger writes are split.
+pub const STREAM_CHUNK_BYTES: usize = 32 * 1024;
+
 /// Upper bound on one decoded message, in bytes. A snapshot bigger than this is a bug or an
 /// attack either way; both sides reject it with a clear status instead of allocating.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

@@ -214,6 +214,7 @@ pub(crate) async fn run_session(
     send(&tx, full_report(&last_pods)).await?;
 
     let mut logs: HashMap<u64, CancellationToken> = HashMap::new();
+    let mut streams = super::streams::Streams::default();
     let mut pending: Option<PendingSnapshot> = None;
     let session_end = CancellationToken::new();
     let _stop_logs = session_end.clone().drop_guard();
@@ -301,7 +302,9 @@ pub(crate) async fn run_session(
             }
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
-                    handle_hub_message(state, &device, &tx, &mut logs, &mut pending, &session_end, message).await?;
+                    if let Some(message) = streams.handle(state, &tx, &session_end, message) {
+                        handle_hub_message(state, &device, &tx, &mut logs, &mut pending, &session_end, message).await?;
+                    }
                 }
                 Ok(None) => return Ok(SessionEnd::ClosedByHub),
                 Err(status) if fleetlet_proto::is_not_served(&status) => {
@@ -504,6 +507,7 @@ async fn handle_hub_message(
             tracing::warn!(device, "hub sent an empty message; ignored");
             Ok(())
         }
+        Some(_) => Ok(()),
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod client;
 pub mod memory;
+mod streams;
 mod tls;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,8 @@ use tokio::sync::watch;
 
 /// Current status of every pod the device knows, keyed by pod UID.
 pub type PodStatusMap = Arc<BTreeMap<String, v1::PodStatusEntry>>;
+
+pub use streams::{StreamControl, StreamIo, StreamOutput};
 
 /// A container log as a stream of chunks; an `Err` ends the stream with that message.
 pub type LogStream = BoxStream<'static, Result<bytes::Bytes, String>>;
@@ -58,6 +61,11 @@ pub trait DeviceState: Send + Sync + 'static {
     fn pod_statuses(&self) -> watch::Receiver<PodStatusMap>;
     /// Stream a container's log for `kubectl logs`.
     async fn logs(&self, req: v1::LogRequest) -> Result<LogStream, String>;
+    /// Opens an exec, attach or port-forward session for the hub (`kubectl exec/attach/
+    /// port-forward`); the error is shown to the user.
+    async fn open_stream(&self, _open: v1::StreamOpen) -> Result<StreamIo, String> {
+        Err("this device does not serve exec, attach or port-forward".into())
+    }
     /// Records since when (RFC 3339) the hub refuses to serve this device, `None` once it
     /// serves it again (shown by `fleetlet-agent status`).
     fn set_not_served(&self, _since: Option<String>) {}

@@ -402,6 +402,102 @@ impl PodmanClient {
         Ok(state.exit_code)
     }
 
+    /// Creates an exec session in container `id` and starts it attached: Podman hands over the
+    /// connection as the session's byte stream.
+    pub async fn exec_session(
+        &self,
+        id: &str,
+        spec: &super::stream::ExecSpec,
+    ) -> Result<super::stream::Session, PodmanError> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct ExecStart {
+            detach: bool,
+            tty: bool,
+            #[serde(rename = "h", skip_serializing_if = "Option::is_none")]
+            height: Option<u32>,
+            #[serde(rename = "w", skip_serializing_if = "Option::is_none")]
+            width: Option<u32>,
+        }
+        let created: IdResponse = self
+            .post_json(&format!("/containers/{}/exec", enc(id)), spec)
+            .await?;
+        let sized = spec.tty && spec.width > 0 && spec.height > 0;
+        let body = serde_json::to_vec(&ExecStart {
+            detach: false,
+            tty: spec.tty,
+            height: sized.then_some(spec.height),
+            width: sized.then_some(spec.width),
+        })
+        .unwrap_or_default();
+        let path = format!("{API}/exec/{}/start", enc(&created.id));
+        let (stream, buffered) = super::stream::hijack(&self.socket, &path, &body).await?;
+        Ok(super::stream::session(
+            created.id,
+            stream,
+            buffered,
+            spec.tty,
+            spec.attach_stdin,
+        ))
+    }
+
+    /// Resizes exec session `exec_id`'s TTY.
+    pub async fn exec_resize(
+        &self,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), PodmanError> {
+        let path = format!("/exec/{}/resize?h={height}&w={width}", enc(exec_id));
+        self.call(Method::POST, &path, None, CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
+    /// Exec session `exec_id`'s exit code, `None` while it runs.
+    pub async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i32>, PodmanError> {
+        let state: ExecInspect = self
+            .get_json(&format!("/exec/{}/json", enc(exec_id)))
+            .await?;
+        Ok((!state.running).then_some(state.exit_code))
+    }
+
+    /// Attaches to container `id`'s main process.
+    pub async fn attach_session(
+        &self,
+        id: &str,
+        spec: super::stream::AttachSpec,
+    ) -> Result<super::stream::Session, PodmanError> {
+        let path = format!(
+            "{API}/containers/{}/attach?stream=true&logs=false&stdin={}&stdout={}&stderr={}",
+            enc(id),
+            spec.stdin,
+            spec.stdout,
+            spec.stderr
+        );
+        let (stream, buffered) = super::stream::hijack(&self.socket, &path, b"").await?;
+        Ok(super::stream::session(
+            String::new(),
+            stream,
+            buffered,
+            spec.tty,
+            spec.stdin,
+        ))
+    }
+
+    /// Resizes container `id`'s TTY.
+    pub async fn container_resize(
+        &self,
+        id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), PodmanError> {
+        let path = format!("/containers/{}/resize?h={height}&w={width}", enc(id));
+        self.call(Method::POST, &path, None, CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
     /// Container events for containers carrying every label in `labels`, as they happen.
     pub async fn events(
         &self,

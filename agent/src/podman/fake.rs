@@ -50,6 +50,8 @@ pub struct FakeState {
     /// CPU and memory counters by container id, as `container_stats` reports them (running
     /// containers without an entry read zero).
     pub stats: BTreeMap<String, ContainerStats>,
+    /// Exit codes of exec sessions, by exec id (the container id here).
+    pub exec_codes: BTreeMap<String, i32>,
     next: u64,
     clock: i64,
 }
@@ -327,5 +329,93 @@ impl ContainerRuntime for FakeRuntime {
         _opts: &LogOptions,
     ) -> RtResult<BoxStream<'static, RtResult<Bytes>>> {
         Ok(Box::pin(futures::stream::empty()))
+    }
+
+    /// Echoes stdin to stdout (like `cat`) and exits with 0, or prints the command and exits
+    /// with the number after `exit` when it is `exit N`.
+    async fn exec_session(
+        &self,
+        id: &str,
+        spec: &super::stream::ExecSpec,
+    ) -> RtResult<super::stream::Session> {
+        let running = self
+            .state
+            .lock()
+            .await
+            .containers
+            .get(id)
+            .is_some_and(|c| c.state == "running");
+        if !running {
+            return Err(PodmanError::Api {
+                endpoint: format!("POST /containers/{id}/exec"),
+                status: 409,
+                message: format!("container {id} is not running"),
+            });
+        }
+        let code = match spec.cmd.as_slice() {
+            [exit, n] if exit == "exit" => n.parse().unwrap_or(1),
+            _ => 0,
+        };
+        self.state
+            .lock()
+            .await
+            .exec_codes
+            .insert(id.to_string(), code);
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let (far_read, mut far_write) = tokio::io::split(far);
+        let (near_read, near_write) = tokio::io::split(near);
+        let banner = Bytes::from(format!("{}\n", spec.cmd.join(" ")));
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut framed = vec![1u8, 0, 0, 0];
+            framed.extend_from_slice(&(banner.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&banner);
+            let _ = far_write.write_all(&framed).await;
+            let mut far_read = far_read;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut far_read, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut frame = vec![1u8, 0, 0, 0];
+                        frame.extend_from_slice(&(n as u32).to_be_bytes());
+                        frame.extend_from_slice(&buf[..n]);
+                        if far_write.write_all(&frame).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = far_write.shutdown().await;
+        });
+        Ok(super::stream::Session {
+            exec_id: id.to_string(),
+            output: super::stream::output(near_read, Bytes::new(), false),
+            input: Some(Box::pin(near_write)),
+        })
+    }
+
+    async fn exec_resize(&self, _exec_id: &str, _width: u32, _height: u32) -> RtResult<()> {
+        Ok(())
+    }
+
+    async fn exec_exit_code(&self, exec_id: &str) -> RtResult<Option<i32>> {
+        Ok(self.state.lock().await.exec_codes.get(exec_id).copied())
+    }
+
+    async fn attach_session(
+        &self,
+        id: &str,
+        _spec: super::stream::AttachSpec,
+    ) -> RtResult<super::stream::Session> {
+        Err(PodmanError::Api {
+            endpoint: format!("POST /containers/{id}/attach"),
+            status: 501,
+            message: "the fake runtime does not attach".into(),
+        })
+    }
+
+    async fn container_resize(&self, _id: &str, _width: u32, _height: u32) -> RtResult<()> {
+        Ok(())
     }
 }

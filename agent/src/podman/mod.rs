@@ -3,6 +3,7 @@
 mod client;
 #[cfg(test)]
 pub mod fake;
+pub mod stream;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -377,6 +378,34 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         &self,
         ids: &[String],
     ) -> impl Future<Output = RtResult<Vec<ContainerStats>>> + Send;
+    /// Starts an interactive exec session in a running container (`kubectl exec`).
+    fn exec_session(
+        &self,
+        id: &str,
+        spec: &stream::ExecSpec,
+    ) -> impl Future<Output = RtResult<stream::Session>> + Send;
+    /// Resizes an exec session's TTY.
+    fn exec_resize(
+        &self,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> impl Future<Output = RtResult<()>> + Send;
+    /// An exec session's exit code; `None` while it still runs.
+    fn exec_exit_code(&self, exec_id: &str) -> impl Future<Output = RtResult<Option<i32>>> + Send;
+    /// Attaches to a container's main process (`kubectl attach`).
+    fn attach_session(
+        &self,
+        id: &str,
+        spec: stream::AttachSpec,
+    ) -> impl Future<Output = RtResult<stream::Session>> + Send;
+    /// Resizes a container's TTY.
+    fn container_resize(
+        &self,
+        id: &str,
+        width: u32,
+        height: u32,
+    ) -> impl Future<Output = RtResult<()>> + Send;
 }
 
 impl ContainerRuntime for PodmanClient {
@@ -434,5 +463,24 @@ impl ContainerRuntime for PodmanClient {
         opts: &LogOptions,
     ) -> RtResult<BoxStream<'static, RtResult<Bytes>>> {
         PodmanClient::logs(self, id, opts).await
+    }
+    async fn exec_session(&self, id: &str, spec: &stream::ExecSpec) -> RtResult<stream::Session> {
+        PodmanClient::exec_session(self, id, spec).await
+    }
+    async fn exec_resize(&self, exec_id: &str, width: u32, height: u32) -> RtResult<()> {
+        PodmanClient::exec_resize(self, exec_id, width, height).await
+    }
+    async fn exec_exit_code(&self, exec_id: &str) -> RtResult<Option<i32>> {
+        PodmanClient::exec_exit_code(self, exec_id).await
+    }
+    async fn attach_session(
+        &self,
+        id: &str,
+        spec: stream::AttachSpec,
+    ) -> RtResult<stream::Session> {
+        PodmanClient::attach_session(self, id, spec).await
+    }
+    async fn container_resize(&self, id: &str, width: u32, height: u32) -> RtResult<()> {
+        PodmanClient::container_resize(self, id, width, height).await
     }
 }

@@ -117,6 +117,9 @@ pub struct ContainerState {
     /// "created", "running", "exited", "stopped", "paused", ...
     #[serde(default)]
     pub status: String,
+    /// The main process's PID on the host (0 when not running).
+    #[serde(default)]
+    pub pid: i64,
     /// True while the main process runs.
     #[serde(default)]
     pub running: bool,

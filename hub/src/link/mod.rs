@@ -6,6 +6,7 @@
 pub mod budget;
 mod server;
 mod sessions;
+mod streams;
 mod tls;
 
 use std::net::SocketAddr;
@@ -22,6 +23,9 @@ pub use server::LinkServer;
 pub use sessions::{
     DeviceSessions, INFLIGHT_BYTES_PER_DEVICE, InFlight, LinkStats, SessionEvent, SessionLimits,
 };
+#[cfg(test)]
+pub(crate) use streams::route as route_stream_message;
+pub use streams::{OUTPUT_WINDOW, StreamEvent, StreamInput, StreamOutput};
 pub use tls::{device_identity as identity_of, flightctl_fingerprint};
 
 /// Errors of the link API and server.
@@ -54,6 +58,22 @@ pub enum LinkError {
         device: String,
         /// The log request.
         request_id: u64,
+    },
+    /// The device has as many exec/attach/port-forward streams open as allowed.
+    #[error(
+        "device {device} already has {limit} exec/attach/port-forward sessions open (at most {limit} at once: [kubelet] max_streams_per_device); close one and retry"
+    )]
+    TooManyStreams {
+        /// Device name.
+        device: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The stream ended (the device closed it, or the link dropped).
+    #[error("the stream to device {device} has ended")]
+    StreamEnded {
+        /// Device name.
+        device: String,
     },
     /// TLS material could not be loaded. Not retryable until the files are fixed.
     #[error("TLS material {path}: {message}")]

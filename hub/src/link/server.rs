@@ -711,12 +711,21 @@ async fn run_inbound(
             InboundStep::DesiredChanged(false) => {}
             InboundStep::Message(message) => {
                 // Log chunks are paced by their reader (bounded queues, HTTP/2 flow control)
-                // and count as messages only; everything else also counts its bytes.
+                // and count as messages only; everything else also counts its bytes. Stream
+                // output is paced by the windows the hub grants as its user reads (output past
+                // them ends the stream), so it is not charged at all: a port-forward download
+                // must not cut the device's session.
                 let bytes = match &message.kind {
-                    Some(agent_message::Kind::LogChunk(_)) => 0,
-                    _ => prost::Message::encoded_len(message.as_ref()),
+                    Some(agent_message::Kind::StreamData(_)) => None,
+                    Some(
+                        agent_message::Kind::LogChunk(_)
+                        | agent_message::Kind::StreamWindow(_)
+                        | agent_message::Kind::StreamEnd(_),
+                    ) => Some(0),
+                    _ => Some(prost::Message::encoded_len(message.as_ref())),
                 };
-                if let Err(over) = budget.charge(bytes) {
+                let charged = bytes.map_or(Ok(()), |bytes| budget.charge(bytes));
+                if let Err(over) = charged {
                     s.sessions.stats().sessions_cut_over_budget.inc();
                     tracing::error!(
                         device,
@@ -866,6 +875,14 @@ async fn handle_message(
             handle.push_control(v1::HubMessage {
                 kind: Some(hub_message::Kind::EventAck(v1::EventAck { epoch, seq })),
             });
+            Ok(())
+        }
+        Some(
+            kind @ (agent_message::Kind::StreamData(_)
+            | agent_message::Kind::StreamWindow(_)
+            | agent_message::Kind::StreamEnd(_)),
+        ) => {
+            super::streams::route(handle, kind);
             Ok(())
         }
         None => Err(Status::invalid_argument(format!(

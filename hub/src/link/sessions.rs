@@ -101,6 +101,8 @@ pub struct SessionLimits {
     pub log_consumer_timeout: Duration,
     /// Events buffered per subscriber before devices' inbound streams wait.
     pub event_queue: usize,
+    /// Exec, attach and port-forward connections open at once per device; more are refused.
+    pub max_streams_per_device: usize,
 }
 
 impl Default for SessionLimits {
@@ -110,6 +112,7 @@ impl Default for SessionLimits {
             log_chunk_queue: 64,
             log_consumer_timeout: Duration::from_secs(10),
             event_queue: 4096,
+            max_streams_per_device: 16,
         }
     }
 }
@@ -156,6 +159,7 @@ struct Inner {
     subscribers: RwLock<Vec<mpsc::Sender<SessionEvent>>>,
     next_session: AtomicU64,
     next_log_request: AtomicU64,
+    next_stream: AtomicU64,
     limits: SessionLimits,
     stats: Arc<LinkStats>,
     /// The devices' latest resource figures.
@@ -254,6 +258,8 @@ pub(crate) struct SessionShared {
     control: RwLock<VecDeque<v1::HubMessage>>,
     control_ready: Notify,
     control_limit: usize,
+    /// Open exec/attach/port-forward streams.
+    streams: RwLock<super::streams::StreamMap>,
 }
 
 impl SessionHandle {
@@ -267,6 +273,7 @@ impl SessionHandle {
                 control: RwLock::new(VecDeque::new()),
                 control_ready: Notify::new(),
                 control_limit,
+                streams: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -295,6 +302,25 @@ impl SessionHandle {
         // waiting is kept as a permit, so none is lost.
         self.shared.control_ready.notify_one();
         true
+    }
+
+    /// Queue a stream message for the device (bounded by [`super::streams::STREAM_QUEUE_PER_SESSION`]
+    /// besides the control queue's own limit); false when full.
+    pub(crate) fn push_stream(&self, message: v1::HubMessage) -> bool {
+        {
+            let mut queue = write(&self.shared.control);
+            if queue.len() >= self.shared.control_limit + super::streams::STREAM_QUEUE_PER_SESSION {
+                return false;
+            }
+            queue.push_back(message);
+        }
+        self.shared.control_ready.notify_one();
+        true
+    }
+
+    /// The session's open streams.
+    pub(crate) fn streams(&self) -> std::sync::RwLockWriteGuard<'_, super::streams::StreamMap> {
+        write(&self.shared.streams)
     }
 
     /// The next queued control message, waiting for one.
@@ -343,6 +369,7 @@ impl DeviceSessions {
                 subscribers: RwLock::new(Vec::new()),
                 next_session: AtomicU64::new(1),
                 next_log_request: AtomicU64::new(1),
+                next_stream: AtomicU64::new(1),
                 limits,
                 stats: Arc::new(LinkStats::default()),
                 resource_stats: Arc::default(),
@@ -532,6 +559,31 @@ impl DeviceSessions {
         Ok(Box::pin(stream))
     }
 
+    /// Open an exec, attach or port-forward stream on the device's link. Fails at once when the
+    /// device is offline, has [`SessionLimits::max_streams_per_device`] streams open, or its
+    /// link is congested. Dropping both halves closes the stream on the device; a dropped link
+    /// ends it with an error saying so.
+    pub async fn open_stream(
+        &self,
+        device: &str,
+        open: v1::StreamOpen,
+    ) -> Result<(super::StreamInput, super::StreamOutput), LinkError> {
+        let session = read(&self.inner.devices)
+            .get(device)
+            .and_then(|slot| read(&slot.session).clone())
+            .ok_or_else(|| LinkError::NotConnected {
+                device: device.to_owned(),
+            })?;
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        super::streams::open(
+            device,
+            &session,
+            id,
+            open,
+            self.inner.limits.max_streams_per_device,
+        )
+    }
+
     /// Make `hello`'s session the device's current one (cutting any previous session) and decide
     /// whether the device's snapshot is stale. Returns the handle pieces the server needs.
     pub(crate) async fn register(&self, device: &str, hello: &v1::Hello) -> Registered {
@@ -617,6 +669,8 @@ impl DeviceSessions {
                 device: device.to_owned(),
             }));
         }
+        let streams = std::mem::take(&mut *handle.streams());
+        super::streams::end_all(device, streams);
         if current {
             self.inner
                 .stats
