@@ -116,6 +116,7 @@ async fn main() {
         max_backoff_secs: 30,
         request_timeout_secs: 60,
         last_seen_interval_secs: 60,
+        agentless: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let sync_start = Instant::now();
