@@ -228,6 +228,9 @@ struct Written {
     namespace: String,
     name: String,
     shape: PodShape,
+    /// Left out of the device's spec; kept until the device no longer lists it, so that its
+    /// pod stays Terminating while the application still runs.
+    removing: bool,
 }
 
 /// The task that writes device specs and reads application status.
@@ -458,7 +461,9 @@ impl AgentlessController {
                 continue;
             }
             self.applied.insert(r.device.clone(), r.generation);
-            self.apps.retain(|_, w| w.device != r.device);
+            for w in self.apps.values_mut().filter(|w| w.device == r.device) {
+                w.removing = true;
+            }
             self.apps.extend(r.written);
             let mut entries = Vec::new();
             for (uid, namespace, name, message) in r.refused {
@@ -643,12 +648,14 @@ impl AgentlessController {
                 removed: false,
             });
         }
-        // Applications the device no longer lists are gone; forget when they started.
+        // Applications left out of the spec that the device no longer lists are gone: their
+        // pods may now finish deleting (the relay sees them missing from this full report).
         let listed: BTreeSet<&str> = reported.iter().map(|a| a.name.as_str()).collect();
+        self.apps
+            .retain(|name, w| w.device != device || !w.removing || listed.contains(name.as_str()));
         let apps = &self.apps;
-        self.running_since.retain(|name, _| {
-            listed.contains(name.as_str()) || !apps.get(name).is_some_and(|w| w.device == device)
-        });
+        self.running_since
+            .retain(|name, _| listed.contains(name.as_str()) || apps.contains_key(name));
         let hash = {
             use std::hash::{Hash, Hasher};
             let mut h = std::hash::DefaultHasher::new();
@@ -720,6 +727,7 @@ async fn write_device(client: &FlightctlClient, device: String, d: Desired) -> W
                                 .clone()
                                 .unwrap_or_else(|| "Always".into()),
                         },
+                        removing: false,
                     },
                 ));
                 translated.push(t);
