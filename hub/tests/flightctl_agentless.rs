@@ -21,7 +21,7 @@ use tokio::time::Instant;
 mod common;
 use common::flightctl::{
     DeviceCerts, Env, FlightctlCleanup, Report, as_device, device_certs, device_heartbeat, env,
-    report_status, set_device_labels,
+    hub_token_file, report_status, set_device_labels,
 };
 use common::{
     HubSetup, HubSpec, KubeCleanup, client, create_namespace, node_ready, unique, wait_for,
@@ -88,10 +88,6 @@ async fn agentless_pods_run_as_flightctl_applications() {
     let stack = Stack::shared().expect("local stack (make env-up)");
     let _logs = stack.logs_on_failure();
     let fc = env(stack);
-    let admin_token = stack
-        .var("FLIGHTCTL_ADMIN_TOKEN_FILE")
-        .expect("FLIGHTCTL_ADMIN_TOKEN_FILE in the stack env")
-        .to_owned();
     let run = unique("fal");
     let device = format!("fleetlet{}", run.replace('-', ""));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -137,8 +133,19 @@ async fn agentless_pods_run_as_flightctl_applications() {
     device_heartbeat(&fc, &certs, &device);
     report_status(&fc, &certs, &device, Report::Healthy).await;
 
-    // The real hub on the Flightctl inventory with agentless mode (writes need `update` on
-    // devices: the admin token here).
+    // The real hub on the Flightctl inventory with agentless mode, as the shipped Flightctl
+    // identity with the shipped rights: hub-rbac.yaml (read) and hub-agentless-rbac.yaml
+    // (`update` on devices).
+    let hub_token = hub_token_file(d);
+    let agentless_rbac = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/kubernetes/flightctl/hub-agentless-rbac.yaml");
+    common::kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager=fleetlet-e2e",
+        "-f",
+        agentless_rbac.to_str().expect("utf-8 path"),
+    ]);
     let inventory = format!(
         r#"[inventory.flightctl]
 api_url = "{api}"
@@ -153,7 +160,7 @@ selector = "fleetlet.io/mode=agentless"
 poll_interval_secs = 1"#,
         api = fc.api_url,
         ca = fc.ca_file,
-        token = admin_token,
+        token = hub_token.display(),
     );
     let mut spec = HubSpec::new(&run, &[]);
     spec.inventory = Some(inventory);
