@@ -92,9 +92,14 @@ async fn agentless_pods_run_as_flightctl_applications() {
     let device = format!("fleetlet{}", run.replace('-', ""));
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
+    // A second agentless device that a Fleet owns: Flightctl lets only the fleet's template set
+    // its spec, so the hub refuses its pods.
+    let owned = format!("{device}owned");
     let _flightctl_cleanup = FlightctlCleanup {
         admin: fc.admin.clone(),
         objects: vec![
+            ("devices".into(), owned.clone()),
+            ("fleets".into(), run.clone()),
             ("devices".into(), device.clone()),
             ("enrollmentrequests".into(), device.clone()),
             (
@@ -105,7 +110,7 @@ async fn agentless_pods_run_as_flightctl_applications() {
         csr_prefixes: vec![format!("enroll-{device}-")],
     };
     let _kube_cleanup = KubeCleanup {
-        nodes: vec![device.clone()],
+        nodes: vec![device.clone(), owned.clone()],
         namespace: Some(run.clone()),
     };
 
@@ -132,6 +137,16 @@ async fn agentless_pods_run_as_flightctl_applications() {
         .expect("someone else's application in the spec");
     device_heartbeat(&fc, &certs, &device);
     report_status(&fc, &certs, &device, Report::Healthy).await;
+    common::flightctl::create(&fc.admin, "fleets", common::flightctl::fleet(&run, &run)).await;
+    common::flightctl::create(
+        &fc.admin,
+        "devices",
+        common::flightctl::device(
+            &owned,
+            json!({"fleetlet-run": run, "fleetlet.io/mode": "agentless", "fleetlet-test-fleet": run}),
+        ),
+    )
+    .await;
 
     // The real hub on the Flightctl inventory with agentless mode, as the shipped Flightctl
     // identity with the shipped rights: hub-rbac.yaml (read) and hub-agentless-rbac.yaml
@@ -428,4 +443,37 @@ poll_interval_secs = 1"#,
         pods.get_opt("web").await.ok()?.is_none().then_some(())
     })
     .await;
+
+    // The fleet-owned device: its pod is refused with a message naming the owner.
+    wait_for(
+        "Flightctl's fleet controller owning the device",
+        60,
+        || async {
+            let dev = device_json(&fc, &owned).await;
+            dev["metadata"]["owner"].as_str().map(str::to_owned)
+        },
+    )
+    .await;
+    let on_owned: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "on-owned"},
+        "spec": {"nodeName": owned, "tolerations": [{"operator": "Exists"}],
+            "containers": [{"name": "c", "image": "docker.io/library/busybox:1.36"}]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &on_owned)
+        .await
+        .expect("create pod on the owned device");
+    let refused = wait_for("the pod on the fleet-owned device refused", 60, || async {
+        let p = pods.get("on-owned").await.ok()?;
+        (phase(&p) == Some("Failed")).then_some(p)
+    })
+    .await;
+    let message = refused.status.and_then(|s| s.message).unwrap_or_default();
+    println!("fleet-owned device: {message}");
+    assert!(
+        message.contains(&format!("owned by Fleet/{run}")),
+        "{message}"
+    );
+    let dev = device_json(&fc, &owned).await;
+    assert!(named(&dev["spec"], "applications", "fleetlet-").is_empty());
 }

@@ -768,7 +768,9 @@ async fn write_device(client: &FlightctlClient, device: String, d: Desired) -> W
                     .refused
                     .push((w.uid, w.namespace, w.name, message.clone()));
             }
-            translated.clear();
+            // Nothing is written: Flightctl would refuse it, and the fleet's template owns the
+            // spec (fleetlet entries written before the device joined the fleet are its now).
+            return result;
         }
         let Some(body) = merged_device(&current, &translated) else {
             return result; // Nothing to change.
