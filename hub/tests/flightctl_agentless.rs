@@ -376,6 +376,37 @@ poll_interval_secs = 1"#,
     assert_eq!(cs.name, "web");
     assert_eq!(cs.restart_count, 0);
 
+    // An update: the ConfigMap changes, the application is replaced in the spec (same name,
+    // the new value), someone else's application still there.
+    cms.patch(
+        "web-config",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"data": {"greeting": "hello again"}})),
+    )
+    .await
+    .expect("update ConfigMap");
+    let updated = Instant::now();
+    wait_for(
+        "the application replaced with the new value",
+        60,
+        || async {
+            let dev = device_json(&fc, &device).await;
+            let app = named(&dev["spec"], "applications", &app_name)
+                .first()
+                .cloned()?;
+            let content = app["inline"][0]["content"].as_str()?.to_owned();
+            let compose: Value = serde_json::from_str(&content).ok()?;
+            (compose["services"]["web"]["environment"]["GREETING"] == "hello again"
+                && named(&dev["spec"], "applications", "theirs").len() == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "ConfigMap update -> application replaced in the device spec {:.2} s",
+        updated.elapsed().as_secs_f64()
+    );
+
     // Logs cannot be served in this mode: the hub says why, through the API server.
     let (ok, _, err) = common::kubectl(&["-n", &run, "logs", "web"]);
     println!("kubectl logs on an agentless device: {}", err.trim());
