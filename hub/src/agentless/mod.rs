@@ -391,6 +391,8 @@ struct WriteResult {
     /// Pods refused: uid → (namespace, name, message).
     refused: Vec<(String, String, String, String)>,
     error: Option<String>,
+    /// Flightctl rejected the spec itself (4xx other than 409): not retried until the pods change.
+    rejected: bool,
     requests: u64,
     conflicts: u64,
     latencies: Vec<f64>,
@@ -456,8 +458,21 @@ impl AgentlessController {
                 }
             });
             if let Some(error) = &r.error {
-                // Retried at the next pass (the generation stays unwritten).
-                tracing::warn!(device = %r.device, generation = r.generation, %error, "agentless mode: device spec not written");
+                if r.rejected {
+                    // Flightctl refuses this spec: writing it again cannot help. The relay logs
+                    // the refusal; the next change of the device's pods is tried afresh.
+                    tracing::warn!(device = %r.device, generation = r.generation, %error, "agentless mode: Flightctl rejected the device spec; not retried until the device's pods change");
+                    self.applied.insert(r.device.clone(), r.generation);
+                    self.emit(SessionEvent::Acked {
+                        device: r.device.clone(),
+                        generation: r.generation,
+                        error: Some(error.clone()),
+                    })
+                    .await;
+                } else {
+                    // Retried at the next pass (the generation stays unwritten).
+                    tracing::warn!(device = %r.device, generation = r.generation, %error, "agentless mode: device spec not written; retried");
+                }
                 continue;
             }
             self.applied.insert(r.device.clone(), r.generation);
@@ -600,8 +615,7 @@ impl AgentlessController {
     }
 
     async fn connectivity(&self, device: &str, item: &Value) {
-        let summary = item["status"]["summary"]["status"].as_str().unwrap_or("");
-        let up = !summary.is_empty() && summary != "Unknown";
+        let up = connected(item);
         let sys = &item["status"]["systemInfo"];
         let s = |k: &str| sys[k].as_str().unwrap_or_default().to_owned();
         let info = NodeInfo {
@@ -681,6 +695,13 @@ impl AgentlessController {
     }
 }
 
+/// Whether Flightctl hears from the device: its summary is anything but `Unknown` (which
+/// Flightctl computes when the device was not seen for 5 minutes, or never).
+fn connected(device: &Value) -> bool {
+    let summary = device["status"]["summary"]["status"].as_str().unwrap_or("");
+    !summary.is_empty() && summary != "Unknown"
+}
+
 /// Translates `d`'s pods and writes them into the device's spec (one re-read and retry on a
 /// conflict).
 async fn write_device(client: &FlightctlClient, device: String, d: Desired) -> WriteResult {
@@ -690,6 +711,7 @@ async fn write_device(client: &FlightctlClient, device: String, d: Desired) -> W
         written: Vec::new(),
         refused: Vec::new(),
         error: None,
+        rejected: false,
         requests: 0,
         conflicts: 0,
         latencies: Vec::new(),
@@ -787,6 +809,8 @@ async fn write_device(client: &FlightctlClient, device: String, d: Desired) -> W
                 result.conflicts += 1;
             }
             Err(e) => {
+                result.rejected = matches!(&e, FlightctlError::Status { status, .. }
+                    if status.is_client_error());
                 result.error = Some(format!("writing device spec: {e}"));
                 return result;
             }
@@ -865,6 +889,17 @@ mod tests {
             config: Some(json!({"name": name, "inline": []})),
             containers: vec!["c".into()],
         }
+    }
+
+    #[test]
+    fn connectivity_follows_flightctl_summary() {
+        let with = |s: &str| json!({"status": {"summary": {"status": s}}});
+        assert!(connected(&with("Online")));
+        assert!(connected(&with("Degraded")));
+        assert!(connected(&with("Rebooting")));
+        assert!(!connected(&with("Unknown")));
+        assert!(!connected(&json!({"status": {}})));
+        assert!(!connected(&json!({})));
     }
 
     #[test]

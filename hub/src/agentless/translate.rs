@@ -79,13 +79,66 @@ pub fn app_name(namespace: &str, name: &str, uid: &str) -> String {
 fn check_image(container: &str, image: &str) -> Result<(), Unsupported> {
     let host = image.split_once('/').map(|(h, _)| h);
     let qualified = host.is_some_and(|h| h.contains('.') || h.contains(':') || h == "localhost");
-    if qualified {
-        Ok(())
-    } else {
-        Err(Unsupported(format!(
+    if !qualified {
+        return Err(Unsupported(format!(
             "container {container}: image {image:?} is not fully qualified; Flightctl accepts only full references (e.g. docker.io/library/{image})"
-        )))
+        )));
     }
+    // The rest as the OCI distribution grammar has it, so that Flightctl's own check (which
+    // would refuse the whole device spec, every pod of the device with it) never fails.
+    let bad = |why: &str| {
+        Err(Unsupported(format!(
+            "container {container}: image {image:?}: {why}"
+        )))
+    };
+    let rest = &image[host.map_or(0, |h| h.len() + 1)..];
+    let (rest, digest) = match rest.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (rest, None),
+    };
+    let (path, tag) = match rest.rsplit_once(':') {
+        Some((p, t)) => (p, Some(t)),
+        None => (rest, None),
+    };
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && c.bytes()
+                .last()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    };
+    if !path.split('/').all(component_ok) {
+        return bad("repository path components must be lowercase letters, digits and . _ -");
+    }
+    if let Some(t) = tag {
+        let first_ok = t
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !first_ok
+            || t.len() > 128
+            || !t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return bad("invalid tag");
+        }
+    }
+    if let Some(d) = digest {
+        let ok = d.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if !ok {
+            return bad("invalid digest (sha256:<64 hex>)");
+        }
+    }
+    Ok(())
 }
 
 fn refuse(field: &str) -> Unsupported {
@@ -742,6 +795,18 @@ mod tests {
             ),
             (with("image", json!("busybox")), "not fully qualified"),
             (
+                with("image", json!("docker.io/library/BusyBox:1")),
+                "lowercase",
+            ),
+            (
+                with("image", json!("docker.io/library/busybox:-1")),
+                "invalid tag",
+            ),
+            (
+                with("image", json!("docker.io/library/busybox@sha256:xyz")),
+                "invalid digest",
+            ),
+            (
                 with(
                     "env",
                     json!([{"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]),
@@ -772,6 +837,19 @@ mod tests {
         for (p, needle) in cases {
             let err = translate(&bundle(p)).expect_err(needle);
             assert!(err.0.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn good_image_references_pass() {
+        for image in [
+            "docker.io/library/busybox:1.36",
+            "localhost/fleetlet-test/busybox:1",
+            "quay.io/org/app",
+            "registry.example.com:5000/a/b-c_d.e:v1.2_3",
+            "docker.io/library/busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            assert!(check_image("c", image).is_ok(), "{image}");
         }
     }
 
