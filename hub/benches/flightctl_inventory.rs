@@ -293,6 +293,7 @@ async fn agentless_phase(
         link,
         inventory.devices(),
         events_tx,
+        Default::default(),
         shutdown.clone(),
     )
     .expect("agentless mode");

@@ -92,9 +92,18 @@ pub fn identity(cfg: &HubConfig) -> String {
 /// Runs the hub until `shutdown` (or until leadership is lost).
 pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let sessions = DeviceSessions::new(SessionLimits::default());
+    let agentless_metrics = crate::agentless::AgentlessMetrics::default();
     let metrics = {
         let mut m = Metrics::new();
         m.register_link(&sessions.stats());
+        if cfg
+            .inventory
+            .flightctl
+            .as_ref()
+            .is_some_and(|fc| !fc.agentless.selector.is_empty())
+        {
+            m.register_agentless(&agentless_metrics);
+        }
         Arc::new(m)
     };
     let ready = Readiness::default();
@@ -200,6 +209,7 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
             dyn_sessions,
             inventory.devices(),
             events,
+            agentless_metrics,
             shutdown.clone(),
         )?;
         dyn_sessions = agentless;

@@ -376,6 +376,19 @@ poll_interval_secs = 1"#,
     assert_eq!(cs.name, "web");
     assert_eq!(cs.restart_count, 0);
 
+    // The hub's /metrics count what agentless mode did.
+    let writes = common::hub_metric(hub_setup.ports.ops, "agentless_spec_writes_total")
+        .await
+        .unwrap_or_default();
+    let requests = common::hub_metric(hub_setup.ports.ops, "agentless_flightctl_requests_total")
+        .await
+        .unwrap_or_default();
+    println!("hub /metrics: {writes} agentless spec writes, {requests} Flightctl requests");
+    assert!(
+        writes >= 1.0 && requests >= 2.0,
+        "{writes} writes, {requests} requests"
+    );
+
     // An update: the ConfigMap changes, the application is replaced in the spec (same name,
     // the new value), someone else's application still there.
     cms.patch(

@@ -125,6 +125,75 @@ pub struct AgentlessStats {
     pub refused: u64,
 }
 
+/// Agentless mode's figures on the hub's `/metrics` (`fleetlet_hub_agentless_*`).
+#[derive(Clone)]
+pub struct AgentlessMetrics {
+    /// Requests sent to Flightctl.
+    pub requests: prometheus_client::metrics::counter::Counter,
+    /// Device spec writes that succeeded.
+    pub writes: prometheus_client::metrics::counter::Counter,
+    /// Device spec writes that failed.
+    pub write_failures: prometheus_client::metrics::counter::Counter,
+    /// 409 answers to spec writes.
+    pub conflicts: prometheus_client::metrics::counter::Counter,
+    /// Pods refused as not expressible.
+    pub refused: prometheus_client::metrics::counter::Counter,
+    /// Latency of Flightctl requests.
+    pub request_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for AgentlessMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Default::default(),
+            writes: Default::default(),
+            write_failures: Default::default(),
+            conflicts: Default::default(),
+            refused: Default::default(),
+            request_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
+            ),
+        }
+    }
+}
+
+impl AgentlessMetrics {
+    /// Registers every figure in `registry` (prefix `agentless_`).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let r = registry.sub_registry_with_prefix("agentless");
+        r.register(
+            "flightctl_requests",
+            "Requests agentless mode sent to Flightctl",
+            self.requests.clone(),
+        );
+        r.register(
+            "spec_writes",
+            "Device spec writes of agentless mode that succeeded",
+            self.writes.clone(),
+        );
+        r.register(
+            "spec_write_failures",
+            "Device spec writes of agentless mode that failed",
+            self.write_failures.clone(),
+        );
+        r.register(
+            "spec_write_conflicts",
+            "409 answers to device spec writes (re-read and written again)",
+            self.conflicts.clone(),
+        );
+        r.register(
+            "pods_refused",
+            "Pods refused because a Flightctl compose application cannot express them",
+            self.refused.clone(),
+        );
+        r.register(
+            "flightctl_request_seconds",
+            "Latency of agentless mode's Flightctl requests",
+            self.request_seconds.clone(),
+        );
+    }
+}
+
 /// The desired pods of one agentless device.
 #[derive(Debug, Clone, Default)]
 struct Desired {
@@ -246,6 +315,7 @@ pub struct AgentlessController {
     events: mpsc::Sender<SessionEvent>,
     connected: Arc<RwLock<BTreeSet<String>>>,
     stats: watch::Sender<AgentlessStats>,
+    metrics: AgentlessMetrics,
     /// Generation last written per device.
     applied: HashMap<String, u64>,
     /// Applications the hub wrote, by name.
@@ -275,6 +345,7 @@ pub fn spawn(
     link: Arc<dyn Sessions>,
     inventory: watch::Receiver<DeviceMap>,
     events: mpsc::Sender<SessionEvent>,
+    metrics: AgentlessMetrics,
     shutdown: CancellationToken,
 ) -> Result<(Agentless, tokio::task::JoinHandle<()>), AgentlessError> {
     if cfg.poll_interval_secs == 0 {
@@ -307,6 +378,7 @@ pub fn spawn(
         events,
         connected: connected.clone(),
         stats: stats_tx,
+        metrics,
         applied: HashMap::new(),
         apps: HashMap::new(),
         refused: BTreeSet::new(),
@@ -339,6 +411,7 @@ pub fn start(
     link: Arc<dyn Sessions>,
     inventory: watch::Receiver<DeviceMap>,
     mut link_events: mpsc::Receiver<SessionEvent>,
+    metrics: AgentlessMetrics,
     shutdown: CancellationToken,
 ) -> Result<(Arc<dyn Sessions>, mpsc::Receiver<SessionEvent>), AgentlessError> {
     let (tx, rx) = mpsc::channel(4096);
@@ -348,6 +421,7 @@ pub fn start(
         link,
         inventory,
         tx.clone(),
+        metrics,
         shutdown.clone(),
     )?;
     tasks.spawn(async move {
@@ -444,6 +518,16 @@ impl AgentlessController {
             .collect()
             .await;
         for r in results {
+            self.metrics.requests.inc_by(r.requests);
+            self.metrics.conflicts.inc_by(r.conflicts);
+            for l in &r.latencies {
+                self.metrics.request_seconds.observe(*l);
+            }
+            if r.error.is_some() {
+                self.metrics.write_failures.inc();
+            } else {
+                self.metrics.writes.inc();
+            }
             self.stats.send_modify(|s| {
                 s.requests += r.requests;
                 s.conflicts += r.conflicts;
@@ -486,6 +570,7 @@ impl AgentlessController {
                     continue;
                 }
                 self.stats.send_modify(|s| s.refused += 1);
+                self.metrics.refused.inc();
                 tracing::warn!(device = %r.device, pod = %name, %namespace, %message, "agentless mode: pod refused");
                 let status =
                     json!({"phase": "Failed", "reason": UNSUPPORTED_REASON, "message": message});
@@ -537,6 +622,10 @@ impl AgentlessController {
         let elapsed = started.elapsed().as_secs_f64();
         let listed = match listed {
             Ok(l) => {
+                self.metrics.requests.inc_by(l.pages as u64);
+                self.metrics
+                    .request_seconds
+                    .observe(elapsed / l.pages.max(1) as f64);
                 self.stats.send_modify(|s| {
                     s.polls += 1;
                     s.requests += l.pages as u64;
@@ -547,6 +636,7 @@ impl AgentlessController {
                 l.items
             }
             Err(e) => {
+                self.metrics.requests.inc();
                 self.stats.send_modify(|s| s.requests += 1);
                 tracing::warn!(reason = e.reason(), error = %e, "agentless mode: reading device status failed; Nodes and pods keep their state");
                 return;
