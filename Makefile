@@ -101,7 +101,7 @@ hub-bench: env-up
 link-bench:
 	$(CARGO) bench -p fleetlet-hub --bench link -- --devices 2000 --runs 3 --idle-secs 60
 
-## flightctl-bench: Flightctl inventory sync against the stack's Flightctl
+## flightctl-bench: Flightctl inventory sync against the stack's Flightctl (500 devices, 10 fleets), then agentless pods placed through its API
 flightctl-bench: env-up
 	source target/dev/env && $(CARGO) bench --profile dev -p fleetlet-hub --bench flightctl_inventory
 

@@ -1,6 +1,7 @@
 //! fleetlet-hub: presents Flightctl devices as Kubernetes nodes and relays their pods.
 #![forbid(unsafe_code)]
 
+pub mod agentless;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -335,6 +335,11 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Registers agentless mode's figures (docs/flightctl.md).
+    pub fn register_agentless(&mut self, m: &crate::agentless::AgentlessMetrics) {
+        m.register(&mut self.registry);
+    }
+
     /// Counts `n` dropped device-report entries under `reason`.
     pub fn dropped(&self, reason: &str, n: u64) {
         self.device_input_dropped

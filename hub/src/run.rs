@@ -42,6 +42,9 @@ pub enum RunError {
     /// The device link server failed.
     #[error("device link: {0}")]
     Link(#[from] crate::link::LinkError),
+    /// Agentless mode's settings are unusable (configuration).
+    #[error(transparent)]
+    Agentless(#[from] crate::agentless::AgentlessError),
 }
 
 impl RunError {
@@ -53,6 +56,7 @@ impl RunError {
                 | Self::KubeletApi(_)
                 | Self::Inventory(_)
                 | Self::Flightctl(_)
+                | Self::Agentless(_)
                 | Self::KubeConfig(_)
         )
     }
@@ -91,9 +95,18 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
         max_streams_per_device: cfg.kubelet.max_streams_per_device.max(1),
         ..SessionLimits::default()
     });
+    let agentless_metrics = crate::agentless::AgentlessMetrics::default();
     let metrics = {
         let mut m = Metrics::new();
         m.register_link(&sessions.stats());
+        if cfg
+            .inventory
+            .flightctl
+            .as_ref()
+            .is_some_and(|fc| !fc.agentless.selector.is_empty())
+        {
+            m.register_agentless(&agentless_metrics);
+        }
         Arc::new(m)
     };
     let ready = Readiness::default();
@@ -185,7 +198,26 @@ pub async fn run(cfg: HubConfig, shutdown: CancellationToken) -> Result<(), RunE
     metrics.leader.set(1);
     leading_tx.send_replace(true);
 
-    let dyn_sessions: Arc<dyn Sessions> = Arc::new(sessions.clone());
+    let mut dyn_sessions: Arc<dyn Sessions> = Arc::new(sessions.clone());
+    let mut events = events;
+    if let Some(fc) = cfg
+        .inventory
+        .flightctl
+        .as_ref()
+        .filter(|fc| cfg.inventory.static_file.is_none() && !fc.agentless.selector.is_empty())
+    {
+        let (agentless, merged) = crate::agentless::start(
+            &mut tasks,
+            fc,
+            dyn_sessions,
+            inventory.devices(),
+            events,
+            agentless_metrics,
+            shutdown.clone(),
+        )?;
+        dyn_sessions = agentless;
+        events = merged;
+    }
     let node_ports = cfg
         .kubelet
         .node_ports

@@ -115,6 +115,7 @@ async fn server_errors_and_malformed_answers_keep_the_last_good_devices() {
         max_backoff_secs: 1,
         request_timeout_secs: 5,
         last_seen_interval_secs: 0,
+        agentless: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let (inventory, task) = FlightctlInventory::spawn(&cfg, shutdown.clone()).expect("spawn");

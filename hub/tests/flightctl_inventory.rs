@@ -35,6 +35,7 @@ fn config(api_url: &str, ca_file: &str, token_file: &str, selector: &str) -> Fli
         max_backoff_secs: 2,
         request_timeout_secs: 5,
         last_seen_interval_secs: 1,
+        agentless: Default::default(),
     }
 }
 

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use client::{FlightctlClient, FlightctlError, ListResult};
+pub use client::{FlightctlClient, FlightctlError, ListResult, percent_encode};
 pub use fleetlet_proto::backoff::Backoff;
 pub use model::{Device, Fleet, ObjectError};
 pub use selector::{LabelSelector, SelectorError};
@@ -62,6 +62,10 @@ pub struct FlightctlConfig {
     /// seconds; 0 turns it off.
     #[serde(default = "default_last_seen_interval")]
     pub last_seen_interval_secs: u64,
+    /// Agentless mode (`[inventory.flightctl.agentless]`): devices running only Flightctl's
+    /// agent get their pods as Flightctl applications.
+    #[serde(default)]
+    pub agentless: crate::agentless::AgentlessConfig,
 }
 
 fn default_poll_interval() -> u64 {

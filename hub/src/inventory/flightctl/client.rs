@@ -319,7 +319,8 @@ impl FlightctlClient {
         let mut token: Option<String> = None;
         let mut pages = 0usize;
         loop {
-            let mut query = format!("{path}?limit={limit}");
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let mut query = format!("{path}{sep}limit={limit}");
             if let Some(t) = &token {
                 query.push_str("&continue=");
                 query.push_str(&percent_encode(t));
