@@ -1015,3 +1015,107 @@ async fn a_node_the_hub_does_not_own_survives_its_device_leaving_the_inventory()
     );
     hub.stop().await;
 }
+
+fn taint_keys(node: &Node) -> Vec<String> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .map(|ts| ts.iter().map(|t| t.key.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_node_deleted_by_someone_else_is_created_again_and_foreign_taints_follow_their_owner() {
+    let instance = unique("it-recreate");
+    let dev = format!("{instance}-d1");
+    let _cleanup = KubeCleanup {
+        nodes: vec![dev.clone()],
+        namespace: None,
+    };
+    let hub = start_hub(&instance, vec![device(&dev, "fleet-a")]).await;
+    hub.connect(&dev, "1").await;
+    let nodes: Api<Node> = Api::all(hub.client.clone());
+    let first = wait_for("node ready", 30, || async {
+        let n = nodes.get_opt(&dev).await.ok().flatten()?;
+        (ready_condition(&n)?.0 == "True").then_some(n)
+    })
+    .await;
+
+    // Another controller adds its taint; a label change makes the hub apply the Node again,
+    // and the other controller's taint stays.
+    let other = "example.com/other-controller";
+    nodes
+        .patch(
+            &dev,
+            &PatchParams::apply("other-controller").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Node", "metadata": {"name": dev},
+                "spec": {"taints": [
+                    {"key": "virtual-kubelet.io/provider", "value": "fleetlet", "effect": "NoSchedule"},
+                    {"key": other, "effect": "NoExecute"}
+                ]}
+            })),
+        )
+        .await
+        .expect("the other controller's taint");
+    let mut relabelled = device(&dev, "fleet-a");
+    relabelled.labels.insert("stage".into(), "one".into());
+    hub.inventory
+        .send_replace(Arc::new([(dev.clone(), relabelled.clone())].into()));
+    let n = wait_for("the new label applied", 30, || async {
+        let n = nodes.get(&dev).await.ok()?;
+        (n.metadata.labels.as_ref()?.get("stage")? == "one").then_some(n)
+    })
+    .await;
+    assert!(taint_keys(&n).contains(&other.to_string()), "{:?}", taint_keys(&n));
+
+    // The other controller takes its taint away (an update, as the node lifecycle controller
+    // does); the hub's next apply does not bring it back.
+    let mut current = nodes.get(&dev).await.expect("node");
+    if let Some(spec) = current.spec.as_mut() {
+        spec.taints
+            .get_or_insert_with(Vec::new)
+            .retain(|t| t.key != other);
+    }
+    current.metadata.managed_fields = None;
+    nodes
+        .replace(&dev, &PostParams::default(), &current)
+        .await
+        .expect("the other controller removes its taint");
+    relabelled.labels.insert("stage".into(), "two".into());
+    hub.inventory
+        .send_replace(Arc::new([(dev.clone(), relabelled.clone())].into()));
+    let n = wait_for("the second label applied", 30, || async {
+        let n = nodes.get(&dev).await.ok()?;
+        (n.metadata.labels.as_ref()?.get("stage")? == "two").then_some(n)
+    })
+    .await;
+    let keys = taint_keys(&n);
+    assert!(!keys.contains(&other.to_string()), "re-applied: {keys:?}");
+    assert!(
+        keys.contains(&"virtual-kubelet.io/provider".to_string()),
+        "{keys:?}"
+    );
+
+    // Someone deletes the Node while the device is inventoried: the hub creates it again, with
+    // its labels and status.
+    nodes
+        .delete(&dev, &DeleteParams::default())
+        .await
+        .expect("delete the node");
+    let again = wait_for("the node created again, ready", 60, || async {
+        let n = nodes.get_opt(&dev).await.ok().flatten()?;
+        (n.metadata.uid != first.metadata.uid && ready_condition(&n)?.0 == "True").then_some(n)
+    })
+    .await;
+    assert_eq!(
+        again
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("stage"))
+            .map(String::as_str),
+        Some("two")
+    );
+    hub.stop().await;
+}
