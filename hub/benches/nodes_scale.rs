@@ -12,7 +12,7 @@ use fleetlet_hub::app::start_controllers;
 use fleetlet_hub::config::HubConfig;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{LogStream, SessionEvent, Sessions};
+use fleetlet_hub::sessions::{LinkError, LogStream, SessionEvent, Sessions};
 use fleetlet_proto::v1::{Capacity, Hello, LogRequest, NodeInfo, PodBundle};
 use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -40,10 +40,16 @@ impl Sessions for NullLink {
     }
     fn open_logs(
         &self,
-        _device: &str,
+        device: &str,
         _req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
-        Box::pin(async { Err("no logs in the benchmark".to_string()) })
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let device = device.to_string();
+        Box::pin(async {
+            Err(LinkError::Device {
+                device,
+                message: "no logs in the benchmark".into(),
+            })
+        })
     }
 }
 

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KubeletConfig;
 use crate::metrics::Metrics;
-use crate::sessions::{DeviceSet, Sessions};
+use crate::sessions::{DeviceSet, LinkError, Sessions};
 
 /// Errors setting up the kubelet endpoint (configuration; not retryable).
 #[derive(Debug, Error)]
@@ -548,7 +548,7 @@ impl KubeletApi {
             }
             // 400 like the kubelet's "container is waiting to start": the API server passes a
             // 400's text to kubectl verbatim, while a 503 becomes a generic message.
-            Err(e) if !self.sessions.is_connected(&node) => text(
+            Err(e @ LinkError::NotConnected { .. }) => text(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "device {node} is offline (not connected to fleetlet-hub); logs are unavailable until it reconnects: {e}"
@@ -722,11 +722,12 @@ mod tests {
         }
         fn open_logs(
             &self,
-            _device: &str,
+            device: &str,
             _req: LogRequest,
-        ) -> futures::future::BoxFuture<'static, Result<crate::sessions::LogStream, String>>
+        ) -> futures::future::BoxFuture<'static, Result<crate::sessions::LogStream, LinkError>>
         {
-            Box::pin(async { Err("no device".to_string()) })
+            let device = device.to_string();
+            Box::pin(async { Err(LinkError::NotConnected { device }) })
         }
     }
 

@@ -422,7 +422,7 @@ impl Readiness {
     }
 }
 
-/// Errors of the operations endpoint.
+/// Errors of the operations endpoint (configuration; not retryable).
 #[derive(Debug, Error)]
 pub enum OpsError {
     /// The listen address could not be bound (not retryable: configuration).

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use fleetlet_proto::v1::{LogRequest, PodBundle};
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
+pub use crate::link::LinkError;
+
 /// A container log as the device streams it.
-pub type LogStream = BoxStream<'static, Result<Bytes, String>>;
+pub type LogStream = BoxStream<'static, Result<Bytes, LinkError>>;
 
 /// The device link as the controllers use it.
 pub trait Sessions: Send + Sync + 'static {
@@ -26,12 +27,13 @@ pub trait Sessions: Send + Sync + 'static {
     ) -> u64;
     /// True while the device has a live stream.
     fn is_connected(&self, device: &str) -> bool;
-    /// Streams a container log from the device; an error when it is offline or refuses.
+    /// Streams a container log from the device. The error says why not: offline
+    /// ([`LinkError::NotConnected`]), congested, or refused by the device.
     fn open_logs(
         &self,
         device: &str,
         req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>>;
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>>;
 }
 
 pub use crate::inventory::InventoryDevice as DeviceRecord;
@@ -59,14 +61,9 @@ impl Sessions for crate::link::DeviceSessions {
         &self,
         device: &str,
         req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
         let this = self.clone();
         let device = device.to_string();
-        Box::pin(async move {
-            let stream = crate::link::DeviceSessions::open_logs(&this, &device, req)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(stream.map(|chunk| chunk.map_err(|e| e.to_string())).boxed())
-        })
+        Box::pin(async move { crate::link::DeviceSessions::open_logs(&this, &device, req).await })
     }
 }

@@ -12,7 +12,7 @@ use fleetlet_hub::app::start_controllers;
 use fleetlet_hub::config::HubConfig;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{DeviceSet, LogStream, SessionEvent, Sessions};
+use fleetlet_hub::sessions::{DeviceSet, LinkError, LogStream, SessionEvent, Sessions};
 use fleetlet_proto::v1::{
     Capacity, Hello, LogRequest, NodeInfo, PodBundle, PodStatusEntry, PodStatusReport,
 };
@@ -57,10 +57,16 @@ impl Sessions for FakeLink {
     }
     fn open_logs(
         &self,
-        _device: &str,
+        device: &str,
         _req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
-        Box::pin(async { Err("the in-memory link streams no logs".to_string()) })
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let device = device.to_string();
+        Box::pin(async {
+            Err(LinkError::Device {
+                device,
+                message: "the in-memory link streams no logs".into(),
+            })
+        })
     }
 }
 
@@ -1067,7 +1073,11 @@ async fn a_node_deleted_by_someone_else_is_created_again_and_foreign_taints_foll
         (n.metadata.labels.as_ref()?.get("stage")? == "one").then_some(n)
     })
     .await;
-    assert!(taint_keys(&n).contains(&other.to_string()), "{:?}", taint_keys(&n));
+    assert!(
+        taint_keys(&n).contains(&other.to_string()),
+        "{:?}",
+        taint_keys(&n)
+    );
 
     // The other controller takes its taint away (an update, as the node lifecycle controller
     // does); the hub's next apply does not bring it back.

@@ -14,7 +14,7 @@ use fleetlet_hub::config::HubConfig;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::kubelet_api::{KubeletApi, tls_config};
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{DeviceSet, LogStream, SessionEvent, Sessions};
+use fleetlet_hub::sessions::{DeviceSet, LinkError, LogStream, SessionEvent, Sessions};
 use fleetlet_proto::v1::{LogRequest, PodBundle};
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Empty};
@@ -53,12 +53,12 @@ impl Sessions for LogLink {
         &self,
         device: &str,
         req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
         let online = self.online.load(Ordering::SeqCst);
         let device = device.to_string();
         Box::pin(async move {
             if !online {
-                return Err(format!("device {device} is not connected"));
+                return Err(LinkError::NotConnected { device });
             }
             let head = format!(
                 "request container={} follow={} tail={:?} since={:?} timestamps={} previous={} limit={:?}\n",
@@ -70,7 +70,7 @@ impl Sessions for LogLink {
                 req.previous,
                 req.limit_bytes
             );
-            let chunks: Vec<Result<Bytes, String>> = vec![
+            let chunks: Vec<Result<Bytes, LinkError>> = vec![
                 Ok(Bytes::from(head)),
                 Ok(Bytes::from_static(b"line one\n")),
                 Ok(Bytes::from_static(b"line two\n")),

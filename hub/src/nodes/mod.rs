@@ -32,8 +32,8 @@ use crate::labels::is_valid_node_name;
 use crate::metrics::Metrics;
 use crate::sessions::DeviceSet;
 use lease::LeaseKeeper;
-pub use readiness::{ConditionStatus, NodeEvent, Readiness, ReadyState, Unready};
 use object::{ConditionView, FIELD_MANAGER, LEADER_LEASE_ANNOTATION, MANAGED_LABEL, StatusInput};
+pub use readiness::{ConditionStatus, NodeEvent, Readiness, ReadyState, Unready};
 
 /// Pods per node name, published by the pod relay once its cache is synced.
 pub type PodCounts = Option<Arc<BTreeMap<String, usize>>>;
@@ -61,6 +61,14 @@ pub enum ApplyError {
         /// The Node's UID, for the Event about it.
         uid: Option<String>,
     },
+}
+
+impl ApplyError {
+    /// Whether the next pass may succeed without anyone changing anything: an API failure may,
+    /// a Node held by someone else stays theirs until they delete it.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Api(_))
+    }
 }
 
 /// Who a Node belongs to, as far as its `fleetlet.io/managed-by` label says.
@@ -334,10 +342,13 @@ impl NodeManager {
             return;
         };
         let selector = format!("{MANAGED_LABEL}={}", self.cfg.instance);
-        let node_events = watcher(self.nodes.clone(), watcher::Config::default().labels(&selector))
-            .default_backoff()
-            .modify(|n: &mut Node| n.metadata.managed_fields = None)
-            .reflect(writer);
+        let node_events = watcher(
+            self.nodes.clone(),
+            watcher::Config::default().labels(&selector),
+        )
+        .default_backoff()
+        .modify(|n: &mut Node| n.metadata.managed_fields = None)
+        .reflect(writer);
         let mut node_events = std::pin::pin!(node_events);
         let mut listed = false;
         let mut seeded = false;
@@ -397,7 +408,10 @@ impl NodeManager {
             && st.uid.is_some()
             && st.uid == node.metadata.uid
         {
-            tracing::info!(node = name, "node deleted by someone else; the device still needs it");
+            tracing::info!(
+                node = name,
+                "node deleted by someone else; the device still needs it"
+            );
             st.forget_node();
         }
     }
@@ -807,11 +821,14 @@ impl NodeManager {
                     return out;
                 }
                 Err(ApplyError::Api(e)) if status_code(&e) == Some(409) => {
-                    tracing::info!(node = name, "the node changed since it was read; applying again on the next pass");
+                    tracing::info!(
+                        node = name,
+                        "the node changed since it was read; applying again on the next pass"
+                    );
                     return out;
                 }
                 Err(error) => {
-                    tracing::warn!(node = name, %error, "applying node");
+                    tracing::warn!(node = name, %error, retryable = error.is_retryable(), "applying node");
                     return out;
                 }
             }

@@ -52,14 +52,14 @@ pub trait PodApi: Send + Sync + 'static {
         namespace: &str,
         name: &str,
         uid: &str,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), kube::Error>>;
     /// Reads one ConfigMap or Secret; `None` when it does not exist.
     fn fetch(
         &self,
         kind: RefKind,
         namespace: &str,
         name: &str,
-    ) -> BoxFuture<'static, Result<Option<Fetched>, String>>;
+    ) -> BoxFuture<'static, Result<Option<Fetched>, kube::Error>>;
     /// Publishes a Warning event about Node `node`; `action` is what the hub was doing.
     fn node_event(
         &self,
@@ -67,7 +67,7 @@ pub trait PodApi: Send + Sync + 'static {
         action: &str,
         reason: &str,
         message: &str,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), kube::Error>>;
     /// Publishes a Warning event about the pod; `action` is what the hub was doing.
     fn pod_event(
         &self,
@@ -75,7 +75,7 @@ pub trait PodApi: Send + Sync + 'static {
         action: &str,
         reason: &str,
         message: &str,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), kube::Error>>;
 }
 
 /// A ConfigMap or Secret read with a GET.
@@ -112,7 +112,7 @@ pub enum Input {
         /// What was read.
         what: Ref,
         /// The object, `None` if it does not exist, or the error.
-        result: Result<Option<Fetched>, String>,
+        result: Result<Option<Fetched>, kube::Error>,
     },
 }
 

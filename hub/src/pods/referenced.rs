@@ -247,7 +247,7 @@ impl PodRelay {
         }
     }
 
-    pub(super) fn fetched(&mut self, what: Ref, result: Result<Option<Fetched>, String>) {
+    pub(super) fn fetched(&mut self, what: Ref, result: Result<Option<Fetched>, kube::Error>) {
         self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
         if self.referenced.fetching.remove(&what) {
             let (kind, key) = &what;

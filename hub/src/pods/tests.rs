@@ -9,7 +9,7 @@ use super::referenced::{Ref, RefKind};
 use super::*;
 use crate::devices::LiveRegistry;
 use crate::nodes::Unready;
-use crate::sessions::{DeviceRecord, LogStream};
+use crate::sessions::{DeviceRecord, LinkError, LogStream};
 
 #[derive(Default)]
 struct FakeSessions {
@@ -35,10 +35,16 @@ impl Sessions for FakeSessions {
     }
     fn open_logs(
         &self,
-        _device: &str,
+        device: &str,
         _req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
-        Box::pin(async { Err("no logs in this fake".to_string()) })
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let device = device.to_string();
+        Box::pin(async {
+            Err(LinkError::Device {
+                device,
+                message: "no logs in this fake".into(),
+            })
+        })
     }
 }
 
@@ -57,7 +63,7 @@ impl PodApi for FakeApi {
         namespace: &str,
         name: &str,
         uid: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         self.deleted
             .try_lock()
             .expect("lock")
@@ -69,7 +75,7 @@ impl PodApi for FakeApi {
         kind: RefKind,
         namespace: &str,
         name: &str,
-    ) -> BoxFuture<'static, Result<Option<Fetched>, String>> {
+    ) -> BoxFuture<'static, Result<Option<Fetched>, kube::Error>> {
         let r = (kind, (namespace.to_string(), name.to_string()));
         self.fetched.try_lock().expect("lock").push(r.clone());
         let found = self.objects.try_lock().expect("lock").get(&r).cloned();
@@ -81,7 +87,7 @@ impl PodApi for FakeApi {
         _action: &str,
         reason: &str,
         _message: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         self.events
             .try_lock()
             .expect("lock")
@@ -94,7 +100,7 @@ impl PodApi for FakeApi {
         _action: &str,
         reason: &str,
         _message: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         self.events.try_lock().expect("lock").push((
             pod.metadata.name.clone().unwrap_or_default(),
             reason.to_string(),

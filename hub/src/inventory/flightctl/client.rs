@@ -91,6 +91,12 @@ pub enum FlightctlError {
 }
 
 impl FlightctlError {
+    /// Whether the same request may succeed later: everything but a configuration the hub
+    /// cannot use.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Config(_))
+    }
+
     /// Short machine-readable reason, for metrics and log fields.
     pub fn reason(&self) -> &'static str {
         match self {
