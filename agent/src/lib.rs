@@ -6,7 +6,6 @@ pub mod cli;
 pub mod config;
 pub mod desired_file;
 pub mod device_state;
-pub mod fsutil;
 pub mod link;
 pub mod link_status;
 pub mod logging;

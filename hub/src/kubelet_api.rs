@@ -176,42 +176,18 @@ pub fn parse_logs_path(path: &str) -> Option<LogsPath> {
     match parts.as_slice() {
         [ns, pod, container] if !ns.is_empty() && !pod.is_empty() && !container.is_empty() => {
             Some(LogsPath {
-                namespace: percent_decode(ns),
-                pod: percent_decode(pod),
-                container: percent_decode(container),
+                namespace: fleetlet_proto::percent::decode(ns),
+                pod: fleetlet_proto::percent::decode(pod),
+                container: fleetlet_proto::percent::decode(container),
             })
         }
         _ => None,
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        let escaped = (b == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b, escaped) {
-            (_, Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (b'+', None) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, None) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A query value: `+` is a space (form encoding), then `%XX` escapes.
+fn query_value(s: &str) -> String {
+    fleetlet_proto::percent::decode(&s.replace('+', " "))
 }
 
 /// A query that cannot be served.
@@ -233,7 +209,7 @@ pub fn parse_log_query(query: Option<&str>) -> Result<LogRequest, QueryError> {
         .filter(|p| !p.is_empty())
     {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
+        let v = query_value(v);
         let bad = || QueryError {
             name: k.to_string(),
             value: v.clone(),
@@ -357,6 +333,7 @@ impl KubeletApi {
         let acceptor = TlsAcceptor::from(tls);
         let limits = self.limits;
         let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let mut acceptor_tcp = fleetlet_os::net::Acceptor::new(listener, "kubelet endpoint");
         loop {
             // A connection slot first: at the limit, new connections wait in the backlog.
             let permit = tokio::select! {
@@ -366,17 +343,8 @@ impl KubeletApi {
                     Err(_) => return,
                 },
             };
-            let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(%error, "accepting on the kubelet endpoint");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+            let Some((tcp, peer)) = acceptor_tcp.accept(&shutdown).await else {
+                return;
             };
             let acceptor = acceptor.clone();
             let this = self.clone();
@@ -695,10 +663,9 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%3Ab%2f"), "a:b/");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
+    fn query_values_are_form_decoded() {
+        assert_eq!(query_value("a%3Ab+c"), "a:b c");
+        assert_eq!(query_value("100%"), "100%");
     }
 
     /// A kube client that is never called (nothing here reaches authentication).

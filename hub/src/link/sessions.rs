@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleetlet_proto::v1;
 use futures::stream::BoxStream;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -107,34 +108,42 @@ impl Default for SessionLimits {
     }
 }
 
-/// Counters about the link, for metrics and for tests that check bounds instead of timing.
+/// Counters about the link, for `/metrics` (each exported under the name in its doc, see
+/// [`crate::metrics::Metrics::register_link`]) and for tests that check bounds instead of
+/// timing.
 #[derive(Debug, Default)]
 pub struct LinkStats {
-    /// Snapshots replaced by a newer one before the device took them.
-    pub snapshots_superseded: AtomicU64,
-    /// Snapshots handed to a device's stream.
-    pub snapshots_sent: AtomicU64,
-    /// Sessions cut because the device did not take a snapshot within the stall timeout.
-    pub sessions_cut_stalled: AtomicU64,
-    /// Sessions replaced by a newer connection of the same device.
-    pub sessions_replaced: AtomicU64,
-    /// Streams refused (identity, inventory, hello, bad message).
-    pub streams_rejected: AtomicU64,
-    /// TLS handshakes that failed (unknown CA, expired certificate, ...).
-    pub handshakes_failed: AtomicU64,
-    /// Log requests refused because the session's control queue was full.
-    pub log_requests_rejected: AtomicU64,
-    /// Currently open sessions.
+    /// Snapshots replaced by a newer one before the device took them
+    /// (`fleetlet_hub_link_snapshots_superseded_total`).
+    pub snapshots_superseded: Counter,
+    /// Snapshots handed to a device's stream (`fleetlet_hub_link_snapshots_sent_total`).
+    pub snapshots_sent: Counter,
+    /// Sessions cut because the device did not take a snapshot within the stall timeout
+    /// (`fleetlet_hub_link_sessions_cut_stalled_total`).
+    pub sessions_cut_stalled: Counter,
+    /// Sessions replaced by a newer connection of the same device
+    /// (`fleetlet_hub_link_sessions_replaced_total`).
+    pub sessions_replaced: Counter,
+    /// Streams refused: identity, inventory, hello, bad message
+    /// (`fleetlet_hub_link_streams_rejected_total`).
+    pub streams_rejected: Counter,
+    /// TLS handshakes that failed: unknown CA, expired certificate, ...
+    /// (`fleetlet_hub_link_handshakes_failed_total`).
+    pub handshakes_failed: Counter,
+    /// Log requests refused because the session's control queue was full
+    /// (`fleetlet_hub_link_log_requests_rejected_total`).
+    pub log_requests_rejected: Counter,
+    /// Currently open sessions (on `/metrics` as `fleetlet_hub_connected_devices`).
     pub sessions_open: AtomicU64,
-    /// Sessions cut because the device sent more than its budget (exported on `/metrics` as
-    /// `fleetlet_hub_device_sessions_cut_over_budget_total`).
-    pub sessions_cut_over_budget: prometheus_client::metrics::counter::Counter,
+    /// Sessions cut because the device sent more than its budget
+    /// (`fleetlet_hub_device_sessions_cut_over_budget_total`).
+    pub sessions_cut_over_budget: Counter,
 }
 
 impl LinkStats {
-    /// Read one counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// Reads one counter.
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
     }
 }
 
@@ -384,10 +393,7 @@ impl DeviceSessions {
             let previous = desired.as_ref().map_or(0, |s| s.generation);
             if previous > sent && read(&slot.session).is_some() {
                 // The device has not taken the previous snapshot yet; it never will now.
-                self.inner
-                    .stats
-                    .snapshots_superseded
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.snapshots_superseded.inc();
             }
             generation = next_generation(previous, held);
             *desired = Some(Arc::new(v1::DesiredSnapshot {
@@ -498,10 +504,7 @@ impl DeviceSessions {
         };
         if !session.push_control(message) {
             write(&session.shared.logs).remove(&request_id);
-            self.inner
-                .stats
-                .log_requests_rejected
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.log_requests_rejected.inc();
             return Err(LinkError::Congested {
                 device: device.to_owned(),
             });
@@ -526,10 +529,7 @@ impl DeviceSessions {
         let handle = SessionHandle::new(id, self.inner.limits.control_queue);
         let previous = write(&slot.session).replace(handle.clone());
         if let Some(previous) = previous {
-            self.inner
-                .stats
-                .sessions_replaced
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.sessions_replaced.inc();
             tracing::info!(
                 device,
                 session = previous.id,
@@ -616,10 +616,7 @@ impl DeviceSessions {
 
     pub(crate) fn record_sent(&self, slot: &DeviceSlot, generation: u64) {
         slot.sent.fetch_max(generation, Ordering::AcqRel);
-        self.inner
-            .stats
-            .snapshots_sent
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.snapshots_sent.inc();
     }
 
     pub(crate) fn record_ack(&self, slot: &DeviceSlot, generation: u64) {
