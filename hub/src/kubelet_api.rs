@@ -687,6 +687,9 @@ mod tests {
         fn is_connected(&self, _device: &str) -> bool {
             false
         }
+        fn live(&self) -> watch::Receiver<crate::devices::LiveSet> {
+            crate::devices::LiveRegistry::new().subscribe()
+        }
         fn open_logs(
             &self,
             device: &str,

@@ -9,7 +9,9 @@ use fleetlet_proto::v1::{LogRequest, PodBundle};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
+pub use crate::devices::{LiveRegistry, LiveSet};
 pub use crate::link::LinkError;
+use tokio::sync::watch;
 
 /// A container log as the device streams it.
 pub type LogStream = BoxStream<'static, Result<Bytes, LinkError>>;
@@ -27,6 +29,10 @@ pub trait Sessions: Send + Sync + 'static {
     ) -> u64;
     /// True while the device has a live stream.
     fn is_connected(&self, device: &str) -> bool;
+    /// The live view of every device (connected since when, node info, capacity), published by
+    /// the link as sessions start, report and end: the one place that knows whether a device
+    /// is connected.
+    fn live(&self) -> watch::Receiver<LiveSet>;
     /// Streams a container log from the device. The error says why not: offline
     /// ([`LinkError::NotConnected`]), congested, or refused by the device.
     fn open_logs(
@@ -55,6 +61,10 @@ impl Sessions for crate::link::DeviceSessions {
 
     fn is_connected(&self, device: &str) -> bool {
         crate::link::DeviceSessions::is_connected(self, device)
+    }
+
+    fn live(&self) -> watch::Receiver<LiveSet> {
+        crate::link::DeviceSessions::live(self)
     }
 
     fn open_logs(

@@ -12,7 +12,9 @@ use fleetlet_hub::app::start_controllers;
 use fleetlet_hub::config::HubConfig;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{DeviceSet, LinkError, LogStream, SessionEvent, Sessions};
+use fleetlet_hub::sessions::{
+    DeviceSet, LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions,
+};
 use fleetlet_proto::v1::{
     Capacity, Hello, LogRequest, NodeInfo, PodBundle, PodStatusEntry, PodStatusReport,
 };
@@ -36,6 +38,22 @@ type Desired = BTreeMap<String, (u64, Vec<PodBundle>)>;
 /// An in-memory device link.
 struct FakeLink {
     desired: watch::Sender<Desired>,
+    live: LiveRegistry,
+}
+
+/// The device side's events as the link would publish them: into its live view first, then
+/// to the hub's controllers.
+#[derive(Clone)]
+struct DeviceEvents {
+    tx: mpsc::Sender<SessionEvent>,
+    live: LiveRegistry,
+}
+
+impl DeviceEvents {
+    async fn send(&self, ev: SessionEvent) -> Result<(), mpsc::error::SendError<SessionEvent>> {
+        self.live.apply(&ev);
+        self.tx.send(ev).await
+    }
 }
 
 impl Sessions for FakeLink {
@@ -55,6 +73,9 @@ impl Sessions for FakeLink {
     fn is_connected(&self, _device: &str) -> bool {
         true
     }
+    fn live(&self) -> watch::Receiver<LiveSet> {
+        self.live.subscribe()
+    }
     fn open_logs(
         &self,
         device: &str,
@@ -72,7 +93,7 @@ impl Sessions for FakeLink {
 
 struct Hub {
     client: kube::Client,
-    events: mpsc::Sender<SessionEvent>,
+    events: DeviceEvents,
     desired: watch::Receiver<Desired>,
     inventory: watch::Sender<DeviceSet>,
     shutdown: CancellationToken,
@@ -103,6 +124,7 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
     ));
     let (desired_tx, desired_rx) = watch::channel(Desired::new());
     let (ev_tx, ev_rx) = mpsc::channel(64);
+    let live = LiveRegistry::new();
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     start_controllers(
@@ -112,6 +134,7 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
         instance,
         Arc::new(FakeLink {
             desired: desired_tx,
+            live: live.clone(),
         }),
         ev_rx,
         inv_rx,
@@ -121,7 +144,7 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
     );
     Hub {
         client,
-        events: ev_tx,
+        events: DeviceEvents { tx: ev_tx, live },
         desired: desired_rx,
         inventory: inv_tx,
         shutdown,
@@ -792,7 +815,7 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
     let sim = tokio::spawn(simulate_devices(
         hub.desired.clone(),
         online_rx,
-        hub.events.clone(),
+        hub.events.tx.clone(),
         sim_stop.clone(),
     ));
     let nodes: Api<Node> = Api::all(hub.client.clone());

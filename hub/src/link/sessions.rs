@@ -160,6 +160,9 @@ struct Inner {
     next_log_request: AtomicU64,
     limits: SessionLimits,
     stats: Arc<LinkStats>,
+    /// What is known live about each device (connected since when, node info, capacity),
+    /// published by the link itself as its sessions start, report and end.
+    live: crate::devices::LiveRegistry,
 }
 
 /// Everything the hub keeps about one device, connected or not.
@@ -345,6 +348,7 @@ impl DeviceSessions {
                 next_log_request: AtomicU64::new(1),
                 limits,
                 stats: Arc::new(LinkStats::default()),
+                live: crate::devices::LiveRegistry::new(),
             }),
         }
     }
@@ -413,18 +417,6 @@ impl DeviceSessions {
             .and_then(|slot| slot.desired.borrow().as_ref().map(|s| s.generation))
     }
 
-    /// Forget a device that left the inventory: its desired state and any live session.
-    pub fn remove_device(&self, device: &str) {
-        if let Some(slot) = write(&self.inner.devices).remove(device)
-            && let Some(session) = read(&slot.session).as_ref()
-        {
-            session.cut(
-                tonic::Code::PermissionDenied,
-                format!("device {device} was removed from the inventory"),
-            );
-        }
-    }
-
     /// Cut the sessions of connected devices that `admits` refuses (left the inventory or
     /// were disabled). Returns how many were cut.
     pub(crate) fn cut_unadmitted(&self, admits: impl Fn(&str) -> bool) -> usize {
@@ -452,7 +444,15 @@ impl DeviceSessions {
         rx
     }
 
+    /// The live view of every device, published by the link (see [`crate::devices`]).
+    pub fn live(&self) -> watch::Receiver<crate::devices::LiveSet> {
+        self.inner.live.subscribe()
+    }
+
+    /// Publishes `event`: first into the live view (so it holds before anyone hears of the
+    /// event), then to every subscriber.
     pub(crate) async fn emit(&self, event: SessionEvent) {
+        self.inner.live.apply(&event);
         let subscribers = read(&self.inner.subscribers).clone();
         let mut closed = false;
         for tx in &subscribers {

@@ -157,7 +157,7 @@ impl PodRelay {
         if !self.pods.synced {
             return;
         }
-        let per_pod: Vec<Vec<Ref>> = self.pods.items.values().map(|p| self.refs_of(p)).collect();
+        let per_pod: Vec<Vec<Ref>> = self.pods.all().iter().map(|p| self.refs_of(p)).collect();
         let before: HashSet<Ref> = self.referenced.iter().cloned().collect();
         let gone = self.referenced.rebuild(per_pod.iter().map(Vec::as_slice));
         self.drop_unreferenced(&gone);

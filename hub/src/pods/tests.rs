@@ -15,6 +15,7 @@ use crate::sessions::{DeviceRecord, LinkError, LogStream};
 struct FakeSessions {
     sent: Mutex<Vec<(String, u64, Vec<PodBundle>)>>,
     grace: Mutex<Vec<HashMap<String, u64>>>,
+    live: LiveRegistry,
 }
 
 impl Sessions for FakeSessions {
@@ -32,6 +33,9 @@ impl Sessions for FakeSessions {
     }
     fn is_connected(&self, _device: &str) -> bool {
         true
+    }
+    fn live(&self) -> watch::Receiver<crate::devices::LiveSet> {
+        self.live.subscribe()
     }
     fn open_logs(
         &self,
@@ -141,8 +145,8 @@ fn harness() -> Harness {
         ["dev-a", "dev-b"].into_iter().map(String::from).collect(),
     ));
     let (unready_tx, unready_rx) = watch::channel(Arc::new(BTreeMap::new()));
-    let live = LiveRegistry::new();
     let sessions = Arc::new(FakeSessions::default());
+    let live = sessions.live.clone();
     let api = Arc::new(FakeApi::default());
     let (status_tx, status_rx) = mpsc::channel(64);
     let (relay, _handles) = PodRelay::new(
