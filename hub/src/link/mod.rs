@@ -5,7 +5,7 @@
 
 pub mod budget;
 mod server;
-mod sessions;
+pub mod sessions;
 mod tls;
 
 use std::net::SocketAddr;

@@ -1,4 +1,6 @@
-//! Per-device link state shared by the gRPC server and the rest of the hub.
+//! Per-device link state shared by the gRPC server and the rest of the hub, and [`Sessions`],
+//! the seam through which the Kubernetes side uses it (a trait, so the controllers can be
+//! tested with in-memory links while `run` wires the real one).
 //!
 //! Desired state is level-triggered: each device has one slot holding its newest snapshot in a
 //! watch channel. A connected session sends whatever is newest when the device can take it, so a
@@ -11,12 +13,79 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetlet_proto::v1;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::LinkError;
+pub use super::LinkError;
+pub use crate::devices::{LiveRegistry, LiveSet};
+use v1::{LogRequest, PodBundle};
+
+/// A container log as the device streams it.
+pub type LogStream = BoxStream<'static, Result<Bytes, LinkError>>;
+
+/// The device link as the controllers use it.
+pub trait Sessions: Send + Sync + 'static {
+    /// Replaces the whole desired pod set of a device; returns the generation it got.
+    /// `termination_grace` holds, by pod UID, the grace period (seconds) of each pod being
+    /// deleted (left out of `pods`): the API's deletionGracePeriodSeconds, relayed to the device.
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        termination_grace: HashMap<String, u64>,
+    ) -> u64;
+    /// True while the device has a live stream.
+    fn is_connected(&self, device: &str) -> bool;
+    /// The live view of every device (connected since when, node info, capacity), published by
+    /// the link as sessions start, report and end: the one place that knows whether a device
+    /// is connected.
+    fn live(&self) -> watch::Receiver<LiveSet>;
+    /// Streams a container log from the device. The error says why not: offline
+    /// ([`LinkError::NotConnected`]), congested, or refused by the device.
+    fn open_logs(
+        &self,
+        device: &str,
+        req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>>;
+}
+
+pub use crate::inventory::InventoryDevice as DeviceRecord;
+
+/// The inventory: current device set, changes notify.
+pub type DeviceSet = crate::inventory::DeviceMap;
+
+/// The real link.
+impl Sessions for DeviceSessions {
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        termination_grace: HashMap<String, u64>,
+    ) -> u64 {
+        DeviceSessions::set_desired_with_grace(self, device, pods, termination_grace)
+    }
+
+    fn is_connected(&self, device: &str) -> bool {
+        DeviceSessions::is_connected(self, device)
+    }
+
+    fn live(&self) -> watch::Receiver<LiveSet> {
+        DeviceSessions::live(self)
+    }
+
+    fn open_logs(
+        &self,
+        device: &str,
+        req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let this = self.clone();
+        let device = device.to_string();
+        Box::pin(async move { DeviceSessions::open_logs(&this, &device, req).await })
+    }
+}
 
 /// Something that happened on a device's link, for the node and pod managers.
 #[derive(Debug, Clone)]
