@@ -353,6 +353,11 @@ impl NodeManager {
         let mut listed = false;
         let mut seeded = false;
         let mut resync = tokio::time::interval(Duration::from_secs(60));
+        // One interval, not a fresh sleep per turn: the watch of the hub's own Nodes delivers
+        // an event for most writes, and a sleep restarted by each of them would never fire,
+        // leaving lease renewals and grace timers to whatever else wakes the loop.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut health = self.flightctl.clone();
         let mut pass_now = true;
         loop {
@@ -392,7 +397,7 @@ impl NodeManager {
                     }
                 }
                 _ = resync.tick() => { seeded = false; }
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tick.tick() => {}
             }
         }
     }
