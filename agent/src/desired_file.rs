@@ -142,30 +142,17 @@ pub fn load(path: &Path) -> Result<DesiredSnapshot, DesiredFileError> {
     })
 }
 
-/// Standard base64 (with or without padding).
+/// Standard base64 (with or without padding; line breaks and spaces ignored, as in a
+/// Secret's data written by hand).
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        } as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    LENIENT.decode(compact).ok()
 }
 
 #[cfg(test)]
@@ -177,6 +164,7 @@ mod tests {
         assert_eq!(base64_decode("aHVudGVyMg==").unwrap(), b"hunter2");
         assert_eq!(base64_decode("YWI").unwrap(), b"ab");
         assert!(base64_decode("a*b").is_none());
+        assert_eq!(base64_decode("aHVu\ndGVy Mg==").unwrap(), b"hunter2");
     }
 
     #[test]

@@ -7,7 +7,6 @@ pub mod config;
 pub mod desired_file;
 pub mod device_state;
 pub mod events;
-pub mod fsutil;
 pub mod link;
 pub mod link_status;
 pub mod logging;

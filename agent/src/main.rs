@@ -7,7 +7,6 @@ use clap::Parser;
 use fleetlet_agent::cli::{Cli, Command};
 use fleetlet_agent::{app, logging, status};
 use fleetlet_proto::{errln, outln, stdio};
-use tokio_util::sync::CancellationToken;
 
 /// sysexits EX_USAGE/EX_CONFIG-style code for configuration errors.
 const EXIT_CONFIG: u8 = 64;
@@ -79,35 +78,11 @@ fn printed(result: std::io::Result<()>) -> ExitCode {
 
 fn run(cfg: fleetlet_agent::config::AgentConfig, opts: app::RunOptions) -> anyhow::Result<()> {
     // One thread is plenty for a device agent and keeps its footprint small.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            signals.cancel();
-        });
-        app::run(cfg, opts, shutdown).await?;
-        Ok(())
-    })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    fleetlet_os::process::run_until_signalled(
+        fleetlet_os::process::Runtime::CurrentThread,
+        |shutdown| async move {
+            app::run(cfg, opts, shutdown).await?;
+            Ok(())
+        },
+    )
 }

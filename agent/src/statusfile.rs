@@ -12,7 +12,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::fsutil;
 use crate::link_status::{LinkStatus, now_rfc3339};
 use crate::pod::worker::StatusMap;
 use crate::store::Held;
@@ -339,7 +338,8 @@ async fn write(path: &Path, file: &StatusFile) -> bool {
         }
     };
     let p = path.to_owned();
-    match tokio::task::spawn_blocking(move || fsutil::atomic_write(&p, &data, 0o644)).await {
+    match tokio::task::spawn_blocking(move || fleetlet_os::fs::write_atomic(&p, &data, 0o644)).await
+    {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
             warn!(path = %path.display(), error = %e, "writing status file failed");

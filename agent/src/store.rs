@@ -14,8 +14,6 @@ use fleetlet_proto::v1::DesiredSnapshot;
 use prost::Message;
 use tokio::sync::{Mutex, watch};
 
-use crate::fsutil;
-
 const MAGIC: &[u8; 8] = b"FLTSNAP1";
 const HEADER_LEN: usize = 8 + 8 + 4 + 4;
 const FILE: &str = "desired.snapshot";
@@ -275,7 +273,7 @@ fn save(dir: &Path, encoded: &[u8]) -> Result<(), StoreError> {
         std::fs::rename(&current, &prev).map_err(io(&current))?;
     }
     std::fs::rename(&tmp, &current).map_err(io(&current))?;
-    fsutil::sync_dir(dir).map_err(io(dir))
+    fleetlet_os::fs::sync_dir(dir).map_err(io(dir))
 }
 
 #[cfg(test)]

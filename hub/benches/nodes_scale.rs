@@ -12,7 +12,7 @@ use fleetlet_hub::app::start_controllers;
 use fleetlet_hub::config::HubConfig;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{LogStream, SessionEvent, Sessions};
+use fleetlet_hub::sessions::{LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions};
 use fleetlet_proto::v1::{Capacity, Hello, LogRequest, NodeInfo, PodBundle};
 use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -24,7 +24,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-struct NullLink;
+struct NullLink {
+    live: LiveRegistry,
+}
 
 impl Sessions for NullLink {
     fn set_desired(
@@ -38,12 +40,21 @@ impl Sessions for NullLink {
     fn is_connected(&self, _device: &str) -> bool {
         true
     }
+    fn live(&self) -> watch::Receiver<LiveSet> {
+        self.live.subscribe()
+    }
     fn open_logs(
         &self,
-        _device: &str,
+        device: &str,
         _req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
-        Box::pin(async { Err("no logs in the benchmark".to_string()) })
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let device = device.to_string();
+        Box::pin(async {
+            Err(LinkError::Device {
+                device,
+                message: "no logs in the benchmark".into(),
+            })
+        })
     }
 }
 
@@ -118,6 +129,8 @@ async fn main() {
     hub_cfg.nodes.instance = instance.clone();
     let (_inv_tx, inv_rx) = watch::channel(Arc::new(devices));
     let (ev_tx, ev_rx) = mpsc::channel(1024);
+    // The link publishes what it learns into its live view before handing the event on.
+    let live = LiveRegistry::new();
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -128,7 +141,7 @@ async fn main() {
         client.clone(),
         &hub_cfg,
         &instance,
-        Arc::new(NullLink),
+        Arc::new(NullLink { live: live.clone() }),
         ev_rx,
         inv_rx,
         None,
@@ -147,17 +160,15 @@ async fn main() {
             architecture: "amd64".into(),
             ..Default::default()
         };
-        let _ = ev_tx
-            .send(SessionEvent::Connected {
+        for ev in [
+            SessionEvent::Connected {
                 device: name.clone(),
                 hello: Hello {
                     node_info: Some(info.clone()),
                     ..Default::default()
                 },
-            })
-            .await;
-        let _ = ev_tx
-            .send(SessionEvent::Capacity {
+            },
+            SessionEvent::Capacity {
                 device: name.clone(),
                 capacity: Capacity {
                     capacity: res(&[("cpu", "4"), ("memory", "8Gi"), ("pods", "110")]),
@@ -165,8 +176,11 @@ async fn main() {
                     node_info: Some(info),
                     conditions: Vec::new(),
                 },
-            })
-            .await;
+            },
+        ] {
+            live.apply(&ev);
+            let _ = ev_tx.send(ev).await;
+        }
     }
     let nodes: Api<Node> = Api::all(client.clone());
     let selector = format!("fleetlet.io/managed-by={instance}");

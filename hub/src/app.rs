@@ -1,7 +1,6 @@
 //! Wiring of the hub's Kubernetes side: the watches, the pod relay, the status writer, the node
 //! manager and the session-event dispatcher, all under one shutdown token.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -14,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HubConfig;
-use crate::devices::LiveRegistry;
+use crate::devices::LiveSet;
 use crate::inventory::flightctl::HealthMap;
 use crate::metrics::Metrics;
 use crate::nodes::{NodeManager, PodCounts};
@@ -80,7 +79,7 @@ pub fn start_controllers_with_ports(
             instance: Some(identity.to_string()),
         },
     );
-    let live = LiveRegistry::new();
+    let live = sessions.live();
     let mut node_manager = NodeManager::new(
         client.clone(),
         cfg.nodes.clone(),
@@ -126,7 +125,7 @@ pub fn start_controllers_with_ports(
             device_ip_ranges: cfg.pods.ip_ranges().unwrap_or_default(),
         },
         inventory.clone(),
-        live.subscribe(),
+        live.clone(),
         known_nodes,
         unready_nodes,
     );
@@ -135,7 +134,7 @@ pub fn start_controllers_with_ports(
     tasks.spawn(relay.run(shutdown.clone()));
     tasks.spawn(node_manager.run(
         inventory.clone(),
-        live.subscribe(),
+        live.clone(),
         handles.counts.clone(),
         shutdown.clone(),
     ));
@@ -150,8 +149,10 @@ pub fn start_controllers_with_ports(
 
     let pods: Api<Pod> = Api::all(client.clone());
     let pod_cfg = watcher::Config::default().fields(BOUND_PODS_SELECTOR);
+    // managedFields are stripped on the way in: the relay never reads them, and they are a
+    // large share of a pod object held for as long as the pod exists.
     tasks.spawn(forward(
-        watcher(pods, pod_cfg),
+        watcher(pods, pod_cfg).modify(|p: &mut Pod| p.metadata.managed_fields = None),
         handles.inputs.clone(),
         Input::Pod,
         "pods",
@@ -232,11 +233,12 @@ async fn forward<K, S>(
     }
 }
 
-/// Folds session events into the live device registry and hands them to the relay.
+/// Logs session events, keeps the per-device metrics and hands statuses and acks to the relay.
+/// The live view itself is the link's (it published the event there before sending it).
 async fn dispatch(
     mut events: mpsc::Receiver<SessionEvent>,
     inventory: watch::Receiver<DeviceSet>,
-    live: LiveRegistry,
+    live: watch::Receiver<LiveSet>,
     relay: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -260,11 +262,7 @@ async fn dispatch(
             }
             SessionEvent::Disconnected { device } => {
                 tracing::info!(%device, fleet = %fleet(device), "device disconnected");
-                let last = live
-                    .subscribe()
-                    .borrow()
-                    .get(device)
-                    .and_then(|d| d.capacity.clone());
+                let last = live.borrow().get(device).and_then(|d| d.capacity.clone());
                 metrics.forget_device_capacity(device, last.as_ref());
                 metrics.forget_device_reconcile(device);
             }
@@ -276,10 +274,10 @@ async fn dispatch(
             }
             _ => {}
         }
-        live.apply(&ev);
+        let connected = live.borrow().values().filter(|d| d.connected).count();
         metrics
             .connected_devices
-            .set(i64::try_from(live.connected_count()).unwrap_or(i64::MAX));
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
         if matches!(
             ev,
             SessionEvent::PodStatus { .. }
@@ -290,9 +288,4 @@ async fn dispatch(
             return;
         }
     }
-}
-
-/// Node names of an inventory, for tests and diagnostics.
-pub fn device_names(set: &DeviceSet) -> BTreeSet<String> {
-    set.keys().cloned().collect()
 }

@@ -1,6 +1,7 @@
 //! What the hub knows live about each device from its stream: connected or not since when, its
-//! node info and its last capacity report. Fed by session events, read by the node manager and
-//! the pod relay through a watch channel.
+//! node info and its last capacity report. The link's `DeviceSessions` owns the one registry and
+//! folds each session event into it before handing the event on; the node manager and the pod
+//! relay read it through a watch channel (`Sessions::live`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -98,11 +99,6 @@ impl LiveRegistry {
             }
         });
     }
-
-    /// Number of devices with a live stream.
-    pub fn connected_count(&self) -> usize {
-        self.tx.borrow().values().filter(|d| d.connected).count()
-    }
 }
 
 #[cfg(test)]
@@ -136,12 +132,10 @@ mod tests {
             capacity: Capacity::default(),
         });
         assert!(rx.borrow_and_update()["d"].capacity.is_some());
-        assert_eq!(reg.connected_count(), 1);
         reg.apply(&SessionEvent::Disconnected { device: "d".into() });
         assert!(!rx.borrow_and_update()["d"].connected);
         // A second disconnect changes nothing and does not wake readers.
         reg.apply(&SessionEvent::Disconnected { device: "d".into() });
         assert!(!rx.has_changed().expect("open"));
-        assert_eq!(reg.connected_count(), 0);
     }
 }

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KubeletConfig;
 use crate::metrics::Metrics;
-use crate::sessions::{DeviceSet, Sessions};
+use crate::sessions::{DeviceSet, LinkError, Sessions};
 
 /// Errors setting up the kubelet endpoint (configuration; not retryable).
 #[derive(Debug, Error)]
@@ -179,42 +179,18 @@ pub fn parse_logs_path(path: &str) -> Option<LogsPath> {
     match parts.as_slice() {
         [ns, pod, container] if !ns.is_empty() && !pod.is_empty() && !container.is_empty() => {
             Some(LogsPath {
-                namespace: percent_decode(ns),
-                pod: percent_decode(pod),
-                container: percent_decode(container),
+                namespace: fleetlet_proto::percent::decode(ns),
+                pod: fleetlet_proto::percent::decode(pod),
+                container: fleetlet_proto::percent::decode(container),
             })
         }
         _ => None,
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        let escaped = (b == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b, escaped) {
-            (_, Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (b'+', None) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, None) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A query value: `+` is a space (form encoding), then `%XX` escapes.
+fn query_value(s: &str) -> String {
+    fleetlet_proto::percent::decode(&s.replace('+', " "))
 }
 
 /// A query that cannot be served.
@@ -236,7 +212,7 @@ pub fn parse_log_query(query: Option<&str>) -> Result<LogRequest, QueryError> {
         .filter(|p| !p.is_empty())
     {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
+        let v = query_value(v);
         let bad = || QueryError {
             name: k.to_string(),
             value: v.clone(),
@@ -450,6 +426,7 @@ impl KubeletApi {
         let acceptor = TlsAcceptor::from(tls);
         let limits = self.limits;
         let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let mut acceptor_tcp = fleetlet_os::net::Acceptor::new(listener, "kubelet endpoint");
         loop {
             // A connection slot first: at the limit, new connections wait in the backlog.
             let permit = tokio::select! {
@@ -459,17 +436,8 @@ impl KubeletApi {
                     Err(_) => return,
                 },
             };
-            let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(%error, "accepting on the kubelet endpoint");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+            let Some((tcp, peer)) = acceptor_tcp.accept(&shutdown).await else {
+                return;
             };
             let acceptor = acceptor.clone();
             let this = self.clone();
@@ -677,7 +645,7 @@ impl KubeletApi {
             }
             // 400 like the kubelet's "container is waiting to start": the API server passes a
             // 400's text to kubectl verbatim, while a 503 becomes a generic message.
-            Err(e) if !self.sessions.is_connected(&node) => text(
+            Err(e @ LinkError::NotConnected { .. }) => text(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "device {node} is offline (not connected to fleetlet-hub); logs are unavailable until it reconnects: {e}"
@@ -958,7 +926,7 @@ fn query_flag(query: Option<&str>, name: &str) -> Result<bool, QueryError> {
     for pair in query.unwrap_or_default().split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == name {
-            return match percent_decode(v).as_str() {
+            return match query_value(v).as_str() {
                 "" | "true" | "1" => Ok(true),
                 "false" | "0" => Ok(false),
                 other => Err(QueryError {
@@ -1076,10 +1044,9 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%3Ab%2f"), "a:b/");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
+    fn query_values_are_form_decoded() {
+        assert_eq!(query_value("a%3Ab+c"), "a:b c");
+        assert_eq!(query_value("100%"), "100%");
     }
 
     /// A kube client that is never called (nothing here reaches authentication).
@@ -1101,13 +1068,17 @@ mod tests {
         fn is_connected(&self, _device: &str) -> bool {
             false
         }
+        fn live(&self) -> watch::Receiver<crate::devices::LiveSet> {
+            crate::devices::LiveRegistry::new().subscribe()
+        }
         fn open_logs(
             &self,
-            _device: &str,
+            device: &str,
             _req: LogRequest,
-        ) -> futures::future::BoxFuture<'static, Result<crate::sessions::LogStream, String>>
+        ) -> futures::future::BoxFuture<'static, Result<crate::sessions::LogStream, LinkError>>
         {
-            Box::pin(async { Err("no device".to_string()) })
+            let device = device.to_string();
+            Box::pin(async { Err(LinkError::NotConnected { device }) })
         }
     }
 

@@ -20,4 +20,4 @@ pub mod pki;
 pub mod pods;
 pub mod quantity;
 pub mod run;
-pub mod sessions;
+pub use link::sessions;

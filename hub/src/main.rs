@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use fleetlet_hub::cli::{Cli, Command};
 use fleetlet_hub::config::HubConfig;
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// sysexits EX_CONFIG.
@@ -60,36 +59,11 @@ fn init_tracing(format: &str) {
 }
 
 fn run(cfg: HubConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            signals.cancel();
-        });
-        fleetlet_hub::run::run(cfg, shutdown).await?;
-        Ok(())
-    })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    fleetlet_os::process::run_until_signalled(
+        fleetlet_os::process::Runtime::MultiThread,
+        |shutdown| async move {
+            fleetlet_hub::run::run(cfg, shutdown).await?;
+            Ok(())
+        },
+    )
 }

@@ -319,11 +319,51 @@ impl Metrics {
 
     /// Exports the link's counters kept by the link itself.
     pub fn register_link(&mut self, stats: &crate::link::LinkStats) {
-        self.registry.register(
-            "device_sessions_cut_over_budget",
-            "Device sessions cut because the device sent more than its input budget",
-            stats.sessions_cut_over_budget.clone(),
-        );
+        let counters = [
+            (
+                "device_sessions_cut_over_budget",
+                "Device sessions cut because the device sent more than its input budget",
+                &stats.sessions_cut_over_budget,
+            ),
+            (
+                "link_handshakes_failed",
+                "TLS handshakes on the device link that failed (unknown CA, expired certificate, timeout)",
+                &stats.handshakes_failed,
+            ),
+            (
+                "link_streams_rejected",
+                "Device streams refused (identity, inventory, hello, bad message)",
+                &stats.streams_rejected,
+            ),
+            (
+                "link_sessions_cut_stalled",
+                "Device sessions cut because the device did not take a snapshot within the stall timeout",
+                &stats.sessions_cut_stalled,
+            ),
+            (
+                "link_sessions_replaced",
+                "Device sessions replaced by a newer connection of the same device",
+                &stats.sessions_replaced,
+            ),
+            (
+                "link_snapshots_sent",
+                "Desired-state snapshots handed to a device's stream",
+                &stats.snapshots_sent,
+            ),
+            (
+                "link_snapshots_superseded",
+                "Snapshots replaced by a newer one before the device took them",
+                &stats.snapshots_superseded,
+            ),
+            (
+                "link_log_requests_rejected",
+                "Log requests refused because the device session's control queue was full",
+                &stats.log_requests_rejected,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            self.registry.register(name, help, counter.clone());
+        }
     }
 
     /// Counts `n` device Events with `outcome`.
@@ -445,7 +485,7 @@ impl Readiness {
     }
 }
 
-/// Errors of the operations endpoint.
+/// Errors of the operations endpoint (configuration; not retryable).
 #[derive(Debug, Error)]
 pub enum OpsError {
     /// The listen address could not be bound (not retryable: configuration).
@@ -472,17 +512,10 @@ pub async fn serve_ops(
     ready: Readiness,
     shutdown: CancellationToken,
 ) {
+    let mut listener = fleetlet_os::net::Acceptor::new(listener, "operations endpoint");
     loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, _) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::warn!(%error, "accepting on the operations endpoint");
-                continue;
-            }
+        let Some((stream, _)) = listener.accept(&shutdown).await else {
+            return;
         };
         let metrics = metrics.clone();
         let ready = ready.clone();
@@ -640,6 +673,25 @@ mod tests {
         m.forget_snapshot_bytes("dev-1");
         let text = m.render();
         assert!(!text.contains("device=\"dev-1\""), "{text}");
+    }
+
+    #[test]
+    fn the_links_counters_are_on_metrics() {
+        let mut m = Metrics::new();
+        let stats = crate::link::LinkStats::default();
+        m.register_link(&stats);
+        stats.handshakes_failed.inc();
+        stats.sessions_cut_stalled.inc();
+        stats.snapshots_superseded.inc_by(2);
+        let text = m.render();
+        for line in [
+            "fleetlet_hub_link_handshakes_failed_total 1",
+            "fleetlet_hub_link_sessions_cut_stalled_total 1",
+            "fleetlet_hub_link_snapshots_superseded_total 2",
+            "fleetlet_hub_device_sessions_cut_over_budget_total 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]

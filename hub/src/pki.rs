@@ -6,7 +6,6 @@
 //! `ca.pem`, `ca-key.pem`, `hub.pem`, `hub-key.pem`, `devices/<name>.pem`, `devices/<name>-key.pem`.
 //! Keys are written with mode 0600; every file is replaced atomically.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -274,37 +273,16 @@ fn read_file(path: &Path) -> Result<String, PkiError> {
     })
 }
 
-/// Write atomically: a temp file created with `mode` (so a key is never briefly readable), fsync,
-/// rename over the target, fsync the directory.
+/// Write atomically (see [`fleetlet_os::fs::write_atomic`]): the temp file is created with
+/// `mode`, so a key is never briefly readable.
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let io = |source| PkiError::Io {
         path: path.to_owned(),
         source,
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    fleetlet_os::fs::write_atomic(path, data, mode).map_err(io)
 }
 
 #[cfg(test)]

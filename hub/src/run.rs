@@ -18,7 +18,8 @@ use crate::link::{DeviceSessions, LinkServer, SessionLimits};
 use crate::metrics::{Metrics, OpsError, Readiness, bind_ops, serve_ops};
 use crate::sessions::Sessions;
 
-/// Why the hub stopped with an error.
+/// Why the hub stopped with an error. None is retried in the process: the hub exits (64 for
+/// configuration, 1 otherwise) and its supervisor starts a fresh one.
 #[derive(Debug, Error)]
 pub enum RunError {
     /// The operations endpoint could not start (configuration).

@@ -12,7 +12,9 @@ use fleetlet_hub::app::start_controllers;
 use fleetlet_hub::config::HubConfig;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{DeviceSet, LogStream, SessionEvent, Sessions};
+use fleetlet_hub::sessions::{
+    DeviceSet, LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions,
+};
 use fleetlet_proto::v1::{
     Capacity, Hello, LogRequest, NodeInfo, PodBundle, PodStatusEntry, PodStatusReport,
 };
@@ -36,6 +38,22 @@ type Desired = BTreeMap<String, (u64, Vec<PodBundle>)>;
 /// An in-memory device link.
 struct FakeLink {
     desired: watch::Sender<Desired>,
+    live: LiveRegistry,
+}
+
+/// The device side's events as the link would publish them: into its live view first, then
+/// to the hub's controllers.
+#[derive(Clone)]
+struct DeviceEvents {
+    tx: mpsc::Sender<SessionEvent>,
+    live: LiveRegistry,
+}
+
+impl DeviceEvents {
+    async fn send(&self, ev: SessionEvent) -> Result<(), mpsc::error::SendError<SessionEvent>> {
+        self.live.apply(&ev);
+        self.tx.send(ev).await
+    }
 }
 
 impl Sessions for FakeLink {
@@ -55,18 +73,27 @@ impl Sessions for FakeLink {
     fn is_connected(&self, _device: &str) -> bool {
         true
     }
+    fn live(&self) -> watch::Receiver<LiveSet> {
+        self.live.subscribe()
+    }
     fn open_logs(
         &self,
-        _device: &str,
+        device: &str,
         _req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
-        Box::pin(async { Err("the in-memory link streams no logs".to_string()) })
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let device = device.to_string();
+        Box::pin(async {
+            Err(LinkError::Device {
+                device,
+                message: "the in-memory link streams no logs".into(),
+            })
+        })
     }
 }
 
 struct Hub {
     client: kube::Client,
-    events: mpsc::Sender<SessionEvent>,
+    events: DeviceEvents,
     desired: watch::Receiver<Desired>,
     inventory: watch::Sender<DeviceSet>,
     shutdown: CancellationToken,
@@ -97,6 +124,7 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
     ));
     let (desired_tx, desired_rx) = watch::channel(Desired::new());
     let (ev_tx, ev_rx) = mpsc::channel(64);
+    let live = LiveRegistry::new();
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     start_controllers(
@@ -106,6 +134,7 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
         instance,
         Arc::new(FakeLink {
             desired: desired_tx,
+            live: live.clone(),
         }),
         ev_rx,
         inv_rx,
@@ -115,7 +144,7 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
     );
     Hub {
         client,
-        events: ev_tx,
+        events: DeviceEvents { tx: ev_tx, live },
         desired: desired_rx,
         inventory: inv_tx,
         shutdown,
@@ -786,7 +815,7 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
     let sim = tokio::spawn(simulate_devices(
         hub.desired.clone(),
         online_rx,
-        hub.events.clone(),
+        hub.events.tx.clone(),
         sim_stop.clone(),
     ));
     let nodes: Api<Node> = Api::all(hub.client.clone());
@@ -1012,6 +1041,114 @@ async fn a_node_the_hub_does_not_own_survives_its_device_leaving_the_inventory()
             .flatten()
             .any(|m| m.manager.as_deref() == Some("fleetlet")),
         "the hub never wrote to it"
+    );
+    hub.stop().await;
+}
+
+fn taint_keys(node: &Node) -> Vec<String> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .map(|ts| ts.iter().map(|t| t.key.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_node_deleted_by_someone_else_is_created_again_and_foreign_taints_follow_their_owner() {
+    let instance = unique("it-recreate");
+    let dev = format!("{instance}-d1");
+    let _cleanup = KubeCleanup {
+        nodes: vec![dev.clone()],
+        namespace: None,
+    };
+    let hub = start_hub(&instance, vec![device(&dev, "fleet-a")]).await;
+    hub.connect(&dev, "1").await;
+    let nodes: Api<Node> = Api::all(hub.client.clone());
+    let first = wait_for("node ready", 30, || async {
+        let n = nodes.get_opt(&dev).await.ok().flatten()?;
+        (ready_condition(&n)?.0 == "True").then_some(n)
+    })
+    .await;
+
+    // Another controller adds its taint; a label change makes the hub apply the Node again,
+    // and the other controller's taint stays.
+    let other = "example.com/other-controller";
+    nodes
+        .patch(
+            &dev,
+            &PatchParams::apply("other-controller").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Node", "metadata": {"name": dev},
+                "spec": {"taints": [
+                    {"key": "virtual-kubelet.io/provider", "value": "fleetlet", "effect": "NoSchedule"},
+                    {"key": other, "effect": "NoExecute"}
+                ]}
+            })),
+        )
+        .await
+        .expect("the other controller's taint");
+    let mut relabelled = device(&dev, "fleet-a");
+    relabelled.labels.insert("stage".into(), "one".into());
+    hub.inventory
+        .send_replace(Arc::new([(dev.clone(), relabelled.clone())].into()));
+    let n = wait_for("the new label applied", 30, || async {
+        let n = nodes.get(&dev).await.ok()?;
+        (n.metadata.labels.as_ref()?.get("stage")? == "one").then_some(n)
+    })
+    .await;
+    assert!(
+        taint_keys(&n).contains(&other.to_string()),
+        "{:?}",
+        taint_keys(&n)
+    );
+
+    // The other controller takes its taint away (an update, as the node lifecycle controller
+    // does); the hub's next apply does not bring it back.
+    let mut current = nodes.get(&dev).await.expect("node");
+    if let Some(spec) = current.spec.as_mut() {
+        spec.taints
+            .get_or_insert_with(Vec::new)
+            .retain(|t| t.key != other);
+    }
+    current.metadata.managed_fields = None;
+    nodes
+        .replace(&dev, &PostParams::default(), &current)
+        .await
+        .expect("the other controller removes its taint");
+    relabelled.labels.insert("stage".into(), "two".into());
+    hub.inventory
+        .send_replace(Arc::new([(dev.clone(), relabelled.clone())].into()));
+    let n = wait_for("the second label applied", 30, || async {
+        let n = nodes.get(&dev).await.ok()?;
+        (n.metadata.labels.as_ref()?.get("stage")? == "two").then_some(n)
+    })
+    .await;
+    let keys = taint_keys(&n);
+    assert!(!keys.contains(&other.to_string()), "re-applied: {keys:?}");
+    assert!(
+        keys.contains(&"virtual-kubelet.io/provider".to_string()),
+        "{keys:?}"
+    );
+
+    // Someone deletes the Node while the device is inventoried: the hub creates it again, with
+    // its labels and status.
+    nodes
+        .delete(&dev, &DeleteParams::default())
+        .await
+        .expect("delete the node");
+    let again = wait_for("the node created again, ready", 60, || async {
+        let n = nodes.get_opt(&dev).await.ok().flatten()?;
+        (n.metadata.uid != first.metadata.uid && ready_condition(&n)?.0 == "True").then_some(n)
+    })
+    .await;
+    assert_eq!(
+        again
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("stage"))
+            .map(String::as_str),
+        Some("two")
     );
     hub.stop().await;
 }

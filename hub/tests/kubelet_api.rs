@@ -14,7 +14,9 @@ use fleetlet_hub::config::HubConfig;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::kubelet_api::{KubeletApi, tls_config};
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{DeviceSet, LogStream, SessionEvent, Sessions};
+use fleetlet_hub::sessions::{
+    DeviceSet, LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions,
+};
 use fleetlet_proto::v1::{LogRequest, PodBundle};
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Empty};
@@ -35,6 +37,7 @@ use common::{client, create_namespace, dev_dir, unique, wait_for};
 /// Answers log requests with a line describing the request, then two log lines.
 struct LogLink {
     online: AtomicBool,
+    live: LiveRegistry,
 }
 
 impl Sessions for LogLink {
@@ -49,16 +52,19 @@ impl Sessions for LogLink {
     fn is_connected(&self, _device: &str) -> bool {
         self.online.load(Ordering::SeqCst)
     }
+    fn live(&self) -> watch::Receiver<LiveSet> {
+        self.live.subscribe()
+    }
     fn open_logs(
         &self,
         device: &str,
         req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
         let online = self.online.load(Ordering::SeqCst);
         let device = device.to_string();
         Box::pin(async move {
             if !online {
-                return Err(format!("device {device} is not connected"));
+                return Err(LinkError::NotConnected { device });
             }
             let head = format!(
                 "request container={} follow={} tail={:?} since={:?} timestamps={} previous={} limit={:?}\n",
@@ -70,7 +76,7 @@ impl Sessions for LogLink {
                 req.previous,
                 req.limit_bytes
             );
-            let chunks: Vec<Result<Bytes, String>> = vec![
+            let chunks: Vec<Result<Bytes, LinkError>> = vec![
                 Ok(Bytes::from(head)),
                 Ok(Bytes::from_static(b"line one\n")),
                 Ok(Bytes::from_static(b"line two\n")),
@@ -117,6 +123,7 @@ async fn setup(instance: &str, dev: &str) -> Setup {
     let (ev_tx, ev_rx) = mpsc::channel(16);
     let link = Arc::new(LogLink {
         online: AtomicBool::new(true),
+        live: LiveRegistry::new(),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod pem;
+pub mod percent;
 pub mod stdio;
 
 /// Generated code for the `fleetlet.v1` package.

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::fsutil;
 use crate::registry_auth::RegistryAuth;
 
 const FILE: &str = "pulled-images.json";
@@ -96,7 +95,7 @@ impl PulledImages {
         }
         let data = serde_json::to_vec(&*records).map_err(std::io::Error::other)?;
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || fsutil::atomic_write(&path, &data, 0o600))
+        tokio::task::spawn_blocking(move || fleetlet_os::fs::write_atomic(&path, &data, 0o600))
             .await
             .map_err(std::io::Error::other)?
     }

@@ -133,7 +133,7 @@ pub struct PodWorker<R> {
     usage_checked: Option<Instant>,
     /// Each pod condition's status as last reported and since when (its lastTransitionTime),
     /// kept as the kubelet's status manager keeps it: the time moves only when the status does.
-    condition_since: std::sync::Mutex<BTreeMap<String, (String, Timestamp)>>,
+    condition_since: BTreeMap<String, (String, Timestamp)>,
 }
 
 /// The hostname of a pod with its own network, as the kubelet makes it: the pod name cut to 63
@@ -173,7 +173,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             written_volumes: BTreeMap::new(),
             sidecars_started: false,
             usage_checked: None,
-            condition_since: std::sync::Mutex::default(),
+            condition_since: BTreeMap::new(),
         }
     }
 
@@ -341,7 +341,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if requeue.is_zero() {
             return requeue;
         }
-        let status = self.status(plan);
+        let mut status = self.status(plan);
+        self.stamp_transitions(&mut status);
         if self.publish(&ns, &name, &status, false) {
             debug!(pod = %name, namespace = %ns, phase = status.phase.as_deref().unwrap_or_default(), "pod status changed");
         }
@@ -396,18 +397,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
             pod_ip,
             start_time: self.start_time,
         };
-        let mut status = pod_status(&v);
-        self.stamp_transitions(&mut status);
-        status
+        pod_status(&v)
     }
 
     /// Sets each condition's lastTransitionTime to when its status last changed (now, when it
     /// just did), so Ready says when the pod became ready, not when it started.
-    fn stamp_transitions(&self, status: &mut k8s_openapi::api::core::v1::PodStatus) {
-        let mut since = self
-            .condition_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn stamp_transitions(&mut self, status: &mut k8s_openapi::api::core::v1::PodStatus) {
+        let since = &mut self.condition_since;
         let now = Timestamp::now();
         for c in status.conditions.iter_mut().flatten() {
             let entry = since

@@ -600,15 +600,7 @@ fn label_filters(labels: &[String]) -> String {
 
 /// Percent-encode everything but RFC 3986 unreserved characters.
 fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    fleetlet_proto::percent::encode_component(s)
 }
 
 /// Split a streamed body into newline-terminated lines.

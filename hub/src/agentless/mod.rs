@@ -211,6 +211,9 @@ pub struct AgentlessSessions {
     inventory: watch::Receiver<DeviceMap>,
     desired: watch::Sender<DesiredMap>,
     connected: Arc<RwLock<BTreeSet<String>>>,
+    /// The live view the controllers read: the link's events and this controller's folded into
+    /// one (`start` applies each on its way to the relay), as devices of both kinds have Nodes.
+    live: Arc<crate::devices::LiveRegistry>,
 }
 
 impl AgentlessSessions {
@@ -276,16 +279,23 @@ impl Sessions for AgentlessSessions {
         &self,
         device: &str,
         req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
+    ) -> BoxFuture<'static, Result<LogStream, crate::link::LinkError>> {
         if self.is_agentless(device) {
             let device = device.to_string();
             return Box::pin(async move {
-                Err(format!(
-                    "device {device} runs in agentless mode (pods as Flightctl applications): Flightctl v1.2 has no API for container logs, so kubectl logs cannot be served"
-                ))
+                Err(crate::link::LinkError::Device {
+                    message: format!(
+                        "device {device} runs in agentless mode (pods as Flightctl applications): Flightctl v1.2 has no API for container logs, so kubectl logs cannot be served"
+                    ),
+                    device,
+                })
             });
         }
         self.link.open_logs(device, req)
+    }
+
+    fn live(&self) -> watch::Receiver<crate::devices::LiveSet> {
+        self.live.subscribe()
     }
 
     fn open_stream(
@@ -410,6 +420,7 @@ pub fn spawn(
                 inventory,
                 desired: desired_tx,
                 connected,
+                live: Arc::new(crate::devices::LiveRegistry::new()),
             }),
             stats: stats_rx,
         },
@@ -431,18 +442,36 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<(Arc<dyn Sessions>, mpsc::Receiver<SessionEvent>), AgentlessError> {
     let (tx, rx) = mpsc::channel(4096);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel(4096);
     let (agentless, task) = spawn(
         &flightctl.agentless,
         flightctl,
         link,
         inventory,
-        tx.clone(),
+        ctl_tx,
         metrics,
         shutdown.clone(),
     )?;
     tasks.spawn(async move {
         let _ = task.await;
     });
+    let live = agentless.sessions.live.clone();
+    {
+        // The controller's events (agentless devices' connects, statuses, acks).
+        let (tx, live, shutdown) = (tx.clone(), live.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    e = ctl_rx.recv() => match e { Some(e) => e, None => return },
+                };
+                live.apply(&ev);
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let sessions = agentless.sessions.clone();
     tasks.spawn(async move {
         loop {
@@ -465,6 +494,7 @@ pub fn start(
                 }
                 continue;
             }
+            live.apply(&ev);
             if tx.send(ev).await.is_err() {
                 return;
             }

@@ -5,7 +5,7 @@
 
 pub mod budget;
 mod server;
-mod sessions;
+pub mod sessions;
 mod streams;
 mod tls;
 
@@ -51,7 +51,8 @@ pub enum LinkError {
         /// What the device said.
         message: String,
     },
-    /// The log consumer did not keep up and its stream was cancelled.
+    /// The log consumer did not keep up and its stream was cancelled. Retryable (a new
+    /// request).
     #[error("log stream {request_id} of device {device} cancelled: consumer too slow")]
     SlowConsumer {
         /// Device name.
@@ -83,7 +84,7 @@ pub enum LinkError {
         /// What is wrong with it.
         message: String,
     },
-    /// The listener could not be bound or failed.
+    /// The listener could not be bound or failed. Not retryable: the hub exits.
     #[error("link listener {addr}: {message}")]
     Listen {
         /// Listen address.
@@ -91,6 +92,22 @@ pub enum LinkError {
         /// What the OS said.
         message: String,
     },
+}
+
+impl LinkError {
+    /// Whether the same request may succeed later without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::NotConnected { .. }
+            | Self::Congested { .. }
+            | Self::SlowConsumer { .. }
+            | Self::TooManyStreams { .. } => true,
+            Self::Device { .. }
+            | Self::StreamEnded { .. }
+            | Self::Tls { .. }
+            | Self::Listen { .. } => false,
+        }
+    }
 }
 
 /// Which part of a verified client certificate names the device.

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -316,18 +315,10 @@ async fn accept_loop(
     server: Arc<ConnServer>,
 ) {
     let stats = sessions.stats();
+    let mut listener = fleetlet_os::net::Acceptor::new(listener, "device link");
     loop {
-        let (tcp, peer) = tokio::select! {
-            () = server.shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "accepting a link connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = listener.accept(&server.shutdown).await else {
+            return;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
@@ -342,12 +333,12 @@ async fn accept_loop(
             let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(io)) => io,
                 Ok(Err(error)) => {
-                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    stats.handshakes_failed.inc();
                     tracing::warn!(%peer, %error, "link TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    stats.handshakes_failed.inc();
                     tracing::warn!(%peer, "link TLS handshake timed out");
                     return;
                 }
@@ -407,10 +398,7 @@ async fn inventory_loop(
 }
 
 fn reject(sessions: &DeviceSessions, status: Status) -> Status {
-    sessions
-        .stats()
-        .streams_rejected
-        .fetch_add(1, Ordering::Relaxed);
+    sessions.stats().streams_rejected.inc();
     status
 }
 
@@ -686,10 +674,7 @@ async fn run_inbound(
                     continue;
                 };
                 if s.slot.sent() < generation {
-                    s.sessions
-                        .stats()
-                        .sessions_cut_stalled
-                        .fetch_add(1, Ordering::Relaxed);
+                    s.sessions.stats().sessions_cut_stalled.inc();
                     tracing::warn!(
                         device,
                         generation,

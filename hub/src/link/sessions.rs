@@ -1,4 +1,6 @@
-//! Per-device link state shared by the gRPC server and the rest of the hub.
+//! Per-device link state shared by the gRPC server and the rest of the hub, and [`Sessions`],
+//! the seam through which the Kubernetes side uses it (a trait, so the controllers can be
+//! tested with in-memory links while `run` wires the real one).
 //!
 //! Desired state is level-triggered: each device has one slot holding its newest snapshot in a
 //! watch channel. A connected session sends whatever is newest when the device can take it, so a
@@ -11,11 +13,108 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetlet_proto::v1;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::LinkError;
+pub use super::LinkError;
+pub use crate::devices::{LiveRegistry, LiveSet};
+use v1::{LogRequest, PodBundle};
+
+/// A container log as the device streams it.
+pub type LogStream = BoxStream<'static, Result<Bytes, LinkError>>;
+
+/// The device link as the controllers use it.
+pub trait Sessions: Send + Sync + 'static {
+    /// Replaces the whole desired pod set of a device; returns the generation it got.
+    /// `termination_grace` holds, by pod UID, the grace period (seconds) of each pod being
+    /// deleted (left out of `pods`): the API's deletionGracePeriodSeconds, relayed to the device.
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        termination_grace: HashMap<String, u64>,
+    ) -> u64;
+    /// True while the device has a live stream.
+    fn is_connected(&self, device: &str) -> bool;
+    /// The live view of every device (connected since when, node info, capacity), published by
+    /// the link as sessions start, report and end: the one place that knows whether a device
+    /// is connected.
+    fn live(&self) -> watch::Receiver<LiveSet>;
+    /// Streams a container log from the device. The error says why not: offline
+    /// ([`LinkError::NotConnected`]), congested, or refused by the device.
+    fn open_logs(
+        &self,
+        device: &str,
+        req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>>;
+    /// Opens an exec, attach or port-forward stream on the device's link; an error (for the
+    /// user) when it is offline, at its stream limit or its link is congested. A wrapper that
+    /// routes some devices elsewhere must route this too (the default refuses).
+    fn open_stream(
+        &self,
+        device: &str,
+        open: fleetlet_proto::v1::StreamOpen,
+    ) -> BoxFuture<'static, Result<DeviceStream, String>> {
+        let _ = open;
+        let device = device.to_string();
+        Box::pin(async move { Err(format!("streams to device {device} are not supported here")) })
+    }
+}
+
+/// The two halves of a stream opened with [`Sessions::open_stream`].
+pub type DeviceStream = (super::StreamInput, super::StreamOutput);
+
+pub use crate::inventory::InventoryDevice as DeviceRecord;
+
+/// The inventory: current device set, changes notify.
+pub type DeviceSet = crate::inventory::DeviceMap;
+
+/// The real link.
+impl Sessions for DeviceSessions {
+    fn set_desired(
+        &self,
+        device: &str,
+        pods: Vec<PodBundle>,
+        termination_grace: HashMap<String, u64>,
+    ) -> u64 {
+        DeviceSessions::set_desired_with_grace(self, device, pods, termination_grace)
+    }
+
+    fn is_connected(&self, device: &str) -> bool {
+        DeviceSessions::is_connected(self, device)
+    }
+
+    fn live(&self) -> watch::Receiver<LiveSet> {
+        DeviceSessions::live(self)
+    }
+
+    fn open_logs(
+        &self,
+        device: &str,
+        req: LogRequest,
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let this = self.clone();
+        let device = device.to_string();
+        Box::pin(async move { DeviceSessions::open_logs(&this, &device, req).await })
+    }
+
+    fn open_stream(
+        &self,
+        device: &str,
+        open: fleetlet_proto::v1::StreamOpen,
+    ) -> BoxFuture<'static, Result<DeviceStream, String>> {
+        let this = self.clone();
+        let device = device.to_string();
+        Box::pin(async move {
+            DeviceSessions::open_stream(&this, &device, open)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
 
 /// Something that happened on a device's link, for the node and pod managers.
 #[derive(Debug, Clone)]
@@ -117,34 +216,42 @@ impl Default for SessionLimits {
     }
 }
 
-/// Counters about the link, for metrics and for tests that check bounds instead of timing.
+/// Counters about the link, for `/metrics` (each exported under the name in its doc, see
+/// [`crate::metrics::Metrics::register_link`]) and for tests that check bounds instead of
+/// timing.
 #[derive(Debug, Default)]
 pub struct LinkStats {
-    /// Snapshots replaced by a newer one before the device took them.
-    pub snapshots_superseded: AtomicU64,
-    /// Snapshots handed to a device's stream.
-    pub snapshots_sent: AtomicU64,
-    /// Sessions cut because the device did not take a snapshot within the stall timeout.
-    pub sessions_cut_stalled: AtomicU64,
-    /// Sessions replaced by a newer connection of the same device.
-    pub sessions_replaced: AtomicU64,
-    /// Streams refused (identity, inventory, hello, bad message).
-    pub streams_rejected: AtomicU64,
-    /// TLS handshakes that failed (unknown CA, expired certificate, ...).
-    pub handshakes_failed: AtomicU64,
-    /// Log requests refused because the session's control queue was full.
-    pub log_requests_rejected: AtomicU64,
-    /// Currently open sessions.
+    /// Snapshots replaced by a newer one before the device took them
+    /// (`fleetlet_hub_link_snapshots_superseded_total`).
+    pub snapshots_superseded: Counter,
+    /// Snapshots handed to a device's stream (`fleetlet_hub_link_snapshots_sent_total`).
+    pub snapshots_sent: Counter,
+    /// Sessions cut because the device did not take a snapshot within the stall timeout
+    /// (`fleetlet_hub_link_sessions_cut_stalled_total`).
+    pub sessions_cut_stalled: Counter,
+    /// Sessions replaced by a newer connection of the same device
+    /// (`fleetlet_hub_link_sessions_replaced_total`).
+    pub sessions_replaced: Counter,
+    /// Streams refused: identity, inventory, hello, bad message
+    /// (`fleetlet_hub_link_streams_rejected_total`).
+    pub streams_rejected: Counter,
+    /// TLS handshakes that failed: unknown CA, expired certificate, ...
+    /// (`fleetlet_hub_link_handshakes_failed_total`).
+    pub handshakes_failed: Counter,
+    /// Log requests refused because the session's control queue was full
+    /// (`fleetlet_hub_link_log_requests_rejected_total`).
+    pub log_requests_rejected: Counter,
+    /// Currently open sessions (on `/metrics` as `fleetlet_hub_connected_devices`).
     pub sessions_open: AtomicU64,
-    /// Sessions cut because the device sent more than its budget (exported on `/metrics` as
-    /// `fleetlet_hub_device_sessions_cut_over_budget_total`).
-    pub sessions_cut_over_budget: prometheus_client::metrics::counter::Counter,
+    /// Sessions cut because the device sent more than its budget
+    /// (`fleetlet_hub_device_sessions_cut_over_budget_total`).
+    pub sessions_cut_over_budget: Counter,
 }
 
 impl LinkStats {
-    /// Read one counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// Reads one counter.
+    pub fn get(counter: &Counter) -> u64 {
+        counter.get()
     }
 }
 
@@ -164,6 +271,9 @@ struct Inner {
     stats: Arc<LinkStats>,
     /// The devices' latest resource figures.
     resource_stats: Arc<crate::node_stats::StatsStore>,
+    /// What is known live about each device (connected since when, node info, capacity),
+    /// published by the link itself as its sessions start, report and end.
+    live: crate::devices::LiveRegistry,
 }
 
 /// Everything the hub keeps about one device, connected or not.
@@ -373,6 +483,7 @@ impl DeviceSessions {
                 limits,
                 stats: Arc::new(LinkStats::default()),
                 resource_stats: Arc::default(),
+                live: crate::devices::LiveRegistry::new(),
             }),
         }
     }
@@ -426,10 +537,7 @@ impl DeviceSessions {
             let previous = desired.as_ref().map_or(0, |s| s.generation);
             if previous > sent && read(&slot.session).is_some() {
                 // The device has not taken the previous snapshot yet; it never will now.
-                self.inner
-                    .stats
-                    .snapshots_superseded
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.snapshots_superseded.inc();
             }
             generation = next_generation(previous, held);
             *desired = Some(Arc::new(v1::DesiredSnapshot {
@@ -447,18 +555,6 @@ impl DeviceSessions {
         read(&self.inner.devices)
             .get(device)
             .and_then(|slot| slot.desired.borrow().as_ref().map(|s| s.generation))
-    }
-
-    /// Forget a device that left the inventory: its desired state and any live session.
-    pub fn remove_device(&self, device: &str) {
-        if let Some(slot) = write(&self.inner.devices).remove(device)
-            && let Some(session) = read(&slot.session).as_ref()
-        {
-            session.cut(
-                tonic::Code::PermissionDenied,
-                format!("device {device} was removed from the inventory"),
-            );
-        }
     }
 
     /// Cut the sessions of connected devices that `admits` refuses (left the inventory or
@@ -488,7 +584,15 @@ impl DeviceSessions {
         rx
     }
 
+    /// The live view of every device, published by the link (see [`crate::devices`]).
+    pub fn live(&self) -> watch::Receiver<crate::devices::LiveSet> {
+        self.inner.live.subscribe()
+    }
+
+    /// Publishes `event`: first into the live view (so it holds before anyone hears of the
+    /// event), then to every subscriber.
     pub(crate) async fn emit(&self, event: SessionEvent) {
+        self.inner.live.apply(&event);
         let subscribers = read(&self.inner.subscribers).clone();
         let mut closed = false;
         for tx in &subscribers {
@@ -540,10 +644,7 @@ impl DeviceSessions {
         };
         if !session.push_control(message) {
             write(&session.shared.logs).remove(&request_id);
-            self.inner
-                .stats
-                .log_requests_rejected
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.log_requests_rejected.inc();
             return Err(LinkError::Congested {
                 device: device.to_owned(),
             });
@@ -593,10 +694,7 @@ impl DeviceSessions {
         let handle = SessionHandle::new(id, self.inner.limits.control_queue);
         let previous = write(&slot.session).replace(handle.clone());
         if let Some(previous) = previous {
-            self.inner
-                .stats
-                .sessions_replaced
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.sessions_replaced.inc();
             tracing::info!(
                 device,
                 session = previous.id,
@@ -685,10 +783,7 @@ impl DeviceSessions {
 
     pub(crate) fn record_sent(&self, slot: &DeviceSlot, generation: u64) {
         slot.sent.fetch_max(generation, Ordering::AcqRel);
-        self.inner
-            .stats
-            .snapshots_sent
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.snapshots_sent.inc();
     }
 
     pub(crate) fn record_ack(&self, slot: &DeviceSlot, generation: u64) {

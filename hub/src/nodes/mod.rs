@@ -4,6 +4,7 @@
 pub mod flightctl;
 pub mod lease;
 pub mod object;
+pub mod readiness;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -14,8 +15,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -30,110 +33,14 @@ use crate::metrics::Metrics;
 use crate::sessions::DeviceSet;
 use lease::LeaseKeeper;
 use object::{ConditionView, FIELD_MANAGER, LEADER_LEASE_ANNOTATION, MANAGED_LABEL, StatusInput};
+pub use readiness::{ConditionStatus, NodeEvent, Readiness, ReadyState, Unready};
 
 /// Pods per node name, published by the pod relay once its cache is synced.
 pub type PodCounts = Option<Arc<BTreeMap<String, usize>>>;
 
-/// Why the hub holds a Node's Ready condition at other than True in the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unready {
-    /// The device's stream is gone for longer than the grace (Ready=Unknown, DeviceDisconnected).
-    Disconnected,
-    /// The device is connected but Flightctl reports it going down (Ready=False).
-    Down,
-}
-
 /// Nodes whose Ready the hub has written as not True, and why: the relay marks their pods not
 /// ready, as the node lifecycle controller would had it seen the transition itself.
 pub type UnreadyNodes = Arc<BTreeMap<String, Unready>>;
-
-/// The readiness the hub reports for a node, and whether a disconnect was announced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Readiness {
-    /// "True" or "Unknown".
-    pub status: String,
-    /// Reason of the Ready condition.
-    pub reason: String,
-    /// Message of the Ready condition.
-    pub message: String,
-    /// RFC 3339 time of the last change.
-    pub since: String,
-    /// A DeviceDisconnected event went out and no DeviceReconnected yet.
-    pub announced_disconnect: bool,
-}
-
-/// A node event to publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeEvent {
-    /// The device has been away longer than the grace.
-    Disconnected,
-    /// The device is back after a disconnect was announced.
-    Reconnected,
-}
-
-impl Readiness {
-    /// Readiness of a node the hub has not seen connected.
-    pub fn not_connected(now: &str) -> Self {
-        Self {
-            status: "Unknown".into(),
-            reason: "DeviceNotConnected".into(),
-            message: "the device has not connected to the hub yet".into(),
-            since: now.into(),
-            announced_disconnect: false,
-        }
-    }
-
-    /// Advances readiness: connected → True; away at least `grace` → Unknown/DeviceDisconnected.
-    /// Returns the event to publish, if any.
-    pub fn step(
-        &mut self,
-        connected: bool,
-        away_for: Duration,
-        grace: Duration,
-        now: &str,
-    ) -> Option<NodeEvent> {
-        if connected {
-            let event = self.announced_disconnect.then_some(NodeEvent::Reconnected);
-            if self.status != "True" {
-                *self = Self {
-                    status: "True".into(),
-                    reason: "DeviceConnected".into(),
-                    message: "the device's fleetlet agent is connected".into(),
-                    since: now.into(),
-                    announced_disconnect: false,
-                };
-            }
-            self.announced_disconnect = false;
-            return event;
-        }
-        if away_for < grace || self.reason == "DeviceDisconnected" {
-            return None;
-        }
-        let was_ready = self.status == "True";
-        if was_ready || self.reason != "DeviceNotConnected" {
-            *self = Self {
-                status: "Unknown".into(),
-                reason: "DeviceDisconnected".into(),
-                message: format!(
-                    "the device has been disconnected for more than {}s",
-                    grace.as_secs()
-                ),
-                since: now.into(),
-                announced_disconnect: was_ready || self.announced_disconnect,
-            };
-            return was_ready.then_some(NodeEvent::Disconnected);
-        }
-        None
-    }
-}
-
-/// Errors of the node manager (all retried on the next pass).
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    /// Listing the hub's Nodes failed.
-    #[error("listing fleetlet nodes: {0}")]
-    List(#[source] kube::Error),
-}
 
 /// Why a Node could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +61,14 @@ pub enum ApplyError {
         /// The Node's UID, for the Event about it.
         uid: Option<String>,
     },
+}
+
+impl ApplyError {
+    /// Whether the next pass may succeed without anyone changing anything: an API failure may,
+    /// a Node held by someone else stays theirs until they delete it.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Api(_))
+    }
 }
 
 /// Who a Node belongs to, as far as its `fleetlet.io/managed-by` label says.
@@ -191,8 +106,8 @@ struct NodeState {
     /// A Node of this name exists that the hub does not own: who holds it, and when that was
     /// last checked. The device is not served while this is set.
     not_owned: Option<(String, Instant)>,
-    /// Status and reason of the Ready condition as last written to (or read from) the API.
-    applied_ready: Option<(String, String)>,
+    /// The Ready condition as last written to (or read from) the API.
+    applied_ready: Option<ReadyState>,
 }
 
 impl NodeState {
@@ -214,6 +129,17 @@ impl NodeState {
             applied_ready: None,
             not_owned: None,
         }
+    }
+
+    /// The Node is gone from the API: forget what was applied to it, so the next pass creates
+    /// it again (labels first, then its status) instead of writing the status of a Node that
+    /// no longer exists.
+    fn forget_node(&mut self) {
+        self.uid = None;
+        self.applied_labels = None;
+        self.applied_status = None;
+        self.status_applied_at = None;
+        self.applied_ready = None;
     }
 }
 
@@ -238,6 +164,10 @@ pub struct NodeManager {
     node_ports: Option<Arc<crate::kubelet_api::ports::NodePorts>>,
     /// Nodes already reported as getting no port of their own.
     portless: BTreeSet<String>,
+    /// The Nodes carrying this hub's instance label, as the watch last saw them.
+    store: Store<Node>,
+    /// Feeds `store`; taken by `run`.
+    writer: Option<reflector::store::Writer<Node>>,
 }
 
 /// What one pass decided to do for one node.
@@ -250,8 +180,8 @@ struct Plan {
     flightctl_not_ready: Option<(String, String)>,
     /// (what to compare next time, what to write).
     status: Option<(Value, Value)>,
-    /// Status and reason of the Ready condition `status` writes.
-    ready: (String, String),
+    /// The Ready condition `status` writes.
+    ready: ReadyState,
     lease: bool,
     event: Option<NodeEvent>,
     delete: bool,
@@ -266,11 +196,13 @@ struct Outcome {
     uid: Option<String>,
     labels_applied: Option<BTreeMap<String, String>>,
     status_applied: Option<Value>,
-    ready_applied: Option<(String, String)>,
+    ready_applied: Option<ReadyState>,
     lease_renewed: bool,
     deleted: bool,
     /// The Node turned out not to be ours: who holds it.
     not_owned: Option<String>,
+    /// The Node is gone from the API (a status write found none): it is created again.
+    gone: bool,
 }
 
 /// How often a device whose Node name is taken by a Node the hub does not own is checked again.
@@ -286,6 +218,7 @@ impl NodeManager {
         metrics: Arc<Metrics>,
         recorder: Recorder,
     ) -> Self {
+        let (store, writer) = reflector::store();
         Self {
             nodes: Api::all(client.clone()),
             leases: LeaseKeeper::new(client.clone(), cfg.lease_duration_secs),
@@ -303,6 +236,8 @@ impl NodeManager {
             leases_api: client,
             node_ports: None,
             portless: BTreeSet::new(),
+            store,
+            writer: Some(writer),
         }
     }
 
@@ -399,14 +334,7 @@ impl NodeManager {
         let unready: BTreeMap<String, Unready> = self
             .state
             .iter()
-            .filter_map(|(name, st)| {
-                let (status, reason) = st.applied_ready.as_ref()?;
-                match (status.as_str(), reason.as_str()) {
-                    ("True", _) | (_, "DeviceNotConnected") => None,
-                    (_, "DeviceDisconnected") => Some((name.clone(), Unready::Disconnected)),
-                    _ => Some((name.clone(), Unready::Down)),
-                }
-            })
+            .filter_map(|(name, st)| Some((name.clone(), st.applied_ready.as_ref()?.unready()?)))
             .collect();
         self.unready.send_if_modified(|cur| {
             if **cur == unready {
@@ -439,7 +367,9 @@ impl NodeManager {
     }
 
     /// Runs until `shutdown`: a pass on every change of inventory, live devices or pod counts,
-    /// and at least every second (grace timers, lease renewals).
+    /// when one of the hub's Nodes is deleted, and at least every second (grace timers, lease
+    /// renewals). The hub's Nodes are watched (a reflector store, managedFields stripped), not
+    /// re-listed.
     pub async fn run(
         mut self,
         mut inventory: watch::Receiver<DeviceSet>,
@@ -447,17 +377,34 @@ impl NodeManager {
         mut pods: watch::Receiver<PodCounts>,
         shutdown: CancellationToken,
     ) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let selector = format!("{MANAGED_LABEL}={}", self.cfg.instance);
+        let node_events = watcher(
+            self.nodes.clone(),
+            watcher::Config::default().labels(&selector),
+        )
+        .default_backoff()
+        .modify(|n: &mut Node| n.metadata.managed_fields = None)
+        .reflect(writer);
+        let mut node_events = std::pin::pin!(node_events);
+        let mut listed = false;
         let mut seeded = false;
         let mut resync = tokio::time::interval(Duration::from_secs(60));
+        // One interval, not a fresh sleep per turn: the watch of the hub's own Nodes delivers
+        // an event for most writes, and a sleep restarted by each of them would never fire,
+        // leaving lease renewals and grace timers to whatever else wakes the loop.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut health = self.flightctl.clone();
+        let mut pass_now = true;
         loop {
-            if !seeded {
-                match self.seed().await {
-                    Ok(()) => seeded = true,
-                    Err(error) => tracing::warn!(%error, "seeding node state; retrying"),
-                }
+            if listed && !seeded {
+                self.seed();
+                seeded = true;
             }
-            if seeded {
+            if seeded && pass_now {
                 let inv = inventory.borrow_and_update().clone();
                 let lv = live.borrow_and_update().clone();
                 let pc = pods.borrow_and_update().clone();
@@ -465,11 +412,23 @@ impl NodeManager {
                 self.publish_known();
                 self.publish_unready();
             }
+            pass_now = true;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = inventory.changed() => {}
                 _ = live.changed() => {}
                 _ = pods.changed() => {}
+                ev = node_events.next() => match ev {
+                    Some(Ok(watcher::Event::InitDone)) => listed = true,
+                    Some(Ok(watcher::Event::Delete(node))) => self.node_deleted(&node),
+                    // The store has it; the next regular pass reads it.
+                    Some(Ok(_)) => pass_now = false,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "watching fleetlet nodes; retrying with backoff");
+                        pass_now = false;
+                    }
+                    None => return,
+                },
                 r = async { health.as_mut()?.changed().await.ok() }, if health.is_some() => {
                     if r.is_none() {
                         // The inventory stopped; keep the last view, stop listening.
@@ -477,19 +436,35 @@ impl NodeManager {
                     }
                 }
                 _ = resync.tick() => { seeded = false; }
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tick.tick() => {}
             }
         }
     }
 
-    /// Learns the Nodes this hub owns (after a restart: their readiness, capacity and uid).
-    async fn seed(&mut self) -> Result<(), NodeError> {
-        let lp = ListParams::default().labels(&format!("{MANAGED_LABEL}={}", self.cfg.instance));
-        let listed = self.nodes.list(&lp).await;
-        self.metrics.api("list_nodes", &listed);
-        let listed = listed.map_err(NodeError::List)?;
+    /// One of the hub's Nodes was deleted. If it is the one the manager applied (same UID) and
+    /// its device is still inventoried, the next pass creates it again; a departed device's
+    /// Node the manager deleted itself is already forgotten.
+    fn node_deleted(&mut self, node: &Node) {
+        let Some(name) = node.metadata.name.as_deref() else {
+            return;
+        };
+        if let Some(st) = self.state.get_mut(name)
+            && st.uid.is_some()
+            && st.uid == node.metadata.uid
+        {
+            tracing::info!(
+                node = name,
+                "node deleted by someone else; the device still needs it"
+            );
+            st.forget_node();
+        }
+    }
+
+    /// Learns the Nodes this hub owns from the watched store (after a restart: their
+    /// readiness, capacity and uid).
+    fn seed(&mut self) {
         let now = time_string(Timestamp::now());
-        for node in listed.items {
+        for node in self.store.state() {
             let Some(name) = node.metadata.name.clone() else {
                 continue;
             };
@@ -511,7 +486,7 @@ impl NodeManager {
                 .or_insert_with(|| NodeState::new(Readiness::not_connected(&now), Instant::now()));
             entry.uid.clone_from(&node.metadata.uid);
             entry.deleted = false;
-            let status = node.status.unwrap_or_default();
+            let status = node.status.clone().unwrap_or_default();
             if let Some(ports) = &self.node_ports {
                 let advertised = status
                     .daemon_endpoints
@@ -551,24 +526,23 @@ impl NodeManager {
                     .as_ref()
                     .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
             {
-                entry.applied_ready = Some((
-                    ready.status.clone(),
-                    ready.reason.clone().unwrap_or_default(),
-                ));
+                let state = ReadyState::from_condition(
+                    &ready.status,
+                    ready.reason.as_deref().unwrap_or_default(),
+                );
+                entry.applied_ready = Some(state.clone());
                 entry.ready = Readiness {
-                    status: ready.status.clone(),
-                    reason: ready.reason.clone().unwrap_or_default(),
+                    announced_disconnect: state == ReadyState::Disconnected,
+                    state,
                     message: ready.message.clone().unwrap_or_default(),
                     since: ready
                         .last_transition_time
                         .as_ref()
                         .map(|t| time_string(t.0))
                         .unwrap_or(now.clone()),
-                    announced_disconnect: ready.reason.as_deref() == Some("DeviceDisconnected"),
                 };
             }
         }
-        Ok(())
     }
 
     /// One level-triggered pass over every device and every owned node.
@@ -643,7 +617,7 @@ impl NodeManager {
             let mut flightctl_not_ready = None;
             let ready = match flightctl::ready_override(
                 fc,
-                st.ready.status == "True",
+                st.ready.state.is_ready(),
                 st.session_started,
             ) {
                 Some((reason, message)) => {
@@ -652,30 +626,35 @@ impl NodeManager {
                         flightctl_not_ready = Some((reason.clone(), message.clone()));
                     }
                     let since = st.override_since.get_or_insert_with(|| wall.clone());
-                    ConditionView {
-                        type_: "Ready".into(),
-                        status: "False".into(),
-                        reason,
+                    (
+                        ReadyState::Other {
+                            status: ConditionStatus::False,
+                            reason,
+                        },
                         message,
-                        last_transition: since.clone(),
-                    }
+                        since.clone(),
+                    )
                 }
                 None => {
-                    if st.override_since.take().is_some() && st.ready.status == "True" {
+                    if st.override_since.take().is_some() && st.ready.state.is_ready() {
                         // Back from False: that is a transition too.
                         st.ready.since.clone_from(&wall);
                     }
-                    ConditionView {
-                        type_: "Ready".into(),
-                        status: st.ready.status.clone(),
-                        reason: st.ready.reason.clone(),
-                        message: st.ready.message.clone(),
-                        last_transition: st.ready.since.clone(),
-                    }
+                    (
+                        st.ready.state.clone(),
+                        st.ready.message.clone(),
+                        st.ready.since.clone(),
+                    )
                 }
             };
-            let ready_plan = (ready.status.clone(), ready.reason.clone());
-            let mut conditions = vec![ready];
+            let (ready_plan, message, last_transition) = ready;
+            let mut conditions = vec![ConditionView {
+                type_: "Ready".into(),
+                status: ready_plan.status().as_str().into(),
+                reason: ready_plan.reason().into(),
+                message,
+                last_transition,
+            }];
             conditions.extend(object::pressure_conditions(
                 ld.and_then(|l| l.capacity.as_ref()),
                 &st.ready.since,
@@ -763,7 +742,7 @@ impl NodeManager {
                     label_issues: Vec::new(),
                     flightctl_not_ready: None,
                     status: None,
-                    ready: (String::new(), String::new()),
+                    ready: ReadyState::NotConnected,
                     lease: false,
                     event: None,
                     delete: true,
@@ -810,6 +789,9 @@ impl NodeManager {
             if o.deleted {
                 st.deleted = true;
             }
+            if o.gone {
+                st.forget_node();
+            }
             match o.not_owned {
                 Some(owner) => {
                     st.not_owned = Some((owner, now));
@@ -854,6 +836,7 @@ impl NodeManager {
             lease_renewed: false,
             deleted: false,
             not_owned: None,
+            gone: false,
         };
         let name = plan.name.as_str();
         if plan.delete {
@@ -915,8 +898,15 @@ impl NodeManager {
                     out.not_owned = Some(owner);
                     return out;
                 }
+                Err(ApplyError::Api(e)) if status_code(&e) == Some(409) => {
+                    tracing::info!(
+                        node = name,
+                        "the node changed since it was read; applying again on the next pass"
+                    );
+                    return out;
+                }
                 Err(error) => {
-                    tracing::warn!(node = name, %error, "applying node");
+                    tracing::warn!(node = name, %error, retryable = error.is_retryable(), "applying node");
                     return out;
                 }
             }
@@ -940,6 +930,11 @@ impl NodeManager {
                 Ok(_) => {
                     out.status_applied = Some(cmp);
                     out.ready_applied = Some(plan.ready.clone());
+                }
+                Err(e) if is_not_found(&e) => {
+                    tracing::info!(node = name, "the node is gone; creating it again");
+                    out.gone = true;
+                    return out;
                 }
                 Err(error) => tracing::warn!(node = name, %error, "applying node status"),
             }
@@ -1079,15 +1074,27 @@ impl NodeManager {
     /// Only a Node this hub owns is applied to: a missing Node is created (a create fails if
     /// someone else created one meanwhile, where an apply would take it over), and an existing
     /// Node without this hub's instance label is refused with [`ApplyError::NotOwned`].
+    ///
+    /// The Node is read from the watched store (a GET only when the store has none of that
+    /// name: a Node not ours, or one the watch has not delivered yet). The apply carries the
+    /// resourceVersion it read, so a taint another controller added or removed since is never
+    /// written back from a stale copy: the API server refuses the apply (409) and the next pass
+    /// reads again.
     async fn apply_node(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<String>, ApplyError> {
-        let current = self.nodes.get_opt(name).await;
-        self.metrics.api("get_node", &current);
+        let current = match self.store.get(&ObjectRef::new(name)) {
+            Some(node) => Some(node),
+            None => {
+                let r = self.nodes.get_opt(name).await;
+                self.metrics.api("get_node", &r);
+                r?.map(Arc::new)
+            }
+        };
         let ours: Vec<Value> = self.cfg.taints.iter().map(object::taint_value).collect();
-        let Some(current) = current? else {
+        let Some(current) = current else {
             let mut body = object::node_body(name, labels, &[], &ours);
             if let Some(lease) = &self.leader_lease {
                 body["metadata"]["annotations"] =
@@ -1136,7 +1143,8 @@ impl NodeManager {
         }
         let others: Vec<Value> = current
             .spec
-            .and_then(|s| s.taints)
+            .as_ref()
+            .and_then(|s| s.taints.as_deref())
             .unwrap_or_default()
             .iter()
             .filter_map(|t| serde_json::to_value(t).ok())
@@ -1145,9 +1153,11 @@ impl NodeManager {
         if let Some(lease) = &self.leader_lease {
             body["metadata"]["annotations"] = serde_json::json!({ LEADER_LEASE_ANNOTATION: lease });
         }
-        // The apply carries the UID it checked: if the Node was replaced since the GET, the API
-        // server refuses it instead of taking the new one over.
+        // The apply carries the UID and resourceVersion it read: if the Node was replaced or
+        // changed since, the API server refuses it instead of taking the new one over or
+        // writing back taints from the old copy.
         body["metadata"]["uid"] = serde_json::json!(current.metadata.uid);
+        body["metadata"]["resourceVersion"] = serde_json::json!(current.metadata.resource_version);
         let r = self
             .nodes
             .patch(
@@ -1158,69 +1168,5 @@ impl NodeManager {
             .await;
         self.metrics.api("apply_node", &r);
         Ok(r?.metadata.uid)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GRACE: Duration = Duration::from_secs(20);
-
-    #[test]
-    fn a_new_device_turns_ready_on_connect_without_events() {
-        let mut r = Readiness::not_connected("t0");
-        assert_eq!(
-            r.step(false, Duration::from_secs(100), GRACE, "t1"),
-            None,
-            "never connected: quiet"
-        );
-        assert_eq!(r.status, "Unknown");
-        assert_eq!(r.step(true, Duration::ZERO, GRACE, "t2"), None);
-        assert_eq!(
-            (r.status.as_str(), r.reason.as_str(), r.since.as_str()),
-            ("True", "DeviceConnected", "t2")
-        );
-    }
-
-    #[test]
-    fn disconnect_after_grace_then_reconnect_emit_events_once() {
-        let mut r = Readiness::not_connected("t0");
-        r.step(true, Duration::ZERO, GRACE, "t1");
-        assert_eq!(
-            r.step(false, Duration::from_secs(5), GRACE, "t2"),
-            None,
-            "within grace"
-        );
-        assert_eq!(r.status, "True");
-        assert_eq!(
-            r.step(false, GRACE, GRACE, "t3"),
-            Some(NodeEvent::Disconnected)
-        );
-        assert_eq!(
-            (r.status.as_str(), r.reason.as_str(), r.since.as_str()),
-            ("Unknown", "DeviceDisconnected", "t3")
-        );
-        assert_eq!(
-            r.step(false, GRACE * 2, GRACE, "t4"),
-            None,
-            "announced once"
-        );
-        assert_eq!(
-            r.step(true, Duration::ZERO, GRACE, "t5"),
-            Some(NodeEvent::Reconnected)
-        );
-        assert_eq!((r.status.as_str(), r.since.as_str()), ("True", "t5"));
-        assert_eq!(r.step(true, Duration::ZERO, GRACE, "t6"), None);
-        assert_eq!(r.since, "t5", "transition time stays while status stays");
-    }
-
-    #[test]
-    fn a_short_blip_changes_nothing() {
-        let mut r = Readiness::not_connected("t0");
-        r.step(true, Duration::ZERO, GRACE, "t1");
-        assert_eq!(r.step(false, Duration::from_secs(3), GRACE, "t2"), None);
-        assert_eq!(r.step(true, Duration::ZERO, GRACE, "t3"), None);
-        assert_eq!(r.since, "t1");
     }
 }

@@ -37,7 +37,7 @@ impl PodApi for KubePodApi {
         namespace: &str,
         name: &str,
         uid: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let name = name.to_string();
         let dp = DeleteParams {
@@ -58,7 +58,7 @@ impl PodApi for KubePodApi {
                 Err(e) if is_not_found(&e) || crate::kubeutil::status_code(&e) == Some(409) => {
                     Ok(())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
             }
         })
     }
@@ -68,7 +68,7 @@ impl PodApi for KubePodApi {
         kind: RefKind,
         namespace: &str,
         name: &str,
-    ) -> BoxFuture<'static, Result<Option<Fetched>, String>> {
+    ) -> BoxFuture<'static, Result<Option<Fetched>, kube::Error>> {
         let client = self.client.clone();
         let namespace = namespace.to_string();
         let name = name.to_string();
@@ -80,13 +80,12 @@ impl PodApi for KubePodApi {
                     let r = api.get_opt(&name).await;
                     metrics.api("get_configmap", &r);
                     r.map(|o| o.map(Fetched::ConfigMap))
-                        .map_err(|e| e.to_string())
                 }
                 RefKind::Secret => {
                     let api: Api<Secret> = Api::namespaced(client, &namespace);
                     let r = api.get_opt(&name).await;
                     metrics.api("get_secret", &r);
-                    r.map(|o| o.map(Fetched::Secret)).map_err(|e| e.to_string())
+                    r.map(|o| o.map(Fetched::Secret))
                 }
             }
         })
@@ -98,7 +97,7 @@ impl PodApi for KubePodApi {
         action: &str,
         reason: &str,
         message: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         let recorder = self.recorder.clone();
         let reference = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("v1".into()),
@@ -117,7 +116,7 @@ impl PodApi for KubePodApi {
         Box::pin(async move {
             let r = recorder.publish(&event, &reference).await;
             metrics.api("create_event", &r);
-            r.map_err(|e| e.to_string())
+            r
         })
     }
 
@@ -127,7 +126,7 @@ impl PodApi for KubePodApi {
         action: &str,
         reason: &str,
         message: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         let recorder = self.recorder.clone();
         let reference = pod.object_ref(&());
         let event = Event {
@@ -141,7 +140,7 @@ impl PodApi for KubePodApi {
         Box::pin(async move {
             let r = recorder.publish(&event, &reference).await;
             metrics.api("create_event", &r);
-            r.map_err(|e| e.to_string())
+            r
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod referenced;
 pub mod refusal;
 pub mod sanitize;
 pub mod status;
+mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -38,6 +39,7 @@ use admission::Requests;
 use not_ready::MarkedNotReady;
 use referenced::{Key, Ref, RefKind, Referenced};
 use status::StatusUpdate;
+use store::PodStore;
 
 /// Field selector of the one pod watch: every pod bound to some node. Field selectors cannot
 /// say "one of these nodes", and fleetlet nodes carry no label a pod could be selected by, so
@@ -52,14 +54,14 @@ pub trait PodApi: Send + Sync + 'static {
         namespace: &str,
         name: &str,
         uid: &str,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), kube::Error>>;
     /// Reads one ConfigMap or Secret; `None` when it does not exist.
     fn fetch(
         &self,
         kind: RefKind,
         namespace: &str,
         name: &str,
-    ) -> BoxFuture<'static, Result<Option<Fetched>, String>>;
+    ) -> BoxFuture<'static, Result<Option<Fetched>, kube::Error>>;
     /// Publishes a Warning event about Node `node`; `action` is what the hub was doing.
     fn node_event(
         &self,
@@ -67,7 +69,7 @@ pub trait PodApi: Send + Sync + 'static {
         action: &str,
         reason: &str,
         message: &str,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), kube::Error>>;
     /// Publishes a Warning event about the pod; `action` is what the hub was doing.
     fn pod_event(
         &self,
@@ -75,7 +77,7 @@ pub trait PodApi: Send + Sync + 'static {
         action: &str,
         reason: &str,
         message: &str,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), kube::Error>>;
 }
 
 /// A ConfigMap or Secret read with a GET.
@@ -112,7 +114,7 @@ pub enum Input {
         /// What was read.
         what: Ref,
         /// The object, `None` if it does not exist, or the error.
-        result: Result<Option<Fetched>, String>,
+        result: Result<Option<Fetched>, kube::Error>,
     },
 }
 
@@ -223,6 +225,48 @@ pub struct RelayConfig {
     pub device_ip_ranges: Vec<sanitize::IpRange>,
 }
 
+/// What the relay keeps about one pod, by UID: one struct, so forgetting a pod is one removal
+/// and no two maps can disagree about it.
+#[derive(Debug, Default)]
+struct PodState {
+    /// Its resource requests once admitted on its device.
+    admitted: Option<Requests>,
+    /// Refused (admission, DaemonSet, bundle size): failed in the API, never sent.
+    rejected: bool,
+    /// Its device reported it removed.
+    confirmed_removed: bool,
+    /// Generation of the first snapshot that left it out while it terminates.
+    excluded_in: Option<u64>,
+    /// Its Running was observed (pod start latency measured once).
+    started_observed: bool,
+    /// Marked not ready because its node is: what to restore. A status from the device ends
+    /// the mark.
+    marked: Option<MarkedNotReady>,
+    /// Its final deletion is in flight.
+    deleting: bool,
+}
+
+impl PodState {
+    /// Nothing worth keeping.
+    fn is_empty(&self) -> bool {
+        self.admitted.is_none()
+            && !self.rejected
+            && !self.confirmed_removed
+            && self.excluded_in.is_none()
+            && !self.started_observed
+            && self.marked.is_none()
+            && !self.deleting
+    }
+
+    /// Forgets everything but an in-flight deletion (its answer still arrives).
+    fn forget(&mut self) {
+        *self = Self {
+            deleting: self.deleting,
+            ..Self::default()
+        };
+    }
+}
+
 /// The relay task.
 pub struct PodRelay {
     sessions: Arc<dyn Sessions>,
@@ -235,10 +279,10 @@ pub struct PodRelay {
     live: watch::Receiver<LiveSet>,
     known_nodes: watch::Receiver<Arc<BTreeSet<String>>>,
     unready: watch::Receiver<UnreadyNodes>,
-    /// Pods marked not ready (uid → what to restore); a status from the device ends the mark.
-    marked: HashMap<String, MarkedNotReady>,
+    /// What the relay keeps about each pod, by UID (see [`PodState`]).
+    pod_state: HashMap<String, PodState>,
     counts: watch::Sender<PodCounts>,
-    pods: Cache<Pod>,
+    pods: PodStore,
     config_maps: Cache<ConfigMap>,
     secrets: Cache<Secret>,
     /// The ConfigMaps/Secrets pods on fleetlet nodes reference: the only ones cached.
@@ -249,17 +293,11 @@ pub struct PodRelay {
     /// Devices whose snapshot waits for a GET, by the object it waits for.
     waiting: HashMap<Ref, BTreeSet<String>>,
     ticks: u32,
-    admitted: HashMap<String, Requests>,
-    rejected: HashSet<String>,
     /// Latest known device-side state per device: uid → removed.
     reported: HashMap<String, HashMap<String, bool>>,
     /// Generation a device held when its latest full report arrived.
     full_report_gen: HashMap<String, u64>,
     acked: HashMap<String, u64>,
-    confirmed_removed: HashSet<String>,
-    /// Generation of the first snapshot that left a terminating pod out.
-    excluded_in: HashMap<String, u64>,
-    started_observed: HashSet<String>,
     /// Reports (statuses, removals) that arrived before the pod cache's first sync (a restarted
     /// hub accepts devices while it still lists pods, or the device's Node is not known to be
     /// ours yet), device → uid → entry; replayed once the cache has synced. A device sends a
@@ -276,7 +314,6 @@ pub struct PodRelay {
     dirty: BTreeSet<String>,
     all_dirty: bool,
     flush_at: Option<Instant>,
-    deleting: HashSet<String>,
     done_tx: mpsc::Sender<Input>,
     counts_stale: bool,
     /// Where verified device Events go (the [`crate::events::EventWriter`]); `None` drops them.
@@ -346,9 +383,9 @@ impl PodRelay {
                 live,
                 known_nodes,
                 unready,
-                marked: HashMap::new(),
+                pod_state: HashMap::new(),
                 counts: counts_tx,
-                pods: Cache::new(),
+                pods: PodStore::new(),
                 config_maps: Cache::new(),
                 secrets: Cache::new(),
                 referenced: Referenced::default(),
@@ -356,14 +393,9 @@ impl PodRelay {
                 fetches_in_flight: 0,
                 waiting: HashMap::new(),
                 ticks: 0,
-                admitted: HashMap::new(),
-                rejected: HashSet::new(),
                 reported: HashMap::new(),
                 full_report_gen: HashMap::new(),
                 acked: HashMap::new(),
-                confirmed_removed: HashSet::new(),
-                excluded_in: HashMap::new(),
-                started_observed: HashSet::new(),
                 early_status: HashMap::new(),
                 early_total: 0,
                 early_bytes: 0,
@@ -374,7 +406,6 @@ impl PodRelay {
                 dirty: BTreeSet::new(),
                 all_dirty: true,
                 flush_at: None,
-                deleting: HashSet::new(),
                 done_tx: tx.clone(),
                 counts_stale: true,
                 event_sink: None,
@@ -467,19 +498,14 @@ impl PodRelay {
         let Some(sink) = self.event_sink.clone() else {
             return;
         };
-        // One pass over the cache for the whole batch (not one per Event).
-        let uids: HashSet<&str> = batch.events.iter().map(|e| e.pod_uid.as_str()).collect();
-        let bound: HashMap<String, (String, String)> = self
-            .pods
-            .items
-            .values()
-            .filter(|p| {
-                p.metadata
-                    .uid
-                    .as_deref()
-                    .is_some_and(|uid| uids.contains(uid))
-                    && node_of(p).as_deref() == Some(device.as_str())
-            })
+        // Each Event's pod by its UID (an index lookup, no scan), bound to this device or not
+        // written.
+        let bound: HashMap<String, (String, String)> = batch
+            .events
+            .iter()
+            .filter(|e| !e.pod_uid.is_empty())
+            .filter_map(|e| self.pods.by_uid(&e.pod_uid))
+            .filter(|p| node_of(p).as_deref() == Some(device.as_str()))
             .filter_map(|p| {
                 Some((
                     p.metadata.uid.clone()?,
@@ -627,46 +653,58 @@ impl PodRelay {
     pub fn handle(&mut self, input: Input) {
         match input {
             Input::Pod(ev) => {
-                let relisted = matches!(ev, watcher::Event::InitDone);
-                let (uid, deleted, old_node) = match &ev {
+                // The pod as stored before this event: its node and references are what the
+                // event may take away.
+                let before = match &ev {
+                    watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
+                        self.pods.get(&PodStore::key(p))
+                    }
+                    _ => None,
+                };
+                let (uid, deleted, changed_node) = match &ev {
                     watcher::Event::Apply(p) | watcher::Event::Delete(p) => (
                         p.metadata.uid.clone(),
                         matches!(ev, watcher::Event::Delete(_)),
-                        self.pods.items.get(&Cache::<Pod>::key(p)).and_then(node_of),
+                        if matches!(ev, watcher::Event::Delete(_)) {
+                            None
+                        } else {
+                            node_of(p)
+                        },
                     ),
                     _ => (None, false, None),
                 };
+                let old_node = before.as_deref().and_then(node_of);
                 // References of the pod before and after, for the ConfigMap/Secret scope.
                 let (old_refs, new_refs) = match &ev {
                     watcher::Event::Apply(p) | watcher::Event::Delete(p) => (
-                        self.pods
-                            .items
-                            .get(&Cache::<Pod>::key(p))
+                        before
+                            .as_deref()
                             .map(|o| self.refs_of(o))
                             .unwrap_or_default(),
                         if deleted { Vec::new() } else { self.refs_of(p) },
                     ),
                     _ => (Vec::new(), Vec::new()),
                 };
-                let changed = self.pods.apply(ev, |_| true);
-                if changed.is_empty() && !relisted {
+                let touched = matches!(ev, watcher::Event::Apply(_) | watcher::Event::Delete(_));
+                let relisted = self.pods.apply(&ev);
+                if !touched && !relisted {
                     return;
                 }
                 self.counts_stale = true;
                 if relisted {
-                    // The cache was replaced: drop memory of pods that are gone, recompute all.
+                    // The store was replaced: drop memory of pods that are gone, recompute all.
                     let live: HashSet<String> = self
                         .pods
-                        .items
-                        .values()
+                        .all()
+                        .iter()
                         .filter_map(|p| p.metadata.uid.clone())
                         .collect();
-                    self.admitted.retain(|u, _| live.contains(u));
-                    self.rejected.retain(|u| live.contains(u));
-                    self.confirmed_removed.retain(|u| live.contains(u));
-                    self.excluded_in.retain(|u, _| live.contains(u));
-                    self.started_observed.retain(|u| live.contains(u));
-                    self.marked.retain(|u, _| live.contains(u));
+                    for (uid, st) in &mut self.pod_state {
+                        if !live.contains(uid) {
+                            st.forget();
+                        }
+                    }
+                    self.pod_state.retain(|_, st| !st.is_empty());
                     self.all_dirty = true;
                     self.schedule();
                     self.check_all_deletions();
@@ -685,10 +723,8 @@ impl PodRelay {
                 if let Some(n) = old_node {
                     self.mark(&n);
                 }
-                for k in &changed {
-                    if let Some(n) = self.pods.items.get(k).and_then(node_of) {
-                        self.mark(&n);
-                    }
+                if let Some(n) = changed_node {
+                    self.mark(&n);
                 }
                 if let Some(uid) = uid {
                     if deleted {
@@ -731,7 +767,12 @@ impl PodRelay {
             Input::Fetched { what, result } => self.fetched(what, result),
             Input::Session(ev) => self.session(ev),
             Input::DeleteDone { uid, ok } => {
-                self.deleting.remove(&uid);
+                if let Some(st) = self.pod_state.get_mut(&uid) {
+                    st.deleting = false;
+                    if st.is_empty() {
+                        self.pod_state.remove(&uid);
+                    }
+                }
                 if !ok {
                     tracing::debug!(uid, "pod deletion failed; retried on the next pass");
                 }
@@ -761,12 +802,17 @@ impl PodRelay {
     }
 
     fn forget(&mut self, uid: &str) {
-        self.admitted.remove(uid);
-        self.rejected.remove(uid);
-        self.confirmed_removed.remove(uid);
-        self.excluded_in.remove(uid);
-        self.started_observed.remove(uid);
-        self.marked.remove(uid);
+        if let Some(st) = self.pod_state.get_mut(uid) {
+            st.forget();
+            if st.is_empty() {
+                self.pod_state.remove(uid);
+            }
+        }
+    }
+
+    /// The relay's record of pod `uid`, created empty.
+    fn state(&mut self, uid: &str) -> &mut PodState {
+        self.pod_state.entry(uid.to_string()).or_default()
     }
 
     fn mark_referencing(&mut self, changed: &[(String, String)], config_map: bool) {
@@ -778,10 +824,10 @@ impl PodRelay {
         }
         let changed: HashSet<&(String, String)> = changed.iter().collect();
         let mut devices = BTreeSet::new();
-        for pod in self.pods.items.values() {
-            let Some(node) = node_of(pod) else { continue };
+        for pod in self.pods.all() {
+            let Some(node) = node_of(&pod) else { continue };
             let ns = pod.metadata.namespace.clone().unwrap_or_default();
-            let refs = bundle::references(pod);
+            let refs = bundle::references(&pod);
             let names = if config_map {
                 &refs.config_maps
             } else {
@@ -799,11 +845,8 @@ impl PodRelay {
         }
     }
 
-    fn pod_by_uid(&self, uid: &str) -> Option<&Pod> {
-        self.pods
-            .items
-            .values()
-            .find(|p| p.metadata.uid.as_deref() == Some(uid))
+    fn pod_by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
+        self.pods.by_uid(uid)
     }
 
     fn session(&mut self, ev: SessionEvent) {
@@ -833,8 +876,7 @@ impl PodRelay {
                     self.full_report_gen.insert(device.clone(), held);
                     self.reported.insert(device.clone(), HashMap::new());
                 }
-                // One pass over the cache to find the pods of this report by uid.
-                let uids: HashSet<&str> = report.pods.iter().map(|e| e.uid.as_str()).collect();
+                // The pods of this report, by UID (an index lookup each, not a scan).
                 #[allow(clippy::type_complexity)]
                 let by_uid: HashMap<
                     String,
@@ -845,24 +887,21 @@ impl PodRelay {
                         Option<String>,
                         sanitize::PodFacts,
                     ),
-                > = self
+                > = report
                     .pods
-                    .items
-                    .values()
-                    .filter_map(|p| {
-                        let uid = p.metadata.uid.as_deref()?;
-                        uids.contains(uid).then(|| {
+                    .iter()
+                    .filter_map(|e| {
+                        let p = self.pods.by_uid(&e.uid)?;
+                        Some((
+                            e.uid.clone(),
                             (
-                                uid.to_string(),
-                                (
-                                    p.metadata.namespace.clone().unwrap_or_default(),
-                                    p.metadata.name.clone().unwrap_or_default(),
-                                    node_of(p),
-                                    scheduled_at(p),
-                                    sanitize::PodFacts::of(p),
-                                ),
-                            )
-                        })
+                                p.metadata.namespace.clone().unwrap_or_default(),
+                                p.metadata.name.clone().unwrap_or_default(),
+                                node_of(&p),
+                                scheduled_at(&p),
+                                sanitize::PodFacts::of(&p),
+                            ),
+                        ))
                     })
                     .collect();
                 let reported = self.reported.entry(device.clone()).or_default();
@@ -918,7 +957,10 @@ impl PodRelay {
                         // removal claimed by another device would let it force-delete that
                         // device's running pod.
                         reported.insert(entry.uid.clone(), true);
-                        self.confirmed_removed.insert(entry.uid.clone());
+                        self.pod_state
+                            .entry(entry.uid.clone())
+                            .or_default()
+                            .confirmed_removed = true;
                         check.push(entry.uid);
                         continue;
                     }
@@ -927,7 +969,7 @@ impl PodRelay {
                     else {
                         continue;
                     };
-                    if self.rejected.contains(&entry.uid) {
+                    if self.pod_state.get(&entry.uid).is_some_and(|st| st.rejected) {
                         continue;
                     }
                     let status: Value = match serde_json::from_slice(&entry.status_json) {
@@ -958,7 +1000,14 @@ impl PodRelay {
                         }
                     };
                     if status.get("phase").and_then(Value::as_str) == Some("Running")
-                        && self.started_observed.insert(entry.uid.clone())
+                        && !std::mem::replace(
+                            &mut self
+                                .pod_state
+                                .entry(entry.uid.clone())
+                                .or_default()
+                                .started_observed,
+                            true,
+                        )
                     {
                         tracing::debug!(%device, pod = %name, %namespace, "pod reported Running");
                         if let Some(t) = scheduled
@@ -980,7 +1029,9 @@ impl PodRelay {
                     match self.status_tx.try_send(update) {
                         // The device's own word on readiness replaces the relay's mark.
                         Ok(()) => {
-                            self.marked.remove(&entry.uid);
+                            if let Some(st) = self.pod_state.get_mut(&entry.uid) {
+                                st.marked = None;
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; status dropped until the next report")
@@ -1028,14 +1079,7 @@ impl PodRelay {
     }
 
     fn check_all_deletions(&mut self) {
-        let uids: Vec<String> = self
-            .pods
-            .items
-            .values()
-            .filter(|p| p.metadata.deletion_timestamp.is_some())
-            .filter_map(|p| p.metadata.uid.clone())
-            .collect();
-        for uid in uids {
+        for uid in self.pods.terminating() {
             self.check_deletion(&uid);
         }
     }
@@ -1043,7 +1087,7 @@ impl PodRelay {
     /// Finishes the deletion of a terminating pod once its device confirms it is gone (or
     /// never had it, or is no longer a device of this hub): grace 0 with a UID precondition.
     fn check_deletion(&mut self, uid: &str) {
-        if !self.pods.synced || self.deleting.contains(uid) {
+        if !self.pods.synced || self.pod_state.get(uid).is_some_and(|st| st.deleting) {
             return;
         }
         let Some(pod) = self.pod_by_uid(uid) else {
@@ -1052,13 +1096,13 @@ impl PodRelay {
         if pod.metadata.deletion_timestamp.is_none() {
             return;
         }
-        let Some(node) = node_of(pod) else { return };
+        let Some(node) = node_of(&pod) else { return };
         if !self.is_ours(&node) {
             return;
         }
         let reported = self.reported.get(&node).and_then(|m| m.get(uid)).copied();
         let full_gen = self.full_report_gen.get(&node).copied();
-        let excluded = self.excluded_in.get(uid).copied();
+        let excluded = self.pod_state.get(uid).and_then(|st| st.excluded_in);
         let ran = pod
             .status
             .as_ref()
@@ -1066,7 +1110,11 @@ impl PodRelay {
             .is_some_and(|c| !c.is_empty());
         let reason = if !self.device_enabled(&node) {
             Some("device no longer in the inventory")
-        } else if self.confirmed_removed.contains(uid) {
+        } else if self
+            .pod_state
+            .get(uid)
+            .is_some_and(|st| st.confirmed_removed)
+        {
             Some("device confirmed removal")
         } else if reported.is_none() && matches!((full_gen, excluded), (Some(f), Some(e)) if f >= e)
         {
@@ -1080,7 +1128,7 @@ impl PodRelay {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         tracing::info!(pod = %name, namespace = %ns, device = %node, reason, "finishing pod deletion");
-        self.deleting.insert(uid.to_string());
+        self.state(uid).deleting = true;
         let fut = self.api.delete_pod(&ns, &name, uid);
         let done = self.done_tx.clone();
         let uid = uid.to_string();
@@ -1117,8 +1165,8 @@ impl PodRelay {
                     .into_iter()
                     .map(|p| (p, 0))
                     .collect();
-            for pod in self.pods.items.values() {
-                let Some(node) = node_of(pod) else { continue };
+            for pod in self.pods.all() {
+                let Some(node) = node_of(&pod) else { continue };
                 if !self.is_ours(&node) {
                     continue;
                 }
@@ -1186,16 +1234,8 @@ impl PodRelay {
         }
         self.all_dirty = false;
         self.dirty.clear();
-        let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
-        for pod in self.pods.items.values() {
-            if let Some(n) = node_of(pod)
-                && devices.contains(&n)
-            {
-                by_node.entry(n).or_default().push(pod.clone());
-            }
-        }
         for device in devices {
-            let mut pods = by_node.remove(&device).unwrap_or_default();
+            let mut pods = self.pods.on_node(&device);
             pods.sort_by(|a, b| {
                 let ka = (
                     a.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -1212,7 +1252,7 @@ impl PodRelay {
             if !self.referenced.fetching.is_empty()
                 && let Some(r) = pods
                     .iter()
-                    .flat_map(referenced::pod_refs)
+                    .flat_map(|p| referenced::pod_refs(p))
                     .find(|r| self.referenced.fetching.contains(r))
             {
                 self.dirty.insert(device.clone());
@@ -1237,7 +1277,7 @@ impl PodRelay {
         alloc
     }
 
-    fn flush_device(&mut self, device: &str, pods: &[Pod]) {
+    fn flush_device(&mut self, device: &str, pods: &[Arc<Pod>]) {
         let allocatable = self.allocatable(device);
         let mut bundles = Vec::new();
         let mut terminating = Vec::new();
@@ -1249,8 +1289,7 @@ impl PodRelay {
                 p.metadata
                     .uid
                     .as_ref()
-                    .and_then(|u| self.admitted.get(u))
-                    .copied()
+                    .and_then(|u| self.pod_state.get(u)?.admitted)
             })
             .collect();
         self.pending_admission.remove(device);
@@ -1259,7 +1298,7 @@ impl PodRelay {
             let Some(uid) = pod.metadata.uid.clone() else {
                 continue;
             };
-            if self.rejected.contains(&uid) || is_admission_failure(pod) {
+            if self.pod_state.get(&uid).is_some_and(|st| st.rejected) || is_admission_failure(pod) {
                 continue;
             }
             if pod.metadata.deletion_timestamp.is_none()
@@ -1284,14 +1323,18 @@ impl PodRelay {
                 terminating.push(uid);
                 continue;
             }
-            if !self.admitted.contains_key(&uid) {
+            if self
+                .pod_state
+                .get(&uid)
+                .is_none_or(|st| st.admitted.is_none())
+            {
                 let req = admission::pod_requests(pod);
                 if has_run(pod) {
-                    self.admitted.insert(uid.clone(), req);
+                    self.state(&uid).admitted = Some(req);
                 } else {
                     match admission::admit(&allocatable, &admitted_here, req) {
                         Ok(()) => {
-                            self.admitted.insert(uid.clone(), req);
+                            self.state(&uid).admitted = Some(req);
                             admitted_here.push(req);
                         }
                         Err(rejection) => {
@@ -1309,7 +1352,7 @@ impl PodRelay {
                     // One pod that cannot fit fails alone; the device keeps getting the others.
                     self.metrics.refused("bundle_too_large");
                     self.reject(pod, &uid, &refusal);
-                    if let Some(req) = self.admitted.remove(&uid)
+                    if let Some(req) = self.state(&uid).admitted.take()
                         && let Some(i) = admitted_here.iter().position(|r| *r == req)
                     {
                         admitted_here.remove(i);
@@ -1352,7 +1395,7 @@ impl PodRelay {
             list.remove(0);
         }
         for uid in terminating {
-            self.excluded_in.entry(uid).or_insert(generation);
+            self.state(&uid).excluded_in.get_or_insert(generation);
         }
     }
 
@@ -1360,7 +1403,7 @@ impl PodRelay {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         tracing::warn!(pod = %name, namespace = %ns, reason = %rejection.reason, message = %rejection.message, "pod rejected at admission");
-        self.rejected.insert(uid.to_string());
+        self.state(uid).rejected = true;
         let update = StatusUpdate {
             uid: uid.to_string(),
             namespace: ns.clone(),

@@ -44,13 +44,17 @@ impl PodRelay {
 
         // Nodes that are ready again: restore what the device last said, unless it is away.
         let back: Vec<String> = self
-            .marked
+            .pod_state
             .iter()
-            .filter(|(_, m)| !unready.contains_key(&m.node))
+            .filter(|(_, st)| {
+                st.marked
+                    .as_ref()
+                    .is_some_and(|m| !unready.contains_key(&m.node))
+            })
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in back {
-            let Some(m) = self.marked.remove(&uid) else {
+            let Some(m) = self.pod_state.get_mut(&uid).and_then(|st| st.marked.take()) else {
                 continue;
             };
             if !connected(&m.node) {
@@ -81,8 +85,8 @@ impl PodRelay {
         }
 
         let mut to_mark = Vec::new();
-        for pod in self.pods.items.values() {
-            let Some(node) = node_of(pod) else { continue };
+        for pod in self.pods.all() {
+            let Some(node) = node_of(&pod) else { continue };
             let Some(why) = unready.get(&node) else {
                 continue;
             };
@@ -92,7 +96,11 @@ impl PodRelay {
             let Some(uid) = pod.metadata.uid.as_ref() else {
                 continue;
             };
-            if self.marked.contains_key(uid) {
+            if self
+                .pod_state
+                .get(uid)
+                .is_some_and(|st| st.marked.is_some())
+            {
                 continue;
             }
             let ready = pod
@@ -125,8 +133,7 @@ impl PodRelay {
                 continue;
             }
             *per_node.entry(node.clone()).or_default() += 1;
-            self.marked
-                .insert(uid, MarkedNotReady { node, ready_before });
+            self.state(&uid).marked = Some(MarkedNotReady { node, ready_before });
             let ev = self
                 .api
                 .pod_event(&pod, "MarkNotReady", "NodeNotReady", "Node is not ready");

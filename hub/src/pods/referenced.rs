@@ -157,7 +157,7 @@ impl PodRelay {
         if !self.pods.synced {
             return;
         }
-        let per_pod: Vec<Vec<Ref>> = self.pods.items.values().map(|p| self.refs_of(p)).collect();
+        let per_pod: Vec<Vec<Ref>> = self.pods.all().iter().map(|p| self.refs_of(p)).collect();
         let before: HashSet<Ref> = self.referenced.iter().cloned().collect();
         let gone = self.referenced.rebuild(per_pod.iter().map(Vec::as_slice));
         self.drop_unreferenced(&gone);
@@ -247,7 +247,7 @@ impl PodRelay {
         }
     }
 
-    pub(super) fn fetched(&mut self, what: Ref, result: Result<Option<Fetched>, String>) {
+    pub(super) fn fetched(&mut self, what: Ref, result: Result<Option<Fetched>, kube::Error>) {
         self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
         if self.referenced.fetching.remove(&what) {
             let (kind, key) = &what;

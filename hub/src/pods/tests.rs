@@ -9,12 +9,13 @@ use super::referenced::{Ref, RefKind};
 use super::*;
 use crate::devices::LiveRegistry;
 use crate::nodes::Unready;
-use crate::sessions::{DeviceRecord, LogStream};
+use crate::sessions::{DeviceRecord, LinkError, LogStream};
 
 #[derive(Default)]
 struct FakeSessions {
     sent: Mutex<Vec<(String, u64, Vec<PodBundle>)>>,
     grace: Mutex<Vec<HashMap<String, u64>>>,
+    live: LiveRegistry,
 }
 
 impl Sessions for FakeSessions {
@@ -33,12 +34,21 @@ impl Sessions for FakeSessions {
     fn is_connected(&self, _device: &str) -> bool {
         true
     }
+    fn live(&self) -> watch::Receiver<crate::devices::LiveSet> {
+        self.live.subscribe()
+    }
     fn open_logs(
         &self,
-        _device: &str,
+        device: &str,
         _req: LogRequest,
-    ) -> BoxFuture<'static, Result<LogStream, String>> {
-        Box::pin(async { Err("no logs in this fake".to_string()) })
+    ) -> BoxFuture<'static, Result<LogStream, LinkError>> {
+        let device = device.to_string();
+        Box::pin(async {
+            Err(LinkError::Device {
+                device,
+                message: "no logs in this fake".into(),
+            })
+        })
     }
 }
 
@@ -57,7 +67,7 @@ impl PodApi for FakeApi {
         namespace: &str,
         name: &str,
         uid: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         self.deleted
             .try_lock()
             .expect("lock")
@@ -69,7 +79,7 @@ impl PodApi for FakeApi {
         kind: RefKind,
         namespace: &str,
         name: &str,
-    ) -> BoxFuture<'static, Result<Option<Fetched>, String>> {
+    ) -> BoxFuture<'static, Result<Option<Fetched>, kube::Error>> {
         let r = (kind, (namespace.to_string(), name.to_string()));
         self.fetched.try_lock().expect("lock").push(r.clone());
         let found = self.objects.try_lock().expect("lock").get(&r).cloned();
@@ -81,7 +91,7 @@ impl PodApi for FakeApi {
         _action: &str,
         reason: &str,
         _message: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         self.events
             .try_lock()
             .expect("lock")
@@ -94,7 +104,7 @@ impl PodApi for FakeApi {
         _action: &str,
         reason: &str,
         _message: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), kube::Error>> {
         self.events.try_lock().expect("lock").push((
             pod.metadata.name.clone().unwrap_or_default(),
             reason.to_string(),
@@ -135,8 +145,8 @@ fn harness() -> Harness {
         ["dev-a", "dev-b"].into_iter().map(String::from).collect(),
     ));
     let (unready_tx, unready_rx) = watch::channel(Arc::new(BTreeMap::new()));
-    let live = LiveRegistry::new();
     let sessions = Arc::new(FakeSessions::default());
+    let live = sessions.live.clone();
     let api = Arc::new(FakeApi::default());
     let (status_tx, status_rx) = mpsc::channel(64);
     let (relay, _handles) = PodRelay::new(

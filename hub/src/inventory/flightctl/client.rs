@@ -91,6 +91,12 @@ pub enum FlightctlError {
 }
 
 impl FlightctlError {
+    /// Whether the same request may succeed later: everything but a configuration the hub
+    /// cannot use.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Config(_))
+    }
+
     /// Short machine-readable reason, for metrics and log fields.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -367,15 +373,7 @@ pub struct ListResult {
 
 /// Percent-encodes everything outside the URL-unreserved set (continue tokens are base64).
 pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    fleetlet_proto::percent::encode_component(s)
 }
 
 fn snippet(body: &[u8]) -> String {

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 
-use super::{Body, Caller, KubeletApi, percent_decode, text};
+use super::{Body, Caller, KubeletApi, query_value, text};
 
 /// remotecommand protocols the hub speaks, most preferred first (the kubelet's list).
 pub const REMOTECOMMAND_PROTOCOLS: &[&str] = &[
@@ -72,7 +72,10 @@ pub fn parse_stream_path(path: &str) -> Option<StreamPath> {
     } else {
         return None;
     };
-    let parts: Vec<String> = rest.split('/').map(percent_decode).collect();
+    let parts: Vec<String> = rest
+        .split('/')
+        .map(fleetlet_proto::percent::decode)
+        .collect();
     if parts.iter().any(String::is_empty) {
         return None;
     }
@@ -124,7 +127,7 @@ pub fn parse_remotecommand_query(query: Option<&str>) -> Result<RemoteCommandQue
         .filter(|p| !p.is_empty())
     {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
+        let v = query_value(v);
         match k {
             "command" => q.command.push(v),
             "input" | "stdin" => q.stdin = on(&v),
