@@ -147,7 +147,15 @@ pub fn resolve_beneath(
             Err(Errno::NOENT) if create.is_some() => {
                 let mode = create.unwrap_or(Mode::from_raw_mode(0o755));
                 match rustix::fs::mkdirat(parent, name, mode) {
-                    Ok(()) | Err(Errno::EXIST) => {}
+                    Ok(()) => {
+                        // The mode exactly, not what the umask leaves of it (the kubelet's
+                        // SafeMakeDir chmods too): set through a descriptor of the new
+                        // directory itself, never through a path a link could redirect.
+                        let dir = open_nofollow(parent, name, OFlags::RDONLY | OFlags::DIRECTORY)
+                            .map_err(io("openat", here()))?;
+                        rustix::fs::fchmod(&dir, mode).map_err(io("fchmod", here()))?;
+                    }
+                    Err(Errno::EXIST) => {}
                     Err(e) => return Err(io("mkdirat", here())(e)),
                 }
                 open_nofollow(parent, name, OFlags::PATH).map_err(io("openat", here()))?

@@ -32,11 +32,14 @@ pub fn prepare(
     index: usize,
 ) -> Result<PathBuf, SafeFsError> {
     let root = safefs::open_root(volume_root)?;
+    // Missing directories get the volume root's mode (an emptyDir's 0777, with setgid under an
+    // fsGroup), as the kubelet creates them, so the pod's users can write where they could.
+    let mode = rustix::fs::fstat(&root).map_or(0o755, |st| st.st_mode & 0o7777);
     let fd = safefs::resolve_beneath(
         &root,
         volume_root,
         sub_path,
-        Some(Mode::from_raw_mode(0o755)),
+        Some(Mode::from_raw_mode(mode)),
     )?;
     let target = subpaths_dir(pod_dir)
         .join(volume)
