@@ -3,7 +3,6 @@
 //! TokenReview + SubjectAccessReview for bearer tokens. The device end is an in-memory link
 //! that answers log requests and can go offline.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,7 +113,10 @@ async fn setup(instance: &str, dev: &str) -> Setup {
     cfg.kubelet.client_ca_file = Some(dev_dir().join("pki").join("ca.crt"));
     let device = InventoryDevice {
         name: dev.into(),
-        labels: BTreeMap::new(),
+        // The owner's labels: a killed run's Node is reaped by the next test run.
+        labels: fleetlet_test_support::orphans::owner_labels()
+            .into_iter()
+            .collect(),
         fleet: Some("a".into()),
         enabled: true,
     };
