@@ -4,6 +4,7 @@
 #   agnhost:2.63.0   the static agnhost built by build.sh, with Debian's static busybox for a shell
 #                    and the machine's bash (with its libraries)
 #   busybox:1.37.0-1 Debian's static busybox (the stack's test image, re-tagged)
+#   pause:3.10.2     agnhost's `pause` (waits for a signal, reaps children, as the pause image does)
 # Usage: images.sh BIN_DIR (from build.sh). Idempotent: an image whose agnhost is unchanged stays.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,7 +14,8 @@ bin=${1:?usage: images.sh BIN_DIR}
 : "${FLEETLET_PODMAN_SOCKET:?source target/dev/env first}"
 podman=(podman --url "unix://$FLEETLET_PODMAN_SOCKET")
 registry=$(awk '$1 == "promoterE2eRegistry:" { print $2 }' "$here/repo-list.yaml")
-[ -n "$registry" ] || die "no promoterE2eRegistry in $here/repo-list.yaml"
+gc_registry=$(awk '$1 == "gcRegistry:" { print $2 }' "$here/repo-list.yaml")
+[ -n "$registry" ] && [ -n "$gc_registry" ] || die "no promoterE2eRegistry or gcRegistry in $here/repo-list.yaml"
 
 busybox=/bin/busybox
 file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
@@ -67,6 +69,7 @@ with_libs "$work/agnhost" /bin/bash
 # Deterministic archives: same inputs, same checksum, no re-import.
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/agnhost" -cf "$work/agnhost.tar" .
 import "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
+import "$gc_registry/pause:3.10.2" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost", "pause"]'
 
 rootfs "$work/busybox"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/busybox" -cf "$work/busybox.tar" .
