@@ -30,6 +30,10 @@ rootfs() {
   for applet in $("$busybox" --list-full); do
     [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
   done
+  # The upstream busybox image has every applet in /bin too (tests run /bin/sysctl).
+  for applet in $("$busybox" --list); do
+    [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+  done
   printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
   printf 'root:x:0:\nnobody:x:65534:\n' > "$root/etc/group"
 }
