@@ -771,7 +771,34 @@ impl KubeletApi {
                 format!("node {node} is not a fleetlet device in the inventory"),
             );
         }
-        let figures = self.figures.get(node);
+        // The API's pods on this Node: `/pods` itself, and the only pods whose figures are
+        // served (a device names its pods itself; see DeviceFigures::bound_to).
+        let listed = {
+            let pods: Api<Pod> = Api::all(self.client.clone());
+            let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+            let r = pods.list(&lp).await;
+            self.metrics.api("list_node_pods", &r);
+            match r {
+                Ok(list) => list.items,
+                Err(error) => {
+                    tracing::warn!(%error, %node, "listing the node's pods");
+                    return text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "cannot list the node's pods",
+                    );
+                }
+            }
+        };
+        let bound: std::collections::HashMap<String, (String, String)> = listed
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p.metadata.uid.clone()?,
+                    (p.metadata.namespace.clone()?, p.metadata.name.clone()?),
+                ))
+            })
+            .collect();
+        let figures = self.figures.get(node).map(|f| f.bound_to(&bound));
         let connected = self.sessions.is_connected(node);
         let now = tokio::time::Instant::now();
         let fresh = figures
@@ -812,35 +839,19 @@ impl KubeletApi {
                 None => unavailable(),
             },
             NodeRoute::Pods => {
-                let pods: Api<Pod> = Api::all(self.client.clone());
-                let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
-                let r = pods.list(&lp).await;
-                self.metrics.api("list_node_pods", &r);
-                match r {
-                    Ok(list) => {
-                        let items = list
-                            .items
-                            .into_iter()
-                            .filter_map(|mut p| {
-                                p.metadata.managed_fields = None;
-                                let mut v = serde_json::to_value(p).ok()?;
-                                if let Some(o) = v.as_object_mut() {
-                                    o.remove("kind");
-                                    o.remove("apiVersion");
-                                }
-                                Some(v)
-                            })
-                            .collect();
-                        json_response(&stats::pod_list(items))
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, %node, "listing the node's pods");
-                        text(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "cannot list the node's pods",
-                        )
-                    }
-                }
+                let items = listed
+                    .into_iter()
+                    .filter_map(|mut p| {
+                        p.metadata.managed_fields = None;
+                        let mut v = serde_json::to_value(p).ok()?;
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("kind");
+                            o.remove("apiVersion");
+                        }
+                        Some(v)
+                    })
+                    .collect();
+                json_response(&stats::pod_list(items))
             }
         }
     }

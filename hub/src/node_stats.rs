@@ -144,6 +144,35 @@ impl StatsStore {
     }
 }
 
+impl DeviceFigures {
+    /// The same figures keeping only the pods in `bound` (uid → namespace and name, from the
+    /// API: the pods bound to this device's Node), named as the API names them. A device
+    /// reports its pods' identities itself; served unchecked, a compromised device could
+    /// attribute CPU and memory to any pod in any namespace (and so drive another team's HPA).
+    #[must_use]
+    pub fn bound_to(&self, bound: &HashMap<String, (String, String)>) -> Self {
+        let keep = |r: &ResourceStats| {
+            let mut r = r.clone();
+            r.pods.retain_mut(|p| match bound.get(&p.uid) {
+                Some((ns, name)) => {
+                    p.namespace.clone_from(ns);
+                    p.name.clone_from(name);
+                    true
+                }
+                None => false,
+            });
+            Arc::new(r)
+        };
+        Self {
+            current: Sample {
+                received: self.current.received,
+                stats: keep(&self.current.stats),
+            },
+            previous: self.previous.as_deref().map(keep),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +210,32 @@ mod tests {
         );
         store.retain(|d| d != "d");
         assert!(store.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn figures_are_served_only_for_pods_bound_to_the_node_under_the_apis_names() {
+        let store = StatsStore::default();
+        let pod = |uid: &str, ns: &str, name: &str| fleetlet_proto::v1::PodResourceStats {
+            uid: uid.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        let mut r = report(1_000);
+        // One of its pods, misnamed; and a made-up pod in another team's namespace.
+        r.pods = vec![
+            pod("u1", "ns", "forged-name"),
+            pod("u9", "other-team", "web"),
+        ];
+        store.record("d", r).expect("record");
+        let bound = HashMap::from([("u1".to_string(), ("ns".to_string(), "web-1".to_string()))]);
+        let f = store.get("d").expect("d").bound_to(&bound);
+        let pods = &f.current.stats.pods;
+        assert_eq!(pods.len(), 1);
+        assert_eq!(
+            (pods[0].namespace.as_str(), pods[0].name.as_str()),
+            ("ns", "web-1")
+        );
     }
 
     #[test]
