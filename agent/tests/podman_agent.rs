@@ -848,3 +848,131 @@ async fn sidecar_init_containers_run_beside_the_app_and_end_with_it() {
     .await;
     eprintln!("sidecar after the pod ended: {:#}", init[0]);
 }
+
+/// The infra container of a pod, by the pod's uid on device `device`: (id, pid, conmon pid).
+async fn infra_of(device: &str, uid: &str) -> (String, i64, i64) {
+    let p = podman();
+    let f = vec![
+        format!("{}={device}", fleetlet_agent::podman::labels::DEVICE),
+        format!("{}={uid}", fleetlet_agent::podman::labels::POD_UID),
+    ];
+    let infra = p
+        .list_containers(&f)
+        .await
+        .expect("list containers")
+        .into_iter()
+        .find(|c| c.is_infra)
+        .expect("infra container");
+    let i = p
+        .inspect_container(&infra.id)
+        .await
+        .expect("inspect")
+        .expect("infra");
+    (infra.id, i.state.pid, i.state.conmon_pid)
+}
+
+fn kill9(pid: i64) {
+    assert!(pid > 0);
+    let ok = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -KILL {pid}");
+}
+
+/// A pod's sandbox dying under it, as the kubelet handles it (PodSandboxChanged): the pod is
+/// killed and built again in a new sandbox, init containers run again and each container that
+/// ran counts a restart with that run as lastState. Two ways a sandbox dies: its infra process
+/// is killed while the containers run on in its orphaned namespaces, or its monitor (conmon)
+/// goes first and the infra process stays a zombie that Podman still lists as running, where
+/// every container start failed with "namespace path: lstat /proc/N/ns/ipc" (seen in CI).
+#[tokio::test]
+async fn a_dead_pod_sandbox_is_killed_and_recreated_like_the_kubelet_does() {
+    let mut a = Agent::new("t-sandbox");
+    a.set_desired(
+        1,
+        vec![
+            bundle("uid-sbx-net", "net", json!({
+                "terminationGracePeriodSeconds": 1,
+                "volumes": [{"name": "v", "emptyDir": {}}],
+                "initContainers": [{"name": "init", "image": IMAGE, "command": ["sh", "-c", "date +%s%N >> /v/inits"],
+                                    "volumeMounts": [{"name": "v", "mountPath": "/v"}]}],
+                "containers": [{"name": "c", "image": IMAGE, "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+                                "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]
+            })),
+            bundle("uid-sbx-host", "host", json!({
+                "hostNetwork": true,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [sleeper("c")]
+            })),
+        ],
+    );
+    a.start();
+    let running = |uid: &'static str, restarts: u32| {
+        move |s: &fleetlet_agent::statusfile::StatusFile| {
+            pod(s, uid).is_some_and(|p| {
+                p.phase == "Running"
+                    && p.restarts.get("c") == Some(&restarts)
+                    && p.status["containerStatuses"][0]["state"]["running"].is_object()
+            })
+        }
+    };
+    a.wait_status("both pods running", Duration::from_secs(60), |s| {
+        running("uid-sbx-net", 0)(s) && running("uid-sbx-host", 0)(s)
+    })
+    .await;
+
+    // 1. The infra process is killed; the container runs on in the old namespaces.
+    let (old_infra, pid, _) = infra_of("t-sandbox", "uid-sbx-net").await;
+    kill9(pid);
+    let s = a
+        .wait_status(
+            "pod net running again in a new sandbox",
+            Duration::from_secs(60),
+            running("uid-sbx-net", 1),
+        )
+        .await;
+    let st = &pod(&s, "uid-sbx-net").unwrap().status;
+    assert!(
+        st["containerStatuses"][0]["lastState"]["terminated"].is_object(),
+        "{st}"
+    );
+    assert!(!st["podIP"].as_str().unwrap_or_default().is_empty(), "{st}");
+    assert_eq!(
+        pod(&s, "uid-sbx-net").unwrap().restarts.get("init"),
+        Some(&1),
+        "the init container ran again"
+    );
+    let (new_infra, new_pid, _) = infra_of("t-sandbox", "uid-sbx-net").await;
+    assert_ne!(new_infra, old_infra);
+    assert!(new_pid > 0);
+
+    // 2. conmon dies, then the infra process: a zombie Podman lists as running. The pod is
+    // rebuilt at its next pass, here when its container exits.
+    let (old_infra, pid, conmon) = infra_of("t-sandbox", "uid-sbx-host").await;
+    kill9(conmon);
+    kill9(pid);
+    let ids = container_ids("t-sandbox", "uid-sbx-host").await;
+    podman().stop_container(&ids["c"], 1).await.unwrap();
+    a.wait_status(
+        "pod host running again in a new sandbox",
+        Duration::from_secs(90),
+        running("uid-sbx-host", 1),
+    )
+    .await;
+    let (new_infra, _, _) = infra_of("t-sandbox", "uid-sbx-host").await;
+    assert_ne!(new_infra, old_infra);
+
+    // Pod net was not touched by the second pod's trouble.
+    let s = a.status().expect("status");
+    assert_eq!(pod(&s, "uid-sbx-net").unwrap().restarts.get("c"), Some(&1));
+    a.set_desired(2, vec![]);
+    a.reload();
+    a.wait_status("pods removed", Duration::from_secs(60), |s| {
+        s.generation == 2 && s.pods.iter().all(|p| p.phase == "Removed")
+    })
+    .await;
+    assert!(container_ids("t-sandbox", "uid-sbx-net").await.is_empty());
+    assert!(container_ids("t-sandbox", "uid-sbx-host").await.is_empty());
+}

@@ -114,6 +114,13 @@ pub struct NodesConfig {
     /// which keeps pods that do not ask for a device off devices. `[]` puts none (for clusters
     /// where a mutating policy adds the tolerations, or that want every pod eligible).
     pub taints: Vec<NodeTaint>,
+    /// Device label whose value becomes the Node's `topology.kubernetes.io/zone` ("" for none).
+    /// The node lifecycle controller counts disruption per zone: with one zone per site, one
+    /// site's outage does not pause taint-based eviction on every other site, and a whole
+    /// site going dark is evicted at the normal rate while others are healthy.
+    pub zone_label: String,
+    /// Device label whose value becomes the Node's `topology.kubernetes.io/region` ("" for none).
+    pub region_label: String,
 }
 
 /// A taint the hub puts on its Nodes.
@@ -153,6 +160,8 @@ impl Default for NodesConfig {
                 value: crate::nodes::object::PROVIDER_TAINT_VALUE.to_string(),
                 effect: "NoSchedule".to_string(),
             }],
+            zone_label: String::new(),
+            region_label: String::new(),
         }
     }
 }

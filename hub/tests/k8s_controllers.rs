@@ -100,6 +100,9 @@ struct Hub {
     tasks: JoinSet<()>,
 }
 
+/// Device label the test hubs take each Node's zone from.
+const ZONE_DEVICE_LABEL: &str = "fleetlet.test/zone";
+
 fn device(name: &str, fleet: &str) -> InventoryDevice {
     InventoryDevice {
         name: name.into(),
@@ -119,8 +122,19 @@ async fn start_hub(instance: &str, devices: Vec<InventoryDevice>) -> Hub {
     cfg.nodes.instance = instance.into();
     cfg.nodes.disconnect_grace_secs = 2;
     cfg.nodes.lease_renew_secs = 2;
+    // A zone of this test's own: the node lifecycle controller counts NotReady Nodes per zone,
+    // and other tests' disconnected Nodes in the shared zone put it into partial disruption,
+    // which in a small cluster pauses taint-based eviction (seen in CI).
+    cfg.nodes.zone_label = ZONE_DEVICE_LABEL.into();
     let (inv_tx, inv_rx) = watch::channel(Arc::new(
-        devices.into_iter().map(|d| (d.name.clone(), d)).collect(),
+        devices
+            .into_iter()
+            .map(|mut d| {
+                d.labels
+                    .insert(ZONE_DEVICE_LABEL.into(), instance.to_string());
+                (d.name.clone(), d)
+            })
+            .collect(),
     ));
     let (desired_tx, desired_rx) = watch::channel(Desired::new());
     let (ev_tx, ev_rx) = mpsc::channel(64);
@@ -834,6 +848,19 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
         .await;
     }
 
+    assert_eq!(
+        nodes
+            .get(&a1)
+            .await
+            .expect("node")
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("topology.kubernetes.io/zone"),
+        Some(&instance),
+        "the Node's zone comes from the configured device label"
+    );
+
     let deployments: Api<Deployment> = Api::namespaced(hub.client.clone(), &ns);
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "web"},
@@ -913,8 +940,8 @@ async fn a_fleet_deployment_lands_only_on_its_fleet_and_is_evicted_from_a_discon
         .is_empty()
     );
 
-    // Cut a device that runs a pod (this needs a cluster not already in partial disruption,
-    // i.e. without many other NotReady Nodes): after the grace its Node is Ready=Unknown, the real node
+    // Cut a device that runs a pod (this needs a zone not in partial disruption, hence this
+    // test's own zone): after the grace its Node is Ready=Unknown, the real node
     // lifecycle controller taints it unreachable, the taint manager evicts after 2 s, and the
     // ReplicaSet's replacement goes to the other device of fleet a.
     let victim = placed[0].1.clone();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetlet_os::process::{ProcessState, process_state};
 use fleetlet_proto::v1::{PodBundle, PodStatusEntry};
 use jiff::Timestamp;
 use tokio::sync::{Notify, watch};
@@ -122,6 +123,11 @@ pub struct PodWorker<R> {
     pod_known: bool,
     /// Every init container of the pod has succeeded or (a sidecar) started once.
     sidecars_started: bool,
+    /// The sandbox died under a pod that never restarts: its containers were killed and no new
+    /// sandbox is built (the kubelet's rule for restartPolicy Never).
+    sandbox_lost: bool,
+    /// A dead sandbox is being replaced: set until the new Podman pod exists.
+    renewing: bool,
     /// What each written volume last got (see [`volumes::prepare`]).
     written_volumes: BTreeMap<String, u64>,
     /// The pod's plan as last seen (preStop hooks run at removal, when no plan comes with it).
@@ -172,6 +178,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
             last_plan: None,
             written_volumes: BTreeMap::new(),
             sidecars_started: false,
+            sandbox_lost: false,
+            renewing: false,
             usage_checked: None,
             condition_since: BTreeMap::new(),
         }
@@ -633,8 +641,30 @@ impl<R: ContainerRuntime> PodWorker<R> {
         } else {
             Vec::new()
         };
+        let dead = match listed.iter().find(|c| c.is_infra) {
+            _ if self.sandbox_lost => false,
+            // A renewal that failed half-way (Podman's removal timed out) goes on.
+            _ if self.renewing => true,
+            Some(infra) => self.sandbox_dead(infra, &listed).await?,
+            None => false,
+        };
+        if dead {
+            if !self.renew_sandbox(plan, &listed).await? {
+                return Ok(BTreeMap::new());
+            }
+            listed.clear();
+        }
         if !listed.iter().any(|c| c.is_infra) {
-            if rt.list_pods(&self.filter()).await?.is_empty() {
+            let pods = rt.list_pods(&self.filter()).await?;
+            let mut exists = !pods.is_empty();
+            if exists && pods.iter().any(|p| p.infra_id.is_empty()) {
+                // A pod without its infra container takes no containers ("pod has no infra
+                // container"): what Podman leaves of a dead sandbox whose removal timed out.
+                warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "podman pod lost its infra container; creating it again");
+                self.remove_sandbox().await?;
+                exists = false;
+            }
+            if !exists {
                 let mut portmappings = Vec::new();
                 if !plan.host_network {
                     for p in plan.containers.iter().flat_map(|c| &c.ports) {
@@ -682,6 +712,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     );
                 }
                 created?;
+                self.renewing = false;
                 info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "created podman pod");
             }
             listed = rt.list_containers(&self.filter()).await?;
@@ -727,6 +758,134 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .into_iter()
             .filter_map(|c| c.labels.get(labels::CONTAINER).cloned().map(|n| (n, c.id)))
             .collect())
+    }
+
+    /// Whether the pod's sandbox died under it. The infra container holds the namespaces the
+    /// containers join; when it has ended while a container still runs, or Podman lists it as
+    /// running while its process is gone or a zombie, its namespaces are gone or orphaned and
+    /// every container start fails on them ("namespace path: lstat /proc/N/ns/ipc"). A pod
+    /// whose containers all ended too (a device reboot) is not a dead sandbox: starting a
+    /// container starts the infra container again, with fresh namespaces for all.
+    async fn sandbox_dead(
+        &self,
+        infra: &crate::podman::ContainerSummary,
+        listed: &[crate::podman::ContainerSummary],
+    ) -> Result<bool, crate::podman::PodmanError> {
+        if !listed.iter().any(|c| !c.is_infra) {
+            return Ok(false);
+        }
+        if matches!(infra.state.as_str(), "exited" | "stopped") && infra.started_at > 0 {
+            return Ok(listed.iter().any(|c| !c.is_infra && c.state == "running"));
+        }
+        if infra.state != "running" || infra.pid <= 0 {
+            return Ok(false);
+        }
+        Ok(match process_state(infra.pid) {
+            ProcessState::Alive => false,
+            ProcessState::Zombie => true,
+            // Gone, or in a PID namespace this agent does not see: only Podman's monitor
+            // (conmon) being visible tells them apart.
+            ProcessState::Absent => {
+                self.ctx
+                    .rt
+                    .inspect_container(&infra.id)
+                    .await?
+                    .is_some_and(|i| {
+                        i.state.conmon_pid > 0
+                            && process_state(i.state.conmon_pid) != ProcessState::Absent
+                    })
+            }
+        })
+    }
+
+    /// The kubelet's answer to a dead sandbox (PodSandboxChanged: kill the pod, create a new
+    /// sandbox): every container is stopped, the Podman pod removed, and the next steps of this
+    /// pass build it again and create the containers in it, init containers first. Each
+    /// container that was running counts a restart with that run as its lastState; a
+    /// container that already ended keeps its state (an app container that succeeded under
+    /// OnFailure is not run again), except init containers, which run again. A pod that never
+    /// restarts (restartPolicy Never) gets no new sandbox once a container existed: its
+    /// containers are stopped and it ends; then this returns false.
+    async fn renew_sandbox(
+        &mut self,
+        plan: &PodPlan,
+        listed: &[crate::podman::ContainerSummary],
+    ) -> Result<bool, crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        if plan.restart_policy == RestartPolicy::Never {
+            self.sandbox_lost = true;
+            self.stop_all(None).await?;
+            return Ok(false);
+        }
+        if self.renewing {
+            // Resumed after a failure: the containers were stopped and counted before.
+            self.stop_all(None).await?;
+            self.remove_sandbox().await?;
+            return Ok(true);
+        }
+        self.renewing = true;
+        warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, pod_uid = %self.uid, "pod sandbox died; killing the pod");
+        self.event(
+            "",
+            EventType::Normal,
+            "SandboxChanged",
+            "Pod sandbox changed, it will be killed and re-created.",
+        );
+        let was_running: Vec<&str> = listed
+            .iter()
+            .filter(|c| !c.is_infra && c.state == "running")
+            .map(|c| c.id.as_str())
+            .collect();
+        let stopped = self.stop_all(None).await?;
+        let restored = BTreeMap::new();
+        let now = Instant::now();
+        for c in &stopped {
+            let Some(spec) = c
+                .labels
+                .get(labels::CONTAINER)
+                .and_then(|name| plan.container(name))
+            else {
+                continue;
+            };
+            let init = plan
+                .init_containers
+                .iter()
+                .any(|i| i.name == spec.name && !i.sidecar);
+            let Some(Observation::Exited(t)) =
+                rt.inspect_container(&c.id).await?.map(|i| observe(&i))
+            else {
+                continue;
+            };
+            let policy = restart_policy(plan, spec, &self.slots);
+            let slot = self.slot(&spec.name, &restored);
+            if was_running.contains(&c.id.as_str()) || init {
+                slot.lc.replaced(t);
+            } else {
+                // An exit not seen yet is counted as the pod's restart policy counts it.
+                slot.lc.observe(Observation::Exited(t), policy, init, now);
+            }
+        }
+        self.remove_sandbox().await?;
+        self.pod_known = false;
+        self.pod_ip_of = None;
+        self.pod_ip.clear();
+        self.sidecars_started = false;
+        for slot in self.slots.values_mut() {
+            slot.container_id.clear();
+            slot.run_started = None;
+        }
+        Ok(true)
+    }
+
+    /// Removes the Podman pod and whatever container of it Podman keeps after a removal it
+    /// could not finish (an infra container whose monitor is gone outlives its pod).
+    async fn remove_sandbox(&self) -> Result<(), crate::podman::PodmanError> {
+        let rt = &self.ctx.rt;
+        rt.remove_pod(&self.pod_name).await?;
+        for c in rt.list_containers(&self.filter()).await? {
+            rt.remove_container(&c.id).await?;
+        }
+        Ok(())
     }
 
     /// Observation: what Podman shows of container `c`, folded into its lifecycle. A container

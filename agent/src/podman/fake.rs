@@ -240,6 +240,12 @@ impl ContainerRuntime for FakeRuntime {
                 id: p.name.clone(),
                 name: p.name.clone(),
                 labels: Some(p.labels.clone()),
+                infra_id: s
+                    .containers
+                    .values()
+                    .find(|c| c.infra && c.pod == p.name)
+                    .map(|c| c.id.clone())
+                    .unwrap_or_default(),
             })
             .collect())
     }

@@ -168,6 +168,9 @@ pub struct PodSummary {
     /// Pod labels.
     #[serde(default)]
     pub labels: Option<BTreeMap<String, String>>,
+    /// Its infra container ("" when Podman lost it, as after a failed removal).
+    #[serde(default)]
+    pub infra_id: String,
 }
 
 /// What `POST /libpod/containers/create` takes (a subset of Podman's SpecGenerator).

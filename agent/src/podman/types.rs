@@ -120,6 +120,9 @@ pub struct ContainerState {
     /// The main process's PID on the host (0 when not running).
     #[serde(default)]
     pub pid: i64,
+    /// PID of the container's monitor process (conmon).
+    #[serde(default)]
+    pub conmon_pid: i64,
     /// True while the main process runs.
     #[serde(default)]
     pub running: bool,

@@ -591,7 +591,7 @@ impl NodeManager {
                 now.duration_since(ld.map_or(self.started, |l| l.since.max(self.started)));
             let event = st.ready.step(connected, away_for, grace, &wall);
 
-            let labels = object::node_labels(dev, st.last_info.as_ref(), &self.cfg.instance);
+            let labels = object::node_labels(dev, st.last_info.as_ref(), &self.cfg);
             let mut label_issues = Vec::new();
             if st.applied_labels.as_ref() != Some(&labels) {
                 let issues = object::label_issues(dev, &labels);

@@ -26,13 +26,32 @@ pub const PROVIDER_TAINT_VALUE: &str = "fleetlet";
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "fleetlet";
 
-/// The node labels for a device: its sanitized labels, then the labels the hub owns (which win).
+/// Well-known Node label of the zone a Node is in.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Well-known Node label of the region a Node is in.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+/// The node labels for a device: its sanitized labels, its topology (from the device labels
+/// `[nodes] zone_label` and `region_label` name), then the labels the hub owns (which win).
 pub fn node_labels(
     device: &DeviceRecord,
     info: Option<&NodeInfo>,
-    instance: &str,
+    cfg: &crate::config::NodesConfig,
 ) -> BTreeMap<String, String> {
+    let instance = cfg.instance.as_str();
     let mut labels = sanitize_labels(&device.labels);
+    for (from, to) in [
+        (&cfg.zone_label, ZONE_LABEL),
+        (&cfg.region_label, REGION_LABEL),
+    ] {
+        if let Some(value) = device
+            .labels
+            .get(from.as_str())
+            .filter(|_| !from.is_empty())
+        {
+            labels.insert(to.to_string(), crate::labels::sanitize_value(value));
+        }
+    }
     if let Some(fleet) = &device.fleet {
         labels.insert(
             FLEET_LABEL.to_string(),
@@ -310,6 +329,33 @@ mod tests {
         }
     }
 
+    fn nodes_cfg() -> crate::config::NodesConfig {
+        crate::config::NodesConfig {
+            instance: "hub-1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn zone_and_region_come_from_the_configured_device_labels() {
+        let mut d = device();
+        d.labels.insert("site".into(), "Plant 7".into());
+        d.labels.insert("geo".into(), "eu-west".into());
+        let plain = node_labels(&d, None, &nodes_cfg());
+        assert!(!plain.contains_key(ZONE_LABEL) && !plain.contains_key(REGION_LABEL));
+        let cfg = crate::config::NodesConfig {
+            zone_label: "site".into(),
+            region_label: "geo".into(),
+            ..nodes_cfg()
+        };
+        let l = node_labels(&d, None, &cfg);
+        assert_eq!(l.get(ZONE_LABEL).map(String::as_str), Some("Plant-7"));
+        assert_eq!(l.get(REGION_LABEL).map(String::as_str), Some("eu-west"));
+        // A device without the label gets no zone.
+        d.labels.remove("site");
+        assert!(!node_labels(&d, None, &cfg).contains_key(ZONE_LABEL));
+    }
+
     #[test]
     fn labels_carry_fleet_os_arch_and_type_and_hub_labels_win() {
         let info = NodeInfo {
@@ -317,7 +363,7 @@ mod tests {
             architecture: "arm64".into(),
             ..Default::default()
         };
-        let l = node_labels(&device(), Some(&info), "hub-1");
+        let l = node_labels(&device(), Some(&info), &nodes_cfg());
         assert_eq!(l.get(MANAGED_LABEL).map(String::as_str), Some("hub-1"));
         assert_eq!(l.get(FLEET_LABEL).map(String::as_str), Some("fleet-a"));
         assert_eq!(
@@ -341,7 +387,7 @@ mod tests {
         d.labels.insert("site_name".into(), "ok".into());
         d.labels.insert("zone".into(), "a b".into());
         d.labels.insert("site-name".into(), "clash".into());
-        let labels = node_labels(&d, None, "hub-1");
+        let labels = node_labels(&d, None, &nodes_cfg());
         let issues = label_issues(&d, &labels);
         let joined = issues.join("\n");
         assert!(
