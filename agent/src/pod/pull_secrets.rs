@@ -167,6 +167,7 @@ mod tests {
             uid: "u".into(),
             namespace: "ns".into(),
             name: "p".into(),
+            generation: 1,
         }
     }
 

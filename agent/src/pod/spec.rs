@@ -72,6 +72,8 @@ pub struct PodMeta {
     pub namespace: String,
     /// metadata.name.
     pub name: String,
+    /// metadata.generation (0 when absent); reported back as status.observedGeneration.
+    pub generation: i64,
 }
 
 /// A pod as the agent runs it.
@@ -513,6 +515,7 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
             .clone()
             .filter(|n| !n.is_empty())
             .ok_or_else(|| err("metadata.name", "required"))?,
+        generation: pod.metadata.generation.unwrap_or(0).max(0),
     };
     let requests = fleetlet_resources::admission::pod_requests(&pod);
     let spec = pod.spec.ok_or_else(|| err("spec", "required"))?;

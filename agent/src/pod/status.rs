@@ -167,14 +167,22 @@ fn init_container_status(c: &ContainerView<'_>) -> k8s::ContainerStatus {
     s
 }
 
+/// status.observedGeneration and each condition's: the pod generation the status describes, as
+/// the kubelet reports it (PodObservedGenerationTracking); none for a pod without one.
+fn observed(generation: i64) -> Option<i64> {
+    (generation > 0).then_some(generation)
+}
+
 fn condition(
     kind: &str,
     ok: bool,
     reason: Option<&str>,
     message: Option<String>,
     since: Timestamp,
+    generation: i64,
 ) -> k8s::PodCondition {
     k8s::PodCondition {
+        observed_generation: observed(generation),
         type_: kind.into(),
         status: if ok { "True" } else { "False" }.into(),
         reason: (!ok)
@@ -193,6 +201,7 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
     // Sidecars' readiness counts, as in the kubelet.
     let unready = unready(v);
     let since = v.start_time;
+    let generation = v.plan.meta.generation;
     let terminal = phase == "Succeeded" || phase == "Failed";
     // The kubelet's reasons and messages (pkg/kubelet/status/generate.go): a finished pod's
     // containers are not ready because it completed; otherwise the names say which.
@@ -215,13 +224,14 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
     k8s::PodStatus {
         phase: Some(phase.into()),
         conditions: Some(vec![
-            condition("PodScheduled", true, None, None, since),
+            condition("PodScheduled", true, None, None, since, generation),
             condition(
                 "Initialized",
                 incomplete.is_empty(),
                 Some("ContainersNotInitialized"),
                 Some(init_message),
                 since,
+                generation,
             ),
             condition(
                 "ContainersReady",
@@ -229,6 +239,7 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
                 Some(ready_reason),
                 ready_message.clone(),
                 since,
+                generation,
             ),
             condition(
                 "Ready",
@@ -236,6 +247,7 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
                 Some(ready_reason),
                 ready_message,
                 since,
+                generation,
             ),
         ]),
         host_ip: Some(v.host_ip.to_owned()).filter(|s| !s.is_empty()),
@@ -253,19 +265,34 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
             .filter(|s: &Vec<_>| !s.is_empty()),
         container_statuses: Some(v.app.iter().map(container_status).collect()),
         qos_class: Some(qos(v.plan).into()),
+        observed_generation: observed(generation),
         ..Default::default()
     }
 }
 
 /// A pod that is not run at all: failed with `reason` and `message`.
-pub fn failed_status(reason: &str, message: &str, host_ip: &str, now: Timestamp) -> k8s::PodStatus {
+pub fn failed_status(
+    reason: &str,
+    message: &str,
+    host_ip: &str,
+    now: Timestamp,
+    generation: i64,
+) -> k8s::PodStatus {
     k8s::PodStatus {
+        observed_generation: observed(generation),
         phase: Some("Failed".into()),
         reason: Some(reason.into()),
         message: Some(message.into()),
         host_ip: Some(host_ip.to_owned()).filter(|s| !s.is_empty()),
         start_time: Some(Time(now)),
-        conditions: Some(vec![condition("PodScheduled", true, None, None, now)]),
+        conditions: Some(vec![condition(
+            "PodScheduled",
+            true,
+            None,
+            None,
+            now,
+            generation,
+        )]),
         ..Default::default()
     }
 }

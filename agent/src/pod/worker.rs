@@ -283,9 +283,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 p
             }
             Err(Rejection { reason, message }) => {
-                let (ns, name) = pod_names(&bundle.pod_json);
+                let (ns, name, generation) = pod_names(&bundle.pod_json);
                 warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod rejected");
-                let st = failed_status(reason, message, &self.ctx.host_ip, self.start_time);
+                let st = failed_status(
+                    reason,
+                    message,
+                    &self.ctx.host_ip,
+                    self.start_time,
+                    generation,
+                );
                 if self.publish(&ns, &name, &st, false) {
                     // The kubelet's Warning for a pod it refuses, with the status's reason.
                     self.event("", EventType::Warning, reason, message);
@@ -295,7 +301,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
         };
         let (ns, name) = (plan.meta.namespace.clone(), plan.meta.name.clone());
         if let Err((reason, message)) = admission {
-            let st = failed_status(&reason, &message, &self.ctx.host_ip, self.start_time);
+            let st = failed_status(
+                &reason,
+                &message,
+                &self.ctx.host_ip,
+                self.start_time,
+                plan.meta.generation,
+            );
             if self.publish(&ns, &name, &st, false) {
                 warn!(pod = %name, namespace = %ns, pod_uid = %self.uid, reason = %reason, message = %message, "pod not admitted");
                 self.event("", EventType::Warning, &reason, &message);
@@ -328,7 +340,13 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 warn!(pod = %name, namespace = %ns, error = %e, "stopping the pod failed; retrying");
                 return Duration::from_secs(2);
             }
-            let st = failed_status(reason, &why, &self.ctx.host_ip, self.start_time);
+            let st = failed_status(
+                reason,
+                &why,
+                &self.ctx.host_ip,
+                self.start_time,
+                plan.meta.generation,
+            );
             self.publish(&ns, &name, &st, false);
             return Duration::from_secs(3600);
         }
@@ -2023,10 +2041,15 @@ pub fn expand(v: &str, env: &BTreeMap<String, String>) -> String {
 }
 
 /// Namespace and name of a pod JSON that did not parse as a plan (best effort, for status).
-fn pod_names(pod_json: &[u8]) -> (String, String) {
+/// Namespace, name and generation of a pod the agent could not parse into a plan.
+fn pod_names(pod_json: &[u8]) -> (String, String, i64) {
     let v: serde_json::Value = serde_json::from_slice(pod_json).unwrap_or_default();
     let get = |k: &str| v["metadata"][k].as_str().unwrap_or_default().to_owned();
-    (get("namespace"), get("name"))
+    (
+        get("namespace"),
+        get("name"),
+        v["metadata"]["generation"].as_i64().unwrap_or(0).max(0),
+    )
 }
 
 #[cfg(test)]

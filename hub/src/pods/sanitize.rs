@@ -23,6 +23,7 @@ const AGENT_FIELDS: &[&str] = &[
     "initContainerStatuses",
     "containerStatuses",
     "qosClass",
+    "observedGeneration",
 ];
 
 /// Pod condition types a kubelet owns.
@@ -134,6 +135,8 @@ pub struct PodFacts {
     pub containers: BTreeSet<String>,
     /// `spec.hostNetwork`.
     pub host_network: bool,
+    /// `metadata.generation`: the newest a device can have observed.
+    pub generation: i64,
 }
 
 impl PodFacts {
@@ -153,6 +156,7 @@ impl PodFacts {
                 .map(|c| c.name.clone())
                 .collect(),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            generation: pod.metadata.generation.unwrap_or(0),
         }
     }
 }
@@ -271,7 +275,33 @@ pub fn sanitize(
     {
         return Err(Refused::Phase(phase.to_string()));
     }
+    // An observedGeneration is the pod generation the device ran: never one the API has not
+    // given it (that would tell a rollout a spec is in effect that never reached the device).
+    let observable = |v: &Value| v.as_i64().is_some_and(|g| g >= 0 && g <= facts.generation);
+    if out
+        .get("observedGeneration")
+        .is_some_and(|g| !observable(g))
+    {
+        notes.push(format!(
+            "observedGeneration {} dropped: the pod's generation is {}",
+            out["observedGeneration"], facts.generation
+        ));
+        out.remove("observedGeneration");
+    }
     if let Some(Value::Array(conditions)) = out.get_mut("conditions") {
+        for c in conditions.iter_mut() {
+            if let Some(obj) = c.as_object_mut()
+                && obj
+                    .get("observedGeneration")
+                    .is_some_and(|g| !observable(g))
+            {
+                notes.push(format!(
+                    "condition observedGeneration {} dropped",
+                    obj["observedGeneration"]
+                ));
+                obj.remove("observedGeneration");
+            }
+        }
         conditions.retain(|c| {
             let known = c
                 .get("type")
@@ -363,7 +393,27 @@ mod tests {
             init_containers: ["init".to_string()].into_iter().collect(),
             containers: ["app".to_string()].into_iter().collect(),
             host_network,
+            generation: 3,
         }
+    }
+
+    #[test]
+    fn an_observed_generation_beyond_the_pods_is_dropped() {
+        let status = |g: i64| {
+            json!({"phase": "Running", "observedGeneration": g,
+                   "conditions": [{"type": "Ready", "status": "True", "observedGeneration": g}]})
+        };
+        let (s, notes) =
+            sanitize(status(3), &facts(false), &[], &Announced::default()).expect("valid");
+        assert_eq!(s["observedGeneration"], 3);
+        assert_eq!(s["conditions"][0]["observedGeneration"], 3);
+        assert!(notes.is_empty(), "{notes:?}");
+        let (s, notes) =
+            sanitize(status(4), &facts(false), &[], &Announced::default()).expect("valid");
+        assert!(s.get("observedGeneration").is_none());
+        assert!(s["conditions"][0].get("observedGeneration").is_none());
+        assert_eq!(s["conditions"][0]["status"], "True");
+        assert_eq!(notes.len(), 2, "{notes:?}");
     }
 
     #[test]
