@@ -976,3 +976,53 @@ async fn a_dead_pod_sandbox_is_killed_and_recreated_like_the_kubelet_does() {
     assert!(container_ids("t-sandbox", "uid-sbx-net").await.is_empty());
     assert!(container_ids("t-sandbox", "uid-sbx-host").await.is_empty());
 }
+
+/// A pod being deleted is still probed for readiness while its containers shut down (liveness
+/// is not), and its status published: a container that turns unready in its SIGTERM handler
+/// shows Ready=False before the pod is gone, as the kubelet reports it.
+#[tokio::test]
+async fn a_terminating_pod_is_probed_for_readiness_until_its_containers_exit() {
+    let mut a = Agent::new("t-terminating");
+    let script = "trap 'rm -f /tmp/ready; sleep 6; exit 0' TERM; touch /tmp/ready; while true; do sleep 1; done";
+    a.set_desired(
+        1,
+        vec![bundle("uid-term", "term", json!({
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 20,
+            "containers": [{"name": "c", "image": IMAGE, "command": ["sh", "-c", script],
+                            "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1, "failureThreshold": 1},
+                            "livenessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1, "failureThreshold": 1}}]
+        }))],
+    );
+    a.start();
+    let ready = |s: &fleetlet_agent::statusfile::StatusFile| {
+        pod(s, "uid-term").is_some_and(|p| p.phase == "Running" && p.ready == 1)
+    };
+    a.wait_status("pod ready", Duration::from_secs(60), ready)
+        .await;
+    a.set_desired(2, vec![]);
+    a.reload();
+    let s = a
+        .wait_status(
+            "Ready=False while terminating",
+            Duration::from_secs(15),
+            |s| {
+                pod(s, "uid-term").is_some_and(|p| {
+                    p.phase == "Running"
+                        && p.status["conditions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "False")
+                })
+            },
+        )
+        .await;
+    // Liveness is off while terminating: the failing liveness probe restarted nothing.
+    assert_eq!(pod(&s, "uid-term").unwrap().restarts.get("c"), Some(&0));
+    a.wait_status("pod removed", Duration::from_secs(30), |s| {
+        pod(s, "uid-term").is_some_and(|p| p.phase == "Removed")
+    })
+    .await;
+    assert!(container_ids("t-terminating", "uid-term").await.is_empty());
+}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Provides the images the e2e tests run, in the local stack's Podman store, under the registry
 # that tests/conformance/repo-list.yaml gives the suite (there is no registry to pull from):
-#   agnhost:2.63.0   the static agnhost built by build.sh, with Debian's static busybox for a shell
-#                    and the machine's bash (with its libraries)
+#   agnhost:2.63.0   the static agnhost built by build.sh (also as /agnhost-2), with Debian's static
+#                    busybox for a shell and the machine's bash and curl (with their libraries)
 #   busybox:1.37.0-1 Debian's static busybox (the stack's test image, re-tagged)
 #   pause:3.10.2     agnhost's `pause` (waits for a signal, reaps children, as the pause image does)
 # Usage: images.sh BIN_DIR (from build.sh). Idempotent: an image whose agnhost is unchanged stays.
@@ -59,6 +59,8 @@ trap 'rm -rf "$work"' EXIT
 
 rootfs "$work/agnhost"
 install -m 0755 "$bin/agnhost" "$work/agnhost/agnhost"
+# As the upstream image: the entrypoint tests override the command with /agnhost-2.
+ln -s agnhost "$work/agnhost/agnhost-2"
 # The upstream agnhost image has bash, and tests run `/bin/bash -c ...` in it: the machine's bash
 # with the shared libraries it links (the image has no libc of its own).
 with_libs() {
@@ -70,6 +72,8 @@ with_libs() {
 }
 rm -f "$work/agnhost/bin/bash"
 with_libs "$work/agnhost" /bin/bash
+# It has curl too: lifecycle hook tests call their handler pod with it.
+with_libs "$work/agnhost" /usr/bin/curl
 # Deterministic archives: same inputs, same checksum, no re-import.
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/agnhost" -cf "$work/agnhost.tar" .
 import "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'

@@ -112,8 +112,8 @@ pub struct PodPlan {
     pub share_process_namespace: bool,
     /// spec.hostname (the pod's own hostname when it has its own network).
     pub hostname: Option<String>,
-    /// spec.hostAliases as Podman `hostadd` entries ("name:ip").
-    pub host_aliases: Vec<String>,
+    /// spec.hostAliases: (ip, hostnames), in order.
+    pub host_aliases: Vec<(String, Vec<String>)>,
     /// spec.dnsConfig.
     pub dns: DnsPlan,
 }
@@ -635,7 +635,7 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
     })
 }
 
-fn host_aliases(spec: &k8s::PodSpec) -> Result<Vec<String>, SpecError> {
+fn host_aliases(spec: &k8s::PodSpec) -> Result<Vec<(String, Vec<String>)>, SpecError> {
     let mut out = Vec::new();
     for (i, a) in spec
         .host_aliases
@@ -650,15 +650,16 @@ fn host_aliases(spec: &k8s::PodSpec) -> Result<Vec<String>, SpecError> {
                 format!("{:?} is not an IP address", a.ip),
             ));
         }
-        for h in a.hostnames.as_deref().unwrap_or_default() {
-            if h.is_empty() || h.contains([':', ' ', '\n', '\t']) {
+        let hostnames = a.hostnames.clone().unwrap_or_default();
+        for h in &hostnames {
+            if h.is_empty() || h.contains([':', ' ', '\n', '\t', '\r', '#']) {
                 return Err(err(
                     format!("spec.hostAliases[{i}].hostnames"),
                     format!("{h:?} is not a host name"),
                 ));
             }
-            out.push(format!("{h}:{}", a.ip));
         }
+        out.push((a.ip.clone(), hostnames));
     }
     Ok(out)
 }

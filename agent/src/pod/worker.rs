@@ -715,7 +715,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         } else {
                             Vec::new()
                         },
-                        hostadd: plan.host_aliases.clone(),
+                        // hostAliases go into the /etc/hosts the agent mounts (hosts_file).
+                        hostadd: Vec::new(),
                         dns_server: plan.dns.servers.clone(),
                         dns_search: plan.dns.searches.clone(),
                         dns_option: plan.dns.options.clone(),
@@ -1195,7 +1196,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 }
             }
             Action::Probe => {
-                let next = self.probe(plan, c).await;
+                let next = self.probe(plan, c, false).await;
                 requeue = requeue.min(next);
             }
         }
@@ -1216,7 +1217,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
     }
 
     /// Run due probes of a running container; returns when the next one is due.
-    async fn probe(&mut self, plan: &PodPlan, c: &ContainerPlan) -> Duration {
+    async fn probe(&mut self, plan: &PodPlan, c: &ContainerPlan, terminating: bool) -> Duration {
         let rt = self.ctx.rt.clone();
         let host = self.pod_address(plan);
         let now = Instant::now();
@@ -1254,9 +1255,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 }
             }
         };
+        // A terminating pod is probed for readiness only, as the kubelet's prober does.
         let startup_due = match (&c.startup, self.slots.get(&c.name)) {
             (Some(p), Some(s))
-                if !s.lc.started && s.startup.as_ref().is_some_and(|t| t.due_in(now).is_zero()) =>
+                if !terminating
+                    && !s.lc.started
+                    && s.startup.as_ref().is_some_and(|t| t.due_in(now).is_zero()) =>
             {
                 Some(attempt("Startup", p).await)
             }
@@ -1296,7 +1300,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             _ => None,
         };
         let liveness_ok = match &c.liveness {
-            Some(p) if started && kill.is_none() && liveness_due => {
+            Some(p) if started && kill.is_none() && liveness_due && !terminating => {
                 Some(attempt("Liveness", p).await)
             }
             _ => None,
@@ -1478,7 +1482,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let env = resolve_env(plan, c, bundle, &*self.ctx, &self.pod_ip)
             .map_err(Observation::ConfigError)?;
         let mounts = self
-            .mounts(c, vols, &env)
+            .mounts(plan, c, vols, &env)
             .map_err(Observation::ConfigError)?;
         let mut lbls = self.pod_labels(plan);
         lbls.insert(labels::CONTAINER.into(), c.name.clone());
@@ -1550,13 +1554,14 @@ impl<R: ContainerRuntime> PodWorker<R> {
             return Ok(());
         }
         let env = resolve_env(plan, c, bundle, &*self.ctx, &self.pod_ip)?;
-        self.mounts(c, vols, &env).map(|_| ())
+        self.mounts(plan, c, vols, &env).map(|_| ())
     }
 
     /// The container's mounts. subPaths are resolved inside their volume and pinned (see
     /// [`super::subpath`]); volumes the agent writes are always read-only.
     fn mounts(
         &self,
+        plan: &PodPlan,
         c: &ContainerPlan,
         vols: &BTreeMap<String, PathBuf>,
         env: &BTreeMap<String, String>,
@@ -1593,6 +1598,18 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 options,
             });
         }
+        // The kubelet's managed /etc/hosts (shouldMountHostsFile): for a pod with a known
+        // address or on the host network, unless the container mounts something there itself.
+        if (plan.host_network || !self.pod_ip.is_empty())
+            && !c.mounts.iter().any(|m| m.path == ETC_HOSTS)
+        {
+            mounts.push(Mount {
+                destination: ETC_HOSTS.into(),
+                source: self.hosts_file(plan)?.to_string_lossy().into_owned(),
+                kind: "bind".into(),
+                options: vec!["rbind".into(), "rw".into()],
+            });
+        }
         if let Some(dest) = &c.termination_message_path {
             let log = self.termination_log(c, true)?;
             mounts.push(Mount {
@@ -1603,6 +1620,31 @@ impl<R: ContainerRuntime> PodWorker<R> {
             });
         }
         Ok(mounts)
+    }
+
+    /// Writes the pod's hosts file (`<pod_dir>/etc-hosts`, 0644) as the kubelet's
+    /// `ensureHostsFile` makes it and returns its path. Rewritten in place only when its
+    /// content changes, so running containers (which hold its inode) see the same file.
+    fn hosts_file(&self, plan: &PodPlan) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = volumes::pod_dir(&self.ctx.state_dir, &self.uid).join("etc-hosts");
+        let err = |e: std::io::Error| format!("hosts file {}: {e}", path.display());
+        let content = if plan.host_network {
+            let host = std::fs::read_to_string(ETC_HOSTS)
+                .map_err(|e| format!("reading the device's {ETC_HOSTS}: {e}"))?;
+            hosts_file_content(None, &host, &plan.host_aliases)
+        } else {
+            let hostname = pod_hostname(plan.hostname.as_deref().unwrap_or(&plan.meta.name));
+            hosts_file_content(Some((&self.pod_ip, &hostname)), "", &plan.host_aliases)
+        };
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(content.as_str()) {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(err)?;
+            }
+            std::fs::write(&path, &content).map_err(err)?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(err)?;
+        Ok(path)
     }
 
     /// The host file bind-mounted at the container's terminationMessagePath
@@ -1699,16 +1741,21 @@ impl<R: ContainerRuntime> PodWorker<R> {
     /// Where probes and hooks without a host go: the pod's IP, as the kubelet's prober and
     /// handler runner use it (loopback with the host network: the device's own address).
     fn pod_address(&self, plan: &PodPlan) -> String {
-        if plan.host_network || self.pod_ip.is_empty() {
-            "127.0.0.1".into()
-        } else {
-            self.pod_ip.clone()
+        pod_address(plan, &self.pod_ip)
+    }
+
+    /// What stopping this pod's containers needs, owned (see [`Stopper`]).
+    fn stopper(&self) -> Stopper<R> {
+        Stopper {
+            ctx: self.ctx.clone(),
+            uid: self.uid.clone(),
+            filter: self.filter(),
+            plan: self.last_plan.clone(),
+            pod_ip: self.pod_ip.clone(),
         }
     }
 
-    /// Stop a container as the kubelet kills one: its preStop hook first (bounded by the
-    /// grace period), then the stop signal with what is left of the grace (at least 2 s), then
-    /// SIGKILL.
+    /// Stop a container as the kubelet kills one (see [`Stopper::stop_with_hook`]).
     async fn stop_with_hook(
         &self,
         plan: &PodPlan,
@@ -1717,120 +1764,44 @@ impl<R: ContainerRuntime> PodWorker<R> {
         grace_secs: u64,
         why: Option<&str>,
     ) -> Result<(), crate::podman::PodmanError> {
-        let rt = &self.ctx.rt;
-        let mut grace = Duration::from_secs(grace_secs);
-        if let (Some(c), Some(why)) = (c, why) {
-            let message = if why.is_empty() {
-                format!("Stopping container {}", c.name)
-            } else {
-                why.to_owned()
-            };
-            self.container_event(plan, &c.name, EventType::Normal, "Killing", &message);
-        }
-        if let Some(c) = c
-            && let Some(hook) = &c.pre_stop
-            && grace_secs > 0
-        {
-            let started = Instant::now();
-            let host = self.pod_address(plan);
-            if let Err(e) = super::hooks::run_hook(&**rt, &c.name, id, &host, hook, grace).await {
-                warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPreStopHook", message = %e, "preStop hook failed");
-                self.container_event(
-                    plan,
-                    &c.name,
-                    EventType::Warning,
-                    "FailedPreStopHook",
-                    "PreStopHook failed",
-                );
-            }
-            grace = grace
-                .saturating_sub(started.elapsed())
-                .max(super::hooks::MIN_STOP_AFTER_PRESTOP);
-        }
-        rt.stop_container(id, grace.as_secs()).await
+        self.stopper()
+            .stop_with_hook(plan, c, id, grace_secs, why)
+            .await
     }
 
-    /// Stop every app and init container of the pod at once, each with the pod's grace period
-    /// (or `grace_override`, the API's deletion grace). Returns the containers (infra excluded).
+    /// Stop every app and init container of the pod at once (see [`Stopper::stop_all`]).
     async fn stop_all(
         &self,
         grace_override: Option<u64>,
     ) -> Result<Vec<crate::podman::ContainerSummary>, crate::podman::PodmanError> {
-        let rt = self.ctx.rt.clone();
-        // The infra container carries the pod's labels too; it goes with the pod.
-        let containers: Vec<_> = rt
-            .list_containers(&self.filter())
-            .await?
-            .into_iter()
-            .filter(|c| !c.is_infra)
+        self.stopper().stop_all(grace_override).await
+    }
+
+    /// One look at a pod whose containers are being stopped: the readiness probes that are due
+    /// (liveness and startup are off) and its status published. Returns when to look again.
+    async fn terminating_pass(&mut self, plan: &PodPlan) -> Duration {
+        let mut next = Duration::from_secs(5);
+        let probed: Vec<ContainerPlan> = plan
+            .all_containers()
+            .filter(|c| c.readiness.is_some())
+            .cloned()
             .collect();
-        // Each container carries the pod's grace period as its stop timeout (also after an agent
-        // restart, when the pod spec may be gone). Stop them all at once so the pod's grace is
-        // not multiplied by its container count.
-        if containers.iter().any(|c| c.state == "running") {
-            info!(pod_uid = %self.uid, deletion_grace_secs = ?grace_override, "stopping pod");
-        }
-        let plan = self.last_plan.clone();
-        let started = Instant::now();
-        // Sidecars stop after the other containers, in reverse order, within the same grace
-        // (the kubelet's termination order for restartable init containers).
-        let sidecar_rank = |name: &str| {
-            plan.as_ref().and_then(|p| {
-                p.init_containers
-                    .iter()
-                    .filter(|c| c.sidecar)
-                    .position(|c| c.name == name)
-            })
-        };
-        let running: Vec<(String, String)> = containers
-            .iter()
-            .filter(|c| c.state == "running")
-            .map(|c| {
-                (
-                    c.id.clone(),
-                    c.labels.get(labels::CONTAINER).cloned().unwrap_or_default(),
-                )
-            })
-            .collect();
-        let (mut sidecars, others): (Vec<_>, Vec<_>) = running
-            .into_iter()
-            .partition(|(_, n)| sidecar_rank(n).is_some());
-        sidecars.sort_by_key(|(_, n)| std::cmp::Reverse(sidecar_rank(n)));
-        let stop = |id: String, name: String| {
-            let rt = rt.clone();
-            let plan = plan.clone();
-            async move {
-                let grace = match (grace_override, rt.inspect_container(&id).await?) {
-                    (_, None) => return Ok(()),
-                    (Some(secs), Some(_)) => secs,
-                    (None, Some(i)) => i.config.stop_timeout.unwrap_or(30),
-                };
-                // What is left of the pod's grace when sidecars come last.
-                let grace = if grace == 0 {
-                    0
-                } else {
-                    Duration::from_secs(grace)
-                        .saturating_sub(started.elapsed())
-                        .max(super::hooks::MIN_STOP_AFTER_PRESTOP)
-                        .as_secs()
-                };
-                debug!(container = %id, grace_secs = grace, "stopping container");
-                match &plan {
-                    Some(plan) => {
-                        self.stop_with_hook(plan, plan.container(&name), &id, grace, Some(""))
-                            .await
-                    }
-                    None => rt.stop_container(&id, grace).await,
-                }
+        for c in &probed {
+            let running = self
+                .slots
+                .get(&c.name)
+                .is_some_and(|s| s.lc.started && matches!(s.lc.state, State::Running { .. }));
+            if running {
+                next = next.min(self.probe(plan, c, true).await);
             }
-        };
-        for r in futures::future::join_all(others.into_iter().map(|(id, n)| stop(id, n))).await {
-            r?;
         }
-        for (id, name) in sidecars {
-            stop(id, name).await?;
+        let mut status = self.status(plan);
+        self.stamp_transitions(&mut status);
+        let (ns, name) = (plan.meta.namespace.clone(), plan.meta.name.clone());
+        if self.publish(&ns, &name, &status, false) {
+            debug!(pod = %name, namespace = %ns, "terminating pod status changed");
         }
-        Ok(containers)
+        next
     }
 
     /// Stop every container with its grace period (SIGTERM, then SIGKILL), then remove them,
@@ -1841,7 +1812,27 @@ impl<R: ContainerRuntime> PodWorker<R> {
         grace_override: Option<u64>,
     ) -> Result<(), crate::podman::PodmanError> {
         let rt = self.ctx.rt.clone();
-        let containers = self.stop_all(grace_override).await?;
+        // The stops (preStop hooks, the grace period) run as a task of their own; meanwhile the
+        // pod's readiness is still probed and its status published, so that a container that
+        // turns unready while it shuts down shows Ready=False, as the kubelet reports it.
+        let stopper = self.stopper();
+        let mut stopping = tokio::spawn(async move { stopper.stop_all(grace_override).await });
+        let plan = self.last_plan.clone();
+        let containers = loop {
+            let wait = match &plan {
+                Some(plan) => self.terminating_pass(plan).await,
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                stopped = &mut stopping => {
+                    break stopped.map_err(|e| crate::podman::PodmanError::Http {
+                        endpoint: format!("stop the containers of pod {}", self.uid),
+                        message: e.to_string(),
+                    })??;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        };
         for c in &containers {
             rt.remove_container(&c.id).await?;
         }
@@ -2041,6 +2032,213 @@ pub fn expand(v: &str, env: &BTreeMap<String, String>) -> String {
 }
 
 /// Namespace and name of a pod JSON that did not parse as a plan (best effort, for status).
+/// What stopping a pod's containers needs, owned, so that the stops can run as a task of their
+/// own while the worker goes on probing readiness and publishing the pod's status (the kubelet
+/// probes a terminating pod's readiness until its containers have exited).
+struct Stopper<R> {
+    ctx: Arc<PodContext<R>>,
+    uid: String,
+    filter: Vec<String>,
+    plan: Option<Arc<PodPlan>>,
+    pod_ip: String,
+}
+
+impl<R: ContainerRuntime> Stopper<R> {
+    /// Records an Event about container `name` of the pod.
+    fn container_event(
+        &self,
+        plan: &PodPlan,
+        name: &str,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) {
+        let init = plan.init_containers.iter().any(|c| c.name == name);
+        self.ctx.events.record(
+            &self.uid,
+            &container_field_path(init, name),
+            kind,
+            reason,
+            message,
+        );
+    }
+
+    /// Stop a container as the kubelet kills one: its preStop hook first (bounded by the
+    /// grace period), then the stop signal with what is left of the grace (at least 2 s), then
+    /// SIGKILL.
+    async fn stop_with_hook(
+        &self,
+        plan: &PodPlan,
+        c: Option<&ContainerPlan>,
+        id: &str,
+        grace_secs: u64,
+        why: Option<&str>,
+    ) -> Result<(), crate::podman::PodmanError> {
+        let rt = &self.ctx.rt;
+        let mut grace = Duration::from_secs(grace_secs);
+        if let (Some(c), Some(why)) = (c, why) {
+            let message = if why.is_empty() {
+                format!("Stopping container {}", c.name)
+            } else {
+                why.to_owned()
+            };
+            self.container_event(plan, &c.name, EventType::Normal, "Killing", &message);
+        }
+        if let Some(c) = c
+            && let Some(hook) = &c.pre_stop
+            && grace_secs > 0
+        {
+            let started = Instant::now();
+            let host = pod_address(plan, &self.pod_ip);
+            if let Err(e) = super::hooks::run_hook(&**rt, &c.name, id, &host, hook, grace).await {
+                warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPreStopHook", message = %e, "preStop hook failed");
+                self.container_event(
+                    plan,
+                    &c.name,
+                    EventType::Warning,
+                    "FailedPreStopHook",
+                    "PreStopHook failed",
+                );
+            }
+            grace = grace
+                .saturating_sub(started.elapsed())
+                .max(super::hooks::MIN_STOP_AFTER_PRESTOP);
+        }
+        rt.stop_container(id, grace.as_secs()).await
+    }
+
+    /// Stop every app and init container of the pod at once, each with the pod's grace period
+    /// (or `grace_override`, the API's deletion grace). Returns the containers (infra excluded).
+    async fn stop_all(
+        &self,
+        grace_override: Option<u64>,
+    ) -> Result<Vec<crate::podman::ContainerSummary>, crate::podman::PodmanError> {
+        let rt = self.ctx.rt.clone();
+        // The infra container carries the pod's labels too; it goes with the pod.
+        let containers: Vec<_> = rt
+            .list_containers(&self.filter)
+            .await?
+            .into_iter()
+            .filter(|c| !c.is_infra)
+            .collect();
+        // Each container carries the pod's grace period as its stop timeout (also after an agent
+        // restart, when the pod spec may be gone). Stop them all at once so the pod's grace is
+        // not multiplied by its container count.
+        if containers.iter().any(|c| c.state == "running") {
+            info!(pod_uid = %self.uid, deletion_grace_secs = ?grace_override, "stopping pod");
+        }
+        let plan = self.plan.clone();
+        let started = Instant::now();
+        // Sidecars stop after the other containers, in reverse order, within the same grace
+        // (the kubelet's termination order for restartable init containers).
+        let sidecar_rank = |name: &str| {
+            plan.as_ref().and_then(|p| {
+                p.init_containers
+                    .iter()
+                    .filter(|c| c.sidecar)
+                    .position(|c| c.name == name)
+            })
+        };
+        let running: Vec<(String, String)> = containers
+            .iter()
+            .filter(|c| c.state == "running")
+            .map(|c| {
+                (
+                    c.id.clone(),
+                    c.labels.get(labels::CONTAINER).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let (mut sidecars, others): (Vec<_>, Vec<_>) = running
+            .into_iter()
+            .partition(|(_, n)| sidecar_rank(n).is_some());
+        sidecars.sort_by_key(|(_, n)| std::cmp::Reverse(sidecar_rank(n)));
+        let stop = |id: String, name: String| {
+            let rt = rt.clone();
+            let plan = plan.clone();
+            async move {
+                let grace = match (grace_override, rt.inspect_container(&id).await?) {
+                    (_, None) => return Ok(()),
+                    (Some(secs), Some(_)) => secs,
+                    (None, Some(i)) => i.config.stop_timeout.unwrap_or(30),
+                };
+                // What is left of the pod's grace when sidecars come last.
+                let grace = if grace == 0 {
+                    0
+                } else {
+                    Duration::from_secs(grace)
+                        .saturating_sub(started.elapsed())
+                        .max(super::hooks::MIN_STOP_AFTER_PRESTOP)
+                        .as_secs()
+                };
+                debug!(container = %id, grace_secs = grace, "stopping container");
+                match &plan {
+                    Some(plan) => {
+                        self.stop_with_hook(plan, plan.container(&name), &id, grace, Some(""))
+                            .await
+                    }
+                    None => rt.stop_container(&id, grace).await,
+                }
+            }
+        };
+        for r in futures::future::join_all(others.into_iter().map(|(id, n)| stop(id, n))).await {
+            r?;
+        }
+        for (id, name) in sidecars {
+            stop(id, name).await?;
+        }
+        Ok(containers)
+    }
+}
+
+/// Where probes and hooks reach a pod: its IP, or loopback on the host network (and before the
+/// IP is known).
+fn pod_address(plan: &PodPlan, pod_ip: &str) -> String {
+    if plan.host_network || pod_ip.is_empty() {
+        "127.0.0.1".into()
+    } else {
+        pod_ip.to_owned()
+    }
+}
+
+/// Where a container finds its hosts file.
+const ETC_HOSTS: &str = "/etc/hosts";
+
+/// The content of a pod's /etc/hosts as the kubelet writes it (`managedHostsFileContent`,
+/// `nodeHostsFileContent`): for a pod with its own network (`own` = its IP and hostname) the
+/// localhost lines and its own entry, for a host-network pod the device's hosts file
+/// (`host`), then the pod's hostAliases.
+fn hosts_file_content(
+    own: Option<(&str, &str)>,
+    host: &str,
+    aliases: &[(String, Vec<String>)],
+) -> String {
+    let mut out = String::new();
+    match own {
+        Some((ip, hostname)) => {
+            out.push_str("# Kubernetes-managed hosts file.\n");
+            out.push_str("127.0.0.1\tlocalhost\n");
+            out.push_str("::1\tlocalhost ip6-localhost ip6-loopback\n");
+            out.push_str("fe00::0\tip6-localnet\n");
+            out.push_str("fe00::0\tip6-mcastprefix\n");
+            out.push_str("fe00::1\tip6-allnodes\n");
+            out.push_str("fe00::2\tip6-allrouters\n");
+            out.push_str(&format!("{ip}\t{hostname}\n"));
+        }
+        None => {
+            out.push_str("# Kubernetes-managed hosts file (host network).\n");
+            out.push_str(host);
+        }
+    }
+    if !aliases.is_empty() {
+        out.push_str("\n# Entries added by HostAliases.\n");
+        for (ip, names) in aliases {
+            out.push_str(&format!("{ip}\t{}\n", names.join("\t")));
+        }
+    }
+    out
+}
+
 /// Namespace, name and generation of a pod the agent could not parse into a plan.
 fn pod_names(pod_json: &[u8]) -> (String, String, i64) {
     let v: serde_json::Value = serde_json::from_slice(pod_json).unwrap_or_default();
@@ -2055,6 +2253,27 @@ fn pod_names(pod_json: &[u8]) -> (String, String, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_files_are_written_like_the_kubelets() {
+        let aliases = vec![
+            (
+                "123.45.67.89".to_string(),
+                vec!["foo".to_string(), "bar".to_string()],
+            ),
+            ("::2".to_string(), vec!["six".to_string()]),
+        ];
+        assert_eq!(
+            hosts_file_content(Some(("10.88.0.7", "web")), "", &aliases),
+            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+             fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n\
+             10.88.0.7\tweb\n\n# Entries added by HostAliases.\n123.45.67.89\tfoo\tbar\n::2\tsix\n"
+        );
+        assert_eq!(
+            hosts_file_content(None, "127.0.0.1 localhost\n", &[]),
+            "# Kubernetes-managed hosts file (host network).\n127.0.0.1 localhost\n"
+        );
+    }
 
     #[test]
     fn pod_hostnames_are_dns_labels_like_the_kubelets() {
