@@ -140,15 +140,17 @@ pub async fn run(
     )));
     let resource_stats = (cfg.stats.interval_secs > 0 && cfg.hub.is_some()).then(|| {
         let (tx, rx) = watch::channel(None);
+        let demand = crate::resource_stats::Demand::default();
         tasks.push(tokio::spawn(crate::resource_stats::run(
             rt.clone(),
             cfg.device_name.clone(),
             crate::resource_stats::HostPaths::host(&cfg.state_dir),
             cfg.stats.interval_secs,
+            demand.clone(),
             tx,
             shutdown.clone(),
         )));
-        rx
+        (rx, demand)
     });
     if let Some(hub) = cfg.hub.clone() {
         let state: Arc<dyn link::DeviceState> = Arc::new(AgentDeviceState {

@@ -32,8 +32,9 @@ pub struct AgentDeviceState<R> {
     pub not_served: watch::Sender<Option<String>>,
     /// The pod workers' reconcile passes.
     pub reconcile_stats: Arc<crate::reconcile_stats::ReconcileStats>,
-    /// The latest resource figures (none when `[stats] interval_secs = 0`).
-    pub resource_stats: Option<crate::resource_stats::Latest>,
+    /// The latest resource figures and the hub's demand for them (none when
+    /// `[stats] interval_secs = 0`).
+    pub resource_stats: Option<(crate::resource_stats::Latest, crate::resource_stats::Demand)>,
     /// Events about the pods, for the hub.
     pub events: crate::events::EventRecorder,
 }
@@ -53,7 +54,15 @@ impl<R: ContainerRuntime> DeviceState for AgentDeviceState<R> {
     }
 
     fn resource_stats(&self) -> Option<crate::resource_stats::Latest> {
-        self.resource_stats.clone()
+        self.resource_stats
+            .as_ref()
+            .map(|(latest, _)| latest.clone())
+    }
+
+    fn want_stats(&self, for_secs: u32) {
+        if let Some((_, demand)) = &self.resource_stats {
+            demand.want(for_secs);
+        }
     }
 
     fn events(&self) -> Option<crate::events::EventRecorder> {

@@ -34,7 +34,8 @@ use crate::podman::{ContainerRuntime, ContainerStats, labels};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StatsConfig {
-    /// Seconds between readings; 0 turns resource figures off.
+    /// Seconds between readings while the hub asks for them (someone reads the Node's stats);
+    /// 0 turns resource figures off.
     pub interval_secs: u64,
 }
 
@@ -71,6 +72,34 @@ impl HostPaths {
 
 /// The latest report, as the link reads it.
 pub type Latest = watch::Receiver<Option<Arc<ResourceStats>>>;
+
+/// Until when the hub wants readings (its `StatsRequest`s); `None` before the first.
+#[derive(Debug, Clone)]
+pub struct Demand(Arc<watch::Sender<Option<tokio::time::Instant>>>);
+
+impl Default for Demand {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(None).0))
+    }
+}
+
+impl Demand {
+    /// The hub wants readings for the next `for_secs` seconds (an earlier end stays if later).
+    pub fn want(&self, for_secs: u32) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(u64::from(for_secs));
+        self.0.send_if_modified(|current| {
+            if current.is_some_and(|c| c >= until) {
+                return false;
+            }
+            *current = Some(until);
+            true
+        });
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Option<tokio::time::Instant>> {
+        self.0.subscribe()
+    }
+}
 
 /// Linux's USER_HZ: the unit of `/proc/stat`, fixed at 100 by the kernel's ABI.
 const USER_HZ: u64 = 100;
@@ -316,24 +345,45 @@ pub async fn collect<R: ContainerRuntime>(
     })
 }
 
-/// Takes a reading every `interval_secs` until `shutdown`, publishing each on `tx`. A failed
-/// reading (Podman down) is logged once per failure streak and leaves the last report stale.
+/// Takes readings while the hub wants them (`demand`): one at once when a demand comes after the
+/// last reading is older than `interval_secs`, then one every `interval_secs` until the demand
+/// runs out; none while nobody reads the device's figures. Publishes each on `tx` until
+/// `shutdown`. A failed reading (Podman down) is logged once per failure streak and leaves the
+/// last report stale.
 pub async fn run<R: ContainerRuntime>(
     rt: Arc<R>,
     device: String,
     paths: HostPaths,
     interval_secs: u64,
+    demand: Demand,
     tx: watch::Sender<Option<Arc<ResourceStats>>>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(interval_secs.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = Duration::from_secs(interval_secs.max(1));
+    let mut wanted = demand.subscribe();
+    let mut last: Option<tokio::time::Instant> = None;
     let mut failing = false;
     loop {
+        let until = *wanted.borrow_and_update();
+        let now = tokio::time::Instant::now();
+        let next = last.map_or(now, |t| (t + interval).max(now));
+        let due = until.filter(|u| next < *u).map(|_| next);
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            changed = wanted.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            () = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
+        last = Some(tokio::time::Instant::now());
         match collect(rt.as_ref(), &device, &paths, interval_secs).await {
             Ok(r) => {
                 failing = false;
@@ -408,6 +458,55 @@ mod tests {
         assert_eq!(container_memory(root.path(), "/missing", 7), None);
         assert_eq!(container_memory(root.path(), "/../etc", 7), None);
         assert_eq!(container_memory(root.path(), "", 7), None);
+    }
+
+    /// Readings go out only while the hub asks: none before, one at once on a request, one per
+    /// interval while it lasts, none after.
+    #[tokio::test(start_paused = true)]
+    async fn readings_follow_the_hubs_demand() {
+        let rt = Arc::new(FakeRuntime::default());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = HostPaths {
+            proc: dir.path().join("proc"),
+            cgroup: dir.path().join("cgroup"),
+            state_dir: dir.path().to_path_buf(),
+        };
+        let demand = Demand::default();
+        let (tx, mut rx) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            rt,
+            "dev".into(),
+            paths,
+            10,
+            demand.clone(),
+            tx,
+            stop.clone(),
+        ));
+        let count = |rx: &mut Latest| {
+            let mut n = 0;
+            while rx.has_changed().unwrap_or(false) {
+                rx.borrow_and_update();
+                n += 1;
+            }
+            n
+        };
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(count(&mut rx), 0, "nobody asked: no reading");
+        demand.want(35);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(rx.borrow().is_some(), "a request gets a reading at once");
+        let mut readings = count(&mut rx);
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            readings += count(&mut rx);
+        }
+        // At 0, 10, 20 and 30 s of the 35 s asked for; none after.
+        assert_eq!(readings, 4);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(count(&mut rx), 0, "the request ran out");
+        stop.cancel();
+        task.await.expect("run");
     }
 
     #[tokio::test]

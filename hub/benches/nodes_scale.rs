@@ -29,6 +29,8 @@ struct NullLink {
 }
 
 impl Sessions for NullLink {
+    fn request_stats(&self, _device: &str) {}
+
     fn set_desired(
         &self,
         _device: &str,

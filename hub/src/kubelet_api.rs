@@ -758,6 +758,28 @@ impl KubeletApi {
         Ok(r?.status.is_some_and(|s| s.allowed))
     }
 
+    /// A device sends figures only while someone reads them: ask it (again, before the last
+    /// request runs out) and, when what it sent last is not current, wait up to
+    /// [`FIGURES_WAIT`] for a fresh reading.
+    async fn await_figures(&self, node: &str, connected: bool) {
+        self.sessions.request_stats(node);
+        if !connected {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + FIGURES_WAIT;
+        loop {
+            let now = tokio::time::Instant::now();
+            let fresh = self
+                .figures
+                .get(node)
+                .is_some_and(|f| crate::node_stats::StatsStore::fresh(&f, true, now));
+            if fresh || now >= deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Serves a request that concerns the whole Node (`node` is the port's Node).
     async fn node_request(
         &self,
@@ -798,8 +820,11 @@ impl KubeletApi {
                 ))
             })
             .collect();
-        let figures = self.figures.get(node).map(|f| f.bound_to(&bound));
         let connected = self.sessions.is_connected(node);
+        if !matches!(route, NodeRoute::Pods) {
+            self.await_figures(node, connected).await;
+        }
+        let figures = self.figures.get(node).map(|f| f.bound_to(&bound));
         let now = tokio::time::Instant::now();
         let fresh = figures
             .as_ref()
@@ -856,6 +881,10 @@ impl KubeletApi {
         }
     }
 }
+
+/// How long a stats read waits for a device's fresh reading (metrics-server's default
+/// kubelet request timeout is 10 s).
+const FIGURES_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The paths that concern a whole Node, served on the Node's own port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1068,6 +1097,8 @@ mod tests {
 
     struct NoSessions;
     impl Sessions for NoSessions {
+        fn request_stats(&self, _device: &str) {}
+
         fn set_desired(
             &self,
             _device: &str,

@@ -57,6 +57,8 @@ impl DeviceEvents {
 }
 
 impl Sessions for FakeLink {
+    fn request_stats(&self, _device: &str) {}
+
     fn set_desired(
         &self,
         device: &str,

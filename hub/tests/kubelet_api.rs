@@ -40,6 +40,8 @@ struct LogLink {
 }
 
 impl Sessions for LogLink {
+    fn request_stats(&self, _device: &str) {}
+
     fn set_desired(
         &self,
         _device: &str,

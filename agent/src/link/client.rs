@@ -497,6 +497,10 @@ async fn handle_hub_message(
             }
             Ok(())
         }
+        Some(hub_message::Kind::StatsRequest(request)) => {
+            state.want_stats(request.for_secs);
+            Ok(())
+        }
         Some(hub_message::Kind::LogCancel(cancel)) => {
             if let Some(token) = logs.remove(&cancel.request_id) {
                 token.cancel();

@@ -44,6 +44,8 @@ pub trait DeviceState: Send + Sync + 'static {
     fn resource_stats(&self) -> Option<crate::resource_stats::Latest> {
         None
     }
+    /// The hub wants resource figures for the next `for_secs` seconds; ignored by default.
+    fn want_stats(&self, _for_secs: u32) {}
     /// Events about the device's pods to send to the hub; none by default.
     fn events(&self) -> Option<crate::events::EventRecorder> {
         None

@@ -298,6 +298,13 @@ impl Sessions for AgentlessSessions {
         self.live.subscribe()
     }
 
+    fn request_stats(&self, device: &str) {
+        // An agentless device has no agent to measure it.
+        if !self.is_agentless(device) {
+            self.link.request_stats(device);
+        }
+    }
+
     fn open_stream(
         &self,
         device: &str,

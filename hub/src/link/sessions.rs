@@ -50,6 +50,10 @@ pub trait Sessions: Send + Sync + 'static {
         device: &str,
         req: LogRequest,
     ) -> BoxFuture<'static, Result<LogStream, LinkError>>;
+    /// Someone reads the device's resource figures: ask it for readings (see
+    /// [`DeviceSessions::request_stats`]). Required, so that a wrapper routing some devices
+    /// elsewhere cannot forget to pass it on.
+    fn request_stats(&self, device: &str);
     /// Opens an exec, attach or port-forward stream on the device's link; an error (for the
     /// user) when it is offline, at its stream limit or its link is congested. A wrapper that
     /// routes some devices elsewhere must route this too (the default refuses).
@@ -99,6 +103,10 @@ impl Sessions for DeviceSessions {
         let this = self.clone();
         let device = device.to_string();
         Box::pin(async move { DeviceSessions::open_logs(&this, &device, req).await })
+    }
+
+    fn request_stats(&self, device: &str) {
+        DeviceSessions::request_stats(self, device);
     }
 
     fn open_stream(
@@ -348,6 +356,9 @@ mod inflight_tests {
     }
 }
 
+/// How long one `StatsRequest` asks a device for readings.
+pub const STATS_REQUEST_SECS: u32 = 120;
+
 /// The live session of a device.
 #[derive(Clone)]
 pub(crate) struct SessionHandle {
@@ -370,6 +381,8 @@ pub(crate) struct SessionShared {
     control_limit: usize,
     /// Open exec/attach/port-forward streams.
     streams: RwLock<super::streams::StreamMap>,
+    /// When the last `StatsRequest` went out (`now_micros`; 0 before the first).
+    stats_asked: AtomicU64,
 }
 
 impl SessionHandle {
@@ -384,6 +397,7 @@ impl SessionHandle {
                 control_ready: Notify::new(),
                 control_limit,
                 streams: RwLock::new(HashMap::new()),
+                stats_asked: AtomicU64::new(0),
             }),
         }
     }
@@ -658,6 +672,30 @@ impl DeviceSessions {
             Some((item, (rx, guard)))
         });
         Ok(Box::pin(stream))
+    }
+
+    /// Ask the device for resource figures for the next [`STATS_REQUEST_SECS`] seconds: someone
+    /// reads its Node's stats. Sent at most once per half of that per session, so a scraper
+    /// costs the link one small message a minute besides the readings. True when a request went
+    /// out.
+    pub fn request_stats(&self, device: &str) -> bool {
+        let Some(session) = read(&self.inner.devices)
+            .get(device)
+            .and_then(|slot| read(&slot.session).clone())
+        else {
+            return false;
+        };
+        let now = now_micros();
+        let last = session.shared.stats_asked.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < u64::from(STATS_REQUEST_SECS) * 500_000 {
+            return false;
+        }
+        session.shared.stats_asked.store(now, Ordering::Relaxed);
+        session.push_control(v1::HubMessage {
+            kind: Some(v1::hub_message::Kind::StatsRequest(v1::StatsRequest {
+                for_secs: STATS_REQUEST_SECS,
+            })),
+        })
     }
 
     /// Open an exec, attach or port-forward stream on the device's link. Fails at once when the

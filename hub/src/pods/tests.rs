@@ -19,6 +19,8 @@ struct FakeSessions {
 }
 
 impl Sessions for FakeSessions {
+    fn request_stats(&self, _device: &str) {}
+
     fn set_desired(
         &self,
         device: &str,
