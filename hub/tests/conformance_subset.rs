@@ -1,7 +1,7 @@
 //! A short, representative subset of the upstream node conformance suite (`make conformance`
 //! runs all of it): tests/conformance/run.sh with a focus on a few tests that together cover
 //! written volumes, downward API env, emptyDir on tmpfs, termination messages and logs through
-//! the API server, spec updates reaching the device (observedGeneration), against two fleetlet Nodes of this test's own (device names, hub instance,
+//! the API server, spec updates reaching the device (observedGeneration), the managed /etc/hosts, against two fleetlet Nodes of this test's own (device names, hub instance,
 //! netns and ports of its own).
 //!
 //! Needs `make env-up`, root (`ip netns`) and both binaries built
@@ -23,6 +23,7 @@ const SUBSET: &[&str] = &[
     r"\[sig-node\] Downward API should provide pod name, namespace and IP address as env vars",
     r"\[sig-node\] Container Runtime blackbox test on terminated container should report termination message from file when pod succeeds and TerminationMessagePolicy FallbackToLogsOnError is set",
     r"\[sig-node\] Pods Extended \(pod generation\) Pod Generation pod generation should start at 1 and increment per update",
+    r"\[sig-node\] Kubelet when scheduling an agnhost Pod with hostAliases should write entries to /etc/hosts",
 ];
 
 #[test]
