@@ -29,6 +29,7 @@ die() { log "ERROR: $*"; exit 1; }
 # shellcheck disable=SC1091
 source "$ROOT/target/dev/env"
 kubectl=("$FLEETLET_KUBECTL" --kubeconfig "$KUBECONFIG")
+podman=(podman --url "unix://$FLEETLET_PODMAN_SOCKET")
 
 name=${CONFORMANCE_NAME:-conf}
 # It also names the veth pair (15 bytes at most for the kernel): 9 characters at most.
@@ -71,6 +72,16 @@ cleanup() {
     [ -e "$p" ] && pidfile_stop "$p" 50 > /dev/null 2>&1 || true
   done
   "${kubectl[@]}" delete node "${devices[@]}" --ignore-not-found --wait=false > /dev/null 2>&1 || true
+  # The devices' containers: the agents are stopped before they could remove them.
+  local d id
+  for d in "${devices[@]}"; do
+    for id in $("${podman[@]}" ps -aq --filter "label=io.fleetlet.device=$d" 2> /dev/null); do
+      "${podman[@]}" rm -f -t 0 "$id" > /dev/null 2>&1 || true
+    done
+    for id in $("${podman[@]}" pod ps -q --filter "label=io.fleetlet.device=$d" 2> /dev/null); do
+      "${podman[@]}" pod rm -f "$id" > /dev/null 2>&1 || true
+    done
+  done
   ip link del "$host_if" 2> /dev/null || true
   ip netns del "$netns" 2> /dev/null || true
 }

@@ -172,6 +172,8 @@ impl Drop for KubeCleanup {
         }
         for n in &self.nodes {
             run(&["delete", "node", n, "--wait=false", "--ignore-not-found"]);
+            // The device's containers too: its agent is gone before it could remove them.
+            remove_device_containers(n);
         }
     }
 }
