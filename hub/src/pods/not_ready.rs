@@ -69,6 +69,9 @@ impl PodRelay {
             };
             let mut ready = m.ready_before;
             ready["lastTransitionTime"] = Value::String(now.clone());
+            if let Some(generation) = pod.metadata.generation.filter(|g| *g > 0) {
+                ready["observedGeneration"] = json!(generation);
+            }
             let update = StatusUpdate {
                 uid: uid.clone(),
                 namespace: pod.metadata.namespace.clone().unwrap_or_default(),
@@ -118,15 +121,24 @@ impl PodRelay {
         for (uid, node, ready_before, pod) in to_mark {
             let namespace = pod.metadata.namespace.clone().unwrap_or_default();
             let name = pod.metadata.name.clone().unwrap_or_default();
+            // The mark is the hub's judgement of the pod as it is now: it carries the pod's
+            // current generation. Left at what the device last observed, a pod deleted just
+            // before its device went away (deletion bumps the generation) keeps an older
+            // observedGeneration, and clients that check it (`kubectl wait
+            // --for=condition=Ready=false`) take the mark for stale and wait for good.
+            let mut ready = json!({
+                "type": "Ready",
+                "status": "False",
+                "lastTransitionTime": now,
+            });
+            if let Some(generation) = pod.metadata.generation.filter(|g| *g > 0) {
+                ready["observedGeneration"] = json!(generation);
+            }
             let update = StatusUpdate {
                 uid: uid.clone(),
                 namespace: namespace.clone(),
                 name: name.clone(),
-                status: json!({ "conditions": [{
-                    "type": "Ready",
-                    "status": "False",
-                    "lastTransitionTime": now,
-                }] }),
+                status: json!({ "conditions": [ready] }),
             };
             if let Err(e) = self.status_tx.try_send(update) {
                 tracing::warn!(pod = %name, %namespace, error = %e, "status queue full; pod marked not ready on a later pass");

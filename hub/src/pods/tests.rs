@@ -613,11 +613,10 @@ fn drain(h: &mut Harness) -> Vec<StatusUpdate> {
 #[tokio::test]
 async fn pods_of_a_disconnected_node_are_marked_not_ready_once_and_the_device_status_ends_it() {
     let mut h = harness();
-    sync(
-        &mut h,
-        vec![ready_pod("p1", "dev-a"), ready_pod("p2", "dev-b")],
-        vec![],
-    );
+    // Deleted just before its device went away: a graceful deletion bumps the generation.
+    let mut p1 = ready_pod("p1", "dev-a");
+    p1.metadata.generation = Some(2);
+    sync(&mut h, vec![p1, ready_pod("p2", "dev-b")], vec![]);
     h.unready_tx.send_replace(Arc::new(
         [("dev-a".to_string(), Unready::Disconnected)]
             .into_iter()
@@ -631,6 +630,10 @@ async fn pods_of_a_disconnected_node_are_marked_not_ready_once_and_the_device_st
     assert_eq!(conds.len(), 1, "only Ready is touched, as k8s does");
     assert_eq!(conds[0]["type"], "Ready");
     assert_eq!(conds[0]["status"], "False");
+    assert_eq!(
+        conds[0]["observedGeneration"], 2,
+        "the mark judges the pod as it is now (kubectl wait checks it)"
+    );
     tokio::task::yield_now().await;
     assert_eq!(
         h.api.events.try_lock().expect("lock").as_slice(),
