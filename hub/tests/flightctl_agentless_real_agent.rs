@@ -114,6 +114,13 @@ async fn the_real_flightctl_agent_runs_agentless_pods_under_podman() {
     }
     std::os::unix::fs::symlink("/proc", root.join("proc")).expect("proc link");
     std::os::unix::fs::symlink("/sys", root.join("sys")).expect("sys link");
+    // Declared before the hub so that it is dropped after it: a Node deleted while the hub
+    // still runs is applied again by the hub (its device is still in the inventory) and outlives
+    // the test.
+    let mut kube_cleanup = KubeCleanup {
+        nodes: Vec::new(),
+        namespace: Some(run.clone()),
+    };
     let mut flightctl_cleanup = FlightctlCleanup {
         admin: fc.admin.clone(),
         objects: Vec::new(),
@@ -212,10 +219,7 @@ poll_interval_secs = 1"#,
             .push((kind.into(), device.clone()));
     }
     flightctl_cleanup.csr_prefixes.push(device.clone());
-    let _kube_cleanup = KubeCleanup {
-        nodes: vec![device.clone()],
-        namespace: Some(run.clone()),
-    };
+    kube_cleanup.nodes.push(device.clone());
     let approval = json!({"approved": true,
         "labels": {"fleetlet-run": run, "fleetlet.io/mode": "agentless"}});
     wait_for("the enrollment request approved", 60, || async {

@@ -266,6 +266,13 @@ async fn the_real_flightctl_agent_delivers_fleetlet_config_and_certificate() {
     std::os::unix::fs::symlink("/proc", root.join("proc")).expect("proc link");
     std::os::unix::fs::symlink("/sys", root.join("sys")).expect("sys link");
 
+    // Declared before the hub so that it is dropped after it: a Node deleted while the hub
+    // still runs is applied again by the hub (its device is still in the inventory) and outlives
+    // the test.
+    let mut kube_cleanup = KubeCleanup {
+        nodes: Vec::new(),
+        namespace: Some(run.clone()),
+    };
     let mut flightctl_cleanup = FlightctlCleanup {
         admin: fc.admin.clone(),
         objects: vec![("fleets".into(), run.clone())],
@@ -369,10 +376,7 @@ last_seen_interval_secs = 5"#,
     flightctl_cleanup
         .csr_prefixes
         .push(format!("fleetlet-{device}"));
-    let _kube_cleanup = KubeCleanup {
-        nodes: vec![device.clone()],
-        namespace: Some(run.clone()),
-    };
+    kube_cleanup.nodes.push(device.clone());
     println!("flightctl-agent enrolls as {device}");
     let approval =
         json!({"approved": true, "labels": {"fleetlet-run": run, "fleetlet-test-fleet": run}});
