@@ -504,14 +504,21 @@ async fn an_overflowing_device_buffer_drops_the_oldest_and_reports_the_count() {
     .await;
     let d0 = fleet.devices[0].clone();
     let events: Api<Event> = Api::namespaced(fleet.client.clone(), &fleet.id);
+    // Three pods that each record an Unhealthy Warning every second once their probe starts
+    // (25 s after the start, so that their Started Events reach the hub first): three Events
+    // changing all the time during the cut, one more than the device keeps. (Crash loops were
+    // used before: their back-off, 40 s by the time a slow machine got to the cut, could leave
+    // the cut quiet.)
     let mut uids = Vec::new();
-    for name in ["c1", "c2"] {
+    for name in ["c1", "c2", "c3"] {
         uids.push(
             create_pod(
                 &fleet,
                 &d0,
                 name,
-                json!({"containers": [{"name": "app", "image": IMAGE, "command": ["sh", "-c", "exit 1"]}]}),
+                json!({"containers": [{"name": "app", "image": IMAGE,
+                    "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+                    "readinessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "initialDelaySeconds": 25}}]}),
             )
             .await,
         );
@@ -526,8 +533,7 @@ async fn an_overflowing_device_buffer_drops_the_oldest_and_reports_the_count() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = hub_metric(ops, metric).await.unwrap_or(0.0);
     fleet.kill_hub();
-    // Two crash loops make six kinds of Events meanwhile (BackOff, Created, Started each);
-    // the device keeps two.
+    // Three Unhealthy Events change every second meanwhile; the device keeps two.
     tokio::time::sleep(Duration::from_secs(35)).await;
     fleet.restart_hub();
     // The restarted hub counts the device's total afresh: more than before the cut.
