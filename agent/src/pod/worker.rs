@@ -242,8 +242,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
         reason: &str,
         message: &str,
     ) {
-        let init = plan.init_containers.iter().any(|c| c.name == name);
-        self.event(&container_field_path(init, name), kind, reason, message);
+        record_container_event(
+            &self.ctx.events,
+            &self.uid,
+            plan,
+            name,
+            kind,
+            reason,
+            message,
+        );
     }
 
     /// Publish the pod's status; true when it changed.
@@ -559,12 +566,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             );
         }
         let existing = self.ensure_pod(plan).await?;
-        let restored = self
-            .ctx
-            .restored_restarts
-            .get(&self.uid)
-            .cloned()
-            .unwrap_or_default();
+        let restored = self.restored_restarts();
         // Events and the periodic resync wake the worker; this is only a backstop.
         let mut requeue = Duration::from_secs(300);
         let mut inits_done = true;
@@ -715,8 +717,6 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         } else {
                             Vec::new()
                         },
-                        // hostAliases go into the /etc/hosts the agent mounts (hosts_file).
-                        hostadd: Vec::new(),
                         dns_server: plan.dns.servers.clone(),
                         dns_search: plan.dns.searches.clone(),
                         dns_option: plan.dns.options.clone(),
@@ -856,7 +856,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .map(|c| c.id.as_str())
             .collect();
         let stopped = self.stop_all(None).await?;
-        let restored = BTreeMap::new();
+        let restored = self.restored_restarts();
         let now = Instant::now();
         for c in &stopped {
             let Some(spec) = c
@@ -1201,6 +1201,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
             }
         }
         requeue
+    }
+
+    /// Restart counts of this pod restored from the status file (container → count).
+    fn restored_restarts(&self) -> BTreeMap<String, u32> {
+        self.ctx
+            .restored_restarts
+            .get(&self.uid)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn slot(&mut self, name: &str, restored: &BTreeMap<String, u32>) -> &mut Slot {
@@ -2053,10 +2062,11 @@ impl<R: ContainerRuntime> Stopper<R> {
         reason: &str,
         message: &str,
     ) {
-        let init = plan.init_containers.iter().any(|c| c.name == name);
-        self.ctx.events.record(
+        record_container_event(
+            &self.ctx.events,
             &self.uid,
-            &container_field_path(init, name),
+            plan,
+            name,
             kind,
             reason,
             message,
@@ -2189,6 +2199,27 @@ impl<R: ContainerRuntime> Stopper<R> {
         }
         Ok(containers)
     }
+}
+
+/// Records an Event about container `name` of pod `uid` (its field path says init or app
+/// container, as the kubelet's).
+fn record_container_event(
+    events: &crate::events::EventRecorder,
+    uid: &str,
+    plan: &PodPlan,
+    name: &str,
+    kind: EventType,
+    reason: &str,
+    message: &str,
+) {
+    let init = plan.init_containers.iter().any(|c| c.name == name);
+    events.record(
+        uid,
+        &container_field_path(init, name),
+        kind,
+        reason,
+        message,
+    );
 }
 
 /// Where probes and hooks reach a pod: its IP, or loopback on the host network (and before the

@@ -122,9 +122,6 @@ pub struct PodCreate {
     /// shareProcessNamespace adds pid.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shared_namespaces: Vec<String>,
-    /// Extra /etc/hosts entries ("name:ip"), shared by the pod's containers.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub hostadd: Vec<String>,
     /// Name servers.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dns_server: Vec<String>,

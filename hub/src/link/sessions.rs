@@ -643,9 +643,8 @@ impl DeviceSessions {
         device: &str,
         mut req: v1::LogRequest,
     ) -> Result<BoxStream<'static, Result<Bytes, LinkError>>, LinkError> {
-        let session = read(&self.inner.devices)
-            .get(device)
-            .and_then(|slot| read(&slot.session).clone())
+        let session = self
+            .live_session(device)
             .ok_or_else(|| LinkError::NotConnected {
                 device: device.to_owned(),
             })?;
@@ -679,10 +678,7 @@ impl DeviceSessions {
     /// costs the link one small message a minute besides the readings. True when a request went
     /// out.
     pub fn request_stats(&self, device: &str) -> bool {
-        let Some(session) = read(&self.inner.devices)
-            .get(device)
-            .and_then(|slot| read(&slot.session).clone())
-        else {
+        let Some(session) = self.live_session(device) else {
             return false;
         };
         let now = now_micros();
@@ -690,12 +686,24 @@ impl DeviceSessions {
         if last != 0 && now.saturating_sub(last) < u64::from(STATS_REQUEST_SECS) * 500_000 {
             return false;
         }
-        session.shared.stats_asked.store(now, Ordering::Relaxed);
-        session.push_control(v1::HubMessage {
+        // Counted as asked only once queued: a request refused by a full control queue is
+        // tried again at the next read.
+        let queued = session.push_control(v1::HubMessage {
             kind: Some(v1::hub_message::Kind::StatsRequest(v1::StatsRequest {
                 for_secs: STATS_REQUEST_SECS,
             })),
-        })
+        });
+        if queued {
+            session.shared.stats_asked.store(now, Ordering::Relaxed);
+        }
+        queued
+    }
+
+    /// The device's live session, if it has one.
+    fn live_session(&self, device: &str) -> Option<SessionHandle> {
+        read(&self.inner.devices)
+            .get(device)
+            .and_then(|slot| read(&slot.session).clone())
     }
 
     /// Open an exec, attach or port-forward stream on the device's link. Fails at once when the
@@ -707,9 +715,8 @@ impl DeviceSessions {
         device: &str,
         open: v1::StreamOpen,
     ) -> Result<(super::StreamInput, super::StreamOutput), LinkError> {
-        let session = read(&self.inner.devices)
-            .get(device)
-            .and_then(|slot| read(&slot.session).clone())
+        let session = self
+            .live_session(device)
             .ok_or_else(|| LinkError::NotConnected {
                 device: device.to_owned(),
             })?;
