@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HubConfig;
 use crate::devices::LiveSet;
+use crate::inventory::DeviceMap;
 use crate::inventory::flightctl::HealthMap;
 use crate::metrics::Metrics;
 use crate::nodes::{NodeManager, PodCounts};
 use crate::pods::kube_api::KubePodApi;
 use crate::pods::status::StatusWriter;
 use crate::pods::{BOUND_PODS_SELECTOR, Input, PodRelay, RelayConfig};
-use crate::sessions::{DeviceSet, SessionEvent, Sessions};
+use crate::sessions::{SessionEvent, Sessions};
 
 /// Name under which the hub reports events.
 pub const CONTROLLER_NAME: &str = "fleetlet-hub";
@@ -36,7 +37,7 @@ pub fn start_controllers(
     identity: &str,
     sessions: Arc<dyn Sessions>,
     events: mpsc::Receiver<SessionEvent>,
-    inventory: watch::Receiver<DeviceSet>,
+    inventory: watch::Receiver<DeviceMap>,
     flightctl_health: Option<watch::Receiver<HealthMap>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -66,7 +67,7 @@ pub fn start_controllers_with_ports(
     identity: &str,
     sessions: Arc<dyn Sessions>,
     events: mpsc::Receiver<SessionEvent>,
-    inventory: watch::Receiver<DeviceSet>,
+    inventory: watch::Receiver<DeviceMap>,
     flightctl_health: Option<watch::Receiver<HealthMap>>,
     metrics: Arc<Metrics>,
     node_ports: Option<Arc<crate::kubelet_api::ports::NodePorts>>,
@@ -237,7 +238,7 @@ async fn forward<K, S>(
 /// The live view itself is the link's (it published the event there before sending it).
 async fn dispatch(
     mut events: mpsc::Receiver<SessionEvent>,
-    inventory: watch::Receiver<DeviceSet>,
+    inventory: watch::Receiver<DeviceMap>,
     live: watch::Receiver<LiveSet>,
     relay: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,

@@ -44,8 +44,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KubeletConfig;
+use crate::inventory::DeviceMap;
 use crate::metrics::Metrics;
-use crate::sessions::{DeviceSet, LinkError, Sessions};
+use crate::sessions::{LinkError, Sessions};
 
 /// Errors setting up the kubelet endpoint (configuration; not retryable).
 #[derive(Debug, Error)]
@@ -288,7 +289,7 @@ impl Default for ConnectionLimits {
 pub struct KubeletApi {
     client: kube::Client,
     sessions: Arc<dyn Sessions>,
-    inventory: watch::Receiver<DeviceSet>,
+    inventory: watch::Receiver<DeviceMap>,
     metrics: Arc<Metrics>,
     /// TokenReview answers by salted token hash: the caller, or `None` when rejected.
     tokens: auth_cache::TtlCache<[u8; 32], Option<Caller>>,
@@ -305,7 +306,7 @@ impl KubeletApi {
     pub fn new(
         client: kube::Client,
         sessions: Arc<dyn Sessions>,
-        inventory: watch::Receiver<DeviceSet>,
+        inventory: watch::Receiver<DeviceMap>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {

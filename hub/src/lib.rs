@@ -20,4 +20,5 @@ pub mod pki;
 pub mod pods;
 pub mod quantity;
 pub mod run;
+pub mod workqueue;
 pub use link::sessions;

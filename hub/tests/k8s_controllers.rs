@@ -10,11 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleetlet_hub::app::start_controllers;
 use fleetlet_hub::config::HubConfig;
+use fleetlet_hub::inventory::DeviceMap;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{
-    DeviceSet, LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions,
-};
+use fleetlet_hub::sessions::{LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions};
 use fleetlet_proto::v1::{
     Capacity, Hello, LogRequest, NodeInfo, PodBundle, PodStatusEntry, PodStatusReport,
 };
@@ -97,7 +96,7 @@ struct Hub {
     client: kube::Client,
     events: DeviceEvents,
     desired: watch::Receiver<Desired>,
-    inventory: watch::Sender<DeviceSet>,
+    inventory: watch::Sender<DeviceMap>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }

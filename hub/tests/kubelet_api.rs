@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use fleetlet_hub::app::start_controllers;
 use fleetlet_hub::config::HubConfig;
+use fleetlet_hub::inventory::DeviceMap;
 use fleetlet_hub::inventory::InventoryDevice;
 use fleetlet_hub::kubelet_api::{KubeletApi, tls_config};
 use fleetlet_hub::metrics::Metrics;
-use fleetlet_hub::sessions::{
-    DeviceSet, LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions,
-};
+use fleetlet_hub::sessions::{LinkError, LiveRegistry, LiveSet, LogStream, SessionEvent, Sessions};
 use fleetlet_proto::v1::{LogRequest, PodBundle};
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Empty};
@@ -94,7 +93,7 @@ struct Setup {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     _events: mpsc::Sender<SessionEvent>,
-    _inventory: watch::Sender<DeviceSet>,
+    _inventory: watch::Sender<DeviceMap>,
     _dir: tempfile::TempDir,
 }
 

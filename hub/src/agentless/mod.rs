@@ -309,13 +309,16 @@ impl Sessions for AgentlessSessions {
         &self,
         device: &str,
         open: fleetlet_proto::v1::StreamOpen,
-    ) -> BoxFuture<'static, Result<crate::sessions::DeviceStream, String>> {
+    ) -> BoxFuture<'static, Result<crate::sessions::DeviceStream, crate::link::LinkError>> {
         if self.is_agentless(device) {
             let device = device.to_string();
             return Box::pin(async move {
-                Err(format!(
-                    "device {device} runs in agentless mode (pods as Flightctl applications): exec, attach and port-forward need fleetlet-agent on the device"
-                ))
+                Err(crate::link::LinkError::Device {
+                    message: format!(
+                        "device {device} runs in agentless mode (pods as Flightctl applications): exec, attach and port-forward need fleetlet-agent on the device"
+                    ),
+                    device,
+                })
             });
         }
         self.link.open_stream(device, open)

@@ -61,20 +61,20 @@ pub trait Sessions: Send + Sync + 'static {
         &self,
         device: &str,
         open: fleetlet_proto::v1::StreamOpen,
-    ) -> BoxFuture<'static, Result<DeviceStream, String>> {
+    ) -> BoxFuture<'static, Result<DeviceStream, LinkError>> {
         let _ = open;
         let device = device.to_string();
-        Box::pin(async move { Err(format!("streams to device {device} are not supported here")) })
+        Box::pin(async move {
+            Err(LinkError::Device {
+                message: format!("streams to device {device} are not supported here"),
+                device,
+            })
+        })
     }
 }
 
 /// The two halves of a stream opened with [`Sessions::open_stream`].
 pub type DeviceStream = (super::StreamInput, super::StreamOutput);
-
-pub use crate::inventory::InventoryDevice as DeviceRecord;
-
-/// The inventory: current device set, changes notify.
-pub type DeviceSet = crate::inventory::DeviceMap;
 
 /// The real link.
 impl Sessions for DeviceSessions {
@@ -113,14 +113,10 @@ impl Sessions for DeviceSessions {
         &self,
         device: &str,
         open: fleetlet_proto::v1::StreamOpen,
-    ) -> BoxFuture<'static, Result<DeviceStream, String>> {
+    ) -> BoxFuture<'static, Result<DeviceStream, LinkError>> {
         let this = self.clone();
         let device = device.to_string();
-        Box::pin(async move {
-            DeviceSessions::open_stream(&this, &device, open)
-                .await
-                .map_err(|e| e.to_string())
-        })
+        Box::pin(async move { DeviceSessions::open_stream(&this, &device, open).await })
     }
 }
 

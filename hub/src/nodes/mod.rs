@@ -26,11 +26,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::NodesConfig;
 use crate::devices::LiveSet;
+use crate::inventory::DeviceMap;
 use crate::inventory::flightctl::HealthMap;
 use crate::kubeutil::{is_not_found, status_code, time_string};
 use crate::labels::is_valid_node_name;
 use crate::metrics::Metrics;
-use crate::sessions::DeviceSet;
 use lease::LeaseKeeper;
 use object::{ConditionView, FIELD_MANAGER, LEADER_LEASE_ANNOTATION, MANAGED_LABEL, StatusInput};
 pub use readiness::{ConditionStatus, NodeEvent, Readiness, ReadyState, Unready};
@@ -372,7 +372,7 @@ impl NodeManager {
     /// re-listed.
     pub async fn run(
         mut self,
-        mut inventory: watch::Receiver<DeviceSet>,
+        mut inventory: watch::Receiver<DeviceMap>,
         mut live: watch::Receiver<LiveSet>,
         mut pods: watch::Receiver<PodCounts>,
         shutdown: CancellationToken,
@@ -548,7 +548,7 @@ impl NodeManager {
     /// One level-triggered pass over every device and every owned node.
     async fn pass(
         &mut self,
-        inventory: &DeviceSet,
+        inventory: &DeviceMap,
         live: &LiveSet,
         pod_counts: Option<&BTreeMap<String, usize>>,
     ) {

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use fleetlet_proto::v1::{Capacity, NodeInfo};
 use serde_json::{Value, json};
 
+use crate::inventory::InventoryDevice;
 use crate::labels::sanitize_labels;
-use crate::sessions::DeviceRecord;
 
 /// Label carrying the device's Flightctl fleet.
 pub const FLEET_LABEL: &str = "flightctl.io/fleet";
@@ -34,7 +34,7 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// The node labels for a device: its sanitized labels, its topology (from the device labels
 /// `[nodes] zone_label` and `region_label` name), then the labels the hub owns (which win).
 pub fn node_labels(
-    device: &DeviceRecord,
+    device: &InventoryDevice,
     info: Option<&NodeInfo>,
     cfg: &crate::config::NodesConfig,
 ) -> BTreeMap<String, String> {
@@ -90,7 +90,7 @@ pub fn node_labels(
 /// the label: dropped (invalid key, a prefix Kubernetes reserves, or a clash after mapping),
 /// mapped onto Kubernetes' label rules, or overridden by a label the hub owns. `labels` is the
 /// result of [`node_labels`] for the device.
-pub fn label_issues(device: &DeviceRecord, labels: &BTreeMap<String, String>) -> Vec<String> {
+pub fn label_issues(device: &InventoryDevice, labels: &BTreeMap<String, String>) -> Vec<String> {
     use crate::labels::{sanitize_key, sanitize_value};
     let mut issues = Vec::new();
     let mut taken: BTreeMap<String, &str> = BTreeMap::new();
@@ -315,8 +315,8 @@ mod tests {
     use super::*;
     use fleetlet_proto::v1::NodeCondition;
 
-    fn device() -> DeviceRecord {
-        DeviceRecord {
+    fn device() -> InventoryDevice {
+        InventoryDevice {
             name: "dev-1".into(),
             labels: [
                 ("site name".to_string(), "HQ".to_string()),

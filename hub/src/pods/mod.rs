@@ -32,9 +32,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::devices::LiveSet;
+use crate::inventory::DeviceMap;
 use crate::metrics::{Metrics, PhaseLabels};
 use crate::nodes::{PodCounts, UnreadyNodes};
-use crate::sessions::{DeviceSet, SessionEvent, Sessions};
+use crate::sessions::{SessionEvent, Sessions};
+use crate::workqueue::WorkQueue;
 use admission::Requests;
 use not_ready::MarkedNotReady;
 use referenced::{Key, Ref, RefKind, Referenced};
@@ -275,7 +277,7 @@ pub struct PodRelay {
     metrics: Arc<Metrics>,
     cfg: RelayConfig,
     inputs: mpsc::Receiver<Input>,
-    inventory: watch::Receiver<DeviceSet>,
+    inventory: watch::Receiver<DeviceMap>,
     live: watch::Receiver<LiveSet>,
     known_nodes: watch::Receiver<Arc<BTreeSet<String>>>,
     unready: watch::Receiver<UnreadyNodes>,
@@ -311,9 +313,8 @@ pub struct PodRelay {
     last_sent: HashMap<String, u64>,
     sent_at: HashMap<String, Vec<(u64, Instant)>>,
     pending_admission: BTreeSet<String>,
-    dirty: BTreeSet<String>,
-    all_dirty: bool,
-    flush_at: Option<Instant>,
+    /// Devices whose snapshot is to be computed again, due one debounce after the first change.
+    snapshots: WorkQueue<String>,
     done_tx: mpsc::Sender<Input>,
     counts_stale: bool,
     /// Where verified device Events go (the [`crate::events::EventWriter`]); `None` drops them.
@@ -364,14 +365,14 @@ impl PodRelay {
         status_tx: mpsc::Sender<StatusUpdate>,
         metrics: Arc<Metrics>,
         cfg: RelayConfig,
-        inventory: watch::Receiver<DeviceSet>,
+        inventory: watch::Receiver<DeviceMap>,
         live: watch::Receiver<LiveSet>,
         known_nodes: watch::Receiver<Arc<BTreeSet<String>>>,
         unready: watch::Receiver<UnreadyNodes>,
     ) -> (Self, RelayHandles) {
         let (tx, rx) = mpsc::channel(4096);
         let (counts_tx, counts_rx) = watch::channel(None);
-        (
+        let (mut relay, handles) = (
             Self {
                 sessions,
                 api,
@@ -403,9 +404,7 @@ impl PodRelay {
                 last_sent: HashMap::new(),
                 sent_at: HashMap::new(),
                 pending_admission: BTreeSet::new(),
-                dirty: BTreeSet::new(),
-                all_dirty: true,
-                flush_at: None,
+                snapshots: WorkQueue::new(),
                 done_tx: tx.clone(),
                 counts_stale: true,
                 event_sink: None,
@@ -416,7 +415,9 @@ impl PodRelay {
                 inputs: tx,
                 counts: counts_rx,
             },
-        )
+        );
+        relay.mark_all();
+        (relay, handles)
     }
 
     /// Sends the Events devices report about their own pods to `sink` (after the trust check).
@@ -581,7 +582,6 @@ impl PodRelay {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let flush_at = self.flush_at;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 input = self.inputs.recv() => match input {
@@ -590,10 +590,9 @@ impl PodRelay {
                 },
                 r = self.inventory.changed() => {
                     if r.is_err() { return; }
-                    self.all_dirty = true;
+                    self.mark_all();
                     self.counts_stale = true;
                     self.rebuild_refs();
-                    self.schedule();
                 }
                 r = self.live.changed() => {
                     if r.is_err() { return; }
@@ -606,8 +605,7 @@ impl PodRelay {
                     self.counts_stale = true;
                     self.rebuild_refs();
                     // A device becomes servable once its Node is known to be ours.
-                    self.all_dirty = true;
-                    self.schedule();
+                    self.mark_all();
                     if self.pods.synced {
                         self.replay_early_status();
                     }
@@ -616,7 +614,8 @@ impl PodRelay {
                     if r.is_err() { return; }
                     self.sync_not_ready();
                 }
-                () = sleep_until_opt(flush_at) => self.flush(),
+                // Until every cache has listed, snapshots wait queued (the last list marks all).
+                () = self.snapshots.due(), if self.synced() => self.flush(),
                 _ = tick.tick() => self.periodic(),
             }
         }
@@ -638,14 +637,31 @@ impl PodRelay {
         self.inventory.borrow().get(node).is_some_and(|d| d.enabled)
     }
 
+    /// Queues `device`'s snapshot, due one debounce after its first change since the last one.
     fn mark(&mut self, device: &str) {
-        self.dirty.insert(device.to_string());
-        self.schedule();
+        self.snapshots
+            .add_after(device.to_string(), self.cfg.debounce);
     }
 
-    fn schedule(&mut self) {
-        if self.flush_at.is_none() {
-            self.flush_at = Some(Instant::now() + self.cfg.debounce);
+    /// Queues the snapshot of every device served (an inventory or Node ownership change, a
+    /// re-list); devices no longer served keep no snapshot metric.
+    fn mark_all(&mut self) {
+        let inventory = self.inventory.borrow().clone();
+        let owned = self.known_nodes.borrow().clone();
+        let served: BTreeSet<String> = inventory
+            .values()
+            .filter(|d| d.enabled && owned.contains(&d.name))
+            .map(|d| d.name.clone())
+            .collect();
+        let metrics = &self.metrics;
+        self.last_sent.retain(|d, _| {
+            served.contains(d) || {
+                metrics.forget_snapshot_bytes(d);
+                false
+            }
+        });
+        for device in served {
+            self.mark(&device);
         }
     }
 
@@ -705,8 +721,7 @@ impl PodRelay {
                         }
                     }
                     self.pod_state.retain(|_, st| !st.is_empty());
-                    self.all_dirty = true;
-                    self.schedule();
+                    self.mark_all();
                     self.check_all_deletions();
                     self.replay_early_status();
                     self.rebuild_refs();
@@ -747,7 +762,7 @@ impl PodRelay {
                     referenced.contains(&(RefKind::ConfigMap, k.clone()))
                 });
                 self.after_watch(RefKind::ConfigMap, &changed, deleted, listed);
-                self.mark_referencing(&changed, true);
+                self.mark_referencing(&changed, RefKind::ConfigMap);
             }
             Input::Secret(ev) => {
                 if matches!(ev, watcher::Event::Init) {
@@ -762,7 +777,7 @@ impl PodRelay {
                     .secrets
                     .apply(ev, |k| referenced.contains(&(RefKind::Secret, k.clone())));
                 self.after_watch(RefKind::Secret, &changed, deleted, listed);
-                self.mark_referencing(&changed, false);
+                self.mark_referencing(&changed, RefKind::Secret);
             }
             Input::Fetched { what, result } => self.fetched(what, result),
             Input::Session(ev) => self.session(ev),
@@ -815,31 +830,19 @@ impl PodRelay {
         self.pod_state.entry(uid.to_string()).or_default()
     }
 
-    fn mark_referencing(&mut self, changed: &[(String, String)], config_map: bool) {
+    /// Queues the snapshots of the devices whose pods reference a changed ConfigMap or Secret
+    /// (an index lookup per object, not a scan of every pod).
+    fn mark_referencing(&mut self, changed: &[(String, String)], kind: RefKind) {
         if changed.is_empty() || !self.synced() {
             if !changed.is_empty() {
-                self.all_dirty = true;
+                self.mark_all();
             }
             return;
         }
-        let changed: HashSet<&(String, String)> = changed.iter().collect();
-        let mut devices = BTreeSet::new();
-        for pod in self.pods.all() {
-            let Some(node) = node_of(&pod) else { continue };
-            let ns = pod.metadata.namespace.clone().unwrap_or_default();
-            let refs = bundle::references(&pod);
-            let names = if config_map {
-                &refs.config_maps
-            } else {
-                &refs.secrets
-            };
-            if names
-                .iter()
-                .any(|n| changed.contains(&(ns.clone(), n.clone())))
-            {
-                devices.insert(node);
-            }
-        }
+        let devices: BTreeSet<String> = changed
+            .iter()
+            .flat_map(|key| self.pods.nodes_referencing(&(kind, key.clone())))
+            .collect();
         for d in devices {
             self.mark(&d);
         }
@@ -1199,42 +1202,22 @@ impl PodRelay {
         }
     }
 
-    /// Computes and hands out the snapshots of every dirty device.
+    /// Computes and hands out the snapshots of the queued devices: those due, and with them
+    /// every one due within the same debounce window (one pass instead of several).
     fn flush(&mut self) {
-        self.flush_at = None;
         if !self.synced() {
-            // Kept dirty: the last cache to list schedules the flush (see `after_watch`).
+            // Kept queued: the last cache to list marks every device (see `after_watch`).
             return;
         }
+        let window = Instant::now() + self.cfg.debounce;
         let inventory = self.inventory.borrow().clone();
         let owned = self.known_nodes.borrow().clone();
-        // Only devices whose Node the hub owns get a snapshot (see `is_ours`).
-        let devices: BTreeSet<String> = if self.all_dirty {
-            inventory
-                .values()
-                .filter(|d| d.enabled && owned.contains(&d.name))
-                .map(|d| d.name.clone())
-                .collect()
-        } else {
-            self.dirty
-                .iter()
-                .filter(|d| inventory.get(*d).is_some_and(|x| x.enabled) && owned.contains(*d))
-                .cloned()
-                .collect()
-        };
-        if self.all_dirty {
-            // Devices gone from the inventory (or disabled) keep no snapshot metric.
-            let metrics = &self.metrics;
-            self.last_sent.retain(|d, _| {
-                devices.contains(d) || {
-                    metrics.forget_snapshot_bytes(d);
-                    false
-                }
-            });
-        }
-        self.all_dirty = false;
-        self.dirty.clear();
-        for device in devices {
+        for device in self.snapshots.drain_due(window) {
+            self.snapshots.done(&device);
+            // Only devices whose Node the hub owns get a snapshot (see `is_ours`).
+            if !inventory.get(&device).is_some_and(|d| d.enabled) || !owned.contains(&device) {
+                continue;
+            }
             let mut pods = self.pods.on_node(&device);
             pods.sort_by(|a, b| {
                 let ka = (
@@ -1248,14 +1231,14 @@ impl PodRelay {
                 ka.cmp(&kb)
             });
             // A pod whose ConfigMap/Secret is being fetched waits for it: sent without it, the
-            // device would fail the container (CreateContainerConfigError) in the meantime.
+            // device would fail the container (CreateContainerConfigError) in the meantime. The
+            // answer marks the device again.
             if !self.referenced.fetching.is_empty()
                 && let Some(r) = pods
                     .iter()
                     .flat_map(|p| referenced::pod_refs(p))
                     .find(|r| self.referenced.fetching.contains(r))
             {
-                self.dirty.insert(device.clone());
                 self.waiting.entry(r).or_default().insert(device);
                 continue;
             }
@@ -1421,13 +1404,6 @@ impl PodRelay {
                 tracing::warn!(pod = %name, namespace = %ns, %error, "publishing admission event");
             }
         });
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -350,8 +350,7 @@ impl PodRelay {
             // A flush that found this cache unsynced dropped out; the filtered list may have
             // changed nothing that would schedule another, so schedule one for every device.
             if self.synced() {
-                self.all_dirty = true;
-                self.schedule();
+                self.mark_all();
             }
         }
         self.update_cache_gauges();

@@ -3,7 +3,7 @@
 //! devices cannot flood the API server. A few writes run at once, never two for the same pod, so
 //! one slow round trip does not hold up every other pod's status.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kubeutil::status_code;
 use crate::metrics::Metrics;
+use crate::workqueue::WorkQueue;
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
 #[derive(Debug)]
@@ -80,23 +81,16 @@ const MAX_IN_FLIGHT: usize = 4;
 /// A status write in flight: the update, its attempt count, and the outcome.
 type InFlight = BoxFuture<'static, (StatusUpdate, u32, Result<(), kube::Error>)>;
 
-/// A failed write coming back after its backoff, with the version of the pod's status it carries.
-type Retry = (StatusUpdate, u32, u64);
-
 /// Writes statuses handed to it through [`StatusWriter::sender`].
 pub struct StatusWriter {
     rx: mpsc::Receiver<StatusUpdate>,
     client: kube::Client,
     bucket: TokenBucket,
     metrics: Arc<Metrics>,
-    queue: VecDeque<String>,
+    /// Pods with a status to write, by UID: due now, or after a failed write's back-off.
+    queue: WorkQueue<String>,
+    /// The status each queued pod waits to have written, with the failed attempts behind it.
     pending: HashMap<String, (StatusUpdate, u32)>,
-    /// Per pod, the version of the newest status received; a retry of an older one is dropped,
-    /// and the entry goes once that newest status is written (or the pod is gone).
-    versions: HashMap<String, u64>,
-    next_version: u64,
-    retry_tx: mpsc::UnboundedSender<Retry>,
-    retry_rx: mpsc::UnboundedReceiver<Retry>,
 }
 
 /// Backoff of a failing write: 200 ms doubling to 30 s. Retries never give up: the status is the
@@ -116,30 +110,34 @@ impl StatusWriter {
         metrics: Arc<Metrics>,
     ) -> (Self, mpsc::Sender<StatusUpdate>) {
         let (tx, rx) = mpsc::channel(4096);
-        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         (
             Self {
                 rx,
                 client,
                 bucket: TokenBucket::new(qps, burst),
                 metrics,
-                queue: VecDeque::new(),
+                queue: WorkQueue::new(),
                 pending: HashMap::new(),
-                versions: HashMap::new(),
-                next_version: 0,
-                retry_tx,
-                retry_rx,
             },
             tx,
         )
     }
 
-    fn enqueue(&mut self, u: StatusUpdate, attempts: u32) {
-        match self.pending.get_mut(&u.uid) {
+    /// Queues `u` after `delay`. A status already waiting for the pod is merged with it, the
+    /// older first: the API would apply both patches in turn, and one merged patch has the same
+    /// effect (a partial one, such as the relay's Ready=False, must not drop the device's full
+    /// status queued before it). The merged one is due at the earlier of the two times.
+    fn enqueue(&mut self, u: StatusUpdate, attempts: u32, delay: Duration) {
+        let uid = u.uid.clone();
+        match self.pending.get_mut(&uid) {
+            Some(slot) if attempts > 0 => {
+                // A failed write coming back: what was queued meanwhile is newer and goes on top.
+                let newer = std::mem::replace(&mut slot.0, u);
+                merge_status(&mut slot.0.status, newer.status);
+                slot.0.namespace = newer.namespace;
+                slot.0.name = newer.name;
+            }
             Some(slot) => {
-                // The API would apply both patches in turn; one merged patch has the same effect
-                // (a partial one, such as the relay's Ready=False, must not drop the device's
-                // full status queued before it).
                 let StatusUpdate {
                     uid,
                     namespace,
@@ -157,36 +155,35 @@ impl StatusWriter {
                 slot.1 = attempts.min(slot.1);
             }
             None => {
-                self.queue.push_back(u.uid.clone());
-                self.pending.insert(u.uid.clone(), (u, attempts));
+                self.pending.insert(uid.clone(), (u, attempts));
             }
         }
+        self.queue.add_after(uid, delay);
     }
 
     /// Runs until `shutdown` or until every sender is gone and the queue is empty. Up to
-    /// `MAX_IN_FLIGHT` writes run at once, one per pod at most, so a pod's statuses are written
-    /// in order; meanwhile the channel keeps draining into the coalescing queue.
+    /// `MAX_IN_FLIGHT` writes run at once, one per pod at most (the queue holds a pod back while
+    /// its write is in flight), so a pod's statuses are written in order; meanwhile the channel
+    /// keeps draining into the coalescing queue.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut closed = false;
         let mut inflight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-        let mut busy: HashSet<String> = HashSet::new();
         loop {
             if closed && self.queue.is_empty() && inflight.is_empty() {
                 return;
             }
             let mut wait = None;
-            // The oldest queued pod that has no write in flight.
-            let next = (inflight.len() < MAX_IN_FLIGHT)
-                .then(|| self.queue.iter().position(|uid| !busy.contains(uid)))
-                .flatten();
-            if let Some(pos) = next {
+            let room = inflight.len() < MAX_IN_FLIGHT;
+            if room && self.queue.next_due().is_some_and(|at| at <= Instant::now()) {
                 match self.bucket.try_take() {
                     Ok(()) => {
-                        if let Some(uid) = self.queue.remove(pos)
-                            && let Some((u, attempts)) = self.pending.remove(&uid)
-                        {
-                            busy.insert(uid);
-                            inflight.push(Box::pin(write(self.client.clone(), u, attempts)));
+                        if let Some(uid) = self.queue.pop_due(Instant::now()) {
+                            match self.pending.remove(&uid) {
+                                Some((u, attempts)) => {
+                                    inflight.push(Box::pin(write(self.client.clone(), u, attempts)))
+                                }
+                                None => self.queue.done(&uid),
+                            }
                         }
                         continue;
                     }
@@ -196,59 +193,35 @@ impl StatusWriter {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 msg = self.rx.recv(), if !closed => match msg {
-                    Some(u) => {
-                        self.next_version += 1;
-                        self.versions.insert(u.uid.clone(), self.next_version);
-                        self.enqueue(u, 0);
-                    }
+                    Some(u) => self.enqueue(u, 0, Duration::ZERO),
                     None => closed = true,
                 },
-                Some((u, attempts, version)) = self.retry_rx.recv() => {
-                    // Only if no newer status arrived (queued or already written) meanwhile.
-                    if self.versions.get(&u.uid) == Some(&version) && !self.pending.contains_key(&u.uid) {
-                        self.enqueue(u, attempts);
-                    }
-                }
                 Some((u, attempts, r)) = inflight.next(), if !inflight.is_empty() => {
-                    busy.remove(&u.uid);
+                    self.queue.done(&u.uid);
                     self.finish(u, attempts, r);
                 }
-                () = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {}
+                () = self.queue.due(), if room && wait.is_none() => {}
+                () = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
             }
         }
     }
 
     fn finish(&mut self, u: StatusUpdate, attempts: u32, r: Result<(), kube::Error>) {
         self.metrics.api("patch_pod_status", &r);
-        let settled = |this: &mut Self| {
-            // Written or moot: forget the version unless a newer status is already queued.
-            if !this.pending.contains_key(&u.uid) {
-                this.versions.remove(&u.uid);
-            }
-        };
         match r {
             Ok(()) => {
                 let phase = u.status.get("phase").and_then(Value::as_str).unwrap_or("");
                 tracing::debug!(pod = %u.name, namespace = %u.namespace, phase, "pod status written");
-                settled(self);
             }
             Err(e) if matches!(status_code(&e), Some(404 | 409 | 422)) => {
                 tracing::debug!(pod = %u.name, namespace = %u.namespace, error = %e, "pod status not written; pod gone or replaced");
-                settled(self);
             }
             Err(error) => {
                 let delay = retry_delay(attempts);
                 tracing::warn!(pod = %u.name, namespace = %u.namespace, %error, retry_in_ms = delay.as_millis() as u64, "writing pod status; will retry");
-                // A newer status that arrived meanwhile wins: the retry is then dropped.
-                if !self.pending.contains_key(&u.uid)
-                    && let Some(&version) = self.versions.get(&u.uid)
-                {
-                    let tx = self.retry_tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = tx.send((u, attempts.saturating_add(1), version));
-                    });
-                }
+                // Tried again after the back-off, with whatever arrived meanwhile merged on top
+                // (and then due at once).
+                self.enqueue(u, attempts.saturating_add(1), delay);
             }
         }
     }
@@ -346,6 +319,90 @@ mod tests {
         assert_eq!(retry_delay(4), Duration::from_millis(3200));
         assert_eq!(retry_delay(8), Duration::from_secs(30));
         assert_eq!(retry_delay(u32::MAX), Duration::from_secs(30));
+    }
+
+    fn writer() -> StatusWriter {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = kube::Client::try_from(config).expect("client");
+        StatusWriter::new(client, 10.0, 10, Arc::new(Metrics::new())).0
+    }
+
+    fn update(status: Value) -> StatusUpdate {
+        StatusUpdate {
+            uid: "u-1".into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            status,
+        }
+    }
+
+    fn server_error() -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("etcd is slow", "InternalError")
+                .with_code(500)
+                .boxed(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_waits_its_back_off_and_a_newer_status_goes_on_top_at_once() {
+        let mut w = writer();
+        w.enqueue(update(json!({"phase": "Running"})), 0, Duration::ZERO);
+        let t0 = Instant::now();
+        let uid = w.queue.pop_due(t0).expect("due at once");
+        let (u, attempts) = w.pending.remove(&uid).expect("pending");
+        w.queue.done(&uid);
+        w.finish(u, attempts, Err(server_error()));
+        assert_eq!(w.queue.next_due(), Some(t0 + retry_delay(0)), "backed off");
+        assert_eq!(w.pending["u-1"].1, 1, "one failed attempt behind it");
+
+        // Taken again, failing again, while a newer partial status arrives.
+        tokio::time::advance(retry_delay(0)).await;
+        let uid = w
+            .queue
+            .pop_due(Instant::now())
+            .expect("due after the back-off");
+        let (u, attempts) = w.pending.remove(&uid).expect("pending");
+        w.enqueue(
+            update(json!({"conditions": [{"type": "Ready", "status": "False"}]})),
+            0,
+            Duration::ZERO,
+        );
+        assert_eq!(
+            w.queue.pop_due(Instant::now()),
+            None,
+            "never two writes of one pod at once"
+        );
+        w.queue.done(&uid);
+        w.finish(u, attempts, Err(server_error()));
+        let (merged, attempts) = &w.pending["u-1"];
+        assert_eq!(
+            merged.status,
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}),
+            "the failed status under the newer one, as the two patches would apply"
+        );
+        assert_eq!(*attempts, 0, "the newer status has not failed yet");
+        assert_eq!(
+            w.queue.pop_due(Instant::now()),
+            Some("u-1".into()),
+            "due at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_gone_is_not_retried() {
+        let mut w = writer();
+        w.enqueue(update(json!({"phase": "Running"})), 0, Duration::ZERO);
+        let uid = w.queue.pop_due(Instant::now()).expect("due");
+        let (u, attempts) = w.pending.remove(&uid).expect("pending");
+        w.queue.done(&uid);
+        let gone = kube::Error::Api(
+            kube::core::Status::failure("not found", "NotFound")
+                .with_code(404)
+                .boxed(),
+        );
+        w.finish(u, attempts, Err(gone));
+        assert!(w.queue.is_empty() && w.pending.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,8 @@
 //! The relay's pods: a kube-runtime reflector store (fed by the relay's own task, so every read
-//! sees exactly the events folded so far) with the two indexes the relay looks pods up by, UID
-//! and node, so a device report, a deletion check or a device's snapshot touches that device's
-//! pods instead of scanning every bound pod in the cluster.
+//! sees exactly the events folded so far) with the indexes the relay looks pods up by: UID, node
+//! and referenced ConfigMap/Secret, so a device report, a deletion check, a device's snapshot or
+//! a changed ConfigMap touches the pods concerned instead of scanning every bound pod in the
+//! cluster.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -10,12 +11,16 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 
+use super::referenced::{Ref, pod_refs};
+
 /// Bound pods with UID and node indexes.
 pub(super) struct PodStore {
     writer: reflector::store::Writer<Pod>,
     store: Store<Pod>,
     by_uid: HashMap<String, ObjectRef<Pod>>,
     by_node: HashMap<String, HashSet<ObjectRef<Pod>>>,
+    /// Pods by the ConfigMaps and Secrets they reference.
+    by_ref: HashMap<Ref, HashSet<ObjectRef<Pod>>>,
     /// UIDs of pods being deleted (deletionTimestamp set).
     terminating: HashSet<String>,
     /// The first list is complete.
@@ -30,6 +35,7 @@ impl PodStore {
             store,
             by_uid: HashMap::new(),
             by_node: HashMap::new(),
+            by_ref: HashMap::new(),
             terminating: HashSet::new(),
             synced: false,
         }
@@ -56,6 +62,16 @@ impl PodStore {
             .get(node)
             .map(|keys| keys.iter().filter_map(|k| self.get(k)).collect())
             .unwrap_or_default()
+    }
+
+    /// The nodes of the pods referencing `r`.
+    pub(super) fn nodes_referencing(&self, r: &Ref) -> HashSet<String> {
+        self.by_ref
+            .get(r)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| super::node_of(self.get(k)?.as_ref()))
+            .collect()
     }
 
     /// UIDs of the pods being deleted.
@@ -86,6 +102,7 @@ impl PodStore {
             watcher::Event::InitDone => {
                 self.by_uid.clear();
                 self.by_node.clear();
+                self.by_ref.clear();
                 self.terminating.clear();
                 for pod in self.store.state() {
                     self.index(Self::key(&pod), &pod);
@@ -106,6 +123,9 @@ impl PodStore {
                 self.terminating.insert(uid.clone());
             }
         }
+        for r in pod_refs(pod) {
+            self.by_ref.entry(r).or_default().insert(key.clone());
+        }
         if let Some(node) = super::node_of(pod) {
             self.by_node.entry(node).or_default().insert(key);
         }
@@ -124,6 +144,14 @@ impl PodStore {
             keys.remove(key);
             if keys.is_empty() {
                 self.by_node.remove(&node);
+            }
+        }
+        for r in pod_refs(pod) {
+            if let Some(keys) = self.by_ref.get_mut(&r) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_ref.remove(&r);
+                }
             }
         }
     }
@@ -195,5 +223,51 @@ mod tests {
         assert!(s.on_node("n1").is_empty() && s.on_node("n2").is_empty());
         assert_eq!(names(s.on_node("n3")), ["d"]);
         assert_eq!(names(s.all()), ["d"]);
+    }
+
+    fn with_config_map(name: &str, uid: &str, node: &str, config_map: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": uid},
+            "spec": {"nodeName": node, "containers": [], "volumes": [
+                {"name": "v", "configMap": {"name": config_map}}
+            ]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn pods_are_found_by_the_config_maps_they_reference() {
+        use super::super::referenced::RefKind;
+        let cm = |n: &str| (RefKind::ConfigMap, ("ns".to_string(), n.to_string()));
+        let nodes = |s: &PodStore, n: &str| {
+            let mut v: Vec<String> = s.nodes_referencing(&cm(n)).into_iter().collect();
+            v.sort();
+            v
+        };
+        let mut s = PodStore::new();
+        s.apply(&watcher::Event::Init);
+        s.apply(&watcher::Event::InitApply(with_config_map(
+            "a", "u-a", "n1", "cfg",
+        )));
+        s.apply(&watcher::Event::InitDone);
+        s.apply(&watcher::Event::Apply(with_config_map(
+            "b", "u-b", "n2", "cfg",
+        )));
+        assert_eq!(nodes(&s, "cfg"), ["n1", "n2"]);
+        assert!(nodes(&s, "other").is_empty());
+        // b now references another ConfigMap; a is deleted.
+        s.apply(&watcher::Event::Apply(with_config_map(
+            "b", "u-b", "n2", "other",
+        )));
+        assert_eq!(nodes(&s, "cfg"), ["n1"]);
+        assert_eq!(nodes(&s, "other"), ["n2"]);
+        s.apply(&watcher::Event::Delete(with_config_map(
+            "a", "u-a", "n1", "cfg",
+        )));
+        assert!(nodes(&s, "cfg").is_empty());
+        assert!(
+            !s.by_ref.contains_key(&cm("cfg")),
+            "no empty index entries are kept"
+        );
     }
 }

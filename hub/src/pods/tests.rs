@@ -8,8 +8,9 @@ use fleetlet_proto::v1::{Capacity, LogRequest, PodBundle, PodStatusEntry, PodSta
 use super::referenced::{Ref, RefKind};
 use super::*;
 use crate::devices::LiveRegistry;
+use crate::inventory::InventoryDevice;
 use crate::nodes::Unready;
-use crate::sessions::{DeviceRecord, LinkError, LogStream};
+use crate::sessions::{LinkError, LogStream};
 
 #[derive(Default)]
 struct FakeSessions {
@@ -121,18 +122,18 @@ struct Harness {
     api: Arc<FakeApi>,
     status_rx: mpsc::Receiver<StatusUpdate>,
     live: LiveRegistry,
-    _inv_tx: watch::Sender<DeviceSet>,
+    _inv_tx: watch::Sender<DeviceMap>,
     known_tx: watch::Sender<Arc<BTreeSet<String>>>,
     unready_tx: watch::Sender<crate::nodes::UnreadyNodes>,
 }
 
 fn harness() -> Harness {
-    let inv: BTreeMap<String, DeviceRecord> = ["dev-a", "dev-b"]
+    let inv: BTreeMap<String, InventoryDevice> = ["dev-a", "dev-b"]
         .into_iter()
         .map(|n| {
             (
                 n.to_string(),
-                DeviceRecord {
+                InventoryDevice {
                     name: n.into(),
                     enabled: true,
                     labels: BTreeMap::new(),
@@ -819,7 +820,10 @@ async fn a_pod_that_arrives_before_the_config_map_and_secret_lists_goes_out_once
     h.relay.handle(Input::Pod(watcher::Event::Apply(p)));
     h.relay.flush();
     assert!(sent_to(&h, "dev-a").is_empty(), "not synced yet");
-    assert!(h.relay.flush_at.is_none());
+    assert!(
+        h.relay.snapshots.contains(&"dev-a".to_string()),
+        "kept queued until the caches have listed"
+    );
     // Both lists hold nothing this hub keeps, so no object changes; the flush is scheduled anyway.
     for ev in [watcher::Event::Init, watcher::Event::InitDone] {
         h.relay.handle(Input::ConfigMap(ev));
@@ -831,8 +835,8 @@ async fn a_pod_that_arrives_before_the_config_map_and_secret_lists_goes_out_once
     )));
     h.relay.handle(Input::Secret(watcher::Event::InitDone));
     assert!(
-        h.relay.flush_at.is_some(),
-        "the last list schedules a flush"
+        h.relay.snapshots.contains(&"dev-a".to_string()),
+        "the last list queues every device"
     );
     h.relay.flush();
     assert_eq!(uids(&sent_to(&h, "dev-a")[0]), ["uid-early"]);

@@ -22,6 +22,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 
 use super::{Body, Caller, KubeletApi, query_value, text};
+use crate::link::LinkError;
 
 /// remotecommand protocols the hub speaks, most preferred first (the kubelet's list).
 pub const REMOTECOMMAND_PROTOCOLS: &[&str] = &[
@@ -292,13 +293,18 @@ impl KubeletApi {
                 };
                 match self.sessions.open_stream(&node, open).await {
                     Ok(s) => Some(s),
-                    Err(e) => return self.stream_refused(&node, e),
+                    Err(e) => return self.stream_refused(&node, &e),
                 }
             }
             // Port-forward opens one device stream per forwarded connection, later; an offline
             // device is refused now all the same.
             _ if !self.sessions.is_connected(&node) => {
-                return self.stream_refused(&node, String::new());
+                return self.stream_refused(
+                    &node,
+                    &LinkError::NotConnected {
+                        device: node.clone(),
+                    },
+                );
             }
             _ => None,
         };
@@ -463,16 +469,19 @@ impl KubeletApi {
 
     /// A device stream that could not be opened, as the user sees it (the API server passes a
     /// 400's text through to kubectl).
-    fn stream_refused(&self, node: &str, error: String) -> Response<Body> {
-        if !self.sessions.is_connected(node) {
-            return text(
+    /// The answer to a stream the device could not open: an offline device is told apart by
+    /// the error itself, not by asking the sessions again (which would race a reconnect).
+    fn stream_refused(&self, node: &str, error: &LinkError) -> Response<Body> {
+        match error {
+            LinkError::NotConnected { .. } => text(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "device {node} is offline (not connected to fleetlet-hub); exec, attach and port-forward are unavailable until it reconnects"
                 ),
-            );
+            ),
+            LinkError::Device { message, .. } => text(StatusCode::BAD_REQUEST, message.clone()),
+            other => text(StatusCode::BAD_REQUEST, other.to_string()),
         }
-        text(StatusCode::BAD_REQUEST, error)
     }
 }
 

@@ -152,7 +152,7 @@ async fn forward(
     };
     let (input, mut output) = match sessions.open_stream(&device, open).await {
         Ok(s) => s,
-        Err(e) => return fail(e).await,
+        Err(e) => return fail(e.to_string()).await,
     };
     let pump = {
         let input = input.clone();

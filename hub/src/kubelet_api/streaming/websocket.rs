@@ -281,7 +281,7 @@ pub(super) async fn serve_portforward<IO>(
             }
             Err(e) => {
                 inputs.push(None);
-                let _ = out.send(fail(e)).await;
+                let _ = out.send(fail(e.to_string())).await;
             }
         }
     }
