@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::sessions::SessionEvent;
 
 /// The live view of one device.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LiveDevice {
     /// True while its stream is up.
     pub connected: bool,

@@ -31,6 +31,7 @@ use crate::inventory::flightctl::HealthMap;
 use crate::kubeutil::{is_not_found, status_code, time_string};
 use crate::labels::is_valid_node_name;
 use crate::metrics::Metrics;
+use crate::workqueue::WorkQueue;
 use lease::LeaseKeeper;
 use object::{ConditionView, FIELD_MANAGER, LEADER_LEASE_ANNOTATION, MANAGED_LABEL, StatusInput};
 pub use readiness::{ConditionStatus, NodeEvent, Readiness, ReadyState, Unready};
@@ -168,6 +169,8 @@ pub struct NodeManager {
     store: Store<Node>,
     /// Feeds `store`; taken by `run`.
     writer: Option<reflector::store::Writer<Node>>,
+    /// Nodes to plan, each due at its next deadline or at once after a change.
+    queue: WorkQueue<String>,
 }
 
 /// What one pass decided to do for one node.
@@ -208,6 +211,12 @@ struct Outcome {
 /// How often a device whose Node name is taken by a Node the hub does not own is checked again.
 const NOT_OWNED_RECHECK: Duration = Duration::from_secs(60);
 
+/// A node is planned at most this often by its own deadlines (a change queues it at once).
+const MIN_REQUEUE: Duration = Duration::from_secs(1);
+
+/// How often a departed device's node, waiting for its pods to go, is looked at again.
+const DEPARTED_RECHECK: Duration = Duration::from_secs(10);
+
 impl NodeManager {
     /// A manager writing through `client`.
     pub fn new(
@@ -238,6 +247,7 @@ impl NodeManager {
             portless: BTreeSet::new(),
             store,
             writer: Some(writer),
+            queue: WorkQueue::new(),
         }
     }
 
@@ -366,10 +376,12 @@ impl NodeManager {
         });
     }
 
-    /// Runs until `shutdown`: a pass on every change of inventory, live devices or pod counts,
-    /// when one of the hub's Nodes is deleted, and at least every second (grace timers, lease
-    /// renewals). The hub's Nodes are watched (a reflector store, managedFields stripped), not
-    /// re-listed.
+    /// Runs until `shutdown`. Node names wait in one work queue: a change of the inventory,
+    /// of a device's live view, of Flightctl's health or of a node's pod count queues the
+    /// nodes it concerns at once; each node processed is queued again for its own next deadline
+    /// (lease renewal, disconnect grace, status refresh, a failed write's retry); a pass plans
+    /// only the nodes due. The hub's Nodes are watched (a reflector store, managedFields
+    /// stripped), not re-listed, and every node is planned again on the periodic resync.
     pub async fn run(
         mut self,
         mut inventory: watch::Receiver<DeviceMap>,
@@ -392,72 +404,132 @@ impl NodeManager {
         let mut listed = false;
         let mut seeded = false;
         let mut resync = tokio::time::interval(Duration::from_secs(60));
-        // One interval, not a fresh sleep per turn: the watch of the hub's own Nodes delivers
-        // an event for most writes, and a sleep restarted by each of them would never fire,
-        // leaving lease renewals and grace timers to whatever else wakes the loop.
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut health = self.flightctl.clone();
-        let mut pass_now = true;
+        // What the last pass saw, to queue only the nodes a change concerns.
+        let mut seen_inventory = inventory.borrow_and_update().clone();
+        let mut seen_live = live.borrow_and_update().clone();
+        let mut seen_pods = pods.borrow_and_update().clone();
+        let mut seen_health = health.as_mut().map(|h| h.borrow_and_update().clone());
         loop {
             if listed && !seeded {
                 self.seed();
                 seeded = true;
+                let names: Vec<String> = seen_inventory
+                    .keys()
+                    .chain(self.state.keys())
+                    .cloned()
+                    .collect();
+                for name in names {
+                    self.queue.add(name);
+                }
             }
-            if seeded && pass_now {
-                let inv = inventory.borrow_and_update().clone();
-                let lv = live.borrow_and_update().clone();
-                let pc = pods.borrow_and_update().clone();
-                self.pass(&inv, &lv, pc.as_deref()).await;
-                self.publish_known();
-                self.publish_unready();
+            if seeded {
+                let due = self.queue.drain_due(Instant::now());
+                if !due.is_empty() {
+                    for name in &due {
+                        self.queue.done(name);
+                    }
+                    self.pass(&seen_inventory, &seen_live, seen_pods.as_deref(), &due)
+                        .await;
+                    self.publish_known();
+                    self.publish_unready();
+                }
             }
-            pass_now = true;
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = inventory.changed() => {}
-                _ = live.changed() => {}
-                _ = pods.changed() => {}
+                _ = inventory.changed() => {
+                    let now = inventory.borrow_and_update().clone();
+                    self.queue_changed(&seen_inventory, &now);
+                    seen_inventory = now;
+                }
+                _ = live.changed() => {
+                    let now = live.borrow_and_update().clone();
+                    self.queue_changed(&seen_live, &now);
+                    seen_live = now;
+                }
+                _ = pods.changed() => {
+                    let now = pods.borrow_and_update().clone();
+                    match (&seen_pods, &now) {
+                        (Some(before), Some(after)) => self.queue_changed(before, after),
+                        _ => self.queue_all(&seen_inventory),
+                    }
+                    seen_pods = now;
+                }
                 ev = node_events.next() => match ev {
                     Some(Ok(watcher::Event::InitDone)) => listed = true,
-                    Some(Ok(watcher::Event::Delete(node))) => self.node_deleted(&node),
-                    // The store has it; the next regular pass reads it.
-                    Some(Ok(_)) => pass_now = false,
+                    Some(Ok(watcher::Event::Delete(node))) => {
+                        if let Some(name) = self.node_deleted(&node) {
+                            self.queue.add(name);
+                        }
+                    }
+                    // The store has it; the node's next pass reads it.
+                    Some(Ok(_)) => {}
                     Some(Err(error)) => {
                         tracing::warn!(%error, "watching fleetlet nodes; retrying with backoff");
-                        pass_now = false;
                     }
                     None => return,
                 },
                 r = async { health.as_mut()?.changed().await.ok() }, if health.is_some() => {
-                    if r.is_none() {
+                    match (r, health.as_mut()) {
+                        (Some(()), Some(rx)) => {
+                            let now = rx.borrow_and_update().clone();
+                            match &seen_health {
+                                Some(before) => self.queue_changed(before, &now),
+                                None => self.queue_all(&seen_inventory),
+                            }
+                            seen_health = Some(now);
+                        }
                         // The inventory stopped; keep the last view, stop listening.
-                        health = None;
+                        _ => health = None,
                     }
                 }
                 _ = resync.tick() => { seeded = false; }
-                _ = tick.tick() => {}
+                () = self.queue.due(), if seeded => {}
             }
+        }
+    }
+
+    /// Queues every node whose entry differs between `before` and `after`.
+    fn queue_changed<V: PartialEq>(
+        &mut self,
+        before: &BTreeMap<String, V>,
+        after: &BTreeMap<String, V>,
+    ) {
+        let changed: Vec<String> = before
+            .iter()
+            .filter(|(k, v)| after.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .chain(after.keys().filter(|k| !before.contains_key(*k)))
+            .cloned()
+            .collect();
+        for name in changed {
+            self.queue.add(name);
+        }
+    }
+
+    /// Queues every inventoried device's node and every node the manager keeps.
+    fn queue_all(&mut self, inventory: &DeviceMap) {
+        let names: Vec<String> = inventory.keys().chain(self.state.keys()).cloned().collect();
+        for name in names {
+            self.queue.add(name);
         }
     }
 
     /// One of the hub's Nodes was deleted. If it is the one the manager applied (same UID) and
     /// its device is still inventoried, the next pass creates it again; a departed device's
     /// Node the manager deleted itself is already forgotten.
-    fn node_deleted(&mut self, node: &Node) {
-        let Some(name) = node.metadata.name.as_deref() else {
-            return;
-        };
-        if let Some(st) = self.state.get_mut(name)
-            && st.uid.is_some()
-            && st.uid == node.metadata.uid
-        {
+    fn node_deleted(&mut self, node: &Node) -> Option<String> {
+        let name = node.metadata.name.as_deref()?;
+        let st = self.state.get_mut(name)?;
+        if st.uid.is_some() && st.uid == node.metadata.uid {
             tracing::info!(
                 node = name,
                 "node deleted by someone else; the device still needs it"
             );
             st.forget_node();
+            return Some(name.to_string());
         }
+        None
     }
 
     /// Learns the Nodes this hub owns from the watched store (after a restart: their
@@ -545,12 +617,14 @@ impl NodeManager {
         }
     }
 
-    /// One level-triggered pass over every device and every owned node.
+    /// One level-triggered pass over the nodes `due`: each is planned from the current view of
+    /// its device, written, and queued again for its next deadline.
     async fn pass(
         &mut self,
         inventory: &DeviceMap,
         live: &LiveSet,
         pod_counts: Option<&BTreeMap<String, usize>>,
+        due: &[String],
     ) {
         let now = Instant::now();
         let wall = time_string(Timestamp::now());
@@ -558,13 +632,20 @@ impl NodeManager {
         let refresh = Duration::from_secs(self.cfg.status_refresh_secs);
         let health_map = self.flightctl.as_ref().map(|rx| rx.borrow().clone());
         let mut plans = Vec::new();
-        let mut wanted = BTreeSet::new();
-        for dev in inventory.values().filter(|d| d.enabled) {
+        let wanted: BTreeSet<String> = inventory
+            .values()
+            .filter(|d| d.enabled && is_valid_node_name(&d.name))
+            .map(|d| d.name.clone())
+            .collect();
+        for dev in due
+            .iter()
+            .filter_map(|name| inventory.get(name))
+            .filter(|d| d.enabled)
+        {
             if !is_valid_node_name(&dev.name) {
                 tracing::warn!(device = %dev.name, "device name is not a valid Node name; no Node for it");
                 continue;
             }
-            wanted.insert(dev.name.clone());
             let ld = live.get(&dev.name);
             let st = self
                 .state
@@ -725,7 +806,7 @@ impl NodeManager {
         // Nodes of devices that left the inventory (or were disabled): delete once no pod is
         // bound to them any more. Pods are only known once the relay has synced.
         let mut forget = Vec::new();
-        for (name, st) in &self.state {
+        for (name, st) in due.iter().filter_map(|n| Some((n, self.state.get(n)?))) {
             if wanted.contains(name) || st.deleted {
                 continue;
             }
@@ -757,6 +838,7 @@ impl NodeManager {
         self.count_not_owned();
         self.sync_ports(&wanted);
         if plans.is_empty() {
+            self.queue_deadlines(due, live, &wanted, now);
             return;
         }
         let outcomes: Vec<Outcome> =
@@ -804,10 +886,45 @@ impl NodeManager {
         self.count_not_owned();
         self.state.retain(|_, s| !s.deleted);
         self.sync_ports(&wanted);
+        self.queue_deadlines(due, live, &wanted, now);
         let count = self.state.len();
         self.metrics
             .nodes
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Queues each node of `due` again for its next deadline: its lease renewal while its
+    /// device is connected, the end of its disconnect grace while it is not, its status
+    /// refresh, the recheck of a Node name someone else holds. A departed device's node waits
+    /// for its pods, whose count changes queue it, and is looked at again now and then. Never
+    /// sooner than [`MIN_REQUEUE`]: a write that failed leaves its deadline passed, and is
+    /// tried again after that.
+    fn queue_deadlines(&mut self, due: &[String], live: &LiveSet, wanted: &BTreeSet<String>, now: Instant) {
+        let grace = Duration::from_secs(self.cfg.disconnect_grace_secs);
+        let refresh = Duration::from_secs(self.cfg.status_refresh_secs);
+        for name in due {
+            let Some(st) = self.state.get(name) else {
+                continue;
+            };
+            let ld = live.get(name);
+            let connected = ld.is_some_and(|l| l.connected);
+            let mut next = now + DEPARTED_RECHECK;
+            if wanted.contains(name) {
+                next = st.status_applied_at.map_or(now, |t| t + refresh);
+                if connected {
+                    next = next.min(st.next_lease);
+                } else {
+                    let away_since = ld.map_or(self.started, |l| l.since.max(self.started));
+                    if now < away_since + grace {
+                        next = next.min(away_since + grace);
+                    }
+                }
+                if let Some((_, at)) = &st.not_owned {
+                    next = *at + NOT_OWNED_RECHECK;
+                }
+            }
+            self.queue.add_at(name.clone(), next.max(now + MIN_REQUEUE));
+        }
     }
 
     /// Ports stay with their Nodes until the Nodes are gone, and are served while the devices
