@@ -899,7 +899,13 @@ impl NodeManager {
     /// for its pods, whose count changes queue it, and is looked at again now and then. Never
     /// sooner than [`MIN_REQUEUE`]: a write that failed leaves its deadline passed, and is
     /// tried again after that.
-    fn queue_deadlines(&mut self, due: &[String], live: &LiveSet, wanted: &BTreeSet<String>, now: Instant) {
+    fn queue_deadlines(
+        &mut self,
+        due: &[String],
+        live: &LiveSet,
+        wanted: &BTreeSet<String>,
+        now: Instant,
+    ) {
         let grace = Duration::from_secs(self.cfg.disconnect_grace_secs);
         let refresh = Duration::from_secs(self.cfg.status_refresh_secs);
         for name in due {
