@@ -81,7 +81,7 @@ const MAX_IN_FLIGHT: usize = 4;
 /// A status write in flight: the update, its attempt count, and the outcome.
 type InFlight = BoxFuture<'static, (StatusUpdate, u32, Result<(), kube::Error>)>;
 
-/// Writes statuses handed to it through [`StatusWriter::sender`].
+/// Writes the statuses sent to the channel [`StatusWriter::new`] returns.
 pub struct StatusWriter {
     rx: mpsc::Receiver<StatusUpdate>,
     client: kube::Client,
