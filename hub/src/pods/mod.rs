@@ -610,11 +610,14 @@ impl PodRelay {
                     .into_iter()
                     .map(|p| (p, 0))
                     .collect();
-            for pod in self.pods.all() {
-                let Some(node) = node_of(&pod) else { continue };
-                if !self.is_ours(&node) {
-                    continue;
-                }
+            // Only the hub's own Nodes' pods (through the node index), not every bound pod.
+            let owned = self.known_nodes.borrow().clone();
+            for (node, pod) in owned.iter().flat_map(|n| {
+                self.pods
+                    .on_node(n)
+                    .into_iter()
+                    .map(move |p| (n.clone(), p))
+            }) {
                 let phase = pod
                     .status
                     .as_ref()
