@@ -133,6 +133,8 @@ pub fn load(path: &Path) -> Result<DesiredSnapshot, DesiredFileError> {
             pod_json: pod_json.into(),
             config_maps,
             secrets,
+            // No cluster, no Services.
+            service_env: Default::default(),
         });
     }
     Ok(DesiredSnapshot {

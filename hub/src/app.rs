@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -157,6 +157,16 @@ pub fn start_controllers_with_ports(
         handles.inputs.clone(),
         Input::Pod,
         "pods",
+        shutdown.clone(),
+    ));
+    // Services for the pods' Service environment variables (trimmed to what those need as
+    // they arrive; see pods::services).
+    let services: Api<Service> = Api::all(client.clone());
+    tasks.spawn(forward(
+        watcher(services, watcher::Config::default()),
+        handles.inputs.clone(),
+        Input::Service,
+        "services",
         shutdown.clone(),
     ));
     // The ConfigMap/Secret watches start once the pods are listed: the relay keeps only the

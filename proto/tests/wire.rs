@@ -18,6 +18,11 @@ fn snapshot_round_trips_with_its_bundles() {
                 data: [("password".to_string(), b"s3cret".to_vec().into())].into(),
                 r#type: "Opaque".into(),
             }],
+            service_env: [(
+                "KUBERNETES_SERVICE_HOST".to_string(),
+                "10.0.0.1".to_string(),
+            )]
+            .into(),
         }],
         termination_grace_seconds: [("u0".to_string(), 3)].into(),
     };

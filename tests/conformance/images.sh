@@ -5,6 +5,7 @@
 #                    busybox for a shell and the machine's bash and curl (with their libraries)
 #   busybox:1.37.0-1 Debian's static busybox (the stack's test image, re-tagged)
 #   pause:3.10.2     agnhost's `pause` (waits for a signal, reaps children, as the pause image does)
+#   agnhost:2.55     the same agnhost under the suite's previous tag (AgnhostPrev)
 # Usage: images.sh BIN_DIR (from build.sh). Idempotent: an image whose agnhost is unchanged stays.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -78,6 +79,10 @@ with_libs "$work/agnhost" /usr/bin/curl
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/agnhost" -cf "$work/agnhost.tar" .
 import "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
 import "$gc_registry/pause:3.10.2" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost", "pause"]'
+# The suite's "previous" agnhost (AgnhostPrev, 2.55): the Pod lifecycle test starts a pod on it
+# and patches the image to the current one; it runs the default entrypoint only, so the same
+# build under the older tag serves (a second image name is what the test needs).
+import "$registry/agnhost:2.55" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
 
 rootfs "$work/busybox"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/busybox" -cf "$work/busybox.tar" .

@@ -159,6 +159,7 @@ mod tests {
             pod_json: serde_json::to_vec(&pod).unwrap().into(),
             config_maps: vec![],
             secrets,
+            service_env: Default::default(),
         }
     }
 

@@ -588,6 +588,7 @@ mod tests {
                 data: [("token".to_string(), bytes::Bytes::from_static(b"hunter2"))].into(),
                 ..Default::default()
             }],
+            service_env: Default::default(),
         };
         // downwardAPI volumes are tmpfs mounts: only root can mount, so this unit test covers
         // the configMap part where it cannot.

@@ -1940,7 +1940,8 @@ fn spec_hash(c: &ContainerPlan) -> String {
     format!("{h:016x}")
 }
 
-/// The container's environment: envFrom first, then env (later entries win), as Kubernetes does.
+/// The container's environment as the kubelet builds it: the pod's Service variables (from the
+/// hub) lowest, then envFrom, then env (later entries win; `$(VAR)` sees all of them).
 fn resolve_env<R>(
     plan: &PodPlan,
     c: &ContainerPlan,
@@ -1952,7 +1953,11 @@ fn resolve_env<R>(
         host_ip: &ctx.host_ip,
         pod_ip,
     };
-    let mut env = BTreeMap::new();
+    let mut env: BTreeMap<String, String> = bundle
+        .service_env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     for from in &c.env_from {
         let kind = if from.config_map {
             "configmap"

@@ -61,6 +61,7 @@ fn bundle(spec: serde_json::Value) -> PodBundle {
             binary_data: Default::default(),
         }],
         secrets: vec![],
+        service_env: Default::default(),
     }
 }
 
@@ -237,6 +238,38 @@ async fn downward_env_and_resource_refs() {
     assert_eq!(spec.env["MEM"], "64");
     assert_eq!(spec.env["CPU"], "2", "no CPU limit: the node's allocatable");
     assert_eq!(spec.env["SA"], "sa");
+}
+
+#[tokio::test]
+async fn service_variables_sit_under_the_containers_own() {
+    let r = rig("", DevicePolicy::default()).await;
+    let mut b = bundle(serde_json::json!({
+        "containers": [{"name": "app", "image": IMAGE,
+            "env": [
+                {"name": "DB_SERVICE_PORT", "value": "override"},
+                {"name": "URL", "value": "http://$(DB_SERVICE_HOST):$(DB_SERVICE_PORT)"}]}]
+    }));
+    b.service_env = [
+        ("DB_SERVICE_HOST".to_string(), "10.0.0.7".to_string()),
+        ("DB_SERVICE_PORT".to_string(), "5432".to_string()),
+        (
+            "KUBERNETES_SERVICE_HOST".to_string(),
+            "10.0.0.1".to_string(),
+        ),
+    ]
+    .into();
+    run(&r, &b).await;
+    let spec = r.rt.spec_of("app").await.unwrap();
+    assert_eq!(spec.env["KUBERNETES_SERVICE_HOST"], "10.0.0.1");
+    assert_eq!(spec.env["DB_SERVICE_HOST"], "10.0.0.7");
+    assert_eq!(
+        spec.env["DB_SERVICE_PORT"], "override",
+        "the container's own win"
+    );
+    assert_eq!(
+        spec.env["URL"], "http://10.0.0.7:override",
+        "$(VAR) sees Service variables and earlier entries"
+    );
 }
 
 #[tokio::test(start_paused = true)]

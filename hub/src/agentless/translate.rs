@@ -660,6 +660,7 @@ mod tests {
                 data: [("token".to_string(), bytes::Bytes::from_static(b"s3cret"))].into(),
                 r#type: "Opaque".into(),
             }],
+            service_env: Default::default(),
         }
     }
 

@@ -218,6 +218,8 @@ pub fn build(
         pod_json: pod_json(pod).into(),
         config_maps,
         secrets,
+        // Set by the relay, which knows the Services (see `super::services`).
+        service_env: Default::default(),
     }
 }
 

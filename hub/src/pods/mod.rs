@@ -27,6 +27,7 @@ pub mod referenced;
 pub mod refusal;
 mod reports;
 pub mod sanitize;
+pub mod services;
 mod snapshots;
 pub mod status;
 mod store;
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::runtime::watcher;
 use prost::Message;
 use serde_json::{Value, json};
@@ -123,6 +124,8 @@ pub enum Input {
     ConfigMap(watcher::Event<ConfigMap>),
     /// A Secret watch event.
     Secret(watcher::Event<Secret>),
+    /// A Service watch event (for the pods' Service environment variables).
+    Service(watcher::Event<Service>),
     /// Something from a device stream.
     Session(SessionEvent),
     /// A deletion started by the relay finished.
@@ -217,6 +220,8 @@ pub struct PodRelay {
     pods: PodStore,
     config_maps: Cache<ConfigMap>,
     secrets: Cache<Secret>,
+    /// What the Service environment variables need of every Service.
+    services: services::Services,
     /// The ConfigMaps/Secrets pods on fleetlet nodes reference: the only ones cached.
     referenced: Referenced,
     /// GETs waiting for a slot (each also in `referenced.fetching`).
@@ -298,6 +303,7 @@ impl PodRelay {
                 pods: PodStore::new(),
                 config_maps: Cache::new(),
                 secrets: Cache::new(),
+                services: services::Services::default(),
                 referenced: Referenced::default(),
                 fetch_queue: VecDeque::new(),
                 fetches_in_flight: 0,
@@ -380,7 +386,7 @@ impl PodRelay {
     }
 
     fn synced(&self) -> bool {
-        self.pods.synced && self.config_maps.synced && self.secrets.synced
+        self.pods.synced && self.config_maps.synced && self.secrets.synced && self.services.synced
     }
 
     /// True when `node` is a Node this hub owns (the node manager created it or found it
@@ -536,6 +542,15 @@ impl PodRelay {
                     .apply(ev, |k| referenced.contains(&(RefKind::Secret, k.clone())));
                 self.after_watch(RefKind::Secret, &changed, deleted, listed);
                 self.mark_referencing(&changed, RefKind::Secret);
+            }
+            Input::Service(ev) => {
+                let listed = matches!(ev, watcher::Event::InitDone);
+                self.services.apply(ev);
+                // Like the kubelet, pods wait for the first list; a later change re-sends
+                // nothing (the variables are what the Services were when a container starts).
+                if listed && self.synced() {
+                    self.mark_all();
+                }
             }
             Input::Fetched { what, result } => self.fetched(what, result),
             Input::Session(ev) => self.session(ev),

@@ -53,6 +53,8 @@ pub(super) fn snapshot_hash(
             let data: BTreeMap<_, _> = s.data.iter().collect();
             data.hash(&mut h);
         }
+        let env: BTreeMap<_, _> = b.service_env.iter().collect();
+        env.hash(&mut h);
         b.encoded_len().hash(&mut h);
     }
     bundles.len().hash(&mut h);
@@ -186,7 +188,8 @@ impl PodRelay {
                     }
                 }
             }
-            let bundle = bundle::build(pod, &self.config_maps.items, &self.secrets.items);
+            let mut bundle = bundle::build(pod, &self.config_maps.items, &self.secrets.items);
+            bundle.service_env = self.services.env_for(pod).into_iter().collect();
             match refusal::bundle_size(&bundle, snapshot_bytes, self.cfg.bundle_limits) {
                 Ok(size) => snapshot_bytes += size,
                 Err(refusal) => {

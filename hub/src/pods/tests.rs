@@ -152,7 +152,7 @@ fn harness() -> Harness {
     let live = sessions.live.clone();
     let api = Arc::new(FakeApi::default());
     let (status_tx, status_rx) = mpsc::channel(64);
-    let (relay, _handles) = PodRelay::new(
+    let (mut relay, _handles) = PodRelay::new(
         sessions.clone(),
         api.clone(),
         status_tx,
@@ -174,6 +174,9 @@ fn harness() -> Harness {
         known_rx,
         unready_rx,
     );
+    // No Services (the suite's pods get no Service variables), listed.
+    relay.handle(Input::Service(watcher::Event::Init));
+    relay.handle(Input::Service(watcher::Event::InitDone));
     Harness {
         relay,
         sessions,
