@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes e2e test binary (`go test -c k8s.io/kubernetes/test/e2e`), its runner
-# ginkgo and a static agnhost from the modules pinned in tests/conformance/go.mod, once per machine: cached under
+# ginkgo and a static agnhost (with the porter's test certificate the agnhost image carries) from the modules pinned in tests/conformance/go.mod, once per machine: cached under
 # $FLEETLET_CACHE_DIR keyed by version and a hash of the pins. Prints the directory holding them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,7 +11,8 @@ kver=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" { print $3; exit } $1 =
 [ -n "$kver" ] || die "no k8s.io/kubernetes version in $here/go.mod"
 hash=$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-10)
 out="$FLEETLET_CACHE_DIR/e2e-$kver-$hash"
-if [ -x "$out/e2e.test" ] && [ -x "$out/agnhost" ] && [ -x "$out/ginkgo" ]; then
+if [ -x "$out/e2e.test" ] && [ -x "$out/agnhost" ] && [ -x "$out/ginkgo" ] &&
+  [ -f "$out/localhost.crt" ] && [ -f "$out/localhost.key" ]; then
   echo "$out"
   exit 0
 fi
@@ -41,6 +42,15 @@ if [ ! -x "$out/agnhost" ]; then
     k8s.io/kubernetes/test/images/agnhost || die "go build of agnhost failed"
   mv -f "$out/.agnhost.tmp" "$out/agnhost"
   log "built agnhost in $((SECONDS - start)) s"
+fi
+if [ ! -f "$out/localhost.crt" ] || [ ! -f "$out/localhost.key" ]; then
+  # The upstream agnhost image carries the porter's test certificate at / (HTTPS lifecycle hook
+  # tests serve with `netexec --tls-cert-file /localhost.crt`): the files from the same module.
+  kdir=$(GOPROXY=off go list -m -f '{{.Dir}}' k8s.io/kubernetes) || die "k8s.io/kubernetes is not in the module cache"
+  for f in localhost.crt localhost.key; do
+    install -m 0644 "$kdir/test/images/agnhost/porter/$f" "$out/.$f.tmp"
+    mv -f "$out/.$f.tmp" "$out/$f"
+  done
 fi
 if [ ! -x "$out/ginkgo" ]; then
   log "building ginkgo (the suite's runner, at the version the suite uses)"

@@ -2,7 +2,8 @@
 # Provides the images the e2e tests run, in the local stack's Podman store, under the registry
 # that tests/conformance/repo-list.yaml gives the suite (there is no registry to pull from):
 #   agnhost:2.63.0   the static agnhost built by build.sh (also as /agnhost-2), with Debian's static
-#                    busybox for a shell and the machine's bash and curl (with their libraries)
+#                    busybox for a shell, the machine's bash and curl (with their libraries) and
+#                    the upstream image's /localhost.crt and /localhost.key (porter's test pair)
 #   busybox:1.37.0-1 Debian's static busybox (the stack's test image, re-tagged)
 #   pause:3.10.2     agnhost's `pause` (waits for a signal, reaps children, as the pause image does)
 #   agnhost:2.55     the same agnhost under the suite's previous tag (AgnhostPrev)
@@ -75,6 +76,8 @@ rm -f "$work/agnhost/bin/bash"
 with_libs "$work/agnhost" /bin/bash
 # It has curl too: lifecycle hook tests call their handler pod with it.
 with_libs "$work/agnhost" /usr/bin/curl
+# And the porter's test certificate and key at / (HTTPS lifecycle hook tests serve with them).
+install -m 0644 "$bin/localhost.crt" "$bin/localhost.key" "$work/agnhost/"
 # Deterministic archives: same inputs, same checksum, no re-import.
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/agnhost" -cf "$work/agnhost.tar" .
 import "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'

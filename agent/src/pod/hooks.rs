@@ -22,6 +22,14 @@ pub enum HookAction {
 /// The kubelet's minimum time a container gets to stop after its preStop hook.
 pub const MIN_STOP_AFTER_PRESTOP: Duration = Duration::from_secs(2);
 
+/// What a hook that ran did besides succeeding.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookRan {
+    /// An HTTPS handler a plain HTTP server answered, retried in HTTP with success: the message
+    /// of the kubelet's `LifecycleHTTPFallback` Warning about the pod.
+    pub http_fallback: Option<String>,
+}
+
 /// Run `hook` in `container_id` (named `container`), bounded by `timeout`. The error says what
 /// failed, in the kubelet's words.
 pub async fn run_hook<R: ContainerRuntime>(
@@ -31,10 +39,10 @@ pub async fn run_hook<R: ContainerRuntime>(
     default_host: &str,
     hook: &HookAction,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<HookRan, String> {
     match hook {
         HookAction::Exec(cmd) => match rt.exec(container_id, cmd, timeout).await {
-            Ok(0) => Ok(()),
+            Ok(0) => Ok(HookRan::default()),
             Ok(code) => Err(format!(
                 "Exec lifecycle hook ({cmd:?}) for Container {container:?} failed - error: command '{}' exited with {code}",
                 cmd.join(" ")
@@ -45,10 +53,13 @@ pub async fn run_hook<R: ContainerRuntime>(
         },
         HookAction::HttpGet(get) => {
             let path = &get.path;
-            match get.status(default_host, timeout).await {
-                Ok(code) if (200..400).contains(&code) => Ok(()),
-                Ok(code) => Err(format!(
-                    "HTTP lifecycle hook ({path}) for Container {container:?} failed - error: HTTP status {code}"
+            match get.hook_status(default_host, timeout).await {
+                Ok(r) if (200..400).contains(&r.status) => Ok(HookRan {
+                    http_fallback: r.http_fallback,
+                }),
+                Ok(r) => Err(format!(
+                    "HTTP lifecycle hook ({path}) for Container {container:?} failed - error: HTTP status {}",
+                    r.status
                 )),
                 Err(e) => Err(format!(
                     "HTTP lifecycle hook ({path}) for Container {container:?} failed - error: {e}"
@@ -57,7 +68,7 @@ pub async fn run_hook<R: ContainerRuntime>(
         }
         HookAction::Sleep(d) => {
             tokio::time::sleep((*d).min(timeout)).await;
-            Ok(())
+            Ok(HookRan::default())
         }
     }
 }

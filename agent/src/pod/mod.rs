@@ -5,7 +5,10 @@ pub mod atomic_writer;
 pub mod downward;
 #[cfg(test)]
 mod field_table;
+pub mod grpc_probe;
 pub mod hooks;
+pub mod http_get;
+pub mod insecure_tls;
 pub mod lifecycle;
 pub mod policy;
 pub mod probe;

@@ -1,13 +1,11 @@
-//! Running probes (exec, httpGet, tcpSocket) and tracking their thresholds.
+//! Running probes (exec, httpGet, tcpSocket, grpc) and tracking their thresholds.
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+pub use super::http_get::{HttpGetAction, Scheme, dial_error};
 use super::spec::{ProbeAction, ProbePlan};
 use crate::podman::ContainerRuntime;
 
@@ -25,7 +23,8 @@ pub async fn run_probe<R: ContainerRuntime>(
 
 /// Run one probe attempt; on failure, what the kubelet's prober puts after "probe failed: "
 /// in its Unhealthy Event (`HTTP probe failed with statuscode: 500`, `dial tcp
-/// 127.0.0.1:80: connect: connection refused`). An exec probe's output is not captured by the
+/// 127.0.0.1:80: connect: connection refused`, `service unhealthy (responded with
+/// "NOT_SERVING")`). An exec probe's output is not captured by the
 /// agent; its exit code stands in for it.
 pub async fn probe_output<R: ContainerRuntime>(
     rt: &R,
@@ -44,124 +43,21 @@ pub async fn probe_output<R: ContainerRuntime>(
             match tokio::time::timeout(probe.timeout, TcpStream::connect((host, *port))).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(dial_error(host, *port, &e)),
-                Err(_) => Err(format!("dial tcp {host}:{port}: i/o timeout")),
+                Err(_) => Err(format!(
+                    "dial tcp {}: i/o timeout",
+                    super::http_get::join_host_port(host, *port)
+                )),
             }
         }
         ProbeAction::HttpGet(get) => match get.status(default_host, probe.timeout).await {
             Ok(code) if (200..400).contains(&code) => Ok(()),
             Ok(code) => Err(format!("HTTP probe failed with statuscode: {code}")),
-            Err(e) => Err(format!(
-                "Get \"http://{}:{}{}\": {e}",
-                get.host.as_deref().unwrap_or(default_host),
-                get.port,
-                get.path
-            )),
+            Err(e) => Err(e),
         },
+        ProbeAction::Grpc { port, service } => {
+            super::grpc_probe::check(default_host, *port, service, probe.timeout).await
+        }
     }
-}
-
-/// A failed connect in Go's words (`dial tcp 127.0.0.1:80: connect: connection refused`).
-fn dial_error(host: &str, port: u16, e: &std::io::Error) -> String {
-    let what = match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "connect: connection refused".to_owned(),
-        std::io::ErrorKind::TimedOut => "i/o timeout".to_owned(),
-        _ => e.to_string(),
-    };
-    format!("dial tcp {host}:{port}: {what}")
-}
-
-/// The HTTP GET of a probe or a lifecycle hook.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpGetAction {
-    /// Host (default: the pod's address).
-    pub host: Option<String>,
-    /// Port.
-    pub port: u16,
-    /// Path.
-    pub path: String,
-    /// Headers.
-    pub headers: Vec<(String, String)>,
-}
-
-impl HttpGetAction {
-    /// One GET bounded by `timeout`: the response status, or what went wrong.
-    ///
-    /// Redirects to the same host are followed (at most 10), as the kubelet's prober follows
-    /// them; a redirect elsewhere is not, and its 3xx status counts (a success).
-    pub async fn status(&self, default_host: &str, timeout: Duration) -> Result<u16, String> {
-        let host = self.host.as_deref().unwrap_or(default_host);
-        let follow = async {
-            let (mut port, mut path) = (self.port, self.path.clone());
-            for _ in 0..=MAX_REDIRECTS {
-                let (code, location) = http_get(host, port, &path, &self.headers).await?;
-                let next = location
-                    .filter(|_| (300..400).contains(&code))
-                    .and_then(|l| same_host_redirect(host, port, &l));
-                match next {
-                    Some((p, target)) => (port, path) = (p, target),
-                    None => return Ok(code),
-                }
-            }
-            Err(format!("stopped after {MAX_REDIRECTS} redirects"))
-        };
-        tokio::time::timeout(timeout, follow)
-            .await
-            .unwrap_or_else(|_| Err("timed out".into()))
-    }
-}
-
-/// Redirects a probe follows, as Go's HTTP client (and so the kubelet) does.
-const MAX_REDIRECTS: usize = 10;
-
-/// Where a redirect `location` from `host:port` leads when it stays on `host` (plain HTTP):
-/// the port and the path with its query. `None` for another host or scheme.
-fn same_host_redirect(host: &str, port: u16, location: &str) -> Option<(u16, String)> {
-    if location.starts_with('/') && !location.starts_with("//") {
-        return Some((port, location.to_owned()));
-    }
-    let uri: http::Uri = location.parse().ok()?;
-    if uri.scheme_str() != Some("http") || uri.host()? != host.trim_matches(['[', ']']) {
-        return None;
-    }
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    Some((uri.port_u16().unwrap_or(80), path))
-}
-
-/// One HTTP GET; the response status and its Location header, or what went wrong.
-async fn http_get(
-    host: &str,
-    port: u16,
-    path: &str,
-    headers: &[(String, String)],
-) -> Result<(u16, Option<String>), String> {
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| dial_error(host, port, &e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = http::Request::get(path)
-        .header(http::header::HOST, format!("{host}:{port}"))
-        .header(http::header::USER_AGENT, "fleetlet-probe/1");
-    for (k, v) in headers {
-        req = req.header(k.as_str(), v.as_str());
-    }
-    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
-    sender
-        .send_request(req)
-        .await
-        .map(|resp| {
-            let location = resp
-                .headers()
-                .get(http::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            (resp.status().as_u16(), location)
-        })
-        .map_err(|e| e.to_string())
 }
 
 /// Threshold bookkeeping of one probe of one container run.
@@ -223,39 +119,6 @@ impl ProbeTracker {
     /// Time until due (zero when overdue).
     pub fn due_in(&self, now: Instant) -> Duration {
         self.next_due.saturating_duration_since(now)
-    }
-}
-
-#[cfg(test)]
-mod redirect_tests {
-    use super::same_host_redirect;
-
-    #[test]
-    fn only_redirects_to_the_same_host_are_followed() {
-        assert_eq!(
-            same_host_redirect("10.88.0.5", 8080, "/healthz?x=1"),
-            Some((8080, "/healthz?x=1".into()))
-        );
-        assert_eq!(
-            same_host_redirect("10.88.0.5", 8080, "http://10.88.0.5:9090/a"),
-            Some((9090, "/a".into()))
-        );
-        assert_eq!(
-            same_host_redirect("10.88.0.5", 8080, "http://10.88.0.5"),
-            Some((80, "/".into()))
-        );
-        assert_eq!(
-            same_host_redirect("10.88.0.5", 8080, "http://example.com/"),
-            None
-        );
-        assert_eq!(
-            same_host_redirect("10.88.0.5", 8080, "https://10.88.0.5/"),
-            None
-        );
-        assert_eq!(
-            same_host_redirect("10.88.0.5", 8080, "//example.com/x"),
-            None
-        );
     }
 }
 
@@ -322,6 +185,7 @@ mod tests {
         p.action = ProbeAction::TcpSocket { host: None, port };
         assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
         p.action = ProbeAction::HttpGet(HttpGetAction {
+            scheme: Scheme::Http,
             host: None,
             port,
             path: "/ok".into(),
@@ -329,6 +193,7 @@ mod tests {
         });
         assert!(run_probe(&rt, "", "127.0.0.1", &p).await);
         p.action = ProbeAction::HttpGet(HttpGetAction {
+            scheme: Scheme::Http,
             host: None,
             port,
             path: "/bad".into(),

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use super::hooks::HookAction;
-pub use super::probe::HttpGetAction;
+pub use super::probe::{HttpGetAction, Scheme};
 pub use super::security::{PodSecurity, SecurityPlan};
 use super::security::{parse_container_security, parse_pod_security};
 
@@ -490,6 +490,13 @@ pub enum ProbeAction {
         host: Option<String>,
         /// Port.
         port: u16,
+    },
+    /// `grpc.health.v1.Health/Check` to the pod's address; SERVING = success.
+    Grpc {
+        /// Port.
+        port: u16,
+        /// The service name asked about (empty: the server as a whole).
+        service: String,
     },
 }
 
@@ -1576,16 +1583,24 @@ fn parse_env(
     ))
 }
 
-/// The HTTP GET of a probe or hook (HTTP only).
+/// The HTTP GET of a probe or hook.
 fn parse_http_get(
     field: &str,
     g: &k8s::HTTPGetAction,
     c: &k8s::Container,
 ) -> Result<HttpGetAction, SpecError> {
-    if g.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-        return Err(err(format!("{field}.scheme"), "only HTTP is supported"));
-    }
+    let scheme = match g.scheme.as_deref() {
+        None | Some("" | "HTTP") => Scheme::Http,
+        Some("HTTPS") => Scheme::Https,
+        Some(other) => {
+            return Err(err(
+                format!("{field}.scheme"),
+                format!("{other:?} is not HTTP or HTTPS"),
+            ));
+        }
+    };
     Ok(HttpGetAction {
+        scheme,
         host: g.host.clone().filter(|h| !h.is_empty()),
         port: resolve_port(&format!("{field}.port"), &g.port, c)?,
         path: g.path.clone().unwrap_or_else(|| "/".into()),
@@ -1634,11 +1649,21 @@ fn parse_probe(field: &str, p: &k8s::Probe, c: &k8s::Container) -> Result<ProbeP
             host: t.host.clone().filter(|h| !h.is_empty()),
             port: resolve_port(&format!("{field}.tcpSocket.port"), &t.port)?,
         }
+    } else if let Some(g) = &p.grpc {
+        ProbeAction::Grpc {
+            port: u16::try_from(g.port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    err(
+                        format!("{field}.grpc.port"),
+                        format!("{} is not a port", g.port),
+                    )
+                })?,
+            service: g.service.clone().unwrap_or_default(),
+        }
     } else {
-        return Err(err(
-            field,
-            "needs exec, httpGet or tcpSocket (grpc is not supported)",
-        ));
+        return Err(err(field, "needs exec, httpGet, tcpSocket or grpc"));
     };
     Ok(ProbePlan {
         action,
@@ -1765,6 +1790,68 @@ mod tests {
                 assert_eq!((get.port, get.path.as_str()), (8080, "/ok"))
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn grpc_probes_and_https_handlers_are_parsed() {
+        let plan = parse_pod(&pod(serde_json::json!({
+            "initContainers": [{"name": "side", "image": "i", "restartPolicy": "Always",
+                "startupProbe": {"grpc": {"port": 5000, "service": "svc"}}}],
+            "containers": [{
+                "name": "app", "image": "i",
+                "livenessProbe": {"grpc": {"port": 5000}, "timeoutSeconds": 5},
+                "readinessProbe": {"httpGet": {"port": 8443, "scheme": "HTTPS"}},
+                "lifecycle": {"postStart": {"httpGet": {"port": 8443, "path": "/p", "scheme": "HTTPS"}}}
+            }]
+        })))
+        .unwrap();
+        let app = &plan.containers[0];
+        assert_eq!(
+            app.liveness.as_ref().unwrap().action,
+            ProbeAction::Grpc {
+                port: 5000,
+                service: String::new()
+            }
+        );
+        assert_eq!(
+            app.liveness.as_ref().unwrap().timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            plan.init_containers[0].startup.as_ref().unwrap().action,
+            ProbeAction::Grpc {
+                port: 5000,
+                service: "svc".into()
+            }
+        );
+        match &app.readiness.as_ref().unwrap().action {
+            ProbeAction::HttpGet(g) => assert_eq!((g.scheme, g.port), (Scheme::Https, 8443)),
+            other => panic!("{other:?}"),
+        }
+        match &app.post_start {
+            Some(HookAction::HttpGet(g)) => assert_eq!(g.scheme, Scheme::Https),
+            other => panic!("{other:?}"),
+        }
+        for (probe, field) in [
+            (
+                serde_json::json!({"grpc": {"port": 0}}),
+                "spec.containers[0].livenessProbe.grpc.port",
+            ),
+            (
+                serde_json::json!({"grpc": {"port": 70000}}),
+                "spec.containers[0].livenessProbe.grpc.port",
+            ),
+            (
+                serde_json::json!({"httpGet": {"port": 80, "scheme": "FTP"}}),
+                "spec.containers[0].livenessProbe.httpGet.scheme",
+            ),
+        ] {
+            let e = parse_pod(&pod(serde_json::json!({
+                "containers": [{"name": "app", "image": "i", "livenessProbe": probe}]
+            })))
+            .unwrap_err();
+            assert_eq!(e.field, field, "{e}");
         }
     }
 

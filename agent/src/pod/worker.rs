@@ -253,6 +253,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
         );
     }
 
+    /// The Warning of an HTTPS hook that succeeded in HTTP (see [`hook_fell_back`]).
+    fn hook_fell_back(&self, plan: &PodPlan, ran: &super::hooks::HookRan) {
+        hook_fell_back(&self.ctx.events, &self.uid, plan, ran);
+    }
+
     /// Publish the pod's status; true when it changed.
     fn publish(
         &self,
@@ -1144,10 +1149,14 @@ impl<R: ContainerRuntime> PodWorker<R> {
                                 // the kubelet; a failure kills it and the restart policy decides.
                                 let timeout = Duration::from_secs(plan.grace_secs.max(30));
                                 let host = self.pod_address(plan);
-                                if let Err(e) =
-                                    super::hooks::run_hook(&*rt, &c.name, &id, &host, hook, timeout)
-                                        .await
-                                {
+                                let ran = super::hooks::run_hook(
+                                    &*rt, &c.name, &id, &host, hook, timeout,
+                                )
+                                .await;
+                                if let Ok(done) = &ran {
+                                    self.hook_fell_back(plan, done);
+                                }
+                                if let Err(e) = ran {
                                     warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPostStartHook", message = %e, "postStart hook failed; killing the container");
                                     // Without the hook's output, as the kubelet (it may hold
                                     // secrets).
@@ -2105,7 +2114,11 @@ impl<R: ContainerRuntime> Stopper<R> {
         {
             let started = Instant::now();
             let host = pod_address(plan, &self.pod_ip);
-            if let Err(e) = super::hooks::run_hook(&**rt, &c.name, id, &host, hook, grace).await {
+            let ran = super::hooks::run_hook(&**rt, &c.name, id, &host, hook, grace).await;
+            if let Ok(done) = &ran {
+                hook_fell_back(&self.ctx.events, &self.uid, plan, done);
+            }
+            if let Err(e) = ran {
                 warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, reason = "FailedPreStopHook", message = %e, "preStop hook failed");
                 self.container_event(
                     plan,
@@ -2225,6 +2238,26 @@ fn record_container_event(
         reason,
         message,
     );
+}
+
+/// As the kubelet: an HTTPS lifecycle handler answered in plain HTTP and retried in HTTP with
+/// success is a `LifecycleHTTPFallback` Warning about the pod (and a log line).
+fn hook_fell_back(
+    events: &crate::events::EventRecorder,
+    uid: &str,
+    plan: &PodPlan,
+    ran: &super::hooks::HookRan,
+) {
+    if let Some(message) = &ran.http_fallback {
+        warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, reason = "LifecycleHTTPFallback", %message, "HTTPS lifecycle hook got an HTTP response");
+        events.record(
+            uid,
+            "",
+            EventType::Warning,
+            "LifecycleHTTPFallback",
+            message,
+        );
+    }
 }
 
 /// Where probes and hooks reach a pod: its IP, or loopback on the host network (and before the
