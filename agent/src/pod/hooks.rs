@@ -13,7 +13,8 @@ use crate::podman::ContainerRuntime;
 pub enum HookAction {
     /// Run a command in the container.
     Exec(Vec<String>),
-    /// HTTP GET; any status from 200 to 399 is success.
+    /// HTTP GET; any answer is success (the kubelet's handler does not look at the status:
+    /// only a request that gets no answer fails the hook).
     HttpGet(HttpGetAction),
     /// Sleep this long.
     Sleep(Duration),
@@ -54,13 +55,9 @@ pub async fn run_hook<R: ContainerRuntime>(
         HookAction::HttpGet(get) => {
             let path = &get.path;
             match get.hook_status(default_host, timeout).await {
-                Ok(r) if (200..400).contains(&r.status) => Ok(HookRan {
+                Ok(r) => Ok(HookRan {
                     http_fallback: r.http_fallback,
                 }),
-                Ok(r) => Err(format!(
-                    "HTTP lifecycle hook ({path}) for Container {container:?} failed - error: HTTP status {}",
-                    r.status
-                )),
                 Err(e) => Err(format!(
                     "HTTP lifecycle hook ({path}) for Container {container:?} failed - error: {e}"
                 )),
