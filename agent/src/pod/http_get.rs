@@ -110,6 +110,18 @@ impl HttpGetAction {
     /// A probe's GET bounded by `timeout`: the final response's status, or the error in Go's
     /// words (`Get "http://…": …`).
     pub async fn status(&self, default_host: &str, timeout: Duration) -> Result<u16, String> {
+        self.answer(default_host, timeout)
+            .await
+            .map(|(status, _)| status)
+    }
+
+    /// A probe's GET bounded by `timeout`: the final response's status and (at most 10 KiB of)
+    /// its body, or the error in Go's words.
+    pub async fn answer(
+        &self,
+        default_host: &str,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), String> {
         let host = self.host.as_deref().unwrap_or(default_host);
         self.follow(self.scheme, host, &self.headers, timeout)
             .await
@@ -127,7 +139,7 @@ impl HttpGetAction {
         let started = tokio::time::Instant::now();
         let first = self.follow(self.scheme, host, &self.headers, timeout).await;
         let error = match first {
-            Ok(status) => {
+            Ok((status, _)) => {
                 return Ok(HookResponse {
                     status,
                     http_fallback: None,
@@ -150,7 +162,7 @@ impl HttpGetAction {
             ..self.clone()
         };
         match self.follow(Scheme::Http, host, &headers, left).await {
-            Ok(status) => Ok(HookResponse {
+            Ok((status, _)) => Ok(HookResponse {
                 status,
                 http_fallback: Some(format!(
                     "request to HTTPS lifecycle hook {} got HTTP response, retry with HTTP succeeded",
@@ -169,17 +181,17 @@ impl HttpGetAction {
         host: &str,
         headers: &[(String, String)],
         timeout: Duration,
-    ) -> Result<u16, GetError> {
+    ) -> Result<(u16, Bytes), GetError> {
         let follow = async {
             let (mut scheme, mut port, mut path) = (scheme, self.port, self.path.clone());
             for _ in 0..=MAX_REDIRECTS {
-                let (code, location) = get_once(scheme, host, port, &path, headers).await?;
+                let (code, location, body) = get_once(scheme, host, port, &path, headers).await?;
                 let next = location
                     .filter(|_| (300..400).contains(&code))
                     .and_then(|l| same_host_redirect(scheme, host, port, &l));
                 match next {
                     Some(target) => (scheme, port, path) = target,
-                    None => return Ok(code),
+                    None => return Ok((code, body)),
                 }
             }
             Err(GetError::Other(format!(
@@ -244,7 +256,7 @@ async fn get_once(
     port: u16,
     path: &str,
     headers: &[(String, String)],
-) -> Result<(u16, Option<String>), GetError> {
+) -> Result<(u16, Option<String>, Bytes), GetError> {
     let bare = host.trim_matches(['[', ']']);
     let tcp = TcpStream::connect((bare, port))
         .await
@@ -315,7 +327,7 @@ fn build_request(
 async fn exchange<S>(
     io: S,
     request: http::Request<Empty<Bytes>>,
-) -> Result<(u16, Option<String>), GetError>
+) -> Result<(u16, Option<String>, Bytes), GetError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -334,15 +346,19 @@ where
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let mut body = resp.into_body();
-    let mut read = 0usize;
-    while read < MAX_BODY {
+    let mut read = Vec::new();
+    while read.len() < MAX_BODY {
         match body.frame().await {
-            Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    read.extend_from_slice(&data[..data.len().min(MAX_BODY - read.len())]);
+                }
+            }
             Some(Err(e)) => return Err(other(e)),
             None => break,
         }
     }
-    Ok((status, location))
+    Ok((status, location, Bytes::from(read)))
 }
 
 /// A failed connect in Go's words (`dial tcp 127.0.0.1:80: connect: connection refused`).

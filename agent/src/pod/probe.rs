@@ -21,6 +21,17 @@ pub async fn run_probe<R: ContainerRuntime>(
         .is_ok()
 }
 
+/// A probe attempt that succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Passed {
+    /// Plainly.
+    Ok,
+    /// With a warning the kubelet's prober records as a `ProbeWarning` Event (an HTTP probe
+    /// whose redirect to another host was not followed: `Probe terminated redirects, Response
+    /// body: …`).
+    Warning(String),
+}
+
 /// Run one probe attempt; on failure, what the kubelet's prober puts after "probe failed: "
 /// in its Unhealthy Event (`HTTP probe failed with statuscode: 500`, `dial tcp
 /// 127.0.0.1:80: connect: connection refused`, `service unhealthy (responded with
@@ -31,17 +42,17 @@ pub async fn probe_output<R: ContainerRuntime>(
     container_id: &str,
     default_host: &str,
     probe: &ProbePlan,
-) -> Result<(), String> {
+) -> Result<Passed, String> {
     match &probe.action {
         ProbeAction::Exec(cmd) => match rt.exec(container_id, cmd, probe.timeout).await {
-            Ok(0) => Ok(()),
+            Ok(0) => Ok(Passed::Ok),
             Ok(code) => Err(format!("command {cmd:?} exited with {code}")),
             Err(e) => Err(e.to_string()),
         },
         ProbeAction::TcpSocket { host, port } => {
             let host = host.as_deref().unwrap_or(default_host);
             match tokio::time::timeout(probe.timeout, TcpStream::connect((host, *port))).await {
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(_)) => Ok(Passed::Ok),
                 Ok(Err(e)) => Err(dial_error(host, *port, &e)),
                 Err(_) => Err(format!(
                     "dial tcp {}: i/o timeout",
@@ -49,13 +60,21 @@ pub async fn probe_output<R: ContainerRuntime>(
                 )),
             }
         }
-        ProbeAction::HttpGet(get) => match get.status(default_host, probe.timeout).await {
-            Ok(code) if (200..400).contains(&code) => Ok(()),
-            Ok(code) => Err(format!("HTTP probe failed with statuscode: {code}")),
+        ProbeAction::HttpGet(get) => match get.answer(default_host, probe.timeout).await {
+            // A redirect the GET did not follow (to another host): success with a warning, as
+            // the kubelet's HTTP prober.
+            Ok((code, body)) if (300..400).contains(&code) => Ok(Passed::Warning(format!(
+                "Probe terminated redirects, Response body: {}",
+                String::from_utf8_lossy(&body)
+            ))),
+            Ok((code, _)) if (200..300).contains(&code) => Ok(Passed::Ok),
+            Ok((code, _)) => Err(format!("HTTP probe failed with statuscode: {code}")),
             Err(e) => Err(e),
         },
         ProbeAction::Grpc { port, service } => {
-            super::grpc_probe::check(default_host, *port, service, probe.timeout).await
+            super::grpc_probe::check(default_host, *port, service, probe.timeout)
+                .await
+                .map(|()| Passed::Ok)
         }
     }
 }
@@ -162,7 +181,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
-            for _ in 0..4 {
+            for _ in 0..5 {
                 let Ok((mut s, _)) = listener.accept().await else {
                     return;
                 };
@@ -170,6 +189,21 @@ mod tests {
                 let mut buf = [0u8; 1024];
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                if req.starts_with("GET /away") {
+                    // agnhost's /redirect?loc=http://0.0.0.0/ answers like this (Go's
+                    // http.Redirect).
+                    let body = "<a href=\"http://0.0.0.0/\">Found</a>.\n";
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 302 Found\r\nlocation: http://0.0.0.0/\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    continue;
+                }
                 let code = if req.starts_with("GET /ok") {
                     "200 OK"
                 } else {
@@ -200,6 +234,21 @@ mod tests {
             headers: vec![],
         });
         assert!(!run_probe(&rt, "", "127.0.0.1", &p).await);
+        p.action = ProbeAction::HttpGet(HttpGetAction {
+            scheme: Scheme::Http,
+            host: None,
+            port,
+            path: "/away".into(),
+            headers: vec![],
+        });
+        assert_eq!(
+            probe_output(&rt, "", "127.0.0.1", &p).await,
+            Ok(Passed::Warning(
+                "Probe terminated redirects, Response body: <a href=\"http://0.0.0.0/\">Found</a>.\n"
+                    .into()
+            )),
+            "a redirect to another host is not followed: success with the kubelet's warning"
+        );
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let closed_port = closed.local_addr().unwrap().port();
         drop(closed);

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::downward::{self, Addresses};
 use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Termination};
 use super::policy::DevicePolicy;
-use super::probe::{ProbeTracker, Verdict, probe_output};
+use super::probe::{Passed, ProbeTracker, Verdict, probe_output};
 use super::sandbox;
 use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources, RestartPolicy};
 use super::status::{ContainerView, PodView, failed_status, pod_status};
@@ -1259,7 +1259,17 @@ impl<R: ContainerRuntime> PodWorker<R> {
             let p = p.clone();
             async move {
                 match probe_output(&*rt, &id, &host, &p).await {
-                    Ok(()) => true,
+                    Ok(Passed::Ok) => true,
+                    Ok(Passed::Warning(warning)) => {
+                        events.record(
+                            &uid,
+                            &field_path,
+                            EventType::Warning,
+                            "ProbeWarning",
+                            &format!("{kind} probe warning: {warning}"),
+                        );
+                        true
+                    }
                     Err(output) => {
                         events.record(
                             &uid,
