@@ -1115,8 +1115,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let mut inspect = None;
         if let Some(id) = &container_id {
             inspect = rt.inspect_container(id).await?;
+            // An ephemeral container is never replaced (the API forbids changing one; a new
+            // agent version hashing it differently must not run it again).
             if let Some(i) = &inspect
                 && i.config.labels.get(labels::SPEC_HASH).map(String::as_str) != Some(hash)
+                && plan.ephemeral(&c.name).is_none()
             {
                 // The desired container changed (e.g. a new image): replace it.
                 info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");

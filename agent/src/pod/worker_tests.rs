@@ -624,6 +624,35 @@ async fn an_ephemeral_container_joins_the_running_pod_once_without_disturbing_it
             })
             .count();
     assert_eq!(created, 1, "created once");
+    // Another agent version hashing the container differently does not make it again.
+    for c in r.rt.state.lock().await.containers.values_mut() {
+        if c.labels
+            .get(crate::podman::labels::CONTAINER)
+            .map(String::as_str)
+            == Some("debugger")
+        {
+            c.labels
+                .insert(crate::podman::labels::SPEC_HASH.into(), "older".into());
+        }
+    }
+    let again = serde_json::json!({"containers": [app],
+        "ephemeralContainers": [{"name": "debugger", "image": IMAGE, "stdin": true, "tty": true,
+            "targetContainerName": "app", "command": ["sh"]}]});
+    let st = pass(&mut w, &r, &bundle_at(again, 2)).await;
+    assert_eq!(
+        ephemeral_state(&st, "debugger")
+            .state
+            .unwrap()
+            .terminated
+            .unwrap()
+            .exit_code,
+        3
+    );
+    assert_eq!(
+        r.rt.state.lock().await.containers.len(),
+        3,
+        "infra, app and the one debugger: nothing replaced"
+    );
     let events: Vec<String> = recorded(&r)
         .into_iter()
         .filter(|e| e.2 == "spec.ephemeralContainers{debugger}")
