@@ -320,7 +320,7 @@ fn same_desire(a: &Desire, b: &Desire) -> bool {
 /// Parse a pod and check it against the device policy: the plan every worker pass uses, or
 /// why the pod cannot run here.
 pub fn plan_pod(pod_json: &[u8], policy: &crate::pod::policy::DevicePolicy) -> Planned {
-    let plan: PodPlan = parse_pod(pod_json).map_err(|e| {
+    let mut plan: PodPlan = parse_pod(pod_json).map_err(|e| {
         if e.field == crate::pod::spec::OS_FIELD {
             // The kubelet's admission refusal, reason and words as in its predicate.
             Rejection {
@@ -338,6 +338,7 @@ pub fn plan_pod(pod_json: &[u8], policy: &crate::pod::policy::DevicePolicy) -> P
         reason: v.reason.into(),
         message: v.message,
     })?;
+    policy.refuse_ephemeral(&mut plan);
     Ok(Arc::new(plan))
 }
 

@@ -161,6 +161,7 @@ async fn podman_floor(id: &str) {
                 hostname: Some("floor".into()),
                 netns: Namespace {
                     nsmode: "bridge".into(),
+                    value: String::new(),
                 },
                 utsns: None,
                 portmappings: Vec::new(),

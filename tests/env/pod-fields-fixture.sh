@@ -20,7 +20,7 @@ command -v jq >/dev/null || { echo "jq is missing (apt-get install jq)" >&2; exi
 types=(
   PodSpec PodSecurityContext SecurityContext Capabilities SeccompProfile AppArmorProfile
   SELinuxOptions Sysctl LocalObjectReference
-  Container VolumeMount ContainerPort EnvVar EnvVarSource ConfigMapKeySelector SecretKeySelector
+  Container EphemeralContainer VolumeMount ContainerPort EnvVar EnvVarSource ConfigMapKeySelector SecretKeySelector
   ObjectFieldSelector ResourceFieldSelector FileKeySelector EnvFromSource ConfigMapEnvSource
   SecretEnvSource ResourceRequirements Probe ExecAction HTTPGetAction HTTPHeader TCPSocketAction
   GRPCAction Lifecycle LifecycleHandler SleepAction

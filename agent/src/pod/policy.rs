@@ -9,7 +9,7 @@
 use serde::Deserialize;
 
 use super::security::SAFE_SYSCTLS;
-use super::spec::{PodPlan, VolumePlan};
+use super::spec::{ContainerPlan, PodPlan, VolumePlan};
 
 /// `[policy]` of agent.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -105,33 +105,9 @@ impl DevicePolicy {
                 }
             }
         }
-        let all_caps = self.allowed_capabilities.iter().any(|c| c == "*");
         for (i, c) in plan.all_containers().enumerate() {
             let (kind, idx) = plan.container_field(i);
-            let field = format!("spec.{kind}[{idx}].securityContext");
-            if c.security.privileged && !self.allow_privileged {
-                return Err(violation(
-                    &format!("{field}.privileged"),
-                    "privileged containers",
-                    "allow_privileged = false",
-                ));
-            }
-            if !all_caps {
-                for cap in &c.security.cap_add {
-                    let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
-                    let ok = self
-                        .allowed_capabilities
-                        .iter()
-                        .any(|a| a.trim_start_matches("CAP_").eq_ignore_ascii_case(bare));
-                    if !ok {
-                        return Err(violation(
-                            &format!("{field}.capabilities.add"),
-                            &format!("adding {cap}"),
-                            &format!("allowed_capabilities = {:?}", self.allowed_capabilities),
-                        ));
-                    }
-                }
-            }
+            self.check_container(&format!("spec.{kind}[{idx}]"), c)?;
         }
         for (i, (name, _)) in plan.security.sysctls.iter().enumerate() {
             let field = format!("spec.securityContext.sysctls[{i}]");
@@ -158,6 +134,49 @@ impl DevicePolicy {
             }
         }
         Ok(())
+    }
+
+    /// Check one container (`field` is its spec path): privileged and added capabilities.
+    /// Ephemeral containers are checked alone with this (see [`DevicePolicy::refuse_ephemeral`]).
+    pub fn check_container(&self, field: &str, c: &ContainerPlan) -> Result<(), PolicyViolation> {
+        let field = format!("{field}.securityContext");
+        if c.security.privileged && !self.allow_privileged {
+            return Err(violation(
+                &format!("{field}.privileged"),
+                "privileged containers",
+                "allow_privileged = false",
+            ));
+        }
+        if !self.allowed_capabilities.iter().any(|c| c == "*") {
+            for cap in &c.security.cap_add {
+                let bare = cap.strip_prefix("CAP_").unwrap_or(cap);
+                let ok = self
+                    .allowed_capabilities
+                    .iter()
+                    .any(|a| a.trim_start_matches("CAP_").eq_ignore_ascii_case(bare));
+                if !ok {
+                    return Err(violation(
+                        &format!("{field}.capabilities.add"),
+                        &format!("adding {cap}"),
+                        &format!("allowed_capabilities = {:?}", self.allowed_capabilities),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses each ephemeral container the policy forbids, exactly as it would forbid the
+    /// same settings on any other container; the pod itself runs on (an ephemeral container is
+    /// added to a running pod, which must not end because a debugging session was refused).
+    pub fn refuse_ephemeral(&self, plan: &mut PodPlan) {
+        for (i, e) in plan.ephemeral_containers.iter_mut().enumerate() {
+            if let Ok(c) = &e.container
+                && let Err(v) = self.check_container(&format!("spec.ephemeralContainers[{i}]"), c)
+            {
+                e.container = Err((v.reason.to_owned(), v.message));
+            }
+        }
     }
 }
 

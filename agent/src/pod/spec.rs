@@ -95,6 +95,9 @@ pub struct PodPlan {
     pub init_containers: Vec<ContainerPlan>,
     /// spec.containers.
     pub containers: Vec<ContainerPlan>,
+    /// spec.ephemeralContainers, in order: debugging containers added to the running pod
+    /// (`kubectl debug`), each started once in its sandbox and never restarted.
+    pub ephemeral_containers: Vec<EphemeralPlan>,
     /// spec.volumes.
     pub volumes: Vec<VolumePlan>,
     /// Effective requests for admission, the kubelet's way (sidecars and overhead included;
@@ -148,6 +151,29 @@ impl PodPlan {
     pub fn container(&self, name: &str) -> Option<&ContainerPlan> {
         self.all_containers().find(|c| c.name == name)
     }
+
+    /// The ephemeral container named `name`, when this device runs it.
+    pub fn ephemeral(&self, name: &str) -> Option<&ContainerPlan> {
+        self.ephemeral_containers
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.container.as_ref().ok())
+    }
+}
+
+/// An ephemeral container (`spec.ephemeralContainers[i]`). One this device will not run (a
+/// field it does not support, or its policy) is refused alone: the pod and its other
+/// containers run on, as the kubelet lets a pod run when one ephemeral container cannot start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EphemeralPlan {
+    /// Its name.
+    pub name: String,
+    /// Its image as specified.
+    pub image: String,
+    /// targetContainerName: the container whose process namespace it joins.
+    pub target: Option<String>,
+    /// The container to run, or why it is refused (status reason, message naming the field).
+    pub container: Result<ContainerPlan, (String, String)>,
 }
 
 /// CPU in millicores and memory in bytes.
@@ -207,6 +233,11 @@ pub struct ContainerPlan {
     pub termination_message_path: Option<String>,
     /// terminationMessagePolicy: FallbackToLogsOnError.
     pub termination_message_from_logs: bool,
+    /// stdin: keep the container's standard input open for `kubectl attach` (ephemeral
+    /// containers only; refused on others).
+    pub stdin: bool,
+    /// tty: give the container a terminal (ephemeral containers only; refused on others).
+    pub tty: bool,
 }
 
 /// One environment variable source.
@@ -600,12 +631,44 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
             ));
         }
     }
-    if spec
+    let mut ephemeral_containers = Vec::new();
+    for (i, e) in spec
         .ephemeral_containers
-        .as_ref()
-        .is_some_and(|e| !e.is_empty())
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
     {
-        return Err(err("spec.ephemeralContainers", "not supported"));
+        let field = format!("spec.ephemeralContainers[{i}]");
+        let target = e.target_container_name.clone().filter(|t| !t.is_empty());
+        let container = parse_ephemeral(&field, &spec, &annotations, e, &volumes)
+            .map_err(|x| ("UnsupportedPodSpec".to_owned(), x.to_string()))
+            .and_then(|c| match &target {
+                Some(t)
+                    if !containers
+                        .iter()
+                        .chain(&init_containers)
+                        .any(|o| &o.name == t) =>
+                {
+                    Err((
+                        "UnsupportedPodSpec".to_owned(),
+                        format!("{field}.targetContainerName: no container named {t:?} in the pod"),
+                    ))
+                }
+                _ => Ok(c),
+            });
+        if !seen.insert(e.name.clone()) {
+            return Err(err(
+                "spec.ephemeralContainers",
+                format!("duplicate container name {:?}", e.name),
+            ));
+        }
+        ephemeral_containers.push(EphemeralPlan {
+            name: e.name.clone(),
+            image: e.image.clone().unwrap_or_default(),
+            target,
+            container,
+        });
     }
     if spec.host_pid == Some(true) {
         return Err(err("spec.hostPID", "not supported"));
@@ -625,6 +688,7 @@ pub fn parse_pod(pod_json: &[u8]) -> Result<PodPlan, SpecError> {
         active_deadline_secs: spec.active_deadline_seconds.map(|d| d.max(1) as u64),
         init_containers,
         containers,
+        ephemeral_containers,
         volumes,
         requests,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
@@ -1433,7 +1497,38 @@ fn parse_container(
                 ));
             }
         },
+        stdin: false,
+        tty: false,
     })
+}
+
+/// Parses `spec.ephemeralContainers[i]`: the fields it shares with a container as a container's
+/// (the API server has already refused the ones an ephemeral container may not set: ports,
+/// probes, resources, lifecycle), plus stdin and tty, which `kubectl debug -it` sets. An
+/// error refuses this ephemeral container alone.
+fn parse_ephemeral(
+    field: &str,
+    spec: &k8s::PodSpec,
+    annotations: &BTreeMap<String, String>,
+    e: &k8s::EphemeralContainer,
+    volumes: &[VolumePlan],
+) -> Result<ContainerPlan, SpecError> {
+    // EphemeralContainer has Container's fields plus targetContainerName; read it as one.
+    let mut value = serde_json::to_value(e)
+        .map_err(|x| err(field, format!("cannot be read as a container: {x}")))?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove("targetContainerName");
+    }
+    let mut c: k8s::Container = serde_json::from_value(value)
+        .map_err(|x| err(field, format!("cannot be read as a container: {x}")))?;
+    let (stdin, tty) = (c.stdin == Some(true), c.tty == Some(true));
+    c.stdin = None;
+    c.tty = None;
+    let mut plan = parse_container(field, spec, &c, volumes, false)?;
+    plan.security = parse_container_security(field, spec, Some(annotations), &c)?;
+    plan.stdin = stdin;
+    plan.tty = tty;
+    Ok(plan)
 }
 
 type Lifecycle = (Option<HookAction>, Option<HookAction>, u32);
@@ -1718,6 +1813,49 @@ mod tests {
             ))
             .is_ok()
         );
+    }
+
+    #[test]
+    fn ephemeral_containers_are_parsed_each_alone_with_stdin_tty_and_target() {
+        let p = parse_pod(&pod(serde_json::json!({
+            "volumes": [{"name": "v", "emptyDir": {}}],
+            "containers": [{"name": "c", "image": "i"}],
+            "ephemeralContainers": [
+                {"name": "debugger", "image": "busybox", "stdin": true, "tty": true,
+                    "targetContainerName": "c", "command": ["sh"],
+                    "volumeMounts": [{"name": "v", "mountPath": "/v"}]},
+                {"name": "bad", "image": "busybox",
+                    "volumeMounts": [{"name": "missing", "mountPath": "/m"}]}]
+        })))
+        .expect("the pod parses; a bad ephemeral container is refused alone");
+        assert_eq!(p.containers.len(), 1);
+        let d = &p.ephemeral_containers[0];
+        assert_eq!(d.target.as_deref(), Some("c"));
+        let c = d.container.as_ref().expect("debugger runs");
+        assert!(c.stdin && c.tty);
+        assert_eq!(c.command.as_deref(), Some(&["sh".to_owned()][..]));
+        assert_eq!(c.mounts[0].path, "/v");
+        assert!(p.container("debugger").is_none(), "not an app container");
+        assert!(p.ephemeral("debugger").is_some());
+        let (reason, message) = p.ephemeral_containers[1].container.as_ref().unwrap_err();
+        assert_eq!(reason, "UnsupportedPodSpec");
+        assert_eq!(
+            message,
+            "spec.ephemeralContainers[1].volumeMounts[0].name: no volume named \"missing\""
+        );
+        // stdin and tty stay refused on the pod's own containers.
+        let e = parse_pod(&pod(serde_json::json!({
+            "containers": [{"name": "c", "image": "i", "tty": true}]
+        })))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.containers[0].stdin");
+        // A name shared with a container is refused, as the API would.
+        let e = parse_pod(&pod(serde_json::json!({
+            "containers": [{"name": "c", "image": "i"}],
+            "ephemeralContainers": [{"name": "c", "image": "i"}]
+        })))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.ephemeralContainers");
     }
 
     #[test]

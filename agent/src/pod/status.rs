@@ -33,6 +33,8 @@ pub struct PodView<'a> {
     pub init: Vec<ContainerView<'a>>,
     /// App containers.
     pub app: Vec<ContainerView<'a>>,
+    /// Ephemeral containers, in spec order (they never decide the phase or readiness).
+    pub ephemeral: Vec<ContainerView<'a>>,
     /// Node address.
     pub host_ip: &'a str,
     /// Pod address.
@@ -167,6 +169,14 @@ fn init_container_status(c: &ContainerView<'_>) -> k8s::ContainerStatus {
     s
 }
 
+/// An ephemeral container's status: the same state shapes as a container's, never ready (it
+/// is not probed and serves nothing), never restarted.
+fn ephemeral_status(c: &ContainerView<'_>) -> k8s::ContainerStatus {
+    let mut s = container_status(c);
+    s.ready = false;
+    s
+}
+
 /// status.observedGeneration and each condition's: the pod generation the status describes, as
 /// the kubelet reports it (PodObservedGenerationTracking); none for a pod without one.
 fn observed(generation: i64) -> Option<i64> {
@@ -264,6 +274,8 @@ pub fn pod_status(v: &PodView<'_>) -> k8s::PodStatus {
         init_container_statuses: Some(v.init.iter().map(init_container_status).collect())
             .filter(|s: &Vec<_>| !s.is_empty()),
         container_statuses: Some(v.app.iter().map(container_status).collect()),
+        ephemeral_container_statuses: Some(v.ephemeral.iter().map(ephemeral_status).collect())
+            .filter(|s: &Vec<_>| !s.is_empty()),
         qos_class: Some(qos(v.plan).into()),
         observed_generation: observed(generation),
         ..Default::default()

@@ -20,7 +20,9 @@ use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Terminati
 use super::policy::DevicePolicy;
 use super::probe::{Passed, ProbeTracker, Verdict, probe_output};
 use super::sandbox;
-use super::spec::{ContainerPlan, EnvVar, PodPlan, PullPolicy, Resources, RestartPolicy};
+use super::spec::{
+    ContainerPlan, EnvVar, EphemeralPlan, PodPlan, PullPolicy, Resources, RestartPolicy,
+};
 use super::status::{ContainerView, PodView, failed_status, pod_status};
 use super::volumes;
 use crate::events::{EventType, container_field_path, go_duration, pod_desc};
@@ -137,6 +139,9 @@ pub struct PodWorker<R> {
     ended: Option<(&'static str, String)>,
     /// When disk-backed emptyDirs with a sizeLimit were last measured.
     usage_checked: Option<Instant>,
+    /// Ephemeral containers created once: never created again, whatever becomes of them (the
+    /// kubelet starts an ephemeral container only while it has no status).
+    ephemeral_created: std::collections::BTreeSet<String>,
     /// Each pod condition's status as last reported and since when (its lastTransitionTime),
     /// kept as the kubelet's status manager keeps it: the time moves only when the status does.
     condition_since: BTreeMap<String, (String, Timestamp)>,
@@ -182,6 +187,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             renewing: false,
             usage_checked: None,
             condition_since: BTreeMap::new(),
+            ephemeral_created: Default::default(),
         }
     }
 
@@ -402,6 +408,17 @@ impl<R: ContainerRuntime> PodWorker<R> {
         };
         let init: Vec<_> = plan.init_containers.iter().map(|c| (c, view(c))).collect();
         let app: Vec<_> = plan.containers.iter().map(|c| (c, view(c))).collect();
+        let ephemeral: Vec<_> = plan
+            .ephemeral_containers
+            .iter()
+            .map(|e| {
+                let (iid, cid, lc) = match self.slots.get(&e.name) {
+                    Some(s) => (s.image_id.clone(), s.container_id.clone(), s.lc.clone()),
+                    None => (String::new(), String::new(), empty.clone()),
+                };
+                (e, iid, cid, lc)
+            })
+            .collect();
         let pod_ip = if plan.host_network {
             self.ctx.host_ip.as_str()
         } else {
@@ -429,6 +446,17 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     container_id: cid,
                     lifecycle: lc,
                     sidecar: c.sidecar,
+                })
+                .collect(),
+            ephemeral: ephemeral
+                .iter()
+                .map(|(e, iid, cid, lc)| ContainerView {
+                    name: &e.name,
+                    image: &e.image,
+                    image_id: iid,
+                    container_id: cid,
+                    lifecycle: lc,
+                    sidecar: false,
                 })
                 .collect(),
             host_ip: &self.ctx.host_ip,
@@ -648,7 +676,162 @@ impl<R: ContainerRuntime> PodWorker<R> {
         if inits_done {
             self.sidecars_started = true;
         }
+        // Ephemeral containers may start before the pod is initialized (the kubelet's
+        // computePodActions), once each.
+        for e in &plan.ephemeral_containers {
+            let next = self
+                .drive_ephemeral(
+                    plan,
+                    e,
+                    existing.get(&e.name),
+                    &vols,
+                    bundle,
+                    &restored,
+                    now,
+                    app_finished,
+                )
+                .await?;
+            requeue = requeue.min(next);
+        }
         Ok(requeue)
+    }
+
+    /// One pass over ephemeral container `e`: created and started once in the pod's sandbox,
+    /// observed until it ends, never restarted or created again; a refused one waits with why.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive_ephemeral(
+        &mut self,
+        plan: &PodPlan,
+        e: &EphemeralPlan,
+        listed: Option<&String>,
+        vols: &Result<BTreeMap<String, PathBuf>, volumes::VolumeError>,
+        bundle: &PodBundle,
+        restored: &BTreeMap<String, u32>,
+        now: Instant,
+        pod_over: bool,
+    ) -> Result<Duration, crate::podman::PodmanError> {
+        let idle = Duration::from_secs(300);
+        let c = match &e.container {
+            Ok(c) => c,
+            Err((reason, message)) => {
+                let waiting = State::Waiting {
+                    reason: super::lifecycle::WaitReason::CreateContainerConfigError,
+                    message: Some(message.clone()),
+                };
+                let slot = self.slot(&e.name, restored);
+                if slot.lc.state != waiting {
+                    slot.lc.state = waiting;
+                    warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %e.name, reason = %reason, message = %message, "ephemeral container refused");
+                    self.container_event(
+                        plan,
+                        &e.name,
+                        EventType::Warning,
+                        "Failed",
+                        &format!("Error: {message}"),
+                    );
+                }
+                return Ok(idle);
+            }
+        };
+        if let Some(id) = listed {
+            self.ephemeral_created.insert(c.name.clone());
+            let running = self
+                .slots
+                .get(&c.name)
+                .is_some_and(|s| matches!(s.lc.state, State::Running { .. }));
+            if pod_over && running {
+                // The pod is over: its ephemeral containers end with it, as its sidecars do.
+                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "app containers finished; stopping ephemeral container");
+                if let Err(e) = self
+                    .stop_with_hook(plan, Some(c), id, plan.grace_secs, Some(""))
+                    .await
+                {
+                    warn!(pod = %plan.meta.name, container = %c.name, error = %e, "stopping ephemeral container failed");
+                }
+            }
+        } else if self.ephemeral_created.contains(&c.name) || pod_over {
+            // Gone after it was made (its sandbox was replaced, or it was removed behind the
+            // agent's back), or the pod is over: never made again. One last seen running is
+            // over, with the kubelet's words for a container it cannot find.
+            let slot = self.slot(&c.name, restored);
+            if let State::Running { started_at } = slot.lc.state {
+                slot.lc.state = State::Terminated(Termination {
+                    exit_code: 137,
+                    reason: "ContainerStatusUnknown".into(),
+                    started_at,
+                    finished_at: Some(Timestamp::now()),
+                    container_id: slot.container_id.clone(),
+                    message: Some(
+                        "The container could not be located when the pod was terminated".into(),
+                    ),
+                });
+                slot.lc.ready = false;
+            }
+            return Ok(idle);
+        }
+        let hash = spec_hash(c);
+        let id = self
+            .observe_container(plan, c, false, &hash, listed, restored, now)
+            .await?;
+        let next = self
+            .act(plan, c, false, &hash, id, vols, bundle, restored, now)
+            .await;
+        if self
+            .slots
+            .get(&c.name)
+            .is_some_and(|s| !s.container_id.is_empty())
+        {
+            self.ephemeral_created.insert(c.name.clone());
+        }
+        Ok(next)
+    }
+
+    /// The PID namespace of an ephemeral container with a targetContainerName: its target's,
+    /// which must be running (joined by path, as a CRI runtime joins it). `None` when the pod
+    /// shares one PID namespace anyway, or the container names no target.
+    async fn target_pidns(
+        &self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+    ) -> Result<Option<Namespace>, Observation> {
+        let Some(target) = plan
+            .ephemeral_containers
+            .iter()
+            .find(|e| e.name == c.name)
+            .and_then(|e| e.target.as_ref())
+        else {
+            return Ok(None);
+        };
+        if plan.share_process_namespace {
+            return Ok(None);
+        }
+        let not_running = || {
+            Observation::ConfigError(format!(
+                "target container {target:?} is not running: an ephemeral container joins the process namespace of a running one"
+            ))
+        };
+        let id = self
+            .slots
+            .get(target)
+            .map(|s| s.container_id.clone())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                Observation::ConfigError(format!("unable to find target container {target}"))
+            })?;
+        let inspect = self
+            .ctx
+            .rt
+            .inspect_container(&id)
+            .await
+            .map_err(|e| Observation::RuntimeError(e.to_string()))?
+            .ok_or_else(not_running)?;
+        if !inspect.state.running || inspect.state.pid <= 0 {
+            return Err(not_running());
+        }
+        Ok(Some(Namespace {
+            nsmode: "path".into(),
+            value: format!("/proc/{}/ns/pid", inspect.state.pid),
+        }))
     }
 
     /// Pod setup: the Podman pod exists (created when missing) and, for a pod with its own
@@ -712,9 +895,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         }),
                         netns: Namespace {
                             nsmode: if plan.host_network { "host" } else { "bridge" }.into(),
+                            value: String::new(),
                         },
                         utsns: plan.host_network.then(|| Namespace {
                             nsmode: "host".into(),
+                            value: String::new(),
                         }),
                         portmappings,
                         shared_namespaces: if plan.share_process_namespace {
@@ -867,7 +1052,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             let Some(spec) = c
                 .labels
                 .get(labels::CONTAINER)
-                .and_then(|name| plan.container(name))
+                .and_then(|name| plan.container(name).or_else(|| plan.ephemeral(name)))
             else {
                 continue;
             };
@@ -881,8 +1066,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 continue;
             };
             let policy = restart_policy(plan, spec, &self.slots);
+            let ephemeral = plan.ephemeral(&spec.name).is_some();
             let slot = self.slot(&spec.name, &restored);
-            if was_running.contains(&c.id.as_str()) || init {
+            if ephemeral {
+                // Never run again: its run ends here.
+                slot.lc.observe(Observation::Exited(t), policy, false, now);
+            } else if was_running.contains(&c.id.as_str()) || init {
                 slot.lc.replaced(t);
             } else {
                 // An exit not seen yet is counted as the pod's restart policy counts it.
@@ -931,8 +1120,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let mut inspect = None;
         if let Some(id) = &container_id {
             inspect = rt.inspect_container(id).await?;
+            // An ephemeral container is never replaced (the API forbids changing one; a new
+            // agent version hashing it differently must not run it again).
             if let Some(i) = &inspect
                 && i.config.labels.get(labels::SPEC_HASH).map(String::as_str) != Some(hash)
+                && plan.ephemeral(&c.name).is_none()
             {
                 // The desired container changed (e.g. a new image): replace it.
                 info!(pod = %plan.meta.name, container = %c.name, "container spec changed; recreating");
@@ -1552,6 +1744,9 @@ impl<R: ContainerRuntime> PodWorker<R> {
         };
         sandbox::apply(plan, c, &self.ctx.seccomp_root, &mut spec)
             .map_err(Observation::ConfigError)?;
+        spec.terminal = c.tty;
+        spec.stdin = c.stdin;
+        spec.pidns = self.target_pidns(plan, c).await?;
         let id = rt
             .create_container(&spec)
             .await
@@ -1896,6 +2091,10 @@ fn restart_policy(
     c: &ContainerPlan,
     slots: &BTreeMap<String, Slot>,
 ) -> RestartPolicy {
+    // Ephemeral containers are never restarted.
+    if plan.ephemeral_containers.iter().any(|e| e.name == c.name) {
+        return RestartPolicy::Never;
+    }
     if !c.sidecar {
         return plan.restart_policy;
     }
@@ -2212,8 +2411,8 @@ impl<R: ContainerRuntime> Stopper<R> {
                 debug!(container = %id, grace_secs = grace, "stopping container");
                 match &plan {
                     Some(plan) => {
-                        self.stop_with_hook(plan, plan.container(&name), &id, grace, Some(""))
-                            .await
+                        let c = plan.container(&name).or_else(|| plan.ephemeral(&name));
+                        self.stop_with_hook(plan, c, &id, grace, Some("")).await
                     }
                     None => rt.stop_container(&id, grace).await,
                 }
@@ -2241,13 +2440,12 @@ fn record_container_event(
     message: &str,
 ) {
     let init = plan.init_containers.iter().any(|c| c.name == name);
-    events.record(
-        uid,
-        &container_field_path(init, name),
-        kind,
-        reason,
-        message,
-    );
+    let field_path = if plan.ephemeral_containers.iter().any(|e| e.name == name) {
+        format!("spec.ephemeralContainers{{{name}}}")
+    } else {
+        container_field_path(init, name)
+    };
+    events.record(uid, &field_path, kind, reason, message);
 }
 
 /// As the kubelet: an HTTPS lifecycle handler answered in plain HTTP and retried in HTTP with

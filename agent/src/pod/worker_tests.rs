@@ -549,3 +549,205 @@ async fn a_pod_start_and_a_refusal_record_the_kubelets_events() {
         ]
     );
 }
+
+/// A pod JSON with `spec` at `generation`, as the API serves it after each change.
+fn bundle_at(spec: serde_json::Value, generation: i64) -> PodBundle {
+    let mut b = bundle(spec);
+    let mut v: serde_json::Value = serde_json::from_slice(&b.pod_json).unwrap();
+    v["metadata"]["generation"] = generation.into();
+    b.pod_json = serde_json::to_vec(&v).unwrap().into();
+    b
+}
+
+async fn pass(w: &mut PodWorker<FakeRuntime>, r: &Rig, b: &PodBundle) -> PodStatus {
+    let planned = plan_pod(&b.pod_json, &r.ctx.policy);
+    for _ in 0..3 {
+        w.reconcile(b, &planned, Ok(())).await;
+    }
+    let map = r.ctx.statuses.borrow().clone();
+    serde_json::from_slice(&map["uid-1"].status_json).unwrap()
+}
+
+fn ephemeral_state(st: &PodStatus, name: &str) -> k8s_openapi::api::core::v1::ContainerStatus {
+    st.ephemeral_container_statuses
+        .iter()
+        .flatten()
+        .find(|s| s.name == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no ephemeralContainerStatuses entry for {name}: {st:?}"))
+}
+
+#[tokio::test]
+async fn an_ephemeral_container_joins_the_running_pod_once_without_disturbing_it() {
+    let r = rig("", DevicePolicy::default()).await;
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    let app = serde_json::json!({"name": "app", "image": IMAGE});
+    let st = pass(
+        &mut w,
+        &r,
+        &bundle_at(serde_json::json!({"containers": [app.clone()]}), 1),
+    )
+    .await;
+    assert_eq!(st.phase.as_deref(), Some("Running"), "{st:?}");
+    let app_id = st.container_statuses.as_ref().unwrap()[0]
+        .container_id
+        .clone();
+    let with_debugger = serde_json::json!({"containers": [app.clone()],
+        "ephemeralContainers": [{"name": "debugger", "image": IMAGE, "stdin": true, "tty": true,
+            "targetContainerName": "app", "command": ["sh"]}]});
+    let st = pass(&mut w, &r, &bundle_at(with_debugger.clone(), 2)).await;
+    let app_status = &st.container_statuses.as_ref().unwrap()[0];
+    assert_eq!(
+        app_status.container_id, app_id,
+        "the app container was not replaced"
+    );
+    assert_eq!(app_status.restart_count, 0);
+    assert_eq!(st.observed_generation, Some(2));
+    let dbg = ephemeral_state(&st, "debugger");
+    assert!(dbg.state.as_ref().unwrap().running.is_some(), "{dbg:?}");
+    assert!(!dbg.ready, "ephemeral containers are never ready");
+    assert!(
+        dbg.container_id
+            .as_deref()
+            .is_some_and(|c| c.starts_with("podman://"))
+    );
+    assert_eq!(dbg.image, IMAGE);
+    let spec = r.rt.spec_of("debugger").await.unwrap();
+    assert!(
+        spec.terminal && spec.stdin,
+        "kubectl debug -it: a terminal and open stdin"
+    );
+    let pidns = spec.pidns.expect("joins its target's PID namespace");
+    assert_eq!(pidns.nsmode, "path");
+    assert!(
+        pidns.value.starts_with("/proc/4") && pidns.value.ends_with("/ns/pid"),
+        "{}",
+        pidns.value
+    );
+    assert_eq!(
+        spec.pod,
+        r.rt.spec_of("app").await.unwrap().pod,
+        "same sandbox"
+    );
+    // It ends: never started again, the pod and its app container untouched.
+    r.rt.exit("debugger", 3).await;
+    let st = pass(&mut w, &r, &bundle_at(with_debugger, 2)).await;
+    let dbg = ephemeral_state(&st, "debugger");
+    let t = dbg
+        .state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .clone()
+        .expect("terminated");
+    assert_eq!(t.exit_code, 3);
+    assert_eq!(dbg.restart_count, 0);
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    let created =
+        r.rt.state
+            .lock()
+            .await
+            .containers
+            .values()
+            .filter(|c| {
+                c.labels
+                    .get(crate::podman::labels::CONTAINER)
+                    .map(String::as_str)
+                    == Some("debugger")
+            })
+            .count();
+    assert_eq!(created, 1, "created once");
+    // Another agent version hashing the container differently does not make it again.
+    for c in r.rt.state.lock().await.containers.values_mut() {
+        if c.labels
+            .get(crate::podman::labels::CONTAINER)
+            .map(String::as_str)
+            == Some("debugger")
+        {
+            c.labels
+                .insert(crate::podman::labels::SPEC_HASH.into(), "older".into());
+        }
+    }
+    let again = serde_json::json!({"containers": [app],
+        "ephemeralContainers": [{"name": "debugger", "image": IMAGE, "stdin": true, "tty": true,
+            "targetContainerName": "app", "command": ["sh"]}]});
+    let st = pass(&mut w, &r, &bundle_at(again, 2)).await;
+    assert_eq!(
+        ephemeral_state(&st, "debugger")
+            .state
+            .unwrap()
+            .terminated
+            .unwrap()
+            .exit_code,
+        3
+    );
+    assert_eq!(
+        r.rt.state.lock().await.containers.len(),
+        3,
+        "infra, app and the one debugger: nothing replaced"
+    );
+    let events: Vec<String> = recorded(&r)
+        .into_iter()
+        .filter(|e| e.2 == "spec.ephemeralContainers{debugger}")
+        .map(|e| e.1)
+        .collect();
+    assert!(
+        events.contains(&"Created".to_owned()) && events.contains(&"Started".to_owned()),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_ephemeral_container_is_no_way_around_the_device_policy_or_run_as_non_root() {
+    let policy = DevicePolicy {
+        allow_privileged: false,
+        ..DevicePolicy::default()
+    };
+    let r = rig("", policy).await;
+    let mut w = PodWorker::new(r.ctx.clone(), "uid-1".into());
+    let st = pass(
+        &mut w,
+        &r,
+        &bundle_at(
+            serde_json::json!({"containers": [{"name": "app", "image": IMAGE}],
+                "ephemeralContainers": [
+                    {"name": "root-shell", "image": IMAGE,
+                        "securityContext": {"privileged": true}},
+                    {"name": "nonroot", "image": IMAGE,
+                        "securityContext": {"runAsNonRoot": true}},
+                    {"name": "ghost-target", "image": IMAGE, "targetContainerName": "nope"}]}),
+            2,
+        ),
+    )
+    .await;
+    assert_eq!(
+        st.phase.as_deref(),
+        Some("Running"),
+        "the pod runs on: {st:?}"
+    );
+    let waiting = |name: &str| {
+        let w = ephemeral_state(&st, name)
+            .state
+            .unwrap()
+            .waiting
+            .unwrap_or_else(|| panic!("{name} is not waiting"));
+        (w.reason.unwrap(), w.message.unwrap_or_default())
+    };
+    let (reason, message) = waiting("root-shell");
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert_eq!(
+        message,
+        "spec.ephemeralContainers[0].securityContext.privileged: the device policy forbids privileged containers (agent.toml [policy] allow_privileged = false)"
+    );
+    let (reason, message) = waiting("nonroot");
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert!(message.contains("image will run as root"), "{message}");
+    let (_, message) = waiting("ghost-target");
+    assert!(message.contains("targetContainerName"), "{message}");
+    for name in ["root-shell", "nonroot", "ghost-target"] {
+        assert!(
+            r.rt.spec_of(name).await.is_none(),
+            "{name} was never created"
+        );
+    }
+}

@@ -164,11 +164,16 @@ impl ContainerRuntime for FakeRuntime {
         let Some(c) = s.containers.get(id) else {
             return Ok(None);
         };
+        // A running container's pid: distinct per container, stable across inspects.
+        let pid = match s.containers.keys().position(|k| k == id) {
+            Some(i) if c.state == "running" => 4000 + i as i64,
+            _ => 0,
+        };
         let v = serde_json::json!({
             "Id": c.id, "Name": c.spec.name, "Image": format!("sha256:{}", c.spec.image),
             "ImageName": c.spec.image,
             "State": {"Status": c.state, "Running": c.state == "running", "ExitCode": c.exit_code,
-                "StartedAt": time(c.started), "FinishedAt": time(if c.state == "exited" { c.started + 1 } else { 0 })},
+                "Pid": pid, "StartedAt": time(c.started), "FinishedAt": time(if c.state == "exited" { c.started + 1 } else { 0 })},
             "Config": {"Labels": c.labels, "StopTimeout": c.spec.stop_timeout},
             "NetworkSettings": {"IPAddress": if c.infra { "10.88.0.2" } else { "" }}
         });

@@ -136,8 +136,11 @@ pub struct PodCreate {
 /// A Podman namespace choice, e.g. `{"nsmode": "host"}`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Namespace {
-    /// "host", "bridge", "private", ...
+    /// "host", "bridge", "private", "path", ...
     pub nsmode: String,
+    /// The namespace for modes that name one ("path": its /proc/N/ns/… file).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value: String,
 }
 
 /// One published port.
@@ -242,6 +245,18 @@ pub struct ContainerCreate {
     /// Namespaced sysctls.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub sysctl: BTreeMap<String, String>,
+    /// Allocate a terminal (an ephemeral container's `tty`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub terminal: bool,
+    /// Keep stdin open for a later attach (an ephemeral container's `stdin`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// PID namespace; unset: the pod's choice. An ephemeral container with a
+    /// targetContainerName joins its target's (`{"nsmode": "path", "value": "/proc/N/ns/pid"}`,
+    /// as a CRI runtime joins the target's namespace: no Podman dependency on the target, so
+    /// the target stays free to be stopped and replaced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pidns: Option<Namespace>,
 }
 
 /// A bind mount.

@@ -75,6 +75,16 @@ pub fn references(pod: &Pod) -> References {
     {
         add_container(c);
     }
+    // An ephemeral container (`kubectl debug`) reads ConfigMaps and Secrets as a container does.
+    for e in spec.ephemeral_containers.iter().flatten() {
+        let c = Container {
+            name: e.name.clone(),
+            env: e.env.clone(),
+            env_from: e.env_from.clone(),
+            ..Default::default()
+        };
+        add_container(&c);
+    }
     r.config_maps.retain(|n| !n.is_empty());
     r.secrets.retain(|n| !n.is_empty());
     r
@@ -124,7 +134,7 @@ fn strip_service_account_volume(v: &mut Value) {
     if removed.is_empty() {
         return;
     }
-    for key in ["containers", "initContainers"] {
+    for key in ["containers", "initContainers", "ephemeralContainers"] {
         for c in spec
             .get_mut(key)
             .and_then(Value::as_array_mut)
@@ -265,6 +275,41 @@ mod tests {
         let secs: Vec<_> = r.secrets.iter().map(String::as_str).collect();
         assert_eq!(cms, ["cm-env", "cm-from", "cm-proj", "cm-vol"]);
         assert_eq!(secs, ["sec-env", "sec-init", "sec-proj", "sec-vol"]);
+    }
+
+    #[test]
+    fn ephemeral_containers_references_are_relayed_and_their_token_mounts_stripped() {
+        let mut p = pod();
+        let spec = p.spec.as_mut().expect("spec");
+        spec.volumes.get_or_insert_with(Vec::new).push(
+            serde_json::from_value(serde_json::json!({
+                "name": "kube-api-access-q1",
+                "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}
+            }))
+            .expect("volume"),
+        );
+        spec.ephemeral_containers = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "debugger", "image": "busybox", "targetContainerName": "c",
+                "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "sec-debug", "key": "k"}}}],
+                "envFrom": [{"configMapRef": {"name": "cm-debug"}}],
+                "volumeMounts": [
+                    {"name": "kube-api-access-q1", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"},
+                    {"name": "a", "mountPath": "/a"}
+                ]
+            }))
+            .expect("ephemeral container"),
+        ]);
+        let r = references(&p);
+        assert!(r.secrets.contains("sec-debug"), "{r:?}");
+        assert!(r.config_maps.contains("cm-debug"), "{r:?}");
+        let v: Value = serde_json::from_slice(&pod_json(&p)).expect("json");
+        let e = &v["spec"]["ephemeralContainers"][0];
+        assert_eq!(e["targetContainerName"], "c");
+        assert_eq!(
+            e["volumeMounts"],
+            serde_json::json!([{"name": "a", "mountPath": "/a"}])
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ const AGENT_FIELDS: &[&str] = &[
     "startTime",
     "initContainerStatuses",
     "containerStatuses",
+    "ephemeralContainerStatuses",
     "qosClass",
     "observedGeneration",
 ];
@@ -133,6 +134,8 @@ pub struct PodFacts {
     pub init_containers: BTreeSet<String>,
     /// Names of its app containers.
     pub containers: BTreeSet<String>,
+    /// Names of its ephemeral containers (`kubectl debug`).
+    pub ephemeral_containers: BTreeSet<String>,
     /// `spec.hostNetwork`.
     pub host_network: bool,
     /// `metadata.generation`: the newest a device can have observed.
@@ -153,6 +156,12 @@ impl PodFacts {
             containers: spec
                 .into_iter()
                 .flat_map(|s| s.containers.iter())
+                .map(|c| c.name.clone())
+                .collect(),
+            ephemeral_containers: spec
+                .and_then(|s| s.ephemeral_containers.as_ref())
+                .into_iter()
+                .flatten()
                 .map(|c| c.name.clone())
                 .collect(),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
@@ -319,6 +328,7 @@ pub fn sanitize(
     for (field, names) in [
         ("initContainerStatuses", &facts.init_containers),
         ("containerStatuses", &facts.containers),
+        ("ephemeralContainerStatuses", &facts.ephemeral_containers),
     ] {
         if let Some(Value::Array(statuses)) = out.get_mut(field) {
             statuses.retain(|s| {
@@ -392,6 +402,7 @@ mod tests {
         PodFacts {
             init_containers: ["init".to_string()].into_iter().collect(),
             containers: ["app".to_string()].into_iter().collect(),
+            ephemeral_containers: ["debugger".to_string()].into_iter().collect(),
             host_network,
             generation: 3,
         }
@@ -429,6 +440,7 @@ mod tests {
                 ],
                 "containerStatuses": [{"name": "app"}, {"name": "ghost"}],
                 "initContainerStatuses": [{"name": "init"}],
+                "ephemeralContainerStatuses": [{"name": "debugger"}, {"name": "app"}],
                 "podIP": "10.88.0.5", "podIPs": [{"ip": "10.88.0.5"}]
             }),
             &facts(false),
@@ -443,7 +455,12 @@ mod tests {
         );
         assert_eq!(s["containerStatuses"], json!([{"name": "app"}]));
         assert_eq!(s["initContainerStatuses"], json!([{"name": "init"}]));
-        assert_eq!(notes.len(), 4, "{notes:?}");
+        // Only the pod's own ephemeral containers: "app" is an app container, not one of them.
+        assert_eq!(
+            s["ephemeralContainerStatuses"],
+            json!([{"name": "debugger"}])
+        );
+        assert_eq!(notes.len(), 5, "{notes:?}");
     }
 
     #[test]
