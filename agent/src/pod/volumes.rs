@@ -169,6 +169,9 @@ pub fn prepare(
                 };
                 out.insert(name, p);
             }
+            // Podman mounts the image itself (the worker pulls it before each container that
+            // mounts it is created): nothing on the device's disk to prepare.
+            VolumePlan::Image { .. } => {}
             VolumePlan::Projected {
                 sources,
                 default_mode,
