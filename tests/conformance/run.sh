@@ -88,6 +88,11 @@ cleanup() {
   ip link del "$host_if" 2> /dev/null || true
   ip netns del "$netns" 2> /dev/null || true
   rm -rf "$dir/registry"
+  # The tmpfs volumes of pods the stopped agents had not removed yet (deepest first).
+  local m
+  for m in $(awk -v s="$dir/state/" 'index($5, s) == 1 { print $5 }' /proc/self/mountinfo | sort -r); do
+    umount -l "$m" 2> /dev/null || true
+  done
 }
 cleanup
 # Fresh devices: a killed run's agent state (pods of deleted namespaces) does not carry over.
