@@ -2,8 +2,10 @@
 //! right to create pods would: the container runs as the uid it asks for with no capabilities
 //! and a read-only root, a symlinked subPath cannot reach outside its volume, a container
 //! cannot write to its configMap/secret volume and a link it plants never makes the agent write
-//! outside the volume, privileged works (or is refused by the device policy), and secret data
-//! never lands on the device's disk outside the desired state.
+//! outside the volume, privileged works (or is refused by the device policy), secret data
+//! never lands on the device's disk outside the desired state, an image volume is the image
+//! read-only in the containers that mount it, and a subPath the agent makes in an emptyDir
+//! under fsGroup has the kubelet's mode and group.
 
 // Test code: a failed step fails the test.
 #![allow(clippy::unwrap_used)]
@@ -418,4 +420,142 @@ async fn secret_volumes_never_reach_the_disk() {
         &[],
     ));
     assert!(found.is_empty(), "secret data on disk: {found:?}");
+}
+
+#[tokio::test]
+async fn an_image_volume_mounts_the_image_read_only_where_the_pod_asks() {
+    let mut a = Agent::new("t-sbx-imgvol");
+    let uid = "uid-sbx-imgvol";
+    let absent = "uid-sbx-imgvol-absent";
+    a.set_desired(
+        1,
+        vec![
+            bundle(
+                uid,
+                "imgvol",
+                json!({
+                    "hostNetwork": true, "terminationGracePeriodSeconds": 1,
+                    // The stack's test image, already in Podman's store: IfNotPresent uses it.
+                    "volumes": [{"name": "img", "image": {"reference": IMAGE, "pullPolicy": "IfNotPresent"}}],
+                    "containers": [
+                        {"name": "app", "image": IMAGE, "command": ["sleep", "3600"],
+                            "volumeMounts": [{"name": "img", "mountPath": "/volume"}]},
+                        {"name": "other", "image": IMAGE, "command": ["sleep", "3600"]}]
+                }),
+            ),
+            bundle(
+                absent,
+                "imgvol-absent",
+                json!({
+                    "hostNetwork": true, "terminationGracePeriodSeconds": 1,
+                    "volumes": [{"name": "img", "image": {"reference": "localhost/fleetlet-test/absent:1", "pullPolicy": "Never"}}],
+                    "containers": [{"name": "app", "image": IMAGE, "command": ["sleep", "3600"],
+                        "volumeMounts": [{"name": "img", "mountPath": "/volume"}]}]
+                }),
+            ),
+        ],
+    );
+    a.start();
+    wait_running(&a, uid).await;
+    // The image's files, read-only even to root, in the container that mounts it only.
+    assert_eq!(
+        exec(
+            "t-sbx-imgvol",
+            uid,
+            "app",
+            "test -x /volume/bin/busybox && test -f /volume/etc/passwd"
+        )
+        .await,
+        0
+    );
+    assert_ne!(
+        exec("t-sbx-imgvol", uid, "app", "touch /volume/planted").await,
+        0,
+        "an image volume is read-only"
+    );
+    assert_eq!(
+        exec(
+            "t-sbx-imgvol",
+            uid,
+            "app",
+            "grep ' /volume ' /proc/mounts | grep -q '[ ,]ro[ ,]'"
+        )
+        .await,
+        0
+    );
+    assert_ne!(
+        exec("t-sbx-imgvol", uid, "other", "test -e /volume").await,
+        0
+    );
+    // An image volume with pullPolicy Never whose image is not there: the container waits.
+    a.wait_status("image volume never pulled", Duration::from_secs(60), |_| {
+        waiting_reason(&a, absent, 0).is_some_and(|(r, _)| r == "ErrImageNeverPull")
+    })
+    .await;
+    let (_, message) = waiting_reason(&a, absent, 0).unwrap();
+    assert!(
+        message.contains("localhost/fleetlet-test/absent:1"),
+        "{message}"
+    );
+    assert!(
+        !container_ids("t-sbx-imgvol", absent)
+            .await
+            .contains_key("app"),
+        "no container without its image volume"
+    );
+}
+
+#[tokio::test]
+async fn a_new_subpath_of_a_tmpfs_empty_dir_under_fs_group_is_setgid_and_sticky() {
+    // The kubelet's e2e "nonexistent volume subPath should have the correct mode and owner
+    // using FSGroup": the directory it makes has the volume root's mode (tmpfs 1777, setgid
+    // for the fsGroup) and group.
+    let mut a = Agent::new("t-sbx-fsgsub");
+    let uid = "uid-sbx-fsgsub";
+    a.set_desired(
+        1,
+        vec![bundle(
+            uid,
+            "fsgsub",
+            json!({
+                "hostNetwork": true, "terminationGracePeriodSeconds": 1,
+                "securityContext": {"fsGroup": 123},
+                "volumes": [{"name": "v", "emptyDir": {"medium": "Memory"}}],
+                "containers": [{"name": "app", "image": IMAGE, "command": ["sleep", "3600"],
+                    "securityContext": {"runAsUser": 1001},
+                    "volumeMounts": [
+                        {"name": "v", "mountPath": "/test-volume", "subPath": "test-sub"},
+                        {"name": "v", "mountPath": "/root-volume"}]}]
+            }),
+        )],
+    );
+    a.start();
+    wait_running(&a, uid).await;
+    for (path, want) in [
+        ("/test-volume", "drwxrwsrwt 0 123"),
+        ("/root-volume", "drwxrwsrwt 0 123"),
+    ] {
+        assert_eq!(
+            exec(
+                "t-sbx-fsgsub",
+                uid,
+                "app",
+                &format!("test \"$(stat -c '%A %u %g' {path})\" = '{want}'")
+            )
+            .await,
+            0,
+            "{path} is not {want}"
+        );
+    }
+    // The non-root user writes there, and what it makes takes the fsGroup.
+    assert_eq!(
+        exec(
+            "t-sbx-fsgsub",
+            uid,
+            "app",
+            "touch /test-volume/f && test \"$(stat -c %g /test-volume/f)\" = 123"
+        )
+        .await,
+        0
+    );
 }

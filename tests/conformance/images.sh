@@ -7,7 +7,12 @@
 #   busybox:1.37.0-1 Debian's static busybox (the stack's test image, re-tagged)
 #   pause:3.10.2     agnhost's `pause` (waits for a signal, reaps children, as the pause image does)
 #   agnhost:2.55     the same agnhost under the suite's previous tag (AgnhostPrev)
-# Usage: images.sh BIN_DIR (from build.sh). Idempotent: an image whose agnhost is unchanged stays.
+#   kitten:1.8       the agnhost image plus the upstream kitten image's own files (kitten.jpg and
+#                    data.json from test/images/kitten of the pinned k8s.io/kubernetes module), and
+#                    an /etc/os-release that says what it is (a stand-in; the upstream image is
+#                    built on Alpine Linux, which this machine does not have)
+# Usage: images.sh BIN_DIR (from build.sh). Prints the names it provided, one a line.
+# Idempotent: an image whose content is unchanged stays.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=tests/env/lib.sh
@@ -55,6 +60,11 @@ import() {
   "${podman[@]}" import "${args[@]}" --change "LABEL io.fleetlet.e2e-content=$sum" "$tar" "$name" > /dev/null
   log "imported $name"
 }
+# provide NAME TAR CHANGES...: import, and name it on stdout.
+provide() {
+  import "$@"
+  echo "$1"
+}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -80,13 +90,32 @@ with_libs "$work/agnhost" /usr/bin/curl
 install -m 0644 "$bin/localhost.crt" "$bin/localhost.key" "$work/agnhost/"
 # Deterministic archives: same inputs, same checksum, no re-import.
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/agnhost" -cf "$work/agnhost.tar" .
-import "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
-import "$gc_registry/pause:3.10.2" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost", "pause"]'
+provide "$registry/agnhost:2.63.0" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
+provide "$gc_registry/pause:3.10.2" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost", "pause"]'
 # The suite's "previous" agnhost (AgnhostPrev, 2.55): the Pod lifecycle test starts a pod on it
 # and patches the image to the current one; it runs the default entrypoint only, so the same
 # build under the older tag serves (a second image name is what the test needs).
-import "$registry/agnhost:2.55" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
+provide "$registry/agnhost:2.55" "$work/agnhost.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["pause"]'
+
+# kitten (test/images/kitten: FROM agnhost, COPY html/kitten.jpg html/data.json, CMD
+# test-webserver), its files from the k8s.io/kubernetes module build.sh built the suite from.
+go=go
+command -v go > /dev/null || go=/usr/local/go/bin/go
+kdir=$(cd "$here" && GOTOOLCHAIN=local GOFLAGS=-mod=mod "$go" list -m -f '{{.Dir}}' k8s.io/kubernetes) ||
+  die "cannot find the k8s.io/kubernetes module of $here/go.mod"
+[ -f "$kdir/test/images/kitten/html/data.json" ] || die "no test/images/kitten in $kdir"
+cp -a "$work/agnhost" "$work/kitten"
+install -m 0644 "$kdir/test/images/kitten/html/kitten.jpg" "$kdir/test/images/kitten/html/data.json" "$work/kitten/"
+# The upstream image's os-release is Alpine's (its base); this one says what it is, so the
+# ImageVolume test, which looks for "Alpine Linux" in it, fails for the environment it is.
+cat > "$work/kitten/etc/os-release" <<'OSR'
+NAME="fleetlet e2e stand-in"
+ID=fleetlet-e2e-stand-in
+PRETTY_NAME="fleetlet's stand-in for the e2e kitten image (agnhost with Debian's static busybox)"
+OSR
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/kitten" -cf "$work/kitten.tar" .
+provide "$registry/kitten:1.8" "$work/kitten.tar" 'ENTRYPOINT ["/agnhost"]' 'CMD ["test-webserver"]'
 
 rootfs "$work/busybox"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/busybox" -cf "$work/busybox.tar" .
-import "$registry/busybox:1.37.0-1" "$work/busybox.tar" 'CMD ["sh"]'
+provide "$registry/busybox:1.37.0-1" "$work/busybox.tar" 'CMD ["sh"]'

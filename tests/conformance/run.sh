@@ -15,7 +15,9 @@
 # selection; CONFORMANCE_PROCS (default 4) parallel ginkgo processes; CONFORMANCE_DIR (default
 # target/conformance); CONFORMANCE_TIMEOUT (default 3h: then the suite stops, reports what ran
 # and counts the rest as not run); FLEETLET_CONFORMANCE_BIN (prebuilt fleetlet binaries: no cargo build);
-# CONFORMANCE_NAME (default conf) names devices, hub instance and netns, so runs never collide.
+# CONFORMANCE_NAME (default conf) names devices, hub instance and netns, so runs never collide;
+# CONFORMANCE_LINK_PORT, CONFORMANCE_KUBELET_PORT (and the 8 after it), CONFORMANCE_OPS_PORT and
+# CONFORMANCE_REGISTRY_PORT (default: the ops port + 1) are its loopback/host ports.
 # Prints the counts and the tests that did not pass; exit status 1 when any failed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,6 +43,7 @@ devices=("$name-1" "$name-2")
 link_port=${CONFORMANCE_LINK_PORT:-17643}
 kubelet_port=${CONFORMANCE_KUBELET_PORT:-17650}
 ops_port=${CONFORMANCE_OPS_PORT:-17680}
+registry_port=${CONFORMANCE_REGISTRY_PORT:-$((ops_port + 1))}
 
 default_focus='\[sig-node\].*(\[Conformance\]|\[NodeConformance\])|\[sig-storage\] (ConfigMap|Secrets|Projected (configMap|secret|downwardAPI|combined)|Downward API volume|EmptyDir volumes) '
 # Serial and disruptive tests restart or reconfigure the node and its kubelet, which fleetlet's
@@ -50,7 +53,7 @@ focus=${CONFORMANCE_FOCUS:-$default_focus}
 skip=${CONFORMANCE_SKIP:-$default_skip}
 
 bin=$("$here/build.sh")
-"$here/images.sh" "$bin"
+provided=$("$here/images.sh" "$bin")
 
 if [[ -n ${FLEETLET_CONFORMANCE_BIN:-} ]]; then
   fbin=$FLEETLET_CONFORMANCE_BIN
@@ -84,6 +87,12 @@ cleanup() {
   done
   ip link del "$host_if" 2> /dev/null || true
   ip netns del "$netns" 2> /dev/null || true
+  rm -rf "$dir/registry"
+  # The tmpfs volumes of pods the stopped agents had not removed yet (deepest first).
+  local m
+  for m in $(awk -v s="$dir/state/" 'index($5, s) == 1 { print $5 }' /proc/self/mountinfo | sort -r); do
+    umount -l "$m" 2> /dev/null || true
+  done
 }
 cleanup
 # Fresh devices: a killed run's agent state (pods of deleted namespaces) does not carry over.
@@ -108,6 +117,58 @@ ip -n "$netns" addr add "$peer_ip/30" dev "${host_if}-p"
 ip -n "$netns" link set "${host_if}-p" up
 ip -n "$netns" link set lo up
 log "hub kubelet endpoint on $hub_ip:$kubelet_port ($host_if, peer in netns $netns)"
+
+# ---- the images, pullable: a registry of the run and a Podman service that pulls from it ----
+# Tests with imagePullPolicy Always (the ImageVolume test's volume) must reach a registry: the
+# images images.sh provided are pushed to a distribution registry on loopback, and the agents
+# talk to a Podman API service of the run (sharing the stack's storage) whose registries.conf
+# sends localhost/e2e-test-images there over plain HTTP. Other registries stay unreachable.
+command -v docker-registry > /dev/null || die "docker-registry is missing (tests/env/install-deps.sh installs it)"
+mkdir -p "$dir/registry/storage"
+cat > "$dir/registry/config.yml" <<YAML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $dir/registry/storage
+http:
+  addr: 127.0.0.1:$registry_port
+  secret: $(openssl rand -hex 16)
+YAML
+e2e_registry=$(awk '$1 == "promoterE2eRegistry:" { print $2 }' "$here/repo-list.yaml")
+cat > "$dir/registry/registries.conf" <<CONF
+unqualified-search-registries = []
+
+[[registry]]
+prefix = "$e2e_registry"
+location = "127.0.0.1:$registry_port/${e2e_registry#*/}"
+insecure = true
+CONF
+containers_conf=$(dirname "$FLEETLET_PODMAN_SOCKET")/containers.conf
+[ -f "$containers_conf" ] || containers_conf=$ROOT/tests/env/containers.conf
+run_podman_socket=$dir/run/podman.sock
+rm -f "$run_podman_socket"
+
+start() {
+  local n=$1 exe=$2
+  shift 2
+  (cd / && RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 exec setsid "$exe" "$@" >> "$dir/logs/$n.log" 2>&1 < /dev/null) &
+  pidfile_write "$dir/run/$n.pid" "$!" "$exe"
+}
+start registry "$(command -v docker-registry)" serve "$dir/registry/config.yml"
+CONTAINERS_CONF=$containers_conf CONTAINERS_REGISTRIES_CONF=$dir/registry/registries.conf \
+  start podman "$(command -v podman)" system service --time=0 "unix://$run_podman_socket"
+for _ in $(seq 100); do
+  [ -S "$run_podman_socket" ] && curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$registry_port/v2/" && break
+  sleep 0.1
+done
+[ -S "$run_podman_socket" ] || die "the run's Podman service did not start (log: $dir/logs/podman.log)"
+for image in $provided; do
+  "${podman[@]}" push --tls-verify=false "$image" "docker://127.0.0.1:$registry_port/${image#*/}" > /dev/null 2>&1 ||
+    die "pushing $image to the run's registry failed (log: $dir/logs/registry.log)"
+done
+log "registry of the run on 127.0.0.1:$registry_port holds: $(echo $provided)"
 
 # ---- PKI: link CA and certificates; kubelet serving certificate from the cluster CA ----
 umask 077
@@ -155,7 +216,7 @@ for d in "${devices[@]}"; do
   cat > "$dir/agent-$d.toml" <<TOML
 device_name = "$d"
 state_dir = "$dir/state/$d"
-podman_socket = "$FLEETLET_PODMAN_SOCKET"
+podman_socket = "$run_podman_socket"
 resync_secs = 5
 node_ip = "$hub_ip"
 [hub]
@@ -168,12 +229,6 @@ TOML
 done
 umask 022
 
-start() {
-  local n=$1 exe=$2
-  shift 2
-  (cd / && RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 exec setsid "$exe" "$@" >> "$dir/logs/$n.log" 2>&1 < /dev/null) &
-  pidfile_write "$dir/run/$n.pid" "$!" "$exe"
-}
 start hub "$fbin/fleetlet-hub" run -c "$dir/hub.toml"
 for d in "${devices[@]}"; do start "agent-$d" "$fbin/fleetlet-agent" --config "$dir/agent-$d.toml" run; done
 for d in "${devices[@]}"; do

@@ -26,7 +26,7 @@ types=(
   GRPCAction Lifecycle LifecycleHandler SleepAction
   Volume ConfigMapVolumeSource SecretVolumeSource KeyToPath EmptyDirVolumeSource
   HostPathVolumeSource DownwardAPIVolumeSource DownwardAPIVolumeFile ProjectedVolumeSource
-  VolumeProjection ConfigMapProjection SecretProjection DownwardAPIProjection
+  VolumeProjection ConfigMapProjection SecretProjection DownwardAPIProjection ImageVolumeSource
 )
 
 version=$(kubectl version -o json | jq -r .serverVersion.gitVersion)

@@ -389,6 +389,16 @@ pub enum VolumePlan {
         /// defaultMode.
         default_mode: u32,
     },
+    /// image (KEP-4639): an image's filesystem, pulled like a container image and mounted
+    /// read-only into the containers that mount the volume.
+    Image {
+        /// Volume name.
+        name: String,
+        /// image.reference.
+        reference: String,
+        /// image.pullPolicy (defaulted as a container's imagePullPolicy).
+        pull_policy: PullPolicy,
+    },
 }
 
 /// hostPath.type.
@@ -462,7 +472,7 @@ impl VolumePlan {
         match self {
             VolumePlan::EmptyDir { memory, .. } => *memory,
             VolumePlan::Projected { kind, .. } => *kind != "configMap",
-            VolumePlan::HostPath { .. } => false,
+            VolumePlan::HostPath { .. } | VolumePlan::Image { .. } => false,
         }
     }
 }
@@ -473,7 +483,8 @@ impl VolumePlan {
         match self {
             VolumePlan::EmptyDir { name, .. }
             | VolumePlan::HostPath { name, .. }
-            | VolumePlan::Projected { name, .. } => name,
+            | VolumePlan::Projected { name, .. }
+            | VolumePlan::Image { name, .. } => name,
         }
     }
 }
@@ -907,6 +918,23 @@ fn parse_volume(
             kind,
         });
     }
+    if let Some(i) = &v.image {
+        let reference = i
+            .reference
+            .clone()
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| err(format!("{field}.image.reference"), "required"))?;
+        let pull_policy = pull_policy(
+            &format!("{field}.image.pullPolicy"),
+            i.pull_policy.as_deref(),
+            &reference,
+        )?;
+        return Ok(VolumePlan::Image {
+            name,
+            reference,
+            pull_policy,
+        });
+    }
     let default_mode = |f: &str, m: Option<i32>| mode(f, m).map(|m| m.unwrap_or(0o644));
     if let Some(c) = &v.config_map {
         return Ok(VolumePlan::Projected {
@@ -1197,6 +1225,26 @@ fn parse_items(field: &str, items: Option<&[k8s::KeyToPath]>) -> Result<Vec<KeyT
     Ok(out)
 }
 
+/// A pull policy as written, or Kubernetes' default for `image`: Always for `:latest` or
+/// untagged images, else IfNotPresent (for a container's imagePullPolicy and an image volume's
+/// pullPolicy alike).
+fn pull_policy(field: &str, policy: Option<&str>, image: &str) -> Result<PullPolicy, SpecError> {
+    match policy {
+        Some("Always") => Ok(PullPolicy::Always),
+        Some("IfNotPresent") => Ok(PullPolicy::IfNotPresent),
+        Some("Never") => Ok(PullPolicy::Never),
+        None | Some("") => {
+            let last = image.rsplit('/').next().unwrap_or(image);
+            if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
+                Ok(PullPolicy::IfNotPresent)
+            } else {
+                Ok(PullPolicy::Always)
+            }
+        }
+        Some(other) => Err(err(field, format!("unknown value {other:?}"))),
+    }
+}
+
 fn parse_container(
     field: &str,
     spec: &k8s::PodSpec,
@@ -1209,26 +1257,11 @@ fn parse_container(
         .clone()
         .filter(|i| !i.is_empty())
         .ok_or_else(|| err(format!("{field}.image"), "required"))?;
-    let pull_policy = match c.image_pull_policy.as_deref() {
-        Some("Always") => PullPolicy::Always,
-        Some("IfNotPresent") => PullPolicy::IfNotPresent,
-        Some("Never") => PullPolicy::Never,
-        None => {
-            // Kubernetes' default: Always for `:latest` or untagged images, else IfNotPresent.
-            let last = image.rsplit('/').next().unwrap_or(&image);
-            if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
-                PullPolicy::IfNotPresent
-            } else {
-                PullPolicy::Always
-            }
-        }
-        Some(other) => {
-            return Err(err(
-                format!("{field}.imagePullPolicy"),
-                format!("unknown value {other:?}"),
-            ));
-        }
-    };
+    let pull_policy = pull_policy(
+        &format!("{field}.imagePullPolicy"),
+        c.image_pull_policy.as_deref(),
+        &image,
+    )?;
     for (what, list) in [("command", &c.command), ("args", &c.args)] {
         for (i, a) in list.as_deref().unwrap_or_default().iter().enumerate() {
             if a.len() >= MAX_EXEC_STRING {
@@ -1301,6 +1334,19 @@ fn parse_container(
                 return Err(err(format!("{f}.{what}"), "must be relative without '..'"));
             }
         }
+        if matches!(volume, VolumePlan::Image { .. }) {
+            for (what, s) in [("subPath", &sub_path), ("subPathExpr", &sub_path_expr)] {
+                if s.is_some() {
+                    return Err(err(
+                        format!("{f}.{what}"),
+                        format!(
+                            "a {what} of image volume {:?} is not supported: Podman 4's image volumes mount the whole image",
+                            m.name
+                        ),
+                    ));
+                }
+            }
+        }
         match m.mount_propagation.as_deref() {
             None | Some("None") => {}
             Some(other) => {
@@ -1324,7 +1370,10 @@ fn parse_container(
             path: m.mount_path.clone(),
             // The kubelet mounts the volumes it writes read-only, whatever the spec says: a
             // writable one would let the container plant links for the agent's next refresh.
-            read_only: m.read_only.unwrap_or(false) || volume.is_projected(),
+            // Image volumes are read-only too (KEP-4639).
+            read_only: m.read_only.unwrap_or(false)
+                || volume.is_projected()
+                || matches!(volume, VolumePlan::Image { .. }),
             sub_path,
             sub_path_expr,
         });
@@ -2016,6 +2065,64 @@ mod tests {
         })))
         .unwrap_err();
         assert_eq!(e.field, "spec.containers[0].volumeMounts[0].name");
+    }
+
+    #[test]
+    fn image_volumes_default_their_pull_policy_mount_read_only_and_refuse_sub_paths() {
+        let plan = parse_pod(&pod(serde_json::json!({
+            "volumes": [
+                {"name": "tagged", "image": {"reference": "reg.example/data:1"}},
+                {"name": "latest", "image": {"reference": "reg.example/data"}},
+                {"name": "never", "image": {"reference": "data:1", "pullPolicy": "Never"}}],
+            "containers": [{"name": "a", "image": "img:1", "volumeMounts": [
+                {"name": "tagged", "mountPath": "/t"},
+                {"name": "never", "mountPath": "/n", "readOnly": false}]}]
+        })))
+        .unwrap();
+        let policies: Vec<_> = plan
+            .volumes
+            .iter()
+            .map(|v| match v {
+                VolumePlan::Image {
+                    reference,
+                    pull_policy,
+                    ..
+                } => (reference.as_str(), *pull_policy),
+                other => panic!("not an image volume: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            policies,
+            [
+                ("reg.example/data:1", PullPolicy::IfNotPresent),
+                ("reg.example/data", PullPolicy::Always),
+                ("data:1", PullPolicy::Never)
+            ]
+        );
+        assert!(plan.containers[0].mounts.iter().all(|m| m.read_only));
+        let refused = |volume: serde_json::Value, mount: serde_json::Value| {
+            parse_pod(&pod(serde_json::json!({
+                "volumes": [volume],
+                "containers": [{"name": "a", "image": "img:1", "volumeMounts": [mount]}]
+            })))
+            .unwrap_err()
+        };
+        let e = refused(
+            serde_json::json!({"name": "v", "image": {"reference": "data:1"}}),
+            serde_json::json!({"name": "v", "mountPath": "/v", "subPath": "etc"}),
+        );
+        assert_eq!(e.field, "spec.containers[0].volumeMounts[0].subPath");
+        assert!(e.message.contains("not supported"), "{e}");
+        let e = refused(
+            serde_json::json!({"name": "v", "image": {"reference": ""}}),
+            serde_json::json!({"name": "v", "mountPath": "/v"}),
+        );
+        assert_eq!(e.field, "spec.volumes[0].image.reference");
+        let e = refused(
+            serde_json::json!({"name": "v", "image": {"reference": "data:1", "pullPolicy": "Sometimes"}}),
+            serde_json::json!({"name": "v", "mountPath": "/v"}),
+        );
+        assert_eq!(e.field, "spec.volumes[0].image.pullPolicy");
     }
 
     #[test]

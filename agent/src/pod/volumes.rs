@@ -59,6 +59,10 @@ pub enum VolumeError {
     },
 }
 
+/// The mode of an emptyDir on tmpfs: tmpfs's own default (world-writable and sticky), which is
+/// what the kubelet's mount without a `mode` option gives.
+const EMPTY_DIR_TMPFS_MODE: u32 = 0o1777;
+
 /// What the downward API and volume sizes read from the device.
 #[derive(Debug, Clone, Copy)]
 pub struct VolumeHost<'a> {
@@ -124,14 +128,16 @@ pub fn prepare(
                 let fresh = !dir.exists();
                 if *memory {
                     let size = memory_volume_size(plan, *size_limit);
-                    safefs::mount_tmpfs(&dir, 0o777, size).map_err(safe(&dir))?;
+                    // A tmpfs root is 1777 as the kubelet mounts it (no mode option): the
+                    // sticky bit shows in the volume and in the subPath directories made in it.
+                    safefs::mount_tmpfs(&dir, EMPTY_DIR_TMPFS_MODE, size).map_err(safe(&dir))?;
                 } else {
                     mkdir(&dir, 0o777).map_err(io(&dir))?;
                 }
                 if fresh || *memory && std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none())
                 {
                     // emptyDir is world-writable in Kubernetes; umask would strip that.
-                    let mut mode = 0o777;
+                    let mut mode = if *memory { EMPTY_DIR_TMPFS_MODE } else { 0o777 };
                     if let Some(g) = fs_group {
                         chown_group(&dir, g).map_err(io(&dir))?;
                         mode |= 0o2000;
@@ -163,6 +169,9 @@ pub fn prepare(
                 };
                 out.insert(name, p);
             }
+            // Podman mounts the image itself (the worker pulls it before each container that
+            // mounts it is created): nothing on the device's disk to prepare.
+            VolumePlan::Image { .. } => {}
             VolumePlan::Projected {
                 sources,
                 default_mode,

@@ -28,8 +28,8 @@ use super::volumes;
 use crate::events::{EventType, container_field_path, go_duration, pod_desc};
 use crate::podman::types::is_zero_time;
 use crate::podman::{
-    ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, MemoryLimit, Mount, Namespace,
-    PodCreate, PortMapping, ResourceLimits, labels,
+    ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, ImageVolume, MemoryLimit, Mount,
+    Namespace, PodCreate, PortMapping, ResourceLimits, labels,
 };
 
 /// Status of every pod, keyed by UID (shared with the link and the status file).
@@ -101,6 +101,9 @@ struct Slot {
     lc: ContainerLifecycle,
     container_id: String,
     image_id: String,
+    /// The image volume whose pull failed at the last creation (its reference): the pull
+    /// back-off is that image's, not the container's.
+    volume_pull_failed: Option<String>,
     run_started: Option<Timestamp>,
     startup: Option<ProbeTracker>,
     readiness: Option<ProbeTracker>,
@@ -1232,12 +1235,21 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         ),
                     ),
                     Some(super::lifecycle::WaitReason::ImagePullBackOff) => {
-                        self.container_event(
+                        // An image volume's back-off is the pod's, as its pull.
+                        let volume = self
+                            .slots
+                            .get(&c.name)
+                            .and_then(|s| s.volume_pull_failed.clone());
+                        let (on, image) = match &volume {
+                            Some(v) => (None, v.as_str()),
+                            None => (Some(c.name.as_str()), c.image.as_str()),
+                        };
+                        self.image_event(
                             plan,
-                            &c.name,
+                            on,
                             EventType::Normal,
                             "BackOff",
-                            &format!("Back-off pulling image {:?}", c.image),
+                            &format!("Back-off pulling image {image:?}"),
                         );
                         self.container_event(
                             plan,
@@ -1419,6 +1431,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 .with_restart_count(restored.get(name).copied().unwrap_or(0)),
             container_id: String::new(),
             image_id: String::new(),
+            volume_pull_failed: None,
             run_started: None,
             startup: None,
             readiness: None,
@@ -1571,6 +1584,146 @@ impl<R: ContainerRuntime> PodWorker<R> {
         next + Duration::from_millis(10)
     }
 
+    /// Make `image` present per `policy`, with the pod's pull secrets, recording the kubelet's
+    /// Pulling/Pulled/Failed Events on `container` (`None`: on the pod, as for an image
+    /// volume). Returns the image as Podman has it; errors are the observation to record on
+    /// the container that needed it.
+    async fn ensure_image(
+        &self,
+        plan: &PodPlan,
+        container: Option<&str>,
+        image: &str,
+        policy: PullPolicy,
+        bundle: &PodBundle,
+    ) -> Result<crate::podman::ImageInspect, Observation> {
+        let rt = self.ctx.rt.clone();
+        let present = rt
+            .inspect_image(image)
+            .await
+            .map_err(|e| Observation::RuntimeError(e.to_string()))?;
+        // A present image pulled with credentials serves only pods holding one of them
+        // (KEP-2535); others pull it again with their own.
+        let verified = match &present {
+            Some(i) if policy != PullPolicy::Always => {
+                let mine = super::pull_secrets::credential_fingerprints(&plan.meta, image, bundle);
+                self.ctx.pulled_images.verify(&i.id, &mine).await
+                    == super::pulled_images::Verdict::Allowed
+            }
+            _ => false,
+        };
+        let never_pull = || {
+            // The kubelet says the same whether the image is absent or present but not for
+            // this pod's credentials, so as not to reveal it.
+            self.image_event(
+                plan,
+                container,
+                EventType::Warning,
+                "ErrImageNeverPull",
+                &format!(
+                    "Container image {:?} is not present with pull policy of Never",
+                    image
+                ),
+            );
+        };
+        if policy == PullPolicy::Never && !(present.is_some() && verified) {
+            never_pull();
+        }
+        if policy != PullPolicy::Always && present.is_some() && verified {
+            self.image_event(
+                plan,
+                container,
+                EventType::Normal,
+                "Pulled",
+                &format!(
+                    "Container image {:?} already present on machine and can be accessed by the pod",
+                    image
+                ),
+            );
+        }
+        let found = match (policy, present) {
+            (PullPolicy::Never, None) => {
+                return Err(Observation::NeverPull(format!(
+                    "image {:?} is not present and imagePullPolicy is Never",
+                    image
+                )));
+            }
+            (PullPolicy::Never, Some(_)) if !verified => {
+                return Err(Observation::NeverPull(format!(
+                    "image {:?} was pulled with credentials this pod does not have, and imagePullPolicy is Never",
+                    image
+                )));
+            }
+            (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) if verified => i,
+            (PullPolicy::Always | PullPolicy::IfNotPresent, _) => {
+                info!(pod = %plan.meta.name, container = container.unwrap_or(""), image = %image, "pulling image");
+                self.image_event(
+                    plan,
+                    container,
+                    EventType::Normal,
+                    "Pulling",
+                    &format!("Pulling image {:?}", image),
+                );
+                let pull_started = Instant::now();
+                let credential =
+                    match super::pull_secrets::pull_image(&*rt, &plan.meta, image, bundle).await {
+                        Ok(credential) => credential,
+                        Err(e) => {
+                            self.image_event(
+                                plan,
+                                container,
+                                EventType::Warning,
+                                "Failed",
+                                &format!("Failed to pull image {:?}: {e}", image),
+                            );
+                            return Err(Observation::PullFailed(e.to_string()));
+                        }
+                    };
+                let pulled_in = pull_started.elapsed();
+                let pulled = rt
+                    .inspect_image(image)
+                    .await
+                    .map_err(|e| Observation::RuntimeError(e.to_string()))?
+                    .ok_or_else(|| {
+                        Observation::PullFailed(format!("image {:?} missing after pull", image))
+                    })?;
+                if let Err(e) = self.ctx.pulled_images.record(&pulled.id, credential).await {
+                    warn!(pod = %plan.meta.name, image = %image, error = %e, "recording the image pull failed");
+                }
+                // The agent pulls one image at a time per pod and does not queue pulls, so the
+                // pull and the time including waiting are the same.
+                let took = go_duration(pulled_in);
+                self.image_event(
+                    plan,
+                    container,
+                    EventType::Normal,
+                    "Pulled",
+                    &format!(
+                        "Successfully pulled image {:?} in {took} ({took} including waiting). Image size: {} bytes.",
+                        image, pulled.size
+                    ),
+                );
+                pulled
+            }
+            (PullPolicy::Never, Some(i)) => i,
+        };
+        Ok(found)
+    }
+
+    /// An Event about pulling an image: on `container`, or on the pod itself.
+    fn image_event(
+        &self,
+        plan: &PodPlan,
+        container: Option<&str>,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) {
+        match container {
+            Some(name) => self.container_event(plan, name, kind, reason, message),
+            None => self.event("", kind, reason, message),
+        }
+    }
+
     /// Pull per policy, resolve configuration and create the container. Errors are the
     /// observation to record.
     async fn create(
@@ -1582,117 +1735,33 @@ impl<R: ContainerRuntime> PodWorker<R> {
         bundle: &PodBundle,
     ) -> Result<String, Observation> {
         let rt = self.ctx.rt.clone();
-        let present = rt
-            .inspect_image(&c.image)
-            .await
-            .map_err(|e| Observation::RuntimeError(e.to_string()))?;
-        // A present image pulled with credentials serves only pods holding one of them
-        // (KEP-2535); others pull it again with their own.
-        let verified = match &present {
-            Some(i) if c.pull_policy != PullPolicy::Always => {
-                let mine =
-                    super::pull_secrets::credential_fingerprints(&plan.meta, &c.image, bundle);
-                self.ctx.pulled_images.verify(&i.id, &mine).await
-                    == super::pulled_images::Verdict::Allowed
+        // Image volumes first, as the kubelet pulls them for the pod before it starts any
+        // container; their Events are the pod's (no container field path).
+        let mut image_volumes = Vec::new();
+        for m in &c.mounts {
+            let Some(super::spec::VolumePlan::Image {
+                reference,
+                pull_policy,
+                ..
+            }) = plan.volumes.iter().find(|v| v.name() == m.volume)
+            else {
+                continue;
+            };
+            let pulled = self
+                .ensure_image(plan, None, reference, *pull_policy, bundle)
+                .await;
+            if let Some(slot) = self.slots.get_mut(&c.name) {
+                slot.volume_pull_failed = pulled.is_err().then(|| reference.clone());
             }
-            _ => false,
-        };
-        let never_pull = || {
-            // The kubelet says the same whether the image is absent or present but not for
-            // this pod's credentials, so as not to reveal it.
-            self.container_event(
-                plan,
-                &c.name,
-                EventType::Warning,
-                "ErrImageNeverPull",
-                &format!(
-                    "Container image {:?} is not present with pull policy of Never",
-                    c.image
-                ),
-            );
-        };
-        if c.pull_policy == PullPolicy::Never && !(present.is_some() && verified) {
-            never_pull();
+            image_volumes.push(ImageVolume {
+                source: pulled?.id,
+                destination: m.path.clone(),
+                read_write: false,
+            });
         }
-        if c.pull_policy != PullPolicy::Always && present.is_some() && verified {
-            self.container_event(
-                plan,
-                &c.name,
-                EventType::Normal,
-                "Pulled",
-                &format!(
-                    "Container image {:?} already present on machine and can be accessed by the pod",
-                    c.image
-                ),
-            );
-        }
-        let image = match (c.pull_policy, present) {
-            (PullPolicy::Never, None) => {
-                return Err(Observation::NeverPull(format!(
-                    "image {:?} is not present and imagePullPolicy is Never",
-                    c.image
-                )));
-            }
-            (PullPolicy::Never, Some(_)) if !verified => {
-                return Err(Observation::NeverPull(format!(
-                    "image {:?} was pulled with credentials this pod does not have, and imagePullPolicy is Never",
-                    c.image
-                )));
-            }
-            (PullPolicy::IfNotPresent | PullPolicy::Never, Some(i)) if verified => i,
-            (PullPolicy::Always | PullPolicy::IfNotPresent, _) => {
-                info!(pod = %plan.meta.name, container = %c.name, image = %c.image, "pulling image");
-                self.container_event(
-                    plan,
-                    &c.name,
-                    EventType::Normal,
-                    "Pulling",
-                    &format!("Pulling image {:?}", c.image),
-                );
-                let pull_started = Instant::now();
-                let credential =
-                    match super::pull_secrets::pull_image(&*rt, &plan.meta, &c.image, bundle).await
-                    {
-                        Ok(credential) => credential,
-                        Err(e) => {
-                            self.container_event(
-                                plan,
-                                &c.name,
-                                EventType::Warning,
-                                "Failed",
-                                &format!("Failed to pull image {:?}: {e}", c.image),
-                            );
-                            return Err(Observation::PullFailed(e.to_string()));
-                        }
-                    };
-                let pulled_in = pull_started.elapsed();
-                let image = rt
-                    .inspect_image(&c.image)
-                    .await
-                    .map_err(|e| Observation::RuntimeError(e.to_string()))?
-                    .ok_or_else(|| {
-                        Observation::PullFailed(format!("image {:?} missing after pull", c.image))
-                    })?;
-                if let Err(e) = self.ctx.pulled_images.record(&image.id, credential).await {
-                    warn!(pod = %plan.meta.name, image = %c.image, error = %e, "recording the image pull failed");
-                }
-                // The agent pulls one image at a time per pod and does not queue pulls, so the
-                // pull and the time including waiting are the same.
-                let took = go_duration(pulled_in);
-                self.container_event(
-                    plan,
-                    &c.name,
-                    EventType::Normal,
-                    "Pulled",
-                    &format!(
-                        "Successfully pulled image {:?} in {took} ({took} including waiting). Image size: {} bytes.",
-                        c.image, image.size
-                    ),
-                );
-                image
-            }
-            (PullPolicy::Never, Some(i)) => i,
-        };
+        let image = self
+            .ensure_image(plan, Some(&c.name), &c.image, c.pull_policy, bundle)
+            .await?;
         let image_user = image
             .config
             .as_ref()
@@ -1740,6 +1809,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             stop_timeout: plan.grace_secs,
             restart_policy: "no".into(),
             user,
+            image_volumes,
             ..Default::default()
         };
         sandbox::apply(plan, c, &self.ctx.seccomp_root, &mut spec)
@@ -1792,6 +1862,14 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let pod_dir = volumes::pod_dir(&self.ctx.state_dir, &self.uid);
         let mut mounts = Vec::new();
         for (i, m) in c.mounts.iter().enumerate() {
+            // Image volumes are Podman's to mount (`image_volumes`, made in `create`).
+            if plan
+                .volumes
+                .iter()
+                .any(|v| v.name() == m.volume && matches!(v, super::spec::VolumePlan::Image { .. }))
+            {
+                continue;
+            }
             let Some(root) = vols.get(&m.volume) else {
                 return Err(format!("volume {} not prepared", m.volume));
             };

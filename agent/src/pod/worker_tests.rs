@@ -751,3 +751,90 @@ async fn an_ephemeral_container_is_no_way_around_the_device_policy_or_run_as_non
         );
     }
 }
+
+#[tokio::test]
+async fn an_image_volume_is_pulled_for_the_pod_and_handed_to_podman_read_only() {
+    // Pulled with its pullPolicy (Always: even though present), its Events on the pod.
+    let r = rig("", DevicePolicy::default()).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "volumes": [{"name": "data", "image": {"reference": IMAGE, "pullPolicy": "Always"}}],
+            "containers": [{"name": "app", "image": IMAGE,
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]
+        })),
+    )
+    .await;
+    let spec = r.rt.spec_of("app").await.expect("container created");
+    assert_eq!(
+        spec.image_volumes,
+        // By the ID the pull resolved: the image mounted is the one pulled.
+        [crate::podman::ImageVolume {
+            source: format!("id-{IMAGE}"),
+            destination: "/data".into(),
+            read_write: false,
+        }]
+    );
+    assert!(
+        spec.mounts.iter().all(|m| m.destination != "/data"),
+        "not a bind mount too: {:?}",
+        spec.mounts
+    );
+    let events = recorded(&r);
+    let volume_pull: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|(_, _, path, _, _)| path.is_empty())
+        .map(|(_, reason, _, message, _)| (reason.as_str(), message.as_str()))
+        .take(2)
+        .collect();
+    assert_eq!(volume_pull.len(), 2, "{events:?} (status {st:?})");
+    assert_eq!(
+        volume_pull[0],
+        ("Pulling", &*format!("Pulling image \"{IMAGE}\""))
+    );
+    assert_eq!(volume_pull[1].0, "Pulled");
+    assert!(
+        volume_pull[1]
+            .1
+            .starts_with(&format!("Successfully pulled image \"{IMAGE}\" in ")),
+        "{volume_pull:?}"
+    );
+
+    // An image volume that cannot be pulled keeps the container from being created: the pull
+    // error on the pod, ErrImagePull on the container that mounts it.
+    let r = rig("", DevicePolicy::default()).await;
+    let st = run(
+        &r,
+        &bundle(serde_json::json!({
+            "volumes": [{"name": "data", "image": {"reference": "localhost/absent:1"}}],
+            "containers": [{"name": "app", "image": IMAGE,
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]
+        })),
+    )
+    .await;
+    assert!(r.rt.spec_of("app").await.is_none());
+    let (reason, message) = waiting(&st);
+    assert!(
+        reason == "ErrImagePull" || reason == "ImagePullBackOff",
+        "{reason}: {message}"
+    );
+    assert!(message.contains("localhost/absent:1"), "{message}");
+    let events = recorded(&r);
+    assert!(
+        events
+            .iter()
+            .any(|(kind, reason, path, message, _)| kind == "Warning"
+                && reason == "Failed"
+                && path.is_empty()
+                && message.starts_with("Failed to pull image \"localhost/absent:1\": ")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(_, reason, path, message, _)| reason == "Failed"
+                && path == "spec.containers{app}"
+                && message == "Error: ErrImagePull"),
+        "{events:?}"
+    );
+}

@@ -257,6 +257,25 @@ pub struct ContainerCreate {
     /// the target stays free to be stopped and replaced).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pidns: Option<Namespace>,
+    /// Images mounted as volumes (the pod's image volumes this container mounts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub image_volumes: Vec<ImageVolume>,
+}
+
+/// An image mounted into the container (Podman's `specgen.ImageVolume`, whose JSON keys are
+/// its Go field names): Podman mounts the image's filesystem and overlays it read-only at
+/// `destination` (Podman 4.3 has no subPath for it).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImageVolume {
+    /// The image, by name or ID.
+    #[serde(rename = "Source")]
+    pub source: String,
+    /// Absolute path in the container.
+    #[serde(rename = "Destination")]
+    pub destination: String,
+    /// Writable (an overlay whose changes are discarded); the agent always mounts read-only.
+    #[serde(rename = "ReadWrite")]
+    pub read_write: bool,
 }
 
 /// A bind mount.
