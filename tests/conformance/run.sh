@@ -17,7 +17,8 @@
 # and counts the rest as not run); FLEETLET_CONFORMANCE_BIN (prebuilt fleetlet binaries: no cargo build);
 # CONFORMANCE_NAME (default conf) names devices, hub instance and netns, so runs never collide;
 # CONFORMANCE_LINK_PORT, CONFORMANCE_KUBELET_PORT (and the 8 after it), CONFORMANCE_OPS_PORT and
-# CONFORMANCE_REGISTRY_PORT (default: the ops port + 1) are its loopback/host ports.
+# CONFORMANCE_REGISTRY_PORT (default: the ops port + 1) are its loopback/host ports. Runs on one
+# machine take turns (a lock, CONFORMANCE_LOCK).
 # Prints the counts and the tests that did not pass; exit status 1 when any failed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -51,6 +52,15 @@ default_focus='\[sig-node\].*(\[Conformance\]|\[NodeConformance\])|\[sig-storage
 default_skip='\[Serial\]|\[Disruptive\]|\[Flaky\]'
 focus=${CONFORMANCE_FOCUS:-$default_focus}
 skip=${CONFORMANCE_SKIP:-$default_skip}
+
+# One run at a time on a machine: the suite's pods go to any untainted Ready Node, so two runs
+# at once would put pods on each other's Nodes (and lose them when the other run ends).
+lock=${CONFORMANCE_LOCK:-/tmp/fleetlet-conformance.lock}
+exec 9> "$lock"
+if ! flock -n 9; then
+  log "another conformance run holds $lock; waiting for it"
+  flock 9
+fi
 
 bin=$("$here/build.sh")
 provided=$("$here/images.sh" "$bin")
