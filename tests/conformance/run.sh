@@ -163,7 +163,7 @@ rm -f "$run_podman_socket"
 start() {
   local n=$1 exe=$2
   shift 2
-  (cd / && RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 exec setsid "$exe" "$@" >> "$dir/logs/$n.log" 2>&1 < /dev/null) &
+  (cd / && RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 exec setsid "$exe" "$@" >> "$dir/logs/$n.log" 2>&1 < /dev/null 9>&-) &
   pidfile_write "$dir/run/$n.pid" "$!" "$exe"
 }
 start registry "$(command -v docker-registry)" serve "$dir/registry/config.yml"
