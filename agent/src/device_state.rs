@@ -188,6 +188,13 @@ pub async fn container_logs<R: ContainerRuntime>(
         .list_containers(&filter)
         .await
         .map_err(|e| e.to_string())?;
+    tracing::debug!(
+        pod_uid = %req.pod_uid,
+        container = %req.container,
+        found = ?found.iter().map(|c| (c.id.as_str(), c.state.as_str())).collect::<Vec<_>>(),
+        follow = req.follow,
+        "log request"
+    );
     let Some(c) = found.first() else {
         return Err(format!(
             "container {:?} of pod {} not found on this device",

@@ -48,6 +48,13 @@ use crate::inventory::DeviceMap;
 use crate::metrics::Metrics;
 use crate::sessions::{LinkError, Sessions};
 
+/// How long a log request waits for the device's first chunk before answering: a refusal
+/// comes at once and becomes an error status; a followed log with nothing yet starts streaming.
+const FIRST_LOG_CHUNK_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Bytes of a log that is not followed read before the answer (the rest streams after them).
+const MAX_BUFFERED_LOG: usize = 4 * 1024 * 1024;
+
 /// Errors setting up the kubelet endpoint (configuration; not retryable).
 #[derive(Debug, Error)]
 pub enum KubeletApiError {
@@ -123,7 +130,7 @@ pub fn tls_config(cfg: &KubeletConfig) -> Result<Arc<rustls::ServerConfig>, Kube
     let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| KubeletApiError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -473,17 +480,36 @@ impl KubeletApi {
                         Ok::<_, Infallible>(this.handle(req, cert_caller, node.as_deref()).await)
                     }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
+                // HTTP/2 when the client offers it, as a kubelet serves: the API server then
+                // reads a log's last bytes and its end as separate events (over HTTP/1.1 a read
+                // can return both, and its websocket relay of logs drops the bytes of a read that
+                // ends the stream). Upgrades (exec, attach, port-forward) come over HTTP/1.1.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                let io = TokioIo::new(tls);
+                let r = if h2 {
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(limits.header_timeout)
-                    .serve_connection(TokioIo::new(tls), service)
-                    // exec, attach and port-forward switch the connection to SPDY.
-                    .with_upgrades();
-                tokio::select! {
-                    r = conn => if let Err(error) = r {
-                        tracing::debug!(%peer, %error, "kubelet endpoint connection ended");
-                    },
-                    () = shutdown.cancelled() => {}
+                    .serve_connection(io, service);
+                    tokio::select! {
+                        r = conn => r,
+                        () = shutdown.cancelled() => Ok(()),
+                    }
+                } else {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .serve_connection(io, service)
+                        // exec, attach and port-forward switch the connection to SPDY.
+                        .with_upgrades();
+                    tokio::select! {
+                        r = conn => r,
+                        () = shutdown.cancelled() => Ok(()),
+                    }
+                };
+                if let Err(error) = r {
+                    tracing::debug!(%peer, %error, "kubelet endpoint connection ended");
                 }
             });
         }
@@ -632,7 +658,56 @@ impl KubeletApi {
         log_req.pod_uid = pod.metadata.uid.clone().unwrap_or_default();
         log_req.container = path.container.clone();
         tracing::debug!(pod = %path.pod, namespace = %path.namespace, container = %path.container, device = %node, user = %caller.user, follow = log_req.follow, "log request");
-        match self.sessions.open_logs(&node, log_req).await {
+        let follow = log_req.follow;
+        let opened = match self.sessions.open_logs(&node, log_req).await {
+            // The device's answer decides the status, as the kubelet's does: a refusal (no such
+            // container, no previous instance) that comes as the first chunk is an error
+            // response, not an empty 200 the API server would pass on as an empty log. A log
+            // that has nothing to say yet (follow) starts streaming after a short wait.
+            Ok(mut stream) if !follow => {
+                // A log that is not followed is read (up to a bound) before the answer, so a
+                // refusal from the device becomes an error status instead of an empty 200.
+                let mut head = Vec::new();
+                let mut size = 0usize;
+                let mut ended = false;
+                while size < MAX_BUFFERED_LOG {
+                    match stream.next().await {
+                        Some(Ok(chunk)) => {
+                            size += chunk.len();
+                            head.push(Ok(chunk));
+                        }
+                        Some(Err(e)) if head.is_empty() => return self.log_refused(&node, e),
+                        Some(Err(e)) => {
+                            head.push(Err(e));
+                            ended = true;
+                            break;
+                        }
+                        None => {
+                            ended = true;
+                            break;
+                        }
+                    }
+                }
+                let head = futures::stream::iter(head);
+                if ended {
+                    Ok(head.boxed())
+                } else {
+                    Ok(head.chain(stream).boxed())
+                }
+            }
+            Ok(mut stream) => {
+                match tokio::time::timeout(FIRST_LOG_CHUNK_WAIT, stream.next()).await {
+                    Ok(Some(Err(e))) => Err(e),
+                    Ok(Some(Ok(first))) => Ok(futures::stream::once(async move { Ok(first) })
+                        .chain(stream)
+                        .boxed()),
+                    Ok(None) => Ok(futures::stream::empty().boxed()),
+                    Err(_) => Ok(stream),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match opened {
             Ok(stream) => {
                 let body = StreamBody::new(
                     stream.map(|chunk| chunk.map(Frame::data).map_err(std::io::Error::other)),
@@ -644,15 +719,25 @@ impl KubeletApi {
                 );
                 r
             }
+            Err(e) => self.log_refused(&node, e),
+        }
+    }
+
+    /// The answer to a log request the device's link could not serve.
+    fn log_refused(&self, node: &str, e: LinkError) -> Response<Body> {
+        match e {
             // 400 like the kubelet's "container is waiting to start": the API server passes a
             // 400's text to kubectl verbatim, while a 503 becomes a generic message.
-            Err(e @ LinkError::NotConnected { .. }) => text(
+            e @ LinkError::NotConnected { .. } => text(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "device {node} is offline (not connected to fleetlet-hub); logs are unavailable until it reconnects: {e}"
                 ),
             ),
-            Err(e) => text(
+            // What the device said about the request (no such container, no previous
+            // instance): a 400 with its words, as the kubelet answers.
+            LinkError::Device { message, .. } => text(StatusCode::BAD_REQUEST, message),
+            e => text(
                 StatusCode::BAD_GATEWAY,
                 format!("device {node} could not stream the log: {e}"),
             ),
