@@ -1180,3 +1180,117 @@ async fn a_node_deleted_by_someone_else_is_created_again_and_foreign_taints_foll
     );
     hub.stop().await;
 }
+
+/// Readiness gates: the device reports its containers ready; the hub, which sees the gate's
+/// condition in the API (another controller sets it), holds Ready at False with the kubelet's
+/// reason until the gate is True, then writes Ready True, as a kubelet evaluates them.
+#[tokio::test]
+async fn readiness_gates_are_evaluated_by_the_hub_against_the_api() {
+    let instance = unique("it-gates");
+    let dev = format!("{instance}-d1");
+    let ns = instance.clone();
+    let _cleanup = KubeCleanup {
+        nodes: vec![dev.clone()],
+        namespace: Some(ns.clone()),
+    };
+    let hub = start_hub(&instance, vec![device(&dev, "fleet-a")]).await;
+    create_namespace(&hub.client, &ns).await;
+    hub.connect(&dev, "1").await;
+    let pods: Api<Pod> = Api::namespaced(hub.client.clone(), &ns);
+    let mut pod = bound_pod("gated", &dev, "100m", None);
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.readiness_gates = Some(vec![k8s_openapi::api::core::v1::PodReadinessGate {
+            condition_type: "example.com/lb-ready".into(),
+        }]);
+    }
+    let created = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let uid = created.metadata.uid.clone().expect("uid");
+    hub.snapshot_where(&dev, "the gated pod", |b| uids(b).contains(&uid))
+        .await;
+    let running = json!({
+        "phase": "Running",
+        "hostIP": "127.0.0.1",
+        "podIP": "127.0.0.1",
+        "startTime": "2026-01-01T00:00:00Z",
+        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "Initialized", "status": "True"}],
+        "containerStatuses": [{"name": "app", "ready": true, "started": true, "restartCount": 0,
+            "image": "localhost/fleetlet-test/busybox:1", "imageID": "sha256:abc",
+            "state": {"running": {"startedAt": "2026-01-01T00:00:01Z"}}}]
+    });
+    hub.report(
+        &dev,
+        true,
+        vec![PodStatusEntry {
+            uid: uid.clone(),
+            namespace: ns.clone(),
+            name: "gated".into(),
+            status_json: Bytes::from(serde_json::to_vec(&running).expect("json")),
+            removed: false,
+        }],
+    )
+    .await;
+    let ready = |p: &Pod| {
+        p.status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| {
+                (
+                    c.status.clone(),
+                    c.reason.clone().unwrap_or_default(),
+                    c.message.clone().unwrap_or_default(),
+                )
+            })
+    };
+    let held = wait_for("Ready held False by the gate", 30, || async {
+        let p = pods.get("gated").await.ok()?;
+        let r = ready(&p)?;
+        (r.0 == "False" && p.status?.phase.as_deref() == Some("Running")).then_some(r)
+    })
+    .await;
+    assert_eq!(held.1, "ReadinessGatesNotReady");
+    assert_eq!(
+        held.2,
+        "corresponding condition of pod readiness gate \"example.com/lb-ready\" does not exist."
+    );
+    // Another controller opens the gate: the hub writes Ready True without the device.
+    pods.patch_status(
+        "gated",
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"status": {"conditions": [
+            {"type": "example.com/lb-ready", "status": "True"}
+        ]}})),
+    )
+    .await
+    .expect("open the gate");
+    wait_for("Ready True once the gate is", 30, || async {
+        let p = pods.get("gated").await.ok()?;
+        (ready(&p)?.0 == "True").then_some(())
+    })
+    .await;
+    // And closes it again.
+    pods.patch_status(
+        "gated",
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"status": {"conditions": [
+            {"type": "example.com/lb-ready", "status": "False"}
+        ]}})),
+    )
+    .await
+    .expect("close the gate");
+    let closed = wait_for("Ready False again", 30, || async {
+        let p = pods.get("gated").await.ok()?;
+        let r = ready(&p)?;
+        (r.0 == "False").then_some(r)
+    })
+    .await;
+    assert_eq!(
+        closed.2,
+        "the status of pod readiness gate \"example.com/lb-ready\" is not \"True\", but False"
+    );
+}

@@ -838,12 +838,6 @@ fn refuse_pod_fields(spec: &k8s::PodSpec) -> Result<(), SpecError> {
             "dynamic resource allocation is not supported on fleetlet devices",
         ));
     }
-    if spec.readiness_gates.as_ref().is_some_and(|g| !g.is_empty()) {
-        return Err(err(
-            "spec.readinessGates",
-            "readiness gates are not evaluated on fleetlet devices (the device does not see the conditions other controllers set)",
-        ));
-    }
     if spec.resources.is_some() {
         return Err(err(
             "spec.resources",

@@ -23,6 +23,7 @@ mod deletion;
 mod device_events;
 pub mod kube_api;
 mod not_ready;
+pub mod readiness_gates;
 pub mod referenced;
 pub mod refusal;
 mod reports;
@@ -510,6 +511,7 @@ impl PodRelay {
                         self.forget(&uid);
                     } else {
                         self.check_deletion(&uid);
+                        self.recheck_gates(&uid);
                     }
                 }
             }

@@ -207,6 +207,16 @@ impl PodRelay {
                             continue;
                         }
                     };
+                    // Readiness gates: the device reports its containers' readiness, the hub
+                    // (which sees the gates' conditions) decides Ready.
+                    let mut status = status;
+                    if let Some(pod) = self.pods.by_uid(&entry.uid) {
+                        readiness_gates::apply_to_report(
+                            &pod,
+                            &mut status,
+                            &crate::kubeutil::time_string(k8s_openapi::jiff::Timestamp::now()),
+                        );
+                    }
                     if status.get("phase").and_then(Value::as_str) == Some("Running")
                         && !std::mem::replace(
                             &mut self
