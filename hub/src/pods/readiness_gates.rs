@@ -235,7 +235,7 @@ mod tests {
     fn a_report_is_not_ready_until_every_gate_is_true() {
         let p = pod(json!([{"type": "example.com/lb", "status": "False"}]));
         let mut s = report();
-        apply_to_report(&p, &mut s, "t1");
+        apply_to_report(&p, &mut s, "2026-01-01T00:00:01Z");
         let ready = &s["conditions"][1];
         assert_eq!(ready["status"], "False");
         assert_eq!(ready["reason"], REASON);
@@ -244,19 +244,19 @@ mod tests {
             "the status of pod readiness gate \"example.com/lb\" is not \"True\", but False, corresponding condition of pod readiness gate \"example.com/dns\" does not exist."
         );
         assert_eq!(ready["observedGeneration"], 1);
-        assert_eq!(ready["lastTransitionTime"], "t1");
+        assert_eq!(ready["lastTransitionTime"], "2026-01-01T00:00:01Z");
 
         let p = pod(json!([
             {"type": "example.com/lb", "status": "True"},
             {"type": "example.com/dns", "status": "True"},
-            {"type": "Ready", "status": "True", "lastTransitionTime": "t0"}
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
         ]));
         let mut s = report();
-        apply_to_report(&p, &mut s, "t1");
+        apply_to_report(&p, &mut s, "2026-01-01T00:00:01Z");
         assert_eq!(s["conditions"][1]["status"], "True");
         assert_eq!(s["conditions"][1]["reason"], Value::Null);
         assert_eq!(
-            s["conditions"][1]["lastTransitionTime"], "t0",
+            s["conditions"][1]["lastTransitionTime"], "2026-01-01T00:00:00Z",
             "no transition: the API's time stays"
         );
     }
@@ -268,7 +268,7 @@ mod tests {
             {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "message": "containers with unready status: [a]"},
             {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "message": "containers with unready status: [a]"}
         ]});
-        apply_to_report(&p, &mut s, "t1");
+        apply_to_report(&p, &mut s, "2026-01-01T00:00:01Z");
         assert_eq!(s["conditions"][1]["reason"], "ContainersNotReady");
         assert_eq!(
             s["conditions"][1]["message"],
@@ -282,20 +282,28 @@ mod tests {
             {"type": "ContainersReady", "status": "True"},
             {"type": "Ready", "status": "False", "reason": REASON,
              "message": "corresponding condition of pod readiness gate \"example.com/lb\" does not exist., corresponding condition of pod readiness gate \"example.com/dns\" does not exist.",
-             "lastTransitionTime": "t0", "observedGeneration": 2}
+             "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 2}
         ]);
-        assert_eq!(recheck(&pod(gated.clone()), "t1"), None, "already right");
+        assert_eq!(
+            recheck(&pod(gated.clone()), "2026-01-01T00:00:01Z"),
+            None,
+            "already right"
+        );
         let mut opened = gated.as_array().unwrap().clone();
         opened.push(json!({"type": "example.com/lb", "status": "True"}));
         opened.push(json!({"type": "example.com/dns", "status": "True"}));
-        let c = recheck(&pod(Value::Array(opened.clone())), "t1").expect("rewritten");
+        let c =
+            recheck(&pod(Value::Array(opened.clone())), "2026-01-01T00:00:01Z").expect("rewritten");
         assert_eq!(c["status"], "True");
-        assert_eq!(c["lastTransitionTime"], "t1");
+        assert_eq!(c["lastTransitionTime"], "2026-01-01T00:00:01Z");
         assert_eq!(c["observedGeneration"], 2);
         // Once written, nothing more.
         opened[1] = c;
-        assert_eq!(recheck(&pod(Value::Array(opened)), "t2"), None);
+        assert_eq!(
+            recheck(&pod(Value::Array(opened)), "2026-01-01T00:00:02Z"),
+            None
+        );
         // Not reported by its device yet: nothing to evaluate.
-        assert_eq!(recheck(&pod(json!([])), "t1"), None);
+        assert_eq!(recheck(&pod(json!([])), "2026-01-01T00:00:01Z"), None);
     }
 }
