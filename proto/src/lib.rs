@@ -16,6 +16,19 @@ pub mod v1 {
     tonic::include_proto!("fleetlet.v1");
 }
 
+/// An error and its causes on one line, joined by `": "` (tonic's and hyper's transport errors
+/// hide the useful part in their sources).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// gRPC metadata key by which the hub says why it refuses a device (see [`not_served`]).
 pub const REFUSAL_METADATA: &str = "fleetlet-refusal";
 
@@ -93,5 +106,32 @@ where
             CODEC_BUFFER_BYTES,
             CODEC_YIELD_BYTES,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_names_every_cause() {
+        let e = Outer(std::io::Error::other("connection refused"));
+        assert_eq!(
+            super::error_chain(&e),
+            "transport error: connection refused"
+        );
+        let plain = std::io::Error::other("alone");
+        assert_eq!(super::error_chain(&plain), "alone");
     }
 }

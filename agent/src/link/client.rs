@@ -1,5 +1,6 @@
 //! One connection to the hub: TLS connector, hello, and the session loop.
 
+use fleetlet_proto::error_chain;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -568,18 +569,6 @@ async fn stream_logs(
 fn status_text(status: &tonic::Status) -> String {
     let mut text = status.message().to_owned();
     let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// The error and its causes on one line (tonic's transport errors hide the useful part).
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());

@@ -7,6 +7,7 @@
 //! declared here with prost: `HealthCheckRequest { string service = 1; }` and
 //! `HealthCheckResponse { ServingStatus status = 1; }`.
 
+use fleetlet_proto::error_chain;
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
@@ -183,18 +184,6 @@ fn go_duration(d: Duration) -> String {
         (0, m) => format!("{m}m{s}{frac}s"),
         (h, m) => format!("{h}h{m}m{s}{frac}s"),
     }
-}
-
-/// An error and its sources, joined.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! a bearer token read from a file (a projected ServiceAccount token is rotated in place, so the
 //! file is re-read whenever it changes), paged list calls.
 
+use fleetlet_proto::error_chain;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -383,17 +384,6 @@ fn snippet(body: &[u8]) -> String {
         Some((i, _)) => format!("{}…", &text[..i]),
         None => text.to_owned(),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
