@@ -52,8 +52,9 @@ use crate::sessions::{LinkError, Sessions};
 /// comes at once and becomes an error status; a followed log with nothing yet starts streaming.
 const FIRST_LOG_CHUNK_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
-/// Bytes of a log that is not followed read before the answer (the rest streams after them).
-const MAX_BUFFERED_LOG: usize = 4 * 1024 * 1024;
+/// Requests one HTTP/2 connection to the kubelet endpoint carries at once (the API server
+/// multiplexes its log, stats and proxy requests for a Node on one connection).
+const MAX_H2_STREAMS: u32 = 64;
 
 /// Errors setting up the kubelet endpoint (configuration; not retryable).
 #[derive(Debug, Error)]
@@ -276,7 +277,8 @@ pub struct ConnectionLimits {
     /// How long a client may take to complete its TLS handshake.
     pub handshake_timeout: std::time::Duration,
     /// How long a client may take to send a request's headers (also how long an idle
-    /// keep-alive connection stays open).
+    /// keep-alive HTTP/1.1 connection stays open, and the ping interval and timeout of an
+    /// HTTP/2 one).
     pub header_timeout: std::time::Duration,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
@@ -491,6 +493,11 @@ impl KubeletApi {
                         hyper_util::rt::TokioExecutor::new(),
                     )
                     .timer(hyper_util::rt::TokioTimer::new())
+                    // A peer that stops answering pings is dropped (HTTP/2's stand-in for the
+                    // header timeout), and one connection carries a bounded number of requests.
+                    .keep_alive_interval(Some(limits.header_timeout))
+                    .keep_alive_timeout(limits.header_timeout)
+                    .max_concurrent_streams(MAX_H2_STREAMS)
                     .serve_connection(io, service);
                     tokio::select! {
                         r = conn => r,
@@ -658,43 +665,11 @@ impl KubeletApi {
         log_req.pod_uid = pod.metadata.uid.clone().unwrap_or_default();
         log_req.container = path.container.clone();
         tracing::debug!(pod = %path.pod, namespace = %path.namespace, container = %path.container, device = %node, user = %caller.user, follow = log_req.follow, "log request");
-        let follow = log_req.follow;
         let opened = match self.sessions.open_logs(&node, log_req).await {
             // The device's answer decides the status, as the kubelet's does: a refusal (no such
             // container, no previous instance) that comes as the first chunk is an error
             // response, not an empty 200 the API server would pass on as an empty log. A log
             // that has nothing to say yet (follow) starts streaming after a short wait.
-            Ok(mut stream) if !follow => {
-                // A log that is not followed is read (up to a bound) before the answer, so a
-                // refusal from the device becomes an error status instead of an empty 200.
-                let mut head = Vec::new();
-                let mut size = 0usize;
-                let mut ended = false;
-                while size < MAX_BUFFERED_LOG {
-                    match stream.next().await {
-                        Some(Ok(chunk)) => {
-                            size += chunk.len();
-                            head.push(Ok(chunk));
-                        }
-                        Some(Err(e)) if head.is_empty() => return self.log_refused(&node, e),
-                        Some(Err(e)) => {
-                            head.push(Err(e));
-                            ended = true;
-                            break;
-                        }
-                        None => {
-                            ended = true;
-                            break;
-                        }
-                    }
-                }
-                let head = futures::stream::iter(head);
-                if ended {
-                    Ok(head.boxed())
-                } else {
-                    Ok(head.chain(stream).boxed())
-                }
-            }
             Ok(mut stream) => {
                 match tokio::time::timeout(FIRST_LOG_CHUNK_WAIT, stream.next()).await {
                     Ok(Some(Err(e))) => Err(e),
