@@ -65,25 +65,10 @@ impl<K: Clone + Eq + Hash + Ord> WorkQueue<K> {
         self.add_at(key, Instant::now());
     }
 
-    /// Takes `key` out of the queue (not out of processing); true if it was queued.
-    pub fn remove(&mut self, key: &K) -> bool {
-        match self.queued.remove(key) {
-            Some((when, seq)) => {
-                self.due.remove(&(when, seq, key.clone()));
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Whether `key` is queued.
-    pub fn contains(&self, key: &K) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, key: &K) -> bool {
         self.queued.contains_key(key)
-    }
-
-    /// Keys queued (taken ones not counted).
-    pub fn len(&self) -> usize {
-        self.queued.len()
     }
 
     /// Nothing queued.
@@ -126,11 +111,6 @@ impl<K: Clone + Eq + Hash + Ord> WorkQueue<K> {
         self.busy.remove(key);
     }
 
-    /// Whether `key` is being processed.
-    pub fn is_busy(&self, key: &K) -> bool {
-        self.busy.contains(key)
-    }
-
     /// Resolves once a key that may be taken is due; never while none is queued.
     pub async fn due(&self) {
         match self.next_due() {
@@ -161,7 +141,6 @@ mod tests {
             Some(t0 + Duration::from_secs(1)),
             "earlier ask wins"
         );
-        assert_eq!(q.len(), 1);
         assert_eq!(q.pop_due(t0), None, "not due yet");
         assert_eq!(q.pop_due(t0 + Duration::from_secs(1)), Some("a"));
         assert!(q.is_empty());
@@ -184,8 +163,8 @@ mod tests {
         let mut q = WorkQueue::new();
         q.add_at("a", t0);
         assert_eq!(q.pop_due(t0), Some("a"));
-        assert!(q.is_busy(&"a"));
         q.add_at("a", t0);
+        assert_eq!(q.pop_due(t0), None, "a is held while it is processed");
         q.add_at("b", t0 + Duration::from_secs(1));
         assert_eq!(
             q.next_due(),
@@ -195,18 +174,7 @@ mod tests {
         assert_eq!(q.pop_due(t0 + Duration::from_secs(1)), Some("b"));
         q.done(&"a");
         assert_eq!(q.pop_due(t0 + Duration::from_secs(1)), Some("a"));
-        assert!(q.remove(&"b") || !q.contains(&"b"));
-    }
-
-    #[test]
-    fn removed_keys_are_gone() {
-        let t0 = Instant::now();
-        let mut q = WorkQueue::new();
-        q.add_at(1, t0);
-        q.add_at(2, t0);
-        assert!(q.remove(&1));
-        assert!(!q.remove(&1));
-        assert_eq!(q.drain_due(t0), [2]);
+        assert!(!q.contains(&"b"), "b was taken");
     }
 
     #[tokio::test(start_paused = true)]
