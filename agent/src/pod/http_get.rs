@@ -110,7 +110,11 @@ impl HttpGetAction {
     /// A probe's GET bounded by `timeout`: the final response's status, or the error in Go's
     /// words (`Get "http://…": …`).
     #[cfg(test)]
-    pub(crate) async fn status(&self, default_host: &str, timeout: Duration) -> Result<u16, String> {
+    pub(crate) async fn status(
+        &self,
+        default_host: &str,
+        timeout: Duration,
+    ) -> Result<u16, String> {
         self.answer(default_host, timeout)
             .await
             .map(|(status, _)| status)
