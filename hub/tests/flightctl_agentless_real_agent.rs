@@ -30,8 +30,8 @@ use tokio::time::Instant;
 mod common;
 use common::flightctl::{FlightctlCleanup, env, hub_token_file};
 use common::{
-    HubSetup, HubSpec, KubeCleanup, Proc, client, create_namespace, free_port, node_ready, podman,
-    unique, wait_for,
+    HubSetup, HubSpec, KubeCleanup, Proc, client, create_namespace, free_port_range, node_ready,
+    podman, unique, wait_for,
 };
 use fleetlet_test_support::Stack;
 
@@ -70,7 +70,7 @@ fn containers(needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// Removes the compose containers and pods of the test on drop.
+/// Removes the compose containers, pods and networks of the test on drop.
 struct ComposeLeftovers(String);
 
 impl Drop for ComposeLeftovers {
@@ -87,6 +87,14 @@ impl Drop for ComposeLeftovers {
                     .args(["pod", "rm", "-f", id])
                     .output();
             }
+        }
+        for net in podman(&["network", "ls", "--format", "{{.Name}}"])
+            .lines()
+            .filter(|n| n.contains(&self.0))
+        {
+            let _ = Command::new("podman")
+                .args(["network", "rm", "-f", net])
+                .output();
         }
     }
 }
@@ -253,7 +261,9 @@ poll_interval_secs = 1"#,
     )
     .await
     .expect("create ConfigMap");
-    let port = free_port();
+    // A hostPort below the ephemeral range: Podman's DNAT rule for it matches every local
+    // address, so it must never be a port the kernel could hand a listener bound to port 0.
+    let (port, _) = free_port_range(1).expect("a free port below the ephemeral range");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &run);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "web"},

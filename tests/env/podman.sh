@@ -27,7 +27,30 @@ up_podman() {
     start_daemon podman podman system service --time=0 "unix://$PODMAN_SOCKET"
     wait_until 30 "Podman service" podman_ping || { tail_log podman; die "Podman service did not start"; }
   fi
+  sweep_stale_hostports
   build_test_image
+}
+
+# Netavark's hostPort DNAT matches the port on every local address, so a rule left behind by a
+# container that is gone (a test killed mid-run, a teardown Podman skipped) captures whatever
+# later listens on that port: a hub bound to port 0 that draws it answers "no route to host".
+# Rules name their container (`dnat name: NET id: ID`); those whose container no longer
+# exists are removed, with their per-network chain once it has no rule left pointing at it.
+sweep_stale_hostports() {
+  command -v iptables >/dev/null || return 0
+  local rule id chain swept=0
+  while IFS= read -r rule; do
+    id=$(sed -n 's/.* id: \([0-9a-f]\{64\}\)".*/\1/p' <<<"$rule")
+    [ -n "$id" ] || continue
+    podman container exists "$id" 2>/dev/null && continue
+    chain=${rule##* -j }
+    # shellcheck disable=SC2086 # the rule's own words, as iptables -S printed them
+    eval "iptables -t nat -D ${rule#-A }" && swept=$((swept + 1))
+    if ! iptables -t nat -S | grep -q -- "-j $chain\$"; then
+      iptables -t nat -F "$chain" 2>/dev/null && iptables -t nat -X "$chain" 2>/dev/null || true
+    fi
+  done < <(iptables -t nat -S NETAVARK-HOSTPORT-DNAT 2>/dev/null | grep -- '^-A .*dnat name: ')
+  [ "$swept" -eq 0 ] || log "removed $swept stale Podman hostPort rule(s) of containers that are gone"
 }
 
 # The test image: a root filesystem holding Debian's statically linked busybox and its applet

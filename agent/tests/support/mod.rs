@@ -217,14 +217,21 @@ impl Drop for Agent {
             rt.block_on(async {
                 let p = podman();
                 let f = vec![format!("{}={device}", labels::DEVICE)];
-                if let Ok(pods) = p.list_pods(&f).await {
-                    for pod in pods {
-                        let _ = p.remove_pod(&pod.name).await;
+                // Twice: a create the killed agent had in flight still completes in the Podman
+                // service after the first pass listed the device's pods.
+                for pass in 0..2 {
+                    if pass > 0 {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     }
-                }
-                if let Ok(cs) = p.list_containers(&f).await {
-                    for c in cs {
-                        let _ = p.remove_container(&c.id).await;
+                    if let Ok(pods) = p.list_pods(&f).await {
+                        for pod in pods {
+                            let _ = p.remove_pod(&pod.name).await;
+                        }
+                    }
+                    if let Ok(cs) = p.list_containers(&f).await {
+                        for c in cs {
+                            let _ = p.remove_container(&c.id).await;
+                        }
                     }
                 }
             });
