@@ -336,6 +336,125 @@ async fn kubectl_delete_grace_period_overrides_the_spec_on_the_device() {
     assert!(stopped < Duration::from_secs(60), "{stopped:?}");
 }
 
+/// A deleted pod that a finalizer keeps shows how its containers ended, as the kubelet writes
+/// the final status before it deletes: each container terminated with its exit code and finish
+/// time, the phase terminal; once the finalizer goes, so does the pod.
+#[tokio::test]
+async fn a_deleted_pod_kept_by_a_finalizer_shows_its_containers_terminated() {
+    let s = Setup::start("final").await;
+    let finalizer = "fleetlet.io/test-keep";
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "kept", "finalizers": [finalizer]},
+        "spec": {
+            "nodeName": s.dev,
+            "tolerations": [{"operator": "Exists"}],
+            "terminationGracePeriodSeconds": 2,
+            "containers": [
+                {"name": "polite", "image": "localhost/fleetlet-test/busybox:1",
+                 "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]},
+                {"name": "stubborn", "image": "localhost/fleetlet-test/busybox:1",
+                 "command": ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]}
+            ]
+        }
+    }))
+    .expect("pod");
+    let pods = s.pods();
+    // The finalizer goes whatever happens, so the namespace can be deleted (a client of its
+    // own: the test's runtime is blocked while this drop runs).
+    struct Unkeep(String);
+    impl Drop for Unkeep {
+        fn drop(&mut self) {
+            let ns = self.0.clone();
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Runtime::new()
+                    .expect("runtime")
+                    .block_on(async {
+                        let pods: Api<Pod> = Api::namespaced(client().await, &ns);
+                        let patch = json!({"metadata": {"finalizers": null}});
+                        let _ = pods
+                            .patch(
+                                "kept",
+                                &kube::api::PatchParams::default(),
+                                &kube::api::Patch::Merge(&patch),
+                            )
+                            .await;
+                    })
+            })
+            .join();
+        }
+    }
+    let _unkeep = Unkeep(s.ns.clone());
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    wait_for("pod Running", 120, || async {
+        let p = pods.get("kept").await.ok()?;
+        (p.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    pods.delete("kept", &Default::default())
+        .await
+        .expect("delete pod");
+    let p = wait_for("both containers terminated in the API", 60, || async {
+        let p = pods.get("kept").await.ok()?;
+        let all_terminated = p
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .iter()
+            .all(|c| c.state.as_ref().is_some_and(|st| st.terminated.is_some()));
+        all_terminated.then_some(p)
+    })
+    .await;
+    let status = p.status.expect("status");
+    let ended = |name: &str| {
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == name)
+            .and_then(|c| c.state.clone()?.terminated)
+            .unwrap_or_else(|| panic!("{name} terminated"))
+    };
+    let (polite, stubborn) = (ended("polite"), ended("stubborn"));
+    println!(
+        "final status: phase {:?}; polite exit {} ({:?}), stubborn exit {} ({:?})",
+        status.phase, polite.exit_code, polite.reason, stubborn.exit_code, stubborn.reason
+    );
+    assert_eq!(polite.exit_code, 0, "{polite:?}");
+    assert_eq!(polite.reason.as_deref(), Some("Completed"));
+    assert_eq!(
+        stubborn.exit_code, 137,
+        "killed after its grace: {stubborn:?}"
+    );
+    assert_eq!(stubborn.reason.as_deref(), Some("Error"));
+    assert!(polite.finished_at.is_some() && stubborn.finished_at.is_some());
+    assert_eq!(
+        status.phase.as_deref(),
+        Some("Failed"),
+        "one container failed"
+    );
+    let ready = pod_condition(&pods.get("kept").await.expect("pod"), "Ready").map(|(s, _)| s);
+    assert_eq!(ready.as_deref(), Some("False"));
+    assert!(
+        uid_containers(p.metadata.uid.as_deref().expect("uid")).is_empty(),
+        "the containers are removed from Podman"
+    );
+    let patch = json!({"metadata": {"finalizers": null}});
+    pods.patch(
+        "kept",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .expect("remove the finalizer");
+    wait_for("the pod gone once its finalizer is", 30, || async {
+        matches!(pods.get_opt("kept").await, Ok(None)).then_some(())
+    })
+    .await;
+}
+
 /// The hub turns a Node Ready=Unknown itself, so the node lifecycle controller never marks its
 /// pods: the hub does (Ready=False, a NodeNotReady Event) while Podman keeps running them, and
 /// the device's statuses after it reconnects make them Ready again, with the same container.

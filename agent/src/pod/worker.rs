@@ -2134,6 +2134,12 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 _ = tokio::time::sleep(wait) => {}
             }
         };
+        // The containers' ends, as the kubelet reports them before it deletes a pod: a pod
+        // kept by a finalizer shows its containers terminated, with when they finished.
+        let final_status = match &plan {
+            Some(plan) => Some(self.final_status(plan, &containers).await?),
+            None => None,
+        };
         for c in &containers {
             rt.remove_container(&c.id).await?;
         }
@@ -2152,13 +2158,56 @@ impl<R: ContainerRuntime> PodWorker<R> {
             .map(|e| (e.namespace.clone(), e.name.clone()))
             .unwrap_or_default();
         info!(pod = %name, namespace = %ns, pod_uid = %self.uid, "pod removed");
-        let status = k8s_openapi::api::core::v1::PodStatus {
+        let status = final_status.unwrap_or_else(|| k8s_openapi::api::core::v1::PodStatus {
             phase: Some("Succeeded".into()),
             reason: Some("Removed".into()),
             ..Default::default()
-        };
+        });
         let _ = self.publish(&ns, &name, &status, true);
         Ok(())
+    }
+
+    /// The status of a pod whose containers were all stopped for its removal: each stopped
+    /// container terminated (never to be restarted) with its exit code and finish time, and
+    /// the phase the kubelet gives a terminal pod (Succeeded when every app container exited
+    /// 0, else Failed).
+    async fn final_status(
+        &mut self,
+        plan: &PodPlan,
+        stopped: &[crate::podman::ContainerSummary],
+    ) -> Result<k8s_openapi::api::core::v1::PodStatus, crate::podman::PodmanError> {
+        let now = Instant::now();
+        let restored = self.restored_restarts();
+        for c in stopped {
+            let Some(name) = c.labels.get(labels::CONTAINER) else {
+                continue;
+            };
+            if plan.container(name).is_none() && plan.ephemeral(name).is_none() {
+                continue;
+            }
+            let Some(Observation::Exited(t)) = self
+                .ctx
+                .rt
+                .inspect_container(&c.id)
+                .await?
+                .map(|i| observe(&i))
+            else {
+                continue;
+            };
+            let init = plan
+                .init_containers
+                .iter()
+                .any(|i| &i.name == name && !i.sidecar);
+            self.slot(name, &restored).lc.observe(
+                Observation::Exited(t),
+                RestartPolicy::Never,
+                init,
+                now,
+            );
+        }
+        let mut status = self.status(plan);
+        self.stamp_transitions(&mut status);
+        Ok(status)
     }
 }
 

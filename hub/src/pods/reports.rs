@@ -169,10 +169,16 @@ impl PodRelay {
                             .entry(entry.uid.clone())
                             .or_default()
                             .confirmed_removed = true;
-                        check.push(entry.uid);
-                        continue;
+                        check.push(entry.uid.clone());
+                        // The removal carries the pod's last status (its containers
+                        // terminated), written like any other as the kubelet writes it before
+                        // the deletion: a pod a finalizer keeps shows how its containers ended.
+                        if !carries_container_statuses(&entry.status_json) {
+                            continue;
+                        }
+                    } else {
+                        reported.insert(entry.uid.clone(), false);
                     }
-                    reported.insert(entry.uid.clone(), false);
                     let Some((namespace, name, _, scheduled, facts)) = by_uid.get(&entry.uid)
                     else {
                         continue;
@@ -295,4 +301,15 @@ impl PodRelay {
             | SessionEvent::Stats { .. } => {}
         }
     }
+}
+
+/// Whether a reported status names container states (a removal's final status does; the bare
+/// `Removed` marker of older agents does not, and is not written).
+fn carries_container_statuses(status_json: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(default, rename = "containerStatuses")]
+        container_statuses: Vec<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Probe>(status_json).is_ok_and(|p| !p.container_statuses.is_empty())
 }
