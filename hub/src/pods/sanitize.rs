@@ -276,13 +276,17 @@ pub fn sanitize(
             notes.push(format!("field {k} dropped"));
         }
     }
-    if let Some(phase) = out.get("phase").and_then(Value::as_str)
+    if let Some(phase) = out.get("phase")
         && !matches!(
-            phase,
-            "Pending" | "Running" | "Succeeded" | "Failed" | "Unknown"
+            phase.as_str(),
+            Some("Pending" | "Running" | "Succeeded" | "Failed" | "Unknown")
         )
     {
-        return Err(Refused::Phase(phase.to_string()));
+        return Err(Refused::Phase(
+            phase
+                .as_str()
+                .map_or_else(|| phase.to_string(), str::to_owned),
+        ));
     }
     // An observedGeneration is the pod generation the device ran: never one the API has not
     // given it (that would tell a rollout a spec is in effect that never reached the device).
@@ -473,6 +477,15 @@ mod tests {
                 &Announced::default()
             ),
             Err(Refused::Phase("Hijacked".into()))
+        );
+        assert_eq!(
+            sanitize(
+                json!({"phase": 7}),
+                &facts(false),
+                &[],
+                &Announced::default()
+            ),
+            Err(Refused::Phase("7".into()))
         );
         for ip in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "not-an-ip", "::"] {
             assert!(

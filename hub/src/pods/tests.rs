@@ -561,11 +561,11 @@ mod properties {
                 for (device, _, pods) in &reports {
                     for e in pods {
                         if owner(&e.uid) == Some(*device) {
+                            // A removal carries the pod's last status, written too.
                             if e.removed {
                                 may_remove.insert(e.uid.clone());
-                            } else {
-                                may_report.insert(e.uid.clone());
                             }
+                            may_report.insert(e.uid.clone());
                         }
                     }
                 }
