@@ -219,7 +219,11 @@ pub async fn container_logs<R: ContainerRuntime>(
         };
         opts.follow = false;
         opts.since_unix = Some(opts.since_unix.map_or(started, |s| s.max(started)));
-        opts.until_unix = Some(finished);
+        // The status holds whole seconds and Podman keeps the lines at or before `until`: the
+        // last line of a run that finished at 12:00:44.8 is stamped after 12:00:44, so the
+        // window ends a second later (the next run starts after its back-off, 10 s at least,
+        // or after an agent restart).
+        opts.until_unix = Some(finished.saturating_add(1));
     }
     let stream = rt.logs(&c.id, &opts).await.map_err(|e| e.to_string())?;
     let stream = stream.map(|r| r.map_err(|e| e.to_string()));
