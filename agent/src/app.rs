@@ -102,6 +102,7 @@ pub async fn run(
         host_ip: node::node_ip(&cfg),
         statuses: status_tx,
         restored_restarts: statusfile::restored_restarts(&cfg.state_dir),
+        restored_resources: statusfile::restored_resources(&cfg.state_dir),
         restored_start_times: statusfile::restored_start_times(&cfg.state_dir),
         policy: cfg.policy.clone(),
         allocatable: resources.allocatable,

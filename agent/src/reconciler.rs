@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use fleetlet_resources::admission::{Allocatable, Requests, admit_to};
 
+use crate::pod::resize::{PodAllocation, ResizeDesire, admit_resize};
 use crate::pod::spec::{PodPlan, Resources, parse_pod};
 use crate::pod::worker::{Desire, Planned, PodContext, PodWorker, Rejection};
 use crate::podman::{ContainerRuntime, labels};
@@ -45,6 +46,9 @@ pub struct Reconciler<R> {
     /// Each desired pod parsed once (and checked against the device policy), kept while its
     /// Pod JSON is the same: workers and admission read the plan, never the JSON.
     plans: HashMap<String, (bytes::Bytes, Arc<Planned>)>,
+    /// Each admitted pod's allocated resources (in-place resize: a pod's new resources replace
+    /// them only once they fit next to the other pods' allocations).
+    allocations: HashMap<String, PodAllocation>,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -66,6 +70,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             last_generation: 0,
             sweep_due: false,
             plans: HashMap::new(),
+            allocations: HashMap::new(),
         }
     }
 
@@ -160,15 +165,24 @@ impl<R: ContainerRuntime> Reconciler<R> {
         };
         let mut verdicts = BTreeMap::new();
         let plans = &self.plans;
-        let requests = |uid: &str| {
+        let plan_of = |uid: &str| {
             plans
                 .get(uid)
-                .and_then(|(_, p)| p.as_ref().as_ref().ok().map(|p| p.requests))
-                .unwrap_or_default()
+                .and_then(|(_, p)| p.as_ref().as_ref().ok().cloned())
         };
-        let mut admitted: Vec<Requests> = Vec::new();
+        self.allocations.retain(|u, _| self.admitted.contains(u));
+        // Pods admitted before hold their allocated requests (not a resize still pending).
+        let mut admitted: Vec<(String, Requests)> = Vec::new();
         for uid in order.iter().filter(|u| self.admitted.contains(*u)) {
-            admitted.push(requests(uid));
+            let held = match (self.allocations.get(uid), plan_of(uid)) {
+                (Some(a), _) => a.requests,
+                (None, Some(p)) => {
+                    self.allocations.insert(uid.clone(), allocation_of(&p));
+                    p.requests
+                }
+                (None, None) => Requests::default(),
+            };
+            admitted.push((uid.clone(), held));
             verdicts.insert(uid.clone(), Ok(()));
         }
         let newcomers: Vec<String> = order
@@ -176,12 +190,52 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .filter(|u| !self.admitted.contains(*u))
             .cloned()
             .collect();
+        // In-place resize, the kubelet's allocation: an admitted pod whose containers' resources
+        // changed gets them allocated when they fit next to the other pods' allocations;
+        // otherwise the resize is pending (Deferred, or Infeasible beyond the device).
+        let mut pending = BTreeMap::new();
+        for i in 0..admitted.len() {
+            let uid = admitted[i].0.clone();
+            let (Some(plan), Some(current)) = (plan_of(&uid), self.allocations.get(&uid)) else {
+                continue;
+            };
+            let wanted = allocation_of(&plan);
+            if wanted.containers == current.containers {
+                continue;
+            }
+            let others: Vec<Requests> = admitted
+                .iter()
+                .filter(|(u, _)| *u != uid)
+                .map(|(_, r)| *r)
+                .collect();
+            match admit_resize(&allocatable, &others, wanted.requests) {
+                Ok(()) => {
+                    info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, generation = wanted.generation, "pod resize allocated");
+                    admitted[i].1 = wanted.requests;
+                    self.allocations.insert(uid, wanted);
+                }
+                Err((reason, message)) => {
+                    pending.insert(
+                        uid,
+                        crate::pod::resize::Pending {
+                            reason,
+                            message,
+                            generation: plan.meta.generation,
+                        },
+                    );
+                }
+            }
+        }
+        let mut admitted: Vec<Requests> = admitted.into_iter().map(|(_, r)| r).collect();
         for uid in &newcomers {
-            let r = requests(uid);
+            let r = plan_of(uid).map(|p| p.requests).unwrap_or_default();
             let verdict = match admit_to(&allocatable, &admitted, r) {
                 Ok(()) => {
                     admitted.push(r);
                     self.admitted.insert(uid.clone());
+                    if let Some(p) = plan_of(uid) {
+                        self.allocations.insert(uid.clone(), allocation_of(&p));
+                    }
                     Ok(())
                 }
                 Err(e) => Err((e.reason, e.message)),
@@ -193,10 +247,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 Some((_, p)) => p.clone(),
                 None => Arc::new(plan_pod(&bundle.pod_json, &self.ctx.policy)),
             };
+            let resize = Arc::new(ResizeDesire {
+                allocation: self.allocations.get(uid).cloned().unwrap_or_default(),
+                pending: pending.remove(uid),
+            });
             let desire = Desire::Run {
                 bundle: bundle.clone(),
                 plan,
                 admission: verdicts.remove(uid).unwrap_or(Ok(())),
+                resize,
             };
             self.set_desire(uid, desire, full, shutdown).await;
         }
@@ -305,15 +364,29 @@ fn same_desire(a: &Desire, b: &Desire) -> bool {
             Desire::Run {
                 bundle: b1,
                 admission: a1,
+                resize: r1,
                 ..
             },
             Desire::Run {
                 bundle: b2,
                 admission: a2,
+                resize: r2,
                 ..
             },
-        ) => b1 == b2 && a1 == a2,
+        ) => b1 == b2 && a1 == a2 && r1 == r2,
         _ => false,
+    }
+}
+
+/// A pod's allocation when its spec's resources are allocated as they are.
+fn allocation_of(plan: &PodPlan) -> PodAllocation {
+    PodAllocation {
+        containers: plan
+            .all_containers()
+            .map(|c| (c.name.clone(), c.resources.clone()))
+            .collect(),
+        requests: plan.requests,
+        generation: plan.meta.generation,
     }
 }
 
@@ -462,6 +535,7 @@ mod tests {
             host_ip: "192.0.2.10".into(),
             statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
             restored_restarts: BTreeMap::new(),
+            restored_resources: BTreeMap::new(),
             restored_start_times: BTreeMap::new(),
             policy: DevicePolicy::default(),
             allocatable: Resources {

@@ -32,6 +32,7 @@ async fn rig(image_user: &str, policy: DevicePolicy) -> Rig {
         host_ip: "192.0.2.10".into(),
         statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
         restored_restarts: BTreeMap::new(),
+        restored_resources: BTreeMap::new(),
         restored_start_times: BTreeMap::new(),
         policy,
         allocatable: Resources {
