@@ -106,6 +106,8 @@ pub async fn run(
         restored_start_times: statusfile::restored_start_times(&cfg.state_dir),
         policy: cfg.policy.clone(),
         allocatable: resources.allocatable,
+        memory_capacity: crate::node::memory_capacity(),
+        oom_score_floor: crate::pod::resize::oom_score_floor(),
         seccomp_root: cfg.seccomp_root(),
         pulled_images: crate::pod::pulled_images::PulledImages::load(&cfg.state_dir),
         reconcile_stats: reconcile_stats.clone(),

@@ -542,6 +542,8 @@ mod tests {
                 cpu_millis: 1000,
                 memory_bytes: 1 << 30,
             },
+            memory_capacity: 1 << 30,
+            oom_score_floor: -1000,
             seccomp_root: dir.path().join("seccomp"),
             pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
             reconcile_stats: Default::default(),

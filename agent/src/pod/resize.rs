@@ -132,6 +132,65 @@ impl Amounts {
     }
 }
 
+/// The kubelet's OOM score adjustment of a container (`GetContainerOOMScoreAdjust`):
+/// Guaranteed pods -997, BestEffort 1000, Burstable by the share of the device's memory the
+/// container requests (a sidecar no more killable than the smallest app container), within
+/// 3..=999. `memory_request` is the container's allocated request.
+pub fn oom_score_adj(
+    plan: &super::spec::PodPlan,
+    c: &super::spec::ContainerPlan,
+    memory_request: u64,
+    memory_capacity: u64,
+) -> i32 {
+    match super::status::qos(plan) {
+        "Guaranteed" => return -997,
+        "BestEffort" => return 1000,
+        _ => {}
+    }
+    let capacity = i128::from(memory_capacity.max(1));
+    let score = |request: u64| 1000 - (1000 * i128::from(request)) / capacity;
+    let mut adj = score(memory_request);
+    if c.sidecar {
+        let smallest = plan
+            .containers
+            .iter()
+            .map(|a| a.resources.amounts().memory_request)
+            .min()
+            .unwrap_or(0);
+        adj = adj.min(score(smallest));
+    }
+    if adj < 3 {
+        3
+    } else if adj == 1000 {
+        999
+    } else {
+        adj as i32
+    }
+}
+
+/// The lowest OOM score adjustment a container can be given here: any, with CAP_SYS_RESOURCE
+/// (the kubelet's -997 for Guaranteed pods needs it); otherwise the kernel refuses to go below
+/// the creating process's own value, and the runtime would fail to start the container, so the
+/// agent goes no lower than its own (the runtime runs with the same privileges on a device).
+pub fn oom_score_floor() -> i32 {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    if caps & (1 << CAP_SYS_RESOURCE) != 0 {
+        return -1000;
+    }
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// `resizePolicy`: which resources restart the container when they change (the default,
 /// `NotRequired`, resizes in place).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -441,6 +500,32 @@ mod tests {
             memory_decrease_message(&["a".into(), "b".into()]),
             "cannot decrease memory limits: [a, b]"
         );
+    }
+
+    #[test]
+    fn oom_score_adjustment_follows_the_qos_class_like_the_kubelets() {
+        let pod = |containers: serde_json::Value| {
+            crate::pod::spec::parse_pod(
+                &serde_json::to_vec(&serde_json::json!({
+                    "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+                    "spec": {"containers": containers}
+                }))
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let gib = 1u64 << 30;
+        let g = pod(serde_json::json!([{"name": "a", "image": "i",
+            "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]));
+        assert_eq!(oom_score_adj(&g, &g.containers[0], gib, 4 * gib), -997);
+        let be = pod(serde_json::json!([{"name": "a", "image": "i"}]));
+        assert_eq!(oom_score_adj(&be, &be.containers[0], 0, 4 * gib), 1000);
+        let b = pod(serde_json::json!([{"name": "a", "image": "i",
+            "resources": {"requests": {"memory": "1Gi"}}}]));
+        assert_eq!(oom_score_adj(&b, &b.containers[0], gib, 4 * gib), 750);
+        // A tiny request rounds to 1000, which is BestEffort's: 999; a huge one stops at 3.
+        assert_eq!(oom_score_adj(&b, &b.containers[0], 1 << 20, 4 * gib), 999);
+        assert_eq!(oom_score_adj(&b, &b.containers[0], 4 * gib, 4 * gib), 3);
     }
 
     #[test]

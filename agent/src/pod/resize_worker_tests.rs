@@ -33,6 +33,8 @@ fn ctx(rt: &FakeRuntime, dir: &std::path::Path) -> Arc<PodContext<FakeRuntime>> 
             cpu_millis: 2000,
             memory_bytes: 2 << 30,
         },
+        memory_capacity: 4 << 30,
+        oom_score_floor: -1000,
         seccomp_root: dir.join("seccomp"),
         pulled_images: crate::pod::pulled_images::PulledImages::load(dir),
         reconcile_stats: Default::default(),

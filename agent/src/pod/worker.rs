@@ -93,6 +93,12 @@ pub struct PodContext<R> {
     pub policy: DevicePolicy,
     /// Allocatable resources (the downward API reads unset limits as these).
     pub allocatable: Resources,
+    /// The device's memory capacity in bytes (the Node's; containers' OOM score adjustment is
+    /// relative to it).
+    pub memory_capacity: u64,
+    /// The lowest OOM score adjustment containers can get here (see
+    /// [`super::resize::oom_score_floor`]).
+    pub oom_score_floor: i32,
     /// Directory of Localhost seccomp profiles.
     pub seccomp_root: PathBuf,
     /// Which credentials pulled each image.
@@ -2122,6 +2128,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
             serde_json::to_string(&allocated).unwrap_or_default(),
         );
         let resource_limits = Some(allocated.amounts().linux(false));
+        let oom_score_adj = Some(
+            super::resize::oom_score_adj(
+                plan,
+                c,
+                allocated.amounts().memory_request,
+                self.ctx.memory_capacity,
+            )
+            .max(self.ctx.oom_score_floor),
+        );
         let mut spec = ContainerCreate {
             name: format!("{}-{}", self.pod_name, c.name),
             pod: self.pod_name.clone(),
@@ -2142,6 +2157,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             labels: lbls,
             mounts,
             resource_limits,
+            oom_score_adj,
             stop_signal: c.stop_signal,
             stop_timeout: plan.grace_secs,
             restart_policy: "no".into(),

@@ -39,6 +39,8 @@ async fn rig(image_user: &str, policy: DevicePolicy) -> Rig {
             cpu_millis: 2000,
             memory_bytes: 2 << 30,
         },
+        memory_capacity: 4 << 30,
+        oom_score_floor: -1000,
         seccomp_root: dir.path().join("seccomp"),
         pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
         reconcile_stats: Default::default(),

@@ -260,6 +260,9 @@ pub struct ContainerCreate {
     /// the target stays free to be stopped and replaced).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pidns: Option<Namespace>,
+    /// The OOM killer's preference for the container's processes (the kubelet's by QoS class).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
     /// Images mounted as volumes (the pod's image volumes this container mounts).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub image_volumes: Vec<ImageVolume>,
