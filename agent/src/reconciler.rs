@@ -616,4 +616,120 @@ mod tests {
         );
         shutdown.cancel();
     }
+
+    fn pod_at(uid: &str, cpu: &str, generation: i64) -> PodBundle {
+        PodBundle {
+            pod_json: serde_json::to_vec(&serde_json::json!({
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid, "generation": generation},
+                "spec": {"containers": [{"name": "c", "image": IMAGE,
+                    "resources": {"requests": {"cpu": cpu}}}]}
+            }))
+            .unwrap()
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    /// The allocated CPU request of `uid`'s container and its pending resize, as handed over.
+    fn resize_of(
+        r: &Reconciler<FakeRuntime>,
+        uid: &str,
+    ) -> (String, Option<(String, String, i64)>) {
+        let Desire::Run { resize, .. } = r.workers[uid].desire.borrow().clone() else {
+            panic!("{uid} is not running");
+        };
+        (
+            resize.allocation.containers["c"].requests["cpu"].clone(),
+            resize
+                .pending
+                .as_ref()
+                .map(|p| (p.reason.clone(), p.message.clone(), p.generation)),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_resize_is_allocated_when_it_fits_next_to_the_other_pods_and_pending_otherwise() {
+        let (mut r, _rt, _dir) = reconciler().await;
+        let shutdown = CancellationToken::new();
+        r.sync(
+            &held(1, vec![pod_at("a", "300m", 1), pod_at("b", "300m", 1)]),
+            true,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(resize_of(&r, "a"), ("300m".into(), None));
+        // a grows into the free room (1000m allocatable, b holds 300m).
+        r.sync(
+            &held(2, vec![pod_at("a", "600m", 2), pod_at("b", "300m", 1)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(resize_of(&r, "a"), ("600m".into(), None));
+        // b cannot grow next to a: deferred, keeping its allocation.
+        r.sync(
+            &held(3, vec![pod_at("a", "600m", 2), pod_at("b", "500m", 2)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(
+            resize_of(&r, "b"),
+            (
+                "300m".into(),
+                Some((
+                    "Deferred".into(),
+                    "Node didn't have enough resource: cpu, requested: 500, used: 600, capacity: 1000"
+                        .into(),
+                    2
+                ))
+            )
+        );
+        // a asks for more than the device has: infeasible.
+        r.sync(
+            &held(4, vec![pod_at("a", "2", 3), pod_at("b", "500m", 2)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(
+            resize_of(&r, "a"),
+            (
+                "600m".into(),
+                Some((
+                    "Infeasible".into(),
+                    "Node didn't have enough capacity: cpu, requested: 2000, capacity: 1000".into(),
+                    3
+                ))
+            )
+        );
+        // a shrinks back: room for b's deferred resize, which is allocated in the same pass.
+        r.sync(
+            &held(5, vec![pod_at("a", "300m", 4), pod_at("b", "500m", 2)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(resize_of(&r, "a"), ("300m".into(), None));
+        assert_eq!(resize_of(&r, "b"), ("500m".into(), None));
+        // A newcomer is admitted against the allocations (800m held): 300m does not fit.
+        r.sync(
+            &held(
+                6,
+                vec![
+                    pod_at("a", "300m", 4),
+                    pod_at("b", "500m", 2),
+                    pod_at("c", "300m", 1),
+                ],
+            ),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(
+            phase(&r, "c").await,
+            Some(("Failed".into(), "OutOfcpu".into()))
+        );
+        shutdown.cancel();
+    }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleetlet_proto::v1::PodBundle;
 use k8s_openapi::api::core::v1::PodStatus;
@@ -341,4 +342,46 @@ async fn a_pending_resize_keeps_the_allocation_and_says_why() {
         "allocatedResources stay the allocation"
     );
     assert!(event_reasons(&w).iter().any(|r| r == "ResizeDeferred"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resized_container_that_crashes_is_made_anew_with_its_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::with_image(IMAGE, "").await;
+    let mut w = PodWorker::new(ctx(&rt, dir.path()), "uid-r".into());
+    pass(
+        &mut w,
+        &bundle(1, res("20m", "35Mi"), serde_json::json!([])),
+        3,
+    )
+    .await;
+    let b2 = bundle(2, res("25m", "40Mi"), serde_json::json!([]));
+    pass(&mut w, &b2, 1).await;
+    assert_eq!(rt.state.lock().await.updates.len(), 1);
+    let first = rt
+        .state
+        .lock()
+        .await
+        .containers
+        .values()
+        .find(|c| !c.infra)
+        .unwrap()
+        .id
+        .clone();
+    // It crashes; after the back-off a start in place would bring back the creation values
+    // (35Mi), so it is made anew with the allocation instead.
+    rt.exit("c1", 1).await;
+    pass(&mut w, &b2, 1).await;
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let st = pass(&mut w, &b2, 2).await;
+    let s = rt.state.lock().await;
+    assert!(!s.containers.contains_key(&first));
+    let c = s.containers.values().find(|c| !c.infra).unwrap();
+    assert_eq!(c.state, "running");
+    let limits = c.spec.resource_limits.clone().unwrap();
+    assert_eq!(limits.memory.unwrap().limit, 40 << 20);
+    drop(s);
+    assert_eq!(reported(&st).2, 1, "one restart, the crash's");
+    assert_eq!(reported(&st).0["limits"]["memory"], "40Mi");
+    assert!(resize_conditions(&st).is_empty(), "{:?}", st.conditions);
 }

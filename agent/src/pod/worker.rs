@@ -123,6 +123,8 @@ struct Slot {
     /// What the cgroup of the container's current run holds: the start of that run and its
     /// resources (the creation's after every start, an in-place update's after one).
     actuated: Option<(Option<Timestamp>, ContainerResources)>,
+    /// The resources the container was created with (its `io.fleetlet.resources` label).
+    created_with: Option<ContainerResources>,
 }
 
 /// A `PodResizeInProgress` condition as the kubelet's status manager keeps it.
@@ -1213,6 +1215,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let uid = uid.as_str();
         let slot = self.slot(&c.name, restored);
         if let Some(i) = &inspect {
+            slot.created_with = i
+                .config
+                .labels
+                .get(labels::RESOURCES)
+                .and_then(|l| serde_json::from_str(l).ok());
             slot.container_id = i.id.clone();
             if slot.image_id.is_empty() {
                 slot.image_id = i.image.clone();
@@ -1358,6 +1365,25 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         );
                         return requeue.min(Duration::from_secs(10));
                     }
+                };
+                // A container made with other resources than its allocation (resized since) is
+                // not started again as it is: a start brings back its creation values, so it
+                // is made anew, as the kubelet makes a new container for every run.
+                let stale = container_id.as_ref().filter(|_| {
+                    self.slots
+                        .get(&c.name)
+                        .and_then(|s| s.created_with.as_ref())
+                        .is_some_and(|r| r.amounts() != self.allocated(c).amounts())
+                });
+                let container_id = match stale {
+                    Some(id) => match rt.remove_container(id).await {
+                        Ok(()) => None,
+                        Err(e) => {
+                            warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, error = %e, "removing a container to make it anew failed");
+                            return requeue.min(Duration::from_secs(2));
+                        }
+                    },
+                    None => container_id,
                 };
                 let made = match container_id {
                     // A restart: pin its subPaths again (a reboot drops the pins, and the
@@ -1780,6 +1806,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             readiness: None,
             liveness: None,
             actuated: None,
+            created_with: None,
         })
     }
 
