@@ -66,6 +66,11 @@ pub fn node_info(runtime_version: &str) -> NodeInfo {
 }
 
 /// Total memory in bytes from /proc/meminfo.
+/// The device's memory as its Node's capacity states it (whole KiB).
+pub fn memory_capacity() -> u64 {
+    memory_bytes() / 1024 * 1024
+}
+
 fn memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()

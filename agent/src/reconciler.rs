@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use fleetlet_resources::admission::{Allocatable, Requests, admit_to};
 
+use crate::pod::resize::{PodAllocation, ResizeDesire, admit_resize};
 use crate::pod::spec::{PodPlan, Resources, parse_pod};
 use crate::pod::worker::{Desire, Planned, PodContext, PodWorker, Rejection};
 use crate::podman::{ContainerRuntime, labels};
@@ -45,6 +46,9 @@ pub struct Reconciler<R> {
     /// Each desired pod parsed once (and checked against the device policy), kept while its
     /// Pod JSON is the same: workers and admission read the plan, never the JSON.
     plans: HashMap<String, (bytes::Bytes, Arc<Planned>)>,
+    /// Each admitted pod's allocated resources (in-place resize: a pod's new resources replace
+    /// them only once they fit next to the other pods' allocations).
+    allocations: HashMap<String, PodAllocation>,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -66,6 +70,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             last_generation: 0,
             sweep_due: false,
             plans: HashMap::new(),
+            allocations: HashMap::new(),
         }
     }
 
@@ -160,15 +165,24 @@ impl<R: ContainerRuntime> Reconciler<R> {
         };
         let mut verdicts = BTreeMap::new();
         let plans = &self.plans;
-        let requests = |uid: &str| {
+        let plan_of = |uid: &str| {
             plans
                 .get(uid)
-                .and_then(|(_, p)| p.as_ref().as_ref().ok().map(|p| p.requests))
-                .unwrap_or_default()
+                .and_then(|(_, p)| p.as_ref().as_ref().ok().cloned())
         };
-        let mut admitted: Vec<Requests> = Vec::new();
+        self.allocations.retain(|u, _| self.admitted.contains(u));
+        // Pods admitted before hold their allocated requests (not a resize still pending).
+        let mut admitted: Vec<(String, Requests)> = Vec::new();
         for uid in order.iter().filter(|u| self.admitted.contains(*u)) {
-            admitted.push(requests(uid));
+            let held = match (self.allocations.get(uid), plan_of(uid)) {
+                (Some(a), _) => a.requests,
+                (None, Some(p)) => {
+                    self.allocations.insert(uid.clone(), allocation_of(&p));
+                    p.requests
+                }
+                (None, None) => Requests::default(),
+            };
+            admitted.push((uid.clone(), held));
             verdicts.insert(uid.clone(), Ok(()));
         }
         let newcomers: Vec<String> = order
@@ -176,12 +190,52 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .filter(|u| !self.admitted.contains(*u))
             .cloned()
             .collect();
+        // In-place resize, the kubelet's allocation: an admitted pod whose containers' resources
+        // changed gets them allocated when they fit next to the other pods' allocations;
+        // otherwise the resize is pending (Deferred, or Infeasible beyond the device).
+        let mut pending = BTreeMap::new();
+        for i in 0..admitted.len() {
+            let uid = admitted[i].0.clone();
+            let (Some(plan), Some(current)) = (plan_of(&uid), self.allocations.get(&uid)) else {
+                continue;
+            };
+            let wanted = allocation_of(&plan);
+            if wanted.containers == current.containers {
+                continue;
+            }
+            let others: Vec<Requests> = admitted
+                .iter()
+                .filter(|(u, _)| *u != uid)
+                .map(|(_, r)| *r)
+                .collect();
+            match admit_resize(&allocatable, &others, wanted.requests) {
+                Ok(()) => {
+                    info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, generation = wanted.generation, "pod resize allocated");
+                    admitted[i].1 = wanted.requests;
+                    self.allocations.insert(uid, wanted);
+                }
+                Err((reason, message)) => {
+                    pending.insert(
+                        uid,
+                        crate::pod::resize::Pending {
+                            reason,
+                            message,
+                            generation: plan.meta.generation,
+                        },
+                    );
+                }
+            }
+        }
+        let mut admitted: Vec<Requests> = admitted.into_iter().map(|(_, r)| r).collect();
         for uid in &newcomers {
-            let r = requests(uid);
+            let r = plan_of(uid).map(|p| p.requests).unwrap_or_default();
             let verdict = match admit_to(&allocatable, &admitted, r) {
                 Ok(()) => {
                     admitted.push(r);
                     self.admitted.insert(uid.clone());
+                    if let Some(p) = plan_of(uid) {
+                        self.allocations.insert(uid.clone(), allocation_of(&p));
+                    }
                     Ok(())
                 }
                 Err(e) => Err((e.reason, e.message)),
@@ -193,10 +247,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 Some((_, p)) => p.clone(),
                 None => Arc::new(plan_pod(&bundle.pod_json, &self.ctx.policy)),
             };
+            let resize = Arc::new(ResizeDesire {
+                allocation: self.allocations.get(uid).cloned().unwrap_or_default(),
+                pending: pending.remove(uid),
+            });
             let desire = Desire::Run {
                 bundle: bundle.clone(),
                 plan,
                 admission: verdicts.remove(uid).unwrap_or(Ok(())),
+                resize,
             };
             self.set_desire(uid, desire, full, shutdown).await;
         }
@@ -305,15 +364,29 @@ fn same_desire(a: &Desire, b: &Desire) -> bool {
             Desire::Run {
                 bundle: b1,
                 admission: a1,
+                resize: r1,
                 ..
             },
             Desire::Run {
                 bundle: b2,
                 admission: a2,
+                resize: r2,
                 ..
             },
-        ) => b1 == b2 && a1 == a2,
+        ) => b1 == b2 && a1 == a2 && r1 == r2,
         _ => false,
+    }
+}
+
+/// A pod's allocation when its spec's resources are allocated as they are.
+fn allocation_of(plan: &PodPlan) -> PodAllocation {
+    PodAllocation {
+        containers: plan
+            .all_containers()
+            .map(|c| (c.name.clone(), c.resources.clone()))
+            .collect(),
+        requests: plan.requests,
+        generation: plan.meta.generation,
     }
 }
 
@@ -462,12 +535,15 @@ mod tests {
             host_ip: "192.0.2.10".into(),
             statuses: watch::Sender::new(Arc::new(BTreeMap::new())),
             restored_restarts: BTreeMap::new(),
+            restored_resources: BTreeMap::new(),
             restored_start_times: BTreeMap::new(),
             policy: DevicePolicy::default(),
             allocatable: Resources {
                 cpu_millis: 1000,
                 memory_bytes: 1 << 30,
             },
+            memory_capacity: 1 << 30,
+            oom_score_floor: -1000,
             seccomp_root: dir.path().join("seccomp"),
             pulled_images: crate::pod::pulled_images::PulledImages::load(dir.path()),
             reconcile_stats: Default::default(),
@@ -537,6 +613,122 @@ mod tests {
                 .pods
                 .values()
                 .all(|p| !p.name.ends_with("-a"))
+        );
+        shutdown.cancel();
+    }
+
+    fn pod_at(uid: &str, cpu: &str, generation: i64) -> PodBundle {
+        PodBundle {
+            pod_json: serde_json::to_vec(&serde_json::json!({
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid, "generation": generation},
+                "spec": {"containers": [{"name": "c", "image": IMAGE,
+                    "resources": {"requests": {"cpu": cpu}}}]}
+            }))
+            .unwrap()
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    /// The allocated CPU request of `uid`'s container and its pending resize, as handed over.
+    fn resize_of(
+        r: &Reconciler<FakeRuntime>,
+        uid: &str,
+    ) -> (String, Option<(String, String, i64)>) {
+        let Desire::Run { resize, .. } = r.workers[uid].desire.borrow().clone() else {
+            panic!("{uid} is not running");
+        };
+        (
+            resize.allocation.containers["c"].requests["cpu"].clone(),
+            resize
+                .pending
+                .as_ref()
+                .map(|p| (p.reason.clone(), p.message.clone(), p.generation)),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_resize_is_allocated_when_it_fits_next_to_the_other_pods_and_pending_otherwise() {
+        let (mut r, _rt, _dir) = reconciler().await;
+        let shutdown = CancellationToken::new();
+        r.sync(
+            &held(1, vec![pod_at("a", "300m", 1), pod_at("b", "300m", 1)]),
+            true,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(resize_of(&r, "a"), ("300m".into(), None));
+        // a grows into the free room (1000m allocatable, b holds 300m).
+        r.sync(
+            &held(2, vec![pod_at("a", "600m", 2), pod_at("b", "300m", 1)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(resize_of(&r, "a"), ("600m".into(), None));
+        // b cannot grow next to a: deferred, keeping its allocation.
+        r.sync(
+            &held(3, vec![pod_at("a", "600m", 2), pod_at("b", "500m", 2)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(
+            resize_of(&r, "b"),
+            (
+                "300m".into(),
+                Some((
+                    "Deferred".into(),
+                    "Node didn't have enough resource: cpu, requested: 500, used: 600, capacity: 1000"
+                        .into(),
+                    2
+                ))
+            )
+        );
+        // a asks for more than the device has: infeasible.
+        r.sync(
+            &held(4, vec![pod_at("a", "2", 3), pod_at("b", "500m", 2)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(
+            resize_of(&r, "a"),
+            (
+                "600m".into(),
+                Some((
+                    "Infeasible".into(),
+                    "Node didn't have enough capacity: cpu, requested: 2000, capacity: 1000".into(),
+                    3
+                ))
+            )
+        );
+        // a shrinks back: room for b's deferred resize, which is allocated in the same pass.
+        r.sync(
+            &held(5, vec![pod_at("a", "300m", 4), pod_at("b", "500m", 2)]),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(resize_of(&r, "a"), ("300m".into(), None));
+        assert_eq!(resize_of(&r, "b"), ("500m".into(), None));
+        // A newcomer is admitted against the allocations (800m held): 300m does not fit.
+        r.sync(
+            &held(
+                6,
+                vec![
+                    pod_at("a", "300m", 4),
+                    pod_at("b", "500m", 2),
+                    pod_at("c", "300m", 1),
+                ],
+            ),
+            false,
+            &shutdown,
+        )
+        .await;
+        assert_eq!(
+            phase(&r, "c").await,
+            Some(("Failed".into(), "OutOfcpu".into()))
         );
         shutdown.cancel();
     }

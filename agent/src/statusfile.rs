@@ -252,6 +252,76 @@ pub fn restored_start_times(state_dir: &Path) -> BTreeMap<String, jiff::Timestam
         .unwrap_or_default()
 }
 
+/// A running container's run as the status before an agent restart reported it: its id, when
+/// that run started, and the resources its cgroup held (`containerStatuses[].resources`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredRun {
+    /// Podman container id.
+    pub container_id: String,
+    /// state.running.startedAt (whole seconds, as the status has it).
+    pub started_at: Option<jiff::Timestamp>,
+    /// What its cgroup held.
+    pub resources: crate::pod::resize::ContainerResources,
+}
+
+impl RestoredRun {
+    /// Whether container `id` started at `started_at` is this run (the status keeps whole
+    /// seconds).
+    pub fn is_run(&self, id: &str, started_at: Option<jiff::Timestamp>) -> bool {
+        self.container_id == id
+            && self.started_at.map(|t| t.as_second()) == started_at.map(|t| t.as_second())
+    }
+}
+
+/// The resources of each running container at the last status of a previous run, by pod UID
+/// and container: an in-place resize applied before an agent restart stays known as applied.
+pub fn restored_resources(state_dir: &Path) -> BTreeMap<String, BTreeMap<String, RestoredRun>> {
+    let Ok(file) = read(state_dir) else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for p in file.pods {
+        let Ok(st) = serde_json::from_value::<k8s_openapi::api::core::v1::PodStatus>(p.status)
+        else {
+            continue;
+        };
+        let runs: BTreeMap<String, RestoredRun> = st
+            .init_container_statuses
+            .into_iter()
+            .flatten()
+            .chain(st.container_statuses.into_iter().flatten())
+            .filter_map(|c| {
+                let running = c.state.as_ref()?.running.as_ref()?;
+                let id = c.container_id.as_deref()?.strip_prefix("podman://")?;
+                let r = c.resources.as_ref()?;
+                let strings = |m: &Option<
+                    BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+                >| {
+                    m.iter()
+                        .flatten()
+                        .map(|(k, q)| (k.clone(), q.0.clone()))
+                        .collect()
+                };
+                Some((
+                    c.name.clone(),
+                    RestoredRun {
+                        container_id: id.to_owned(),
+                        started_at: running.started_at.as_ref().map(|t| t.0),
+                        resources: crate::pod::resize::ContainerResources {
+                            requests: strings(&r.requests),
+                            limits: strings(&r.limits),
+                        },
+                    },
+                ))
+            })
+            .collect();
+        if !runs.is_empty() {
+            out.insert(p.uid, runs);
+        }
+    }
+    out
+}
+
 /// What the status file is written from.
 pub struct StatusSources {
     /// The held desired state.

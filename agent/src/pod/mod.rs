@@ -14,6 +14,7 @@ pub mod policy;
 pub mod probe;
 pub mod pull_secrets;
 pub mod pulled_images;
+pub mod resize;
 pub mod safefs;
 pub mod sandbox;
 pub mod security;

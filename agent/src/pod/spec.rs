@@ -210,6 +210,11 @@ pub struct ContainerPlan {
     pub limits: Option<Resources>,
     /// Requests.
     pub requests: Resources,
+    /// `resources` as stated (requests defaulted from limits): what is allocated, applied and
+    /// reported for in-place resize.
+    pub resources: super::resize::ContainerResources,
+    /// `resizePolicy`: the resources whose change restarts the container.
+    pub restart_on_resize: super::resize::RestartOnResize,
     /// `ports`.
     pub ports: Vec<PortPlan>,
     /// livenessProbe.
@@ -1520,6 +1525,8 @@ fn parse_container(
         mounts,
         limits,
         requests,
+        resources: super::resize::ContainerResources::from_spec(c.resources.as_ref()),
+        restart_on_resize: restart_on_resize(field, c)?,
         ports,
         liveness: probe(&c.liveness_probe, "livenessProbe")?,
         readiness: probe(&c.readiness_probe, "readinessProbe")?,
@@ -1543,6 +1550,37 @@ fn parse_container(
         stdin: false,
         tty: false,
     })
+}
+
+/// `resizePolicy`: RestartContainer or NotRequired per resource (cpu, memory).
+fn restart_on_resize(
+    field: &str,
+    c: &k8s::Container,
+) -> Result<super::resize::RestartOnResize, SpecError> {
+    let mut out = super::resize::RestartOnResize::default();
+    for (i, p) in c.resize_policy.iter().flatten().enumerate() {
+        let restart = match p.restart_policy.as_str() {
+            "NotRequired" => false,
+            "RestartContainer" => true,
+            other => {
+                return Err(err(
+                    format!("{field}.resizePolicy[{i}].restartPolicy"),
+                    format!("unknown value {other:?} (NotRequired or RestartContainer)"),
+                ));
+            }
+        };
+        match p.resource_name.as_str() {
+            "cpu" => out.cpu = restart,
+            "memory" => out.memory = restart,
+            other => {
+                return Err(err(
+                    format!("{field}.resizePolicy[{i}].resourceName"),
+                    format!("{other:?} is not resizable (cpu and memory are)"),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `spec.ephemeralContainers[i]`: the fields it shares with a container as a container's

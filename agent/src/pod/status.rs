@@ -309,7 +309,7 @@ pub fn failed_status(
     }
 }
 
-fn qos(plan: &PodPlan) -> &'static str {
+pub fn qos(plan: &PodPlan) -> &'static str {
     let all = plan.init_containers.iter().chain(&plan.containers);
     let mut any = false;
     let mut guaranteed = true;

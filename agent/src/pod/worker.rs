@@ -19,6 +19,7 @@ use super::downward::{self, Addresses};
 use super::lifecycle::{Action, ContainerLifecycle, Observation, State, Termination};
 use super::policy::DevicePolicy;
 use super::probe::{Passed, ProbeTracker, Verdict, probe_output};
+use super::resize::{ContainerResources, ResizeDesire, Step};
 use super::sandbox;
 use super::spec::{
     ContainerPlan, EnvVar, EphemeralPlan, PodPlan, PullPolicy, Resources, RestartPolicy,
@@ -28,8 +29,8 @@ use super::volumes;
 use crate::events::{EventType, container_field_path, go_duration, pod_desc};
 use crate::podman::types::is_zero_time;
 use crate::podman::{
-    ContainerCreate, ContainerInspect, ContainerRuntime, CpuLimit, ImageVolume, MemoryLimit, Mount,
-    Namespace, PodCreate, PortMapping, ResourceLimits, labels,
+    ContainerCreate, ContainerInspect, ContainerRuntime, ImageVolume, Mount, Namespace, PodCreate,
+    PortMapping, labels,
 };
 
 /// Status of every pod, keyed by UID (shared with the link and the status file).
@@ -46,6 +47,8 @@ pub enum Desire {
         plan: Arc<Planned>,
         /// Admission verdict.
         admission: Result<(), (String, String)>,
+        /// The pod's allocated resources and any pending resize (in-place pod resize).
+        resize: Arc<ResizeDesire>,
     },
     /// Stop and remove the pod.
     Remove {
@@ -81,12 +84,21 @@ pub struct PodContext<R> {
     pub statuses: watch::Sender<StatusMap>,
     /// Restart counts restored from the status file (uid → container → count).
     pub restored_restarts: BTreeMap<String, BTreeMap<String, u32>>,
+    /// What each running container's cgroup held at the last status before an agent restart
+    /// (uid → container → that run), so an applied resize is neither lost nor applied again.
+    pub restored_resources: BTreeMap<String, BTreeMap<String, crate::statusfile::RestoredRun>>,
     /// Pod start times restored from the status file (uid → startTime).
     pub restored_start_times: BTreeMap<String, Timestamp>,
     /// The device owner's policy.
     pub policy: DevicePolicy,
     /// Allocatable resources (the downward API reads unset limits as these).
     pub allocatable: Resources,
+    /// The device's memory capacity in bytes (the Node's; containers' OOM score adjustment is
+    /// relative to it).
+    pub memory_capacity: u64,
+    /// The lowest OOM score adjustment containers can get here (see
+    /// [`super::resize::oom_score_floor`]).
+    pub oom_score_floor: i32,
     /// Directory of Localhost seccomp profiles.
     pub seccomp_root: PathBuf,
     /// Which credentials pulled each image.
@@ -108,6 +120,22 @@ struct Slot {
     startup: Option<ProbeTracker>,
     readiness: Option<ProbeTracker>,
     liveness: Option<ProbeTracker>,
+    /// What the cgroup of the container's current run holds: the start of that run and its
+    /// resources (the creation's after every start, an in-place update's after one).
+    actuated: Option<(Option<Timestamp>, ContainerResources)>,
+    /// The resources the container was created with (its `io.fleetlet.resources` label).
+    created_with: Option<ContainerResources>,
+}
+
+/// A `PodResizeInProgress` condition as the kubelet's status manager keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InProgress {
+    /// "" or `Error`.
+    reason: String,
+    /// The error, when one.
+    message: String,
+    /// The generation whose resize is in progress.
+    generation: i64,
 }
 
 /// Runs one pod until it is removed or the agent shuts down.
@@ -148,6 +176,16 @@ pub struct PodWorker<R> {
     /// Each pod condition's status as last reported and since when (its lastTransitionTime),
     /// kept as the kubelet's status manager keeps it: the time moves only when the status does.
     condition_since: BTreeMap<String, (String, Timestamp)>,
+    /// The allocation and pending resize the reconciler gave with the desire.
+    resize: Arc<ResizeDesire>,
+    /// The allocation seen at the last pass: a different one starts a resize.
+    last_allocation: Option<BTreeMap<String, ContainerResources>>,
+    /// The pending resize last reported (its Event is recorded once).
+    last_pending: Option<super::resize::Pending>,
+    /// An allocated resize not yet actuated in every running container.
+    in_progress: Option<InProgress>,
+    /// Why the last attempt to actuate a resize failed (this pass).
+    resize_errors: Vec<String>,
 }
 
 /// The hostname of a pod with its own network, as the kubelet makes it: the pod name cut to 63
@@ -191,6 +229,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
             usage_checked: None,
             condition_since: BTreeMap::new(),
             ephemeral_created: Default::default(),
+            resize: Arc::default(),
+            last_allocation: None,
+            last_pending: None,
+            in_progress: None,
+            resize_errors: Vec::new(),
         }
     }
 
@@ -223,7 +266,11 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     bundle,
                     plan,
                     admission,
-                } => self.reconcile(&bundle, &plan, admission).await,
+                    resize,
+                } => {
+                    self.resize = resize;
+                    self.reconcile(&bundle, &plan, admission).await
+                }
             };
             self.ctx.reconcile_stats.record(pass.elapsed());
             tokio::select! {
@@ -378,6 +425,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
                 Duration::from_secs(2)
             }
         };
+        let requeue = requeue.min(self.track_resize(plan));
         let requeue = match self.deadline_in(plan) {
             Some(left) => requeue.min(left + Duration::from_millis(50)),
             None => requeue,
@@ -389,6 +437,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             return requeue;
         }
         let mut status = self.status(plan);
+        self.add_resize_status(plan, &mut status);
         self.stamp_transitions(&mut status);
         if self.publish(&ns, &name, &status, false) {
             debug!(pod = %name, namespace = %ns, phase = status.phase.as_deref().unwrap_or_default(), "pod status changed");
@@ -603,6 +652,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
         }
         let existing = self.ensure_pod(plan).await?;
         let restored = self.restored_restarts();
+        self.resize_errors.clear();
         // Events and the periodic resync wake the worker; this is only a backstop.
         let mut requeue = Duration::from_secs(300);
         let mut inits_done = true;
@@ -648,6 +698,10 @@ impl<R: ContainerRuntime> PodWorker<R> {
                     now,
                 )
                 .await?;
+            let container_id = match container_id {
+                Some(id) => self.resize_container(plan, c, id, &restored).await?,
+                None => None,
+            };
             let next = self
                 .act(
                     plan,
@@ -1157,8 +1211,15 @@ impl<R: ContainerRuntime> PodWorker<R> {
             t.message = self.termination_message(c, t).await;
         }
         let policy = restart_policy(plan, c, &self.slots);
+        let (ctx, uid) = (self.ctx.clone(), self.uid.clone());
+        let uid = uid.as_str();
         let slot = self.slot(&c.name, restored);
         if let Some(i) = &inspect {
+            slot.created_with = i
+                .config
+                .labels
+                .get(labels::RESOURCES)
+                .and_then(|l| serde_json::from_str(l).ok());
             slot.container_id = i.id.clone();
             if slot.image_id.is_empty() {
                 slot.image_id = i.image.clone();
@@ -1176,6 +1237,24 @@ impl<R: ContainerRuntime> PodWorker<R> {
         };
         if let Observation::Running { started_at } = &obs {
             slot.run_started = *started_at;
+            if slot.actuated.as_ref().map(|(t, _)| *t) != Some(*started_at)
+                && let Some(i) = &inspect
+            {
+                // A new run: its cgroup holds what the container was created with, unless the
+                // status before an agent restart says this very run was resized since.
+                let restored = ctx
+                    .restored_resources
+                    .get(uid)
+                    .and_then(|m| m.get(&c.name))
+                    .filter(|r| r.is_run(&i.id, *started_at))
+                    .map(|r| r.resources.clone());
+                let created = i
+                    .config
+                    .labels
+                    .get(labels::RESOURCES)
+                    .and_then(|l| serde_json::from_str::<ContainerResources>(l).ok());
+                slot.actuated = Some((*started_at, restored.or(created).unwrap_or_default()));
+            }
         }
         slot.lc.observe(obs, policy, is_init, now);
         if let Some(code) = exit_code
@@ -1286,6 +1365,25 @@ impl<R: ContainerRuntime> PodWorker<R> {
                         );
                         return requeue.min(Duration::from_secs(10));
                     }
+                };
+                // A container made with other resources than its allocation (resized since) is
+                // not started again as it is: a start brings back its creation values, so it
+                // is made anew, as the kubelet makes a new container for every run.
+                let stale = container_id.as_ref().filter(|_| {
+                    self.slots
+                        .get(&c.name)
+                        .and_then(|s| s.created_with.as_ref())
+                        .is_some_and(|r| r.amounts() != self.allocated(c).amounts())
+                });
+                let container_id = match stale {
+                    Some(id) => match rt.remove_container(id).await {
+                        Ok(()) => None,
+                        Err(e) => {
+                            warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, error = %e, "removing a container to make it anew failed");
+                            return requeue.min(Duration::from_secs(2));
+                        }
+                    },
+                    None => container_id,
                 };
                 let made = match container_id {
                     // A restart: pin its subPaths again (a reboot drops the pins, and the
@@ -1416,6 +1514,277 @@ impl<R: ContainerRuntime> PodWorker<R> {
         requeue
     }
 
+    /// The resources allocated to container `c`: the reconciler's allocation, or the spec's
+    /// when it has none for it.
+    fn allocated<'a>(&'a self, c: &'a ContainerPlan) -> &'a ContainerResources {
+        self.resize
+            .allocation
+            .containers
+            .get(&c.name)
+            .unwrap_or(&c.resources)
+    }
+
+    /// In-place resize of container `c` (running as `id`), the kubelet's computePodResizeAction
+    /// and doPodResizeAction: its cgroup is updated to its allocation, or it is restarted when
+    /// its resizePolicy says RestartContainer for a resource that changed (then `None`: it was
+    /// removed and the action step creates it anew with the allocation). A memory limit is not
+    /// lowered below what the container uses: that is a resize error, tried again later.
+    async fn resize_container(
+        &mut self,
+        plan: &PodPlan,
+        c: &ContainerPlan,
+        id: String,
+        restored: &BTreeMap<String, u32>,
+    ) -> Result<Option<String>, crate::podman::PodmanError> {
+        let desired = self.allocated(c).clone();
+        let rt = self.ctx.rt.clone();
+        let slot = self.slot(&c.name, restored);
+        if !matches!(slot.lc.state, State::Running { .. }) {
+            return Ok(Some(id));
+        }
+        let Some((run, actuated)) = slot.actuated.clone() else {
+            return Ok(Some(id));
+        };
+        if actuated == desired {
+            return Ok(Some(id));
+        }
+        let (have, want) = (actuated.amounts(), desired.amounts());
+        match super::resize::step(&have, &want, c.restart_on_resize) {
+            Step::None | Step::Record => {
+                slot.actuated = Some((run, desired));
+                Ok(Some(id))
+            }
+            Step::Update => {
+                let lowering = want.memory_limit != 0
+                    && (have.memory_limit == 0 || want.memory_limit < have.memory_limit);
+                let usage = if lowering {
+                    rt.container_stats(std::slice::from_ref(&id))
+                        .await?
+                        .into_iter()
+                        .find(|s| s.id == id)
+                        .map(|s| s.mem_usage)
+                } else {
+                    None
+                };
+                if let Some(why) =
+                    super::resize::memory_decrease_error(&c.name, &have, &want, usage)
+                {
+                    warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, error = %why, "resize not applied");
+                    self.resize_errors.push(why);
+                    return Ok(Some(id));
+                }
+                match rt.update_container(&id, &want.linux(true)).await {
+                    Ok(()) => {
+                        info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, cpu_request_m = want.cpu_request, cpu_limit_m = want.cpu_limit, memory_limit = want.memory_limit, "container resized in place");
+                        if let Some(slot) = self.slots.get_mut(&c.name) {
+                            slot.actuated = Some((run, desired));
+                        }
+                    }
+                    Err(e) if e.is_not_found() => return Ok(None),
+                    Err(e) => {
+                        warn!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, error = %e, "resize not applied");
+                        self.resize_errors.push(e.to_string().replace(&id, &c.name));
+                    }
+                }
+                Ok(Some(id))
+            }
+            Step::Restart => {
+                // The kubelet kills the container with this message and starts it anew; the
+                // agent makes it anew (Podman keeps creation values across a restart in place),
+                // which counts a restart as the kubelet's does.
+                info!(pod = %plan.meta.name, namespace = %plan.meta.namespace, container = %c.name, "resize requires restart; recreating");
+                let why = format!("Container {} resize requires restart", c.name);
+                self.stop_with_hook(plan, Some(c), &id, plan.grace_secs, Some(&why))
+                    .await?;
+                if let Some(after) = rt.inspect_container(&id).await?
+                    && let Observation::Exited(t) = observe(&after)
+                {
+                    let slot = self.slot(&c.name, restored);
+                    slot.lc.replaced(t);
+                    slot.actuated = None;
+                }
+                rt.remove_container(&id).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Resize bookkeeping after a pass, as the kubelet's status manager keeps it: a new
+    /// allocation starts a resize (`PodResizeInProgress` at its generation), which stays until
+    /// every running container's cgroup holds its allocation; an actuation error stays on it as
+    /// reason `Error`. Records the kubelet's resize Events. Returns when to look again.
+    fn track_resize(&mut self, plan: &PodPlan) -> Duration {
+        let allocation = self.resize.allocation.clone();
+        if self.last_allocation.as_ref() != Some(&allocation.containers) {
+            if self.last_allocation.is_some() && !allocation.containers.is_empty() {
+                self.in_progress = Some(InProgress {
+                    reason: String::new(),
+                    message: String::new(),
+                    generation: allocation.generation,
+                });
+                self.event(
+                    "",
+                    EventType::Normal,
+                    "ResizeStarted",
+                    &resize_message("Pod resize started", plan, allocation.generation, ""),
+                );
+            }
+            self.last_allocation = Some(allocation.containers.clone());
+        }
+        let pending = self.resize.pending.clone();
+        if pending != self.last_pending {
+            if let Some(p) = &pending {
+                let kind = if p.reason == "Infeasible" {
+                    "ResizeInfeasible"
+                } else {
+                    "ResizeDeferred"
+                };
+                self.event(
+                    "",
+                    EventType::Warning,
+                    kind,
+                    &resize_message(
+                        &format!("Pod resize {}", p.reason),
+                        plan,
+                        p.generation,
+                        &p.message,
+                    ),
+                );
+            }
+            self.last_pending = pending;
+        }
+        let unactuated = plan.all_containers().any(|c| {
+            self.slots.get(&c.name).is_some_and(|s| {
+                matches!(s.lc.state, State::Running { .. })
+                    && s.actuated
+                        .as_ref()
+                        .is_some_and(|(_, a)| a.amounts() != self.allocated(c).amounts())
+            })
+        });
+        if !self.resize_errors.is_empty() {
+            let mem = self
+                .resize_errors
+                .iter()
+                .all(|e| e.starts_with("attempting to set") || e.starts_with("missing container"));
+            let message = if mem {
+                super::resize::memory_decrease_message(&self.resize_errors)
+            } else {
+                self.resize_errors.join("; ")
+            };
+            let generation = self
+                .in_progress
+                .as_ref()
+                .map_or(plan.meta.generation, |p| p.generation);
+            let next = InProgress {
+                reason: "Error".into(),
+                message: message.clone(),
+                generation,
+            };
+            if self.in_progress.as_ref() != Some(&next) {
+                self.event(
+                    "",
+                    EventType::Warning,
+                    "ResizeError",
+                    &resize_message("Pod resize error", plan, generation, &message),
+                );
+                self.in_progress = Some(next);
+            }
+        } else if unactuated {
+            self.in_progress.get_or_insert_with(|| InProgress {
+                reason: String::new(),
+                message: String::new(),
+                generation: plan.meta.generation,
+            });
+        } else if let Some(done) = self.in_progress.take() {
+            self.event(
+                "",
+                EventType::Normal,
+                "ResizeCompleted",
+                &resize_message("Pod resize completed", plan, done.generation, ""),
+            );
+        }
+        if self.in_progress.is_some() || self.resize.pending.is_some() {
+            // The kubelet retries pending and failed resizes; an event or a new desire comes
+            // sooner when something changes.
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(300)
+        }
+    }
+
+    /// The resize parts of the status: each container's `resources` (what its cgroup holds
+    /// while it runs, else its allocation) and `allocatedResources`, and the PodResizePending
+    /// and PodResizeInProgress conditions.
+    fn add_resize_status(
+        &mut self,
+        plan: &PodPlan,
+        status: &mut k8s_openapi::api::core::v1::PodStatus,
+    ) {
+        use k8s_openapi::api::core::v1::{PodCondition, ResourceRequirements};
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let quantities = |m: &BTreeMap<String, String>| {
+            (!m.is_empty()).then(|| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+                    .collect::<BTreeMap<_, _>>()
+            })
+        };
+        for list in [
+            status.init_container_statuses.iter_mut().flatten(),
+            status.container_statuses.iter_mut().flatten(),
+        ] {
+            for cs in list {
+                let Some(c) = plan.container(&cs.name) else {
+                    continue;
+                };
+                let Some(slot) = self.slots.get(&c.name) else {
+                    continue;
+                };
+                if slot.container_id.is_empty() {
+                    continue;
+                }
+                let allocated = self.allocated(c);
+                let reported = match (&slot.lc.state, &slot.actuated) {
+                    (State::Running { .. }, Some((_, a))) => a,
+                    _ => allocated,
+                };
+                cs.resources = Some(ResourceRequirements {
+                    claims: None,
+                    limits: quantities(&reported.limits),
+                    requests: quantities(&reported.requests),
+                });
+                cs.allocated_resources = quantities(&allocated.requests);
+            }
+        }
+        let mut add = Vec::new();
+        if let Some(p) = &self.resize.pending {
+            add.push(PodCondition {
+                type_: "PodResizePending".into(),
+                status: "True".into(),
+                reason: Some(p.reason.clone()),
+                message: Some(p.message.clone()),
+                observed_generation: (p.generation > 0).then_some(p.generation),
+                ..Default::default()
+            });
+        }
+        if let Some(p) = &self.in_progress {
+            add.push(PodCondition {
+                type_: "PodResizeInProgress".into(),
+                status: "True".into(),
+                reason: (!p.reason.is_empty()).then(|| p.reason.clone()),
+                message: (!p.message.is_empty()).then(|| p.message.clone()),
+                observed_generation: (p.generation > 0).then_some(p.generation),
+                ..Default::default()
+            });
+        }
+        // A condition that went away starts anew when it comes back.
+        self.condition_since
+            .retain(|t, _| !t.starts_with("PodResize") || add.iter().any(|c| &c.type_ == t));
+        if !add.is_empty() {
+            status.conditions.get_or_insert_with(Vec::new).extend(add);
+        }
+    }
+
     /// Restart counts of this pod restored from the status file (container → count).
     fn restored_restarts(&self) -> BTreeMap<String, u32> {
         self.ctx
@@ -1436,6 +1805,8 @@ impl<R: ContainerRuntime> PodWorker<R> {
             startup: None,
             readiness: None,
             liveness: None,
+            actuated: None,
+            created_with: None,
         })
     }
 
@@ -1776,15 +2147,23 @@ impl<R: ContainerRuntime> PodWorker<R> {
         let mut lbls = self.pod_labels(plan);
         lbls.insert(labels::CONTAINER.into(), c.name.clone());
         lbls.insert(labels::SPEC_HASH.into(), hash.to_owned());
-        let resource_limits = c.limits.map(|l| ResourceLimits {
-            memory: (l.memory_bytes > 0).then_some(MemoryLimit {
-                limit: l.memory_bytes as i64,
-            }),
-            cpu: (l.cpu_millis > 0).then(|| CpuLimit {
-                quota: (l.cpu_millis * 100) as i64,
-                period: 100_000,
-            }),
-        });
+        // The allocated resources (the spec's, unless a resize of them is still pending), in
+        // the kubelet's cgroup values; the label says what every start of it brings back.
+        let allocated = self.allocated(c).clone();
+        lbls.insert(
+            labels::RESOURCES.into(),
+            serde_json::to_string(&allocated).unwrap_or_default(),
+        );
+        let resource_limits = Some(allocated.amounts().linux(false));
+        let oom_score_adj = Some(
+            super::resize::oom_score_adj(
+                plan,
+                c,
+                allocated.amounts().memory_request,
+                self.ctx.memory_capacity,
+            )
+            .max(self.ctx.oom_score_floor),
+        );
         let mut spec = ContainerCreate {
             name: format!("{}-{}", self.pod_name, c.name),
             pod: self.pod_name.clone(),
@@ -1805,6 +2184,7 @@ impl<R: ContainerRuntime> PodWorker<R> {
             labels: lbls,
             mounts,
             resource_limits,
+            oom_score_adj,
             stop_signal: c.stop_signal,
             stop_timeout: plan.grace_secs,
             restart_policy: "no".into(),
@@ -2274,8 +2654,17 @@ fn observe(i: &ContainerInspect) -> Observation {
     }
 }
 
-/// A stable hash of the container's desired configuration (FNV-1a over its debug form).
+/// A stable hash of the container's desired configuration (FNV-1a over its debug form). Its
+/// resources and resizePolicy are left out: a change of them is an in-place resize, not a new
+/// container.
 fn spec_hash(c: &ContainerPlan) -> String {
+    let c = ContainerPlan {
+        limits: None,
+        requests: Resources::default(),
+        resources: ContainerResources::default(),
+        restart_on_resize: Default::default(),
+        ..c.clone()
+    };
     let text = format!("{c:?}");
     let mut h: u64 = 0xcbf29ce484222325;
     for b in text.bytes() {
@@ -2643,6 +3032,25 @@ fn hosts_file_content(
     out
 }
 
+/// The kubelet's resize Event message: `prefix: {"containers":[...],"generation":N}` with
+/// each container's resources from the spec (and the error, when one).
+fn resize_message(prefix: &str, plan: &PodPlan, generation: i64, error: &str) -> String {
+    let list = |cs: &[ContainerPlan]| -> Vec<serde_json::Value> {
+        cs.iter()
+            .map(|c| serde_json::json!({"name": c.name, "resources": c.resources}))
+            .collect()
+    };
+    let mut summary =
+        serde_json::json!({"containers": list(&plan.containers), "generation": generation});
+    if !plan.init_containers.is_empty() {
+        summary["initContainers"] = list(&plan.init_containers).into();
+    }
+    if !error.is_empty() {
+        summary["error"] = error.into();
+    }
+    format!("{prefix}: {summary}")
+}
+
 /// Namespace, name and generation of a pod the agent could not parse into a plan.
 fn pod_names(pod_json: &[u8]) -> (String, String, i64) {
     let v: serde_json::Value = serde_json::from_slice(pod_json).unwrap_or_default();
@@ -2749,3 +3157,7 @@ mod log_tail_tests {
         assert!(LogTail::new(80, 10).into_bytes().is_empty());
     }
 }
+
+#[cfg(test)]
+#[path = "resize_worker_tests.rs"]
+mod resize_tests;

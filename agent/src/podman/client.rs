@@ -350,6 +350,24 @@ impl PodmanClient {
         ignore_not_found(self.call(Method::POST, &path, None, deadline).await)
     }
 
+    /// Change a running container's cgroup limits (`POST /libpod/containers/{id}/update`, whose
+    /// body is an OCI LinuxResources). Podman 4.3 applies them to the cgroup only: its inspect
+    /// keeps the creation values, and a later start of the container brings those back.
+    pub async fn update_container(
+        &self,
+        id: &str,
+        resources: &super::ResourceLimits,
+    ) -> Result<(), PodmanError> {
+        let path = format!("/containers/{}/update", enc(id));
+        let body = serde_json::to_vec(resources).map_err(|e| PodmanError::Parse {
+            endpoint: path.clone(),
+            message: e.to_string(),
+        })?;
+        self.call(Method::POST, &path, Some(body), CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
     /// Remove a container (force, with its anonymous volumes); missing is fine.
     pub async fn remove_container(&self, id: &str) -> Result<(), PodmanError> {
         let path = format!("/containers/{}?force=true&v=true", enc(id));

@@ -52,6 +52,8 @@ pub struct FakeState {
     pub stats: BTreeMap<String, ContainerStats>,
     /// Exit codes of exec sessions, by exec id (the container id here).
     pub exec_codes: BTreeMap<String, i32>,
+    /// In-place updates of running containers' cgroup limits, in order (container id, limits).
+    pub updates: Vec<(String, super::ResourceLimits)>,
     next: u64,
     clock: i64,
 }
@@ -427,6 +429,20 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn container_resize(&self, _id: &str, _width: u32, _height: u32) -> RtResult<()> {
+        Ok(())
+    }
+
+    async fn update_container(&self, id: &str, resources: &super::ResourceLimits) -> RtResult<()> {
+        let mut s = self.state.lock().await;
+        let c = s.containers.get(id).ok_or_else(|| not_found("update"))?;
+        if c.state != "running" {
+            return Err(PodmanError::Api {
+                endpoint: "update".into(),
+                status: 500,
+                message: "container is not running".into(),
+            });
+        }
+        s.updates.push((id.to_owned(), resources.clone()));
         Ok(())
     }
 }

@@ -36,6 +36,9 @@ pub mod labels {
     pub const SPEC_HASH: &str = "io.fleetlet.spec-hash";
     /// "init" or "app".
     pub const KIND: &str = "io.fleetlet.kind";
+    /// The resources (requests and limits, JSON) the container was created with: what its
+    /// cgroup holds after every start (Podman 4.3 keeps an update's values only until then).
+    pub const RESOURCES: &str = "io.fleetlet.resources";
 }
 
 /// Errors talking to Podman.
@@ -257,6 +260,9 @@ pub struct ContainerCreate {
     /// the target stays free to be stopped and replaced).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pidns: Option<Namespace>,
+    /// The OOM killer's preference for the container's processes (the kubelet's by QoS class).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
     /// Images mounted as volumes (the pod's image volumes this container mounts).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub image_volumes: Vec<ImageVolume>,
@@ -292,8 +298,9 @@ pub struct Mount {
     pub options: Vec<String>,
 }
 
-/// cgroup limits (OCI LinuxResources subset).
-#[derive(Debug, Clone, Serialize, Default)]
+/// cgroup limits (OCI LinuxResources subset): what a container is created with and what
+/// `POST /libpod/containers/{id}/update` takes.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
 pub struct ResourceLimits {
     /// Memory limit.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,19 +311,24 @@ pub struct ResourceLimits {
 }
 
 /// Memory limit in bytes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct MemoryLimit {
-    /// Bytes.
+    /// Bytes; -1: unlimited.
     pub limit: i64,
 }
 
-/// CPU quota per period (microseconds).
-#[derive(Debug, Clone, Serialize)]
+/// CPU weight and quota per period (microseconds).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct CpuLimit {
-    /// Quota per period.
-    pub quota: i64,
+    /// cgroup v1 cpu.shares (the runtime converts it to cpu.weight on cgroup v2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shares: Option<u64>,
+    /// Quota per period; -1: unlimited; unset: the runtime's default (unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<i64>,
     /// Period.
-    pub period: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<u64>,
 }
 
 /// Options of a log read.
@@ -440,6 +452,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         width: u32,
         height: u32,
     ) -> impl Future<Output = RtResult<()>> + Send;
+    /// Changes a running container's cgroup limits in place (`podman update`): in-place pod
+    /// resize.
+    fn update_container(
+        &self,
+        id: &str,
+        resources: &ResourceLimits,
+    ) -> impl Future<Output = RtResult<()>> + Send;
 }
 
 impl ContainerRuntime for PodmanClient {
@@ -516,5 +535,8 @@ impl ContainerRuntime for PodmanClient {
     }
     async fn container_resize(&self, id: &str, width: u32, height: u32) -> RtResult<()> {
         PodmanClient::container_resize(self, id, width, height).await
+    }
+    async fn update_container(&self, id: &str, resources: &ResourceLimits) -> RtResult<()> {
+        PodmanClient::update_container(self, id, resources).await
     }
 }

@@ -244,6 +244,7 @@ impl PodRelay {
                             self.metrics.pod_start_seconds.observe(secs.max(0.0));
                         }
                     }
+                    super::status::delete_absent_conditions(&mut status);
                     let update = StatusUpdate {
                         uid: entry.uid.clone(),
                         namespace: namespace.clone(),

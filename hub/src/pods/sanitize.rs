@@ -34,6 +34,8 @@ const KUBELET_CONDITIONS: &[&str] = &[
     "ContainersReady",
     "Ready",
     "PodReadyToStartContainers",
+    "PodResizePending",
+    "PodResizeInProgress",
 ];
 
 /// An address range (`10.88.0.0/16`, `fd00::/8`, or one address) a device may report for its

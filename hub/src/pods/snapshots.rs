@@ -125,14 +125,23 @@ impl PodRelay {
         let mut bundles = Vec::new();
         let mut terminating = Vec::new();
         let mut grace = HashMap::new();
+        // A pod admitted before holds what it was admitted with or, once resized in place to
+        // more, its current requests (the scheduler's rule during a resize: the larger of the
+        // spec and what was allocated), so a new pod is not relayed into room a resize took.
         let mut admitted_here: Vec<Requests> = pods
             .iter()
             .filter(|p| !is_terminal(p))
             .filter_map(|p| {
-                p.metadata
+                let held = p
+                    .metadata
                     .uid
                     .as_ref()
-                    .and_then(|u| self.pod_state.get(u)?.admitted)
+                    .and_then(|u| self.pod_state.get(u)?.admitted)?;
+                let now = admission::pod_requests(p);
+                Some(Requests {
+                    cpu_milli: held.cpu_milli.max(now.cpu_milli),
+                    memory: held.memory.max(now.memory),
+                })
             })
             .collect();
         self.pending_admission.remove(device);

@@ -227,6 +227,27 @@ impl StatusWriter {
     }
 }
 
+/// Conditions a device's status ends by leaving them out: the in-place resize conditions,
+/// which the kubelet removes once a resize is no longer pending or in progress.
+const CLEARED_BY_ABSENCE: &[&str] = &["PodResizePending", "PodResizeInProgress"];
+
+/// A strategic merge patch keeps a condition the patch does not name: for each condition of
+/// [`CLEARED_BY_ABSENCE`] a device's full status (one with `conditions`) leaves out, this adds
+/// the delete directive that removes it from the API's status (a no-op when it is not there).
+pub fn delete_absent_conditions(status: &mut Value) {
+    let Some(Value::Array(conditions)) = status.get_mut("conditions") else {
+        return;
+    };
+    for t in CLEARED_BY_ABSENCE {
+        if !conditions
+            .iter()
+            .any(|c| c.get("type").and_then(Value::as_str) == Some(t))
+        {
+            conditions.push(json!({"type": t, "$patch": "delete"}));
+        }
+    }
+}
+
 /// `newer` applied onto `older` the way a strategic merge patch applies to a pod status:
 /// top-level fields are replaced, `conditions` are merged by `type` (each condition's fields
 /// overlaid on the one before).
@@ -242,6 +263,13 @@ fn merge_status(older: &mut Value, newer: Value) {
                         .iter_mut()
                         .find(|c| c.get("type").is_some() && c.get("type") == cond.get("type"));
                     match (existing.and_then(Value::as_object_mut), cond) {
+                        // A delete directive replaces the condition, and a condition replaces
+                        // a delete directive (overlaying them would keep `$patch`).
+                        (Some(e), Value::Object(fields))
+                            if e.contains_key("$patch") || fields.contains_key("$patch") =>
+                        {
+                            *e = fields
+                        }
                         (Some(e), Value::Object(fields)) => e.extend(fields),
                         (_, cond) => have.push(cond),
                     }
@@ -334,6 +362,41 @@ mod tests {
             name: "p".into(),
             status,
         }
+    }
+
+    #[test]
+    fn resize_conditions_a_device_leaves_out_are_deleted_and_a_later_one_replaces_the_delete() {
+        let mut st = json!({"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "PodResizeInProgress", "status": "True", "observedGeneration": 2}
+        ]});
+        delete_absent_conditions(&mut st);
+        assert_eq!(
+            st["conditions"],
+            json!([
+                {"type": "Ready", "status": "True"},
+                {"type": "PodResizeInProgress", "status": "True", "observedGeneration": 2},
+                {"type": "PodResizePending", "$patch": "delete"}
+            ])
+        );
+        // A partial status (no conditions) says nothing about them.
+        let mut partial = json!({"phase": "Running"});
+        delete_absent_conditions(&mut partial);
+        assert_eq!(partial, json!({"phase": "Running"}));
+        // Queued one after the other: the newer word on each condition wins whole.
+        let mut done = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+        delete_absent_conditions(&mut done);
+        let mut older = st.clone();
+        merge_status(&mut older, done.clone());
+        assert_eq!(
+            older["conditions"][1],
+            json!({"type": "PodResizeInProgress", "$patch": "delete"})
+        );
+        merge_status(&mut done, st);
+        assert_eq!(
+            done["conditions"][2],
+            json!({"type": "PodResizeInProgress", "status": "True", "observedGeneration": 2})
+        );
     }
 
     fn server_error() -> kube::Error {

@@ -343,6 +343,42 @@ async fn a_pod_exceeding_allocatable_fails_with_out_of_cpu_and_is_not_relayed() 
 }
 
 #[tokio::test]
+async fn a_pod_resized_in_place_holds_its_new_requests_at_admission() {
+    let mut h = harness();
+    h.live.apply(&SessionEvent::Capacity {
+        device: "dev-a".into(),
+        capacity: Capacity {
+            allocatable: [("cpu".to_string(), "1".to_string())].into_iter().collect(),
+            ..Default::default()
+        },
+    });
+    sync(&mut h, vec![pod("small", "dev-a", "300m")], vec![]);
+    h.relay.flush();
+    // Resized in place to 800m: relayed as any spec change.
+    let mut grown = pod("small", "dev-a", "800m");
+    grown.metadata.generation = Some(2);
+    h.relay.handle(Input::Pod(watcher::Event::Apply(grown)));
+    h.relay.flush();
+    let a = sent_to(&h, "dev-a");
+    let last = a.last().expect("sent");
+    assert_eq!(uids(last), ["uid-small"]);
+    assert!(
+        String::from_utf8_lossy(&last[0].pod_json).contains("800m"),
+        "the resize reached the device"
+    );
+    // 300m more no longer fits next to it.
+    let mut next = pod("next", "dev-a", "300m");
+    next.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-01-01T00:00:01Z".parse().expect("ts"),
+    ));
+    h.relay.handle(Input::Pod(watcher::Event::Apply(next)));
+    h.relay.flush();
+    let st = h.status_rx.try_recv().expect("rejection status");
+    assert_eq!(st.name, "next");
+    assert_eq!(st.status["reason"], "OutOfcpu");
+}
+
+#[tokio::test]
 async fn device_status_goes_to_the_status_writer_only_for_its_own_pods() {
     let mut h = harness();
     sync(&mut h, vec![pod("p1", "dev-a", "100m")], vec![]);
