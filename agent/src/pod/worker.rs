@@ -2857,7 +2857,7 @@ impl<R: ContainerRuntime> Stopper<R> {
                 .saturating_sub(started.elapsed())
                 .max(super::hooks::MIN_STOP_AFTER_PRESTOP);
         }
-        rt.stop_container(id, grace.as_secs()).await
+        rt.stop_container(id, whole_secs_up(grace)).await
     }
 
     /// Stop every app and init container of the pod at once, each with the pod's grace period
@@ -2915,14 +2915,16 @@ impl<R: ContainerRuntime> Stopper<R> {
                     (Some(secs), Some(_)) => secs,
                     (None, Some(i)) => i.config.stop_timeout.unwrap_or(30),
                 };
-                // What is left of the pod's grace when sidecars come last.
+                // What is left of the pod's grace when sidecars come last (rounded up: the
+                // milliseconds spent listing must not cost the preStop hook a whole second).
                 let grace = if grace == 0 {
                     0
                 } else {
-                    Duration::from_secs(grace)
-                        .saturating_sub(started.elapsed())
-                        .max(super::hooks::MIN_STOP_AFTER_PRESTOP)
-                        .as_secs()
+                    whole_secs_up(
+                        Duration::from_secs(grace)
+                            .saturating_sub(started.elapsed())
+                            .max(super::hooks::MIN_STOP_AFTER_PRESTOP),
+                    )
                 };
                 debug!(container = %id, grace_secs = grace, "stopping container");
                 match &plan {
@@ -2942,6 +2944,12 @@ impl<R: ContainerRuntime> Stopper<R> {
         }
         Ok(containers)
     }
+}
+
+/// `d` in whole seconds, rounded up (Podman's stop timeout is whole seconds; rounding down
+/// would take up to a second off the grace a container is owed).
+fn whole_secs_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// Records an Event about container `name` of pod `uid` (its field path says init or app
@@ -3085,6 +3093,14 @@ mod tests {
             hosts_file_content(None, "127.0.0.1 localhost\n", &[]),
             "# Kubernetes-managed hosts file (host network).\n127.0.0.1 localhost\n"
         );
+    }
+
+    #[test]
+    fn what_is_left_of_a_grace_period_rounds_up_to_whole_seconds() {
+        assert_eq!(whole_secs_up(Duration::from_millis(29_990)), 30);
+        assert_eq!(whole_secs_up(Duration::from_secs(30)), 30);
+        assert_eq!(whole_secs_up(Duration::from_nanos(1)), 1);
+        assert_eq!(whole_secs_up(Duration::ZERO), 0);
     }
 
     #[test]
