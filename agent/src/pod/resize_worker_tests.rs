@@ -116,6 +116,12 @@ fn quota(l: &ResourceLimits) -> Option<i64> {
 }
 
 /// Reasons of the Events recorded so far (taken from the recorder).
+/// The id of the pod's one app container in the fake runtime.
+async fn app_container_id(rt: &FakeRuntime) -> String {
+    let s = rt.state.lock().await;
+    s.containers.values().find(|c| !c.infra).unwrap().id.clone()
+}
+
 fn event_reasons(w: &PodWorker<FakeRuntime>) -> Vec<String> {
     let mut out = Vec::new();
     while let Some(b) = w.ctx.events.take_batch() {
@@ -156,16 +162,7 @@ async fn a_resize_is_applied_in_place_and_reported() {
     );
     assert_eq!(restarts, 0);
     assert!(resize_conditions(&st).is_empty());
-    let id = rt
-        .state
-        .lock()
-        .await
-        .containers
-        .values()
-        .find(|c| !c.infra)
-        .unwrap()
-        .id
-        .clone();
+    let id = app_container_id(&rt).await;
 
     // Up: the running container is updated, not recreated; the first status of generation 2
     // already shows it done.
@@ -212,16 +209,7 @@ async fn a_memory_limit_below_usage_waits_with_the_kubelets_error() {
         3,
     )
     .await;
-    let id = rt
-        .state
-        .lock()
-        .await
-        .containers
-        .values()
-        .find(|c| !c.infra)
-        .unwrap()
-        .id
-        .clone();
+    let id = app_container_id(&rt).await;
     rt.state.lock().await.stats.insert(
         id.clone(),
         crate::podman::ContainerStats {
@@ -274,16 +262,7 @@ async fn restart_container_policy_restarts_and_counts_it() {
     let policy =
         serde_json::json!([{"resourceName": "memory", "restartPolicy": "RestartContainer"}]);
     pass(&mut w, &bundle(1, res("20m", "35Mi"), policy.clone()), 3).await;
-    let first = rt
-        .state
-        .lock()
-        .await
-        .containers
-        .values()
-        .find(|c| !c.infra)
-        .unwrap()
-        .id
-        .clone();
+    let first = app_container_id(&rt).await;
     // CPU only: in place.
     let st = pass(&mut w, &bundle(2, res("25m", "35Mi"), policy.clone()), 2).await;
     assert_eq!(reported(&st).2, 0);
@@ -358,16 +337,7 @@ async fn a_resized_container_that_crashes_is_made_anew_with_its_allocation() {
     let b2 = bundle(2, res("25m", "40Mi"), serde_json::json!([]));
     pass(&mut w, &b2, 1).await;
     assert_eq!(rt.state.lock().await.updates.len(), 1);
-    let first = rt
-        .state
-        .lock()
-        .await
-        .containers
-        .values()
-        .find(|c| !c.infra)
-        .unwrap()
-        .id
-        .clone();
+    let first = app_container_id(&rt).await;
     // It crashes; after the back-off a start in place would bring back the creation values
     // (35Mi), so it is made anew with the allocation instead.
     rt.exit("c1", 1).await;
